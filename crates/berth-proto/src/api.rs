@@ -1,0 +1,89 @@
+//! Admin API bodies (HTTP+JSON over the admin socket). Routes, all under `/v1`:
+//!
+//! | method | path                          | body → reply                      |
+//! |--------|-------------------------------|-----------------------------------|
+//! | GET    | /health                       | → [`HealthInfo`]                  |
+//! | GET    | /users                        | → `[UserInfo]`                    |
+//! | POST   | /users                        | [`AddUserRequest`] → [`UserInfo`] |
+//! | GET    | /users/{name}                 | → [`UserInfo`]                    |
+//! | DELETE | /users/{name}                 | → [`UserInfo`] (as it was)        |
+//! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
+//! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
+//! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
+//!
+//! Every error is a non-2xx status with an [`ApiError`] body.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{AuthorizedKey, ImageName, UserName};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerState {
+    Absent,
+    Running,
+    Stopped,
+}
+
+impl ContainerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Absent => "absent",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub name: UserName,
+    pub image: ImageName,
+    pub container: ContainerState,
+    pub container_name: String,
+    pub sessions: u32,
+    pub daemon_mode: bool,
+    pub keys: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddUserRequest {
+    pub name: UserName,
+    pub image: ImageName,
+    pub keys: Vec<AuthorizedKey>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddKeysRequest {
+    pub keys: Vec<AuthorizedKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub fingerprint: String,
+    pub algorithm: String,
+    pub comment: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RemovedKeys {
+    pub removed: Vec<KeyInfo>,
+    pub remaining: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthInfo {
+    pub version: String,
+    pub listen: String,
+    pub docker_version: String,
+    pub docker_api_version: String,
+}
+
+/// The body of every admin API error: one line naming the object, and optionally what to
+/// do next.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiError {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}

@@ -1,0 +1,121 @@
+//! The admin client: HTTP/1.1 over the daemon's unix socket.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::net::UnixStream;
+
+use crate::ApiError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the berth daemon is not running (no answer on {})", path.display())]
+    NotRunning { path: PathBuf },
+    #[error("permission denied on {}: the admin socket is for root", path.display())]
+    PermissionDenied { path: PathBuf },
+    #[error("{}", .0.error)]
+    Api(ApiError),
+    #[error("admin socket protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Self::NotRunning { .. } => Some(
+                "start it with `berth daemon` (or check --state-dir / BERTH_STATE_DIR)".to_owned(),
+            ),
+            Self::PermissionDenied { .. } => Some("run the command as root".to_owned()),
+            Self::Api(e) => e.hint.clone(),
+            Self::Protocol(_) => None,
+        }
+    }
+}
+
+/// A client bound to one admin socket path. Each call opens a fresh connection; the CLI
+/// makes one or two calls per run, so pooling would buy nothing.
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    socket: PathBuf,
+}
+
+impl AdminClient {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self { socket: socket.into() }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, None::<&()>).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::DELETE, path, None::<&()>).await
+    }
+
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                ClientError::PermissionDenied { path: self.socket.clone() }
+            } else {
+                ClientError::NotRunning { path: self.socket.clone() }
+            }
+        })?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        tokio::spawn(conn);
+        let bytes = match body {
+            Some(b) => {
+                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("/v1{path}"))
+            .header("host", "berth")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = tx.send_request(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        if status == StatusCode::OK || status == StatusCode::CREATED {
+            serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+        } else {
+            match serde_json::from_slice::<ApiError>(&body) {
+                Ok(e) => Err(ClientError::Api(e)),
+                Err(_) => Err(ClientError::Protocol(format!(
+                    "status {status}: {}",
+                    String::from_utf8_lossy(&body)
+                ))),
+            }
+        }
+    }
+}
