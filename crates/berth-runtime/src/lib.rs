@@ -1,1 +1,141 @@
-//! placeholder
+//! The container runtime: the [`Runtime`] trait the lifecycle manager drives, and its Docker
+//! Engine implementation ([`DockerRuntime`], bollard over the unix socket, API version
+//! negotiated so Debian bookworm's engine 20.10 / API 1.41 works).
+//!
+//! Holds no user policy: which image, which limits and when to stop are the caller's. What
+//! it does guarantee: an exec's processes never outlive the [`Exec`] that started them
+//! unless they finished on their own ([`ProcessGuard`]), and TTY output reaches the caller
+//! as raw bytes (no guessing at Docker's stream framing).
+
+mod docker;
+mod exec;
+mod process;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::io::AsyncWrite;
+
+pub use docker::DockerRuntime;
+pub use process::ProcessGuard;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("the Docker engine is not reachable: {0}")]
+    Unavailable(String),
+    #[error("image {0} not found")]
+    ImageNotFound(String),
+    #[error("container {0} not found")]
+    ContainerNotFound(String),
+    #[error("docker engine API {0} is too old; Berth needs 1.41 or newer")]
+    TooOld(String),
+    #[error("docker: {0}")]
+    Docker(String),
+}
+
+/// What the lifecycle manager asks for when it creates a user's container.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    pub hostname: String,
+    pub labels: HashMap<String, String>,
+    /// Host directory bind-mounted read-only at `/.berth`; must hold `berth-guest`.
+    pub guest_dir: PathBuf,
+    pub limits: Limits,
+    /// The Docker network to attach to (created beforehand by [`Runtime::ensure_network`]).
+    pub network: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub pids: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerInfo {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    pub labels: HashMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecSpec {
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    /// `Some` runs the command on a TTY of that size.
+    pub tty: Option<TtySize>,
+}
+
+/// One chunk of an exec's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, RuntimeError>> + Send>>;
+
+/// A started exec. Dropping it kills whatever of the exec's process tree still runs, unless
+/// [`ProcessGuard::finished`] was called after the exit code was read.
+pub struct Exec {
+    pub id: String,
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    pub output: OutputStream,
+    pub guard: ProcessGuard,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineVersion {
+    pub version: String,
+    pub api_version: String,
+}
+
+/// Every container operation Berth needs. Implemented for Docker; kept narrow so a fake can
+/// stand in for it in fast tests.
+pub trait Runtime: Send + Sync + 'static {
+    fn version(&self) -> impl Future<Output = Result<EngineVersion, RuntimeError>> + Send;
+    fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    fn ensure_network(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The container named `name`, if it exists.
+    fn inspect(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<ContainerInfo>, RuntimeError>> + Send;
+    /// All containers carrying label `key=value`, running or not.
+    fn list(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<ContainerInfo>, RuntimeError>> + Send;
+    fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(&self, id: &str, timeout_secs: i32) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn exec(
+        &self,
+        container: &str,
+        spec: ExecSpec,
+    ) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
+    fn resize_exec(
+        &self,
+        exec_id: &str,
+        size: TtySize,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The exit code of a finished exec. Waits (bounded) for the engine to notice the end,
+    /// which can lag the end of the output stream.
+    fn exec_exit_code(&self, exec_id: &str) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+}

@@ -1,0 +1,271 @@
+//! [`Runtime`] on the Docker Engine API.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::exec::CreateExecOptions;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
+    NetworkCreateRequest,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    ResizeExecOptions, StopContainerOptionsBuilder,
+};
+
+use crate::exec::{demux_output, raw_output, start_attached};
+use crate::{
+    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, ProcessGuard, Runtime,
+    RuntimeError, TtySize,
+};
+
+/// Where the guest directory is mounted in every container.
+pub const GUEST_MOUNT: &str = "/.berth";
+
+#[derive(Clone)]
+pub struct DockerRuntime {
+    docker: Docker,
+    socket: PathBuf,
+    api_version: String,
+}
+
+impl DockerRuntime {
+    /// Connects to the engine on `socket` and negotiates the API version down to what the
+    /// engine speaks. Refuses engines below API 1.41 (Docker 20.10).
+    pub async fn connect(socket: PathBuf) -> Result<Self, RuntimeError> {
+        let path = socket.to_string_lossy().into_owned();
+        let docker = Docker::connect_with_unix(&path, 120, bollard::API_DEFAULT_VERSION)
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?
+            .negotiate_version()
+            .await
+            .map_err(|e| RuntimeError::Unavailable(e.to_string()))?;
+        let v = docker.client_version();
+        let api_version = format!("{}.{}", v.major_version, v.minor_version);
+        if (v.major_version, v.minor_version) < (1, 41) {
+            return Err(RuntimeError::TooOld(api_version));
+        }
+        Ok(Self { docker, socket, api_version })
+    }
+
+    pub fn api_version(&self) -> &str {
+        &self.api_version
+    }
+}
+
+fn map_err(e: bollard::errors::Error) -> RuntimeError {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError { status_code: 404, message } => {
+            RuntimeError::ContainerNotFound(message)
+        }
+        E::DockerResponseServerError { message, .. } => RuntimeError::Docker(message),
+        E::IOError { err } => RuntimeError::Unavailable(err.to_string()),
+        E::HyperResponseError { err } => RuntimeError::Unavailable(err.to_string()),
+        E::RequestTimeoutError => RuntimeError::Unavailable("request timed out".into()),
+        other => RuntimeError::Docker(other.to_string()),
+    }
+}
+
+fn is_404(e: &bollard::errors::Error) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+}
+
+impl Runtime for DockerRuntime {
+    async fn version(&self) -> Result<EngineVersion, RuntimeError> {
+        let v = self.docker.version().await.map_err(map_err)?;
+        Ok(EngineVersion {
+            version: v.version.unwrap_or_default(),
+            api_version: self.api_version.clone(),
+        })
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_404(&e) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<(), RuntimeError> {
+        match self.docker.inspect_network(name, None).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_404(&e) => {}
+            Err(e) => return Err(map_err(e)),
+        }
+        // Inter-container traffic is off: users' containers must not reach each other.
+        let req = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".into()),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            )])),
+            labels: Some(HashMap::from([("berth.network".to_owned(), "1".to_owned())])),
+            ..Default::default()
+        };
+        match self.docker.create_network(req).await {
+            Ok(_) => Ok(()),
+            // Another Berth instance created it between our inspect and create.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        match self.docker.inspect_container(name, None).await {
+            Ok(c) => Ok(Some(ContainerInfo {
+                id: c.id.unwrap_or_default(),
+                name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+                running: c.state.and_then(|s| s.running).unwrap_or(false),
+                labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+            })),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn list(&self, key: &str, value: &str) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
+        let opts = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
+        let list = self.docker.list_containers(Some(opts)).await.map_err(map_err)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ContainerInfo {
+                id: c.id.unwrap_or_default(),
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
+                running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
+                labels: c.labels.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        if !self.image_exists(&spec.image).await? {
+            return Err(RuntimeError::ImageNotFound(spec.image.clone()));
+        }
+        let host = HostConfig {
+            memory: spec.limits.memory_bytes,
+            memory_swap: spec.limits.memory_bytes,
+            nano_cpus: spec.limits.nano_cpus,
+            pids_limit: Some(spec.limits.pids),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            privileged: Some(false),
+            network_mode: Some(spec.network.clone()),
+            mounts: Some(vec![Mount {
+                typ: Some(MountType::BIND),
+                source: Some(spec.guest_dir.to_string_lossy().into_owned()),
+                target: Some(GUEST_MOUNT.into()),
+                read_only: Some(true),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            hostname: Some(spec.hostname.clone()),
+            labels: Some(spec.labels.clone()),
+            user: Some("0:0".into()),
+            working_dir: Some("/root".into()),
+            entrypoint: Some(vec![format!("{GUEST_MOUNT}/berth-guest"), "init".into()]),
+            cmd: Some(vec![]),
+            env: Some(vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default().name(&spec.name).build();
+        let resp = self.docker.create_container(Some(opts), body).await.map_err(map_err)?;
+        Ok(resp.id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        match self.docker.start_container(id, None).await {
+            Ok(()) => Ok(()),
+            // 304: already running.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn stop(&self, id: &str, timeout_secs: i32) -> Result<(), RuntimeError> {
+        let opts = StopContainerOptionsBuilder::default().t(timeout_secs).build();
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(
+            u64::try_from(timeout_secs).unwrap_or(0) + 120,
+        ));
+        match docker.stop_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        match self.docker.remove_container(id, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
+        let tty = spec.tty.is_some();
+        let created = self
+            .docker
+            .create_exec(
+                container,
+                CreateExecOptions {
+                    cmd: Some(spec.cmd),
+                    env: Some(spec.env),
+                    user: Some("0:0".to_owned()),
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(tty),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(map_err)?;
+        let io = start_attached(&self.socket, &self.api_version, &created.id, tty).await?;
+        // Engine 20.10 ignores ExecConfig.ConsoleSize: size the TTY right after the start.
+        if let Some(size) = spec.tty {
+            self.resize_exec(&created.id, size).await?;
+        }
+        let pid = self
+            .docker
+            .inspect_exec(&created.id)
+            .await
+            .map_err(map_err)?
+            .pid
+            .and_then(|p| i32::try_from(p).ok())
+            .filter(|p| *p > 0);
+        let guard = pid.map(ProcessGuard::new).unwrap_or_default();
+        let (reader, writer) = tokio::io::split(io);
+        let output = if tty { raw_output(reader) } else { demux_output(reader) };
+        Ok(Exec { id: created.id, stdin: Box::pin(writer), output, guard })
+    }
+
+    async fn resize_exec(&self, exec_id: &str, size: TtySize) -> Result<(), RuntimeError> {
+        let opts = ResizeExecOptions { h: i32::from(size.rows), w: i32::from(size.cols) };
+        self.docker.resize_exec(exec_id, opts).await.map_err(map_err)
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {
+        for _ in 0..200 {
+            let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
+            if st.running != Some(true) {
+                return Ok(st.exit_code.unwrap_or(-1));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(RuntimeError::Docker(format!("exec {exec_id} did not report an exit code")))
+    }
+}

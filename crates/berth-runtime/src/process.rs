@@ -1,0 +1,168 @@
+//! Killing what an exec left behind.
+//!
+//! Docker has no API to signal an exec, and closing the attached stream does not end a TTY
+//! exec (moby/moby#9098). The daemon runs in the host PID namespace, so it finds the exec's
+//! host PID and its descendants in `/proc` and signals them itself. Every PID is checked
+//! against the start time recorded when it was found, so a recycled PID is never signalled.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The host process an exec started. On drop, unless [`finished`](Self::finished) was
+/// called, the process and all its descendants get SIGHUP, then SIGKILL a moment later.
+#[derive(Debug, Default)]
+pub struct ProcessGuard {
+    root: Option<(i32, u64)>,
+}
+
+impl ProcessGuard {
+    pub(crate) fn new(pid: i32) -> Self {
+        Self { root: start_time(pid).map(|t| (pid, t)) }
+    }
+
+    /// The exec ended by itself; nothing to kill.
+    pub fn finished(&mut self) {
+        self.root = None;
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.root.map(|(p, _)| p)
+    }
+
+    /// Sends `sig` to the exec's process and its live descendants.
+    pub fn signal(&self, sig: Signal) {
+        if let Some(root) = self.root {
+            for (pid, _) in tree(root) {
+                let _ = kill(Pid::from_raw(pid), sig);
+            }
+        }
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        let Some(root) = self.root.take() else { return };
+        let procs = tree(root);
+        if procs.is_empty() {
+            return;
+        }
+        for &(pid, _) in &procs {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        }
+        // A shell given SIGHUP passes it on and exits; whatever ignores it is killed. The
+        // wait happens off the async runtime.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            for (pid, started) in procs {
+                if start_time(pid) == Some(started) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+            }
+        });
+    }
+}
+
+/// `(pid, start time)` of `root` and every live descendant, `root` first. Empty when
+/// `root` is gone or was recycled.
+fn tree(root: (i32, u64)) -> Vec<(i32, u64)> {
+    if start_time(root.0) != Some(root.1) {
+        return Vec::new();
+    }
+    let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Some(stat) = read_stat(pid).filter(|s| !s.zombie) {
+                children.entry(stat.ppid).or_default().push((pid, stat.start_time));
+            }
+        }
+    }
+    let mut out = vec![root];
+    let mut queue = VecDeque::from([root.0]);
+    while let Some(p) = queue.pop_front() {
+        for &child in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            out.push(child);
+            queue.push_back(child.0);
+        }
+    }
+    out
+}
+
+struct Stat {
+    zombie: bool,
+    ppid: i32,
+    start_time: u64,
+}
+
+/// The start time of a live (not zombie) process.
+fn start_time(pid: i32) -> Option<u64> {
+    read_stat(pid).filter(|s| !s.zombie).map(|s| s.start_time)
+}
+
+fn read_stat(pid: i32) -> Option<Stat> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&text)
+}
+
+/// Parses `/proc/PID/stat`. The command name (field 2) may hold spaces and parentheses,
+/// so the fields are counted from the last `)`.
+fn parse_stat(text: &str) -> Option<Stat> {
+    let rest = text.get(text.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(3) ppid(4) ... starttime(22) → indices 0, 1, 19.
+    Some(Stat {
+        zombie: *fields.first()? == "Z",
+        ppid: fields.get(1)?.parse().ok()?,
+        start_time: fields.get(19)?.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_with_parens() {
+        let s = "42 (a) b (c)) S 7 42 42 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 123456 0 0";
+        let st = parse_stat(s).unwrap();
+        assert_eq!(st.ppid, 7);
+        assert_eq!(st.start_time, 123456);
+    }
+
+    #[test]
+    fn kills_a_tree_on_drop() {
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let root = (pid, start_time(pid).unwrap());
+        let members = tree(root);
+        assert_eq!(members.len(), 3, "{members:?}");
+        drop(ProcessGuard::new(pid));
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        for (p, t) in &members[1..] {
+            assert_ne!(start_time(*p), Some(*t), "descendant {p} survived");
+        }
+    }
+
+    #[test]
+    fn finished_guard_kills_nothing() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let mut g = ProcessGuard::new(pid);
+        g.finished();
+        drop(g);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none());
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
