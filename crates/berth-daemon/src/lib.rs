@@ -1,1 +1,172 @@
-//! placeholder
+//! The Berth daemon: the composition root. It reads no command line; `berth daemon` builds a
+//! [`Config`] and calls [`run`], which wires the store, the Docker runtime, the lifecycle
+//! manager, the SSH gateway and the admin API together and runs them until `shutdown` is
+//! cancelled.
+//!
+//! Invariants: every container operation for a user goes through that user's lifecycle
+//! owner ([`lifecycle`]); the SSH gateway reaches containers only through
+//! [`gateway::BerthGateway`]; the admin socket is root-only.
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod lifecycle;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use berth_runtime::{DockerRuntime, Limits, Runtime};
+use berth_ssh::SshConfig;
+use berth_store::{Store, StoreError};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub use config::{Config, ConfigError};
+
+use crate::admin::AdminState;
+use crate::gateway::BerthGateway;
+use crate::lifecycle::{Lifecycle, Settings};
+
+/// A startup failure with advice for the admin; the CLI prints the hint on its own line.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StartupError {
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+/// Runs a store call on a blocking thread.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or(Err(StoreError::Poisoned))
+}
+
+/// Runs the daemon until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state = &config.state_dir;
+    create_private_dir(state)?;
+    let store = Store::open(&state.join("berth.db"))
+        .with_context(|| format!("cannot open the store in {}", state.display()))?;
+    let instance = store.instance_id()?;
+    let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
+    let guest_dir = install_guest(&config, state)?;
+
+    let runtime = Arc::new(DockerRuntime::connect(config.docker_socket.clone()).await.map_err(|e| {
+        StartupError {
+            message: format!("cannot reach the Docker engine at {}: {e}", config.docker_socket.display()),
+            hint: Some("start it (systemctl start docker, or run dockerd)".into()),
+        }
+    })?);
+    let engine = runtime.version().await?;
+    info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
+    runtime.ensure_network(&config.network).await?;
+
+    let lifecycle = Lifecycle::new(
+        runtime.clone(),
+        store.clone(),
+        Settings {
+            prefix: config.container_prefix.clone(),
+            instance,
+            network: config.network.clone(),
+            guest_dir,
+            limits: limits(&config),
+            idle_stop: Duration::from_secs(config.idle_stop_seconds),
+            stop_timeout_secs: i32::try_from(config.stop_timeout_seconds).unwrap_or(i32::MAX),
+        },
+    );
+    lifecycle.reconcile().await?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let port = listener.local_addr()?.port();
+    let gateway = Arc::new(BerthGateway {
+        store: store.clone(),
+        runtime: runtime.clone(),
+        lifecycle: lifecycle.clone(),
+        port,
+    });
+    let ssh_config = SshConfig {
+        keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),
+        keepalive_max: config.keepalive_max,
+        max_connections: config.max_connections,
+        accept_env: config.accept_env.clone(),
+    };
+    let admin_state = Arc::new(AdminState {
+        store,
+        runtime,
+        lifecycle: lifecycle.clone(),
+        listen: config.listen.to_string(),
+    });
+    let admin_path = config.admin_socket();
+    let admin = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { admin::serve(&admin_path, admin_state, shutdown).await }
+    });
+    info!(listen = %config.listen, state_dir = %state.display(), "berth daemon ready");
+    let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
+    shutdown.cancel();
+    lifecycle.shutdown().await;
+    let admin = admin.await;
+    let _ = std::fs::remove_file(config.admin_socket());
+    ssh?;
+    match admin {
+        Ok(r) => r.context("admin socket failed")?,
+        Err(e) => bail!("admin task failed: {e}"),
+    }
+    info!("berth daemon stopped");
+    Ok(())
+}
+
+fn limits(config: &Config) -> Limits {
+    let l = &config.limits;
+    let memory = i64::try_from(l.memory_mb.saturating_mul(1024 * 1024)).unwrap_or(i64::MAX);
+    // f64 → nanocpus; validated to 0..=1024 in Config::validate.
+    #[allow(clippy::cast_possible_truncation)]
+    let nano = (l.cpus * 1e9) as i64;
+    Limits {
+        memory_bytes: (memory > 0).then_some(memory),
+        nano_cpus: (nano > 0).then_some(nano),
+        pids: i64::from(l.pids),
+    }
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
+    Ok(())
+}
+
+/// Copies the static `berth-guest` helper into `STATE/guest/`, the directory mounted
+/// read-only at `/.berth` in every container.
+fn install_guest(config: &Config, state: &Path) -> anyhow::Result<PathBuf> {
+    let src = match &config.guest_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .map(|d| d.join("berth-guest"))
+            .context("cannot locate the berth binary's directory")?,
+    };
+    let bytes = std::fs::read(&src).map_err(|e| StartupError {
+        message: format!("cannot read the berth-guest helper at {}: {e}", src.display()),
+        hint: Some("build it with scripts/build-guest, or set guest_binary in the config".into()),
+    })?;
+    let dir = state.join("guest");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+    let dst = dir.join("berth-guest");
+    if std::fs::read(&dst).ok().as_deref() != Some(bytes.as_slice()) {
+        // Write beside and rename: running containers keep the old inode.
+        let tmp = dir.join(".berth-guest.new");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &dst)?;
+    }
+    // The state dir is 0700; Docker (root) can still bind-mount the guest dir from it.
+    Ok(dir)
+}

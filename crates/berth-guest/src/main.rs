@@ -1,1 +1,88 @@
-fn main() {}
+//! `berth-guest`: the small static helper mounted read-only at `/.berth` in every container.
+//!
+//! It must run in any image, busybox included, so it is built statically (see
+//! `scripts/build-guest`) and depends on no other Berth crate.
+//!
+//! `berth-guest init` is the container's PID 1: it keeps the container alive while no
+//! session is open, reaps orphaned processes (a shell's background jobs are re-parented to
+//! it when the shell exits) and exits on SIGTERM or SIGINT, so `docker stop` is quick.
+//! Signals are taken synchronously with `sigwait`, so no handler code is needed.
+
+use std::process::ExitCode;
+
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("init") => init(),
+        Some("tty-exec") => tty_exec(args.get(2..).unwrap_or_default()),
+        Some("--version") => {
+            println!("berth-guest {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("usage: berth-guest init | tty-exec COLS ROWS CMD [ARG...]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn init() -> ExitCode {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {
+        eprintln!("berth-guest: cannot block signals: {e}");
+        return ExitCode::FAILURE;
+    }
+    loop {
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => reap(),
+            Ok(Signal::SIGTERM | Signal::SIGINT) => return ExitCode::SUCCESS,
+            Ok(_) | Err(_) => {}
+        }
+    }
+}
+
+/// Sets the size of the terminal on stdin, then becomes CMD. The daemon starts TTY sessions
+/// through this because engines before API 1.42 ignore the exec's initial console size, and
+/// a resize sent after the start races with short commands (`ssh -t host stty size`).
+fn tty_exec(args: &[String]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let [cols, rows, cmd, rest @ ..] = args else {
+        eprintln!("usage: berth-guest tty-exec COLS ROWS CMD [ARG...]");
+        return ExitCode::from(2);
+    };
+    let size = libc::winsize {
+        ws_col: cols.parse().unwrap_or(80),
+        ws_row: rows.parse().unwrap_or(24),
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, which is valid for the call.
+    #[allow(unsafe_code)]
+    let r = unsafe { set_winsize(libc::STDIN_FILENO, &size) };
+    if let Err(e) = r {
+        eprintln!("berth-guest: cannot set the terminal size: {e}");
+    }
+    let err = std::process::Command::new(cmd).args(rest).exec();
+    eprintln!("berth-guest: cannot run {cmd}: {err}");
+    ExitCode::from(127)
+}
+
+nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
+
+/// Reaps every child that has exited; several exits can share one SIGCHLD.
+fn reap() {
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
+}

@@ -15,7 +15,8 @@ pub use api::{
     UserInfo,
 };
 pub use client::{AdminClient, ClientError};
-pub use key::{AuthorizedKey, KeyError, parse_authorized_keys};
+pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};
+pub use ssh_key::PublicKey;
 pub use name::{ImageName, NameError, UserName};
 
 /// The admin socket's file name inside the state directory.

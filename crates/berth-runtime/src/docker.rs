@@ -217,12 +217,27 @@ impl Runtime for DockerRuntime {
 
     async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
         let tty = spec.tty.is_some();
+        let cmd = match spec.tty {
+            // The guest sets the TTY size before the command runs: engine 20.10 ignores the
+            // exec's ConsoleSize, and a resize after the start races with short commands.
+            Some(size) => [
+                vec![
+                    format!("{GUEST_MOUNT}/berth-guest"),
+                    "tty-exec".to_owned(),
+                    size.cols.to_string(),
+                    size.rows.to_string(),
+                ],
+                spec.cmd,
+            ]
+            .concat(),
+            None => spec.cmd,
+        };
         let created = self
             .docker
             .create_exec(
                 container,
                 CreateExecOptions {
-                    cmd: Some(spec.cmd),
+                    cmd: Some(cmd),
                     env: Some(spec.env),
                     user: Some("0:0".to_owned()),
                     attach_stdin: Some(true),
@@ -235,10 +250,6 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(map_err)?;
         let io = start_attached(&self.socket, &self.api_version, &created.id, tty).await?;
-        // Engine 20.10 ignores ExecConfig.ConsoleSize: size the TTY right after the start.
-        if let Some(size) = spec.tty {
-            self.resize_exec(&created.id, size).await?;
-        }
         let pid = self
             .docker
             .inspect_exec(&created.id)

@@ -1,1 +1,108 @@
-//! placeholder
+//! The SSH gateway: a russh server that authenticates users by public key and turns every
+//! session channel into one process run by a [`Gateway`].
+//!
+//! It knows nothing of Docker or of the store: it asks the [`Gateway`] whether a key may log
+//! in as a user, and asks it to [`open`](Gateway::open) a process for a shell or command. It
+//! then pumps bytes both ways with backpressure, forwards window changes, and sends the exit
+//! status back.
+//!
+//! Concurrency follows the research notes (§1.4): the russh [`russh::server::Handler`] is a
+//! thin adapter that replies to requests synchronously; each session channel is owned by
+//! one task ([`session`]) from its first message.
+//!
+//! ```text
+//!  channel open ─► Setup: pty-req / env remembered
+//!                    │ shell | exec
+//!                    ▼
+//!                  Running: stdin ◄─ data/eof, resize ◄─ window-change, output ─► client
+//!                    │ output ends                         │ client gone
+//!                    ▼                                     ▼
+//!                  exit-status, eof, close            process tree killed
+//! ```
+
+mod handler;
+mod hostkey;
+mod server;
+mod session;
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use futures_util::future::BoxFuture;
+use tokio::io::AsyncWrite;
+
+pub use hostkey::{HostKeyError, load_or_create_host_key};
+pub use russh::keys::PublicKey;
+pub use server::{ServerError, SshConfig, serve};
+
+/// What a session asks to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// An interactive login shell.
+    Shell,
+    /// A command line, run by `/bin/sh -c`.
+    Exec(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pty {
+    pub term: String,
+    pub size: WindowSize,
+}
+
+/// Everything known about a session at the moment it starts its process.
+#[derive(Debug, Clone)]
+pub struct OpenRequest {
+    pub user: String,
+    pub peer: Option<SocketAddr>,
+    pub command: Command,
+    pub pty: Option<Pty>,
+    /// Client environment that passed the allow-list.
+    pub env: Vec<(String, String)>,
+}
+
+/// A chunk of process output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(Bytes),
+    Stderr(Bytes),
+}
+
+/// A running process, as the gateway hands it to the session task.
+pub struct Process {
+    pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    pub output: Pin<Box<dyn Stream<Item = io::Result<Output>> + Send>>,
+    pub control: Box<dyn ProcessControl>,
+}
+
+/// How a session drives its process beyond bytes. Dropping it before [`wait`](Self::wait)
+/// returned means the client went away: the implementation must end the process.
+pub trait ProcessControl: Send {
+    fn resize(&self, size: WindowSize) -> BoxFuture<'_, ()>;
+    /// Called once the output stream has ended; returns the exit code.
+    fn wait(&mut self) -> BoxFuture<'_, u32>;
+}
+
+/// A refusal to open a session, in words safe to show the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct OpenError(pub String);
+
+/// What the gateway needs from the rest of Berth.
+pub trait Gateway: Send + Sync + 'static {
+    /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
+    /// a wrong key.
+    fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
+    /// Starts the process for a session.
+    fn open(&self, req: OpenRequest) -> impl Future<Output = Result<Process, OpenError>> + Send;
+}

@@ -1,0 +1,312 @@
+//! The admin API: HTTP+JSON on a unix socket in the state directory, mode 0600, and every
+//! request's peer checked to be root or the daemon's own user. Routes are listed in
+//! `berth_proto::api`. Domain errors become wire errors in one place ([`AdminError`]'s
+//! `IntoResponse`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::extract::connect_info::Connected;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::serve::IncomingStream;
+use axum::{Json, Router};
+use berth_proto::{
+    AddKeysRequest, AddUserRequest, ApiError, AuthorizedKey, ContainerState, HealthInfo, KeyInfo,
+    RemovedKeys, UserInfo, UserName,
+};
+use berth_runtime::{Runtime, RuntimeError};
+use berth_store::{Store, StoreError, UserRecord};
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::blocking;
+use crate::lifecycle::{LABEL_INSTANCE, LABEL_USER, Lifecycle, LifecycleError};
+
+pub struct AdminState<R> {
+    pub store: Store,
+    pub runtime: Arc<R>,
+    pub lifecycle: Arc<Lifecycle<R>>,
+    pub listen: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("permission denied: the admin API is for root")]
+    Forbidden,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("image {0} is not present on this host")]
+    ImageMissing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Lifecycle(#[from] LifecycleError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let (status, hint) = match &self {
+            Self::Forbidden => (StatusCode::FORBIDDEN, Some("run the command as root".to_owned())),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Self::ImageMissing(_) => (
+                StatusCode::BAD_REQUEST,
+                Some(
+                    "no registry may be reachable: import a root filesystem with `docker import ROOTFS.tar NAME` \
+                     (see the README), then add the user again"
+                        .to_owned(),
+                ),
+            ),
+            Self::Store(e) => match e {
+                StoreError::UserExists(_) | StoreError::KeyExists { .. } => (StatusCode::CONFLICT, None),
+                StoreError::UserNotFound(_) | StoreError::KeyNotFound { .. } => (StatusCode::NOT_FOUND, None),
+                StoreError::LastKey(_) => (StatusCode::CONFLICT, None),
+                StoreError::Corrupt(_) | StoreError::Sqlite(_) | StoreError::Poisoned => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, Some("see the berth daemon log".to_owned()))
+                }
+            },
+            Self::Lifecycle(LifecycleError::Store(StoreError::UserNotFound(_))) => (StatusCode::NOT_FOUND, None),
+            Self::Lifecycle(_) | Self::Runtime(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some("see the berth daemon log".to_owned()))
+            }
+        };
+        if status.is_server_error() {
+            error!(error = %self, "admin request failed");
+        }
+        (status, Json(ApiError { error: self.to_string(), hint })).into_response()
+    }
+}
+
+/// The connecting process's credentials (SO_PEERCRED).
+#[derive(Clone, Debug)]
+pub struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(s: IncomingStream<'_, UnixListener>) -> Self {
+        Self { uid: s.io().peer_cred().ok().map(|c| c.uid()) }
+    }
+}
+
+fn authorize(peer: &Peer) -> Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    match peer.uid {
+        Some(uid) if uid == 0 || uid == me => Ok(()),
+        _ => Err(AdminError::Forbidden),
+    }
+}
+
+type AppState<R> = State<Arc<AdminState<R>>>;
+type Result<T> = std::result::Result<T, AdminError>;
+
+pub async fn serve<R: Runtime>(
+    path: &Path,
+    state: Arc<AdminState<R>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = bind(path)?;
+    let app = Router::new()
+        .route("/v1/health", get(health::<R>))
+        .route("/v1/users", get(list_users::<R>).post(add_user::<R>))
+        .route("/v1/users/{name}", get(show_user::<R>).delete(remove_user::<R>))
+        .route("/v1/users/{name}/keys", get(list_keys::<R>).post(add_keys::<R>))
+        .route("/v1/users/{name}/keys/{fingerprint}", delete(remove_key::<R>))
+        .with_state(state);
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds the socket with mode 0600 from the start (umask), replacing a stale one.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+fn parse_name(name: &str) -> Result<UserName> {
+    UserName::parse(name).map_err(|e| AdminError::BadRequest(e.to_string()))
+}
+
+fn body<T>(b: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
+    b.map(|Json(v)| v).map_err(|e| AdminError::BadRequest(format!("bad request body: {}", e.body_text())))
+}
+
+/// Keys arriving from a client are parsed again here: the fingerprint the store keeps is
+/// always computed by the daemon.
+fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
+    if keys.is_empty() {
+        return Err(AdminError::BadRequest("at least one public key is required".into()));
+    }
+    keys.iter()
+        .map(|k| {
+            let mut parsed = AuthorizedKey::parse_line(&k.openssh)
+                .map_err(|e| AdminError::BadRequest(format!("not a public key: {e}")))?;
+            parsed.comment.clone_from(&k.comment);
+            Ok(parsed)
+        })
+        .collect()
+}
+
+async fn health<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+) -> Result<Json<HealthInfo>> {
+    authorize(&peer)?;
+    let v = st.runtime.version().await?;
+    Ok(Json(HealthInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        listen: st.listen.clone(),
+        docker_version: v.version,
+        docker_api_version: v.api_version,
+    }))
+}
+
+async fn user_infos<R: Runtime>(st: &AdminState<R>, users: Vec<UserRecord>) -> Result<Vec<UserInfo>> {
+    let containers = st.runtime.list(LABEL_INSTANCE, st.lifecycle.instance()).await?;
+    Ok(users
+        .into_iter()
+        .map(|u| {
+            let state = containers
+                .iter()
+                .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
+                .map_or(ContainerState::Absent, |c| {
+                    if c.running { ContainerState::Running } else { ContainerState::Stopped }
+                });
+            UserInfo {
+                container_name: st.lifecycle.container_name(&u.name),
+                sessions: st.lifecycle.sessions(&u.name),
+                name: u.name,
+                image: u.image,
+                container: state,
+                daemon_mode: u.daemon_mode,
+                keys: u.keys,
+            }
+        })
+        .collect())
+}
+
+async fn list_users<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+) -> Result<Json<Vec<UserInfo>>> {
+    authorize(&peer)?;
+    let store = st.store.clone();
+    let users = blocking(move || store.users()).await?;
+    Ok(Json(user_infos(&st, users).await?))
+}
+
+async fn show_user<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<UserInfo>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let store = st.store.clone();
+    let user = blocking(move || store.user(&name)).await?;
+    let mut infos = user_infos(&st, vec![user]).await?;
+    infos.pop().map(Json).ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+}
+
+async fn add_user<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    req: std::result::Result<Json<AddUserRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<UserInfo>)> {
+    authorize(&peer)?;
+    let req = body(req)?;
+    let keys = revalidate(&req.keys)?;
+    if !st.runtime.image_exists(req.image.as_str()).await? {
+        return Err(AdminError::ImageMissing(req.image.to_string()));
+    }
+    let store = st.store.clone();
+    let (name, image) = (req.name.clone(), req.image.clone());
+    let record = blocking(move || store.add_user(&name, &image, &keys)).await?;
+    info!(target: "audit", event = "user_add", user = %record.name, image = %record.image, keys = record.keys, "user added");
+    let mut infos = user_infos(&st, vec![record]).await?;
+    let info = infos.pop().ok_or_else(|| AdminError::BadRequest("user vanished".into()))?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn remove_user<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<UserInfo>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let store = st.store.clone();
+    let n = name.clone();
+    let user = blocking(move || store.user(&n)).await?;
+    let mut before = user_infos(&st, vec![user]).await?;
+    st.lifecycle.remove(&name).await?;
+    info!(target: "audit", event = "user_remove", user = %name, "user removed");
+    before.pop().map(Json).ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+}
+
+async fn list_keys<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Vec<KeyInfo>>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let store = st.store.clone();
+    Ok(Json(blocking(move || store.keys(&name)).await?))
+}
+
+async fn add_keys<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+    req: std::result::Result<Json<AddKeysRequest>, JsonRejection>,
+) -> Result<Json<Vec<KeyInfo>>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let keys = revalidate(&body(req)?.keys)?;
+    let store = st.store.clone();
+    let n = name.clone();
+    let count = keys.len();
+    let all = blocking(move || {
+        store.add_keys(&n, &keys)?;
+        store.keys(&n)
+    })
+    .await?;
+    info!(target: "audit", event = "key_add", user = %name, keys = count, "keys added");
+    Ok(Json(all))
+}
+
+async fn remove_key<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath((name, fingerprint)): UrlPath<(String, String)>,
+) -> Result<Json<RemovedKeys>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let store = st.store.clone();
+    let n = name.clone();
+    let (removed, remaining) = blocking(move || {
+        let k = store.remove_key(&n, &fingerprint)?;
+        Ok((k, store.keys(&n)?.len()))
+    })
+    .await?;
+    info!(target: "audit", event = "key_remove", user = %name, key = %removed.fingerprint, "key removed");
+    Ok(Json(RemovedKeys { removed: vec![removed], remaining }))
+}

@@ -1,0 +1,176 @@
+//! The daemon's configuration: one typed tree, defaults in one place ([`Config::default`]),
+//! unknown keys refused with their name. Read from TOML (`/etc/berth/berth.toml` when
+//! present), then overridden by command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    #[error("invalid config {}: {reason}", path.display())]
+    Parse { path: PathBuf, reason: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the SSH gateway listens on.
+    pub listen: SocketAddr,
+    /// Database, host key, admin socket and guest files live here.
+    pub state_dir: PathBuf,
+    /// The Docker engine's socket.
+    pub docker_socket: PathBuf,
+    /// Seconds a container keeps running after its last session closes.
+    pub idle_stop_seconds: u64,
+    /// Seconds `docker stop` waits before killing a container.
+    pub stop_timeout_seconds: u32,
+    /// Container names are this prefix followed by the user name.
+    pub container_prefix: String,
+    /// The Docker network users' containers join (created with inter-container traffic off).
+    pub network: String,
+    /// The static `berth-guest` helper; default: `berth-guest` next to the `berth` binary.
+    pub guest_binary: Option<PathBuf>,
+    /// Client environment variables accepted into sessions (`NAME` or `PREFIX*`).
+    pub accept_env: Vec<String>,
+    pub keepalive_interval_seconds: u64,
+    pub keepalive_max: usize,
+    pub max_connections: usize,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Memory per container in MiB (swap included); 0 = no limit.
+    pub memory_mb: u64,
+    /// CPUs per container (e.g. 1.5); 0 = no limit.
+    pub cpus: f64,
+    /// Processes per container.
+    pub pids: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 2222)),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            docker_socket: PathBuf::from("/var/run/docker.sock"),
+            idle_stop_seconds: 10,
+            stop_timeout_seconds: 10,
+            container_prefix: "berth-".into(),
+            network: "berth".into(),
+            guest_binary: None,
+            accept_env: vec!["LANG".into(), "LC_*".into()],
+            keepalive_interval_seconds: 15,
+            keepalive_max: 4,
+            max_connections: 1000,
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { memory_mb: 2048, cpus: 1.0, pids: 1024 }
+    }
+}
+
+impl Config {
+    /// Reads `path`; a missing default path means "all defaults", a missing explicit path
+    /// is an error.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_owned(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Self::default());
+            }
+            Err(e) => return Err(ConfigError::Read { path, reason: e.to_string() }),
+        };
+        Self::parse(&text).map_err(|reason| ConfigError::Parse { path, reason })
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.keepalive_interval_seconds == 0 || self.keepalive_max == 0 {
+            return Err("keepalive_interval_seconds and keepalive_max must be at least 1".into());
+        }
+        if self.max_connections == 0 {
+            return Err("max_connections must be at least 1".into());
+        }
+        if !(0.0..=1024.0).contains(&self.limits.cpus) || self.limits.cpus.is_nan() {
+            return Err(format!("limits.cpus = {} is out of range", self.limits.cpus));
+        }
+        if self.limits.pids < 16 {
+            return Err(format!("limits.pids = {} is too low (at least 16)", self.limits.pids));
+        }
+        let prefix_ok = !self.container_prefix.is_empty()
+            && self.container_prefix.len() <= 32
+            && self.container_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && self.container_prefix.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !prefix_ok {
+            return Err(format!("container_prefix {:?} is not a valid container name start", self.container_prefix));
+        }
+        Ok(())
+    }
+
+    pub fn admin_socket(&self) -> PathBuf {
+        self.state_dir.join(berth_proto::ADMIN_SOCKET)
+    }
+
+    /// The effective settings as TOML, for `berth daemon --check`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_is_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse("idle_stop_secs = 3\n").unwrap_err();
+        assert!(err.contains("idle_stop_secs"), "{err}");
+        let err = Config::parse("[limits]\nmemory = 3\n").unwrap_err();
+        assert!(err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_refused() {
+        assert!(Config::parse("listen = \"nope\"\n").is_err());
+        assert!(Config::parse("[limits]\npids = 1\n").is_err());
+        assert!(Config::parse("container_prefix = \"a b\"\n").is_err());
+        let c = Config::parse("idle_stop_seconds = 3\n[limits]\ncpus = 0.5\n").unwrap();
+        assert_eq!(c.idle_stop_seconds, 3);
+        assert_eq!(c.limits.cpus, 0.5);
+    }
+
+    #[test]
+    fn round_trips() {
+        let c = Config::default();
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+    }
+}

@@ -1,0 +1,178 @@
+//! The russh handler: one per TCP connection. It authenticates, replies to channel requests
+//! at once (a reply sent later from a task could be swallowed, research notes §1.4), and
+//! hands each session channel to its own task. Dropping it (connection gone) aborts those
+//! tasks, which ends their processes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId};
+use tokio::task::JoinSet;
+use tracing::{Instrument, info, info_span};
+
+use crate::Gateway;
+use crate::session::{self, env_allowed};
+
+pub(crate) struct Connection<G> {
+    gateway: Arc<G>,
+    peer: Option<SocketAddr>,
+    accept_env: Arc<Vec<String>>,
+    user: Option<String>,
+    /// Session channels of this connection, and whether each has started its process.
+    channels: HashMap<ChannelId, bool>,
+    tasks: JoinSet<()>,
+    next_session: u64,
+}
+
+impl<G: Gateway> Connection<G> {
+    pub(crate) fn new(gateway: Arc<G>, peer: Option<SocketAddr>, accept_env: Arc<Vec<String>>) -> Self {
+        Self {
+            gateway,
+            peer,
+            accept_env,
+            user: None,
+            channels: HashMap::new(),
+            tasks: JoinSet::new(),
+            next_session: 0,
+        }
+    }
+
+    fn peer(&self) -> String {
+        self.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+    }
+
+    fn reply(&self, ch: ChannelId, ok: bool, session: &mut Session) -> Result<(), russh::Error> {
+        if ok { session.channel_success(ch) } else { session.channel_failure(ch) }
+    }
+
+    /// A process request (shell, exec) is granted once per channel.
+    fn start(&mut self, ch: ChannelId) -> bool {
+        match self.channels.get_mut(&ch) {
+            Some(started) if !*started => {
+                *started = true;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl<G: Gateway> Handler for Connection<G> {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Probing which keys would work is answered honestly for the right user and key
+        // only; an unknown user looks exactly like a wrong key.
+        Ok(if self.gateway.authorize(user, offer.public_key).await {
+            Auth::Accept
+        } else {
+            Auth::reject()
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let fp = key.public_key.fingerprint(russh::keys::HashAlg::Sha256);
+        if self.gateway.authorize(user, key.public_key).await {
+            info!(target: "audit", event = "login", user, key = %fp, peer = %self.peer(), "login accepted");
+            self.user = Some(user.to_owned());
+            Ok(Auth::Accept)
+        } else {
+            info!(target: "audit", event = "login_refused", user, key = %fp, peer = %self.peer(), "login refused");
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(user) = self.user.clone() else {
+            return Ok(()); // dropping `reply` rejects the open
+        };
+        while self.tasks.try_join_next().is_some() {}
+        self.channels.insert(channel.id(), false);
+        self.next_session += 1;
+        let span = info_span!("session", user = %user, ch = %channel.id());
+        let ctx = session::Context {
+            gateway: self.gateway.clone(),
+            user,
+            peer: self.peer,
+            accept_env: self.accept_env.clone(),
+        };
+        // The task owns the channel from its first message, so nothing queues up unread.
+        self.tasks.spawn(session::run(ctx, channel).instrument(span));
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        ch: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _pw: u32,
+        _ph: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.channels.get(&ch) == Some(&false);
+        self.reply(ch, ok, session)
+    }
+
+    async fn env_request(
+        &mut self,
+        ch: ChannelId,
+        name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.channels.get(&ch) == Some(&false) && env_allowed(&self.accept_env, name);
+        self.reply(ch, ok, session)
+    }
+
+    async fn shell_request(&mut self, ch: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+        let ok = self.start(ch);
+        self.reply(ch, ok, session)
+    }
+
+    async fn exec_request(
+        &mut self,
+        ch: ChannelId,
+        _data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let ok = self.start(ch);
+        self.reply(ch, ok, session)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        ch: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // No subsystem is served yet; the task sees the request and ends the channel.
+        if let Some(started) = self.channels.get_mut(&ch) {
+            *started = true;
+        }
+        session.channel_failure(ch)
+    }
+
+    async fn channel_close(&mut self, ch: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+        self.channels.remove(&ch);
+        Ok(())
+    }
+}

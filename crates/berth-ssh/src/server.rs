@@ -1,0 +1,155 @@
+//! The accept loop: our own (not russh's `run_on_socket`) so that the connection count is
+//! bounded and shutdown is structured.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::keys::PrivateKey;
+use russh::server::{Config, run_stream};
+use russh::{Disconnect, MethodKind, MethodSet};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::Gateway;
+use crate::handler::Connection;
+
+/// Gateway settings that come from Berth's config.
+#[derive(Debug, Clone)]
+pub struct SshConfig {
+    /// Interval of keepalive probes; a client that misses `keepalive_max` in a row is gone.
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    pub max_connections: usize,
+    /// Client environment variables passed into sessions (exact names, or a prefix ending
+    /// in `*`), like OpenSSH's AcceptEnv.
+    pub accept_env: Vec<String>,
+}
+
+impl Default for SshConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 4,
+            max_connections: 1000,
+            accept_env: vec!["LANG".into(), "LC_*".into()],
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot accept connections: {0}")]
+    Accept(std::io::Error),
+}
+
+/// Serves SSH on `listener` until `shutdown` is cancelled, then disconnects every client and
+/// returns once their sessions have ended (or after a few seconds).
+pub async fn serve<G: Gateway>(
+    listener: TcpListener,
+    config: SshConfig,
+    host_key: PrivateKey,
+    gateway: Arc<G>,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    let russh_config = Arc::new(Config {
+        keys: vec![host_key],
+        methods: MethodSet::from(&[MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_secs(1),
+        // OpenSSH tries "none" first; that probe must not cost every login a second.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        // russh's default cuts idle shells after 10 minutes; keepalives detect dead clients.
+        inactivity_timeout: None,
+        keepalive_interval: Some(config.keepalive_interval),
+        keepalive_max: config.keepalive_max,
+        nodelay: true,
+        max_auth_attempts: 6,
+        event_buffer_size: 100,
+        ..Default::default()
+    });
+    let accept_env = Arc::new(config.accept_env);
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) if is_transient(&e) => {
+                        warn!(error = %e, "accept failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(ServerError::Accept(e)),
+                };
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    warn!(%peer, "connection refused: max_connections reached");
+                    continue;
+                };
+                let handler = Connection::new(gateway.clone(), Some(peer), accept_env.clone());
+                let cfg = russh_config.clone();
+                let shutdown = shutdown.clone();
+                conns.spawn(
+                    async move {
+                        let _permit = permit;
+                        connection(cfg, stream, peer, handler, shutdown).await;
+                    }
+                    .instrument(info_span!("conn", %peer)),
+                );
+            }
+        }
+    }
+    info!("ssh gateway stopping; disconnecting {} connection(s)", conns.len());
+    if tokio::time::timeout(Duration::from_secs(5), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        conns.abort_all();
+    }
+    Ok(())
+}
+
+async fn connection<G: Gateway>(
+    config: Arc<Config>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    handler: Connection<G>,
+    shutdown: CancellationToken,
+) {
+    debug!("connection accepted");
+    let session = match run_stream(config, stream, handler).await {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(error = %e, "ssh handshake failed");
+            return;
+        }
+    };
+    let handle = session.handle();
+    tokio::pin!(session);
+    tokio::select! {
+        r = &mut session => {
+            if let Err(e) = r { debug!(error = %e, "connection ended with an error"); }
+        }
+        () = shutdown.cancelled() => {
+            let _ = handle
+                .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), session).await;
+        }
+    }
+    debug!(%peer, "connection closed");
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
+        || e.raw_os_error() == Some(24) // EMFILE: wait for descriptors to free up
+        || e.raw_os_error() == Some(23)
+}

@@ -1,0 +1,68 @@
+//! `berth daemon`: runs the server in the foreground until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use berth_daemon::{Config, StartupError};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::Failure;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address the SSH gateway listens on [default: 0.0.0.0:2222]
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Config file [default: /etc/berth/berth.toml when present]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The static berth-guest helper [default: next to this binary]
+    #[arg(long, value_name = "FILE")]
+    guest_binary: Option<PathBuf>,
+    /// Validate the configuration, print the effective settings and exit
+    #[arg(long)]
+    check: bool,
+}
+
+pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
+    let mut config = Config::load(args.config.as_deref()).map_err(|e| Failure::new(e.to_string()))?;
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(d) = state_dir {
+        config.state_dir = d;
+    }
+    if let Some(g) = args.guest_binary {
+        config.guest_binary = Some(g);
+    }
+    config.validate().map_err(|e| Failure::new(format!("invalid config: {e}")))?;
+    if args.check {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let filter = EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,russh=warn,bollard=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+
+    let rt = tokio::runtime::Runtime::new()
+        .map_err(|e| Failure::new(format!("cannot start the async runtime: {e}")))?;
+    rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let mut term = signal(SignalKind::terminate()).map_err(|e| Failure::new(e.to_string()))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| Failure::new(e.to_string()))?;
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            tracing::info!("shutting down (a second signal exits at once)");
+            token.cancel();
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            std::process::exit(130);
+        });
+        berth_daemon::run(config, shutdown).await.map_err(|e| match e.downcast_ref::<StartupError>() {
+            Some(s) => Failure { message: s.message.clone(), hint: s.hint.clone(), code: 1 },
+            None => Failure::new(format!("{e:#}")),
+        })
+    })
+}

@@ -1,0 +1,207 @@
+//! `berth user ...`: add, remove, list and show users, and manage their keys.
+
+use std::path::{Path, PathBuf};
+
+use berth_proto::{
+    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys, UserInfo, UserName,
+    parse_authorized_keys,
+};
+use comfy_table::{Table, presets::NOTHING};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+
+use super::{block_on, client};
+use crate::Failure;
+
+#[derive(clap::Subcommand)]
+pub enum UserCommand {
+    /// Add a user who logs in with the given keys into a container made from IMAGE
+    Add {
+        name: String,
+        /// Image of the user's container (must be present locally)
+        #[arg(long)]
+        image: String,
+        /// Public key file in authorized_keys format (repeatable)
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Remove a user: stops and removes the container, then the user
+    Rm { name: String },
+    /// List users
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one user
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage a user's keys
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(clap::Subcommand)]
+pub enum KeyCommand {
+    /// Add keys from files in authorized_keys format
+    Add {
+        name: String,
+        #[arg(long = "key", value_name = "FILE", required = true)]
+        keys: Vec<PathBuf>,
+    },
+    /// Remove a key, given by fingerprint (SHA256:...) or by a file holding it
+    Rm { name: String, key: String },
+    /// List a user's keys
+    List {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> {
+    let c = client(state_dir);
+    match cmd {
+        UserCommand::Add { name, image, keys } => {
+            let name = user_name(&name)?;
+            let image = ImageName::parse(&image).map_err(|e| Failure::new(e.to_string()))?;
+            let keys = read_key_files(&keys)?;
+            let req = AddUserRequest { name, image, keys };
+            let info: UserInfo = block_on(async { Ok(c.post("/users", &req).await?) })?;
+            eprintln!("added user {} (image {}, {} key(s))", info.name, info.image, info.keys);
+            Ok(())
+        }
+        UserCommand::Rm { name } => {
+            let name = user_name(&name)?;
+            let _: UserInfo = block_on(async { Ok(c.delete(&format!("/users/{name}")).await?) })?;
+            eprintln!("removed user {name} and their container");
+            Ok(())
+        }
+        UserCommand::List { json } => {
+            let users: Vec<UserInfo> = block_on(async { Ok(c.get("/users").await?) })?;
+            if json {
+                print_json(&users)
+            } else {
+                print_users(&users);
+                Ok(())
+            }
+        }
+        UserCommand::Show { name, json } => {
+            let name = user_name(&name)?;
+            let user: UserInfo = block_on(async { Ok(c.get(&format!("/users/{name}")).await?) })?;
+            if json {
+                print_json(&user)
+            } else {
+                println!("name:       {}", user.name);
+                println!("image:      {}", user.image);
+                println!("container:  {} ({})", user.container_name, user.container.as_str());
+                println!("sessions:   {}", user.sessions);
+                println!("daemon:     {}", if user.daemon_mode { "on" } else { "off" });
+                println!("keys:       {}", user.keys);
+                Ok(())
+            }
+        }
+        UserCommand::Key(k) => run_key(k, &c),
+    }
+}
+
+fn run_key(cmd: KeyCommand, c: &berth_proto::AdminClient) -> Result<(), Failure> {
+    match cmd {
+        KeyCommand::Add { name, keys } => {
+            let name = user_name(&name)?;
+            let keys = read_key_files(&keys)?;
+            let n = keys.len();
+            let req = AddKeysRequest { keys };
+            let _: Vec<KeyInfo> =
+                block_on(async { Ok(c.post(&format!("/users/{name}/keys"), &req).await?) })?;
+            eprintln!("added {n} key(s) to {name}");
+            Ok(())
+        }
+        KeyCommand::Rm { name, key } => {
+            let name = user_name(&name)?;
+            let fingerprints = if key.starts_with("SHA256:") {
+                vec![key]
+            } else {
+                read_key_files(&[PathBuf::from(&key)])?.into_iter().map(|k| k.fingerprint).collect()
+            };
+            for fp in fingerprints {
+                let path = format!("/users/{name}/keys/{}", utf8_percent_encode(&fp, NON_ALPHANUMERIC));
+                let r: RemovedKeys = block_on(async { Ok(c.delete(&path).await?) })?;
+                for k in r.removed {
+                    eprintln!("removed key {} from {name} ({} left)", k.fingerprint, r.remaining);
+                }
+            }
+            Ok(())
+        }
+        KeyCommand::List { name, json } => {
+            let name = user_name(&name)?;
+            let keys: Vec<KeyInfo> = block_on(async { Ok(c.get(&format!("/users/{name}/keys")).await?) })?;
+            if json {
+                return print_json(&keys);
+            }
+            let mut t = Table::new();
+            t.load_style(NOTHING).set_header(["FINGERPRINT", "TYPE", "COMMENT"]);
+            for k in keys {
+                t.add_row([k.fingerprint, k.algorithm, k.comment]);
+            }
+            println!("{}", t.trim_fmt());
+            Ok(())
+        }
+    }
+}
+
+fn user_name(s: &str) -> Result<UserName, Failure> {
+    UserName::parse(s).map_err(|e| Failure::new(e.to_string()))
+}
+
+/// Reads and parses every key file; the first bad file or line stops everything, so
+/// nothing is sent to the daemon.
+fn read_key_files(paths: &[PathBuf]) -> Result<Vec<AuthorizedKey>, Failure> {
+    let mut keys = Vec::new();
+    for path in paths {
+        keys.extend(read_key_file(path)?);
+    }
+    Ok(keys)
+}
+
+fn read_key_file(path: &Path) -> Result<Vec<AuthorizedKey>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(format!("cannot read key file {}: {}", path.display(), io_reason(&e))))?;
+    parse_authorized_keys(&text).map_err(|e| {
+        let mut f = Failure::new(format!("key file {}: {e}", path.display()));
+        f.hint = Some("give an OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub), not a private key".into());
+        f
+    })
+}
+
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".into(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
+    let s = serde_json::to_string_pretty(v).map_err(|e| Failure::new(e.to_string()))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn print_users(users: &[UserInfo]) {
+    let mut t = Table::new();
+    t.load_style(NOTHING).set_header(["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]);
+    for u in users {
+        t.add_row([
+            u.name.to_string(),
+            u.image.to_string(),
+            u.container.as_str().to_owned(),
+            u.sessions.to_string(),
+            if u.daemon_mode { "on" } else { "off" }.to_owned(),
+            u.keys.to_string(),
+        ]);
+    }
+    println!("{}", t.trim_fmt());
+}
