@@ -1,1 +1,358 @@
-//! placeholder
+//! Test harness for Berth's end-to-end tests: a real `berth daemon` process on a free
+//! loopback port with a temporary state directory, users added through the real CLI, keys
+//! made by `ssh-keygen`, and the stock OpenSSH client pointed at it. Never shipped in a
+//! binary.
+//!
+//! Every daemon gets its own container name prefix, so tests running in parallel on one
+//! Docker engine never see each other's containers; dropping a [`Daemon`] stops it
+//! (SIGTERM, by pid) and removes the containers it made.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness: failing loudly is the point")]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// The images `scripts/make-test-images` builds.
+pub const BUSYBOX: &str = "berth-test/busybox:latest";
+pub const DEBIAN: &str = "berth-test/debian:bookworm";
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_owned()
+}
+
+/// The static guest helper: `$BERTH_GUEST_BIN`, or built once by `scripts/build-guest`.
+pub fn guest_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("BERTH_GUEST_BIN") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new(workspace_root().join("scripts/build-guest")).output().unwrap();
+        assert!(out.status.success(), "build-guest failed: {}", String::from_utf8_lossy(&out.stderr));
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+    .clone()
+}
+
+/// Makes sure the test images exist (builds them with `scripts/make-test-images` if not).
+pub fn ensure_images() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let ok = [BUSYBOX, DEBIAN].iter().all(|i| {
+            Command::new("docker").args(["image", "inspect", i]).output().is_ok_and(|o| o.status.success())
+        });
+        if !ok {
+            let st = Command::new(workspace_root().join("scripts/make-test-images")).status().unwrap();
+            assert!(st.success(), "make-test-images failed");
+        }
+    });
+}
+
+/// Runs `docker ARGS` and returns stdout, trimmed; panics on failure.
+pub fn docker(args: &[&str]) -> String {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Runs `docker ARGS`, returning the whole output whatever the status.
+pub fn docker_output(args: &[&str]) -> Output {
+    Command::new("docker").args(args).output().unwrap()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `f` every 100 ms until it returns true or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub struct DaemonOptions {
+    /// Extra TOML appended to the generated config.
+    pub config: String,
+    pub idle_stop_seconds: u64,
+}
+
+impl Default for DaemonOptions {
+    fn default() -> Self {
+        Self { config: String::new(), idle_stop_seconds: 2 }
+    }
+}
+
+/// A running `berth daemon`.
+pub struct Daemon {
+    pub dir: TempDir,
+    pub port: u16,
+    pub prefix: String,
+    bin: PathBuf,
+    child: Option<Child>,
+    config_path: PathBuf,
+    log_path: PathBuf,
+}
+
+impl Daemon {
+    /// Starts a daemon with `bin` (the `berth` binary under test) and waits until its admin
+    /// socket answers.
+    pub fn start(bin: &Path, opts: DaemonOptions) -> Self {
+        ensure_images();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir().unwrap();
+        let prefix = format!("bt{}x{n}-", std::process::id());
+        let config_path = dir.path().join("berth.toml");
+        let text = format!(
+            "container_prefix = \"{prefix}\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
+            opts.idle_stop_seconds, opts.config
+        );
+        std::fs::write(&config_path, text).unwrap();
+        let mut d = Self {
+            port: free_port(),
+            prefix,
+            bin: bin.to_owned(),
+            child: None,
+            log_path: dir.path().join("daemon.log"),
+            config_path,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let child = Command::new(&self.bin)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("daemon")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--guest-binary")
+            .arg(guest_binary())
+            .env("BERTH_LOG", "info,berth=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let ready = wait_until(Duration::from_secs(30), || {
+            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+                panic!("daemon exited early ({st}): {}", self.log());
+            }
+            self.berth(&["user", "list", "--json"]).status.success()
+        });
+        assert!(ready, "daemon did not become ready: {}", self.log());
+    }
+
+    /// Stops the daemon with SIGTERM and returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon not running");
+        kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), Signal::SIGTERM).unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > end {
+                child.kill().unwrap();
+                panic!("daemon did not stop on SIGTERM: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the daemon again on the same state directory and port.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            let st = self.stop();
+            assert!(st.success(), "daemon exit status {st}");
+        }
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs the `berth` CLI against this daemon.
+    pub fn berth(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin).args(args).env("BERTH_STATE_DIR", self.state_dir()).output().unwrap()
+    }
+
+    /// Runs the CLI and panics unless it succeeds; returns stdout.
+    pub fn berth_ok(&self, args: &[&str]) -> String {
+        let out = self.berth(args);
+        assert!(
+            out.status.success(),
+            "berth {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// `berth user list --json`, parsed.
+    pub fn users(&self) -> Vec<serde_json::Value> {
+        serde_json::from_str(&self.berth_ok(&["user", "list", "--json"])).unwrap()
+    }
+
+    pub fn user(&self, name: &str) -> serde_json::Value {
+        self.users().into_iter().find(|u| u["name"] == name).unwrap_or_else(|| panic!("no user {name}"))
+    }
+
+    /// Makes a key pair in the temp dir: returns the private key's path (`.pub` beside it).
+    pub fn keygen(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("key-{name}"));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        path
+    }
+
+    /// Adds `name` with a fresh key and `image`; returns the private key path.
+    pub fn add_user(&self, name: &str, image: &str) -> PathBuf {
+        let key = self.keygen(name);
+        let pubkey = key.with_extension("pub");
+        self.berth_ok(&["user", "add", name, "--image", image, "--key", pubkey.to_str().unwrap()]);
+        key
+    }
+
+    pub fn container_name(&self, user: &str) -> String {
+        format!("{}{user}", self.prefix)
+    }
+
+    /// The container's state (`running`, `exited`, ...) or `None` when it does not exist.
+    pub fn container_state(&self, user: &str) -> Option<String> {
+        let out = docker_output(&["inspect", "-f", "{{.State.Status}}", &self.container_name(user)]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// An `ssh` command for `user` with `key`, non-interactive and with its own known_hosts.
+    pub fn ssh(&self, user: &str, key: &Path) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.ssh_args(key)).arg(format!("{user}@127.0.0.1"));
+        c
+    }
+
+    /// The options `ssh` needs to reach this daemon, for building other commands.
+    pub fn ssh_args(&self, key: &Path) -> Vec<String> {
+        vec![
+            "-p".into(),
+            self.port.to_string(),
+            "-i".into(),
+            key.to_string_lossy().into_owned(),
+            "-o".into(),
+            "IdentitiesOnly=yes".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "StrictHostKeyChecking=accept-new".into(),
+            "-o".into(),
+            format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-o".into(),
+            "ConnectTimeout=20".into(),
+        ]
+    }
+
+    /// Runs `ssh user@host CMD`, with `stdin` fed to it, and returns the output.
+    pub fn ssh_run(&self, user: &str, key: &Path, cmd: &str, stdin: &[u8]) -> Output {
+        let mut child = self
+            .ssh(user, key)
+            .arg(cmd)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        out
+    }
+
+    /// Runs `ssh user@host CMD` and panics unless it exits 0; returns stdout.
+    pub fn ssh_ok(&self, user: &str, key: &Path, cmd: &str) -> String {
+        let out = self.ssh_run(user, key, cmd, b"");
+        assert!(
+            out.status.success(),
+            "ssh {user} {cmd:?} failed ({}): {}\n--- daemon log ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)), Signal::SIGTERM);
+            let end = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let ids = docker_output(&["ps", "-aq", "--filter", &format!("name=^/{}", self.prefix)]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = docker_output(&["rm", "-f", id]);
+        }
+    }
+}
+
+/// Runs `script` so that `shell_cmd` sees a real terminal (for `ssh -t` tests); returns
+/// everything written to the terminal.
+pub fn in_terminal(shell_cmd: &str, timeout: Duration) -> String {
+    let mut child = Command::new("timeout")
+        .arg(timeout.as_secs().to_string())
+        .args(["script", "-qec", shell_cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = String::new();
+    use std::io::Read;
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.wait().unwrap();
+    out
+}
