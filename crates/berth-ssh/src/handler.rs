@@ -69,11 +69,12 @@ impl<G: Gateway> Handler for Connection<G> {
     ) -> Result<Auth, Self::Error> {
         // Probing which keys would work is answered honestly for the right user and key
         // only; an unknown user looks exactly like a wrong key.
-        Ok(if self.gateway.authorize(user, offer.public_key).await {
-            Auth::Accept
-        } else {
-            Auth::reject()
-        })
+        if self.gateway.authorize(user, offer.public_key).await {
+            return Ok(Auth::Accept);
+        }
+        let fp = offer.public_key.fingerprint(russh::keys::HashAlg::Sha256);
+        info!(target: "audit", event = "login_refused", user, key = %fp, peer = %self.peer(), "login refused");
+        Ok(Auth::reject())
     }
 
     async fn auth_publickey(

@@ -1,0 +1,187 @@
+//! End-to-end: logging in with the stock OpenSSH client, through a real daemon, into real
+//! Docker containers.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use berth_testkit::{BUSYBOX, DEBIAN, Daemon, DaemonOptions, docker, in_terminal};
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+/// A terminal line without escape sequences and carriage returns.
+fn plain(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                // CSI: ESC [ params final-letter
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            '\r' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn start() -> Daemon {
+    Daemon::start(Path::new(BIN), DaemonOptions::default())
+}
+
+#[test]
+fn exec_keeps_streams_apart_and_returns_the_exit_code() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let o = d.ssh_run("alice", &key, "echo out; echo err >&2; exit 7", b"");
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "err\n");
+    // Root, in the container, via /bin/sh -c.
+    assert_eq!(d.ssh_ok("alice", &key, "id -u; echo $0"), "0\n/bin/sh\n");
+    assert_eq!(d.ssh_ok("alice", &key, "hostname"), "alice\n");
+    assert_eq!(d.ssh_ok("alice", &key, "pwd"), "/root\n");
+    // A command that cannot be found is 127, like sh.
+    assert_eq!(d.ssh_run("alice", &key, "no-such-command", b"").status.code(), Some(127));
+}
+
+#[test]
+fn stdin_is_streamed_with_eof_and_bytes_survive() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let o = d.ssh_run("alice", &key, "cat", b"x\n");
+    assert!(o.status.success());
+    assert_eq!(o.stdout, b"x\n");
+    // 4 MiB of every byte value, round trip through cat, intact (no TTY framing guesses).
+    let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let o = d.ssh_run("alice", &key, "cat", &data);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout.len(), data.len());
+    assert!(o.stdout == data, "data corrupted");
+    // wc sees the EOF and the right count.
+    let o = d.ssh_run("alice", &key, "wc -c", &data);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), data.len().to_string());
+    // Output that starts with 0x00-0x02 passes unharmed, with and without a TTY.
+    let o = d.ssh_run("alice", &key, r"printf '\000\001\002end'", b"");
+    assert_eq!(o.stdout, b"\x00\x01\x02end");
+    let o = d.ssh("alice", &key).args(["-tt", r"printf '\001\002end'"]).output().unwrap();
+    assert_eq!(o.stdout, b"\x01\x02end", "{:?}", String::from_utf8_lossy(&o.stdout));
+}
+
+#[test]
+fn tty_size_term_and_resize_reach_the_program() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
+    // Initial size and TERM.
+    let out = in_terminal(
+        &format!("stty cols 91 rows 33; TERM=xterm-test {ssh} -t alice@127.0.0.1 'stty size; echo term=$TERM; tty'"),
+        Duration::from_secs(30),
+    );
+    assert!(out.contains("33 91"), "{out}");
+    assert!(out.contains("term=xterm-test"), "{out}");
+    assert!(out.contains("/dev/pts/"), "{out}");
+    // A resize during the session reaches the program.
+    let script = format!(
+        "stty cols 80 rows 24; {ssh} -t alice@127.0.0.1 \
+         'stty size; i=0; while [ \"$(stty size)\" = \"24 80\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo now $(stty size)' </dev/tty & \
+         sleep 2; stty cols 120 rows 40; kill -WINCH $!; wait $!"
+    );
+    let out = in_terminal(&script, Duration::from_secs(30));
+    assert!(out.contains("24 80"), "{out}");
+    assert!(out.contains("now 40 120"), "{out}");
+}
+
+#[test]
+fn interactive_login_shell_busybox_and_debian() {
+    let d = start();
+    // The image's login shell for root, started as a login shell (-l).
+    for (user, image, shell) in [("bb", BUSYBOX, "/bin/sh"), ("deb", DEBIAN, "/bin/bash")] {
+        let key = d.add_user(user, image);
+        let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
+        // Type commands into the remote login shell over a real terminal.
+        let out = in_terminal(
+            &format!(
+                "(sleep 2; printf 'echo shell=$0 uid=$(id -u) home=$HOME; echo $((6*7))\\n'; sleep 1; printf 'exit 0\\n') | {ssh} -tt {user}@127.0.0.1"
+            ),
+            Duration::from_secs(40),
+        );
+        assert!(out.contains(&format!("shell={shell} uid=0 home=/root")), "{image}: {out}");
+        assert!(out.contains("42"), "{image}: {out}");
+    }
+    // Debian's bash knows it is a login shell.
+    let key = d.dir.path().join("key-deb");
+    let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
+    let out = in_terminal(
+        &format!("(sleep 2; printf 'shopt -q login_shell && echo is-login\\n'; sleep 1; printf 'exit\\n') | {ssh} -tt deb@127.0.0.1"),
+        Duration::from_secs(40),
+    );
+    assert!(out.lines().any(|l| plain(l) == "is-login"), "{out}");
+}
+
+#[test]
+fn unknown_user_and_wrong_key_look_the_same() {
+    let d = start();
+    let _key = d.add_user("alice", BUSYBOX);
+    let other = d.keygen("mallory");
+    let wrong_key = d.ssh_run("alice", &other, "true", b"");
+    let no_user = d.ssh_run("nobody", &other, "true", b"");
+    let bad_name = d.ssh_run("Not.A.User", &other, "true", b"");
+    for o in [&wrong_key, &no_user, &bad_name] {
+        assert_eq!(o.status.code(), Some(255));
+        assert!(o.stdout.is_empty());
+    }
+    let norm = |o: &std::process::Output, u: &str| String::from_utf8_lossy(&o.stderr).replace(u, "USER");
+    assert_eq!(norm(&wrong_key, "alice"), norm(&no_user, "nobody"));
+    assert_eq!(norm(&wrong_key, "alice"), "USER@127.0.0.1: Permission denied (publickey).\r\n");
+    assert!(d.container_state("alice").is_none(), "a refused login must not create a container");
+    assert!(d.log().contains("login refused"));
+}
+
+#[test]
+fn a_container_that_cannot_start_gets_one_clear_line() {
+    let d = start();
+    // An image that exists when the user is added and is gone at login.
+    let tag = format!("berth-test/vanishing:{}", std::process::id());
+    docker(&["tag", BUSYBOX, &tag]);
+    let key = d.add_user("ghost", &tag);
+    docker(&["rmi", &tag]);
+    let o = d.ssh_run("ghost", &key, "true", b"");
+    assert_eq!(o.status.code(), Some(255));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "berth: your container's image is missing on this server; ask the administrator\r\n"
+    );
+    assert!(d.container_state("ghost").is_none());
+}
+
+#[test]
+fn each_user_has_one_persistent_private_container() {
+    let d = start();
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    d.ssh_ok("alice", &ka, "echo secret > /root/note");
+    // Sessions share the container: the file is seen from a second session at once.
+    assert_eq!(d.ssh_ok("alice", &ka, "cat /root/note"), "secret\n");
+    // Bob's container is another one, without the file.
+    let o = d.ssh_run("bob", &kb, "cat /root/note", b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert_ne!(d.ssh_ok("alice", &ka, "hostname"), d.ssh_ok("bob", &kb, "hostname"));
+    // Named after the user and labelled as Berth's.
+    let name = d.container_name("alice");
+    assert_eq!(docker(&["inspect", "-f", "{{index .Config.Labels \"berth.user\"}}", &name]), "alice");
+    // Still there after the container was stopped and started again.
+    assert!(berth_testkit::wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert_eq!(d.ssh_ok("alice", &ka, "cat /root/note"), "secret\n");
+    // Bob cannot reach alice's container over the network either (no inter-container traffic).
+    let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &name]);
+    assert!(!ip.is_empty());
+    d.ssh_ok("alice", &ka, "daemon_check=1; (nc -l -p 4000 >/dev/null 2>&1 &) ; sleep 0.2");
+    let o = d.ssh_run("bob", &kb, &format!("echo hi | nc -w 2 {ip} 4000 && echo reached"), b"");
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("reached"));
+}
