@@ -52,6 +52,22 @@ impl DockerRuntime {
     pub fn api_version(&self) -> &str {
         &self.api_version
     }
+
+    /// The host PID of a just-started exec. The engine answers the attach (101) before the
+    /// process exists, so this waits (bounded) until it has a PID or has already ended.
+    async fn exec_pid(&self, exec_id: &str) -> Result<Option<i32>, RuntimeError> {
+        for _ in 0..1000 {
+            let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
+            if let Some(pid) = st.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+                return Ok(Some(pid));
+            }
+            if st.running == Some(false) && st.exit_code.is_some() {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Err(RuntimeError::Docker(format!("exec {exec_id} did not start")))
+    }
 }
 
 fn map_err(e: bollard::errors::Error) -> RuntimeError {
@@ -250,15 +266,9 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(map_err)?;
         let io = start_attached(&self.socket, &self.api_version, &created.id, tty).await?;
-        let pid = self
-            .docker
-            .inspect_exec(&created.id)
-            .await
-            .map_err(map_err)?
-            .pid
-            .and_then(|p| i32::try_from(p).ok())
-            .filter(|p| *p > 0);
+        let pid = self.exec_pid(&created.id).await?;
         let guard = pid.map(ProcessGuard::new).unwrap_or_default();
+        tracing::debug!(exec = %created.id, pid = ?guard.pid(), "exec started");
         let (reader, writer) = tokio::io::split(io);
         let output = if tty { raw_output(reader) } else { demux_output(reader) };
         Ok(Exec { id: created.id, stdin: Box::pin(writer), output, guard })

@@ -46,6 +46,7 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         let Some(root) = self.root.take() else { return };
         let procs = tree(root);
+        tracing::debug!(pid = root.0, count = procs.len(), "ending what is left of an exec");
         if procs.is_empty() {
             return;
         }

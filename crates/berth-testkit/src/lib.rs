@@ -153,7 +153,7 @@ impl Daemon {
             .arg(&self.config_path)
             .arg("--guest-binary")
             .arg(guest_binary())
-            .env("BERTH_LOG", "info,berth=debug")
+            .env("BERTH_LOG", "info,berth_ssh=debug,berth_runtime=debug,berth_daemon=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
