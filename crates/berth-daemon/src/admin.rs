@@ -80,7 +80,14 @@ impl IntoResponse for AdminError {
         if status.is_server_error() {
             error!(error = %self, "admin request failed");
         }
-        (status, Json(ApiError { error: self.to_string(), hint })).into_response()
+        (
+            status,
+            Json(ApiError {
+                error: self.to_string(),
+                hint,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -92,7 +99,9 @@ pub struct Peer {
 
 impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(s: IncomingStream<'_, UnixListener>) -> Self {
-        Self { uid: s.io().peer_cred().ok().map(|c| c.uid()) }
+        Self {
+            uid: s.io().peer_cred().ok().map(|c| c.uid()),
+        }
     }
 }
 
@@ -116,9 +125,18 @@ pub async fn serve<R: Runtime>(
     let app = Router::new()
         .route("/v1/health", get(health::<R>))
         .route("/v1/users", get(list_users::<R>).post(add_user::<R>))
-        .route("/v1/users/{name}", get(show_user::<R>).delete(remove_user::<R>))
-        .route("/v1/users/{name}/keys", get(list_keys::<R>).post(add_keys::<R>))
-        .route("/v1/users/{name}/keys/{fingerprint}", delete(remove_key::<R>))
+        .route(
+            "/v1/users/{name}",
+            get(show_user::<R>).delete(remove_user::<R>),
+        )
+        .route(
+            "/v1/users/{name}/keys",
+            get(list_keys::<R>).post(add_keys::<R>),
+        )
+        .route(
+            "/v1/users/{name}/keys/{fingerprint}",
+            delete(remove_key::<R>),
+        )
         .with_state(state);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -145,14 +163,17 @@ fn parse_name(name: &str) -> Result<UserName> {
 }
 
 fn body<T>(b: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
-    b.map(|Json(v)| v).map_err(|e| AdminError::BadRequest(format!("bad request body: {}", e.body_text())))
+    b.map(|Json(v)| v)
+        .map_err(|e| AdminError::BadRequest(format!("bad request body: {}", e.body_text())))
 }
 
 /// Keys arriving from a client are parsed again here: the fingerprint the store keeps is
 /// always computed by the daemon.
 fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
     if keys.is_empty() {
-        return Err(AdminError::BadRequest("at least one public key is required".into()));
+        return Err(AdminError::BadRequest(
+            "at least one public key is required".into(),
+        ));
     }
     keys.iter()
         .map(|k| {
@@ -178,8 +199,14 @@ async fn health<R: Runtime>(
     }))
 }
 
-async fn user_infos<R: Runtime>(st: &AdminState<R>, users: Vec<UserRecord>) -> Result<Vec<UserInfo>> {
-    let containers = st.runtime.list(LABEL_INSTANCE, st.lifecycle.instance()).await?;
+async fn user_infos<R: Runtime>(
+    st: &AdminState<R>,
+    users: Vec<UserRecord>,
+) -> Result<Vec<UserInfo>> {
+    let containers = st
+        .runtime
+        .list(LABEL_INSTANCE, st.lifecycle.instance())
+        .await?;
     Ok(users
         .into_iter()
         .map(|u| {
@@ -187,7 +214,11 @@ async fn user_infos<R: Runtime>(st: &AdminState<R>, users: Vec<UserRecord>) -> R
                 .iter()
                 .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
                 .map_or(ContainerState::Absent, |c| {
-                    if c.running { ContainerState::Running } else { ContainerState::Stopped }
+                    if c.running {
+                        ContainerState::Running
+                    } else {
+                        ContainerState::Stopped
+                    }
                 });
             UserInfo {
                 container_name: st.lifecycle.container_name(&u.name),
@@ -222,7 +253,10 @@ async fn show_user<R: Runtime>(
     let store = st.store.clone();
     let user = blocking(move || store.user(&name)).await?;
     let mut infos = user_infos(&st, vec![user]).await?;
-    infos.pop().map(Json).ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+    infos
+        .pop()
+        .map(Json)
+        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
 }
 
 async fn add_user<R: Runtime>(
@@ -241,7 +275,9 @@ async fn add_user<R: Runtime>(
     let record = blocking(move || store.add_user(&name, &image, &keys)).await?;
     info!(target: "audit", event = "user_add", user = %record.name, image = %record.image, keys = record.keys, "user added");
     let mut infos = user_infos(&st, vec![record]).await?;
-    let info = infos.pop().ok_or_else(|| AdminError::BadRequest("user vanished".into()))?;
+    let info = infos
+        .pop()
+        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -258,7 +294,10 @@ async fn remove_user<R: Runtime>(
     let mut before = user_infos(&st, vec![user]).await?;
     st.lifecycle.remove(&name).await?;
     info!(target: "audit", event = "user_remove", user = %name, "user removed");
-    before.pop().map(Json).ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+    before
+        .pop()
+        .map(Json)
+        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
 }
 
 async fn list_keys<R: Runtime>(
@@ -308,5 +347,8 @@ async fn remove_key<R: Runtime>(
     })
     .await?;
     info!(target: "audit", event = "key_remove", user = %name, key = %removed.fingerprint, "key removed");
-    Ok(Json(RemovedKeys { removed: vec![removed], remaining }))
+    Ok(Json(RemovedKeys {
+        removed: vec![removed],
+        remaining,
+    }))
 }

@@ -80,7 +80,11 @@ impl Default for Config {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { memory_mb: 2048, cpus: 1.0, pids: 1024 }
+        Self {
+            memory_mb: 2048,
+            cpus: 1.0,
+            pids: 1024,
+        }
     }
 }
 
@@ -97,7 +101,12 @@ impl Config {
             Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(Self::default());
             }
-            Err(e) => return Err(ConfigError::Read { path, reason: e.to_string() }),
+            Err(e) => {
+                return Err(ConfigError::Read {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
         };
         Self::parse(&text).map_err(|reason| ConfigError::Parse { path, reason })
     }
@@ -116,17 +125,31 @@ impl Config {
             return Err("max_connections must be at least 1".into());
         }
         if !(0.0..=1024.0).contains(&self.limits.cpus) || self.limits.cpus.is_nan() {
-            return Err(format!("limits.cpus = {} is out of range", self.limits.cpus));
+            return Err(format!(
+                "limits.cpus = {} is out of range",
+                self.limits.cpus
+            ));
         }
         if self.limits.pids < 16 {
-            return Err(format!("limits.pids = {} is too low (at least 16)", self.limits.pids));
+            return Err(format!(
+                "limits.pids = {} is too low (at least 16)",
+                self.limits.pids
+            ));
         }
         let prefix_ok = !self.container_prefix.is_empty()
             && self.container_prefix.len() <= 32
-            && self.container_prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-            && self.container_prefix.starts_with(|c: char| c.is_ascii_alphanumeric());
+            && self
+                .container_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && self
+                .container_prefix
+                .starts_with(|c: char| c.is_ascii_alphanumeric());
         if !prefix_ok {
-            return Err(format!("container_prefix {:?} is not a valid container name start", self.container_prefix));
+            return Err(format!(
+                "container_prefix {:?} is not a valid container name start",
+                self.container_prefix
+            ));
         }
         Ok(())
     }

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use berth_proto::{PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
-use berth_ssh::{Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, WindowSize};
+use berth_ssh::{
+    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, WindowSize,
+};
 use berth_store::Store;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
@@ -61,10 +63,14 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
             OpenError(login_error(&e))
         })?;
         let spec = self.exec_spec(&req);
-        let exec = self.runtime.exec(lease.container(), spec).await.map_err(|e| {
-            error!(user = %user, error = %e, "login failed: exec");
-            OpenError(login_error(&LifecycleError::Runtime(e)))
-        })?;
+        let exec = self
+            .runtime
+            .exec(lease.container(), spec)
+            .await
+            .map_err(|e| {
+                error!(user = %user, error = %e, "login failed: exec");
+                OpenError(login_error(&LifecycleError::Runtime(e)))
+            })?;
         Ok(into_process(self.runtime.clone(), exec, lease))
     }
 }
@@ -75,21 +81,37 @@ impl<R: Runtime> BerthGateway<R> {
             Command::Shell => vec!["/bin/sh".into(), "-c".into(), LOGIN_SHELL.into()],
             Command::Exec(c) => vec!["/bin/sh".into(), "-c".into(), c.clone()],
         };
-        let mut env = vec!["USER=root".to_owned(), "LOGNAME=root".to_owned(), "HOME=/root".to_owned()];
+        let mut env = vec![
+            "USER=root".to_owned(),
+            "LOGNAME=root".to_owned(),
+            "HOME=/root".to_owned(),
+        ];
         env.push(format!("SSH_PORT={}", self.port));
         if let Some(peer) = req.peer {
-            env.push(format!("SSH_CLIENT={} {} {}", peer.ip(), peer.port(), self.port));
+            env.push(format!(
+                "SSH_CLIENT={} {} {}",
+                peer.ip(),
+                peer.port(),
+                self.port
+            ));
         }
         if let Some(pty) = &req.pty {
             env.push(format!("TERM={}", pty.term));
         }
         env.extend(req.env.iter().map(|(k, v)| format!("{k}={v}")));
-        ExecSpec { cmd, env, tty: req.pty.as_ref().map(|p| tty(p.size)) }
+        ExecSpec {
+            cmd,
+            env,
+            tty: req.pty.as_ref().map(|p| tty(p.size)),
+        }
     }
 }
 
 fn tty(size: WindowSize) -> TtySize {
-    TtySize { cols: size.cols, rows: size.rows }
+    TtySize {
+        cols: size.cols,
+        rows: size.rows,
+    }
 }
 
 /// The one line a user sees when their session cannot start. Details stay in the log.
@@ -109,7 +131,12 @@ fn login_error(e: &LifecycleError) -> String {
 }
 
 fn into_process<R: Runtime>(runtime: Arc<R>, exec: Exec, lease: Lease) -> Process {
-    let Exec { id, stdin, output, guard } = exec;
+    let Exec {
+        id,
+        stdin,
+        output,
+        guard,
+    } = exec;
     let output = output.map(|r| {
         r.map(|o| match o {
             RtOutput::Stdout(b) => Output::Stdout(b),
@@ -120,7 +147,12 @@ fn into_process<R: Runtime>(runtime: Arc<R>, exec: Exec, lease: Lease) -> Proces
     Process {
         stdin,
         output: Box::pin(output),
-        control: Box::new(ExecControl { runtime, id, guard, _lease: lease }),
+        control: Box::new(ExecControl {
+            runtime,
+            id,
+            guard,
+            _lease: lease,
+        }),
     }
 }
 

@@ -42,7 +42,9 @@ pub struct StartupError {
 pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or(Err(StoreError::Poisoned))
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or(Err(StoreError::Poisoned))
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -55,12 +57,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
     let guest_dir = install_guest(&config, state)?;
 
-    let runtime = Arc::new(DockerRuntime::connect(config.docker_socket.clone()).await.map_err(|e| {
-        StartupError {
-            message: format!("cannot reach the Docker engine at {}: {e}", config.docker_socket.display()),
-            hint: Some("start it (systemctl start docker, or run dockerd)".into()),
-        }
-    })?);
+    let runtime = Arc::new(
+        DockerRuntime::connect(config.docker_socket.clone())
+            .await
+            .map_err(|e| StartupError {
+                message: format!(
+                    "cannot reach the Docker engine at {}: {e}",
+                    config.docker_socket.display()
+                ),
+                hint: Some("start it (systemctl start docker, or run dockerd)".into()),
+            })?,
+    );
     let engine = runtime.version().await?;
     info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
     runtime.ensure_network(&config.network).await?;
@@ -153,7 +160,10 @@ fn install_guest(config: &Config, state: &Path) -> anyhow::Result<PathBuf> {
             .context("cannot locate the berth binary's directory")?,
     };
     let bytes = std::fs::read(&src).map_err(|e| StartupError {
-        message: format!("cannot read the berth-guest helper at {}: {e}", src.display()),
+        message: format!(
+            "cannot read the berth-guest helper at {}: {e}",
+            src.display()
+        ),
         hint: Some("build it with scripts/build-guest, or set guest_binary in the config".into()),
     })?;
     let dir = state.join("guest");

@@ -59,11 +59,15 @@ pub struct Settings {
 }
 
 enum Request {
-    Acquire { reply: oneshot::Sender<Result<Lease, LifecycleError>> },
+    Acquire {
+        reply: oneshot::Sender<Result<Lease, LifecycleError>>,
+    },
     Release,
     /// Adopt a container found running at daemon start: arm the grace timer.
     Adopt,
-    Remove { reply: oneshot::Sender<Result<(), LifecycleError>> },
+    Remove {
+        reply: oneshot::Sender<Result<(), LifecycleError>>,
+    },
 }
 
 /// One open session's hold on a running container.
@@ -100,7 +104,11 @@ pub struct Lifecycle<R> {
 
 impl<R: Runtime> Lifecycle<R> {
     pub fn new(runtime: Arc<R>, store: Store, settings: Settings) -> Arc<Self> {
-        Arc::new(Self { runtime, store, settings, owners: Mutex::new(HashMap::new()),
+        Arc::new(Self {
+            runtime,
+            store,
+            settings,
+            owners: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
         })
@@ -148,9 +156,15 @@ impl<R: Runtime> Lifecycle<R> {
     /// are adopted (their grace timer starts); containers whose user is unknown are left
     /// alone and reported.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), LifecycleError> {
-        let found = self.runtime.list(LABEL_INSTANCE, &self.settings.instance).await?;
+        let found = self
+            .runtime
+            .list(LABEL_INSTANCE, &self.settings.instance)
+            .await?;
         for c in found {
-            let user = c.labels.get(LABEL_USER).and_then(|u| UserName::parse(u).ok());
+            let user = c
+                .labels
+                .get(LABEL_USER)
+                .and_then(|u| UserName::parse(u).ok());
             let known = match &user {
                 Some(u) => {
                     let store = self.store.clone();
@@ -176,17 +190,25 @@ impl<R: Runtime> Lifecycle<R> {
     pub async fn shutdown(&self) {
         self.tracker.close();
         self.cancel.cancel();
-        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait())
+            .await
+            .is_err()
+        {
             warn!("lifecycle owners did not finish in time");
         }
     }
 
     fn send(self: &Arc<Self>, user: &UserName, req: Request) -> Result<(), LifecycleError> {
-        let mut owners = self.owners.lock().map_err(|_| LifecycleError::ShuttingDown)?;
+        let mut owners = self
+            .owners
+            .lock()
+            .map_err(|_| LifecycleError::ShuttingDown)?;
         if self.tracker.is_closed() {
             return Err(LifecycleError::ShuttingDown);
         }
-        let owner = owners.entry(user.clone()).or_insert_with(|| self.spawn_owner(user.clone()));
+        let owner = owners
+            .entry(user.clone())
+            .or_insert_with(|| self.spawn_owner(user.clone()));
         if owner.tx.is_closed() {
             // That owner ended (its user was removed); a user of the same name starts afresh.
             *owner = self.spawn_owner(user.clone());
@@ -206,7 +228,8 @@ impl<R: Runtime> Lifecycle<R> {
             sessions_tx,
             stop_at: None,
         };
-        self.tracker.spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
+        self.tracker
+            .spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
         Owner { tx, sessions }
     }
 }
@@ -242,7 +265,10 @@ impl<R: Runtime> OwnerTask<R> {
                     match self.ensure_running().await {
                         Ok(id) => {
                             self.sessions += 1;
-                            let lease = Lease { container: id, tx: self.tx.clone() };
+                            let lease = Lease {
+                                container: id,
+                                tx: self.tx.clone(),
+                            };
                             // A requester that gave up drops the lease, which releases it.
                             let _ = reply.send(Ok(lease));
                         }
@@ -294,7 +320,12 @@ impl<R: Runtime> OwnerTask<R> {
                 let spec = self.spec(image.as_str());
                 let id = rt.create(&spec).await?;
                 info!(target: "audit", event = "container_create", user = %self.user, container = %self.name, image = %image, "container created");
-                ContainerInfo { id, name: self.name.clone(), running: false, labels: spec.labels }
+                ContainerInfo {
+                    id,
+                    name: self.name.clone(),
+                    running: false,
+                    labels: spec.labels,
+                }
             }
         };
         if !info.running {
@@ -307,7 +338,11 @@ impl<R: Runtime> OwnerTask<R> {
     fn check_ours(&self, info: &ContainerInfo) -> Result<(), LifecycleError> {
         let ours = info.labels.get(LABEL_INSTANCE) == Some(&self.lc.settings.instance)
             && info.labels.get(LABEL_USER).map(String::as_str) == Some(self.user.as_str());
-        if ours { Ok(()) } else { Err(LifecycleError::Foreign(info.name.clone())) }
+        if ours {
+            Ok(())
+        } else {
+            Err(LifecycleError::Foreign(info.name.clone()))
+        }
     }
 
     fn spec(&self, image: &str) -> ContainerSpec {
@@ -339,8 +374,15 @@ impl<R: Runtime> OwnerTask<R> {
         }
         match self.lc.runtime.inspect(&self.name).await {
             Ok(Some(info)) if info.running && self.check_ours(&info).is_ok() => {
-                match self.lc.runtime.stop(&info.id, self.lc.settings.stop_timeout_secs).await {
-                    Ok(()) => info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason = "idle", "container stopped"),
+                match self
+                    .lc
+                    .runtime
+                    .stop(&info.id, self.lc.settings.stop_timeout_secs)
+                    .await
+                {
+                    Ok(()) => {
+                        info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason = "idle", "container stopped")
+                    }
                     Err(e) => error!(error = %e, "idle stop failed"),
                 }
             }
@@ -355,7 +397,8 @@ impl<R: Runtime> OwnerTask<R> {
         if let Some(info) = rt.inspect(&self.name).await? {
             self.check_ours(&info)?;
             if info.running {
-                rt.stop(&info.id, self.lc.settings.stop_timeout_secs).await?;
+                rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
+                    .await?;
             }
             rt.remove(&info.id).await?;
             info!(target: "audit", event = "container_remove", user = %self.user, container = %self.name, "container removed");

@@ -32,7 +32,12 @@ fn main() -> ExitCode {
 
 fn init() -> ExitCode {
     let mut set = SigSet::empty();
-    for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         set.add(sig);
     }
     if let Err(e) = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None) {

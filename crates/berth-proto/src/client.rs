@@ -45,7 +45,9 @@ pub struct AdminClient {
 
 impl AdminClient {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        Self { socket: socket.into() }
+        Self {
+            socket: socket.into(),
+        }
     }
 
     pub fn socket(&self) -> &Path {
@@ -76,9 +78,13 @@ impl AdminClient {
     ) -> Result<T, ClientError> {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
-                ClientError::PermissionDenied { path: self.socket.clone() }
+                ClientError::PermissionDenied {
+                    path: self.socket.clone(),
+                }
             } else {
-                ClientError::NotRunning { path: self.socket.clone() }
+                ClientError::NotRunning {
+                    path: self.socket.clone(),
+                }
             }
         })?;
         let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -86,9 +92,7 @@ impl AdminClient {
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
         let bytes = match body {
-            Some(b) => {
-                serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?
-            }
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
             None => Vec::new(),
         };
         let req = Request::builder()
@@ -98,7 +102,10 @@ impl AdminClient {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(bytes)))
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = tx.send_request(req).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = tx
+            .send_request(req)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let status = resp.status();
         let body = resp
             .into_body()

@@ -67,9 +67,15 @@ pub fn parse_authorized_keys(text: &str) -> Result<Vec<AuthorizedKey>, KeyError>
                 if let Some((opts, rest)) = line.split_once(char::is_whitespace)
                     && AuthorizedKey::parse_line(rest).is_ok()
                 {
-                    return Err(KeyError::Options { line: lineno, options: opts.to_owned() });
+                    return Err(KeyError::Options {
+                        line: lineno,
+                        options: opts.to_owned(),
+                    });
                 }
-                return Err(KeyError::NotAKey { line: lineno, reason });
+                return Err(KeyError::NotAKey {
+                    line: lineno,
+                    reason,
+                });
             }
         }
     }
@@ -100,8 +106,17 @@ mod tests {
         let err = parse_authorized_keys(&format!("{ED}\nhello world\n")).unwrap_err();
         assert!(matches!(err, KeyError::NotAKey { line: 2, .. }), "{err}");
         let err = parse_authorized_keys(&format!("restrict {ED}\n")).unwrap_err();
-        assert_eq!(err, KeyError::Options { line: 1, options: "restrict".into() });
-        assert_eq!(parse_authorized_keys("\n# nothing\n").unwrap_err(), KeyError::Empty);
+        assert_eq!(
+            err,
+            KeyError::Options {
+                line: 1,
+                options: "restrict".into()
+            }
+        );
+        assert_eq!(
+            parse_authorized_keys("\n# nothing\n").unwrap_err(),
+            KeyError::Empty
+        );
     }
 
     #[test]

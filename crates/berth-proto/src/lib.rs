@@ -16,8 +16,8 @@ pub use api::{
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};
-pub use ssh_key::PublicKey;
 pub use name::{ImageName, NameError, UserName};
+pub use ssh_key::PublicKey;
 
 /// The admin socket's file name inside the state directory.
 pub const ADMIN_SOCKET: &str = "admin.sock";

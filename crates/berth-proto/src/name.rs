@@ -115,14 +115,33 @@ mod tests {
         for good in ["alice", "_svc", "a", "bob-2", "x_y", &"a".repeat(32)] {
             assert!(UserName::parse(good).is_ok(), "{good}");
         }
-        for bad in ["", "Alice", "1abc", "-a", "a b", "a.b", "é", "../x", &"a".repeat(33)] {
-            assert_eq!(UserName::parse(bad), Err(NameError::User(bad.to_owned())), "{bad}");
+        for bad in [
+            "",
+            "Alice",
+            "1abc",
+            "-a",
+            "a b",
+            "a.b",
+            "é",
+            "../x",
+            &"a".repeat(33),
+        ] {
+            assert_eq!(
+                UserName::parse(bad),
+                Err(NameError::User(bad.to_owned())),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn image_names() {
-        for good in ["busybox", "debian:bookworm", "reg.io:5000/a/b:v1", "berth/alice:latest"] {
+        for good in [
+            "busybox",
+            "debian:bookworm",
+            "reg.io:5000/a/b:v1",
+            "berth/alice:latest",
+        ] {
             assert!(ImageName::parse(good).is_ok(), "{good}");
         }
         for bad in ["", "a b", "-x", ":tag", "x;rm", "a\nb"] {

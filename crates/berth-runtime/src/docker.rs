@@ -46,7 +46,11 @@ impl DockerRuntime {
         if (v.major_version, v.minor_version) < (1, 41) {
             return Err(RuntimeError::TooOld(api_version));
         }
-        Ok(Self { docker, socket, api_version })
+        Ok(Self {
+            docker,
+            socket,
+            api_version,
+        })
     }
 
     pub fn api_version(&self) -> &str {
@@ -58,7 +62,11 @@ impl DockerRuntime {
     async fn exec_pid(&self, exec_id: &str) -> Result<Option<i32>, RuntimeError> {
         for _ in 0..1000 {
             let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
-            if let Some(pid) = st.pid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 0) {
+            if let Some(pid) = st
+                .pid
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0)
+            {
                 return Ok(Some(pid));
             }
             if st.running == Some(false) && st.exit_code.is_some() {
@@ -66,16 +74,19 @@ impl DockerRuntime {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Err(RuntimeError::Docker(format!("exec {exec_id} did not start")))
+        Err(RuntimeError::Docker(format!(
+            "exec {exec_id} did not start"
+        )))
     }
 }
 
 fn map_err(e: bollard::errors::Error) -> RuntimeError {
     use bollard::errors::Error as E;
     match e {
-        E::DockerResponseServerError { status_code: 404, message } => {
-            RuntimeError::ContainerNotFound(message)
-        }
+        E::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } => RuntimeError::ContainerNotFound(message),
         E::DockerResponseServerError { message, .. } => RuntimeError::Docker(message),
         E::IOError { err } => RuntimeError::Unavailable(err.to_string()),
         E::HyperResponseError { err } => RuntimeError::Unavailable(err.to_string()),
@@ -85,7 +96,13 @@ fn map_err(e: bollard::errors::Error) -> RuntimeError {
 }
 
 fn is_404(e: &bollard::errors::Error) -> bool {
-    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code: 404, .. })
+    matches!(
+        e,
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
 }
 
 impl Runtime for DockerRuntime {
@@ -119,13 +136,18 @@ impl Runtime for DockerRuntime {
                 "com.docker.network.bridge.enable_icc".to_owned(),
                 "false".to_owned(),
             )])),
-            labels: Some(HashMap::from([("berth.network".to_owned(), "1".to_owned())])),
+            labels: Some(HashMap::from([(
+                "berth.network".to_owned(),
+                "1".to_owned(),
+            )])),
             ..Default::default()
         };
         match self.docker.create_network(req).await {
             Ok(_) => Ok(()),
             // Another Berth instance created it between our inspect and create.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
             Err(e) => Err(map_err(e)),
         }
     }
@@ -134,7 +156,11 @@ impl Runtime for DockerRuntime {
         match self.docker.inspect_container(name, None).await {
             Ok(c) => Ok(Some(ContainerInfo {
                 id: c.id.unwrap_or_default(),
-                name: c.name.unwrap_or_default().trim_start_matches('/').to_owned(),
+                name: c
+                    .name
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
                 running: c.state.and_then(|s| s.running).unwrap_or(false),
                 labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
             })),
@@ -145,8 +171,15 @@ impl Runtime for DockerRuntime {
 
     async fn list(&self, key: &str, value: &str) -> Result<Vec<ContainerInfo>, RuntimeError> {
         let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
-        let opts = ListContainersOptionsBuilder::default().all(true).filters(&filters).build();
-        let list = self.docker.list_containers(Some(opts)).await.map_err(map_err)?;
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(map_err)?;
         Ok(list
             .into_iter()
             .map(|c| ContainerInfo {
@@ -192,12 +225,20 @@ impl Runtime for DockerRuntime {
             working_dir: Some("/root".into()),
             entrypoint: Some(vec![format!("{GUEST_MOUNT}/berth-guest"), "init".into()]),
             cmd: Some(vec![]),
-            env: Some(vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()]),
+            env: Some(vec![
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            ]),
             host_config: Some(host),
             ..Default::default()
         };
-        let opts = CreateContainerOptionsBuilder::default().name(&spec.name).build();
-        let resp = self.docker.create_container(Some(opts), body).await.map_err(map_err)?;
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.name)
+            .build();
+        let resp = self
+            .docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(map_err)?;
         Ok(resp.id)
     }
 
@@ -205,25 +246,34 @@ impl Runtime for DockerRuntime {
         match self.docker.start_container(id, None).await {
             Ok(()) => Ok(()),
             // 304: already running.
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
             Err(e) => Err(map_err(e)),
         }
     }
 
     async fn stop(&self, id: &str, timeout_secs: i32) -> Result<(), RuntimeError> {
-        let opts = StopContainerOptionsBuilder::default().t(timeout_secs).build();
+        let opts = StopContainerOptionsBuilder::default()
+            .t(timeout_secs)
+            .build();
         let docker = self.docker.clone().with_timeout(Duration::from_secs(
             u64::try_from(timeout_secs).unwrap_or(0) + 120,
         ));
         match docker.stop_container(id, Some(opts)).await {
             Ok(()) => Ok(()),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 304, .. }) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 304, ..
+            }) => Ok(()),
             Err(e) => Err(map_err(e)),
         }
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
-        let opts = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        let opts = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
         match self.docker.remove_container(id, Some(opts)).await {
             Ok(()) => Ok(()),
             Err(e) if is_404(&e) => Ok(()),
@@ -270,13 +320,28 @@ impl Runtime for DockerRuntime {
         let guard = pid.map(ProcessGuard::new).unwrap_or_default();
         tracing::debug!(exec = %created.id, pid = ?guard.pid(), "exec started");
         let (reader, writer) = tokio::io::split(io);
-        let output = if tty { raw_output(reader) } else { demux_output(reader) };
-        Ok(Exec { id: created.id, stdin: Box::pin(writer), output, guard })
+        let output = if tty {
+            raw_output(reader)
+        } else {
+            demux_output(reader)
+        };
+        Ok(Exec {
+            id: created.id,
+            stdin: Box::pin(writer),
+            output,
+            guard,
+        })
     }
 
     async fn resize_exec(&self, exec_id: &str, size: TtySize) -> Result<(), RuntimeError> {
-        let opts = ResizeExecOptions { h: i32::from(size.rows), w: i32::from(size.cols) };
-        self.docker.resize_exec(exec_id, opts).await.map_err(map_err)
+        let opts = ResizeExecOptions {
+            h: i32::from(size.rows),
+            w: i32::from(size.cols),
+        };
+        self.docker
+            .resize_exec(exec_id, opts)
+            .await
+            .map_err(map_err)
     }
 
     async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {
@@ -287,6 +352,8 @@ impl Runtime for DockerRuntime {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(RuntimeError::Docker(format!("exec {exec_id} did not report an exit code")))
+        Err(RuntimeError::Docker(format!(
+            "exec {exec_id} did not report an exit code"
+        )))
     }
 }

@@ -48,7 +48,12 @@ pub(crate) async fn start_attached(
         .map_err(|e| RuntimeError::Docker(format!("exec start: {e}")))?;
     if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
-        let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         return Err(RuntimeError::Docker(format!(
             "exec start: {status}: {}",
             String::from_utf8_lossy(&body).trim()
@@ -63,7 +68,8 @@ pub(crate) async fn start_attached(
 /// Raw TTY output: every byte is stdout.
 pub(crate) fn raw_output<R: AsyncRead + Send + 'static>(reader: R) -> OutputStream {
     Box::pin(ReaderStream::with_capacity(reader, 32 * 1024).map(|r| {
-        r.map(Output::Stdout).map_err(|e| RuntimeError::Docker(format!("exec output: {e}")))
+        r.map(Output::Stdout)
+            .map_err(|e| RuntimeError::Docker(format!("exec output: {e}")))
     }))
 }
 
@@ -145,6 +151,9 @@ mod tests {
             .map(|r| r.unwrap())
             .collect()
             .await;
-        assert_eq!(outs, vec![Output::Stdout(Bytes::from_static(b"\x00\x01\x02abc"))]);
+        assert_eq!(
+            outs,
+            vec![Output::Stdout(Bytes::from_static(b"\x00\x01\x02abc"))]
+        );
     }
 }

@@ -121,9 +121,16 @@ pub trait Runtime: Send + Sync + 'static {
         key: &str,
         value: &str,
     ) -> impl Future<Output = Result<Vec<ContainerInfo>, RuntimeError>> + Send;
-    fn create(&self, spec: &ContainerSpec) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    fn create(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    fn stop(&self, id: &str, timeout_secs: i32) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(
+        &self,
+        id: &str,
+        timeout_secs: i32,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn exec(
         &self,
@@ -137,5 +144,8 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The exit code of a finished exec. Waits (bounded) for the engine to notice the end,
     /// which can lag the end of the output stream.
-    fn exec_exit_code(&self, exec_id: &str) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+    fn exec_exit_code(
+        &self,
+        exec_id: &str,
+    ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
 }

@@ -20,7 +20,9 @@ pub struct ProcessGuard {
 
 impl ProcessGuard {
     pub(crate) fn new(pid: i32) -> Self {
-        Self { root: start_time(pid).map(|t| (pid, t)) }
+        Self {
+            root: start_time(pid).map(|t| (pid, t)),
+        }
     }
 
     /// The exec ended by itself; nothing to kill.
@@ -46,7 +48,11 @@ impl Drop for ProcessGuard {
     fn drop(&mut self) {
         let Some(root) = self.root.take() else { return };
         let procs = tree(root);
-        tracing::debug!(pid = root.0, count = procs.len(), "ending what is left of an exec");
+        tracing::debug!(
+            pid = root.0,
+            count = procs.len(),
+            "ending what is left of an exec"
+        );
         if procs.is_empty() {
             return;
         }
@@ -75,11 +81,18 @@ fn tree(root: (i32, u64)) -> Vec<(i32, u64)> {
     let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             if let Some(stat) = read_stat(pid).filter(|s| !s.zombie) {
-                children.entry(stat.ppid).or_default().push((pid, stat.start_time));
+                children
+                    .entry(stat.ppid)
+                    .or_default()
+                    .push((pid, stat.start_time));
             }
         }
     }
@@ -156,7 +169,10 @@ mod tests {
 
     #[test]
     fn finished_guard_kills_nothing() {
-        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
         let mut g = ProcessGuard::new(pid);
         g.finished();

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::server::{
+    Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
 use russh::{Channel, ChannelId};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span};
@@ -27,7 +29,11 @@ pub(crate) struct Connection<G> {
 }
 
 impl<G: Gateway> Connection<G> {
-    pub(crate) fn new(gateway: Arc<G>, peer: Option<SocketAddr>, accept_env: Arc<Vec<String>>) -> Self {
+    pub(crate) fn new(
+        gateway: Arc<G>,
+        peer: Option<SocketAddr>,
+        accept_env: Arc<Vec<String>>,
+    ) -> Self {
         Self {
             gateway,
             peer,
@@ -40,11 +46,17 @@ impl<G: Gateway> Connection<G> {
     }
 
     fn peer(&self) -> String {
-        self.peer.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+        self.peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
     }
 
     fn reply(&self, ch: ChannelId, ok: bool, session: &mut Session) -> Result<(), russh::Error> {
-        if ok { session.channel_success(ch) } else { session.channel_failure(ch) }
+        if ok {
+            session.channel_success(ch)
+        } else {
+            session.channel_failure(ch)
+        }
     }
 
     /// A process request (shell, exec) is granted once per channel.
@@ -113,7 +125,8 @@ impl<G: Gateway> Handler for Connection<G> {
             accept_env: self.accept_env.clone(),
         };
         // The task owns the channel from its first message, so nothing queues up unread.
-        self.tasks.spawn(session::run(ctx, channel).instrument(span));
+        self.tasks
+            .spawn(session::run(ctx, channel).instrument(span));
         reply.accept().await;
         Ok(())
     }
@@ -144,7 +157,11 @@ impl<G: Gateway> Handler for Connection<G> {
         self.reply(ch, ok, session)
     }
 
-    async fn shell_request(&mut self, ch: ChannelId, session: &mut Session) -> Result<(), Self::Error> {
+    async fn shell_request(
+        &mut self,
+        ch: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
         let ok = self.start(ch);
         self.reply(ch, ok, session)
     }
@@ -172,7 +189,11 @@ impl<G: Gateway> Handler for Connection<G> {
         session.channel_failure(ch)
     }
 
-    async fn channel_close(&mut self, ch: ChannelId, _session: &mut Session) -> Result<(), Self::Error> {
+    async fn channel_close(
+        &mut self,
+        ch: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
         self.channels.remove(&ch);
         Ok(())
     }

@@ -20,15 +20,23 @@ pub enum HostKeyError {
 pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> {
     if path.exists() {
         let mode = std::fs::metadata(path)
-            .map_err(|e| HostKeyError::Read { path: path.to_owned(), reason: e.to_string() })?
+            .map_err(|e| HostKeyError::Read {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?
             .permissions()
             .mode()
             & 0o777;
         if mode & 0o077 != 0 {
-            return Err(HostKeyError::Permissions { path: path.to_owned(), mode });
+            return Err(HostKeyError::Permissions {
+                path: path.to_owned(),
+                mode,
+            });
         }
-        return PrivateKey::read_openssh_file(path)
-            .map_err(|e| HostKeyError::Read { path: path.to_owned(), reason: e.to_string() });
+        return PrivateKey::read_openssh_file(path).map_err(|e| HostKeyError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        });
     }
     let write_err = |e: &dyn std::fmt::Display| HostKeyError::Write {
         path: path.to_owned(),
@@ -37,7 +45,8 @@ pub fn load_or_create_host_key(path: &Path) -> Result<PrivateKey, HostKeyError> 
     let key = PrivateKey::random(&mut russh::keys::key::safe_rng(), Algorithm::Ed25519)
         .map_err(|e| write_err(&e))?;
     // ssh-key creates the file with mode 0600.
-    key.write_openssh_file(path, LineEnding::LF).map_err(|e| write_err(&e))?;
+    key.write_openssh_file(path, LineEnding::LF)
+        .map_err(|e| write_err(&e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| write_err(&e))?;
     Ok(key)
@@ -57,7 +66,10 @@ mod tests {
         let b = load_or_create_host_key(&path).unwrap();
         assert_eq!(a.public_key().key_data(), b.public_key().key_data());
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(matches!(load_or_create_host_key(&path), Err(HostKeyError::Permissions { .. })));
+        assert!(matches!(
+            load_or_create_host_key(&path),
+            Err(HostKeyError::Permissions { .. })
+        ));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

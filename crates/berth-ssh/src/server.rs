@@ -104,7 +104,10 @@ pub async fn serve<G: Gateway>(
             }
         }
     }
-    info!("ssh gateway stopping; disconnecting {} connection(s)", conns.len());
+    info!(
+        "ssh gateway stopping; disconnecting {} connection(s)",
+        conns.len()
+    );
     if tokio::time::timeout(Duration::from_secs(5), async {
         while conns.join_next().await.is_some() {}
     })

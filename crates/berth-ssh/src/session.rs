@@ -37,18 +37,37 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // Setup: collect pty and env until the client asks for a shell or a command.
     let command = loop {
         match rx.wait().await {
-            Some(ChannelMsg::RequestPty { term, col_width, row_height, .. }) => {
+            Some(ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                ..
+            }) => {
                 pty = Some(Pty {
                     term,
-                    size: WindowSize { cols: clamp(col_width), rows: clamp(row_height) },
+                    size: WindowSize {
+                        cols: clamp(col_width),
+                        rows: clamp(row_height),
+                    },
                 });
             }
-            Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
                 if let Some(p) = pty.as_mut() {
-                    p.size = WindowSize { cols: clamp(col_width), rows: clamp(row_height) };
+                    p.size = WindowSize {
+                        cols: clamp(col_width),
+                        rows: clamp(row_height),
+                    };
                 }
             }
-            Some(ChannelMsg::SetEnv { variable_name, variable_value, .. }) => {
+            Some(ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            }) => {
                 if env_allowed(&ctx.accept_env, &variable_name) && env.len() < 64 {
                     env.push((variable_name, variable_value));
                 }
@@ -72,7 +91,13 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     };
     info!(target: "audit", event = "session_start", user = %ctx.user, command = %label, tty = pty.is_some(), "session started");
     let tty = pty.is_some();
-    let req = OpenRequest { user: ctx.user.clone(), peer: ctx.peer, command, pty, env };
+    let req = OpenRequest {
+        user: ctx.user.clone(),
+        peer: ctx.peer,
+        command,
+        pty,
+        env,
+    };
     let process = match ctx.gateway.open(req).await {
         Ok(p) => p,
         Err(e) => {
@@ -97,7 +122,11 @@ async fn pump(
     tx: &ChannelWriteHalf<Msg>,
     tty: bool,
 ) -> Option<u32> {
-    let Process { mut stdin, output, mut control } = process;
+    let Process {
+        mut stdin,
+        output,
+        mut control,
+    } = process;
     let stdout = tx.make_writer();
     let stderr = tx.make_writer_ext(Some(1));
     let out = copy_output(output, stdout, stderr);

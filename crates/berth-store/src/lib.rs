@@ -68,13 +68,18 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        for (i, sql) in (0_i64..).zip(MIGRATIONS.iter()).skip(usize::try_from(version).unwrap_or(0)) {
+        for (i, sql) in (0_i64..)
+            .zip(MIGRATIONS.iter())
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             tx.execute_batch(sql)?;
             tx.pragma_update(None, "user_version", i + 1)?;
             tx.commit()?;
         }
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
     }
 
     fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
@@ -84,9 +89,11 @@ impl Store {
     /// A random id made when the database was created. Containers are labelled with it, so
     /// two Berth instances on one engine never touch each other's containers.
     pub fn instance_id(&self) -> Result<String, StoreError> {
-        Ok(self.conn()?.query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
-            r.get(0)
-        })?)
+        Ok(self
+            .conn()?
+            .query_row("SELECT value FROM meta WHERE key = 'instance'", [], |r| {
+                r.get(0)
+            })?)
     }
 
     pub fn add_user(
@@ -121,7 +128,9 @@ impl Store {
     }
 
     pub fn remove_user(&self, name: &UserName) -> Result<(), StoreError> {
-        let n = self.conn()?.execute("DELETE FROM users WHERE name = ?1", [name.as_str()])?;
+        let n = self
+            .conn()?
+            .execute("DELETE FROM users WHERE name = ?1", [name.as_str()])?;
         if n == 0 {
             return Err(StoreError::UserNotFound(name.clone()));
         }
@@ -152,7 +161,9 @@ impl Store {
                     (SELECT count(*) FROM keys WHERE keys.user = users.name)
              FROM users ORDER BY name",
         )?;
-        let raws = stmt.query_map([], raw_user)?.collect::<Result<Vec<_>, _>>()?;
+        let raws = stmt
+            .query_map([], raw_user)?
+            .collect::<Result<Vec<_>, _>>()?;
         raws.into_iter().map(user_from_raw).collect()
     }
 
@@ -164,7 +175,11 @@ impl Store {
         )?;
         let keys = stmt
             .query_map([name.as_str()], |r| {
-                Ok(KeyInfo { fingerprint: r.get(0)?, algorithm: r.get(1)?, comment: r.get(2)? })
+                Ok(KeyInfo {
+                    fingerprint: r.get(0)?,
+                    algorithm: r.get(1)?,
+                    comment: r.get(2)?,
+                })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(keys)
@@ -196,10 +211,11 @@ impl Store {
                 user: name.clone(),
                 fingerprint: fingerprint.to_owned(),
             })?;
-        let count: i64 =
-            tx.query_row("SELECT count(*) FROM keys WHERE user = ?1", [name.as_str()], |r| {
-                r.get(0)
-            })?;
+        let count: i64 = tx.query_row(
+            "SELECT count(*) FROM keys WHERE user = ?1",
+            [name.as_str()],
+            |r| r.get(0),
+        )?;
         if count <= 1 {
             return Err(StoreError::LastKey(name.clone()));
         }
@@ -228,13 +244,19 @@ fn raw_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawUser> {
     Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
 }
 
-fn user_from_raw((name, image, daemon_mode, committed, keys): RawUser) -> Result<UserRecord, StoreError> {
+fn user_from_raw(
+    (name, image, daemon_mode, committed, keys): RawUser,
+) -> Result<UserRecord, StoreError> {
     let corrupt = |e: berth_proto::NameError| StoreError::Corrupt(e.to_string());
     Ok(UserRecord {
         name: UserName::parse(&name).map_err(corrupt)?,
         image: ImageName::parse(&image).map_err(corrupt)?,
         daemon_mode,
-        committed_image: committed.as_deref().map(ImageName::parse).transpose().map_err(corrupt)?,
+        committed_image: committed
+            .as_deref()
+            .map(ImageName::parse)
+            .transpose()
+            .map_err(corrupt)?,
         keys: usize::try_from(keys).unwrap_or(0),
     })
 }
@@ -245,10 +267,18 @@ fn ensure_user(conn: &Connection, name: &UserName) -> Result<(), StoreError> {
         [name.as_str()],
         |r| r.get(0),
     )?;
-    if exists { Ok(()) } else { Err(StoreError::UserNotFound(name.clone())) }
+    if exists {
+        Ok(())
+    } else {
+        Err(StoreError::UserNotFound(name.clone()))
+    }
 }
 
-fn insert_keys(conn: &Connection, name: &UserName, keys: &[AuthorizedKey]) -> Result<(), StoreError> {
+fn insert_keys(
+    conn: &Connection,
+    name: &UserName,
+    keys: &[AuthorizedKey],
+) -> Result<(), StoreError> {
     let mut stmt = conn.prepare(
         "INSERT INTO keys (user, fingerprint, algorithm, openssh, comment) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
@@ -259,9 +289,18 @@ fn insert_keys(conn: &Connection, name: &UserName, keys: &[AuthorizedKey]) -> Re
             |r| r.get(0),
         )?;
         if exists {
-            return Err(StoreError::KeyExists { user: name.clone(), fingerprint: k.fingerprint.clone() });
+            return Err(StoreError::KeyExists {
+                user: name.clone(),
+                fingerprint: k.fingerprint.clone(),
+            });
         }
-        stmt.execute(params![name.as_str(), k.fingerprint, k.algorithm, k.openssh, k.comment])?;
+        stmt.execute(params![
+            name.as_str(),
+            k.fingerprint,
+            k.algorithm,
+            k.openssh,
+            k.comment
+        ])?;
     }
     Ok(())
 }
@@ -270,8 +309,10 @@ fn insert_keys(conn: &Connection, name: &UserName, keys: &[AuthorizedKey]) -> Re
 mod tests {
     use super::*;
 
-    const K1: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl one";
-    const K2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm3yTv8r4ZMvZcJ4JmFzk4K3l9F4QO9n3mVmWsmf3Gq two";
+    const K1: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl one";
+    const K2: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm3yTv8r4ZMvZcJ4JmFzk4K3l9F4QO9n3mVmWsmf3Gq two";
 
     fn key(s: &str) -> AuthorizedKey {
         AuthorizedKey::parse_line(s).unwrap()
@@ -285,7 +326,10 @@ mod tests {
         let s = Store::open_in_memory().unwrap();
         let img = ImageName::parse("busybox").unwrap();
         s.add_user(&user("alice"), &img, &[key(K1)]).unwrap();
-        assert!(matches!(s.add_user(&user("alice"), &img, &[key(K2)]), Err(StoreError::UserExists(_))));
+        assert!(matches!(
+            s.add_user(&user("alice"), &img, &[key(K2)]),
+            Err(StoreError::UserExists(_))
+        ));
         assert_eq!(s.users().unwrap().len(), 1);
         assert_eq!(s.user(&user("alice")).unwrap().keys, 1);
         let fp = key(K1).fingerprint;
@@ -294,7 +338,10 @@ mod tests {
         assert!(!s.key_authorized("alice", &key(K2).fingerprint).unwrap());
         s.remove_user(&user("alice")).unwrap();
         assert!(!s.key_authorized("alice", &fp).unwrap());
-        assert!(matches!(s.remove_user(&user("alice")), Err(StoreError::UserNotFound(_))));
+        assert!(matches!(
+            s.remove_user(&user("alice")),
+            Err(StoreError::UserNotFound(_))
+        ));
     }
 
     #[test]
@@ -315,14 +362,20 @@ mod tests {
         let img = ImageName::parse("busybox").unwrap();
         s.add_user(&user("carol"), &img, &[key(K1)]).unwrap();
         s.add_keys(&user("carol"), &[key(K2)]).unwrap();
-        assert!(matches!(s.add_keys(&user("carol"), &[key(K2)]), Err(StoreError::KeyExists { .. })));
+        assert!(matches!(
+            s.add_keys(&user("carol"), &[key(K2)]),
+            Err(StoreError::KeyExists { .. })
+        ));
         assert_eq!(s.keys(&user("carol")).unwrap().len(), 2);
         s.remove_key(&user("carol"), &key(K1).fingerprint).unwrap();
         assert!(matches!(
             s.remove_key(&user("carol"), &key(K2).fingerprint),
             Err(StoreError::LastKey(_))
         ));
-        assert!(matches!(s.remove_key(&user("carol"), "SHA256:nope"), Err(StoreError::KeyNotFound { .. })));
+        assert!(matches!(
+            s.remove_key(&user("carol"), "SHA256:nope"),
+            Err(StoreError::KeyNotFound { .. })
+        ));
     }
 
     #[test]
@@ -332,7 +385,12 @@ mod tests {
         let path = dir.join("berth.db");
         let s = Store::open(&path).unwrap();
         let id = s.instance_id().unwrap();
-        s.add_user(&user("dave"), &ImageName::parse("busybox").unwrap(), &[key(K1)]).unwrap();
+        s.add_user(
+            &user("dave"),
+            &ImageName::parse("busybox").unwrap(),
+            &[key(K1)],
+        )
+        .unwrap();
         drop(s);
         let s = Store::open(&path).unwrap();
         assert_eq!(s.instance_id().unwrap(), id);

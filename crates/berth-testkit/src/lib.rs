@@ -6,7 +6,12 @@
 //! Every daemon gets its own container name prefix, so tests running in parallel on one
 //! Docker engine never see each other's containers; dropping a [`Daemon`] stops it
 //! (SIGTERM, by pid) and removes the containers it made.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness: failing loudly is the point")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness: failing loudly is the point"
+)]
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -25,7 +30,11 @@ pub const BUSYBOX: &str = "berth-test/busybox:latest";
 pub const DEBIAN: &str = "berth-test/debian:bookworm";
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(2).unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .to_owned()
 }
 
 /// The static guest helper: `$BERTH_GUEST_BIN`, or built once by `scripts/build-guest`.
@@ -35,8 +44,14 @@ pub fn guest_binary() -> PathBuf {
         if let Some(p) = std::env::var_os("BERTH_GUEST_BIN") {
             return PathBuf::from(p);
         }
-        let out = Command::new(workspace_root().join("scripts/build-guest")).output().unwrap();
-        assert!(out.status.success(), "build-guest failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(workspace_root().join("scripts/build-guest"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "build-guest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
     })
     .clone()
@@ -47,10 +62,15 @@ pub fn ensure_images() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let ok = [BUSYBOX, DEBIAN].iter().all(|i| {
-            Command::new("docker").args(["image", "inspect", i]).output().is_ok_and(|o| o.status.success())
+            Command::new("docker")
+                .args(["image", "inspect", i])
+                .output()
+                .is_ok_and(|o| o.status.success())
         });
         if !ok {
-            let st = Command::new(workspace_root().join("scripts/make-test-images")).status().unwrap();
+            let st = Command::new(workspace_root().join("scripts/make-test-images"))
+                .status()
+                .unwrap();
             assert!(st.success(), "make-test-images failed");
         }
     });
@@ -59,7 +79,11 @@ pub fn ensure_images() {
 /// Runs `docker ARGS` and returns stdout, trimmed; panics on failure.
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker").args(args).output().unwrap();
-    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -69,7 +93,11 @@ pub fn docker_output(args: &[&str]) -> Output {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
@@ -94,7 +122,10 @@ pub struct DaemonOptions {
 
 impl Default for DaemonOptions {
     fn default() -> Self {
-        Self { config: String::new(), idle_stop_seconds: 2 }
+        Self {
+            config: String::new(),
+            idle_stop_seconds: 2,
+        }
     }
 }
 
@@ -116,7 +147,10 @@ impl Daemon {
         ensure_images();
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let dir = tempfile::Builder::new().prefix("berth-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("berth-test-")
+            .tempdir()
+            .unwrap();
         let prefix = format!("bt{}x{n}-", std::process::id());
         let config_path = dir.path().join("berth.toml");
         let text = format!(
@@ -142,7 +176,11 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log_path).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
         let child = Command::new(&self.bin)
             .arg("--state-dir")
             .arg(self.state_dir())
@@ -153,7 +191,10 @@ impl Daemon {
             .arg(&self.config_path)
             .arg("--guest-binary")
             .arg(guest_binary())
-            .env("BERTH_LOG", "info,berth_ssh=debug,berth_runtime=debug,berth_daemon=debug")
+            .env(
+                "BERTH_LOG",
+                "info,berth_ssh=debug,berth_runtime=debug,berth_daemon=debug",
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -171,7 +212,11 @@ impl Daemon {
     /// Stops the daemon with SIGTERM and returns its exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("daemon not running");
-        kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), Signal::SIGTERM).unwrap();
+        kill(
+            Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            Signal::SIGTERM,
+        )
+        .unwrap();
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
@@ -204,7 +249,11 @@ impl Daemon {
 
     /// Runs the `berth` CLI against this daemon.
     pub fn berth(&self, args: &[&str]) -> Output {
-        Command::new(&self.bin).args(args).env("BERTH_STATE_DIR", self.state_dir()).output().unwrap()
+        Command::new(&self.bin)
+            .args(args)
+            .env("BERTH_STATE_DIR", self.state_dir())
+            .output()
+            .unwrap()
     }
 
     /// Runs the CLI and panics unless it succeeds; returns stdout.
@@ -225,7 +274,10 @@ impl Daemon {
     }
 
     pub fn user(&self, name: &str) -> serde_json::Value {
-        self.users().into_iter().find(|u| u["name"] == name).unwrap_or_else(|| panic!("no user {name}"))
+        self.users()
+            .into_iter()
+            .find(|u| u["name"] == name)
+            .unwrap_or_else(|| panic!("no user {name}"))
     }
 
     /// Makes a key pair in the temp dir: returns the private key's path (`.pub` beside it).
@@ -244,7 +296,15 @@ impl Daemon {
     pub fn add_user(&self, name: &str, image: &str) -> PathBuf {
         let key = self.keygen(name);
         let pubkey = key.with_extension("pub");
-        self.berth_ok(&["user", "add", name, "--image", image, "--key", pubkey.to_str().unwrap()]);
+        self.berth_ok(&[
+            "user",
+            "add",
+            name,
+            "--image",
+            image,
+            "--key",
+            pubkey.to_str().unwrap(),
+        ]);
         key
     }
 
@@ -254,8 +314,15 @@ impl Daemon {
 
     /// The container's state (`running`, `exited`, ...) or `None` when it does not exist.
     pub fn container_state(&self, user: &str) -> Option<String> {
-        let out = docker_output(&["inspect", "-f", "{{.State.Status}}", &self.container_name(user)]);
-        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        let out = docker_output(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}}",
+            &self.container_name(user),
+        ]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
     /// An `ssh` command for `user` with `key`, non-interactive and with its own known_hosts.
@@ -279,7 +346,10 @@ impl Daemon {
             "-o".into(),
             "StrictHostKeyChecking=accept-new".into(),
             "-o".into(),
-            format!("UserKnownHostsFile={}", self.dir.path().join("known_hosts").display()),
+            format!(
+                "UserKnownHostsFile={}",
+                self.dir.path().join("known_hosts").display()
+            ),
             "-o".into(),
             "LogLevel=ERROR".into(),
             "-o".into(),
@@ -324,7 +394,10 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = kill(Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)), Signal::SIGTERM);
+            let _ = kill(
+                Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                Signal::SIGTERM,
+            );
             let end = Instant::now() + Duration::from_secs(10);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
                 std::thread::sleep(Duration::from_millis(50));
@@ -352,7 +425,12 @@ pub fn in_terminal(shell_cmd: &str, timeout: Duration) -> String {
         .unwrap();
     let mut out = String::new();
     use std::io::Read;
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     child.wait().unwrap();
     out
 }

@@ -13,7 +13,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "berth", version, about = "Personal, persistent containers reached with plain ssh")]
+#[command(
+    name = "berth",
+    version,
+    about = "Personal, persistent containers reached with plain ssh"
+)]
 struct Cli {
     /// State directory of the daemon (its admin socket lives there)
     #[arg(long, global = true, env = "BERTH_STATE_DIR", value_name = "DIR")]
@@ -40,7 +44,11 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(message: impl Into<String>) -> Self {
-        Self { message: message.into(), hint: None, code: 1 }
+        Self {
+            message: message.into(),
+            hint: None,
+            code: 1,
+        }
     }
 }
 
@@ -50,7 +58,11 @@ impl From<berth_proto::ClientError> for Failure {
             berth_proto::ClientError::NotRunning { .. } => 3,
             _ => 1,
         };
-        Self { hint: e.hint(), message: e.to_string(), code }
+        Self {
+            hint: e.hint(),
+            message: e.to_string(),
+            code,
+        }
     }
 }
 

@@ -1,6 +1,11 @@
 //! End-to-end: the admin CLI against a real daemon. Refusals must print one clear message,
 //! exit non-zero and change nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::Path;
 use std::process::Output;
@@ -16,7 +21,11 @@ fn stderr(o: &Output) -> String {
 fn assert_refused(o: &Output, expected_stderr: &str) {
     assert_eq!(o.status.code(), Some(1), "stderr: {}", stderr(o));
     assert_eq!(stderr(o), expected_stderr);
-    assert!(o.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        o.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 #[test]
@@ -37,27 +46,82 @@ fn user_add_refusals_create_nothing() {
     let o = d.berth(&["user", "add", "alice", "--image", BUSYBOX, "--key", pk]);
     assert_refused(&o, "error: user alice already exists\n");
     // Missing image, with a hint that does not assume a registry.
-    let o = d.berth(&["user", "add", "bob", "--image", "berth-test/no-such-image:1", "--key", pk]);
+    let o = d.berth(&[
+        "user",
+        "add",
+        "bob",
+        "--image",
+        "berth-test/no-such-image:1",
+        "--key",
+        pk,
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.starts_with("error: image berth-test/no-such-image:1 is not present on this host\nhint: "), "{e}");
+    assert!(
+        e.starts_with(
+            "error: image berth-test/no-such-image:1 is not present on this host\nhint: "
+        ),
+        "{e}"
+    );
     assert!(e.contains("docker import"), "{e}");
     // Missing key file.
     let missing = d.dir.path().join("nope.pub");
-    let o = d.berth(&["user", "add", "bob", "--image", BUSYBOX, "--key", missing.to_str().unwrap()]);
-    assert_refused(&o, &format!("error: cannot read key file {}: no such file\n", missing.display()));
+    let o = d.berth(&[
+        "user",
+        "add",
+        "bob",
+        "--image",
+        BUSYBOX,
+        "--key",
+        missing.to_str().unwrap(),
+    ]);
+    assert_refused(
+        &o,
+        &format!(
+            "error: cannot read key file {}: no such file\n",
+            missing.display()
+        ),
+    );
     // A bad line in the second of two key files: named by file and line.
     let bad = d.dir.path().join("bad.pub");
     let good_line = std::fs::read_to_string(&pubkey).unwrap();
     std::fs::write(&bad, format!("# comment\n{good_line}not-a-key AAAA\n")).unwrap();
-    let o = d.berth(&["user", "add", "bob", "--image", BUSYBOX, "--key", pk, "--key", bad.to_str().unwrap()]);
+    let o = d.berth(&[
+        "user",
+        "add",
+        "bob",
+        "--image",
+        BUSYBOX,
+        "--key",
+        pk,
+        "--key",
+        bad.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.starts_with(&format!("error: key file {}: line 3: not a public key", bad.display())), "{e}");
+    assert!(
+        e.starts_with(&format!(
+            "error: key file {}: line 3: not a public key",
+            bad.display()
+        )),
+        "{e}"
+    );
     // A private key instead of a public one.
-    let o = d.berth(&["user", "add", "bob", "--image", BUSYBOX, "--key", key.to_str().unwrap()]);
+    let o = d.berth(&[
+        "user",
+        "add",
+        "bob",
+        "--image",
+        BUSYBOX,
+        "--key",
+        key.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("line 1: not a public key"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("line 1: not a public key"),
+        "{}",
+        stderr(&o)
+    );
     // No --key at all is a usage error.
     let o = d.berth(&["user", "add", "bob", "--image", BUSYBOX]);
     assert_eq!(o.status.code(), Some(2));
@@ -81,19 +145,28 @@ fn user_list_table_show_and_rm() {
     let table = d.berth_ok(&["user", "list"]);
     let mut lines = table.lines();
     let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]);
+    assert_eq!(
+        header,
+        ["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]
+    );
     let row: Vec<_> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(row, ["carol", BUSYBOX, "absent", "0", "off", "1"]);
 
     d.ssh_ok("carol", &key, "true");
     assert_eq!(d.user("carol")["container"], "running");
     let show = d.berth_ok(&["user", "show", "carol"]);
-    assert!(show.contains(&format!("container:  {}carol (running)", d.prefix)), "{show}");
+    assert!(
+        show.contains(&format!("container:  {}carol (running)", d.prefix)),
+        "{show}"
+    );
 
     let o = d.berth(&["user", "rm", "carol"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stderr(&o), "removed user carol and their container\n");
-    assert!(d.container_state("carol").is_none(), "container still there");
+    assert!(
+        d.container_state("carol").is_none(),
+        "container still there"
+    );
     assert!(d.users().is_empty());
     let o = d.berth(&["user", "rm", "carol"]);
     assert_refused(&o, "error: user carol not found\n");
@@ -110,13 +183,31 @@ fn keys_add_list_rm() {
     // The second key cannot log in yet.
     assert_eq!(d.ssh_run("dave", &k2, "true", b"").status.code(), Some(255));
     let k2pub = k2.with_extension("pub");
-    let o = d.berth(&["user", "key", "add", "dave", "--key", k2pub.to_str().unwrap()]);
+    let o = d.berth(&[
+        "user",
+        "key",
+        "add",
+        "dave",
+        "--key",
+        k2pub.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(d.ssh_ok("dave", &k2, "echo ok"), "ok\n");
     // Adding it twice is refused.
-    let o = d.berth(&["user", "key", "add", "dave", "--key", k2pub.to_str().unwrap()]);
+    let o = d.berth(&[
+        "user",
+        "key",
+        "add",
+        "dave",
+        "--key",
+        k2pub.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).starts_with("error: user dave already has key SHA256:"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).starts_with("error: user dave already has key SHA256:"),
+        "{}",
+        stderr(&o)
+    );
 
     let keys: Vec<serde_json::Value> =
         serde_json::from_str(&d.berth_ok(&["user", "key", "list", "dave", "--json"])).unwrap();
@@ -124,7 +215,11 @@ fn keys_add_list_rm() {
     assert_eq!(keys[1]["comment"], "second");
     let fp1 = keys[0]["fingerprint"].as_str().unwrap().to_owned();
     // ssh-keygen agrees on the fingerprint.
-    let kg = std::process::Command::new("ssh-keygen").arg("-lf").arg(k1.with_extension("pub")).output().unwrap();
+    let kg = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(k1.with_extension("pub"))
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&kg.stdout).contains(&fp1));
 
     // Remove by fingerprint: that key no longer logs in, the other still does.
@@ -134,7 +229,10 @@ fn keys_add_list_rm() {
     assert_eq!(d.ssh_ok("dave", &k2, "echo still"), "still\n");
     // The last key is kept.
     let o = d.berth(&["user", "key", "rm", "dave", k2pub.to_str().unwrap()]);
-    assert_refused(&o, "error: user dave would be left without a key; add another first or remove the user\n");
+    assert_refused(
+        &o,
+        "error: user dave would be left without a key; add another first or remove the user\n",
+    );
     let o = d.berth(&["user", "key", "rm", "dave", "SHA256:doesnotexist"]);
     assert_refused(&o, "error: user dave has no key SHA256:doesnotexist\n");
     let o = d.berth(&["user", "key", "list", "nobody"]);
@@ -164,10 +262,20 @@ fn config_unknown_key_and_check() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("berth.toml");
     std::fs::write(&cfg, "idle_stop_seconds = 5\nidle_stop_secs = 3\n").unwrap();
-    let o = std::process::Command::new(BIN).args(["daemon", "--check", "--config"]).arg(&cfg).output().unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["daemon", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     let e = stderr(&o);
-    assert!(e.starts_with(&format!("error: invalid config {}: unknown field `idle_stop_secs`", cfg.display())), "{e}");
+    assert!(
+        e.starts_with(&format!(
+            "error: invalid config {}: unknown field `idle_stop_secs`",
+            cfg.display()
+        )),
+        "{e}"
+    );
     // The daemon itself refuses to start on it, naming the key.
     let o = std::process::Command::new(BIN)
         .args(["daemon", "--listen", "127.0.0.1:0", "--config"])
@@ -177,10 +285,17 @@ fn config_unknown_key_and_check() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("idle_stop_secs"));
-    assert!(!dir.path().join("state").exists(), "a refused start must not create the state dir");
+    assert!(
+        !dir.path().join("state").exists(),
+        "a refused start must not create the state dir"
+    );
 
     std::fs::write(&cfg, "idle_stop_seconds = 5\n[limits]\ncpus = 0.5\n").unwrap();
-    let o = std::process::Command::new(BIN).args(["daemon", "--check", "--config"]).arg(&cfg).output().unwrap();
+    let o = std::process::Command::new(BIN)
+        .args(["daemon", "--check", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("idle_stop_seconds = 5"), "{out}");

@@ -1,6 +1,11 @@
 //! End-to-end: the life of a user's container: created once, stopped after the last
 //! session and a grace period, sessions counted right however they end.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -13,7 +18,13 @@ use nix::unistd::Pid;
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
 fn start(idle: u64, extra: &str) -> Daemon {
-    Daemon::start(Path::new(BIN), DaemonOptions { idle_stop_seconds: idle, config: extra.to_owned() })
+    Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: idle,
+            config: extra.to_owned(),
+        },
+    )
 }
 
 fn sessions(d: &Daemon, user: &str) -> u64 {
@@ -24,7 +35,11 @@ fn sessions(d: &Daemon, user: &str) -> u64 {
 /// host through `docker top` (so no session of our own is needed to look).
 fn processes(d: &Daemon, user: &str, needle: &str) -> Vec<String> {
     let out = berth_testkit::docker_output(&["top", &d.container_name(user), "-o", "pid,args"]);
-    String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(needle)).map(str::to_owned).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -32,7 +47,13 @@ fn simultaneous_first_logins_create_one_container() {
     let d = start(5, "");
     let key = d.add_user("alice", BUSYBOX);
     let children: Vec<_> = (0..6)
-        .map(|i| d.ssh("alice", &key).arg(format!("echo {i}")).stdout(Stdio::piped()).spawn().unwrap())
+        .map(|i| {
+            d.ssh("alice", &key)
+                .arg(format!("echo {i}"))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
         .collect();
     for (i, c) in children.into_iter().enumerate() {
         let o = c.wait_with_output().unwrap();
@@ -41,7 +62,11 @@ fn simultaneous_first_logins_create_one_container() {
     }
     let ids = docker(&["ps", "-aq", "--filter", &format!("name=^/{}", d.prefix)]);
     assert_eq!(ids.lines().count(), 1, "{ids}");
-    assert!(d.log().matches("container created").count() == 1, "{}", d.log());
+    assert!(
+        d.log().matches("container created").count() == 1,
+        "{}",
+        d.log()
+    );
 }
 
 #[test]
@@ -56,10 +81,16 @@ fn idle_stop_after_grace_and_login_cancels_it() {
         std::thread::sleep(Duration::from_secs(1));
         d.ssh_ok("alice", &key, "true");
     }
-    assert_eq!(docker(&["inspect", "-f", "{{.State.StartedAt}}", &name]), started);
+    assert_eq!(
+        docker(&["inspect", "-f", "{{.State.StartedAt}}", &name]),
+        started
+    );
     assert_eq!(d.container_state("alice").as_deref(), Some("running"));
     // Then it stops once the grace period passes with no session.
-    assert!(wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
     assert_eq!(d.user("alice")["container"], "stopped");
     // And the next login starts it again.
     d.ssh_ok("alice", &key, "true");
@@ -70,8 +101,15 @@ fn idle_stop_after_grace_and_login_cancels_it() {
 fn an_open_session_keeps_the_container_running() {
     let d = start(1, "");
     let key = d.add_user("alice", BUSYBOX);
-    let long = d.ssh("alice", &key).arg("sleep 6; echo done").stdout(Stdio::piped()).spawn().unwrap();
-    assert!(wait_until(Duration::from_secs(20), || sessions(&d, "alice") == 1));
+    let long = d
+        .ssh("alice", &key)
+        .arg("sleep 6; echo done")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || sessions(
+        &d, "alice"
+    ) == 1));
     // Short sessions come and go; the long one holds the container.
     d.ssh_ok("alice", &key, "true");
     std::thread::sleep(Duration::from_secs(3));
@@ -79,7 +117,10 @@ fn an_open_session_keeps_the_container_running() {
     assert_eq!(sessions(&d, "alice"), 1);
     let out = long.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
-    assert!(wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
     assert_eq!(sessions(&d, "alice"), 0);
 }
 
@@ -98,17 +139,26 @@ fn a_killed_client_leaves_no_process_and_no_session() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        assert!(wait_until(Duration::from_secs(20), || !processes(&d, "alice", marker).is_empty()));
+        assert!(wait_until(Duration::from_secs(20), || !processes(
+            &d, "alice", marker
+        )
+        .is_empty()));
         c.kill().unwrap(); // SIGKILL: the client closes nothing itself
         c.wait().unwrap();
         assert!(
-            wait_until(Duration::from_secs(10), || processes(&d, "alice", marker).is_empty()),
+            wait_until(Duration::from_secs(10), || processes(&d, "alice", marker)
+                .is_empty()),
             "{flag}: {:?} still running",
             processes(&d, "alice", marker)
         );
-        assert!(wait_until(Duration::from_secs(10), || sessions(&d, "alice") == 0));
+        assert!(wait_until(Duration::from_secs(10), || sessions(
+            &d, "alice"
+        ) == 0));
     }
-    assert!(wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
 }
 
 #[test]
@@ -122,7 +172,12 @@ fn a_vanished_client_is_found_by_keepalives() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || !processes(&d, "alice", "sleep 1003").is_empty()));
+    assert!(wait_until(Duration::from_secs(20), || !processes(
+        &d,
+        "alice",
+        "sleep 1003"
+    )
+    .is_empty()));
     // A stopped client keeps its TCP connection open but answers nothing, like a client
     // whose network went away.
     let pid = Pid::from_raw(i32::try_from(c.id()).unwrap());
@@ -152,19 +207,39 @@ fn container_defaults_are_confined() {
     assert_eq!(f("{{.HostConfig.IpcMode}}"), "private");
     let mounts = f("{{range .Mounts}}{{.Source}}->{{.Destination}}:{{.RW}} {{end}}");
     assert!(!mounts.contains("docker.sock"), "{mounts}");
-    assert_eq!(mounts.trim(), format!("{}->/.berth:false", d.state_dir().join("guest").display()));
+    assert_eq!(
+        mounts.trim(),
+        format!("{}->/.berth:false", d.state_dir().join("guest").display())
+    );
     // Inside: PID 1 is the guest init, no Docker socket, and the guest dir is read-only.
-    assert_eq!(d.ssh_ok("alice", &key, "cat /proc/1/cmdline | tr '\\0' ' '"), "/.berth/berth-guest init ");
-    let o = d.ssh_run("alice", &key, "ls /var/run/docker.sock /run/docker.sock", b"");
+    assert_eq!(
+        d.ssh_ok("alice", &key, "cat /proc/1/cmdline | tr '\\0' ' '"),
+        "/.berth/berth-guest init "
+    );
+    let o = d.ssh_run(
+        "alice",
+        &key,
+        "ls /var/run/docker.sock /run/docker.sock",
+        b"",
+    );
     assert_ne!(o.status.code(), Some(0));
     let o = d.ssh_run("alice", &key, "touch /.berth/x", b"");
     assert_ne!(o.status.code(), Some(0));
     // The pids limit holds.
-    let o = d.ssh_run("alice", &key, "i=0; while [ $i -lt 300 ]; do sleep 5 & i=$((i+1)); done 2>&1; wait", b"");
-    assert!(String::from_utf8_lossy(&o.stdout).contains("Resource temporarily unavailable") || !o.status.success() || {
-        let e = String::from_utf8_lossy(&o.stderr);
-        e.contains("fork") || e.contains("Resource")
-    });
+    let o = d.ssh_run(
+        "alice",
+        &key,
+        "i=0; while [ $i -lt 300 ]; do sleep 5 & i=$((i+1)); done 2>&1; wait",
+        b"",
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Resource temporarily unavailable")
+            || !o.status.success()
+            || {
+                let e = String::from_utf8_lossy(&o.stderr);
+                e.contains("fork") || e.contains("Resource")
+            }
+    );
 }
 
 #[test]
@@ -174,7 +249,11 @@ fn init_reaps_orphans() {
     // Orphans whose parent exits are re-parented to PID 1, which must reap them.
     d.ssh_ok("alice", &key, "for i in 1 2 3; do (sleep 0.2 &) ; done");
     std::thread::sleep(Duration::from_secs(1));
-    let stat = d.ssh_ok("alice", &key, "cat /proc/[0-9]*/stat 2>/dev/null | awk '{print $3}' | sort | uniq -c");
+    let stat = d.ssh_ok(
+        "alice",
+        &key,
+        "cat /proc/[0-9]*/stat 2>/dev/null | awk '{print $3}' | sort | uniq -c",
+    );
     assert!(!stat.contains(" Z"), "zombies left: {stat}");
 }
 
@@ -190,19 +269,36 @@ fn sigterm_ends_sessions_and_exits_zero_then_restart_adopts() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    assert!(wait_until(Duration::from_secs(20), || !processes(&d, "alice", "sleep 1004").is_empty()));
+    assert!(wait_until(Duration::from_secs(20), || !processes(
+        &d,
+        "alice",
+        "sleep 1004"
+    )
+    .is_empty()));
     let st = d.stop();
     assert!(st.success(), "exit status {st}");
     // The client was disconnected and the session's processes are gone.
     let o = c.wait_with_output().unwrap();
     assert_eq!(o.status.code(), Some(255));
-    assert!(wait_until(Duration::from_secs(10), || processes(&d, "alice", "sleep 1004").is_empty()), "{}", d.log());
+    assert!(
+        wait_until(Duration::from_secs(10), || processes(
+            &d,
+            "alice",
+            "sleep 1004"
+        )
+        .is_empty()),
+        "{}",
+        d.log()
+    );
     assert!(!d.state_dir().join("admin.sock").exists());
     // The container was left running; a new daemon adopts it and stops it after the grace.
     assert_eq!(d.container_state("alice").as_deref(), Some("running"));
     d.restart();
     assert!(d.log().contains("adopting running container"));
-    assert!(wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
     // Logins work on the new daemon.
     assert_eq!(d.ssh_ok("alice", &key, "echo back"), "back\n");
     let _ = Command::new("true").status();

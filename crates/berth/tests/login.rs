@@ -1,6 +1,11 @@
 //! End-to-end: logging in with the stock OpenSSH client, through a real daemon, into real
 //! Docker containers.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::Path;
 use std::time::Duration;
@@ -47,7 +52,12 @@ fn exec_keeps_streams_apart_and_returns_the_exit_code() {
     assert_eq!(d.ssh_ok("alice", &key, "hostname"), "alice\n");
     assert_eq!(d.ssh_ok("alice", &key, "pwd"), "/root\n");
     // A command that cannot be found is 127, like sh.
-    assert_eq!(d.ssh_run("alice", &key, "no-such-command", b"").status.code(), Some(127));
+    assert_eq!(
+        d.ssh_run("alice", &key, "no-such-command", b"")
+            .status
+            .code(),
+        Some(127)
+    );
 }
 
 #[test]
@@ -65,12 +75,24 @@ fn stdin_is_streamed_with_eof_and_bytes_survive() {
     assert!(o.stdout == data, "data corrupted");
     // wc sees the EOF and the right count.
     let o = d.ssh_run("alice", &key, "wc -c", &data);
-    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), data.len().to_string());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        data.len().to_string()
+    );
     // Output that starts with 0x00-0x02 passes unharmed, with and without a TTY.
     let o = d.ssh_run("alice", &key, r"printf '\000\001\002end'", b"");
     assert_eq!(o.stdout, b"\x00\x01\x02end");
-    let o = d.ssh("alice", &key).args(["-tt", r"printf '\001\002end'"]).output().unwrap();
-    assert_eq!(o.stdout, b"\x01\x02end", "{:?}", String::from_utf8_lossy(&o.stdout));
+    let o = d
+        .ssh("alice", &key)
+        .args(["-tt", r"printf '\001\002end'"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.stdout,
+        b"\x01\x02end",
+        "{:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }
 
 #[test]
@@ -80,7 +102,9 @@ fn tty_size_term_and_resize_reach_the_program() {
     let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
     // Initial size and TERM.
     let out = in_terminal(
-        &format!("stty cols 91 rows 33; TERM=xterm-test {ssh} -t alice@127.0.0.1 'stty size; echo term=$TERM; tty'"),
+        &format!(
+            "stty cols 91 rows 33; TERM=xterm-test {ssh} -t alice@127.0.0.1 'stty size; echo term=$TERM; tty'"
+        ),
         Duration::from_secs(30),
     );
     assert!(out.contains("33 91"), "{out}");
@@ -111,14 +135,19 @@ fn interactive_login_shell_busybox_and_debian() {
             ),
             Duration::from_secs(40),
         );
-        assert!(out.contains(&format!("shell={shell} uid=0 home=/root")), "{image}: {out}");
+        assert!(
+            out.contains(&format!("shell={shell} uid=0 home=/root")),
+            "{image}: {out}"
+        );
         assert!(out.contains("42"), "{image}: {out}");
     }
     // Debian's bash knows it is a login shell.
     let key = d.dir.path().join("key-deb");
     let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
     let out = in_terminal(
-        &format!("(sleep 2; printf 'shopt -q login_shell && echo is-login\\n'; sleep 1; printf 'exit\\n') | {ssh} -tt deb@127.0.0.1"),
+        &format!(
+            "(sleep 2; printf 'shopt -q login_shell && echo is-login\\n'; sleep 1; printf 'exit\\n') | {ssh} -tt deb@127.0.0.1"
+        ),
         Duration::from_secs(40),
     );
     assert!(out.lines().any(|l| plain(l) == "is-login"), "{out}");
@@ -136,10 +165,17 @@ fn unknown_user_and_wrong_key_look_the_same() {
         assert_eq!(o.status.code(), Some(255));
         assert!(o.stdout.is_empty());
     }
-    let norm = |o: &std::process::Output, u: &str| String::from_utf8_lossy(&o.stderr).replace(u, "USER");
+    let norm =
+        |o: &std::process::Output, u: &str| String::from_utf8_lossy(&o.stderr).replace(u, "USER");
     assert_eq!(norm(&wrong_key, "alice"), norm(&no_user, "nobody"));
-    assert_eq!(norm(&wrong_key, "alice"), "USER@127.0.0.1: Permission denied (publickey).\r\n");
-    assert!(d.container_state("alice").is_none(), "a refused login must not create a container");
+    assert_eq!(
+        norm(&wrong_key, "alice"),
+        "USER@127.0.0.1: Permission denied (publickey).\r\n"
+    );
+    assert!(
+        d.container_state("alice").is_none(),
+        "a refused login must not create a container"
+    );
     assert!(d.log().contains("login refused"));
 }
 
@@ -171,17 +207,45 @@ fn each_user_has_one_persistent_private_container() {
     // Bob's container is another one, without the file.
     let o = d.ssh_run("bob", &kb, "cat /root/note", b"");
     assert_eq!(o.status.code(), Some(1));
-    assert_ne!(d.ssh_ok("alice", &ka, "hostname"), d.ssh_ok("bob", &kb, "hostname"));
+    assert_ne!(
+        d.ssh_ok("alice", &ka, "hostname"),
+        d.ssh_ok("bob", &kb, "hostname")
+    );
     // Named after the user and labelled as Berth's.
     let name = d.container_name("alice");
-    assert_eq!(docker(&["inspect", "-f", "{{index .Config.Labels \"berth.user\"}}", &name]), "alice");
+    assert_eq!(
+        docker(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"berth.user\"}}",
+            &name
+        ]),
+        "alice"
+    );
     // Still there after the container was stopped and started again.
-    assert!(berth_testkit::wait_until(Duration::from_secs(20), || d.container_state("alice").as_deref() == Some("exited")));
+    assert!(berth_testkit::wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
     assert_eq!(d.ssh_ok("alice", &ka, "cat /root/note"), "secret\n");
     // Bob cannot reach alice's container over the network either (no inter-container traffic).
-    let ip = docker(&["inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", &name]);
+    let ip = docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &name,
+    ]);
     assert!(!ip.is_empty());
-    d.ssh_ok("alice", &ka, "daemon_check=1; (nc -l -p 4000 >/dev/null 2>&1 &) ; sleep 0.2");
-    let o = d.ssh_run("bob", &kb, &format!("echo hi | nc -w 2 {ip} 4000 && echo reached"), b"");
+    d.ssh_ok(
+        "alice",
+        &ka,
+        "daemon_check=1; (nc -l -p 4000 >/dev/null 2>&1 &) ; sleep 0.2",
+    );
+    let o = d.ssh_run(
+        "bob",
+        &kb,
+        &format!("echo hi | nc -w 2 {ip} 4000 && echo reached"),
+        b"",
+    );
     assert!(!String::from_utf8_lossy(&o.stdout).contains("reached"));
 }

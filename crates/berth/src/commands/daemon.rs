@@ -27,7 +27,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
-    let mut config = Config::load(args.config.as_deref()).map_err(|e| Failure::new(e.to_string()))?;
+    let mut config =
+        Config::load(args.config.as_deref()).map_err(|e| Failure::new(e.to_string()))?;
     if let Some(l) = args.listen {
         config.listen = l;
     }
@@ -37,14 +38,19 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
     if let Some(g) = args.guest_binary {
         config.guest_binary = Some(g);
     }
-    config.validate().map_err(|e| Failure::new(format!("invalid config: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| Failure::new(format!("invalid config: {e}")))?;
     if args.check {
         print!("{}", config.to_toml());
         return Ok(());
     }
     let filter = EnvFilter::try_from_env("BERTH_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,russh=warn,bollard=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| Failure::new(format!("cannot start the async runtime: {e}")))?;
@@ -60,9 +66,15 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             std::process::exit(130);
         });
-        berth_daemon::run(config, shutdown).await.map_err(|e| match e.downcast_ref::<StartupError>() {
-            Some(s) => Failure { message: s.message.clone(), hint: s.hint.clone(), code: 1 },
-            None => Failure::new(format!("{e:#}")),
+        berth_daemon::run(config, shutdown).await.map_err(|e| {
+            match e.downcast_ref::<StartupError>() {
+                Some(s) => Failure {
+                    message: s.message.clone(),
+                    hint: s.hint.clone(),
+                    code: 1,
+                },
+                None => Failure::new(format!("{e:#}")),
+            }
         })
     })
 }

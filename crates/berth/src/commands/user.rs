@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use berth_proto::{
-    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys, UserInfo, UserName,
-    parse_authorized_keys,
+    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys, UserInfo,
+    UserName, parse_authorized_keys,
 };
 use comfy_table::{Table, presets::NOTHING};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -70,7 +70,10 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             let keys = read_key_files(&keys)?;
             let req = AddUserRequest { name, image, keys };
             let info: UserInfo = block_on(async { Ok(c.post("/users", &req).await?) })?;
-            eprintln!("added user {} (image {}, {} key(s))", info.name, info.image, info.keys);
+            eprintln!(
+                "added user {} (image {}, {} key(s))",
+                info.name, info.image, info.keys
+            );
             Ok(())
         }
         UserCommand::Rm { name } => {
@@ -96,9 +99,16 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             } else {
                 println!("name:       {}", user.name);
                 println!("image:      {}", user.image);
-                println!("container:  {} ({})", user.container_name, user.container.as_str());
+                println!(
+                    "container:  {} ({})",
+                    user.container_name,
+                    user.container.as_str()
+                );
                 println!("sessions:   {}", user.sessions);
-                println!("daemon:     {}", if user.daemon_mode { "on" } else { "off" });
+                println!(
+                    "daemon:     {}",
+                    if user.daemon_mode { "on" } else { "off" }
+                );
                 println!("keys:       {}", user.keys);
                 Ok(())
             }
@@ -124,25 +134,36 @@ fn run_key(cmd: KeyCommand, c: &berth_proto::AdminClient) -> Result<(), Failure>
             let fingerprints = if key.starts_with("SHA256:") {
                 vec![key]
             } else {
-                read_key_files(&[PathBuf::from(&key)])?.into_iter().map(|k| k.fingerprint).collect()
+                read_key_files(&[PathBuf::from(&key)])?
+                    .into_iter()
+                    .map(|k| k.fingerprint)
+                    .collect()
             };
             for fp in fingerprints {
-                let path = format!("/users/{name}/keys/{}", utf8_percent_encode(&fp, NON_ALPHANUMERIC));
+                let path = format!(
+                    "/users/{name}/keys/{}",
+                    utf8_percent_encode(&fp, NON_ALPHANUMERIC)
+                );
                 let r: RemovedKeys = block_on(async { Ok(c.delete(&path).await?) })?;
                 for k in r.removed {
-                    eprintln!("removed key {} from {name} ({} left)", k.fingerprint, r.remaining);
+                    eprintln!(
+                        "removed key {} from {name} ({} left)",
+                        k.fingerprint, r.remaining
+                    );
                 }
             }
             Ok(())
         }
         KeyCommand::List { name, json } => {
             let name = user_name(&name)?;
-            let keys: Vec<KeyInfo> = block_on(async { Ok(c.get(&format!("/users/{name}/keys")).await?) })?;
+            let keys: Vec<KeyInfo> =
+                block_on(async { Ok(c.get(&format!("/users/{name}/keys")).await?) })?;
             if json {
                 return print_json(&keys);
             }
             let mut t = Table::new();
-            t.load_style(NOTHING).set_header(["FINGERPRINT", "TYPE", "COMMENT"]);
+            t.load_style(NOTHING)
+                .set_header(["FINGERPRINT", "TYPE", "COMMENT"]);
             for k in keys {
                 t.add_row([k.fingerprint, k.algorithm, k.comment]);
             }
@@ -167,11 +188,19 @@ fn read_key_files(paths: &[PathBuf]) -> Result<Vec<AuthorizedKey>, Failure> {
 }
 
 fn read_key_file(path: &Path) -> Result<Vec<AuthorizedKey>, Failure> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::new(format!("cannot read key file {}: {}", path.display(), io_reason(&e))))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Failure::new(format!(
+            "cannot read key file {}: {}",
+            path.display(),
+            io_reason(&e)
+        ))
+    })?;
     parse_authorized_keys(&text).map_err(|e| {
         let mut f = Failure::new(format!("key file {}: {e}", path.display()));
-        f.hint = Some("give an OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub), not a private key".into());
+        f.hint = Some(
+            "give an OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub), not a private key"
+                .into(),
+        );
         f
     })
 }
@@ -192,7 +221,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
 
 fn print_users(users: &[UserInfo]) {
     let mut t = Table::new();
-    t.load_style(NOTHING).set_header(["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]);
+    t.load_style(NOTHING)
+        .set_header(["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]);
     for u in users {
         t.add_row([
             u.name.to_string(),
