@@ -117,11 +117,10 @@ type AppState<R> = State<Arc<AdminState<R>>>;
 type Result<T> = std::result::Result<T, AdminError>;
 
 pub async fn serve<R: Runtime>(
-    path: &Path,
+    listener: UnixListener,
     state: Arc<AdminState<R>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = bind(path)?;
     let app = Router::new()
         .route("/v1/health", get(health::<R>))
         .route("/v1/users", get(list_users::<R>).post(add_user::<R>))
@@ -143,17 +142,15 @@ pub async fn serve<R: Runtime>(
         .await
 }
 
-/// Binds the socket with mode 0600 from the start (umask), replacing a stale one.
+/// Binds the socket, replacing a stale one, and makes it 0600. It lives in the 0700 state
+/// directory, so nobody else can reach it even before the chmod.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener?;
+    let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }

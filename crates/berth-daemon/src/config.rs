@@ -44,6 +44,10 @@ pub struct Config {
     pub keepalive_interval_seconds: u64,
     pub keepalive_max: usize,
     pub max_connections: usize,
+    /// Seconds a client has to authenticate.
+    pub login_grace_seconds: u64,
+    /// Sessions one SSH connection may have open at once.
+    pub max_sessions: usize,
     pub limits: LimitsConfig,
 }
 
@@ -73,6 +77,8 @@ impl Default for Config {
             keepalive_interval_seconds: 15,
             keepalive_max: 4,
             max_connections: 1000,
+            login_grace_seconds: 30,
+            max_sessions: 10,
             limits: LimitsConfig::default(),
         }
     }
@@ -121,8 +127,10 @@ impl Config {
         if self.keepalive_interval_seconds == 0 || self.keepalive_max == 0 {
             return Err("keepalive_interval_seconds and keepalive_max must be at least 1".into());
         }
-        if self.max_connections == 0 {
-            return Err("max_connections must be at least 1".into());
+        if self.max_connections == 0 || self.max_sessions == 0 || self.login_grace_seconds == 0 {
+            return Err(
+                "max_connections, max_sessions and login_grace_seconds must be at least 1".into(),
+            );
         }
         if !(0.0..=1024.0).contains(&self.limits.cpus) || self.limits.cpus.is_nan() {
             return Err(format!(

@@ -58,6 +58,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
 
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
         let user = UserName::parse(&req.user).map_err(|_| OpenError("unknown user".into()))?;
+        // The connection authenticated earlier; the key or the user may be gone since.
+        if !self.authorize(&req.user, &req.key).await {
+            return Err(OpenError("access revoked".into()));
+        }
         let lease = self.lifecycle.acquire(&user).await.map_err(|e| {
             error!(user = %user, error = %e, "login failed: no running container");
             OpenError(login_error(&e))

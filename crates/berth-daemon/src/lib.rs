@@ -70,7 +70,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let engine = runtime.version().await?;
     info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
-    runtime.ensure_network(&config.network).await?;
+    let network_id = runtime.ensure_network(&config.network).await?;
 
     let lifecycle = Lifecycle::new(
         runtime.clone(),
@@ -78,7 +78,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Settings {
             prefix: config.container_prefix.clone(),
             instance,
-            network: config.network.clone(),
+            network: network_id,
             guest_dir,
             limits: limits(&config),
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
@@ -101,6 +101,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),
         keepalive_max: config.keepalive_max,
         max_connections: config.max_connections,
+        login_grace: Duration::from_secs(config.login_grace_seconds),
+        max_sessions: config.max_sessions,
         accept_env: config.accept_env.clone(),
     };
     let admin_state = Arc::new(AdminState {
@@ -109,11 +111,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lifecycle: lifecycle.clone(),
         listen: config.listen.to_string(),
     });
-    let admin_path = config.admin_socket();
-    let admin = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { admin::serve(&admin_path, admin_state, shutdown).await }
-    });
+    let admin_listener = admin::bind(&config.admin_socket()).with_context(|| {
+        format!(
+            "cannot create the admin socket {}",
+            config.admin_socket().display()
+        )
+    })?;
+    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     info!(listen = %config.listen, state_dir = %state.display(), "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();

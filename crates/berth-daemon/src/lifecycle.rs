@@ -383,11 +383,17 @@ impl<R: Runtime> OwnerTask<R> {
                     Ok(()) => {
                         info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason = "idle", "container stopped")
                     }
-                    Err(e) => error!(error = %e, "idle stop failed"),
+                    Err(e) => {
+                        error!(error = %e, "idle stop failed; trying again after the grace period");
+                        self.arm_if_idle();
+                    }
                 }
             }
             Ok(_) => {}
-            Err(e) => error!(error = %e, "idle stop: cannot inspect the container"),
+            Err(e) => {
+                error!(error = %e, "idle stop: cannot inspect the container; trying again later");
+                self.arm_if_idle();
+            }
         }
     }
 

@@ -11,8 +11,8 @@ use bollard::models::{
     NetworkCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    ResizeExecOptions, StopContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
+    RemoveContainerOptionsBuilder, ResizeExecOptions, StopContainerOptionsBuilder,
 };
 
 use crate::exec::{demux_output, raw_output, start_attached};
@@ -23,6 +23,21 @@ use crate::{
 
 /// Where the guest directory is mounted in every container.
 pub const GUEST_MOUNT: &str = "/.berth";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sortable_times_order_like_times() {
+        let a = super::sortable_time("2026-11-28T18:46:05.6962Z");
+        let b = super::sortable_time("2026-11-28T18:46:05.696220123Z");
+        let c = super::sortable_time("2026-11-28T18:46:05.7Z");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(
+            super::sortable_time("2026-11-28T18:46:05Z"),
+            "2026-11-28T18:46:05Z"
+        );
+    }
+}
 
 #[derive(Clone)]
 pub struct DockerRuntime {
@@ -57,6 +72,31 @@ impl DockerRuntime {
         &self.api_version
     }
 
+    /// `(id, created)` of the networks named exactly `name`, oldest first.
+    async fn networks_named(&self, name: &str) -> Result<Vec<(String, String)>, RuntimeError> {
+        let filters = HashMap::from([("name".to_owned(), vec![name.to_owned()])]);
+        let opts = ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let nets = self
+            .docker
+            .list_networks(Some(opts))
+            .await
+            .map_err(map_err)?;
+        let mut found: Vec<(String, String)> = nets
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(name))
+            .filter_map(|n| {
+                Some((
+                    n.id?,
+                    sortable_time(n.created.as_deref().unwrap_or_default()),
+                ))
+            })
+            .collect();
+        found.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(found)
+    }
+
     /// The host PID of a just-started exec. The engine answers the attach (101) before the
     /// process exists, so this waits (bounded) until it has a PID or has already ended.
     async fn exec_pid(&self, exec_id: &str) -> Result<Option<i32>, RuntimeError> {
@@ -77,6 +117,19 @@ impl DockerRuntime {
         Err(RuntimeError::Docker(format!(
             "exec {exec_id} did not start"
         )))
+    }
+}
+
+/// RFC 3339 time with its fraction padded to nanoseconds, so that string order is time
+/// order (Docker trims trailing zeros: `...05.6962Z` vs `...05.696220123Z`).
+fn sortable_time(t: &str) -> String {
+    match t.split_once('.') {
+        Some((secs, rest)) => {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            let zone = rest.get(digits.len()..).unwrap_or_default();
+            format!("{secs}.{digits:0<9}{zone}")
+        }
+        None => t.to_owned(),
     }
 }
 
@@ -122,34 +175,42 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn ensure_network(&self, name: &str) -> Result<(), RuntimeError> {
-        match self.docker.inspect_network(name, None).await {
-            Ok(_) => return Ok(()),
-            Err(e) if is_404(&e) => {}
-            Err(e) => return Err(map_err(e)),
+    async fn ensure_network(&self, name: &str) -> Result<String, RuntimeError> {
+        if self.networks_named(name).await?.is_empty() {
+            // Inter-container traffic is off: users' containers must not reach each other.
+            let req = NetworkCreateRequest {
+                name: name.to_owned(),
+                driver: Some("bridge".into()),
+                options: Some(HashMap::from([(
+                    "com.docker.network.bridge.enable_icc".to_owned(),
+                    "false".to_owned(),
+                )])),
+                labels: Some(HashMap::from([(
+                    "berth.network".to_owned(),
+                    "1".to_owned(),
+                )])),
+                ..Default::default()
+            };
+            match self.docker.create_network(req).await {
+                Ok(_) => {}
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                }) => {}
+                Err(e) => return Err(map_err(e)),
+            }
         }
-        // Inter-container traffic is off: users' containers must not reach each other.
-        let req = NetworkCreateRequest {
-            name: name.to_owned(),
-            driver: Some("bridge".into()),
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.enable_icc".to_owned(),
-                "false".to_owned(),
-            )])),
-            labels: Some(HashMap::from([(
-                "berth.network".to_owned(),
-                "1".to_owned(),
-            )])),
-            ..Default::default()
+        // Engines before API 1.44 accept duplicate names, so two daemons starting together
+        // can each create one. Everyone keeps the oldest and removes the others (unused yet).
+        let found = self.networks_named(name).await?;
+        let Some((keep, extra)) = found.split_first() else {
+            return Err(RuntimeError::Docker(format!(
+                "network {name} vanished after its creation"
+            )));
         };
-        match self.docker.create_network(req).await {
-            Ok(_) => Ok(()),
-            // Another Berth instance created it between our inspect and create.
-            Err(bollard::errors::Error::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(()),
-            Err(e) => Err(map_err(e)),
+        for (id, _) in extra {
+            let _ = self.docker.remove_network(id).await;
         }
+        Ok(keep.0.clone())
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
@@ -206,6 +267,9 @@ impl Runtime for DockerRuntime {
             nano_cpus: spec.limits.nano_cpus,
             pids_limit: Some(spec.limits.pids),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
+            // Raw sockets would let a user spoof ARP towards other users' containers on the
+            // shared bridge; ping still works through the unprivileged ICMP socket range.
+            cap_drop: Some(vec!["NET_RAW".into()]),
             privileged: Some(false),
             network_mode: Some(spec.network.clone()),
             mounts: Some(vec![Mount {
@@ -317,7 +381,9 @@ impl Runtime for DockerRuntime {
             .map_err(map_err)?;
         let io = start_attached(&self.socket, &self.api_version, &created.id, tty).await?;
         let pid = self.exec_pid(&created.id).await?;
-        let guard = pid.map(ProcessGuard::new).unwrap_or_default();
+        let guard = pid
+            .map(|p| ProcessGuard::new(p, container))
+            .unwrap_or_default();
         tracing::debug!(exec = %created.id, pid = ?guard.pid(), "exec started");
         let (reader, writer) = tokio::io::split(io);
         let output = if tty {

@@ -47,7 +47,7 @@ pub struct ContainerSpec {
     /// Host directory bind-mounted read-only at `/.berth`; must hold `berth-guest`.
     pub guest_dir: PathBuf,
     pub limits: Limits,
-    /// The Docker network to attach to (created beforehand by [`Runtime::ensure_network`]).
+    /// The Docker network id to attach to (from [`Runtime::ensure_network`]).
     pub network: String,
 }
 
@@ -109,7 +109,11 @@ pub struct EngineVersion {
 pub trait Runtime: Send + Sync + 'static {
     fn version(&self) -> impl Future<Output = Result<EngineVersion, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
-    fn ensure_network(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Makes sure the users' network exists; returns its id, which containers join.
+    fn ensure_network(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// The container named `name`, if it exists.
     fn inspect(
         &self,

@@ -3,7 +3,9 @@
 //! Docker has no API to signal an exec, and closing the attached stream does not end a TTY
 //! exec (moby/moby#9098). The daemon runs in the host PID namespace, so it finds the exec's
 //! host PID and its descendants in `/proc` and signals them itself. Every PID is checked
-//! against the start time recorded when it was found, so a recycled PID is never signalled.
+//! against the start time recorded when it was found, so a recycled PID is never signalled,
+//! and must sit in the container's cgroup (its path names the container id), so nothing
+//! outside the container is ever signalled.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -16,12 +18,20 @@ use nix::unistd::Pid;
 #[derive(Debug, Default)]
 pub struct ProcessGuard {
     root: Option<(i32, u64)>,
+    /// Only processes whose cgroup path contains this (the container id) are signalled.
+    scope: String,
 }
 
 impl ProcessGuard {
-    pub(crate) fn new(pid: i32) -> Self {
+    /// Guards `pid` if it is a live process of the container `scope`; otherwise guards
+    /// nothing.
+    pub(crate) fn new(pid: i32, scope: &str) -> Self {
+        let root = start_time(pid)
+            .filter(|_| in_scope(pid, scope))
+            .map(|t| (pid, t));
         Self {
-            root: start_time(pid).map(|t| (pid, t)),
+            root,
+            scope: scope.to_owned(),
         }
     }
 
@@ -37,7 +47,7 @@ impl ProcessGuard {
     /// Sends `sig` to the exec's process and its live descendants.
     pub fn signal(&self, sig: Signal) {
         if let Some(root) = self.root {
-            for (pid, _) in tree(root) {
+            for (pid, _) in tree(root, &self.scope) {
                 let _ = kill(Pid::from_raw(pid), sig);
             }
         }
@@ -47,7 +57,7 @@ impl ProcessGuard {
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
         let Some(root) = self.root.take() else { return };
-        let procs = tree(root);
+        let procs = tree(root, &self.scope);
         tracing::debug!(
             pid = root.0,
             count = procs.len(),
@@ -61,21 +71,27 @@ impl Drop for ProcessGuard {
         }
         // A shell given SIGHUP passes it on and exits; whatever ignores it is killed. The
         // wait happens off the async runtime.
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            for (pid, started) in procs {
-                if start_time(pid) == Some(started) {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        let scope = std::mem::take(&mut self.scope);
+        let killer = std::thread::Builder::new()
+            .name("berth-reaper".into())
+            .spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                for (pid, started) in procs {
+                    if start_time(pid) == Some(started) && in_scope(pid, &scope) {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
                 }
-            }
-        });
+            });
+        if let Err(e) = killer {
+            tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
+        }
     }
 }
 
 /// `(pid, start time)` of `root` and every live descendant, `root` first. Empty when
 /// `root` is gone or was recycled.
-fn tree(root: (i32, u64)) -> Vec<(i32, u64)> {
-    if start_time(root.0) != Some(root.1) {
+fn tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
+    if start_time(root.0) != Some(root.1) || !in_scope(root.0, scope) {
         return Vec::new();
     }
     let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
@@ -100,11 +116,19 @@ fn tree(root: (i32, u64)) -> Vec<(i32, u64)> {
     let mut queue = VecDeque::from([root.0]);
     while let Some(p) = queue.pop_front() {
         for &child in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
-            out.push(child);
-            queue.push_back(child.0);
+            if in_scope(child.0, scope) {
+                out.push(child);
+                queue.push_back(child.0);
+            }
         }
     }
     out
+}
+
+/// Whether `pid` belongs to the cgroup scope `scope` (empty matches everything: tests).
+fn in_scope(pid: i32, scope: &str) -> bool {
+    scope.is_empty()
+        || std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(scope))
 }
 
 struct Stat {
@@ -157,14 +181,33 @@ mod tests {
         let pid = i32::try_from(child.id()).unwrap();
         std::thread::sleep(Duration::from_millis(200));
         let root = (pid, start_time(pid).unwrap());
-        let members = tree(root);
+        let members = tree(root, "");
         assert_eq!(members.len(), 3, "{members:?}");
-        drop(ProcessGuard::new(pid));
+        drop(ProcessGuard::new(pid, ""));
         child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(500));
         for (p, t) in &members[1..] {
             assert_ne!(start_time(*p), Some(*t), "descendant {p} survived");
         }
+    }
+
+    #[test]
+    fn out_of_scope_process_is_never_signalled() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let g = ProcessGuard::new(pid, "0123456789abcdef-not-our-container");
+        assert_eq!(g.pid(), None);
+        drop(g);
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a process outside the scope was killed"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
@@ -174,7 +217,7 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = i32::try_from(child.id()).unwrap();
-        let mut g = ProcessGuard::new(pid);
+        let mut g = ProcessGuard::new(pid, "");
         g.finished();
         drop(g);
         std::thread::sleep(Duration::from_millis(100));

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
@@ -14,18 +15,19 @@ use russh::{Channel, ChannelId};
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span};
 
-use crate::Gateway;
 use crate::session::{self, env_allowed};
+use crate::{Gateway, PublicKey};
 
 pub(crate) struct Connection<G> {
     gateway: Arc<G>,
     peer: Option<SocketAddr>,
     accept_env: Arc<Vec<String>>,
-    user: Option<String>,
+    user: Option<(String, PublicKey)>,
+    authenticated: Arc<AtomicBool>,
+    max_sessions: usize,
     /// Session channels of this connection, and whether each has started its process.
     channels: HashMap<ChannelId, bool>,
     tasks: JoinSet<()>,
-    next_session: u64,
 }
 
 impl<G: Gateway> Connection<G> {
@@ -33,15 +35,18 @@ impl<G: Gateway> Connection<G> {
         gateway: Arc<G>,
         peer: Option<SocketAddr>,
         accept_env: Arc<Vec<String>>,
+        authenticated: Arc<AtomicBool>,
+        max_sessions: usize,
     ) -> Self {
         Self {
             gateway,
             peer,
             accept_env,
             user: None,
+            authenticated,
+            max_sessions,
             channels: HashMap::new(),
             tasks: JoinSet::new(),
-            next_session: 0,
         }
     }
 
@@ -97,7 +102,8 @@ impl<G: Gateway> Handler for Connection<G> {
         let fp = key.public_key.fingerprint(russh::keys::HashAlg::Sha256);
         if self.gateway.authorize(user, key.public_key).await {
             info!(target: "audit", event = "login", user, key = %fp, peer = %self.peer(), "login accepted");
-            self.user = Some(user.to_owned());
+            self.user = Some((user.to_owned(), key.public_key.clone()));
+            self.authenticated.store(true, Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {
             info!(target: "audit", event = "login_refused", user, key = %fp, peer = %self.peer(), "login refused");
@@ -111,16 +117,20 @@ impl<G: Gateway> Handler for Connection<G> {
         reply: ChannelOpenHandle,
         _session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(user) = self.user.clone() else {
+        let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
         };
         while self.tasks.try_join_next().is_some() {}
+        if self.channels.len() >= self.max_sessions {
+            info!(user = %user, "session refused: {} sessions open on this connection", self.channels.len());
+            return Ok(());
+        }
         self.channels.insert(channel.id(), false);
-        self.next_session += 1;
         let span = info_span!("session", user = %user, ch = %channel.id());
         let ctx = session::Context {
             gateway: self.gateway.clone(),
             user,
+            key,
             peer: self.peer,
             accept_env: self.accept_env.clone(),
         };
@@ -186,6 +196,20 @@ impl<G: Gateway> Handler for Connection<G> {
         if let Some(started) = self.channels.get_mut(&ch) {
             *started = true;
         }
+        session.channel_failure(ch)
+    }
+
+    async fn x11_request(
+        &mut self,
+        ch: ChannelId,
+        _single: bool,
+        _proto: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // Not offered yet. russh's default sends no reply at all, which would shift
+        // OpenSSH's reply matching for the requests that follow.
         session.channel_failure(ch)
     }
 

@@ -64,6 +64,9 @@ pub struct Pty {
 #[derive(Debug, Clone)]
 pub struct OpenRequest {
     pub user: String,
+    /// The key the connection authenticated with; the gateway checks it again at every
+    /// open, so a removed key or user cannot open new sessions on a connection it still has.
+    pub key: PublicKey,
     pub peer: Option<SocketAddr>,
     pub command: Command,
     pub pty: Option<Pty>,

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
@@ -24,6 +25,10 @@ pub struct SshConfig {
     pub keepalive_interval: Duration,
     pub keepalive_max: usize,
     pub max_connections: usize,
+    /// Time a client has from connecting to authenticating (OpenSSH's LoginGraceTime).
+    pub login_grace: Duration,
+    /// Session channels one connection may have open at once (OpenSSH's MaxSessions).
+    pub max_sessions: usize,
     /// Client environment variables passed into sessions (exact names, or a prefix ending
     /// in `*`), like OpenSSH's AcceptEnv.
     pub accept_env: Vec<String>,
@@ -35,6 +40,8 @@ impl Default for SshConfig {
             keepalive_interval: Duration::from_secs(15),
             keepalive_max: 4,
             max_connections: 1000,
+            login_grace: Duration::from_secs(30),
+            max_sessions: 10,
             accept_env: vec!["LANG".into(), "LC_*".into()],
         }
     }
@@ -91,13 +98,21 @@ pub async fn serve<G: Gateway>(
                     warn!(%peer, "connection refused: max_connections reached");
                     continue;
                 };
-                let handler = Connection::new(gateway.clone(), Some(peer), accept_env.clone());
+                let authenticated = Arc::new(AtomicBool::new(false));
+                let handler = Connection::new(
+                    gateway.clone(),
+                    Some(peer),
+                    accept_env.clone(),
+                    authenticated.clone(),
+                    config.max_sessions,
+                );
                 let cfg = russh_config.clone();
                 let shutdown = shutdown.clone();
+                let grace = config.login_grace;
                 conns.spawn(
                     async move {
                         let _permit = permit;
-                        connection(cfg, stream, peer, handler, shutdown).await;
+                        connection(cfg, stream, peer, handler, shutdown, authenticated, grace).await;
                     }
                     .instrument(info_span!("conn", %peer)),
                 );
@@ -125,26 +140,53 @@ async fn connection<G: Gateway>(
     peer: SocketAddr,
     handler: Connection<G>,
     shutdown: CancellationToken,
+    authenticated: Arc<AtomicBool>,
+    grace: Duration,
 ) {
     debug!("connection accepted");
-    let session = match run_stream(config, stream, handler).await {
-        Ok(s) => s,
-        Err(e) => {
+    let deadline = tokio::time::Instant::now() + grace;
+    // run_stream waits for the client's identification line: bound it too.
+    let session = match tokio::time::timeout_at(deadline, run_stream(config, stream, handler)).await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
             debug!(error = %e, "ssh handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!("no ssh identification within the login grace time");
             return;
         }
     };
     let handle = session.handle();
     tokio::pin!(session);
-    tokio::select! {
-        r = &mut session => {
-            if let Err(e) = r { debug!(error = %e, "connection ended with an error"); }
-        }
-        () = shutdown.cancelled() => {
-            let _ = handle
-                .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
-                .await;
-            let _ = tokio::time::timeout(Duration::from_secs(3), session).await;
+    let login_timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(login_timer);
+    let mut timer_armed = true;
+    loop {
+        tokio::select! {
+            r = &mut session => {
+                if let Err(e) = r { debug!(error = %e, "connection ended with an error"); }
+                break;
+            }
+            () = &mut login_timer, if timer_armed => {
+                timer_armed = false;
+                if !authenticated.load(Ordering::SeqCst) {
+                    info!(target: "audit", event = "login_timeout", %peer, "not authenticated within the login grace time");
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), String::new())
+                        .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    break;
+                }
+            }
+            () = shutdown.cancelled() => {
+                let _ = handle
+                    .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
+                    .await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                break;
+            }
         }
     }
     debug!(%peer, "connection closed");

@@ -1,5 +1,6 @@
 //! One session channel, owned by one task from its first message to its close.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -7,13 +8,15 @@ use futures_util::StreamExt;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, info};
 
-use crate::{Command, Gateway, OpenRequest, Output, Process, Pty, WindowSize};
+use crate::{Command, Gateway, OpenRequest, Output, Process, Pty, PublicKey, WindowSize};
 
 pub(crate) struct Context<G> {
     pub gateway: Arc<G>,
     pub user: String,
+    pub key: PublicKey,
     pub peer: Option<SocketAddr>,
     pub accept_env: Arc<Vec<String>>,
 }
@@ -89,16 +92,40 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         Command::Shell => "shell".to_owned(),
         Command::Exec(c) => c.clone(),
     };
-    info!(target: "audit", event = "session_start", user = %ctx.user, command = %label, tty = pty.is_some(), "session started");
+    // `?` quotes the command, so a newline in it cannot forge an audit line.
+    info!(target: "audit", event = "session_start", user = %ctx.user, command = ?label, tty = pty.is_some(), "session started");
     let tty = pty.is_some();
     let req = OpenRequest {
         user: ctx.user.clone(),
+        key: ctx.key.clone(),
         peer: ctx.peer,
         command,
         pty,
         env,
     };
-    let process = match ctx.gateway.open(req).await {
+    // Opening can take seconds (container create/start). Keep reading the channel meanwhile:
+    // russh stops the whole connection while one channel's queue is full.
+    let mut early = VecDeque::new();
+    let mut early_bytes = 0;
+    let opened = {
+        let open = ctx.gateway.open(req);
+        tokio::pin!(open);
+        loop {
+            tokio::select! {
+                r = &mut open => break r,
+                msg = rx.wait(), if early_bytes < INPUT_LIMIT => match msg {
+                    Some(m) => {
+                        if let ChannelMsg::Data { data } = &m {
+                            early_bytes += data.len();
+                        }
+                        early.push_back(m);
+                    }
+                    None => return,
+                },
+            }
+        }
+    };
+    let process = match opened {
         Ok(p) => p,
         Err(e) => {
             let mut err = tx.make_writer_ext(Some(1));
@@ -110,52 +137,99 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             return;
         }
     };
-    let status = pump(process, rx, &tx, tty).await;
+    let status = pump(process, early, rx, &tx, tty).await;
     info!(target: "audit", event = "session_end", user = %ctx.user, status = ?status, "session ended");
+}
+
+/// Bytes of client input held for a process that is not reading its stdin yet.
+///
+/// russh re-opens the client's window when data is *received*, not when it is consumed
+/// (research notes §1.4), so the only brake on a fast sender is to stop reading the
+/// channel — and while one channel is not read, russh stops the whole connection, window
+/// adjusts for our own output included. A process blocked on output would then never drain
+/// its input: a deadlock. So input is read into memory up to this bound; only a client that
+/// pushes more than this into a process that neither reads stdin nor gets its output read
+/// can still stall its own connection.
+const INPUT_LIMIT: usize = 64 * 1024 * 1024;
+
+enum Input {
+    Data(bytes::Bytes, OwnedSemaphorePermit),
+    Eof,
 }
 
 /// Runs the process to its end. Returns its exit code, or `None` when the client went
 /// away first (the process is then ended by dropping its control).
+///
+/// The channel is read all the time: stdin is written by its own task, so a process that
+/// is not reading stdin never stops window changes, EOF or a close from arriving, nor its
+/// own output from flowing.
 async fn pump(
     process: Process,
+    early: VecDeque<ChannelMsg>,
     mut rx: russh::ChannelReadHalf,
     tx: &ChannelWriteHalf<Msg>,
     tty: bool,
 ) -> Option<u32> {
     let Process {
-        mut stdin,
+        stdin,
         output,
         mut control,
     } = process;
-    let stdout = tx.make_writer();
-    let stderr = tx.make_writer_ext(Some(1));
-    let out = copy_output(output, stdout, stderr);
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let budget = Arc::new(Semaphore::new(INPUT_LIMIT));
+    let _writer = AbortOnDrop(tokio::spawn(write_stdin(stdin, in_rx)));
+    let out = copy_output(output, tx.make_writer(), tx.make_writer_ext(Some(1)));
     tokio::pin!(out);
-    let mut stdin_open = true;
+    let mut early = early.into_iter();
+    let mut input_open = true;
     loop {
-        tokio::select! {
-            () = &mut out => break,
-            msg = rx.wait() => match msg {
-                Some(ChannelMsg::Data { data }) if stdin_open => {
-                    // Writing stdin must not stop output from flowing, or a process that
-                    // fills its output before reading would deadlock us.
-                    tokio::select! {
-                        r = stdin.write_all(&data) => if r.is_err() { stdin_open = false },
-                        () = &mut out => break,
-                    }
-                }
-                // A terminal has no half-close: closing its input would hang up the session,
-                // so EOF on a TTY session is ignored, as sshd does (`ssh -tt host cmd </dev/null`).
-                Some(ChannelMsg::Eof) if stdin_open && !tty => {
-                    stdin_open = false;
-                    let _ = stdin.shutdown().await;
-                }
-                Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
-                    control.resize(WindowSize { cols: clamp(col_width), rows: clamp(row_height) }).await;
-                }
-                Some(_) => {}
-                None => return None,
+        let msg = match early.next() {
+            Some(m) => Some(m),
+            None => tokio::select! {
+                () = &mut out => break,
+                m = rx.wait() => m,
             },
+        };
+        let item = match msg {
+            Some(ChannelMsg::Data { data }) if input_open => {
+                let n = u32::try_from(data.len().clamp(1, INPUT_LIMIT)).unwrap_or(u32::MAX);
+                let permit = match budget.clone().try_acquire_many_owned(n) {
+                    Ok(p) => p,
+                    // Over the limit: wait for the process to take some in, or to end.
+                    Err(_) => tokio::select! {
+                        () = &mut out => break,
+                        p = budget.clone().acquire_many_owned(n) => match p {
+                            Ok(p) => p,
+                            Err(_) => break,
+                        },
+                    },
+                };
+                Input::Data(data, permit)
+            }
+            // A terminal has no half-close: closing its input would hang up the session,
+            // so EOF on a TTY session is ignored, as sshd does (`ssh -tt host cmd </dev/null`).
+            Some(ChannelMsg::Eof) if input_open && !tty => {
+                input_open = false;
+                Input::Eof
+            }
+            Some(ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                ..
+            }) => {
+                control
+                    .resize(WindowSize {
+                        cols: clamp(col_width),
+                        rows: clamp(row_height),
+                    })
+                    .await;
+                continue;
+            }
+            Some(_) => continue,
+            None => return None,
+        };
+        if in_tx.send(item).is_err() {
+            input_open = false; // the process closed its stdin
         }
     }
     let code = control.wait().await;
@@ -163,6 +237,36 @@ async fn pump(
     let _ = tx.eof().await;
     let _ = tx.close().await;
     Some(code)
+}
+
+/// Feeds the process's stdin; stops quietly when the process no longer reads it.
+async fn write_stdin(
+    mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
+    mut rx: mpsc::UnboundedReceiver<Input>,
+) {
+    while let Some(item) = rx.recv().await {
+        // The permit is given back once its bytes are written.
+        match item {
+            Input::Data(d, _permit) => {
+                if stdin.write_all(&d).await.is_err() {
+                    return;
+                }
+            }
+            Input::Eof => {
+                // Some writers (a pipe) only close when dropped, which returning does.
+                let _ = stdin.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn copy_output(

@@ -202,7 +202,11 @@ fn container_defaults_are_confined() {
     assert_eq!(f("{{.HostConfig.PidsLimit}}"), "200");
     assert_eq!(f("{{.HostConfig.Memory}}"), (512u64 << 20).to_string());
     assert_eq!(f("{{.HostConfig.NanoCpus}}"), "500000000");
-    assert_eq!(f("{{.HostConfig.NetworkMode}}"), "berth");
+    assert_eq!(
+        f("{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}"),
+        "berth"
+    );
+    assert!(f("{{.HostConfig.CapDrop}}").contains("NET_RAW"));
     assert_eq!(f("{{.HostConfig.PidMode}}"), "");
     assert_eq!(f("{{.HostConfig.IpcMode}}"), "private");
     let mounts = f("{{range .Mounts}}{{.Source}}->{{.Destination}}:{{.RW}} {{end}}");

@@ -249,3 +249,43 @@ fn each_user_has_one_persistent_private_container() {
     );
     assert!(!String::from_utf8_lossy(&o.stdout).contains("reached"));
 }
+
+#[test]
+fn a_removed_key_opens_no_new_session_on_an_open_connection() {
+    let d = start();
+    let k1 = d.add_user("alice", BUSYBOX);
+    let k2 = d.keygen("spare");
+    d.berth_ok(&[
+        "user",
+        "key",
+        "add",
+        "alice",
+        "--key",
+        k2.with_extension("pub").to_str().unwrap(),
+    ]);
+    // A multiplexing master connection authenticated with the first key.
+    let sock = d.dir.path().join("mux");
+    let mux = |extra: &[&str]| {
+        let mut c = d.ssh("alice", &k1);
+        c.args(["-S", sock.to_str().unwrap()]).args(extra);
+        c
+    };
+    let st = mux(&["-M", "-f", "-N", "-o", "ControlPersist=60"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = mux(&["echo via-master"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "via-master\n");
+    let fp = d.berth_ok(&["user", "key", "list", "alice", "--json"]);
+    let keys: Vec<serde_json::Value> = serde_json::from_str(&fp).unwrap();
+    let first = keys[0]["fingerprint"].as_str().unwrap().to_owned();
+    d.berth_ok(&["user", "key", "rm", "alice", &first]);
+    let o = mux(&["echo still"]).output().unwrap();
+    let _ = mux(&["-O", "exit"]).output();
+    assert_eq!(o.status.code(), Some(255));
+    assert!(o.stdout.is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "berth: access revoked\r\n"
+    );
+}

@@ -1,0 +1,344 @@
+//! The gateway in-process on 127.0.0.1:0, driven by russh's client, with a fake [`Gateway`]
+//! that runs local processes. Fast checks of the protocol side: auth, exit status after all
+//! output, stdout/stderr apart, EOF, and that a vanished client ends its process.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use berth_ssh::{
+    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, PublicKey,
+    SshConfig, WindowSize, serve,
+};
+use futures_util::future::BoxFuture;
+use futures_util::{StreamExt, stream};
+use russh::ChannelMsg;
+use russh::keys::{Algorithm, PrivateKey, PrivateKeyWithHashAlg};
+use tokio_util::io::ReaderStream;
+use tokio_util::sync::CancellationToken;
+
+struct Fake {
+    alice: PublicKey,
+    opened: AtomicUsize,
+    abandoned: Arc<AtomicUsize>,
+}
+
+struct FakeControl {
+    child: tokio::process::Child,
+    waited: bool,
+    abandoned: Arc<AtomicUsize>,
+}
+
+impl ProcessControl for FakeControl {
+    fn resize(&self, _size: WindowSize) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn wait(&mut self) -> BoxFuture<'_, u32> {
+        Box::pin(async move {
+            self.waited = true;
+            let st = self.child.wait().await.unwrap();
+            u32::try_from(st.code().unwrap_or(255)).unwrap()
+        })
+    }
+}
+
+impl Drop for FakeControl {
+    fn drop(&mut self) {
+        if !self.waited {
+            self.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Gateway for Fake {
+    async fn authorize(&self, user: &str, key: &PublicKey) -> bool {
+        user == "alice" && key.key_data() == self.alice.key_data()
+    }
+
+    async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
+        self.opened.fetch_add(1, Ordering::SeqCst);
+        let Command::Exec(cmd) = req.command else {
+            return Err(OpenError("no shells here".into()));
+        };
+        if let Some(rest) = cmd.strip_prefix("slow-open ") {
+            // Like a container being created: input sent meanwhile must not be lost.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return self.spawn(rest);
+        }
+        if cmd == "refuse" {
+            return Err(OpenError("your container could not be started".into()));
+        }
+        self.spawn(&cmd)
+    }
+}
+
+impl Fake {
+    fn spawn(&self, cmd: &str) -> Result<Process, OpenError> {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", cmd])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = ReaderStream::new(child.stdout.take().unwrap()).map(|r| r.map(Output::Stdout));
+        let err = ReaderStream::new(child.stderr.take().unwrap()).map(|r| r.map(Output::Stderr));
+        Ok(Process {
+            stdin: Box::pin(child.stdin.take().unwrap()),
+            output: Box::pin(stream::select(out, err)),
+            control: Box::new(FakeControl {
+                child,
+                waited: false,
+                abandoned: self.abandoned.clone(),
+            }),
+        })
+    }
+}
+
+struct Client;
+impl russh::client::Handler for Client {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+struct Server {
+    port: u16,
+    alice: PrivateKey,
+    gateway: Arc<Fake>,
+    shutdown: CancellationToken,
+}
+
+async fn server() -> Server {
+    let mut rng = russh::keys::key::safe_rng();
+    let alice = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
+    let host = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
+    let gateway = Arc::new(Fake {
+        alice: alice.public_key().clone(),
+        opened: AtomicUsize::new(0),
+        abandoned: Arc::new(AtomicUsize::new(0)),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(serve(
+        listener,
+        SshConfig::default(),
+        host,
+        gateway.clone(),
+        shutdown.clone(),
+    ));
+    Server {
+        port,
+        alice,
+        gateway,
+        shutdown,
+    }
+}
+
+async fn connect(port: u16, user: &str, key: &PrivateKey) -> Option<russh::client::Handle<Client>> {
+    let config = Arc::new(russh::client::Config::default());
+    let mut h = russh::client::connect(config, ("127.0.0.1", port), Client)
+        .await
+        .unwrap();
+    let r = h
+        .authenticate_publickey(
+            user,
+            PrivateKeyWithHashAlg::new(Arc::new(key.clone()), None),
+        )
+        .await
+        .unwrap();
+    r.success().then_some(h)
+}
+
+#[derive(Debug, Default)]
+struct Run {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    status: Option<u32>,
+    /// Messages in arrival order, abbreviated.
+    trace: Vec<&'static str>,
+}
+
+async fn exec(h: &russh::client::Handle<Client>, cmd: &str, stdin: &[u8]) -> Run {
+    let ch = h.channel_open_session().await.unwrap();
+    ch.exec(true, cmd).await.unwrap();
+    // Write and read at once, as a real client does.
+    let (mut rx, tx) = ch.split();
+    let input = stdin.to_vec();
+    let writer = tokio::spawn(async move {
+        if !input.is_empty() {
+            tx.data(&input[..]).await.unwrap();
+        }
+        tx.eof().await.unwrap();
+        tx
+    });
+    let mut run = Run::default();
+    while let Some(msg) = rx.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => {
+                run.stdout.extend_from_slice(&data);
+                run.trace.push("data");
+            }
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                run.stderr.extend_from_slice(&data);
+                run.trace.push("stderr");
+            }
+            ChannelMsg::ExitStatus { exit_status } => {
+                run.status = Some(exit_status);
+                run.trace.push("exit");
+            }
+            ChannelMsg::Eof => run.trace.push("eof"),
+            ChannelMsg::Close => {
+                run.trace.push("close");
+                break;
+            }
+            _ => {}
+        }
+    }
+    drop(writer.await.unwrap());
+    run
+}
+
+#[tokio::test]
+async fn auth_refuses_unknown_user_and_wrong_key() {
+    let s = server().await;
+    let mut rng = russh::keys::key::safe_rng();
+    let other = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
+    assert!(connect(s.port, "alice", &other).await.is_none());
+    assert!(connect(s.port, "bob", &s.alice).await.is_none());
+    assert!(connect(s.port, "alice", &s.alice).await.is_some());
+    assert_eq!(s.gateway.opened.load(Ordering::SeqCst), 0);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn exit_status_comes_after_all_output() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let run = exec(&h, "head -c 300000 /dev/zero; echo oops >&2; exit 5", b"").await;
+    assert_eq!(run.stdout.len(), 300_000);
+    assert_eq!(run.stderr, b"oops\n");
+    assert_eq!(run.status, Some(5));
+    let exit_at = run.trace.iter().position(|t| *t == "exit").unwrap();
+    assert!(
+        run.trace[..exit_at]
+            .iter()
+            .all(|t| *t == "data" || *t == "stderr"),
+        "{:?}",
+        run.trace
+    );
+    assert_eq!(&run.trace[exit_at..], ["exit", "eof", "close"]);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn stdin_reaches_the_process_with_eof() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 256) as u8).collect();
+    let run = exec(&h, "cat", &data).await;
+    assert_eq!(run.status, Some(0));
+    assert!(run.stdout == data);
+    // Several sessions on one connection run side by side.
+    let (a, b) = tokio::join!(exec(&h, "echo a", b""), exec(&h, "echo b", b""));
+    assert_eq!((a.stdout, b.stdout), (b"a\n".to_vec(), b"b\n".to_vec()));
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_process_that_reads_no_stdin_still_finishes() {
+    // The client pushes more input than any buffer while the process ignores stdin and
+    // writes a lot: output, exit status and close must still come through.
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let data = vec![b'x'; 8 * 1024 * 1024];
+    let run = tokio::time::timeout(
+        Duration::from_secs(30),
+        exec(&h, "head -c 5000000 /dev/zero; sleep 0.2; exit 9", &data),
+    )
+    .await
+    .expect("session stalled");
+    assert_eq!(run.stdout.len(), 5_000_000);
+    assert_eq!(run.status, Some(9));
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn input_sent_while_the_process_opens_is_kept() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let data = vec![b'y'; 3 * 1024 * 1024];
+    let run = exec(&h, "slow-open wc -c", &data).await;
+    assert_eq!(
+        String::from_utf8_lossy(&run.stdout).trim(),
+        data.len().to_string()
+    );
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn sessions_per_connection_are_capped() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..SshConfig::default().max_sessions {
+        let ch = h.channel_open_session().await.unwrap();
+        ch.exec(true, "sleep 5").await.unwrap();
+        open.push(ch);
+    }
+    assert!(
+        h.channel_open_session().await.is_err(),
+        "one session too many was accepted"
+    );
+    drop(open);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_refused_open_gets_one_line_and_255() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let run = exec(&h, "refuse", b"").await;
+    assert_eq!(run.status, Some(255));
+    assert_eq!(
+        run.stderr,
+        b"berth: your container could not be started\r\n"
+    );
+    assert!(run.stdout.is_empty());
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_vanished_client_abandons_its_process() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let ch = h.channel_open_session().await.unwrap();
+    ch.exec(true, "sleep 30").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.gateway.opened.load(Ordering::SeqCst), 1);
+    drop(ch);
+    drop(h); // the TCP connection goes away without an exit status
+    let mut gone = false;
+    for _ in 0..50 {
+        if s.gateway.abandoned.load(Ordering::SeqCst) == 1 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the process control was not dropped");
+    s.shutdown.cancel();
+}
