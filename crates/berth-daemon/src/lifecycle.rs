@@ -422,3 +422,227 @@ async fn sleep_until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use berth_proto::{AuthorizedKey, ImageName};
+    use berth_runtime::FakeRuntime;
+
+    use super::*;
+
+    const KEY: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl t";
+
+    fn setup(
+        idle_ms: u64,
+        rt: FakeRuntime,
+        users: &[&str],
+    ) -> (Arc<Lifecycle<FakeRuntime>>, Arc<FakeRuntime>, Store) {
+        let store = Store::open_in_memory().unwrap();
+        for u in users {
+            store
+                .add_user(
+                    &UserName::parse(u).unwrap(),
+                    &ImageName::parse("img").unwrap(),
+                    &[AuthorizedKey::parse_line(KEY).unwrap()],
+                )
+                .unwrap();
+        }
+        let rt = Arc::new(rt);
+        let settings = Settings {
+            prefix: "t-".into(),
+            instance: "inst".into(),
+            network: "net".into(),
+            guest_dir: PathBuf::from("/nonexistent"),
+            limits: Limits {
+                memory_bytes: None,
+                nano_cpus: None,
+                pids: 100,
+            },
+            idle_stop: Duration::from_millis(idle_ms),
+            stop_timeout_secs: 1,
+        };
+        (
+            Lifecycle::new(rt.clone(), store.clone(), settings),
+            rt,
+            store,
+        )
+    }
+
+    fn alice() -> UserName {
+        UserName::parse("alice").unwrap()
+    }
+
+    fn running(rt: &FakeRuntime, name: &str) -> Option<bool> {
+        rt.container(name).map(|c| c.running)
+    }
+
+    async fn settle(lc: &Arc<Lifecycle<FakeRuntime>>, user: &UserName, n: u32) {
+        for _ in 0..100 {
+            if lc.sessions(user) == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("sessions never reached {n}");
+    }
+
+    #[tokio::test]
+    async fn concurrent_first_acquires_create_one_container() {
+        let rt = FakeRuntime::with_images(&["img"]).with_create_delay(Duration::from_millis(50));
+        let (lc, rt, _) = setup(100, rt, &["alice"]);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let lc = lc.clone();
+                tokio::spawn(async move { lc.acquire(&alice()).await })
+            })
+            .collect();
+        let mut leases = Vec::new();
+        for t in tasks {
+            leases.push(t.await.unwrap().unwrap());
+        }
+        assert_eq!(FakeRuntime::count(&rt.creates), 1);
+        assert!(
+            leases
+                .iter()
+                .all(|l| l.container() == leases[0].container())
+        );
+        settle(&lc, &alice(), 20).await;
+        drop(leases);
+        settle(&lc, &alice(), 0).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(running(&rt, "t-alice"), Some(false));
+        assert_eq!(FakeRuntime::count(&rt.stops), 1);
+    }
+
+    #[tokio::test]
+    async fn an_acquire_in_the_grace_period_cancels_the_stop() {
+        let (lc, rt, _) = setup(300, FakeRuntime::with_images(&["img"]), &["alice"]);
+        drop(lc.acquire(&alice()).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let lease = lc.acquire(&alice()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(
+            running(&rt, "t-alice"),
+            Some(true),
+            "stopped under an open session"
+        );
+        assert_eq!(FakeRuntime::count(&rt.stops), 0);
+        drop(lease);
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(running(&rt, "t-alice"), Some(false));
+        // The next acquire starts the same container again.
+        let _lease = lc.acquire(&alice()).await.unwrap();
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        assert_eq!(FakeRuntime::count(&rt.creates), 1);
+        assert_eq!(FakeRuntime::count(&rt.starts), 2);
+    }
+
+    #[tokio::test]
+    async fn daemon_mode_keeps_it_running() {
+        let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
+        drop(lc.acquire(&alice()).await.unwrap());
+        let conn_store = store.clone();
+        tokio::task::spawn_blocking(move || conn_store.set_daemon_mode(&alice(), true))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+    }
+
+    #[tokio::test]
+    async fn remove_with_sessions_open_and_after() {
+        let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
+        let lease = lc.acquire(&alice()).await.unwrap();
+        lc.remove(&alice()).await.unwrap();
+        assert!(rt.container("t-alice").is_none());
+        assert!(matches!(
+            store.user(&alice()),
+            Err(StoreError::UserNotFound(_))
+        ));
+        drop(lease); // a late release must not upset anything
+        // A new acquire fails: the user is gone, and no container is made.
+        let err = lc.acquire(&alice()).await.err().unwrap();
+        assert!(
+            matches!(err, LifecycleError::Store(StoreError::UserNotFound(_))),
+            "{err}"
+        );
+        assert!(rt.container("t-alice").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_foreign_container_is_never_touched() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        rt.insert(ContainerInfo {
+            id: "other".into(),
+            name: "t-alice".into(),
+            running: true,
+            labels: HashMap::from([(LABEL_USER.to_owned(), "alice".to_owned())]),
+        });
+        let (lc, rt, _) = setup(50, rt, &["alice"]);
+        assert!(matches!(
+            lc.acquire(&alice()).await,
+            Err(LifecycleError::Foreign(_))
+        ));
+        assert!(matches!(
+            lc.remove(&alice()).await,
+            Err(LifecycleError::Foreign(_))
+        ));
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        assert_eq!(
+            FakeRuntime::count(&rt.stops) + FakeRuntime::count(&rt.removes),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_image_fails_cleanly() {
+        let (lc, rt, _) = setup(50, FakeRuntime::with_images(&[]), &["alice"]);
+        let err = lc.acquire(&alice()).await.err().unwrap();
+        assert!(
+            matches!(err, LifecycleError::Runtime(RuntimeError::ImageNotFound(_))),
+            "{err}"
+        );
+        assert!(rt.container("t-alice").is_none());
+        assert_eq!(lc.sessions(&alice()), 0);
+    }
+
+    #[tokio::test]
+    async fn reconcile_adopts_own_running_containers_only() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        let labels = |u: &str| {
+            HashMap::from([
+                (LABEL_USER.to_owned(), u.to_owned()),
+                (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
+            ])
+        };
+        rt.insert(ContainerInfo {
+            id: "a".into(),
+            name: "t-alice".into(),
+            running: true,
+            labels: labels("alice"),
+        });
+        rt.insert(ContainerInfo {
+            id: "g".into(),
+            name: "t-ghost".into(),
+            running: true,
+            labels: labels("ghost"),
+        });
+        let (lc, rt, _) = setup(50, rt, &["alice"]);
+        lc.reconcile().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            running(&rt, "t-alice"),
+            Some(false),
+            "adopted container not stopped after the grace"
+        );
+        assert_eq!(
+            running(&rt, "t-ghost"),
+            Some(true),
+            "a container of an unknown user was touched"
+        );
+    }
+}

@@ -9,6 +9,8 @@
 
 mod docker;
 mod exec;
+#[cfg(feature = "test-util")]
+mod fake;
 mod process;
 
 use std::collections::HashMap;
@@ -21,6 +23,8 @@ use futures_util::Stream;
 use tokio::io::AsyncWrite;
 
 pub use docker::DockerRuntime;
+#[cfg(feature = "test-util")]
+pub use fake::FakeRuntime;
 pub use process::ProcessGuard;
 
 #[derive(Debug, thiserror::Error)]

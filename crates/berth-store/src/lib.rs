@@ -137,6 +137,18 @@ impl Store {
         Ok(())
     }
 
+    /// Daemon mode on: the container keeps running with no session open.
+    pub fn set_daemon_mode(&self, name: &UserName, on: bool) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE users SET daemon_mode = ?2 WHERE name = ?1",
+            params![name.as_str(), on],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
     pub fn user(&self, name: &UserName) -> Result<UserRecord, StoreError> {
         let conn = self.conn()?;
         let row = conn
@@ -336,6 +348,12 @@ mod tests {
         assert!(s.key_authorized("alice", &fp).unwrap());
         assert!(!s.key_authorized("bob", &fp).unwrap());
         assert!(!s.key_authorized("alice", &key(K2).fingerprint).unwrap());
+        s.set_daemon_mode(&user("alice"), true).unwrap();
+        assert!(s.user(&user("alice")).unwrap().daemon_mode);
+        assert!(matches!(
+            s.set_daemon_mode(&user("zed"), true),
+            Err(StoreError::UserNotFound(_))
+        ));
         s.remove_user(&user("alice")).unwrap();
         assert!(!s.key_authorized("alice", &fp).unwrap());
         assert!(matches!(

@@ -1,0 +1,311 @@
+//! An in-memory [`Runtime`] for fast tests of the code above the runtime (behind the
+//! `test-util` feature). Containers are records; an exec runs its command as a local
+//! process, so sessions can be driven end to end without Docker. Counts every operation so
+//! tests can assert, for example, that concurrent logins created one container.
+
+use std::collections::{HashMap, HashSet};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use tokio_util::io::ReaderStream;
+
+use crate::{
+    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, Output, ProcessGuard, Runtime,
+    RuntimeError, TtySize,
+};
+
+#[derive(Default)]
+pub struct FakeRuntime {
+    containers: Mutex<HashMap<String, ContainerInfo>>,
+    images: Mutex<HashSet<String>>,
+    exits: Arc<Mutex<HashMap<String, i64>>>,
+    next_id: AtomicUsize,
+    /// How long a create takes, to widen race windows in tests.
+    pub create_delay: Duration,
+    pub creates: AtomicUsize,
+    pub starts: AtomicUsize,
+    pub stops: AtomicUsize,
+    pub removes: AtomicUsize,
+}
+
+impl FakeRuntime {
+    pub fn with_images(images: &[&str]) -> Self {
+        let rt = Self::default();
+        if let Ok(mut i) = rt.images.lock() {
+            i.extend(images.iter().map(|s| (*s).to_owned()));
+        }
+        rt
+    }
+
+    pub fn with_create_delay(mut self, delay: Duration) -> Self {
+        self.create_delay = delay;
+        self
+    }
+
+    /// Puts a container in place as if someone else had made it.
+    pub fn insert(&self, info: ContainerInfo) {
+        if let Ok(mut c) = self.containers.lock() {
+            c.insert(info.name.clone(), info);
+        }
+    }
+
+    pub fn container(&self, name: &str) -> Option<ContainerInfo> {
+        self.containers.lock().ok()?.get(name).cloned()
+    }
+
+    pub fn count(counter: &AtomicUsize) -> usize {
+        counter.load(Ordering::SeqCst)
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<String, ContainerInfo>) -> T,
+    ) -> Result<T, RuntimeError> {
+        let mut c = self
+            .containers
+            .lock()
+            .map_err(|_| RuntimeError::Docker("fake poisoned".into()))?;
+        Ok(f(&mut c))
+    }
+
+    fn by_id<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerInfo) -> T,
+    ) -> Result<T, RuntimeError> {
+        self.with(|c| c.values_mut().find(|i| i.id == id || i.name == id).map(f))?
+            .ok_or_else(|| RuntimeError::ContainerNotFound(id.to_owned()))
+    }
+}
+
+impl Runtime for FakeRuntime {
+    async fn version(&self) -> Result<EngineVersion, RuntimeError> {
+        Ok(EngineVersion {
+            version: "fake".into(),
+            api_version: "1.41".into(),
+        })
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self
+            .images
+            .lock()
+            .map(|i| i.contains(image))
+            .unwrap_or(false))
+    }
+
+    async fn ensure_network(&self, name: &str) -> Result<String, RuntimeError> {
+        Ok(format!("net-{name}"))
+    }
+
+    async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        self.with(|c| c.get(name).cloned())
+    }
+
+    async fn list(&self, key: &str, value: &str) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        self.with(|c| {
+            c.values()
+                .filter(|i| i.labels.get(key).map(String::as_str) == Some(value))
+                .cloned()
+                .collect()
+        })
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        tokio::time::sleep(self.create_delay).await;
+        if !self.image_exists(&spec.image).await? {
+            return Err(RuntimeError::ImageNotFound(spec.image.clone()));
+        }
+        let id = format!("fake{:060}", self.next_id.fetch_add(1, Ordering::SeqCst));
+        let info = ContainerInfo {
+            id: id.clone(),
+            name: spec.name.clone(),
+            running: false,
+            labels: spec.labels.clone(),
+        };
+        let created = self.with(|c| {
+            if c.contains_key(&spec.name) {
+                false
+            } else {
+                c.insert(spec.name.clone(), info);
+                true
+            }
+        })?;
+        if !created {
+            return Err(RuntimeError::Docker(format!(
+                "conflict: name {} in use",
+                spec.name
+            )));
+        }
+        self.creates.fetch_add(1, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.by_id(id, |i| i.running = true)?;
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _timeout_secs: i32) -> Result<(), RuntimeError> {
+        self.by_id(id, |i| i.running = false)?;
+        self.stops.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.with(|c| c.retain(|_, i| i.id != id))?;
+        self.removes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
+        if !self.by_id(container, |i| i.running)? {
+            return Err(RuntimeError::Docker("container is not running".into()));
+        }
+        let (program, args) = spec
+            .cmd
+            .split_first()
+            .ok_or_else(|| RuntimeError::Docker("empty command".into()))?;
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .env_clear()
+            .envs(spec.env.iter().filter_map(|kv| kv.split_once('=')))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        let id = format!("exec{}", self.next_id.fetch_add(1, Ordering::SeqCst));
+        let io = |e: std::io::Error| RuntimeError::Docker(e.to_string());
+        let stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| RuntimeError::Docker("no stdin".into()))?;
+        let out = ReaderStream::new(
+            child
+                .stdout
+                .take()
+                .ok_or_else(|| RuntimeError::Docker("no stdout".into()))?,
+        )
+        .map(move |r| r.map(Output::Stdout).map_err(io));
+        let err = ReaderStream::new(
+            child
+                .stderr
+                .take()
+                .ok_or_else(|| RuntimeError::Docker("no stderr".into()))?,
+        )
+        .map(move |r| r.map(Output::Stderr).map_err(io));
+        // The exit code is recorded once the output has ended, as with Docker.
+        let exits = self.exits.clone();
+        let exec_id = id.clone();
+        let record = stream::once(async move {
+            let code = child
+                .wait()
+                .await
+                .ok()
+                .and_then(|s| s.code())
+                .map_or(-1, i64::from);
+            if let Ok(mut e) = exits.lock() {
+                e.insert(exec_id, code);
+            }
+        })
+        .filter_map(|()| async { None });
+        let output = stream::select(out, err).chain(record);
+        let guard = ProcessGuard::default();
+        Ok(Exec {
+            id,
+            stdin: Box::pin(stdin),
+            output: Box::pin(output),
+            guard,
+        })
+    }
+
+    async fn resize_exec(&self, _exec_id: &str, _size: TtySize) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {
+        Ok(self
+            .exits
+            .lock()
+            .ok()
+            .and_then(|e| e.get(exec_id).copied())
+            .unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::Limits;
+
+    #[tokio::test]
+    async fn exec_runs_and_reports_its_exit_code() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        let spec = ContainerSpec {
+            name: "c".into(),
+            image: "img".into(),
+            hostname: "c".into(),
+            labels: HashMap::new(),
+            guest_dir: PathBuf::new(),
+            limits: Limits {
+                memory_bytes: None,
+                nano_cpus: None,
+                pids: 10,
+            },
+            network: "n".into(),
+        };
+        let id = rt.create(&spec).await.unwrap();
+        assert!(
+            rt.exec(
+                &id,
+                ExecSpec {
+                    cmd: vec!["true".into()],
+                    env: vec![],
+                    tty: None
+                }
+            )
+            .await
+            .is_err()
+        );
+        rt.start(&id).await.unwrap();
+        let cmd = vec!["sh".into(), "-c".into(), "cat; echo err >&2; exit 3".into()];
+        let mut exec = rt
+            .exec(
+                &id,
+                ExecSpec {
+                    cmd,
+                    env: vec![],
+                    tty: None,
+                },
+            )
+            .await
+            .unwrap();
+        exec.stdin.write_all(b"in").await.unwrap();
+        exec.stdin.shutdown().await.unwrap();
+        drop(exec.stdin);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Some(chunk) = exec.output.next().await {
+            match chunk.unwrap() {
+                Output::Stdout(b) => out.extend_from_slice(&b),
+                Output::Stderr(b) => err.extend_from_slice(&b),
+            }
+        }
+        assert_eq!(
+            (out.as_slice(), err.as_slice()),
+            (&b"in"[..], &b"err\n"[..])
+        );
+        assert_eq!(rt.exec_exit_code(&exec.id).await.unwrap(), 3);
+    }
+}
