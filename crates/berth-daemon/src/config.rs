@@ -48,6 +48,9 @@ pub struct Config {
     pub login_grace_seconds: u64,
     /// Sessions one SSH connection may have open at once.
     pub max_sessions: usize,
+    /// Connections from one address that may fail to log in per minute before further
+    /// connections from it are closed at once; 0 = no limit.
+    pub max_auth_failures_per_minute: usize,
     pub limits: LimitsConfig,
 }
 
@@ -79,6 +82,7 @@ impl Default for Config {
             max_connections: 1000,
             login_grace_seconds: 30,
             max_sessions: 10,
+            max_auth_failures_per_minute: 30,
             limits: LimitsConfig::default(),
         }
     }

@@ -103,6 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_connections: config.max_connections,
         login_grace: Duration::from_secs(config.login_grace_seconds),
         max_sessions: config.max_sessions,
+        max_auth_failures_per_minute: config.max_auth_failures_per_minute,
         accept_env: config.accept_env.clone(),
     };
     let admin_state = Arc::new(AdminState {

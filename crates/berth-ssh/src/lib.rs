@@ -24,6 +24,7 @@ mod handler;
 mod hostkey;
 mod server;
 mod session;
+mod throttle;
 
 use std::future::Future;
 use std::io;

@@ -17,6 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
 use crate::handler::Connection;
+use crate::throttle::Throttle;
 
 /// Gateway settings that come from Berth's config.
 #[derive(Debug, Clone)]
@@ -29,6 +30,9 @@ pub struct SshConfig {
     pub login_grace: Duration,
     /// Session channels one connection may have open at once (OpenSSH's MaxSessions).
     pub max_sessions: usize,
+    /// Refused logins per minute after which an address's connections are closed at once
+    /// until its failures age out; 0 = no limit.
+    pub max_auth_failures_per_minute: usize,
     /// Client environment variables passed into sessions (exact names, or a prefix ending
     /// in `*`), like OpenSSH's AcceptEnv.
     pub accept_env: Vec<String>,
@@ -42,6 +46,7 @@ impl Default for SshConfig {
             max_connections: 1000,
             login_grace: Duration::from_secs(30),
             max_sessions: 10,
+            max_auth_failures_per_minute: 30,
             accept_env: vec!["LANG".into(), "LC_*".into()],
         }
     }
@@ -79,6 +84,7 @@ pub async fn serve<G: Gateway>(
     });
     let accept_env = Arc::new(config.accept_env);
     let permits = Arc::new(Semaphore::new(config.max_connections));
+    let throttle = Arc::new(Throttle::new(config.max_auth_failures_per_minute));
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -94,6 +100,10 @@ pub async fn serve<G: Gateway>(
                     }
                     Err(e) => return Err(ServerError::Accept(e)),
                 };
+                if throttle.blocked(peer.ip()) {
+                    debug!(%peer, "connection refused: too many failed logins from this address");
+                    continue;
+                }
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
                     warn!(%peer, "connection refused: max_connections reached");
                     continue;
@@ -106,13 +116,18 @@ pub async fn serve<G: Gateway>(
                     authenticated.clone(),
                     config.max_sessions,
                 );
+                let throttle = throttle.clone();
                 let cfg = russh_config.clone();
                 let shutdown = shutdown.clone();
                 let grace = config.login_grace;
                 conns.spawn(
                     async move {
                         let _permit = permit;
-                        connection(cfg, stream, peer, handler, shutdown, authenticated, grace).await;
+                        connection(cfg, stream, peer, handler, shutdown, authenticated.clone(), grace).await;
+                        // A connection that never authenticated counts against its address.
+                        if !authenticated.load(Ordering::SeqCst) {
+                            throttle.record_failure(peer.ip());
+                        }
                     }
                     .instrument(info_span!("conn", %peer)),
                 );

@@ -122,6 +122,10 @@ struct Server {
 }
 
 async fn server() -> Server {
+    server_with(SshConfig::default()).await
+}
+
+async fn server_with(config: SshConfig) -> Server {
     let mut rng = russh::keys::key::safe_rng();
     let alice = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
     let host = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
@@ -135,7 +139,7 @@ async fn server() -> Server {
     let shutdown = CancellationToken::new();
     tokio::spawn(serve(
         listener,
-        SshConfig::default(),
+        config,
         host,
         gateway.clone(),
         shutdown.clone(),
@@ -150,9 +154,10 @@ async fn server() -> Server {
 
 async fn connect(port: u16, user: &str, key: &PrivateKey) -> Option<russh::client::Handle<Client>> {
     let config = Arc::new(russh::client::Config::default());
+    // A refused address sees its connection closed: that is a failed connect here.
     let mut h = russh::client::connect(config, ("127.0.0.1", port), Client)
         .await
-        .unwrap();
+        .ok()?;
     let r = h
         .authenticate_publickey(
             user,
@@ -221,6 +226,26 @@ async fn auth_refuses_unknown_user_and_wrong_key() {
     assert!(connect(s.port, "bob", &s.alice).await.is_none());
     assert!(connect(s.port, "alice", &s.alice).await.is_some());
     assert_eq!(s.gateway.opened.load(Ordering::SeqCst), 0);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn repeated_failures_close_an_address_out() {
+    let s = server_with(SshConfig {
+        max_auth_failures_per_minute: 3,
+        ..SshConfig::default()
+    })
+    .await;
+    let mut rng = russh::keys::key::safe_rng();
+    let other = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
+    assert!(connect(s.port, "alice", &s.alice).await.is_some());
+    for _ in 0..3 {
+        assert!(connect(s.port, "alice", &other).await.is_none());
+    }
+    // The failures are recorded as their connections close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Now even the right key is turned away: the connection is closed before the handshake.
+    assert!(connect(s.port, "alice", &s.alice).await.is_none());
     s.shutdown.cancel();
 }
 

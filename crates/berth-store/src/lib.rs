@@ -183,7 +183,7 @@ impl Store {
         let conn = self.conn()?;
         ensure_user(&conn, name)?;
         let mut stmt = conn.prepare(
-            "SELECT fingerprint, algorithm, comment FROM keys WHERE user = ?1 ORDER BY added_at, fingerprint",
+            "SELECT fingerprint, algorithm, comment FROM keys WHERE user = ?1 ORDER BY rowid",
         )?;
         let keys = stmt
             .query_map([name.as_str()], |r| {
