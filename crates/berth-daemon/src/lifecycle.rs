@@ -358,6 +358,7 @@ impl<R: Runtime> OwnerTask<R> {
             guest_dir: s.guest_dir.clone(),
             limits: s.limits.clone(),
             network: s.network.clone(),
+            mounts: vec![],
         }
     }
 

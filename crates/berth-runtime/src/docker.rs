@@ -7,12 +7,13 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
+    ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
     NetworkCreateRequest,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, ListNetworksOptionsBuilder,
-    RemoveContainerOptionsBuilder, ResizeExecOptions, StopContainerOptionsBuilder,
+    CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
+    ListNetworksOptionsBuilder, RemoveContainerOptionsBuilder, ResizeExecOptions,
+    StopContainerOptionsBuilder,
 };
 
 use crate::exec::{demux_output, raw_output, start_attached};
@@ -272,13 +273,23 @@ impl Runtime for DockerRuntime {
             cap_drop: Some(vec!["NET_RAW".into()]),
             privileged: Some(false),
             network_mode: Some(spec.network.clone()),
-            mounts: Some(vec![Mount {
-                typ: Some(MountType::BIND),
-                source: Some(spec.guest_dir.to_string_lossy().into_owned()),
-                target: Some(GUEST_MOUNT.into()),
-                read_only: Some(true),
-                ..Default::default()
-            }]),
+            mounts: Some(
+                std::iter::once(Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(spec.guest_dir.to_string_lossy().into_owned()),
+                    target: Some(GUEST_MOUNT.into()),
+                    read_only: Some(true),
+                    ..Default::default()
+                })
+                .chain(spec.mounts.iter().map(|m| Mount {
+                    typ: Some(MountType::BIND),
+                    source: Some(m.source.to_string_lossy().into_owned()),
+                    target: Some(m.target.clone()),
+                    read_only: Some(m.read_only),
+                    ..Default::default()
+                }))
+                .collect(),
+            ),
             ..Default::default()
         };
         let body = ContainerCreateBody {
@@ -408,6 +419,52 @@ impl Runtime for DockerRuntime {
             .resize_exec(exec_id, opts)
             .await
             .map_err(map_err)
+    }
+
+    async fn commit(&self, container: &str, repo: &str, tag: &str) -> Result<String, RuntimeError> {
+        let opts = CommitContainerOptionsBuilder::default()
+            .container(container)
+            .repo(repo)
+            .tag(tag)
+            .comment("berth commit")
+            .pause(true)
+            .build();
+        // A big container takes a while to copy: allow well past the default timeout.
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let r = docker
+            .commit_container(opts, ContainerConfig::default())
+            .await
+            .map_err(map_err)?;
+        Ok(r.id)
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
+        match self
+            .docker
+            .remove_image(
+                image,
+                None::<bollard::query_parameters::RemoveImageOptions>,
+                None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_404(&e) => Ok(()),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
+        match self.docker.inspect_container(container, None).await {
+            Ok(c) => Ok(c
+                .state
+                .filter(|s| s.running == Some(true))
+                .and_then(|s| s.pid)
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0)),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {

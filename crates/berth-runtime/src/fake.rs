@@ -225,6 +225,30 @@ impl Runtime for FakeRuntime {
         })
     }
 
+    async fn commit(&self, container: &str, repo: &str, tag: &str) -> Result<String, RuntimeError> {
+        self.by_id(container, |_| ())?;
+        let image = format!("{repo}:{tag}");
+        if let Ok(mut i) = self.images.lock() {
+            i.insert(image);
+        }
+        Ok(format!(
+            "sha256:fake{}",
+            self.next_id.fetch_add(1, Ordering::SeqCst)
+        ))
+    }
+
+    async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
+        if let Ok(mut i) = self.images.lock() {
+            i.remove(image);
+        }
+        Ok(())
+    }
+
+    async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
+        // No process stands behind a fake container.
+        self.by_id(container, |_| None)
+    }
+
     async fn resize_exec(&self, _exec_id: &str, _size: TtySize) -> Result<(), RuntimeError> {
         Ok(())
     }
@@ -265,6 +289,7 @@ mod tests {
                 pids: 10,
             },
             network: "n".into(),
+            mounts: vec![],
         };
         let id = rt.create(&spec).await.unwrap();
         assert!(

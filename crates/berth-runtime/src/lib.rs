@@ -53,6 +53,15 @@ pub struct ContainerSpec {
     pub limits: Limits,
     /// The Docker network id to attach to (from [`Runtime::ensure_network`]).
     pub network: String,
+    /// Further bind mounts.
+    pub mounts: Vec<BindMount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: String,
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,4 +165,19 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         exec_id: &str,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
+    /// Saves the container as image `repo:tag`; returns the image id. The container keeps
+    /// running (it is paused for the moment of the copy).
+    fn commit(
+        &self,
+        container: &str,
+        repo: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Removes an image; a missing one is not an error.
+    fn remove_image(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The host PID of a running container's init process.
+    fn init_pid(
+        &self,
+        container: &str,
+    ) -> impl Future<Output = Result<Option<i32>, RuntimeError>> + Send;
 }

@@ -274,7 +274,10 @@ fn a_removed_key_opens_no_new_session_on_an_open_connection() {
         .status()
         .unwrap();
     assert!(st.success());
-    assert!(mux(&["-O", "check"]).output().unwrap().status.success(), "no master");
+    assert!(
+        mux(&["-O", "check"]).output().unwrap().status.success(),
+        "no master"
+    );
     let o = mux(&["echo via-master"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "via-master\n");
     // Remove the master's key (given as its file).
