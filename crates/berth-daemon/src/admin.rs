@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path as UrlPath, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
@@ -222,6 +222,7 @@ async fn user_infos<R: Runtime>(
                 sessions: st.lifecycle.sessions(&u.name),
                 name: u.name,
                 image: u.image,
+                committed_image: u.committed_image,
                 container: state,
                 daemon_mode: u.daemon_mode,
                 keys: u.keys,
@@ -278,10 +279,17 @@ async fn add_user<R: Runtime>(
     Ok((StatusCode::CREATED, Json(info)))
 }
 
+#[derive(serde::Deserialize)]
+struct RemoveQuery {
+    #[serde(default)]
+    keep_image: bool,
+}
+
 async fn remove_user<R: Runtime>(
     ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
+    Query(q): Query<RemoveQuery>,
 ) -> Result<Json<UserInfo>> {
     authorize(&peer)?;
     let name = parse_name(&name)?;
@@ -289,7 +297,7 @@ async fn remove_user<R: Runtime>(
     let n = name.clone();
     let user = blocking(move || store.user(&n)).await?;
     let mut before = user_infos(&st, vec![user]).await?;
-    st.lifecycle.remove(&name).await?;
+    st.lifecycle.remove(&name, q.keep_image).await?;
     info!(target: "audit", event = "user_remove", user = %name, "user removed");
     before
         .pop()

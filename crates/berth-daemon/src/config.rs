@@ -35,6 +35,8 @@ pub struct Config {
     pub stop_timeout_seconds: u32,
     /// Container names are this prefix followed by the user name.
     pub container_prefix: String,
+    /// `commit` saves a user's container as the image `REPOSITORY/USER:latest`.
+    pub commit_repository: String,
     /// The Docker network users' containers join (created with inter-container traffic off).
     pub network: String,
     /// The static `berth-guest` helper; default: `berth-guest` next to the `berth` binary.
@@ -74,6 +76,7 @@ impl Default for Config {
             idle_stop_seconds: 10,
             stop_timeout_seconds: 10,
             container_prefix: "berth-".into(),
+            commit_repository: "berth".into(),
             network: "berth".into(),
             guest_binary: None,
             accept_env: vec!["LANG".into(), "LC_*".into()],
@@ -161,6 +164,14 @@ impl Config {
             return Err(format!(
                 "container_prefix {:?} is not a valid container name start",
                 self.container_prefix
+            ));
+        }
+        if berth_proto::ImageName::parse(&format!("{}/x:latest", self.commit_repository)).is_err()
+            || self.commit_repository.contains([':', '@'])
+        {
+            return Err(format!(
+                "commit_repository {:?} is not a valid image repository",
+                self.commit_repository
             ));
         }
         Ok(())

@@ -11,7 +11,7 @@ use berth_ssh::{
 use berth_store::Store;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::blocking;
 use crate::lifecycle::{Lease, Lifecycle, LifecycleError};
@@ -62,6 +62,13 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         if !self.authorize(&req.user, &req.key).await {
             return Err(OpenError("access revoked".into()));
         }
+        if let Command::Exec(cmd) = &req.command
+            && let Some(word) = HostWord::parse(cmd)
+        {
+            info!(target: "audit", event = "host_word", user = %user, word = word.as_str(), "host-side command");
+            let (out, err, code) = self.host_word(&user, word).await;
+            return Ok(text_process(out, err, code, req.pty.is_some()));
+        }
         let lease = self.lifecycle.acquire(&user).await.map_err(|e| {
             error!(user = %user, error = %e, "login failed: no running container");
             OpenError(login_error(&e))
@@ -79,7 +86,166 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
     }
 }
 
+/// The seed's words, answered by the daemon itself when they are the whole command line.
+/// Anything else, `commit now` included, runs in the container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostWord {
+    Commit,
+    Stop,
+    Remove,
+    Port,
+    Freeport,
+    Status,
+    Help,
+}
+
+impl HostWord {
+    pub fn parse(cmd: &str) -> Option<Self> {
+        Some(match cmd.trim() {
+            "commit" => Self::Commit,
+            "stop" => Self::Stop,
+            "remove" => Self::Remove,
+            "port" => Self::Port,
+            "freeport" => Self::Freeport,
+            "status" => Self::Status,
+            "help" => Self::Help,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Commit => "commit",
+            Self::Stop => "stop",
+            Self::Remove => "remove",
+            Self::Port => "port",
+            Self::Freeport => "freeport",
+            Self::Status => "status",
+            Self::Help => "help",
+        }
+    }
+}
+
+const HELP: &str = "\
+commands run by berth itself (the whole command line is the word):
+  commit    save your container as your own image; new containers are made from it
+  stop      stop your container now (your open sessions end)
+  remove    remove your container (your image stays); the next login makes a fresh one
+  port      the port this server's SSH listens on (also $SSH_PORT in every session)
+  freeport  a TCP port free right now in your container, for ssh -R PORT:...
+  status    your container's state, sessions, daemon mode and image
+  help      this text
+inside your container:
+  daemon    keep your container running when no session is open
+  nodaemon  stop it again a few seconds after your last session
+  stopnow   stop your container now
+";
+
+/// Ports `freeport` picks from (the IANA dynamic range).
+const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+
 impl<R: Runtime> BerthGateway<R> {
+    /// Runs a host word; returns stdout, stderr and the exit code.
+    async fn host_word(&self, user: &UserName, word: HostWord) -> (String, String, u32) {
+        let lc = &self.lifecycle;
+        let result: Result<(String, String), LifecycleError> = match word {
+            HostWord::Help => Ok((HELP.to_owned(), String::new())),
+            HostWord::Port => Ok((format!("{}\n", self.port), String::new())),
+            HostWord::Commit => lc.commit(user).await.map(|c| {
+                (
+                    format!("{}\n", c.id),
+                    format!(
+                        "saved your container as {}; your next new container is made from it\n",
+                        c.image
+                    ),
+                )
+            }),
+            HostWord::Stop => lc.stop(user).await.map(|stopped| {
+                let msg = if stopped {
+                    "stopped your container"
+                } else {
+                    "your container is not running"
+                };
+                (format!("{msg}\n"), String::new())
+            }),
+            HostWord::Remove => lc.remove_container(user).await.map(|removed| {
+                let msg = if removed {
+                    "removed your container; your next login creates a fresh one from your image"
+                } else {
+                    "you have no container"
+                };
+                (format!("{msg}\n"), String::new())
+            }),
+            HostWord::Freeport => self
+                .free_port(user)
+                .await
+                .map(|p| (format!("{p}\n"), String::new())),
+            HostWord::Status => self.status(user).await.map(|s| (s, String::new())),
+        };
+        match result {
+            Ok((out, err)) => (out, err, 0),
+            Err(e) => {
+                error!(user = %user, word = word.as_str(), error = %e, "host-side command failed");
+                (
+                    String::new(),
+                    format!("berth: {} failed: {}\n", word.as_str(), word_error(&e)),
+                    1,
+                )
+            }
+        }
+    }
+
+    async fn status(&self, user: &UserName) -> Result<String, LifecycleError> {
+        let name = self.lifecycle.container_name(user);
+        let state = match self.runtime.inspect(&name).await? {
+            Some(c) if c.running => "running",
+            Some(_) => "stopped",
+            None => "absent",
+        };
+        let store = self.store.clone();
+        let u = user.clone();
+        let record = blocking(move || store.user(&u)).await?;
+        let mut s = format!(
+            "container: {name} ({state})\nsessions: {}\ndaemon mode: {}\nimage: {}\n",
+            self.lifecycle.sessions(user),
+            if record.daemon_mode { "on" } else { "off" },
+            record.image
+        );
+        if let Some(c) = record.committed_image {
+            s.push_str(&format!(
+                "committed image: {c} (new containers are made from it)\n"
+            ));
+        }
+        Ok(s)
+    }
+
+    /// A port in the dynamic range that nothing in the user's container is bound to now
+    /// (read from the container's own `/proc/net/tcp*`, seen from the host).
+    async fn free_port(&self, user: &UserName) -> Result<u16, LifecycleError> {
+        let name = self.lifecycle.container_name(user);
+        let used = match self.runtime.init_pid(&name).await? {
+            Some(pid) => {
+                let mut used = ports_in_use(&format!("/proc/{pid}/net/tcp"));
+                used.extend(ports_in_use(&format!("/proc/{pid}/net/tcp6")));
+                used
+            }
+            None => Default::default(),
+        };
+        let span = u64::from(DYNAMIC_PORTS.end() - DYNAMIC_PORTS.start()) + 1;
+        let start = {
+            use std::hash::{BuildHasher, Hasher};
+            std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                % span
+        };
+        (0..span)
+            .filter_map(|i| u16::try_from((start + i) % span).ok())
+            .map(|off| DYNAMIC_PORTS.start() + off)
+            .find(|p| !used.contains(p))
+            .ok_or_else(|| LifecycleError::Runtime(RuntimeError::Docker("no free port".into())))
+    }
+
     fn exec_spec(&self, req: &OpenRequest) -> ExecSpec {
         let cmd = match &req.command {
             Command::Shell => vec!["/bin/sh".into(), "-c".into(), LOGIN_SHELL.into()],
@@ -118,6 +284,65 @@ fn tty(size: WindowSize) -> TtySize {
     }
 }
 
+/// Local ports of every socket in a `/proc/net/tcp`-format file.
+fn ports_in_use(path: &str) -> std::collections::HashSet<u16> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|local| local.rsplit_once(':'))
+        .filter_map(|(_, port)| u16::from_str_radix(port, 16).ok())
+        .collect()
+}
+
+/// Why a host word failed, in words safe for the user.
+fn word_error(e: &LifecycleError) -> String {
+    match e {
+        LifecycleError::NoContainer(_) => e.to_string(),
+        LifecycleError::Runtime(RuntimeError::Unavailable(_)) => {
+            "the container engine is not available right now; try again later".into()
+        }
+        LifecycleError::ShuttingDown => "the server is shutting down; try again later".into(),
+        LifecycleError::Runtime(_)
+        | LifecycleError::Store(_)
+        | LifecycleError::Foreign(_)
+        | LifecycleError::GuestSocket(_) => {
+            "ask the administrator (details are in the berth log)".into()
+        }
+    }
+}
+
+/// A finished "process" made of fixed text, for host words.
+fn text_process(out: String, err: String, code: u32, tty: bool) -> Process {
+    let fix = |s: String| if tty { s.replace('\n', "\r\n") } else { s };
+    let chunks: Vec<std::io::Result<Output>> = [
+        Output::Stdout(bytes::Bytes::from(fix(out))),
+        Output::Stderr(bytes::Bytes::from(fix(err))),
+    ]
+    .into_iter()
+    .filter(|o| !matches!(o, Output::Stdout(b) | Output::Stderr(b) if b.is_empty()))
+    .map(Ok)
+    .collect();
+    Process {
+        stdin: Box::pin(tokio::io::sink()),
+        output: Box::pin(futures_util::stream::iter(chunks)),
+        control: Box::new(Exited(code)),
+    }
+}
+
+struct Exited(u32);
+
+impl ProcessControl for Exited {
+    fn resize(&self, _size: WindowSize) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn wait(&mut self) -> BoxFuture<'_, u32> {
+        let code = self.0;
+        Box::pin(async move { code })
+    }
+}
+
 /// The one line a user sees when their session cannot start. Details stay in the log.
 fn login_error(e: &LifecycleError) -> String {
     match e {
@@ -131,6 +356,9 @@ fn login_error(e: &LifecycleError) -> String {
             "your container could not be started; ask the administrator (details are in the berth log)".into()
         }
         LifecycleError::ShuttingDown => "the server is shutting down; try again later".into(),
+        LifecycleError::NoContainer(_) | LifecycleError::GuestSocket(_) => {
+            "your container could not be started; ask the administrator (details are in the berth log)".into()
+        }
     }
 }
 
@@ -191,5 +419,65 @@ impl<R: Runtime> ProcessControl for ExecControl<R> {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_words_are_whole_commands_only() {
+        assert_eq!(HostWord::parse("commit"), Some(HostWord::Commit));
+        assert_eq!(HostWord::parse("  stop \n"), Some(HostWord::Stop));
+        for other in [
+            "commit now",
+            "stop;",
+            "Commit",
+            "echo stop",
+            "",
+            "remove -f",
+            "help me",
+        ] {
+            assert_eq!(HostWord::parse(other), None, "{other:?}");
+        }
+        for w in [
+            HostWord::Commit,
+            HostWord::Stop,
+            HostWord::Remove,
+            HostWord::Port,
+            HostWord::Freeport,
+            HostWord::Status,
+            HostWord::Help,
+        ] {
+            assert_eq!(HostWord::parse(w.as_str()), Some(w));
+            assert!(
+                HELP.contains(&format!("  {}", w.as_str())),
+                "help lacks {}",
+                w.as_str()
+            );
+        }
+    }
+
+    #[test]
+    fn reads_ports_from_proc_net_tcp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tcp");
+        std::fs::write(
+            &p,
+            "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   1: 00000000:C350 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n",
+        )
+        .unwrap();
+        let ports = ports_in_use(p.to_str().unwrap());
+        assert_eq!(ports, [8080, 50000].into_iter().collect());
+        assert!(ports_in_use("/nonexistent").is_empty());
+    }
+
+    #[tokio::test]
+    async fn text_process_uses_crlf_on_a_tty() {
+        let p = text_process("a\nb\n".into(), String::new(), 0, true);
+        let chunks: Vec<_> = p.output.collect::<Vec<_>>().await;
+        assert_eq!(chunks.len(), 1);
+        assert!(matches!(&chunks[0], Ok(Output::Stdout(b)) if b.as_ref() == b"a\r\nb\r\n"));
     }
 }

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod guest;
 pub mod lifecycle;
 
 use std::os::unix::fs::PermissionsExt;
@@ -79,10 +80,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             prefix: config.container_prefix.clone(),
             instance,
             network: network_id,
-            guest_dir,
+            guest_dir: guest_dir.clone(),
             limits: limits(&config),
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
             stop_timeout_secs: i32::try_from(config.stop_timeout_seconds).unwrap_or(i32::MAX),
+            run_dir: state.join("run"),
+            guest_binary: guest_dir.join("berth-guest"),
+            commit_repository: config.commit_repository.clone(),
         },
     );
     lifecycle.reconcile().await?;
@@ -182,6 +186,8 @@ fn install_guest(config: &Config, state: &Path) -> anyhow::Result<PathBuf> {
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
         std::fs::rename(&tmp, &dst)?;
     }
+    // The mount point of each container's own guest socket directory (see lifecycle).
+    std::fs::create_dir_all(dir.join("run"))?;
     // The state dir is 0700; Docker (root) can still bind-mount the guest dir from it.
     Ok(dir)
 }

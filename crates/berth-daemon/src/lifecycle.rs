@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_proto::UserName;
-use berth_runtime::{ContainerInfo, ContainerSpec, Limits, Runtime, RuntimeError};
+use berth_proto::{ImageName, UserName};
+use berth_runtime::{BindMount, ContainerInfo, ContainerSpec, Limits, Runtime, RuntimeError};
 use berth_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -29,6 +29,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::blocking;
+
+/// Where each container sees its own guest socket directory.
+pub const GUEST_RUN_MOUNT: &str = "/.berth/run";
+/// The commands the guest helper answers to inside containers, mounted on PATH.
+pub const GUEST_WORDS: [&str; 3] = ["daemon", "nodaemon", "stopnow"];
 
 /// Container label keys.
 pub const LABEL_USER: &str = "berth.user";
@@ -44,6 +49,10 @@ pub enum LifecycleError {
     Foreign(String),
     #[error("the lifecycle manager is shutting down")]
     ShuttingDown,
+    #[error("there is no container to {0} yet; log in once to create it")]
+    NoContainer(&'static str),
+    #[error("cannot serve the guest socket: {0}")]
+    GuestSocket(std::io::Error),
 }
 
 /// Fixed settings for every container this manager makes.
@@ -56,6 +65,12 @@ pub struct Settings {
     pub limits: Limits,
     pub idle_stop: Duration,
     pub stop_timeout_secs: i32,
+    /// Host directory holding one `USER/guest.sock` per user (see [`crate::guest`]).
+    pub run_dir: PathBuf,
+    /// The guest helper, also mounted as `daemon`, `nodaemon` and `stopnow` on PATH.
+    pub guest_binary: PathBuf,
+    /// Commits are saved as `REPOSITORY/USER:latest`.
+    pub commit_repository: String,
 }
 
 enum Request {
@@ -66,8 +81,31 @@ enum Request {
     /// Adopt a container found running at daemon start: arm the grace timer.
     Adopt,
     Remove {
+        keep_image: bool,
         reply: oneshot::Sender<Result<(), LifecycleError>>,
     },
+    /// Stop the container now; open sessions end with it.
+    Stop {
+        reply: oneshot::Sender<Result<bool, LifecycleError>>,
+    },
+    /// Remove the container (stopping it first), keeping the user and her image.
+    RemoveContainer {
+        reply: oneshot::Sender<Result<bool, LifecycleError>>,
+    },
+    Commit {
+        reply: oneshot::Sender<Result<Committed, LifecycleError>>,
+    },
+    SetDaemonMode {
+        on: bool,
+        reply: oneshot::Sender<Result<(), LifecycleError>>,
+    },
+}
+
+/// The image a commit made.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub image: String,
+    pub id: String,
 }
 
 /// One open session's hold on a running container.
@@ -129,10 +167,15 @@ impl<R: Runtime> Lifecycle<R> {
         rx.await.map_err(|_| LifecycleError::ShuttingDown)?
     }
 
-    /// Stops and removes `user`'s container, then deletes the user from the store.
-    pub async fn remove(self: &Arc<Self>, user: &UserName) -> Result<(), LifecycleError> {
+    /// Stops and removes `user`'s container, then deletes the user from the store, and her
+    /// committed image unless `keep_image`.
+    pub async fn remove(
+        self: &Arc<Self>,
+        user: &UserName,
+        keep_image: bool,
+    ) -> Result<(), LifecycleError> {
         let (reply, rx) = oneshot::channel();
-        self.send(user, Request::Remove { reply })?;
+        self.send(user, Request::Remove { keep_image, reply })?;
         let r = rx.await.map_err(|_| LifecycleError::ShuttingDown)?;
         if r.is_ok()
             && let Ok(mut owners) = self.owners.lock()
@@ -141,6 +184,46 @@ impl<R: Runtime> Lifecycle<R> {
             owners.remove(user);
         }
         r
+    }
+
+    /// Stops `user`'s container now. `Ok(false)`: it was not running.
+    pub async fn stop(self: &Arc<Self>, user: &UserName) -> Result<bool, LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(user, Request::Stop { reply })?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    /// Removes `user`'s container, keeping the user and her images. `Ok(false)`: there was
+    /// none.
+    pub async fn remove_container(
+        self: &Arc<Self>,
+        user: &UserName,
+    ) -> Result<bool, LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(user, Request::RemoveContainer { reply })?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    /// Saves `user`'s container as her image; her next new container is made from it.
+    pub async fn commit(self: &Arc<Self>, user: &UserName) -> Result<Committed, LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(user, Request::Commit { reply })?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    /// Daemon mode: the container keeps running with no session open.
+    pub async fn set_daemon_mode(
+        self: &Arc<Self>,
+        user: &UserName,
+        on: bool,
+    ) -> Result<(), LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(user, Request::SetDaemonMode { on, reply })?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    pub fn idle_stop(&self) -> Duration {
+        self.settings.idle_stop
     }
 
     /// Open sessions of `user` (0 when no owner runs).
@@ -227,6 +310,7 @@ impl<R: Runtime> Lifecycle<R> {
             sessions: 0,
             sessions_tx,
             stop_at: None,
+            guest: None,
         };
         self.tracker
             .spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
@@ -243,6 +327,16 @@ struct OwnerTask<R> {
     sessions: u32,
     sessions_tx: watch::Sender<u32>,
     stop_at: Option<Instant>,
+    /// Serves this user's guest socket while the owner lives.
+    guest: Option<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl<R: Runtime> OwnerTask<R> {
@@ -283,9 +377,29 @@ impl<R: Runtime> OwnerTask<R> {
                     self.sessions = self.sessions.saturating_sub(1);
                     self.arm_if_idle();
                 }
-                Request::Adopt => self.arm_if_idle(),
-                Request::Remove { reply } => {
-                    let r = self.remove().await;
+                Request::Adopt => {
+                    if let Err(e) = self.serve_guest() {
+                        error!(error = %e, "adopted container has no guest socket");
+                    }
+                    self.arm_if_idle();
+                }
+                Request::Stop { reply } => {
+                    self.stop_at = None;
+                    let _ = reply.send(self.stop_now("stop").await);
+                }
+                Request::RemoveContainer { reply } => {
+                    self.stop_at = None;
+                    let _ = reply.send(self.remove_container().await);
+                }
+                Request::Commit { reply } => {
+                    let _ = reply.send(self.commit().await);
+                }
+                Request::SetDaemonMode { on, reply } => {
+                    let r = self.set_daemon_mode(on).await;
+                    let _ = reply.send(r);
+                }
+                Request::Remove { keep_image, reply } => {
+                    let r = self.remove(keep_image).await;
                     let removed = r.is_ok();
                     let _ = reply.send(r);
                     if removed {
@@ -305,7 +419,9 @@ impl<R: Runtime> OwnerTask<R> {
     }
 
     async fn ensure_running(&mut self) -> Result<String, LifecycleError> {
-        let rt = &self.lc.runtime;
+        // The guest socket's directory is a bind source: it must exist before create.
+        self.serve_guest()?;
+        let rt = self.lc.runtime.clone();
         let existing = rt.inspect(&self.name).await?;
         let info = match existing {
             Some(info) => {
@@ -358,7 +474,17 @@ impl<R: Runtime> OwnerTask<R> {
             guest_dir: s.guest_dir.clone(),
             limits: s.limits.clone(),
             network: s.network.clone(),
-            mounts: vec![],
+            mounts: std::iter::once(BindMount {
+                source: s.run_dir.join(self.user.as_str()),
+                target: GUEST_RUN_MOUNT.to_owned(),
+                read_only: true,
+            })
+            .chain(GUEST_WORDS.iter().map(|w| BindMount {
+                source: s.guest_binary.clone(),
+                target: format!("/usr/local/bin/{w}"),
+                read_only: true,
+            }))
+            .collect(),
         }
     }
 
@@ -398,21 +524,100 @@ impl<R: Runtime> OwnerTask<R> {
         }
     }
 
-    async fn remove(&mut self) -> Result<(), LifecycleError> {
+    async fn remove(&mut self, keep_image: bool) -> Result<(), LifecycleError> {
         self.stop_at = None;
-        let rt = &self.lc.runtime;
-        if let Some(info) = rt.inspect(&self.name).await? {
-            self.check_ours(&info)?;
-            if info.running {
-                rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
-                    .await?;
-            }
-            rt.remove(&info.id).await?;
-            info!(target: "audit", event = "container_remove", user = %self.user, container = %self.name, "container removed");
+        self.remove_container().await?;
+        let store = self.lc.store.clone();
+        let user = self.user.clone();
+        let record = blocking(move || store.user(&user)).await?;
+        if !keep_image && let Some(image) = &record.committed_image {
+            self.lc.runtime.remove_image(image.as_str()).await?;
+            info!(target: "audit", event = "image_remove", user = %self.user, image = %image, "committed image removed");
         }
         let store = self.lc.store.clone();
         let user = self.user.clone();
         blocking(move || store.remove_user(&user)).await?;
+        self.guest = None;
+        let _ = std::fs::remove_dir_all(self.lc.settings.run_dir.join(self.user.as_str()));
+        Ok(())
+    }
+
+    /// Removes the container if there is one (stopping it first).
+    async fn remove_container(&mut self) -> Result<bool, LifecycleError> {
+        let rt = &self.lc.runtime;
+        let Some(info) = rt.inspect(&self.name).await? else {
+            return Ok(false);
+        };
+        self.check_ours(&info)?;
+        if info.running {
+            rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
+                .await?;
+        }
+        rt.remove(&info.id).await?;
+        info!(target: "audit", event = "container_remove", user = %self.user, container = %self.name, "container removed");
+        Ok(true)
+    }
+
+    /// Stops the container if it runs; `reason` goes to the audit log.
+    async fn stop_now(&mut self, reason: &'static str) -> Result<bool, LifecycleError> {
+        let rt = &self.lc.runtime;
+        match rt.inspect(&self.name).await? {
+            Some(info) if info.running => {
+                self.check_ours(&info)?;
+                rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
+                    .await?;
+                info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason, "container stopped");
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn commit(&mut self) -> Result<Committed, LifecycleError> {
+        let rt = &self.lc.runtime;
+        let info = rt
+            .inspect(&self.name)
+            .await?
+            .ok_or(LifecycleError::NoContainer("commit"))?;
+        self.check_ours(&info)?;
+        let repo = format!("{}/{}", self.lc.settings.commit_repository, self.user);
+        let id = rt.commit(&info.id, &repo, "latest").await?;
+        let image = format!("{repo}:latest");
+        let name = ImageName::parse(&image).map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        let store = self.lc.store.clone();
+        let user = self.user.clone();
+        blocking(move || store.set_committed_image(&user, Some(&name))).await?;
+        info!(target: "audit", event = "container_commit", user = %self.user, container = %self.name, image = %image, id = %id, "container committed");
+        Ok(Committed { image, id })
+    }
+
+    async fn set_daemon_mode(&mut self, on: bool) -> Result<(), LifecycleError> {
+        let store = self.lc.store.clone();
+        let user = self.user.clone();
+        blocking(move || store.set_daemon_mode(&user, on)).await?;
+        info!(target: "audit", event = "daemon_mode", user = %self.user, on, "daemon mode changed");
+        if on {
+            self.stop_at = None;
+        } else {
+            self.arm_if_idle();
+        }
+        Ok(())
+    }
+
+    /// Starts serving this user's guest socket unless it is served already. The socket's
+    /// directory is what the container mounts, so a socket made again after a daemon
+    /// restart appears in a running container.
+    fn serve_guest(&mut self) -> Result<(), LifecycleError> {
+        if self.guest.as_ref().is_some_and(|g| !g.0.is_finished()) {
+            return Ok(());
+        }
+        let dir = self.lc.settings.run_dir.join(self.user.as_str());
+        let listener = crate::guest::bind(&dir).map_err(LifecycleError::GuestSocket)?;
+        let handle = tokio::spawn(
+            crate::guest::serve(listener, self.lc.clone(), self.user.clone())
+                .instrument(info_span!("guest", user = %self.user)),
+        );
+        self.guest = Some(AbortOnDrop(handle));
         Ok(())
     }
 }
@@ -464,6 +669,13 @@ mod tests {
             },
             idle_stop: Duration::from_millis(idle_ms),
             stop_timeout_secs: 1,
+            run_dir: std::env::temp_dir().join(format!(
+                "berth-lc-{}-{}",
+                std::process::id(),
+                RUN_DIRS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            )),
+            guest_binary: PathBuf::from("/nonexistent/berth-guest"),
+            commit_repository: "t".into(),
         };
         (
             Lifecycle::new(rt.clone(), store.clone(), settings),
@@ -471,6 +683,8 @@ mod tests {
             store,
         )
     }
+
+    static RUN_DIRS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     fn alice() -> UserName {
         UserName::parse("alice").unwrap()
@@ -558,7 +772,7 @@ mod tests {
     async fn remove_with_sessions_open_and_after() {
         let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
         let lease = lc.acquire(&alice()).await.unwrap();
-        lc.remove(&alice()).await.unwrap();
+        lc.remove(&alice(), false).await.unwrap();
         assert!(rt.container("t-alice").is_none());
         assert!(matches!(
             store.user(&alice()),
@@ -589,7 +803,7 @@ mod tests {
             Err(LifecycleError::Foreign(_))
         ));
         assert!(matches!(
-            lc.remove(&alice()).await,
+            lc.remove(&alice(), false).await,
             Err(LifecycleError::Foreign(_))
         ));
         assert_eq!(running(&rt, "t-alice"), Some(true));

@@ -7,6 +7,10 @@
 //! session is open, reaps orphaned processes (a shell's background jobs are re-parented to
 //! it when the shell exits) and exits on SIGTERM or SIGINT, so `docker stop` is quick.
 //! Signals are taken synchronously with `sigwait`, so no handler code is needed.
+//!
+//! Called as `daemon`, `nodaemon` or `stopnow` (the daemon mounts this binary under those
+//! names on PATH), it sends that one word to the Berth daemon over `/.berth/run/guest.sock`,
+//! a socket that belongs to this container alone, and prints the answer.
 
 use std::process::ExitCode;
 
@@ -14,8 +18,19 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
+/// The socket the daemon serves for this container.
+const GUEST_SOCKET: &str = "/.berth/run/guest.sock";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
+    let called = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if let word @ ("daemon" | "nodaemon" | "stopnow") = called {
+        return ask_daemon(word, args.len() > 1);
+    }
     match args.get(1).map(String::as_str) {
         Some("init") => init(),
         Some("tty-exec") => tty_exec(args.get(2..).unwrap_or_default()),
@@ -49,6 +64,51 @@ fn init() -> ExitCode {
             Ok(Signal::SIGCHLD) => reap(),
             Ok(Signal::SIGTERM | Signal::SIGINT) => return ExitCode::SUCCESS,
             Ok(_) | Err(_) => {}
+        }
+    }
+}
+
+/// Sends `word` to the daemon and prints its one-line answer: `ok TEXT` (exit 0) or
+/// `error TEXT` (exit 1).
+fn ask_daemon(word: &str, extra_args: bool) -> ExitCode {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    if extra_args {
+        eprintln!("usage: {word} (takes no arguments)");
+        return ExitCode::from(2);
+    }
+    let mut stream = match UnixStream::connect(GUEST_SOCKET) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{word}: cannot reach the berth daemon ({GUEST_SOCKET}: {e})");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+    if let Err(e) = stream.write_all(format!("{word}\n").as_bytes()) {
+        eprintln!("{word}: cannot talk to the berth daemon: {e}");
+        return ExitCode::FAILURE;
+    }
+    let mut line = String::new();
+    match BufReader::new(stream).read_line(&mut line) {
+        Ok(n) if n > 0 => {}
+        _ => {
+            eprintln!("{word}: no answer from the berth daemon");
+            return ExitCode::FAILURE;
+        }
+    }
+    match line.trim_end().split_once(' ') {
+        Some(("ok", text)) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Some(("error", text)) => {
+            eprintln!("{word}: {text}");
+            ExitCode::FAILURE
+        }
+        _ => {
+            eprintln!("{word}: unexpected answer from the berth daemon");
+            ExitCode::FAILURE
         }
     }
 }

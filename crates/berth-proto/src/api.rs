@@ -6,7 +6,7 @@
 //! | GET    | /users                        | → `[UserInfo]`                    |
 //! | POST   | /users                        | [`AddUserRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}                 | → [`UserInfo`]                    |
-//! | DELETE | /users/{name}                 | → [`UserInfo`] (as it was)        |
+//! | DELETE | /users/{name}[?keep_image=true] | → [`UserInfo`] (as it was)      |
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
@@ -39,6 +39,9 @@ impl ContainerState {
 pub struct UserInfo {
     pub name: UserName,
     pub image: ImageName,
+    /// The image her last `commit` made; her next new container is made from it.
+    #[serde(default)]
+    pub committed_image: Option<ImageName>,
     pub container: ContainerState,
     pub container_name: String,
     pub sessions: u32,

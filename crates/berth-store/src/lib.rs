@@ -149,6 +149,22 @@ impl Store {
         Ok(())
     }
 
+    /// The image the user's next new container is made from, instead of her base image.
+    pub fn set_committed_image(
+        &self,
+        name: &UserName,
+        image: Option<&ImageName>,
+    ) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE users SET committed_image = ?2 WHERE name = ?1",
+            params![name.as_str(), image.map(ImageName::as_str)],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
     pub fn user(&self, name: &UserName) -> Result<UserRecord, StoreError> {
         let conn = self.conn()?;
         let row = conn

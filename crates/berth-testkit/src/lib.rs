@@ -154,8 +154,10 @@ impl Daemon {
         let prefix = format!("bt{}x{n}-", std::process::id());
         let config_path = dir.path().join("berth.toml");
         let text = format!(
-            "container_prefix = \"{prefix}\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
-            opts.idle_stop_seconds, opts.config
+            "container_prefix = \"{prefix}\"\ncommit_repository = \"{}\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
+            prefix.trim_end_matches('-'),
+            opts.idle_stop_seconds,
+            opts.config
         );
         std::fs::write(&config_path, text).unwrap();
         let mut d = Self {
@@ -308,6 +310,11 @@ impl Daemon {
         key
     }
 
+    /// The image `commit` makes for `user`.
+    pub fn commit_image(&self, user: &str) -> String {
+        format!("{}/{user}:latest", self.prefix.trim_end_matches('-'))
+    }
+
     pub fn container_name(&self, user: &str) -> String {
         format!("{}{user}", self.prefix)
     }
@@ -408,6 +415,11 @@ impl Drop for Daemon {
         let ids = docker_output(&["ps", "-aq", "--filter", &format!("name=^/{}", self.prefix)]);
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
             let _ = docker_output(&["rm", "-f", id]);
+        }
+        let repo = format!("reference={}/*", self.prefix.trim_end_matches('-'));
+        let images = docker_output(&["images", "-q", "--filter", &repo]);
+        for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+            let _ = docker_output(&["rmi", "-f", id]);
         }
     }
 }

@@ -211,10 +211,24 @@ fn container_defaults_are_confined() {
     assert_eq!(f("{{.HostConfig.IpcMode}}"), "private");
     let mounts = f("{{range .Mounts}}{{.Source}}->{{.Destination}}:{{.RW}} {{end}}");
     assert!(!mounts.contains("docker.sock"), "{mounts}");
-    assert_eq!(
-        mounts.trim(),
-        format!("{}->/.berth:false", d.state_dir().join("guest").display())
-    );
+    // Exactly Berth's own read-only mounts: the guest dir, this user's socket dir, and the
+    // helper under the three names on PATH.
+    let st = d.state_dir();
+    let guest = st.join("guest");
+    let mut got: Vec<&str> = mounts.split_whitespace().collect();
+    got.sort_unstable();
+    let mut want = vec![
+        format!("{}->/.berth:false", guest.display()),
+        format!("{}->/.berth/run:false", st.join("run/alice").display()),
+    ];
+    for w in ["daemon", "nodaemon", "stopnow"] {
+        want.push(format!(
+            "{}->/usr/local/bin/{w}:false",
+            guest.join("berth-guest").display()
+        ));
+    }
+    want.sort_unstable();
+    assert_eq!(got, want);
     // Inside: PID 1 is the guest init, no Docker socket, and the guest dir is read-only.
     assert_eq!(
         d.ssh_ok("alice", &key, "cat /proc/1/cmdline | tr '\\0' ' '"),

@@ -113,7 +113,7 @@ fn tty_size_term_and_resize_reach_the_program() {
     // A resize during the session reaches the program.
     let script = format!(
         "stty cols 80 rows 24; {ssh} -t alice@127.0.0.1 \
-         'stty size; i=0; while [ \"$(stty size)\" = \"24 80\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo now $(stty size)' </dev/tty & \
+         'stty size; i=0; while [ \"$(stty size)\" != \"40 120\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo now $(stty size)' </dev/tty & \
          sleep 2; stty cols 120 rows 40; kill -WINCH $!; wait $!"
     );
     let out = in_terminal(&script, Duration::from_secs(30));

@@ -24,8 +24,13 @@ pub enum UserCommand {
         #[arg(long = "key", value_name = "FILE", required = true)]
         keys: Vec<PathBuf>,
     },
-    /// Remove a user: stops and removes the container, then the user
-    Rm { name: String },
+    /// Remove a user: stops and removes the container, then the user and her committed image
+    Rm {
+        name: String,
+        /// Keep the image her `commit` made
+        #[arg(long)]
+        keep_image: bool,
+    },
     /// List users
     List {
         /// Print JSON instead of a table
@@ -76,10 +81,22 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             );
             Ok(())
         }
-        UserCommand::Rm { name } => {
+        UserCommand::Rm { name, keep_image } => {
             let name = user_name(&name)?;
-            let _: UserInfo = block_on(async { Ok(c.delete(&format!("/users/{name}")).await?) })?;
-            eprintln!("removed user {name} and their container");
+            let path = format!(
+                "/users/{name}{}",
+                if keep_image { "?keep_image=true" } else { "" }
+            );
+            let info: UserInfo = block_on(async { Ok(c.delete(&path).await?) })?;
+            match (&info.committed_image, keep_image) {
+                (Some(img), true) => {
+                    eprintln!("removed user {name} and their container; kept image {img}")
+                }
+                (Some(img), false) => {
+                    eprintln!("removed user {name}, their container and image {img}")
+                }
+                (None, _) => eprintln!("removed user {name} and their container"),
+            }
             Ok(())
         }
         UserCommand::List { json } => {
@@ -99,6 +116,9 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             } else {
                 println!("name:       {}", user.name);
                 println!("image:      {}", user.image);
+                if let Some(img) = &user.committed_image {
+                    println!("committed:  {img} (her next new container is made from it)");
+                }
                 println!(
                     "container:  {} ({})",
                     user.container_name,
