@@ -79,10 +79,15 @@ fn commit_then_remove_then_login_finds_the_file() {
         id
     );
     assert_eq!(d.user("alice")["committed_image"], d.commit_image("alice"));
+    // The commit left the session count alone: the long session is still the one.
+    assert_eq!(sessions(&d, "alice"), 1);
     assert_eq!(
         String::from_utf8_lossy(&long.wait_with_output().unwrap().stdout),
         "survived\n"
     );
+    assert!(wait_until(Duration::from_secs(10), || sessions(
+        &d, "alice"
+    ) == 0));
     // remove: the container goes, the image stays, the next login makes a new container from it.
     let before = docker(&["inspect", "-f", "{{.Id}}", &d.container_name("alice")]);
     let o = d.ssh_run("alice", &key, "remove", b"");
