@@ -35,7 +35,7 @@ pub struct Config {
     pub stop_timeout_seconds: u32,
     /// Container names are this prefix followed by the user name.
     pub container_prefix: String,
-    /// `commit` saves a user's container as the image `REPOSITORY/USER:latest`.
+    /// `commit` saves a user's container as the image `REPOSITORY:USER`.
     pub commit_repository: String,
     /// The Docker network users' containers join (created with inter-container traffic off).
     pub network: String,
@@ -76,7 +76,7 @@ impl Default for Config {
             idle_stop_seconds: 10,
             stop_timeout_seconds: 10,
             container_prefix: "berth-".into(),
-            commit_repository: "berth".into(),
+            commit_repository: "berth/users".into(),
             network: "berth".into(),
             guest_binary: None,
             accept_env: vec!["LANG".into(), "LC_*".into()],
@@ -166,9 +166,7 @@ impl Config {
                 self.container_prefix
             ));
         }
-        if berth_proto::ImageName::parse(&format!("{}/x:latest", self.commit_repository)).is_err()
-            || self.commit_repository.contains([':', '@'])
-        {
+        if !valid_repository(&self.commit_repository) {
             return Err(format!(
                 "commit_repository {:?} is not a valid image repository",
                 self.commit_repository
@@ -185,6 +183,23 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// Docker's grammar for a repository: `/`-separated components of lower-case letters and
+/// digits, joined inside a component by one `.`, one or two `_`, or any number of `-`.
+fn valid_repository(repo: &str) -> bool {
+    !repo.is_empty()
+        && repo.len() <= 200
+        && repo.split('/').all(|part| {
+            let bytes = part.as_bytes();
+            let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+            if !bytes.first().is_some_and(alnum) || !bytes.last().is_some_and(alnum) {
+                return false;
+            }
+            part.split(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit())
+                .filter(|sep| !sep.is_empty())
+                .all(|sep| sep == "." || sep == "_" || sep == "__" || sep.chars().all(|c| c == '-'))
+        })
 }
 
 #[cfg(test)]
@@ -212,6 +227,18 @@ mod tests {
         let c = Config::parse("idle_stop_seconds = 3\n[limits]\ncpus = 0.5\n").unwrap();
         assert_eq!(c.idle_stop_seconds, 3);
         assert_eq!(c.limits.cpus, 0.5);
+    }
+
+    #[test]
+    fn repositories() {
+        for good in ["berth", "berth/users", "a.b/c-d/e__f", "x--y"] {
+            assert!(valid_repository(good), "{good}");
+        }
+        for bad in [
+            "", "Berth", "berth/", "/x", "a_-b", "a..b", "_a", "a:b", "a@b", "a b",
+        ] {
+            assert!(!valid_repository(bad), "{bad}");
+        }
     }
 
     #[test]

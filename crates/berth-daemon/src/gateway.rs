@@ -33,6 +33,15 @@ cd "$h" 2>/dev/null || cd /
 export HOME="$h" SHELL="$s"
 exec "$s" -l"#;
 
+/// Runs the image's own sftp-server (its path differs by distribution), as root in the
+/// user's home like sshd does.
+const SFTP_SERVER: &str = r#"cd "${HOME:-/root}" 2>/dev/null
+for p in /usr/lib/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/openssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do
+  if [ -x "$p" ]; then exec "$p"; fi
+done
+echo "berth: this image has no sftp-server (install openssh-sftp-server in it)" >&2
+exit 127"#;
+
 pub struct BerthGateway<R> {
     pub store: Store,
     pub runtime: Arc<R>,
@@ -250,6 +259,7 @@ impl<R: Runtime> BerthGateway<R> {
         let cmd = match &req.command {
             Command::Shell => vec!["/bin/sh".into(), "-c".into(), LOGIN_SHELL.into()],
             Command::Exec(c) => vec!["/bin/sh".into(), "-c".into(), c.clone()],
+            Command::Sftp => vec!["/bin/sh".into(), "-c".into(), SFTP_SERVER.into()],
         };
         let mut env = vec![
             "USER=root".to_owned(),

@@ -10,6 +10,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use berth_proto::UserName;
@@ -17,7 +18,8 @@ use berth_runtime::Runtime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Semaphore;
-use tracing::{debug, warn};
+use tokio::task::JoinSet;
+use tracing::warn;
 
 use crate::lifecycle::Lifecycle;
 
@@ -59,10 +61,27 @@ pub fn bind(dir: &Path) -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Serves one user's socket. Connection tasks live in a `JoinSet` owned by this future, so
+/// when the owner drops it (user removed, shutdown) nothing of it keeps acting for that user.
 pub async fn serve<R: Runtime>(listener: UnixListener, lc: Arc<Lifecycle<R>>, user: UserName) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
     loop {
-        let stream = match listener.accept().await {
+        // Wait for a free slot before taking the next connection: a container that keeps
+        // connecting just waits in the listen backlog.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 warn!(error = %e, "guest socket accept failed");
@@ -70,20 +89,34 @@ pub async fn serve<R: Runtime>(listener: UnixListener, lc: Arc<Lifecycle<R>>, us
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            debug!("guest socket busy; connection dropped");
-            continue;
-        };
         let lc = lc.clone();
         let user = user.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            handle(stream, &lc, &user).await;
+        let stopping = stopping.clone();
+        tasks.spawn(async move {
+            let req = handle(stream, &lc, &user, &stopping).await;
+            if req == Some(GuestRequest::StopNow) {
+                // Answered first: the stop ends the very process that asked.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Err(e) = lc.stop(&user).await {
+                    warn!(error = %e, "stopnow failed");
+                }
+                stopping.store(false, Ordering::SeqCst);
+            }
+            // A container cannot drive the daemon faster than this: each connection holds
+            // one of a few permits a little while after its answer.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            drop(permit);
         });
     }
 }
 
-async fn handle<R: Runtime>(stream: UnixStream, lc: &Arc<Lifecycle<R>>, user: &UserName) {
+/// Answers one connection; returns the request it carried out.
+async fn handle<R: Runtime>(
+    stream: UnixStream,
+    lc: &Arc<Lifecycle<R>>,
+    user: &UserName,
+    stopping: &AtomicBool,
+) -> Option<GuestRequest> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE));
@@ -92,12 +125,19 @@ async fn handle<R: Runtime>(stream: UnixStream, lc: &Arc<Lifecycle<R>>, user: &U
         Ok(Ok(_)) if line.ends_with('\n') => GuestRequest::parse(&line),
         _ => None,
     };
-    let answer = match request {
-        None => "error unknown request; expected daemon, nodaemon or stopnow".to_owned(),
-        Some(req) => answer(req, lc, user).await,
+    let (answer, done) = match request {
+        None => (
+            "error unknown request; expected daemon, nodaemon or stopnow".to_owned(),
+            None,
+        ),
+        Some(GuestRequest::StopNow) if stopping.swap(true, Ordering::SeqCst) => {
+            ("ok your container is already stopping".to_owned(), None)
+        }
+        Some(req) => (answer(req, lc, user).await, Some(req)),
     };
     let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
     let _ = write.shutdown().await;
+    done
 }
 
 async fn answer<R: Runtime>(req: GuestRequest, lc: &Arc<Lifecycle<R>>, user: &UserName) -> String {
@@ -111,18 +151,7 @@ async fn answer<R: Runtime>(req: GuestRequest, lc: &Arc<Lifecycle<R>>, user: &Us
                 lc.idle_stop().as_secs()
             )
         }),
-        GuestRequest::StopNow => {
-            // Answer first: the stop ends this very process.
-            let lc = lc.clone();
-            let user = user.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Err(e) = lc.stop(&user).await {
-                    warn!(error = %e, "stopnow failed");
-                }
-            });
-            Ok("stopping your container; every session in it ends".to_owned())
-        }
+        GuestRequest::StopNow => Ok("stopping your container; every session in it ends".to_owned()),
     };
     match result {
         Ok(text) => format!("ok {text}"),

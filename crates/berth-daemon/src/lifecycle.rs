@@ -231,7 +231,11 @@ impl<R: Runtime> Lifecycle<R> {
         self.owners
             .lock()
             .ok()
-            .and_then(|o| o.get(user).map(|o| *o.sessions.borrow()))
+            .and_then(|o| {
+                o.get(user)
+                    .filter(|o| !o.tx.is_closed())
+                    .map(|o| *o.sessions.borrow())
+            })
             .unwrap_or(0)
     }
 
@@ -311,6 +315,7 @@ impl<R: Runtime> Lifecycle<R> {
             sessions_tx,
             stop_at: None,
             guest: None,
+            committing: None,
         };
         self.tracker
             .spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
@@ -329,6 +334,8 @@ struct OwnerTask<R> {
     stop_at: Option<Instant>,
     /// Serves this user's guest socket while the owner lives.
     guest: Option<AbortOnDrop>,
+    /// A commit running beside the queue.
+    committing: Option<tokio::task::JoinHandle<()>>,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -385,20 +392,29 @@ impl<R: Runtime> OwnerTask<R> {
                 }
                 Request::Stop { reply } => {
                     self.stop_at = None;
-                    let _ = reply.send(self.stop_now("stop").await);
+                    self.finish_commit().await;
+                    let r = self.stop_now("stop").await;
+                    if r.is_err() {
+                        self.arm_if_idle();
+                    }
+                    let _ = reply.send(r);
                 }
                 Request::RemoveContainer { reply } => {
                     self.stop_at = None;
-                    let _ = reply.send(self.remove_container().await);
+                    self.finish_commit().await;
+                    let r = self.remove_container().await;
+                    if r.is_err() {
+                        self.arm_if_idle();
+                    }
+                    let _ = reply.send(r);
                 }
-                Request::Commit { reply } => {
-                    let _ = reply.send(self.commit().await);
-                }
+                Request::Commit { reply } => self.start_commit(reply).await,
                 Request::SetDaemonMode { on, reply } => {
                     let r = self.set_daemon_mode(on).await;
                     let _ = reply.send(r);
                 }
                 Request::Remove { keep_image, reply } => {
+                    self.finish_commit().await;
                     let r = self.remove(keep_image).await;
                     let removed = r.is_ok();
                     let _ = reply.send(r);
@@ -573,29 +589,59 @@ impl<R: Runtime> OwnerTask<R> {
         }
     }
 
-    async fn commit(&mut self) -> Result<Committed, LifecycleError> {
-        let rt = &self.lc.runtime;
-        let info = rt
-            .inspect(&self.name)
-            .await?
-            .ok_or(LifecycleError::NoContainer("commit"))?;
-        self.check_ours(&info)?;
-        let repo = format!("{}/{}", self.lc.settings.commit_repository, self.user);
-        let id = rt.commit(&info.id, &repo, "latest").await?;
-        let image = format!("{repo}:latest");
-        let name = ImageName::parse(&image).map_err(|e| RuntimeError::Docker(e.to_string()))?;
-        let store = self.lc.store.clone();
+    /// Starts a commit in its own task, so that logins and the rest of the queue are not
+    /// held up while a big container is copied. One commit at a time: a second waits for
+    /// the first. Stop and remove wait for a running commit to finish.
+    async fn start_commit(&mut self, reply: oneshot::Sender<Result<Committed, LifecycleError>>) {
+        self.finish_commit().await;
+        let info = match self.lc.runtime.inspect(&self.name).await {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                let _ = reply.send(Err(LifecycleError::NoContainer("commit")));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        if let Err(e) = self.check_ours(&info) {
+            let _ = reply.send(Err(e));
+            return;
+        }
+        let lc = self.lc.clone();
         let user = self.user.clone();
-        blocking(move || store.set_committed_image(&user, Some(&name))).await?;
-        info!(target: "audit", event = "container_commit", user = %self.user, container = %self.name, image = %image, id = %id, "container committed");
-        Ok(Committed { image, id })
+        let name = self.name.clone();
+        let task = tokio::spawn(
+            async move {
+                let r = commit(&lc, &user, &name, &info.id).await;
+                let _ = reply.send(r);
+            }
+            .in_current_span(),
+        );
+        self.committing = Some(task);
+    }
+
+    async fn finish_commit(&mut self) {
+        if let Some(task) = self.committing.take() {
+            let _ = task.await;
+        }
     }
 
     async fn set_daemon_mode(&mut self, on: bool) -> Result<(), LifecycleError> {
         let store = self.lc.store.clone();
         let user = self.user.clone();
-        blocking(move || store.set_daemon_mode(&user, on)).await?;
-        info!(target: "audit", event = "daemon_mode", user = %self.user, on, "daemon mode changed");
+        let changed = blocking(move || {
+            let was = store.user(&user)?.daemon_mode;
+            if was != on {
+                store.set_daemon_mode(&user, on)?;
+            }
+            Ok(was != on)
+        })
+        .await?;
+        if changed {
+            info!(target: "audit", event = "daemon_mode", user = %self.user, on, "daemon mode changed");
+        }
         if on {
             self.stop_at = None;
         } else {
@@ -620,6 +666,33 @@ impl<R: Runtime> OwnerTask<R> {
         self.guest = Some(AbortOnDrop(handle));
         Ok(())
     }
+}
+
+/// Saves container `id` of `user` as `REPOSITORY:USER` (a tag accepts every Berth user
+/// name; a repository path component does not) and records it as her image. The image it
+/// replaces is removed when nothing uses it any more, so commits do not pile up.
+async fn commit<R: Runtime>(
+    lc: &Lifecycle<R>,
+    user: &UserName,
+    name: &str,
+    id: &str,
+) -> Result<Committed, LifecycleError> {
+    let repo = &lc.settings.commit_repository;
+    let image = format!("{repo}:{user}");
+    let previous = lc.runtime.image_id(&image).await?;
+    let new_id = lc.runtime.commit(id, repo, user.as_str()).await?;
+    let parsed = ImageName::parse(&image).map_err(|e| RuntimeError::Docker(e.to_string()))?;
+    let store = lc.store.clone();
+    let u = user.clone();
+    blocking(move || store.set_committed_image(&u, Some(&parsed))).await?;
+    info!(target: "audit", event = "container_commit", user = %user, container = %name, image = %image, id = %new_id, "container committed");
+    if let Some(old) = previous.filter(|old| *old != new_id)
+        && let Err(e) = lc.runtime.remove_image(&old).await
+    {
+        // Still used (her container was made from it): it goes when the container does.
+        tracing::debug!(image = %old, error = %e, "previous commit kept");
+    }
+    Ok(Committed { image, id: new_id })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

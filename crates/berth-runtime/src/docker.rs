@@ -427,7 +427,8 @@ impl Runtime for DockerRuntime {
             .repo(repo)
             .tag(tag)
             .comment("berth commit")
-            .pause(true)
+            // Not paused: a paused container refuses new execs (logins) for the duration.
+            .pause(false)
             .build();
         // A big container takes a while to copy: allow well past the default timeout.
         let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
@@ -436,6 +437,14 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(map_err)?;
         Ok(r.id)
+    }
+
+    async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(i.id),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {

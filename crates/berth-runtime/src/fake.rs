@@ -237,6 +237,13 @@ impl Runtime for FakeRuntime {
         ))
     }
 
+    async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        Ok(self
+            .image_exists(image)
+            .await?
+            .then(|| format!("sha256:{image}")))
+    }
+
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {
         if let Ok(mut i) = self.images.lock() {
             i.remove(image);

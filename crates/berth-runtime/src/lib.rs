@@ -166,13 +166,18 @@ pub trait Runtime: Send + Sync + 'static {
         exec_id: &str,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
     /// Saves the container as image `repo:tag`; returns the image id. The container keeps
-    /// running (it is paused for the moment of the copy).
+    /// running and is not paused (a paused container would refuse new sessions).
     fn commit(
         &self,
         container: &str,
         repo: &str,
         tag: &str,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// The id of image `image`, if present.
+    fn image_id(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
     /// Removes an image; a missing one is not an error.
     fn remove_image(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The host PID of a running container's init process.

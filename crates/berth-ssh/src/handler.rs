@@ -189,14 +189,13 @@ impl<G: Gateway> Handler for Connection<G> {
     async fn subsystem_request(
         &mut self,
         ch: ChannelId,
-        _name: &str,
+        name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // No subsystem is served yet; the task sees the request and ends the channel.
-        if let Some(started) = self.channels.get_mut(&ch) {
-            *started = true;
-        }
-        session.channel_failure(ch)
+        // Only sftp is served; for anything else the task sees the request and ends the
+        // channel.
+        let ok = self.start(ch) && name == "sftp";
+        self.reply(ch, ok, session)
     }
 
     async fn x11_request(

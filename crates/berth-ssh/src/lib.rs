@@ -47,6 +47,8 @@ pub enum Command {
     Shell,
     /// A command line, run by `/bin/sh -c`.
     Exec(String),
+    /// The SFTP subsystem (also what `scp` uses since OpenSSH 9.0).
+    Sftp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -79,6 +79,9 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Command::Exec(String::from_utf8_lossy(&command).into_owned());
             }
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => {
+                break Command::Sftp;
+            }
             Some(ChannelMsg::RequestSubsystem { name, .. }) => {
                 debug!(subsystem = %name, "subsystem refused");
                 let _ = tx.close().await;
@@ -91,6 +94,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let label = match &command {
         Command::Shell => "shell".to_owned(),
         Command::Exec(c) => c.clone(),
+        Command::Sftp => "subsystem sftp".to_owned(),
     };
     // `?` quotes the command, so a newline in it cannot forge an audit line.
     info!(target: "audit", event = "session_start", user = %ctx.user, command = ?label, tty = pty.is_some(), "session started");

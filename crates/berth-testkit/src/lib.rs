@@ -27,7 +27,7 @@ use tempfile::TempDir;
 
 /// The images `scripts/make-test-images` builds.
 pub const BUSYBOX: &str = "berth-test/busybox:latest";
-pub const DEBIAN: &str = "berth-test/debian:bookworm";
+pub const DEBIAN: &str = "berth-test/debian:bookworm-ssh";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -154,7 +154,7 @@ impl Daemon {
         let prefix = format!("bt{}x{n}-", std::process::id());
         let config_path = dir.path().join("berth.toml");
         let text = format!(
-            "container_prefix = \"{prefix}\"\ncommit_repository = \"{}\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
+            "container_prefix = \"{prefix}\"\ncommit_repository = \"{}/users\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
             prefix.trim_end_matches('-'),
             opts.idle_stop_seconds,
             opts.config
@@ -312,7 +312,7 @@ impl Daemon {
 
     /// The image `commit` makes for `user`.
     pub fn commit_image(&self, user: &str) -> String {
-        format!("{}/{user}:latest", self.prefix.trim_end_matches('-'))
+        format!("{}/users:{user}", self.prefix.trim_end_matches('-'))
     }
 
     pub fn container_name(&self, user: &str) -> String {

@@ -1,0 +1,190 @@
+//! End-to-end: copying files with the stock tools — sftp, scp (SFTP mode and legacy `-O`),
+//! rsync and a tar pipe — into a user's container.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use berth_testkit::{BUSYBOX, DEBIAN, Daemon, DaemonOptions};
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+fn start() -> Daemon {
+    Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    )
+}
+
+/// A tree with a nested directory, an empty file and a binary file.
+fn make_tree(root: &Path) {
+    std::fs::create_dir_all(root.join("sub/deeper")).unwrap();
+    std::fs::write(root.join("a.txt"), b"alpha\n").unwrap();
+    std::fs::write(root.join("sub/empty"), b"").unwrap();
+    let bin: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    std::fs::write(root.join("sub/deeper/blob.bin"), bin).unwrap();
+}
+
+fn same_tree(a: &Path, b: &Path) {
+    for rel in ["a.txt", "sub/empty", "sub/deeper/blob.bin"] {
+        assert_eq!(
+            std::fs::read(a.join(rel)).unwrap(),
+            std::fs::read(b.join(rel)).unwrap(),
+            "{rel} differs"
+        );
+    }
+}
+
+fn ssh_opts(d: &Daemon, key: &Path) -> Vec<String> {
+    // scp and sftp take -P for the port; the other options are shared with ssh.
+    let mut opts = d.ssh_args(key);
+    opts[0] = "-P".into();
+    opts
+}
+
+#[test]
+fn sftp_and_scp_both_ways_recursive() {
+    let d = start();
+    let key = d.add_user("alice", DEBIAN);
+    let local = d.dir.path().join("tree");
+    make_tree(&local);
+    // scp (SFTP protocol, OpenSSH's default) up, recursive.
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg("-r")
+        .arg(&local)
+        .arg("alice@127.0.0.1:/root/up")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        d.ssh_ok(
+            "alice",
+            &key,
+            "cat /root/up/a.txt; wc -c < /root/up/sub/deeper/blob.bin"
+        ),
+        "alpha\n300000\n"
+    );
+    // And down again.
+    let back = d.dir.path().join("back");
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg("-r")
+        .arg("alice@127.0.0.1:/root/up")
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    same_tree(&local, &back);
+    // Legacy scp protocol (runs scp in the container).
+    let legacy = d.dir.path().join("legacy");
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .args(["-O", "-r"])
+        .arg("alice@127.0.0.1:/root/up")
+        .arg(&legacy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    same_tree(&local, &legacy);
+    // sftp in batch mode: mkdir, put, ls, get, rename, rm.
+    let batch = d.dir.path().join("batch");
+    let got = d.dir.path().join("got.txt");
+    std::fs::write(
+        &batch,
+        format!(
+            "mkdir /root/s\nput {} /root/s/x.txt\nls /root/s\nrename /root/s/x.txt /root/s/y.txt\nget /root/s/y.txt {}\nrm /root/s/y.txt\nrmdir /root/s\n",
+            local.join("a.txt").display(),
+            got.display()
+        ),
+    )
+    .unwrap();
+    let o = Command::new("sftp")
+        .args(ssh_opts(&d, &key))
+        .arg("-b")
+        .arg(&batch)
+        .arg("alice@127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("/root/s/x.txt"));
+    assert_eq!(std::fs::read(&got).unwrap(), b"alpha\n");
+    assert_eq!(
+        d.ssh_run("alice", &key, "test -e /root/s", b"")
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn rsync_and_tar_pipe() {
+    let d = start();
+    let key = d.add_user("alice", DEBIAN);
+    let local = d.dir.path().join("tree");
+    make_tree(&local);
+    let rsh = format!("ssh {}", d.ssh_args(&key).join(" "));
+    let st = Command::new("rsync")
+        .args(["-a", "-e", &rsh])
+        .arg(format!("{}/", local.display()))
+        .arg("alice@127.0.0.1:/root/r/")
+        .status();
+    match st {
+        Ok(st) => {
+            assert!(st.success());
+            let back = d.dir.path().join("rback");
+            let st = Command::new("rsync")
+                .args(["-a", "-e", &rsh])
+                .arg("alice@127.0.0.1:/root/r/")
+                .arg(format!("{}/", back.display()))
+                .status()
+                .unwrap();
+            assert!(st.success());
+            same_tree(&local, &back);
+        }
+        Err(e) => panic!("rsync is needed on the client for this test: {e}"),
+    }
+    // tar c . | ssh host 'tar x -C /dst'
+    let mut tar = Command::new("tar")
+        .arg("-C")
+        .arg(&local)
+        .args(["-c", "."])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let st = d
+        .ssh("alice", &key)
+        .arg("mkdir -p /root/t && tar x -C /root/t")
+        .stdin(tar.stdout.take().unwrap())
+        .status()
+        .unwrap();
+    assert!(tar.wait().unwrap().success());
+    assert!(st.success());
+    assert_eq!(d.ssh_ok("alice", &key, "cat /root/t/a.txt"), "alpha\n");
+}
+
+#[test]
+fn sftp_without_a_server_in_the_image_says_so() {
+    let d = start();
+    let key = d.add_user("bb", BUSYBOX);
+    let o = Command::new("sftp")
+        .args(ssh_opts(&d, &key))
+        .arg("-b")
+        .arg("/dev/null")
+        .arg("bb@127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("berth: this image has no sftp-server"), "{e}");
+}
