@@ -6,7 +6,7 @@ use std::sync::Arc;
 use berth_proto::{PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
 use berth_ssh::{
-    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, WindowSize,
+    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, Tunnel, WindowSize,
 };
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -63,6 +63,50 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                 false
             }
         }
+    }
+
+    async fn connect(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        host: &str,
+        port: u16,
+    ) -> Result<Tunnel, OpenError> {
+        let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
+        if !self.authorize(user, key).await {
+            return Err(OpenError("access revoked".into()));
+        }
+        // The tunnel counts as a session: the container runs while it is open.
+        let lease = self
+            .lifecycle
+            .acquire(&name)
+            .await
+            .map_err(|e| OpenError(login_error(&e)))?;
+        let pid = self
+            .runtime
+            .init_pid(lease.container())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| OpenError("your container is not running".into()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let target = host.to_owned();
+        // setns changes the calling thread for good, so a thread of its own, never a pool's.
+        std::thread::Builder::new()
+            .name("berth-netns".into())
+            .spawn(move || {
+                let _ = tx.send(connect_in_netns(pid, &target, port));
+            })
+            .map_err(|e| OpenError(format!("cannot connect: {e}")))?;
+        let stream = rx
+            .await
+            .map_err(|_| OpenError("cannot connect".into()))?
+            .and_then(tokio::net::TcpStream::from_std)
+            .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
+        Ok(Tunnel {
+            stream,
+            hold: Box::new(lease),
+        })
     }
 
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
@@ -292,6 +336,42 @@ fn tty(size: WindowSize) -> TtySize {
         cols: size.cols,
         rows: size.rows,
     }
+}
+
+/// Connects to `host:port` from inside the network namespace of process `pid` (the
+/// container's init). Run on a dedicated thread: `setns` moves the calling thread.
+/// `localhost` is the container's own loopback. Names are resolved by the host's resolver
+/// (the container's `/etc/hosts` is not read: following its symlinks from the host could
+/// leak host files).
+fn connect_in_netns(pid: i32, host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+    let addrs: Vec<SocketAddr> = if host == "localhost" {
+        vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ]
+    } else if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        vec![SocketAddr::new(ip, port)]
+    } else {
+        (host, port).to_socket_addrs()?.collect()
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    for addr in addrs {
+        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)) {
+            Ok(s) => {
+                s.set_nonblocking(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// Local ports of every socket in a `/proc/net/tcp`-format file.

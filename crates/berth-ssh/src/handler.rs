@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use russh::server::{
     Auth, ChannelOpenHandle, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
-use russh::{Channel, ChannelId};
+use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinSet;
-use tracing::{Instrument, info, info_span};
+use tracing::{Instrument, debug, info, info_span};
 
 use crate::session::{self, env_allowed};
 use crate::{Gateway, PublicKey};
@@ -138,6 +138,48 @@ impl<G: Gateway> Handler for Connection<G> {
         self.tasks
             .spawn(session::run(ctx, channel).instrument(span));
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some((user, key)) = self.user.clone() else {
+            return Ok(()); // dropping `reply` rejects the open
+        };
+        let Ok(port) = u16::try_from(port) else {
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        while self.tasks.try_join_next().is_some() {}
+        let (gateway, host) = (self.gateway.clone(), host.to_owned());
+        let span = info_span!("forward", user = %user, to = %format!("{host}:{port}"));
+        // Connect first, confirm the channel after, all in a task: the handler must not wait.
+        self.tasks.spawn(
+            async move {
+                match gateway.connect(&user, &key, &host, port).await {
+                    Ok(mut tunnel) => {
+                        info!(target: "audit", event = "forward_open", user = %user, to = %format!("{host}:{port}"), "tcp forward opened");
+                        reply.accept().await;
+                        let mut stream = channel.into_stream();
+                        let r = tokio::io::copy_bidirectional(&mut stream, &mut tunnel.stream).await;
+                        debug!(result = ?r, "tcp forward closed");
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "tcp forward refused");
+                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
+                    }
+                }
+            }
+            .instrument(span),
+        );
         Ok(())
     }
 

@@ -104,6 +104,13 @@ pub trait ProcessControl: Send {
 #[error("{0}")]
 pub struct OpenError(pub String);
 
+/// A TCP connection made on the user's behalf (`ssh -L`), and whatever keeps its target
+/// alive (a lease on the container) for as long as the tunnel lasts.
+pub struct Tunnel {
+    pub stream: tokio::net::TcpStream,
+    pub hold: Box<dyn std::any::Any + Send>,
+}
+
 /// What the gateway needs from the rest of Berth.
 pub trait Gateway: Send + Sync + 'static {
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
@@ -111,4 +118,12 @@ pub trait Gateway: Send + Sync + 'static {
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
     /// Starts the process for a session.
     fn open(&self, req: OpenRequest) -> impl Future<Output = Result<Process, OpenError>> + Send;
+    /// Connects to `host:port` as seen from inside the user's container (`ssh -L`).
+    fn connect(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        host: &str,
+        port: u16,
+    ) -> impl Future<Output = Result<Tunnel, OpenError>> + Send;
 }

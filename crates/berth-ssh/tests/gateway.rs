@@ -62,6 +62,22 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
+    async fn connect(
+        &self,
+        _user: &str,
+        _key: &PublicKey,
+        host: &str,
+        port: u16,
+    ) -> Result<berth_ssh::Tunnel, OpenError> {
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| OpenError(e.to_string()))?;
+        Ok(berth_ssh::Tunnel {
+            stream,
+            hold: Box::new(()),
+        })
+    }
+
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
         self.opened.fetch_add(1, Ordering::SeqCst);
         let Command::Exec(cmd) = req.command else {

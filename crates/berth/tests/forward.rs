@@ -1,0 +1,105 @@
+//! End-to-end: `ssh -L` lands inside the user's own container, never on the host.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, free_port, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ssh -N -L LOCAL:target` and waits until the local port listens.
+fn forward(d: &Daemon, key: &Path, target: &str) -> (Killed, u16) {
+    let local = free_port();
+    let child = d
+        .ssh("alice", key)
+        .args([
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            &format!("127.0.0.1:{local}:{target}"),
+        ])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ok = wait_until(Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", local)).is_ok()
+    });
+    assert!(ok, "ssh -L did not start listening");
+    (Killed(child), local)
+}
+
+fn read_all(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn local_forward_reaches_the_containers_localhost_only() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    // A server on the container's loopback, kept up by its session.
+    let _server = Killed(
+        d.ssh("alice", &key)
+            .arg("echo from-container > /root/msg; while true; do nc -l -p 8080 < /root/msg; done")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.ssh_run(
+            "alice",
+            &key,
+            "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -qi ':1F90 ' && echo up",
+            b"",
+        )
+        .stdout
+            == b"up\n"
+    }));
+    let (_fwd, local) = forward(&d, &key, "localhost:8080");
+    // (The readiness probe above used one of the server's connections; it restarts.)
+    assert!(wait_until(Duration::from_secs(10), || read_all(local)
+        == "from-container\n"));
+
+    // A port only the host listens on: `localhost` is the container, so it is not reached.
+    let host = TcpListener::bind("127.0.0.1:0").unwrap();
+    host.set_nonblocking(true).unwrap();
+    let hport = host.local_addr().unwrap().port();
+    let (_fwd2, local2) = forward(&d, &key, &format!("localhost:{hport}"));
+    assert_eq!(read_all(local2), "");
+    let (_fwd3, local3) = forward(&d, &key, &format!("127.0.0.1:{hport}"));
+    assert_eq!(read_all(local3), "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        host.accept().is_err(),
+        "a forward reached the host's loopback"
+    );
+}
