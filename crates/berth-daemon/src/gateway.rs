@@ -6,7 +6,8 @@ use std::sync::Arc;
 use berth_proto::{PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
 use berth_ssh::{
-    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, Tunnel, WindowSize,
+    AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl,
+    Tunnel, WindowSize,
 };
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -14,7 +15,7 @@ use futures_util::future::BoxFuture;
 use tracing::{error, info, warn};
 
 use crate::blocking;
-use crate::lifecycle::{Lease, Lifecycle, LifecycleError};
+use crate::lifecycle::{GUEST_RUN_MOUNT, Lease, Lifecycle, LifecycleError};
 
 /// Starts a login shell for root: the shell and home named in the image's `/etc/passwd`
 /// (`/bin/sh` and `/root` when absent), run with `-l` like sshd does. Written for any POSIX
@@ -63,6 +64,26 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                 false
             }
         }
+    }
+
+    async fn agent_listener(&self, user: &str) -> Result<AgentListener, OpenError> {
+        use std::os::unix::fs::PermissionsExt;
+        let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
+        let dir = self.lifecycle.run_dir().join(name.as_str());
+        let fail = |e: std::io::Error| {
+            error!(user = %name, error = %e, "cannot make an agent socket");
+            OpenError("agent forwarding is not available".into())
+        };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let file = format!("agent-{:016x}.sock", random_u64());
+        let path = dir.join(&file);
+        let listener = tokio::net::UnixListener::bind(&path).map_err(fail)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        Ok(AgentListener {
+            listener,
+            path_in_container: format!("{GUEST_RUN_MOUNT}/{file}"),
+            hold: Box::new(RemoveOnDrop(path)),
+        })
     }
 
     async fn connect(
@@ -336,6 +357,27 @@ fn tty(size: WindowSize) -> TtySize {
         cols: size.cols,
         rows: size.rows,
     }
+}
+
+/// Removes a file when dropped (a session's agent socket).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A random number for names that must not be guessed or collide (not for keys).
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
 }
 
 /// Connects to `host:port` from inside the network namespace of process `pid` (the

@@ -222,6 +222,11 @@ impl<R: Runtime> Lifecycle<R> {
         rx.await.map_err(|_| LifecycleError::ShuttingDown)?
     }
 
+    /// The host directory whose `USER/` subdirectory is `/.berth/run` in USER's container.
+    pub fn run_dir(&self) -> &std::path::Path {
+        &self.settings.run_dir
+    }
+
     pub fn idle_stop(&self) -> Duration {
         self.settings.idle_stop
     }

@@ -115,7 +115,7 @@ impl<G: Gateway> Handler for Connection<G> {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
@@ -132,6 +132,7 @@ impl<G: Gateway> Handler for Connection<G> {
             user,
             key,
             peer: self.peer,
+            handle: session.handle(),
             accept_env: self.accept_env.clone(),
         };
         // The task owns the channel from its first message, so nothing queues up unread.
@@ -238,6 +239,15 @@ impl<G: Gateway> Handler for Connection<G> {
         // channel.
         let ok = self.start(ch) && name == "sftp";
         self.reply(ch, ok, session)
+    }
+
+    async fn agent_request(
+        &mut self,
+        ch: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        // russh replies from the returned bool; the task sees the request too.
+        Ok(self.channels.get(&ch) == Some(&false))
     }
 
     async fn x11_request(

@@ -111,6 +111,15 @@ pub struct Tunnel {
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
+/// Where a session's forwarded agent is offered inside the container (`ssh -A`): a unix
+/// socket the gateway made, the path processes see (for `SSH_AUTH_SOCK`), and whatever
+/// removes the socket when dropped.
+pub struct AgentListener {
+    pub listener: tokio::net::UnixListener,
+    pub path_in_container: String,
+    pub hold: Box<dyn std::any::Any + Send>,
+}
+
 /// What the gateway needs from the rest of Berth.
 pub trait Gateway: Send + Sync + 'static {
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
@@ -118,6 +127,12 @@ pub trait Gateway: Send + Sync + 'static {
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
     /// Starts the process for a session.
     fn open(&self, req: OpenRequest) -> impl Future<Output = Result<Process, OpenError>> + Send;
+    /// A fresh socket for one session's forwarded agent, reachable only in the user's
+    /// container.
+    fn agent_listener(
+        &self,
+        user: &str,
+    ) -> impl Future<Output = Result<AgentListener, OpenError>> + Send;
     /// Connects to `host:port` as seen from inside the user's container (`ssh -L`).
     fn connect(
         &self,

@@ -19,6 +19,7 @@ pub(crate) struct Context<G> {
     pub key: PublicKey,
     pub peer: Option<SocketAddr>,
     pub accept_env: Arc<Vec<String>>,
+    pub handle: russh::server::Handle,
 }
 
 /// Whether a client environment variable passes the allow-list (`NAME` or `PREFIX*`).
@@ -37,6 +38,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let (mut rx, tx) = channel.split();
     let mut pty = None;
     let mut env = Vec::new();
+    let mut agent = false;
     // Setup: collect pty and env until the client asks for a shell or a command.
     let command = loop {
         match rx.wait().await {
@@ -75,6 +77,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                     env.push((variable_name, variable_value));
                 }
             }
+            Some(ChannelMsg::AgentForward { .. }) => agent = true,
             Some(ChannelMsg::RequestShell { .. }) => break Command::Shell,
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Command::Exec(String::from_utf8_lossy(&command).into_owned());
@@ -99,6 +102,21 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // `?` quotes the command, so a newline in it cannot forge an audit line.
     info!(target: "audit", event = "session_start", user = %ctx.user, command = ?label, tty = pty.is_some(), "session started");
     let tty = pty.is_some();
+    // The forwarded agent lives exactly as long as this task (its accept loop is aborted and
+    // its socket removed when the session ends).
+    let mut _agent_task = None;
+    if agent {
+        match ctx.gateway.agent_listener(&ctx.user).await {
+            Ok(a) => {
+                env.push(("SSH_AUTH_SOCK".to_owned(), a.path_in_container.clone()));
+                _agent_task = Some(AbortOnDrop(tokio::spawn(serve_agent(
+                    a,
+                    ctx.handle.clone(),
+                ))));
+            }
+            Err(e) => debug!(error = %e, "no agent forwarding for this session"),
+        }
+    }
     let req = OpenRequest {
         user: ctx.user.clone(),
         key: ctx.key.clone(),
@@ -262,6 +280,34 @@ async fn write_stdin(
                 return;
             }
         }
+    }
+}
+
+/// Each connection to the agent socket in the container becomes an agent channel to the
+/// client.
+async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle) {
+    let _hold = agent.hold;
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            a = agent.listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    debug!(error = %e, "agent socket accept failed");
+                    return;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let handle = handle.clone();
+        conns.spawn(async move {
+            let Ok(channel) = handle.channel_open_agent().await else {
+                return;
+            };
+            let mut remote = channel.into_stream();
+            let mut local = stream;
+            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+        });
     }
 }
 

@@ -62,6 +62,10 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
+    async fn agent_listener(&self, _user: &str) -> Result<berth_ssh::AgentListener, OpenError> {
+        Err(OpenError("no agent here".into()))
+    }
+
     async fn connect(
         &self,
         _user: &str,

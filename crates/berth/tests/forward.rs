@@ -103,3 +103,71 @@ fn local_forward_reaches_the_containers_localhost_only() {
         "a forward reached the host's loopback"
     );
 }
+
+#[test]
+fn agent_forwarding_lists_the_clients_keys_only_with_dash_a() {
+    use berth_testkit::DEBIAN;
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", DEBIAN);
+    // A client-side agent holding one key.
+    let sock = d.dir.path().join("agent.sock");
+    let _agent = Killed(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let agent_key = d.keygen("in-agent");
+    let st = std::process::Command::new("ssh-add")
+        .arg(&agent_key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let fp = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(agent_key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+
+    let o = d
+        .ssh("alice", &key)
+        .env("SSH_AUTH_SOCK", &sock)
+        .args(["-A", "ssh-add -l; echo sock=$SSH_AUTH_SOCK"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains(&fp), "{out}");
+    assert!(out.contains("sock=/.berth/run/agent-"), "{out}");
+    // Without -A there is none, and the session's socket is gone after it ended.
+    let out = d.ssh_ok(
+        "alice",
+        &key,
+        "echo sock=${SSH_AUTH_SOCK:-none}; ls /.berth/run",
+    );
+    assert_eq!(out, "sock=none\nguest.sock\n");
+}
