@@ -7,7 +7,7 @@ use berth_proto::{PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
 use berth_ssh::{
     AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl,
-    Tunnel, WindowSize,
+    RemoteListener, Tunnel, WindowSize,
 };
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -66,6 +66,31 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         }
     }
 
+    async fn listen(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        port: u16,
+    ) -> Result<RemoteListener, OpenError> {
+        let (lease, pid) = self.lease_with_pid(user, key).await?;
+        let listener = in_netns(pid, move || {
+            let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .await
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| {
+            OpenError(format!(
+                "cannot listen on port {port} in your container: {e}"
+            ))
+        })?;
+        Ok(RemoteListener {
+            listener,
+            hold: Box::new(lease),
+        })
+    }
+
     async fn agent_listener(&self, user: &str) -> Result<AgentListener, OpenError> {
         use std::os::unix::fs::PermissionsExt;
         let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
@@ -93,35 +118,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         host: &str,
         port: u16,
     ) -> Result<Tunnel, OpenError> {
-        let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
-        if !self.authorize(user, key).await {
-            return Err(OpenError("access revoked".into()));
-        }
-        // The tunnel counts as a session: the container runs while it is open.
-        let lease = self
-            .lifecycle
-            .acquire(&name)
-            .await
-            .map_err(|e| OpenError(login_error(&e)))?;
-        let pid = self
-            .runtime
-            .init_pid(lease.container())
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| OpenError("your container is not running".into()))?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (lease, pid) = self.lease_with_pid(user, key).await?;
         let target = host.to_owned();
-        // setns changes the calling thread for good, so a thread of its own, never a pool's.
-        std::thread::Builder::new()
-            .name("berth-netns".into())
-            .spawn(move || {
-                let _ = tx.send(connect_in_netns(pid, &target, port));
-            })
-            .map_err(|e| OpenError(format!("cannot connect: {e}")))?;
-        let stream = rx
+        let stream = in_netns(pid, move || connect_from_here(&target, port))
             .await
-            .map_err(|_| OpenError("cannot connect".into()))?
             .and_then(tokio::net::TcpStream::from_std)
             .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
         Ok(Tunnel {
@@ -219,6 +219,28 @@ inside your container:
 const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 impl<R: Runtime> BerthGateway<R> {
+    /// For forwardings: checks the key again, takes a lease (an open forwarding keeps the
+    /// container running like a session) and finds the container's init PID.
+    async fn lease_with_pid(&self, user: &str, key: &PublicKey) -> Result<(Lease, i32), OpenError> {
+        let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
+        if !self.authorize(user, key).await {
+            return Err(OpenError("access revoked".into()));
+        }
+        let lease = self
+            .lifecycle
+            .acquire(&name)
+            .await
+            .map_err(|e| OpenError(login_error(&e)))?;
+        let pid = self
+            .runtime
+            .init_pid(lease.container())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| OpenError("your container is not running".into()))?;
+        Ok((lease, pid))
+    }
+
     /// Runs a host word; returns stdout, stderr and the exit code.
     async fn host_word(&self, user: &UserName, word: HostWord) -> (String, String, u32) {
         let lc = &self.lifecycle;
@@ -380,15 +402,32 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// Connects to `host:port` from inside the network namespace of process `pid` (the
-/// container's init). Run on a dedicated thread: `setns` moves the calling thread.
-/// `localhost` is the container's own loopback. Names are resolved by the host's resolver
-/// (the container's `/etc/hosts` is not read: following its symlinks from the host could
-/// leak host files).
-fn connect_in_netns(pid: i32, host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+/// Runs `f` on a thread of its own inside the network namespace of process `pid` (the
+/// container's init): sockets made there stay in that namespace. A dedicated thread because
+/// `setns` moves the calling thread for good; never a pool's.
+async fn in_netns<T: Send + 'static>(
+    pid: i32,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("berth-netns".into())
+        .spawn(move || {
+            let r = std::fs::File::open(format!("/proc/{pid}/ns/net")).and_then(|ns| {
+                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+            let _ = tx.send(r.and_then(|()| f()));
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("namespace thread ended"))?
+}
+
+/// Connects to `host:port` from the current network namespace. `localhost` is that
+/// namespace's loopback. Names are resolved by the host's resolver (the container's
+/// `/etc/hosts` is not read: following its symlinks from the host could leak host files).
+fn connect_from_here(host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
     let addrs: Vec<SocketAddr> = if host == "localhost" {
         vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),

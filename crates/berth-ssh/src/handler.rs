@@ -27,6 +27,8 @@ pub(crate) struct Connection<G> {
     max_sessions: usize,
     /// Session channels of this connection, and whether each has started its process.
     channels: HashMap<ChannelId, bool>,
+    /// Remote forwards (`ssh -R`) by the (address, port) the client knows them by.
+    forwards: HashMap<(String, u32), tokio::task::AbortHandle>,
     tasks: JoinSet<()>,
 }
 
@@ -46,6 +48,7 @@ impl<G: Gateway> Connection<G> {
             authenticated,
             max_sessions,
             channels: HashMap::new(),
+            forwards: HashMap::new(),
             tasks: JoinSet::new(),
         }
     }
@@ -73,6 +76,57 @@ impl<G: Gateway> Connection<G> {
             }
             _ => false,
         }
+    }
+}
+
+impl<G> Drop for Connection<G> {
+    fn drop(&mut self) {
+        for task in self.forwards.values() {
+            task.abort();
+        }
+    }
+}
+
+/// Remote forwards one connection may hold.
+const MAX_REMOTE_FORWARDS: usize = 16;
+
+/// Accepts connections on a remote-forwarded port in the container and hands each to the
+/// client as a `forwarded-tcpip` channel.
+async fn serve_remote(
+    remote: crate::RemoteListener,
+    handle: russh::server::Handle,
+    address: String,
+    port: u32,
+) {
+    let _hold = remote.hold;
+    let mut conns = JoinSet::new();
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            a = remote.listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "remote forward accept failed");
+                    return;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let handle = handle.clone();
+        let address = address.clone();
+        conns.spawn(async move {
+            let opened = handle
+                .channel_open_forwarded_tcpip(
+                    address,
+                    port,
+                    peer.ip().to_string(),
+                    u32::from(peer.port()),
+                )
+                .await;
+            if let Ok(channel) = opened {
+                let mut remote = channel.into_stream();
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
+            }
+        });
     }
 }
 
@@ -182,6 +236,62 @@ impl<G: Gateway> Handler for Connection<G> {
             .instrument(span),
         );
         Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some((user, key)) = self.user.clone() else {
+            return Ok(false);
+        };
+        let Ok(wanted) = u16::try_from(*port) else {
+            return Ok(false);
+        };
+        if self.forwards.len() >= MAX_REMOTE_FORWARDS {
+            return Ok(false);
+        }
+        // The reply must say which port was bound, so the bind happens here; it waits only
+        // for the gateway, never for this connection's own session loop.
+        let remote = match self.gateway.listen(&user, &key, wanted).await {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "remote forward refused");
+                return Ok(false);
+            }
+        };
+        let bound = match remote.listener.local_addr() {
+            Ok(a) => u32::from(a.port()),
+            Err(_) => return Ok(false),
+        };
+        *port = bound;
+        info!(target: "audit", event = "remote_forward", user = %user, port = bound, "remote forward listening in the container");
+        let task = tokio::spawn(serve_remote(
+            remote,
+            session.handle(),
+            address.to_owned(),
+            bound,
+        ));
+        self.forwards
+            .insert((address.to_owned(), bound), task.abort_handle());
+        Ok(true)
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(match self.forwards.remove(&(address.to_owned(), port)) {
+            Some(task) => {
+                task.abort();
+                true
+            }
+            None => false,
+        })
     }
 
     async fn pty_request(

@@ -111,6 +111,13 @@ pub struct Tunnel {
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
+/// A port listening inside the user's container for `ssh -R`, and whatever keeps the
+/// container running while it listens.
+pub struct RemoteListener {
+    pub listener: tokio::net::TcpListener,
+    pub hold: Box<dyn std::any::Any + Send>,
+}
+
 /// Where a session's forwarded agent is offered inside the container (`ssh -A`): a unix
 /// socket the gateway made, the path processes see (for `SSH_AUTH_SOCK`), and whatever
 /// removes the socket when dropped.
@@ -133,6 +140,13 @@ pub trait Gateway: Send + Sync + 'static {
         &self,
         user: &str,
     ) -> impl Future<Output = Result<AgentListener, OpenError>> + Send;
+    /// Listens on `port` (0: any) on the loopback of the user's container (`ssh -R`).
+    fn listen(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        port: u16,
+    ) -> impl Future<Output = Result<RemoteListener, OpenError>> + Send;
     /// Connects to `host:port` as seen from inside the user's container (`ssh -L`).
     fn connect(
         &self,

@@ -62,6 +62,21 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
+    async fn listen(
+        &self,
+        _user: &str,
+        _key: &PublicKey,
+        port: u16,
+    ) -> Result<berth_ssh::RemoteListener, OpenError> {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .map_err(|e| OpenError(e.to_string()))?;
+        Ok(berth_ssh::RemoteListener {
+            listener,
+            hold: Box::new(()),
+        })
+    }
+
     async fn agent_listener(&self, _user: &str) -> Result<berth_ssh::AgentListener, OpenError> {
         Err(OpenError("no agent here".into()))
     }

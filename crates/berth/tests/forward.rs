@@ -171,3 +171,88 @@ fn agent_forwarding_lists_the_clients_keys_only_with_dash_a() {
     );
     assert_eq!(out, "sock=none\nguest.sock\n");
 }
+
+/// A one-line TCP server on the host side (the client's end of `-R`).
+fn client_side_server(text: &'static str) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = std::io::Write::write_all(&mut s, text.as_bytes());
+        }
+    });
+    port
+}
+
+fn listening_in_container(d: &Daemon, key: &Path, port: u16) -> bool {
+    let cmd = format!(
+        "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -i ':{port:04X} ' | grep -c ' 0A '"
+    );
+    d.ssh_run("alice", key, &cmd, b"").stdout != b"0\n"
+}
+
+#[test]
+fn remote_forward_listens_in_the_container_with_port_zero_and_cancel() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    let target = client_side_server("from-client\n");
+    // A master connection, to add and cancel forwards on it.
+    let sock = d.dir.path().join("mux");
+    let mux = |extra: &[&str]| {
+        let mut c = d.ssh("alice", &key);
+        c.args(["-S", sock.to_str().unwrap()]).args(extra);
+        c
+    };
+    assert!(
+        mux(&["-M", "-f", "-N", "-o", "ControlPersist=60"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Port 0: the server picks one and the client learns it.
+    let o = mux(&["-O", "forward", "-R", &format!("0:127.0.0.1:{target}")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let port: u16 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    assert!(listening_in_container(&d, &key, port));
+    assert_eq!(
+        d.ssh_ok("alice", &key, &format!("nc 127.0.0.1 {port} </dev/null")),
+        "from-client\n"
+    );
+    // It listens in the container, not on the host.
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "remote forward listened on the host"
+    );
+
+    // A fixed port, then cancelled.
+    let fixed = free_port();
+    let spec = format!("{fixed}:127.0.0.1:{target}");
+    assert!(
+        mux(&["-O", "forward", "-R", &spec])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(listening_in_container(&d, &key, fixed));
+    assert!(
+        mux(&["-O", "cancel", "-R", &spec])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    assert!(wait_until(Duration::from_secs(10), || {
+        !listening_in_container(&d, &key, fixed)
+    }));
+    let _ = mux(&["-O", "exit"]).output();
+}
