@@ -34,14 +34,13 @@ cd "$h" 2>/dev/null || cd /
 export HOME="$h" SHELL="$s"
 exec "$s" -l"#;
 
-/// Runs the image's own sftp-server (its path differs by distribution), as root in the
-/// user's home like sshd does.
+/// Runs the image's own sftp-server (its path differs by distribution), or Berth's own
+/// when the image has none (busybox), as root in the user's home like sshd does.
 const SFTP_SERVER: &str = r#"cd "${HOME:-/root}" 2>/dev/null
 for p in /usr/lib/openssh/sftp-server /usr/lib/ssh/sftp-server /usr/libexec/openssh/sftp-server /usr/libexec/sftp-server /usr/lib/sftp-server; do
   if [ -x "$p" ]; then exec "$p"; fi
 done
-echo "berth: this image has no sftp-server (install openssh-sftp-server in it)" >&2
-exit 127"#;
+exec /.berth/berth-guest sftp-server"#;
 
 pub struct BerthGateway<R> {
     pub store: Store,

@@ -8,9 +8,13 @@
 //! it when the shell exits) and exits on SIGTERM or SIGINT, so `docker stop` is quick.
 //! Signals are taken synchronously with `sigwait`, so no handler code is needed.
 //!
+//! `berth-guest sftp-server` serves SFTP on stdin/stdout for images without an sftp-server.
+//!
 //! Called as `daemon`, `nodaemon` or `stopnow` (the daemon mounts this binary under those
 //! names on PATH), it sends that one word to the Berth daemon over `/.berth/run/guest.sock`,
 //! a socket that belongs to this container alone, and prints the answer.
+
+mod sftp;
 
 use std::process::ExitCode;
 
@@ -34,12 +38,13 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("init") => init(),
         Some("tty-exec") => tty_exec(args.get(2..).unwrap_or_default()),
+        Some("sftp-server") => sftp::run(),
         Some("--version") => {
             println!("berth-guest {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("usage: berth-guest init | tty-exec COLS ROWS CMD [ARG...]");
+            eprintln!("usage: berth-guest init | sftp-server | tty-exec COLS ROWS CMD [ARG...]");
             ExitCode::from(2)
         }
     }

@@ -174,17 +174,70 @@ fn rsync_and_tar_pipe() {
 }
 
 #[test]
-fn sftp_without_a_server_in_the_image_says_so() {
+fn sftp_and_scp_in_an_image_without_sftp_server() {
+    // busybox has no sftp-server: Berth's own serves, and scp (SFTP mode) works through it.
     let d = start();
     let key = d.add_user("bb", BUSYBOX);
+    assert_eq!(
+        d.ssh_run("bb", &key, "ls /usr/lib/openssh/sftp-server", b"")
+            .status
+            .code(),
+        Some(1)
+    );
+    let local = d.dir.path().join("tree");
+    make_tree(&local);
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg("-r")
+        .arg(&local)
+        .arg("bb@127.0.0.1:/root/up")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(
+        d.ssh_ok(
+            "bb",
+            &key,
+            "cat /root/up/a.txt; wc -c < /root/up/sub/deeper/blob.bin"
+        ),
+        "alpha\n300000\n"
+    );
+    let back = d.dir.path().join("back");
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg("-rp")
+        .arg("bb@127.0.0.1:/root/up")
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    same_tree(&local, &back);
+    let batch = d.dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "cd /root\nmkdir d\nput {} d/empty\nls -l d\nrename d/empty d/e2\nln -s e2 d/link\nrm d/link\nrm d/e2\nrmdir d\npwd\n",
+            local.join("sub/empty").display()
+        ),
+    )
+    .unwrap();
     let o = Command::new("sftp")
         .args(ssh_opts(&d, &key))
         .arg("-b")
-        .arg("/dev/null")
+        .arg(&batch)
         .arg("bb@127.0.0.1")
         .output()
         .unwrap();
-    assert!(!o.status.success());
-    let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("berth: this image has no sftp-server"), "{e}");
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Remote working directory: /root"), "{out}");
+    assert_eq!(
+        d.ssh_run("bb", &key, "test -e /root/d", b"").status.code(),
+        Some(1)
+    );
 }
