@@ -30,6 +30,7 @@ use crate::lifecycle::{LABEL_INSTANCE, LABEL_USER, Lifecycle, LifecycleError};
 
 pub struct AdminState<R> {
     pub store: Store,
+    pub forwarding: berth_proto::ForwardingInfo,
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
     pub listen: String,
@@ -136,6 +137,10 @@ pub async fn serve<R: Runtime>(
             "/v1/users/{name}/keys/{fingerprint}",
             delete(remove_key::<R>),
         )
+        .route(
+            "/v1/users/{name}/forwarding",
+            axum::routing::post(set_forwarding::<R>),
+        )
         .with_state(state);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -226,6 +231,7 @@ async fn user_infos<R: Runtime>(
                 container: state,
                 daemon_mode: u.daemon_mode,
                 keys: u.keys,
+                forwarding: crate::gateway::effective_forwarding(st.forwarding, u.forwarding),
             }
         })
         .collect())
@@ -300,6 +306,40 @@ async fn remove_user<R: Runtime>(
     st.lifecycle.remove(&name, q.keep_image).await?;
     info!(target: "audit", event = "user_remove", user = %name, "user removed");
     before
+        .pop()
+        .map(Json)
+        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+}
+
+async fn set_forwarding<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+    req: std::result::Result<Json<berth_proto::SetForwardingRequest>, JsonRejection>,
+) -> Result<Json<UserInfo>> {
+    authorize(&peer)?;
+    let name = parse_name(&name)?;
+    let req = body(req)?;
+    let store = st.store.clone();
+    let n = name.clone();
+    let user = blocking(move || {
+        let mut f = store.user(&n)?.forwarding;
+        if let Some(s) = req.tcp {
+            f.tcp = s.as_option();
+        }
+        if let Some(s) = req.agent {
+            f.agent = s.as_option();
+        }
+        if let Some(s) = req.x11 {
+            f.x11 = s.as_option();
+        }
+        store.set_forwarding(&n, f)?;
+        store.user(&n)
+    })
+    .await?;
+    info!(target: "audit", event = "user_forwarding", user = %name, tcp = ?user.forwarding.tcp, agent = ?user.forwarding.agent, x11 = ?user.forwarding.x11, "forwarding switches changed");
+    let mut infos = user_infos(&st, vec![user]).await?;
+    infos
         .pop()
         .map(Json)
         .ok_or_else(|| AdminError::BadRequest("user vanished".into()))

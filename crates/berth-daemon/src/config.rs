@@ -41,6 +41,10 @@ pub struct Config {
     pub network: String,
     /// The static `berth-guest` helper; default: `berth-guest` next to the `berth` binary.
     pub guest_binary: Option<PathBuf>,
+    /// Server-wide forwarding switches; each user may be set apart (`berth user set`).
+    pub allow_tcp_forwarding: bool,
+    pub allow_agent_forwarding: bool,
+    pub allow_x11_forwarding: bool,
     /// Client environment variables accepted into sessions (`NAME` or `PREFIX*`).
     pub accept_env: Vec<String>,
     pub keepalive_interval_seconds: u64,
@@ -79,6 +83,9 @@ impl Default for Config {
             commit_repository: "berth/users".into(),
             network: "berth".into(),
             guest_binary: None,
+            allow_tcp_forwarding: true,
+            allow_agent_forwarding: true,
+            allow_x11_forwarding: true,
             accept_env: vec!["LANG".into(), "LC_*".into()],
             keepalive_interval_seconds: 15,
             keepalive_max: 4,

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use berth_proto::{PublicKey, UserName, fingerprint};
+use berth_proto::{ForwardingInfo, PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
 use berth_ssh::{
-    AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl,
-    RemoteListener, Tunnel, WindowSize,
+    AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Permission, Process,
+    ProcessControl, RemoteListener, Tunnel, WindowSize,
 };
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -44,12 +44,42 @@ exec /.berth/berth-guest sftp-server"#;
 
 pub struct BerthGateway<R> {
     pub store: Store,
+    /// Server-wide forwarding switches, for users without their own.
+    pub forwarding: ForwardingInfo,
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
     pub port: u16,
 }
 
+/// A user's effective switches: her own where set, the server's otherwise.
+pub fn effective_forwarding(
+    server: ForwardingInfo,
+    user: berth_store::Forwarding,
+) -> ForwardingInfo {
+    ForwardingInfo {
+        tcp: user.tcp.unwrap_or(server.tcp),
+        agent: user.agent.unwrap_or(server.agent),
+        x11: user.x11.unwrap_or(server.x11),
+    }
+}
+
 impl<R: Runtime> Gateway for BerthGateway<R> {
+    async fn permits(&self, user: &str, what: Permission) -> bool {
+        let Ok(name) = UserName::parse(user) else {
+            return false;
+        };
+        let store = self.store.clone();
+        let Ok(record) = blocking(move || store.user(&name)).await else {
+            return false;
+        };
+        let f = effective_forwarding(self.forwarding, record.forwarding);
+        match what {
+            Permission::TcpForwarding => f.tcp,
+            Permission::AgentForwarding => f.agent,
+            Permission::X11Forwarding => f.x11,
+        }
+    }
+
     async fn authorize(&self, user: &str, key: &PublicKey) -> bool {
         if UserName::parse(user).is_err() {
             return false;

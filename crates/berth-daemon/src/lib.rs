@@ -95,8 +95,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let port = listener.local_addr()?.port();
+    let forwarding = berth_proto::ForwardingInfo {
+        tcp: config.allow_tcp_forwarding,
+        agent: config.allow_agent_forwarding,
+        x11: config.allow_x11_forwarding,
+    };
     let gateway = Arc::new(BerthGateway {
         store: store.clone(),
+        forwarding,
         runtime: runtime.clone(),
         lifecycle: lifecycle.clone(),
         port,
@@ -112,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
     let admin_state = Arc::new(AdminState {
         store,
+        forwarding,
         runtime,
         lifecycle: lifecycle.clone(),
         listen: config.listen.to_string(),

@@ -7,6 +7,7 @@
 //! | POST   | /users                        | [`AddUserRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}                 | → [`UserInfo`]                    |
 //! | DELETE | /users/{name}[?keep_image=true] | → [`UserInfo`] (as it was)      |
+//! | POST   | /users/{name}/forwarding      | [`SetForwardingRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
@@ -47,6 +48,46 @@ pub struct UserInfo {
     pub sessions: u32,
     pub daemon_mode: bool,
     pub keys: usize,
+    /// Effective forwarding switches (the user's own, or the server-wide default).
+    #[serde(default)]
+    pub forwarding: ForwardingInfo,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardingInfo {
+    pub tcp: bool,
+    pub agent: bool,
+    pub x11: bool,
+}
+
+/// One per-user switch: on, off, or follow the server's setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+    Default,
+}
+
+impl Switch {
+    pub fn as_option(self) -> Option<bool> {
+        match self {
+            Self::On => Some(true),
+            Self::Off => Some(false),
+            Self::Default => None,
+        }
+    }
+}
+
+/// Changes to a user's forwarding switches; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetForwardingRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Switch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Switch>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x11: Option<Switch>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -11,8 +11,8 @@ mod key;
 mod name;
 
 pub use api::{
-    AddKeysRequest, AddUserRequest, ApiError, ContainerState, HealthInfo, KeyInfo, RemovedKeys,
-    UserInfo,
+    AddKeysRequest, AddUserRequest, ApiError, ContainerState, ForwardingInfo, HealthInfo, KeyInfo,
+    RemovedKeys, SetForwardingRequest, Switch, UserInfo,
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::session::{self, env_allowed};
-use crate::{Gateway, PublicKey};
+use crate::{Gateway, Permission, PublicKey};
 
 pub(crate) struct Connection<G> {
     gateway: Arc<G>,
@@ -209,6 +209,13 @@ impl<G: Gateway> Handler for Connection<G> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
         };
+        if !self.gateway.permits(&user, Permission::TcpForwarding).await {
+            info!(target: "audit", event = "forward_refused", user = %user, "tcp forwarding is off for this user");
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
         let Ok(port) = u16::try_from(port) else {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
@@ -250,6 +257,10 @@ impl<G: Gateway> Handler for Connection<G> {
         let Ok(wanted) = u16::try_from(*port) else {
             return Ok(false);
         };
+        if !self.gateway.permits(&user, Permission::TcpForwarding).await {
+            info!(target: "audit", event = "forward_refused", user = %user, "tcp forwarding is off for this user");
+            return Ok(false);
+        }
         if self.forwards.len() >= MAX_REMOTE_FORWARDS {
             return Ok(false);
         }
@@ -356,8 +367,16 @@ impl<G: Gateway> Handler for Connection<G> {
         ch: ChannelId,
         _session: &mut Session,
     ) -> Result<bool, Self::Error> {
-        // russh replies from the returned bool; the task sees the request too.
-        Ok(self.channels.get(&ch) == Some(&false))
+        // russh replies from the returned bool. The task sees the request too and asks the
+        // gateway the same question before it sets an agent up.
+        let Some((user, _)) = &self.user else {
+            return Ok(false);
+        };
+        Ok(self.channels.get(&ch) == Some(&false)
+            && self
+                .gateway
+                .permits(user, Permission::AgentForwarding)
+                .await)
     }
 
     async fn x11_request(

@@ -127,11 +127,24 @@ pub struct AgentListener {
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
+/// Things a user may be allowed or refused beyond sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permission {
+    /// `ssh -L` and `ssh -R`.
+    TcpForwarding,
+    /// `ssh -A`.
+    AgentForwarding,
+    /// `ssh -X`.
+    X11Forwarding,
+}
+
 /// What the gateway needs from the rest of Berth.
 pub trait Gateway: Send + Sync + 'static {
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
     /// a wrong key.
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
+    /// Whether `user` may use `what` (server-wide setting, or the user's own).
+    fn permits(&self, user: &str, what: Permission) -> impl Future<Output = bool> + Send;
     /// Starts the process for a session.
     fn open(&self, req: OpenRequest) -> impl Future<Output = Result<Process, OpenError>> + Send;
     /// A fresh socket for one session's forwarded agent, reachable only in the user's

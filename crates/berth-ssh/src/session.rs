@@ -11,7 +11,9 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, info};
 
-use crate::{Command, Gateway, OpenRequest, Output, Process, Pty, PublicKey, WindowSize};
+use crate::{
+    Command, Gateway, OpenRequest, Output, Permission, Process, Pty, PublicKey, WindowSize,
+};
 
 pub(crate) struct Context<G> {
     pub gateway: Arc<G>,
@@ -105,7 +107,12 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // The forwarded agent lives exactly as long as this task (its accept loop is aborted and
     // its socket removed when the session ends).
     let mut _agent_task = None;
-    if agent {
+    if agent
+        && ctx
+            .gateway
+            .permits(&ctx.user, Permission::AgentForwarding)
+            .await
+    {
         match ctx.gateway.agent_listener(&ctx.user).await {
             Ok(a) => {
                 env.push(("SSH_AUTH_SOCK".to_owned(), a.path_in_container.clone()));

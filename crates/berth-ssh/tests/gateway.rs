@@ -62,6 +62,10 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
+    async fn permits(&self, _user: &str, _what: berth_ssh::Permission) -> bool {
+        true
+    }
+
     async fn listen(
         &self,
         _user: &str,

@@ -13,7 +13,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use berth_proto::{AuthorizedKey, ImageName, KeyInfo, UserName};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/001_init.sql"),
+    include_str!("../migrations/002_forwarding.sql"),
+];
+
+/// Per-user switches; `None` follows the server-wide setting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Forwarding {
+    pub tcp: Option<bool>,
+    pub agent: Option<bool>,
+    pub x11: Option<bool>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -43,6 +54,7 @@ pub struct UserRecord {
     pub daemon_mode: bool,
     pub committed_image: Option<ImageName>,
     pub keys: usize,
+    pub forwarding: Forwarding,
 }
 
 #[derive(Clone)]
@@ -124,6 +136,7 @@ impl Store {
             daemon_mode: false,
             committed_image: None,
             keys: keys.len(),
+            forwarding: Forwarding::default(),
         })
     }
 
@@ -142,6 +155,17 @@ impl Store {
         let n = self.conn()?.execute(
             "UPDATE users SET daemon_mode = ?2 WHERE name = ?1",
             params![name.as_str(), on],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn set_forwarding(&self, name: &UserName, f: Forwarding) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE users SET tcp_forwarding = ?2, agent_forwarding = ?3, x11_forwarding = ?4 WHERE name = ?1",
+            params![name.as_str(), f.tcp, f.agent, f.x11],
         )?;
         if n == 0 {
             return Err(StoreError::UserNotFound(name.clone()));
@@ -170,7 +194,8 @@ impl Store {
         let row = conn
             .query_row(
                 "SELECT name, image, daemon_mode, committed_image,
-                        (SELECT count(*) FROM keys WHERE keys.user = users.name)
+                        (SELECT count(*) FROM keys WHERE keys.user = users.name),
+                        tcp_forwarding, agent_forwarding, x11_forwarding
                  FROM users WHERE name = ?1",
                 [name.as_str()],
                 raw_user,
@@ -186,7 +211,8 @@ impl Store {
         let conn = self.conn()?;
         let mut stmt = conn.prepare(
             "SELECT name, image, daemon_mode, committed_image,
-                    (SELECT count(*) FROM keys WHERE keys.user = users.name)
+                    (SELECT count(*) FROM keys WHERE keys.user = users.name),
+                    tcp_forwarding, agent_forwarding, x11_forwarding
              FROM users ORDER BY name",
         )?;
         let raws = stmt
@@ -266,14 +292,26 @@ impl Store {
     }
 }
 
-type RawUser = (String, String, bool, Option<String>, i64);
+type RawUser = (String, String, bool, Option<String>, i64, Forwarding);
 
 fn raw_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawUser> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    let forwarding = Forwarding {
+        tcp: r.get(5)?,
+        agent: r.get(6)?,
+        x11: r.get(7)?,
+    };
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        forwarding,
+    ))
 }
 
 fn user_from_raw(
-    (name, image, daemon_mode, committed, keys): RawUser,
+    (name, image, daemon_mode, committed, keys, forwarding): RawUser,
 ) -> Result<UserRecord, StoreError> {
     let corrupt = |e: berth_proto::NameError| StoreError::Corrupt(e.to_string());
     Ok(UserRecord {
@@ -286,6 +324,7 @@ fn user_from_raw(
             .transpose()
             .map_err(corrupt)?,
         keys: usize::try_from(keys).unwrap_or(0),
+        forwarding,
     })
 }
 
@@ -364,6 +403,13 @@ mod tests {
         assert!(s.key_authorized("alice", &fp).unwrap());
         assert!(!s.key_authorized("bob", &fp).unwrap());
         assert!(!s.key_authorized("alice", &key(K2).fingerprint).unwrap());
+        let f = Forwarding {
+            tcp: Some(false),
+            agent: None,
+            x11: Some(true),
+        };
+        s.set_forwarding(&user("alice"), f).unwrap();
+        assert_eq!(s.user(&user("alice")).unwrap().forwarding, f);
         s.set_daemon_mode(&user("alice"), true).unwrap();
         assert!(s.user(&user("alice")).unwrap().daemon_mode);
         assert!(matches!(

@@ -256,3 +256,90 @@ fn remote_forward_listens_in_the_container_with_port_zero_and_cancel() {
     }));
     let _ = mux(&["-O", "exit"]).output();
 }
+
+#[test]
+fn forwarding_switches_server_wide_and_per_user() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: "allow_tcp_forwarding = false\nallow_agent_forwarding = false\n".into(),
+        },
+    );
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    let o = d.berth(&[
+        "user",
+        "set",
+        "bob",
+        "--tcp-forwarding",
+        "on",
+        "--agent-forwarding",
+        "on",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "bob: tcp forwarding on, agent forwarding on, x11 forwarding on\n"
+    );
+    assert_eq!(d.user("alice")["forwarding"]["tcp"], false);
+    assert_eq!(d.user("bob")["forwarding"]["tcp"], true);
+    let remote = |user: &str, key: &Path| {
+        d.ssh(user, key)
+            .args([
+                "-N",
+                "-o",
+                "ExitOnForwardFailure=yes",
+                "-R",
+                "0:127.0.0.1:9",
+                "-o",
+                "ConnectTimeout=5",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // alice follows the server: -R is refused and ssh gives up.
+    let mut a = remote("alice", &ka);
+    let exited = wait_until(Duration::from_secs(20), || a.try_wait().unwrap().is_some());
+    assert!(exited, "alice's remote forward was accepted");
+    assert_ne!(a.wait().unwrap().code(), Some(0));
+    // bob's own switch is on: his forward stays up.
+    let b = Killed(remote("bob", &kb));
+    std::thread::sleep(Duration::from_secs(2));
+    let mut b = b;
+    assert!(
+        b.0.try_wait().unwrap().is_none(),
+        "bob's remote forward was refused"
+    );
+    // Agent forwarding likewise.
+    let sock = d.dir.path().join("agent.sock");
+    let _agent = Killed(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    let agent_sock = |user: &str, key: &Path| {
+        let o = d
+            .ssh(user, key)
+            .env("SSH_AUTH_SOCK", &sock)
+            .args(["-A", "echo ${SSH_AUTH_SOCK:-none}"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    assert_eq!(agent_sock("alice", &ka), "none");
+    assert!(agent_sock("bob", &kb).starts_with("/.berth/run/agent-"));
+    // Back to the server's setting.
+    d.berth_ok(&["user", "set", "bob", "--agent-forwarding", "default"]);
+    assert_eq!(agent_sock("bob", &kb), "none");
+    let o = d.berth(&["user", "set", "bob"]);
+    assert_eq!(o.status.code(), Some(2));
+}

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use berth_proto::{
-    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys, UserInfo,
-    UserName, parse_authorized_keys,
+    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys,
+    SetForwardingRequest, Switch, UserInfo, UserName, parse_authorized_keys,
 };
 use comfy_table::{Table, presets::NOTHING};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -46,6 +46,36 @@ pub enum UserCommand {
     /// Manage a user's keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Set a user's forwarding switches (default: follow the server's config)
+    Set {
+        name: String,
+        /// ssh -L and -R
+        #[arg(long, value_name = "on|off|default")]
+        tcp_forwarding: Option<SwitchArg>,
+        /// ssh -A
+        #[arg(long, value_name = "on|off|default")]
+        agent_forwarding: Option<SwitchArg>,
+        /// ssh -X
+        #[arg(long, value_name = "on|off|default")]
+        x11_forwarding: Option<SwitchArg>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum SwitchArg {
+    On,
+    Off,
+    Default,
+}
+
+impl From<SwitchArg> for Switch {
+    fn from(s: SwitchArg) -> Self {
+        match s {
+            SwitchArg::On => Switch::On,
+            SwitchArg::Off => Switch::Off,
+            SwitchArg::Default => Switch::Default,
+        }
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -130,10 +160,47 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                     if user.daemon_mode { "on" } else { "off" }
                 );
                 println!("keys:       {}", user.keys);
+                let onoff = |b: bool| if b { "on" } else { "off" };
+                println!(
+                    "forwarding: tcp {}, agent {}, x11 {}",
+                    onoff(user.forwarding.tcp),
+                    onoff(user.forwarding.agent),
+                    onoff(user.forwarding.x11)
+                );
                 Ok(())
             }
         }
         UserCommand::Key(k) => run_key(k, &c),
+        UserCommand::Set {
+            name,
+            tcp_forwarding,
+            agent_forwarding,
+            x11_forwarding,
+        } => {
+            let name = user_name(&name)?;
+            if tcp_forwarding.is_none() && agent_forwarding.is_none() && x11_forwarding.is_none() {
+                let mut f = Failure::new("nothing to set");
+                f.hint =
+                    Some("give --tcp-forwarding, --agent-forwarding or --x11-forwarding".into());
+                f.code = 2;
+                return Err(f);
+            }
+            let req = SetForwardingRequest {
+                tcp: tcp_forwarding.map(Into::into),
+                agent: agent_forwarding.map(Into::into),
+                x11: x11_forwarding.map(Into::into),
+            };
+            let u: UserInfo =
+                block_on(async { Ok(c.post(&format!("/users/{name}/forwarding"), &req).await?) })?;
+            let onoff = |b: bool| if b { "on" } else { "off" };
+            eprintln!(
+                "{name}: tcp forwarding {}, agent forwarding {}, x11 forwarding {}",
+                onoff(u.forwarding.tcp),
+                onoff(u.forwarding.agent),
+                onoff(u.forwarding.x11)
+            );
+            Ok(())
+        }
     }
 }
 
