@@ -241,3 +241,78 @@ fn sftp_and_scp_in_an_image_without_sftp_server() {
         Some(1)
     );
 }
+
+#[test]
+fn sshfs_mounts_a_directory_of_the_container() {
+    let d = start();
+    let key = d.add_user("bb", BUSYBOX);
+    d.ssh_ok(
+        "bb",
+        &key,
+        "mkdir -p /root/share && echo inside > /root/share/in.txt",
+    );
+    let mnt = d.dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let ssh_cmd = format!("ssh {}", d.ssh_args(&key).join(" "));
+    let st = Command::new("sshfs")
+        .arg("bb@127.0.0.1:/root/share")
+        .arg(&mnt)
+        .args(["-o", &format!("ssh_command={ssh_cmd}")])
+        .status()
+        .unwrap();
+    assert!(st.success(), "sshfs failed");
+    let read = std::fs::read_to_string(mnt.join("in.txt"));
+    let wrote = std::fs::write(mnt.join("out.txt"), b"from-laptop\n");
+    let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
+    assert_eq!(read.unwrap(), "inside\n");
+    wrote.unwrap();
+    assert_eq!(
+        d.ssh_ok("bb", &key, "cat /root/share/out.txt"),
+        "from-laptop\n"
+    );
+}
+
+#[test]
+fn one_gib_both_ways_intact() {
+    // Big enough that framing, windows and backpressure all come into play.
+    let d = start();
+    let key = d.add_user("bb", BUSYBOX);
+    let big = d.dir.path().join("big.bin");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 1073741824 /dev/urandom > {}",
+            big.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sum = |p: &Path| {
+        let o = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let want = sum(&big);
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg(&big)
+        .arg("bb@127.0.0.1:/root/big.bin")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let remote = d.ssh_ok("bb", &key, "sha256sum /root/big.bin");
+    assert_eq!(remote.split_whitespace().next().unwrap(), want);
+    let back = d.dir.path().join("back.bin");
+    let st = Command::new("scp")
+        .args(ssh_opts(&d, &key))
+        .arg("bb@127.0.0.1:/root/big.bin")
+        .arg(&back)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(sum(&back), want);
+    d.ssh_ok("bb", &key, "rm /root/big.bin");
+}

@@ -343,3 +343,94 @@ fn forwarding_switches_server_wide_and_per_user() {
     let o = d.berth(&["user", "set", "bob"]);
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn forwards_never_reach_another_users_container_or_the_docker_socket() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    // bob serves on all his addresses.
+    let _server = Killed(
+        d.ssh("bob", &kb)
+            .arg("while true; do echo from-bob | nc -l -p 7000; done")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.ssh_run(
+            "bob",
+            &kb,
+            "cat /proc/net/tcp /proc/net/tcp6 | grep -qi ':1B58 ' && echo up",
+            b"",
+        )
+        .stdout
+            == b"up\n"
+    }));
+    let bob_ip = berth_testkit::docker(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &d.container_name("bob"),
+    ]);
+    // From bob's own container his server answers (the test's control)...
+    assert_eq!(
+        d.ssh_ok("bob", &kb, &format!("nc {bob_ip} 7000 </dev/null")),
+        "from-bob\n"
+    );
+    // ...but alice's forward to it gets nothing.
+    let (_fwd, local) = forward(&d, &ka, &format!("{bob_ip}:7000"));
+    assert_eq!(read_all(local), "");
+    // Unix-socket forwarding (to the Docker socket or anything else) is not served.
+    let sock = d.dir.path().join("docker-fwd.sock");
+    let mut c = d
+        .ssh("alice", &ka)
+        .args(["-N", "-o", "ExitOnForwardFailure=yes", "-L"])
+        .arg(format!("{}:/var/run/docker.sock", sock.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || sock.exists()));
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut s, b"GET /version HTTP/1.0\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reply = String::new();
+    let _ = s.read_to_string(&mut reply);
+    assert_eq!(reply, "", "the docker socket answered through a forward");
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+#[test]
+fn client_environment_follows_the_allow_list() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: "accept_env = [\"LANG\", \"LC_*\", \"BERTH_TEST_*\"]\n".into(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    let o = d
+        .ssh("alice", &key)
+        .args([
+            "-o",
+            "SendEnv=LANG LC_TIME BERTH_TEST_X OTHER_VAR",
+            "echo $LANG/$LC_TIME/$BERTH_TEST_X/${OTHER_VAR:-unset}",
+        ])
+        .env("LANG", "C.UTF-8")
+        .env("LC_TIME", "C")
+        .env("BERTH_TEST_X", "yes")
+        .env("OTHER_VAR", "leak")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "C.UTF-8/C/yes/unset\n");
+}
