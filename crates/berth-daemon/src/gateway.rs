@@ -7,7 +7,7 @@ use berth_proto::{ForwardingInfo, PublicKey, UserName, fingerprint};
 use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
 use berth_ssh::{
     AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Permission, Process,
-    ProcessControl, RemoteListener, Tunnel, WindowSize,
+    ProcessControl, RemoteListener, Tunnel, WindowSize, X11Request,
 };
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -33,6 +33,16 @@ fi
 cd "$h" 2>/dev/null || cd /
 export HOME="$h" SHELL="$s"
 exec "$s" -l"#;
+
+/// X11 display numbers tried in the container, like sshd's X11DisplayOffset.
+const X11_DISPLAYS: std::ops::Range<u16> = 10..100;
+
+/// Puts the session's X11 cookie where X clients look for it, as sshd does with xauth,
+/// when the image has xauth.
+const X11_PRELUDE: &str = r#"if [ -n "$BERTH_X11_COOKIE" ] && command -v xauth >/dev/null 2>&1; then
+  xauth -q add "unix:$BERTH_X11_DISPLAY" "$BERTH_X11_PROTO" "$BERTH_X11_COOKIE" 2>/dev/null
+fi
+unset BERTH_X11_PROTO BERTH_X11_COOKIE BERTH_X11_DISPLAY"#;
 
 /// Runs the image's own sftp-server (its path differs by distribution), or Berth's own
 /// when the image has none (busybox), as root in the user's home like sshd does.
@@ -176,7 +186,11 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
             error!(user = %user, error = %e, "login failed: no running container");
             OpenError(login_error(&e))
         })?;
-        let spec = self.exec_spec(&req);
+        let display = match &req.x11 {
+            Some(x) => Some(self.x11_display(lease.container(), x).await?),
+            None => None,
+        };
+        let spec = self.exec_spec(&req, display.as_ref().map(|(n, _)| *n));
         let exec = self
             .runtime
             .exec(lease.container(), spec)
@@ -185,7 +199,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                 error!(user = %user, error = %e, "login failed: exec");
                 OpenError(login_error(&LifecycleError::Runtime(e)))
             })?;
-        Ok(into_process(self.runtime.clone(), exec, lease))
+        let x11_display = display.as_ref().map(|(n, _)| *n);
+        let mut process = into_process(self.runtime.clone(), exec, lease, x11_display);
+        process.x11 = display.map(|(_, l)| l);
+        Ok(process)
     }
 }
 
@@ -371,9 +388,63 @@ impl<R: Runtime> BerthGateway<R> {
             .ok_or_else(|| LifecycleError::Runtime(RuntimeError::Docker("no free port".into())))
     }
 
-    fn exec_spec(&self, req: &OpenRequest) -> ExecSpec {
+    /// Picks a free X11 display number (10 and up, as sshd does) in the container and
+    /// listens on its TCP port on the container's loopback.
+    async fn x11_display(
+        &self,
+        container: &str,
+        x: &X11Request,
+    ) -> Result<(u16, tokio::net::TcpListener), OpenError> {
+        let valid = !x.auth_protocol.is_empty()
+            && x.auth_protocol.len() <= 64
+            && x.auth_protocol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !x.auth_cookie.is_empty()
+            && x.auth_cookie.len() <= 256
+            && x.auth_cookie.chars().all(|c| c.is_ascii_hexdigit());
+        if !valid {
+            return Err(OpenError("bad X11 request".into()));
+        }
+        let pid = self
+            .runtime
+            .init_pid(container)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| OpenError("your container is not running".into()))?;
+        let (n, listener) = in_netns(pid, || {
+            for n in X11_DISPLAYS {
+                if let Ok(l) =
+                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))
+                {
+                    l.set_nonblocking(true)?;
+                    return Ok((n, l));
+                }
+            }
+            Err(std::io::Error::other("no free X11 display"))
+        })
+        .await
+        .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
+        Ok((n, listener))
+    }
+
+    fn exec_spec(&self, req: &OpenRequest, display: Option<u16>) -> ExecSpec {
+        let with_x11 = |script: &str| match display {
+            Some(_) => format!("{X11_PRELUDE}\n{script}"),
+            None => script.to_owned(),
+        };
         let cmd = match &req.command {
-            Command::Shell => vec!["/bin/sh".into(), "-c".into(), LOGIN_SHELL.into()],
+            Command::Shell => vec!["/bin/sh".into(), "-c".into(), with_x11(LOGIN_SHELL)],
+            Command::Exec(c) if display.is_some() => vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                with_x11("exec /bin/sh -c \"$1\""),
+                "sh".into(),
+                c.clone(),
+            ],
             Command::Exec(c) => vec!["/bin/sh".into(), "-c".into(), c.clone()],
             Command::Sftp => vec!["/bin/sh".into(), "-c".into(), SFTP_SERVER.into()],
         };
@@ -395,6 +466,12 @@ impl<R: Runtime> BerthGateway<R> {
             env.push(format!("TERM={}", pty.term));
         }
         env.extend(req.env.iter().map(|(k, v)| format!("{k}={v}")));
+        if let (Some(n), Some(x)) = (display, &req.x11) {
+            env.push(format!("DISPLAY=localhost:{n}.{}", x.screen));
+            env.push(format!("BERTH_X11_DISPLAY={n}"));
+            env.push(format!("BERTH_X11_PROTO={}", x.auth_protocol));
+            env.push(format!("BERTH_X11_COOKIE={}", x.auth_cookie));
+        }
         ExecSpec {
             cmd,
             env,
@@ -525,6 +602,7 @@ fn text_process(out: String, err: String, code: u32, tty: bool) -> Process {
     .map(Ok)
     .collect();
     Process {
+        x11: None,
         stdin: Box::pin(tokio::io::sink()),
         output: Box::pin(futures_util::stream::iter(chunks)),
         control: Box::new(Exited(code)),
@@ -562,7 +640,12 @@ fn login_error(e: &LifecycleError) -> String {
     }
 }
 
-fn into_process<R: Runtime>(runtime: Arc<R>, exec: Exec, lease: Lease) -> Process {
+fn into_process<R: Runtime>(
+    runtime: Arc<R>,
+    exec: Exec,
+    lease: Lease,
+    x11_display: Option<u16>,
+) -> Process {
     let Exec {
         id,
         stdin,
@@ -577,12 +660,14 @@ fn into_process<R: Runtime>(runtime: Arc<R>, exec: Exec, lease: Lease) -> Proces
         .map_err(std::io::Error::other)
     });
     Process {
+        x11: None,
         stdin,
         output: Box::pin(output),
         control: Box::new(ExecControl {
             runtime,
             id,
             guard,
+            x11_display,
             _lease: lease,
         }),
     }
@@ -590,11 +675,42 @@ fn into_process<R: Runtime>(runtime: Arc<R>, exec: Exec, lease: Lease) -> Proces
 
 /// Ties an exec to its session: dropping it (the client left) kills what still runs of the
 /// exec and gives the lease back.
-struct ExecControl<R> {
+struct ExecControl<R: Runtime> {
     runtime: Arc<R>,
     id: String,
     guard: berth_runtime::ProcessGuard,
+    /// The session's X11 display, whose cookie is removed when the session ends.
+    x11_display: Option<u16>,
     _lease: Lease,
+}
+
+impl<R> Drop for ExecControl<R>
+where
+    R: Runtime,
+{
+    fn drop(&mut self) {
+        let Some(n) = self.x11_display else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let runtime = self.runtime.clone();
+        let container = self._lease.container().to_owned();
+        rt.spawn(async move {
+            let spec = ExecSpec {
+                cmd: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    format!("command -v xauth >/dev/null 2>&1 && xauth -q remove unix:{n}"),
+                ],
+                env: vec!["HOME=/root".into()],
+                tty: None,
+            };
+            if let Ok(mut exec) = runtime.exec(&container, spec).await {
+                while exec.output.next().await.is_some() {}
+                exec.guard.finished();
+            }
+        });
+    }
 }
 
 impl<R: Runtime> ProcessControl for ExecControl<R> {

@@ -388,9 +388,15 @@ impl<G: Gateway> Handler for Connection<G> {
         _screen: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Not offered yet. russh's default sends no reply at all, which would shift
-        // OpenSSH's reply matching for the requests that follow.
-        session.channel_failure(ch)
+        // The task sees the request too and sets the display up with the process.
+        let ok = match &self.user {
+            Some((user, _)) => {
+                self.channels.get(&ch) == Some(&false)
+                    && self.gateway.permits(user, Permission::X11Forwarding).await
+            }
+            None => false,
+        };
+        self.reply(ch, ok, session)
     }
 
     async fn channel_close(

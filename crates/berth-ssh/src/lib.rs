@@ -75,6 +75,8 @@ pub struct OpenRequest {
     pub pty: Option<Pty>,
     /// Client environment that passed the allow-list.
     pub env: Vec<(String, String)>,
+    /// X11 forwarding, when requested and permitted.
+    pub x11: Option<X11Request>,
 }
 
 /// A chunk of process output.
@@ -89,6 +91,18 @@ pub struct Process {
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
     pub output: Pin<Box<dyn Stream<Item = io::Result<Output>> + Send>>,
     pub control: Box<dyn ProcessControl>,
+    /// For `ssh -X`: the display port listening in the container; each connection to it
+    /// becomes an X11 channel to the client.
+    pub x11: Option<tokio::net::TcpListener>,
+}
+
+/// What the client asked for with `ssh -X`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct X11Request {
+    pub single_connection: bool,
+    pub auth_protocol: String,
+    pub auth_cookie: String,
+    pub screen: u32,
 }
 
 /// How a session drives its process beyond bytes. Dropping it before [`wait`](Self::wait)

@@ -13,6 +13,7 @@ use tracing::{debug, info};
 
 use crate::{
     Command, Gateway, OpenRequest, Output, Permission, Process, Pty, PublicKey, WindowSize,
+    X11Request,
 };
 
 pub(crate) struct Context<G> {
@@ -41,6 +42,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let mut pty = None;
     let mut env = Vec::new();
     let mut agent = false;
+    let mut x11 = None;
     // Setup: collect pty and env until the client asks for a shell or a command.
     let command = loop {
         match rx.wait().await {
@@ -80,6 +82,20 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 }
             }
             Some(ChannelMsg::AgentForward { .. }) => agent = true,
+            Some(ChannelMsg::RequestX11 {
+                single_connection,
+                x11_authentication_protocol,
+                x11_authentication_cookie,
+                x11_screen_number,
+                ..
+            }) => {
+                x11 = Some(X11Request {
+                    single_connection,
+                    auth_protocol: x11_authentication_protocol,
+                    auth_cookie: x11_authentication_cookie,
+                    screen: x11_screen_number,
+                });
+            }
             Some(ChannelMsg::RequestShell { .. }) => break Command::Shell,
             Some(ChannelMsg::Exec { command, .. }) => {
                 break Command::Exec(String::from_utf8_lossy(&command).into_owned());
@@ -124,7 +140,19 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             Err(e) => debug!(error = %e, "no agent forwarding for this session"),
         }
     }
+    let x11 = match x11 {
+        Some(x)
+            if ctx
+                .gateway
+                .permits(&ctx.user, Permission::X11Forwarding)
+                .await =>
+        {
+            Some(x)
+        }
+        _ => None,
+    };
     let req = OpenRequest {
+        x11,
         user: ctx.user.clone(),
         key: ctx.key.clone(),
         peer: ctx.peer,
@@ -166,6 +194,11 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             return;
         }
     };
+    let mut process = process;
+    let _x11_task = process
+        .x11
+        .take()
+        .map(|l| AbortOnDrop(tokio::spawn(serve_x11(l, ctx.handle.clone()))));
     let status = pump(process, early, rx, &tx, tty).await;
     info!(target: "audit", event = "session_end", user = %ctx.user, status = ?status, "session ended");
 }
@@ -200,6 +233,7 @@ async fn pump(
     tty: bool,
 ) -> Option<u32> {
     let Process {
+        x11: _,
         stdin,
         output,
         mut control,
@@ -314,6 +348,34 @@ async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle)
             let mut remote = channel.into_stream();
             let mut local = stream;
             let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+        });
+    }
+}
+
+/// Each connection to the session's X11 display in the container becomes an X11 channel
+/// to the client, whose ssh checks and replaces the cookie.
+async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Handle) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    debug!(error = %e, "x11 accept failed");
+                    return;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let handle = handle.clone();
+        conns.spawn(async move {
+            let opened = handle
+                .channel_open_x11(peer.ip().to_string(), u32::from(peer.port()))
+                .await;
+            if let Ok(channel) = opened {
+                let mut remote = channel.into_stream();
+                let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
+            }
         });
     }
 }

@@ -133,6 +133,7 @@ impl Fake {
         Ok(Process {
             stdin: Box::pin(child.stdin.take().unwrap()),
             output: Box::pin(stream::select(out, err)),
+            x11: None,
             control: Box::new(FakeControl {
                 child,
                 waited: false,

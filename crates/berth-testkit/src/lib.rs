@@ -27,7 +27,7 @@ use tempfile::TempDir;
 
 /// The images `scripts/make-test-images` builds.
 pub const BUSYBOX: &str = "berth-test/busybox:latest";
-pub const DEBIAN: &str = "berth-test/debian:bookworm-ssh";
+pub const DEBIAN: &str = "berth-test/debian:bookworm-tools";
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -434,3 +434,75 @@ fn client_environment_follows_the_allow_list() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "C.UTF-8/C/yes/unset\n");
 }
+
+#[test]
+fn x11_forwarding_shows_the_clients_display() {
+    use berth_testkit::DEBIAN;
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", DEBIAN);
+    // The client's X server: Xvfb on display :97 with its own cookie.
+    let auth = d.dir.path().join("Xauthority");
+    let cookie: String = (0..16)
+        .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
+        .collect();
+    let st = std::process::Command::new("xauth")
+        .arg("-f")
+        .arg(&auth)
+        .args(["add", ":97", ".", &cookie])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let _xvfb = Killed(
+        std::process::Command::new("Xvfb")
+            .args([":97", "-nolisten", "tcp", "-auth"])
+            .arg(&auth)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || Path::new(
+        "/tmp/.X11-unix/X97"
+    )
+    .exists()));
+    let o = d
+        .ssh("alice", &key)
+        .env("DISPLAY", ":97")
+        .env("XAUTHORITY", &auth)
+        .args([
+            "-X",
+            "echo DISPLAY=$DISPLAY; xdpyinfo | grep -E 'name of display|dimensions'",
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(out.contains("DISPLAY=localhost:10.0"), "{out}");
+    assert!(out.contains("name of display:    localhost:10.0"), "{out}");
+    assert!(out.contains("dimensions:"), "{out}");
+    // The cookie was for that session only; without -X there is no display.
+    assert!(wait_until(Duration::from_secs(10), || !d
+        .ssh_ok("alice", &key, "xauth list 2>/dev/null")
+        .contains("unix:10")));
+    assert_eq!(d.ssh_ok("alice", &key, "echo ${DISPLAY:-none}"), "none\n");
+    // Switched off for her: -X gets no display.
+    d.berth_ok(&["user", "set", "alice", "--x11-forwarding", "off"]);
+    let o = d
+        .ssh("alice", &key)
+        .env("DISPLAY", ":97")
+        .env("XAUTHORITY", &auth)
+        .args(["-X", "echo ${DISPLAY:-none}"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "none\n");
+}
