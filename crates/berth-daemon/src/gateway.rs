@@ -111,8 +111,8 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         key: &PublicKey,
         port: u16,
     ) -> Result<RemoteListener, OpenError> {
-        let (lease, pid) = self.lease_with_pid(user, key).await?;
-        let listener = in_netns(pid, move || {
+        let (lease, ns) = self.lease_with_pid(user, key).await?;
+        let listener = in_netns(ns, move || {
             let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -157,9 +157,9 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         host: &str,
         port: u16,
     ) -> Result<Tunnel, OpenError> {
-        let (lease, pid) = self.lease_with_pid(user, key).await?;
+        let (lease, ns) = self.lease_with_pid(user, key).await?;
         let target = host.to_owned();
-        let stream = in_netns(pid, move || connect_from_here(&target, port))
+        let stream = in_netns(ns, move || connect_from_here(&target, port))
             .await
             .and_then(tokio::net::TcpStream::from_std)
             .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
@@ -265,9 +265,44 @@ inside your container:
 const DYNAMIC_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 
 impl<R: Runtime> BerthGateway<R> {
+    /// The network namespace of `container`'s init, opened. The PID comes from an inspect:
+    /// it is checked again after the open (so a recycled PID is never joined), and the host's
+    /// own namespace is refused outright.
+    async fn container_netns(&self, container: &str) -> Result<std::fs::File, OpenError> {
+        use std::os::unix::fs::MetadataExt;
+        let not_running = || OpenError("your container is not running".into());
+        let pid = self
+            .runtime
+            .init_pid(container)
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(not_running)?;
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|_| not_running())?;
+        if self.runtime.init_pid(container).await.ok().flatten() != Some(pid) {
+            return Err(not_running());
+        }
+        let ino = |f: &std::fs::File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+        let host = std::fs::File::open("/proc/self/ns/net").ok();
+        if ino(&ns).is_none() || host.as_ref().and_then(ino) == ino(&ns) {
+            error!(
+                container,
+                "container shares the host's network namespace; forwarding refused"
+            );
+            return Err(OpenError(
+                "forwarding is not available for this container".into(),
+            ));
+        }
+        Ok(ns)
+    }
+
     /// For forwardings: checks the key again, takes a lease (an open forwarding keeps the
-    /// container running like a session) and finds the container's init PID.
-    async fn lease_with_pid(&self, user: &str, key: &PublicKey) -> Result<(Lease, i32), OpenError> {
+    /// container running like a session) and opens the container's network namespace.
+    async fn lease_with_pid(
+        &self,
+        user: &str,
+        key: &PublicKey,
+    ) -> Result<(Lease, std::fs::File), OpenError> {
         let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
         if !self.authorize(user, key).await {
             return Err(OpenError("access revoked".into()));
@@ -277,14 +312,8 @@ impl<R: Runtime> BerthGateway<R> {
             .acquire(&name)
             .await
             .map_err(|e| OpenError(login_error(&e)))?;
-        let pid = self
-            .runtime
-            .init_pid(lease.container())
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| OpenError("your container is not running".into()))?;
-        Ok((lease, pid))
+        let ns = self.container_netns(lease.container()).await?;
+        Ok((lease, ns))
     }
 
     /// Runs a host word; returns stdout, stderr and the exit code.
@@ -406,14 +435,8 @@ impl<R: Runtime> BerthGateway<R> {
         if !valid {
             return Err(OpenError("bad X11 request".into()));
         }
-        let pid = self
-            .runtime
-            .init_pid(container)
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| OpenError("your container is not running".into()))?;
-        let (n, listener) = in_netns(pid, || {
+        let ns = self.container_netns(container).await?;
+        let (n, listener) = in_netns(ns, || {
             for n in X11_DISPLAYS {
                 if let Ok(l) =
                     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))
@@ -508,21 +531,26 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// Runs `f` on a thread of its own inside the network namespace of process `pid` (the
-/// container's init): sockets made there stay in that namespace. A dedicated thread because
-/// `setns` moves the calling thread for good; never a pool's.
+/// Threads that may be inside containers' namespaces at once, daemon-wide.
+static NETNS_THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (a container's): sockets
+/// made there stay in that namespace. A dedicated thread because `setns` moves the calling
+/// thread for good; never a pool's. At most a few such threads run at once.
 async fn in_netns<T: Send + 'static>(
-    pid: i32,
+    ns: std::fs::File,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
+    let _permit = NETNS_THREADS
+        .acquire()
+        .await
+        .map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("berth-netns".into())
         .spawn(move || {
-            let r = std::fs::File::open(format!("/proc/{pid}/ns/net")).and_then(|ns| {
-                nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
-            });
+            let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from);
             let _ = tx.send(r.and_then(|()| f()));
         })?;
     rx.await

@@ -11,16 +11,20 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
 use russh_sftp::protocol::{
-    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Status, StatusCode,
+    Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
 };
 use russh_sftp::server::{Handler, StatusReply};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 enum Open {
     File(tokio::fs::File),
-    /// A directory's entries, handed out in one batch, then end of directory.
-    Dir(Option<Vec<File>>),
+    /// A directory's entries still to hand out, a batch per READDIR (a reply must stay
+    /// under the client's 256 KiB packet limit), then end of directory.
+    Dir(Vec<File>),
 }
+
+/// Entries per READDIR reply, as OpenSSH's sftp-server sends.
+const READDIR_BATCH: usize = 100;
 
 pub struct Sftp {
     cwd: PathBuf,
@@ -55,6 +59,15 @@ impl Sftp {
             _ => Err(StatusReply::new(StatusCode::Failure).with_message("bad handle")),
         }
     }
+}
+
+/// Reads one SSH `string` (u32 length, then bytes) off the front of `buf`.
+fn ssh_string(buf: &mut &[u8]) -> Option<String> {
+    let (len, rest) = buf.split_first_chunk::<4>()?;
+    let len = usize::try_from(u32::from_be_bytes(*len)).ok()?;
+    let (s, rest) = rest.split_at_checked(len)?;
+    *buf = rest;
+    String::from_utf8(s.to_vec()).ok()
 }
 
 fn ok(id: u32) -> Status {
@@ -130,6 +143,38 @@ impl Handler for Sftp {
 
     fn unimplemented(&self) -> Self::Error {
         StatusReply::new(StatusCode::OpUnsupported)
+    }
+
+    async fn init(
+        &mut self,
+        _version: u32,
+        _extensions: HashMap<String, String>,
+    ) -> Result<Version, Self::Error> {
+        let mut v = Version::new();
+        // Rename that replaces the target, which sshfs and editors' "save by rename" need.
+        v.extensions
+            .insert("posix-rename@openssh.com".into(), "1".into());
+        Ok(v)
+    }
+
+    async fn extended(
+        &mut self,
+        id: u32,
+        request: String,
+        data: Vec<u8>,
+    ) -> Result<Packet, Self::Error> {
+        match request.as_str() {
+            "posix-rename@openssh.com" => {
+                let mut rest = data.as_slice();
+                let (Some(old), Some(new)) = (ssh_string(&mut rest), ssh_string(&mut rest)) else {
+                    return Err(StatusReply::new(StatusCode::BadMessage));
+                };
+                let (from, to) = (self.path(&old), self.path(&new));
+                tokio::fs::rename(from, to).await.map_err(|e| io(&e))?;
+                Ok(Packet::Status(ok(id)))
+            }
+            _ => Err(StatusReply::new(StatusCode::OpUnsupported)),
+        }
     }
 
     async fn open(
@@ -288,16 +333,22 @@ impl Handler for Sftp {
         }
         Ok(Handle {
             id,
-            handle: self.insert(Open::Dir(Some(files))),
+            handle: {
+                files.reverse(); // handed out from the end
+                self.insert(Open::Dir(files))
+            },
         })
     }
 
     async fn readdir(&mut self, id: u32, handle: String) -> Result<Name, Self::Error> {
         match self.handles.get_mut(&handle) {
-            Some(Open::Dir(entries)) => match entries.take() {
-                Some(files) if !files.is_empty() => Ok(Name { id, files }),
-                _ => Err(StatusReply::new(StatusCode::Eof)),
-            },
+            Some(Open::Dir(entries)) if !entries.is_empty() => {
+                let at = entries.len().saturating_sub(READDIR_BATCH);
+                let mut files = entries.split_off(at);
+                files.reverse();
+                Ok(Name { id, files })
+            }
+            Some(Open::Dir(_)) => Err(StatusReply::new(StatusCode::Eof)),
             _ => Err(StatusReply::new(StatusCode::Failure).with_message("bad handle")),
         }
     }

@@ -27,6 +27,8 @@ pub(crate) struct Connection<G> {
     max_sessions: usize,
     /// Session channels of this connection, and whether each has started its process.
     channels: HashMap<ChannelId, bool>,
+    /// Open `ssh -L` tunnels of this connection.
+    tunnels: Arc<()>,
     /// Remote forwards (`ssh -R`) by the (address, port) the client knows them by.
     forwards: HashMap<(String, u32), tokio::task::AbortHandle>,
     tasks: JoinSet<()>,
@@ -49,6 +51,7 @@ impl<G: Gateway> Connection<G> {
             max_sessions,
             channels: HashMap::new(),
             forwards: HashMap::new(),
+            tunnels: Arc::new(()),
             tasks: JoinSet::new(),
         }
     }
@@ -89,6 +92,8 @@ impl<G> Drop for Connection<G> {
 
 /// Remote forwards one connection may hold.
 const MAX_REMOTE_FORWARDS: usize = 16;
+/// `ssh -L` tunnels one connection may have open at once.
+const MAX_TUNNELS: usize = 64;
 
 /// Accepts connections on a remote-forwarded port in the container and hands each to the
 /// client as a `forwarded-tcpip` channel.
@@ -101,7 +106,7 @@ async fn serve_remote(
     let _hold = remote.hold;
     let mut conns = JoinSet::new();
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = remote.listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
@@ -123,8 +128,7 @@ async fn serve_remote(
                 )
                 .await;
             if let Ok(channel) = opened {
-                let mut remote = channel.into_stream();
-                let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
+                crate::tunnel::bridge(channel, stream).await;
             }
         });
     }
@@ -220,19 +224,26 @@ impl<G: Gateway> Handler for Connection<G> {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
+        // Each live tunnel holds a clone of `tunnels`.
+        if Arc::strong_count(&self.tunnels) > MAX_TUNNELS {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        }
+        let counted = self.tunnels.clone();
         while self.tasks.try_join_next().is_some() {}
         let (gateway, host) = (self.gateway.clone(), host.to_owned());
         let span = info_span!("forward", user = %user, to = %format!("{host}:{port}"));
         // Connect first, confirm the channel after, all in a task: the handler must not wait.
         self.tasks.spawn(
             async move {
+                let _counted = counted;
                 match gateway.connect(&user, &key, &host, port).await {
-                    Ok(mut tunnel) => {
+                    Ok(tunnel) => {
                         info!(target: "audit", event = "forward_open", user = %user, to = %format!("{host}:{port}"), "tcp forward opened");
                         reply.accept().await;
-                        let mut stream = channel.into_stream();
-                        let r = tokio::io::copy_bidirectional(&mut stream, &mut tunnel.stream).await;
-                        debug!(result = ?r, "tcp forward closed");
+                        let _hold = tunnel.hold;
+                        crate::tunnel::bridge(channel, tunnel.stream).await;
+                        debug!("tcp forward closed");
                     }
                     Err(e) => {
                         debug!(error = %e, "tcp forward refused");

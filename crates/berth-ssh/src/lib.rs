@@ -25,6 +25,7 @@ mod hostkey;
 mod server;
 mod session;
 mod throttle;
+mod tunnel;
 
 use std::future::Future;
 use std::io;

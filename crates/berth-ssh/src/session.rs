@@ -345,9 +345,7 @@ async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle)
             let Ok(channel) = handle.channel_open_agent().await else {
                 return;
             };
-            let mut remote = channel.into_stream();
-            let mut local = stream;
-            let _ = tokio::io::copy_bidirectional(&mut local, &mut remote).await;
+            crate::tunnel::bridge(channel, stream).await;
         });
     }
 }
@@ -357,7 +355,7 @@ async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle)
 async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Handle) {
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (mut stream, peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(x) => x,
                 Err(e) => {
@@ -373,8 +371,7 @@ async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Han
                 .channel_open_x11(peer.ip().to_string(), u32::from(peer.port()))
                 .await;
             if let Ok(channel) = opened {
-                let mut remote = channel.into_stream();
-                let _ = tokio::io::copy_bidirectional(&mut stream, &mut remote).await;
+                crate::tunnel::bridge(channel, stream).await;
             }
         });
     }

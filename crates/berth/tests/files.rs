@@ -263,9 +263,14 @@ fn sshfs_mounts_a_directory_of_the_container() {
     assert!(st.success(), "sshfs failed");
     let read = std::fs::read_to_string(mnt.join("in.txt"));
     let wrote = std::fs::write(mnt.join("out.txt"), b"from-laptop\n");
+    // Save-by-rename over an existing file (posix-rename).
+    let renamed = std::fs::write(mnt.join("tmp.txt"), b"new\n")
+        .and_then(|()| std::fs::rename(mnt.join("tmp.txt"), mnt.join("in.txt")));
     let _ = Command::new("fusermount3").arg("-u").arg(&mnt).status();
     assert_eq!(read.unwrap(), "inside\n");
     wrote.unwrap();
+    renamed.unwrap();
+    assert_eq!(d.ssh_ok("bb", &key, "cat /root/share/in.txt"), "new\n");
     assert_eq!(
         d.ssh_ok("bb", &key, "cat /root/share/out.txt"),
         "from-laptop\n"

@@ -1,0 +1,98 @@
+//! Byte pipes between a channel and a socket (`-L`, `-R`, agent, X11).
+//!
+//! russh delivers a channel's data by awaiting a send into a small queue from inside the
+//! connection's loop, and re-opens the client's window on receipt (research notes §1.4). A
+//! channel that is not read therefore stalls the whole connection, shells included. So the
+//! channel is read all the time into a byte-capped queue; a socket that falls too far behind
+//! loses its tunnel rather than freezing everyone else.
+
+use russh::server::Msg;
+use russh::{Channel, ChannelMsg};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Bytes a tunnel may hold for a socket that is not reading.
+const TUNNEL_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Copies both ways until both directions have ended, or the socket falls behind.
+pub(crate) async fn bridge<S>(channel: Channel<Msg>, socket: S)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rx, tx) = channel.split();
+    let (mut sock_read, mut sock_write) = tokio::io::split(socket);
+    let (queue, mut queued) = mpsc::unbounded_channel::<Option<bytes::Bytes>>();
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    // Channel → socket, through the queue.
+    let drained = pending.clone();
+    let writer = tokio::spawn(async move {
+        while let Some(item) = queued.recv().await {
+            match item {
+                Some(data) => {
+                    let n = data.len();
+                    if sock_write.write_all(&data).await.is_err() {
+                        return;
+                    }
+                    drained.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                None => {
+                    let _ = sock_write.shutdown().await;
+                    return;
+                }
+            }
+        }
+    });
+    // Socket → channel, with the channel's own window as backpressure.
+    let mut out = tx.make_writer();
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match sock_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if out
+                        .write_all(buf.get(..n).unwrap_or_default())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let reader_abort = reader.abort_handle();
+    let writer_abort = writer.abort_handle();
+    let mut reader = reader;
+    let mut reader_done = false;
+    loop {
+        tokio::select! {
+            _ = &mut reader, if !reader_done => {
+                reader_done = true;
+                let _ = tx.eof().await;
+            }
+            msg = rx.wait() => match msg {
+                Some(ChannelMsg::Data { data }) => {
+                    let total = pending.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
+                    if total > TUNNEL_LIMIT {
+                        tracing::debug!("tunnel closed: its socket stopped reading");
+                        break;
+                    }
+                    let _ = queue.send(Some(data));
+                }
+                Some(ChannelMsg::Eof) => {
+                    let _ = queue.send(None);
+                }
+                Some(_) => {}
+                None => break,
+            },
+        }
+        if reader_done && writer.is_finished() {
+            break;
+        }
+    }
+    reader_abort.abort();
+    writer_abort.abort();
+    let _ = tx.close().await;
+}
