@@ -74,6 +74,17 @@ pub fn effective_forwarding(
 }
 
 impl<R: Runtime> Gateway for BerthGateway<R> {
+    fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>> {
+        let name = UserName::parse(user).ok()?;
+        match self.lifecycle.hold(&name) {
+            Ok(hold) => Some(Box::new(hold)),
+            Err(e) => {
+                warn!(user, error = %e, "no connection hold");
+                None
+            }
+        }
+    }
+
     async fn permits(&self, user: &str, what: Permission) -> bool {
         let Ok(name) = UserName::parse(user) else {
             return false;

@@ -78,6 +78,10 @@ enum Request {
         reply: oneshot::Sender<Result<Lease, LifecycleError>>,
     },
     Release,
+    /// An SSH connection of this user is open (a `Hold`): no idle stop meanwhile, even
+    /// with no session (`ssh -N -L ...`).
+    Hold,
+    Unhold,
     /// Adopt a container found running at daemon start: arm the grace timer.
     Adopt,
     Remove {
@@ -106,6 +110,18 @@ enum Request {
 pub struct Committed {
     pub image: String,
     pub id: String,
+}
+
+/// An open SSH connection's claim: while it lasts, the container is not stopped for being
+/// idle. It does not start the container and is not counted as a session.
+pub struct Hold {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Unhold);
+    }
 }
 
 /// One open session's hold on a running container.
@@ -184,6 +200,29 @@ impl<R: Runtime> Lifecycle<R> {
             owners.remove(user);
         }
         r
+    }
+
+    /// Keeps `user`'s container from idle stops while the returned value lives.
+    pub fn hold(self: &Arc<Self>, user: &UserName) -> Result<Hold, LifecycleError> {
+        let tx = {
+            let mut owners = self
+                .owners
+                .lock()
+                .map_err(|_| LifecycleError::ShuttingDown)?;
+            if self.tracker.is_closed() {
+                return Err(LifecycleError::ShuttingDown);
+            }
+            let owner = owners
+                .entry(user.clone())
+                .or_insert_with(|| self.spawn_owner(user.clone()));
+            if owner.tx.is_closed() {
+                *owner = self.spawn_owner(user.clone());
+            }
+            owner.tx.clone()
+        };
+        tx.send(Request::Hold)
+            .map_err(|_| LifecycleError::ShuttingDown)?;
+        Ok(Hold { tx })
     }
 
     /// Stops `user`'s container now. `Ok(false)`: it was not running.
@@ -318,6 +357,7 @@ impl<R: Runtime> Lifecycle<R> {
             tx: tx.clone(),
             sessions: 0,
             sessions_tx,
+            holds: 0,
             stop_at: None,
             guest: None,
             committing: None,
@@ -336,6 +376,8 @@ struct OwnerTask<R> {
     tx: mpsc::UnboundedSender<Request>,
     sessions: u32,
     sessions_tx: watch::Sender<u32>,
+    /// Open SSH connections of the user (not counted as sessions).
+    holds: u32,
     stop_at: Option<Instant>,
     /// Serves this user's guest socket while the owner lives.
     guest: Option<AbortOnDrop>,
@@ -389,6 +431,14 @@ impl<R: Runtime> OwnerTask<R> {
                     self.sessions = self.sessions.saturating_sub(1);
                     self.arm_if_idle();
                 }
+                Request::Hold => {
+                    self.holds += 1;
+                    self.stop_at = None;
+                }
+                Request::Unhold => {
+                    self.holds = self.holds.saturating_sub(1);
+                    self.arm_if_idle();
+                }
                 Request::Adopt => {
                     if let Err(e) = self.serve_guest() {
                         error!(error = %e, "adopted container has no guest socket");
@@ -434,7 +484,7 @@ impl<R: Runtime> OwnerTask<R> {
     }
 
     fn arm_if_idle(&mut self) {
-        if self.sessions == 0 {
+        if self.sessions == 0 && self.holds == 0 {
             self.stop_at = Some(Instant::now() + self.lc.settings.idle_stop);
         }
     }
@@ -510,7 +560,7 @@ impl<R: Runtime> OwnerTask<R> {
     }
 
     async fn idle_stop(&mut self) {
-        if self.sessions > 0 {
+        if self.sessions > 0 || self.holds > 0 {
             return;
         }
         let store = self.lc.store.clone();
@@ -831,6 +881,19 @@ mod tests {
         assert_eq!(running(&rt, "t-alice"), Some(true));
         assert_eq!(FakeRuntime::count(&rt.creates), 1);
         assert_eq!(FakeRuntime::count(&rt.starts), 2);
+    }
+
+    #[tokio::test]
+    async fn a_hold_defers_the_idle_stop_without_counting_as_a_session() {
+        let (lc, rt, _) = setup(100, FakeRuntime::with_images(&["img"]), &["alice"]);
+        let hold = lc.hold(&alice()).unwrap();
+        drop(lc.acquire(&alice()).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        assert_eq!(lc.sessions(&alice()), 0);
+        drop(hold);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(running(&rt, "t-alice"), Some(false));
     }
 
     #[tokio::test]

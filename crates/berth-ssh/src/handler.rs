@@ -27,6 +27,8 @@ pub(crate) struct Connection<G> {
     max_sessions: usize,
     /// Session channels of this connection, and whether each has started its process.
     channels: HashMap<ChannelId, bool>,
+    /// What the gateway keeps for this connection while it is open.
+    _connected: Option<Box<dyn std::any::Any + Send>>,
     /// Open `ssh -L` tunnels of this connection.
     tunnels: Arc<()>,
     /// Remote forwards (`ssh -R`) by the (address, port) the client knows them by.
@@ -52,6 +54,7 @@ impl<G: Gateway> Connection<G> {
             channels: HashMap::new(),
             forwards: HashMap::new(),
             tunnels: Arc::new(()),
+            _connected: None,
             tasks: JoinSet::new(),
         }
     }
@@ -161,6 +164,7 @@ impl<G: Gateway> Handler for Connection<G> {
         if self.gateway.authorize(user, key.public_key).await {
             info!(target: "audit", event = "login", user, key = %fp, peer = %self.peer(), "login accepted");
             self.user = Some((user.to_owned(), key.public_key.clone()));
+            self._connected = self.gateway.connected(user);
             self.authenticated.store(true, Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {

@@ -158,6 +158,9 @@ pub trait Gateway: Send + Sync + 'static {
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
     /// a wrong key.
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
+    /// Called once a connection has authenticated as `user`; the returned value lives as
+    /// long as the connection (a connection with only forwardings keeps the container up).
+    fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>>;
     /// Whether `user` may use `what` (server-wide setting, or the user's own).
     fn permits(&self, user: &str, what: Permission) -> impl Future<Output = bool> + Send;
     /// Starts the process for a session.

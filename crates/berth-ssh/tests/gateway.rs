@@ -62,6 +62,10 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
+    fn connected(&self, _user: &str) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
+
     async fn permits(&self, _user: &str, _what: berth_ssh::Permission) -> bool {
         true
     }

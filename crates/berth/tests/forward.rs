@@ -506,3 +506,80 @@ fn x11_forwarding_shows_the_clients_display() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "none\n");
 }
+
+#[test]
+fn a_connection_with_only_forwardings_keeps_the_container_running() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 1,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    d.ssh_ok("alice", &key, "true");
+    let (fwd, _local) = forward(&d, &key, "localhost:9");
+    // Well past the grace period, with no session: still running, and no session counted.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(d.container_state("alice").as_deref(), Some("running"));
+    assert_eq!(d.user("alice")["sessions"], 0);
+    drop(fwd);
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
+}
+
+#[test]
+fn dynamic_forward_socks_reaches_the_container() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    let _web = Killed(
+        d.ssh("alice", &key)
+            .arg("mkdir -p /root/www && echo hello-socks > /root/www/index.html && exec httpd -f -p 127.0.0.1:8081 -h /root/www")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.ssh_run(
+            "alice",
+            &key,
+            "cat /proc/net/tcp | grep -qi ':1F91 ' && echo up",
+            b"",
+        )
+        .stdout
+            == b"up\n"
+    }));
+    let local = free_port();
+    let _socks = Killed(
+        d.ssh("alice", &key)
+            .args(["-N", "-D", &format!("127.0.0.1:{local}")])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || TcpStream::connect(
+        ("127.0.0.1", local)
+    )
+    .is_ok()));
+    let o = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "10",
+            "--socks5-hostname",
+            &format!("127.0.0.1:{local}"),
+            "http://localhost:8081/",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "hello-socks\n");
+}
