@@ -204,22 +204,7 @@ impl<R: Runtime> Lifecycle<R> {
 
     /// Keeps `user`'s container from idle stops while the returned value lives.
     pub fn hold(self: &Arc<Self>, user: &UserName) -> Result<Hold, LifecycleError> {
-        let tx = {
-            let mut owners = self
-                .owners
-                .lock()
-                .map_err(|_| LifecycleError::ShuttingDown)?;
-            if self.tracker.is_closed() {
-                return Err(LifecycleError::ShuttingDown);
-            }
-            let owner = owners
-                .entry(user.clone())
-                .or_insert_with(|| self.spawn_owner(user.clone()));
-            if owner.tx.is_closed() {
-                *owner = self.spawn_owner(user.clone());
-            }
-            owner.tx.clone()
-        };
+        let tx = self.owner_tx(user)?;
         tx.send(Request::Hold)
             .map_err(|_| LifecycleError::ShuttingDown)?;
         Ok(Hold { tx })
@@ -330,6 +315,16 @@ impl<R: Runtime> Lifecycle<R> {
     }
 
     fn send(self: &Arc<Self>, user: &UserName, req: Request) -> Result<(), LifecycleError> {
+        self.owner_tx(user)?
+            .send(req)
+            .map_err(|_| LifecycleError::ShuttingDown)
+    }
+
+    /// The queue of `user`'s owner, which is started if none runs.
+    fn owner_tx(
+        self: &Arc<Self>,
+        user: &UserName,
+    ) -> Result<mpsc::UnboundedSender<Request>, LifecycleError> {
         let mut owners = self
             .owners
             .lock()
@@ -344,7 +339,7 @@ impl<R: Runtime> Lifecycle<R> {
             // That owner ended (its user was removed); a user of the same name starts afresh.
             *owner = self.spawn_owner(user.clone());
         }
-        owner.tx.send(req).map_err(|_| LifecycleError::ShuttingDown)
+        Ok(owner.tx.clone())
     }
 
     fn spawn_owner(self: &Arc<Self>, user: UserName) -> Owner {
