@@ -307,6 +307,10 @@ impl Handler for Sftp {
                 .await
                 .map_err(|e| io(&e))?;
         }
+        if a.uid.is_some() || a.gid.is_some() {
+            let std_file = f.try_clone().await.map_err(|e| io(&e))?.into_std().await;
+            std::os::unix::fs::fchown(&std_file, a.uid, a.gid).map_err(|e| io(&e))?;
+        }
         if let (Some(at), Some(mt)) = (a.atime, a.mtime) {
             let times = std::fs::FileTimes::new()
                 .set_accessed(UNIX_EPOCH + Duration::from_secs(u64::from(at)))

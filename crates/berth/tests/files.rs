@@ -186,9 +186,17 @@ fn sftp_and_scp_in_an_image_without_sftp_server() {
     );
     let local = d.dir.path().join("tree");
     make_tree(&local);
+    // Upload with -p: times and modes go through setstat/fsetstat.
+    let old_time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(local.join("a.txt"))
+        .unwrap()
+        .set_modified(old_time)
+        .unwrap();
     let st = Command::new("scp")
         .args(ssh_opts(&d, &key))
-        .arg("-r")
+        .arg("-rp")
         .arg(&local)
         .arg("bb@127.0.0.1:/root/up")
         .status()
@@ -198,9 +206,9 @@ fn sftp_and_scp_in_an_image_without_sftp_server() {
         d.ssh_ok(
             "bb",
             &key,
-            "cat /root/up/a.txt; wc -c < /root/up/sub/deeper/blob.bin"
+            "cat /root/up/a.txt; wc -c < /root/up/sub/deeper/blob.bin; stat -c %Y /root/up/a.txt"
         ),
-        "alpha\n300000\n"
+        "alpha\n300000\n1000000000\n"
     );
     let back = d.dir.path().join("back");
     let st = Command::new("scp")
