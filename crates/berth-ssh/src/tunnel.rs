@@ -63,9 +63,10 @@ where
         }
     });
     let reader_abort = reader.abort_handle();
-    let writer_abort = writer.abort_handle();
     let mut reader = reader;
+    let mut writer = writer;
     let mut reader_done = false;
+    let mut overflow = false;
     loop {
         tokio::select! {
             _ = &mut reader, if !reader_done => {
@@ -77,6 +78,7 @@ where
                     let total = pending.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
                     if total > TUNNEL_LIMIT {
                         tracing::debug!("tunnel closed: its socket stopped reading");
+                        overflow = true;
                         break;
                     }
                     let _ = queue.send(Some(data));
@@ -93,6 +95,18 @@ where
         }
     }
     reader_abort.abort();
-    writer_abort.abort();
+    if overflow {
+        writer.abort();
+    } else {
+        // The channel is done; what it sent still goes to the socket (bounded in time, in
+        // case the socket never reads).
+        drop(queue);
+        if tokio::time::timeout(std::time::Duration::from_secs(30), &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
     let _ = tx.close().await;
 }
