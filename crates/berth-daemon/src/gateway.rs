@@ -122,8 +122,8 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         key: &PublicKey,
         port: u16,
     ) -> Result<RemoteListener, OpenError> {
-        let (lease, ns) = self.lease_with_pid(user, key).await?;
-        let listener = in_netns(ns, move || {
+        let (lease, net) = self.lease_with_pid(user, key).await?;
+        let listener = in_netns(net.ns, move || {
             let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -168,9 +168,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         host: &str,
         port: u16,
     ) -> Result<Tunnel, OpenError> {
-        let (lease, ns) = self.lease_with_pid(user, key).await?;
+        let (lease, net) = self.lease_with_pid(user, key).await?;
         let target = host.to_owned();
-        let stream = in_netns(ns, move || connect_from_here(&target, port))
+        let root = net.root;
+        let stream = in_netns(net.ns, move || connect_from_here(&root, &target, port))
             .await
             .and_then(tokio::net::TcpStream::from_std)
             .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
@@ -279,7 +280,7 @@ impl<R: Runtime> BerthGateway<R> {
     /// The network namespace of `container`'s init, opened. The PID comes from an inspect:
     /// it is checked again after the open (so a recycled PID is never joined), and the host's
     /// own namespace is refused outright.
-    async fn container_netns(&self, container: &str) -> Result<std::fs::File, OpenError> {
+    async fn container_netns(&self, container: &str) -> Result<ContainerNet, OpenError> {
         use std::os::unix::fs::MetadataExt;
         let not_running = || OpenError("your container is not running".into());
         let pid = self
@@ -290,6 +291,7 @@ impl<R: Runtime> BerthGateway<R> {
             .flatten()
             .ok_or_else(not_running)?;
         let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|_| not_running())?;
+        let root = std::fs::File::open(format!("/proc/{pid}/root")).map_err(|_| not_running())?;
         if self.runtime.init_pid(container).await.ok().flatten() != Some(pid) {
             return Err(not_running());
         }
@@ -304,7 +306,7 @@ impl<R: Runtime> BerthGateway<R> {
                 "forwarding is not available for this container".into(),
             ));
         }
-        Ok(ns)
+        Ok(ContainerNet { ns, root })
     }
 
     /// For forwardings: checks the key again, takes a lease (an open forwarding keeps the
@@ -313,7 +315,7 @@ impl<R: Runtime> BerthGateway<R> {
         &self,
         user: &str,
         key: &PublicKey,
-    ) -> Result<(Lease, std::fs::File), OpenError> {
+    ) -> Result<(Lease, ContainerNet), OpenError> {
         let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
         if !self.authorize(user, key).await {
             return Err(OpenError("access revoked".into()));
@@ -446,8 +448,8 @@ impl<R: Runtime> BerthGateway<R> {
         if !valid {
             return Err(OpenError("bad X11 request".into()));
         }
-        let ns = self.container_netns(container).await?;
-        let (n, listener) = in_netns(ns, || {
+        let net = self.container_netns(container).await?;
+        let (n, listener) = in_netns(net.ns, || {
             for n in X11_DISPLAYS {
                 if let Ok(l) =
                     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))
@@ -532,14 +534,18 @@ impl Drop for RemoveOnDrop {
 
 /// A random number for names that must not be guessed or collide (not for keys).
 fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
+    // The kernel's generator does not fail on Linux ≥ 3.17; the time is a last resort.
+    getrandom::u64().unwrap_or_else(|_| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.finish()
+            .map_or(0, |d| d.as_nanos() as u64)
+    })
+}
+
+/// A running container's network namespace and root directory, opened from its init.
+struct ContainerNet {
+    ns: std::fs::File,
+    root: std::fs::File,
 }
 
 /// Threads that may be inside containers' namespaces at once, daemon-wide.
@@ -568,11 +574,15 @@ async fn in_netns<T: Send + 'static>(
         .map_err(|_| std::io::Error::other("namespace thread ended"))?
 }
 
-/// Connects to `host:port` from the current network namespace. `localhost` is that
-/// namespace's loopback. Names are resolved by the host's resolver (the container's
-/// `/etc/hosts` is not read: following its symlinks from the host could leak host files).
-fn connect_from_here(host: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+/// Connects to `host:port` from the current network namespace (a container's). `localhost`
+/// is that namespace's loopback; other names are resolved as the container resolves them
+/// (its `/etc/hosts`, then its name servers), see [`crate::resolve`].
+fn connect_from_here(
+    root: &std::fs::File,
+    host: &str,
+    port: u16,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     let addrs: Vec<SocketAddr> = if host == "localhost" {
         vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
@@ -585,7 +595,10 @@ fn connect_from_here(host: &str, port: u16) -> std::io::Result<std::net::TcpStre
     {
         vec![SocketAddr::new(ip, port)]
     } else {
-        (host, port).to_socket_addrs()?.collect()
+        crate::resolve::resolve_in_container(root, host)?
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
     };
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
     for addr in addrs {

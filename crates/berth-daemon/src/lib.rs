@@ -12,6 +12,7 @@ pub mod config;
 pub mod gateway;
 pub mod guest;
 pub mod lifecycle;
+mod resolve;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

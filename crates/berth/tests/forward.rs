@@ -583,3 +583,48 @@ fn dynamic_forward_socks_reaches_the_container() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "hello-socks\n");
 }
+
+#[test]
+fn local_forward_names_resolve_as_the_container_resolves_them() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    // A name only the container's /etc/hosts knows, and a server on all its addresses.
+    let _server = Killed(
+        d.ssh("alice", &key)
+            .arg(
+                "echo '127.0.0.1 only-in-container.test' >> /etc/hosts; \
+                 echo by-name > /root/msg; while true; do nc -l -p 8082 < /root/msg; done",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.ssh_run(
+            "alice",
+            &key,
+            "grep -q only-in-container /etc/hosts && cat /proc/net/tcp /proc/net/tcp6 | grep -qi ':1F92 ' && echo up",
+            b"",
+        )
+        .stdout
+            == b"up\n"
+    }));
+    let (_a, local) = forward(&d, &key, "only-in-container.test:8082");
+    assert!(wait_until(Duration::from_secs(10), || read_all(local) == "by-name\n"));
+
+    // The container's own name: only Docker's DNS inside its network answers it.
+    let name = d.container_name("alice");
+    let (_b, local) = forward(&d, &key, &format!("{name}:8082"));
+    assert!(wait_until(Duration::from_secs(10), || read_all(local) == "by-name\n"));
+
+    // A name nobody knows: the forward opens and the connection is refused at once.
+    let (_c, local) = forward(&d, &key, "no-such-name.invalid:8082");
+    assert_eq!(read_all(local), "");
+}

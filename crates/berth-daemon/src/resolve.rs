@@ -1,0 +1,177 @@
+//! Names for `-L`/`-D` resolved the way the container resolves them: its `/etc/hosts` first,
+//! then the name servers of its `/etc/resolv.conf`, asked from inside its network namespace
+//! (Docker's embedded DNS at 127.0.0.11 answers there and only there).
+//!
+//! The container's files are read through its root directory with `openat2(RESOLVE_IN_ROOT)`:
+//! a symlink the user planted (`/etc/hosts -> /etc/shadow`) resolves inside the container,
+//! never to a host file. Reads are size-bounded; the answer is only ever used as an address.
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+/// Bytes read at most from a container's `/etc/hosts` or `/etc/resolv.conf`.
+const FILE_CAP: u64 = 1 << 20;
+/// How long one name server gets for one question.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Resolves `host` as the container with root directory `root` would. Must run on a thread
+/// inside the container's network namespace (the DNS questions leave from there).
+pub fn resolve_in_container(root: &std::fs::File, host: &str) -> std::io::Result<Vec<IpAddr>> {
+    let not_found = || {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "name not known in the container",
+        )
+    };
+    if host.is_empty() || host.len() > 253 {
+        return Err(not_found());
+    }
+    if let Some(hosts) = read_in_root(root, "etc/hosts") {
+        let found = lookup_hosts(&hosts, host);
+        if !found.is_empty() {
+            return Ok(found);
+        }
+    }
+    let conf = read_in_root(root, "etc/resolv.conf")
+        .and_then(|t| resolv_conf::Config::parse(t.as_bytes()).ok())
+        .unwrap_or_default();
+    let servers: Vec<IpAddr> = conf
+        .get_nameservers_or_local()
+        .iter()
+        .map(IpAddr::from)
+        .take(3)
+        .collect();
+    let mut names = vec![host.trim_end_matches('.').to_owned()];
+    if !host.contains('.') {
+        for domain in conf.get_search().into_iter().flatten().take(6) {
+            names.push(format!("{host}.{domain}"));
+        }
+    }
+    for name in &names {
+        for server in &servers {
+            if let Ok(found) = ask(*server, name)
+                && !found.is_empty()
+            {
+                return Ok(found);
+            }
+        }
+    }
+    Err(not_found())
+}
+
+/// The text of `path` under `root`, resolved inside it; `None` when missing, not a regular
+/// file or unreadable.
+fn read_in_root(root: &std::fs::File, path: &str) -> Option<String> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let fd = nix::fcntl::openat2(root.as_fd(), path, how).ok()?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(FILE_CAP).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// The addresses `/etc/hosts`-format `text` gives `host` (case-insensitive, like glibc).
+fn lookup_hosts(text: &str, host: &str) -> Vec<IpAddr> {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let ip = fields.next()?.parse::<IpAddr>().ok()?;
+            fields.any(|n| n.eq_ignore_ascii_case(host)).then_some(ip)
+        })
+        .collect()
+}
+
+/// Asks `server` for the A and AAAA records of `name` over UDP; IPv4 first.
+fn ask(server: IpAddr, name: &str) -> std::io::Result<Vec<IpAddr>> {
+    let bind: IpAddr = match server {
+        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let socket = UdpSocket::bind((bind, 0))?;
+    socket.connect((server, 53))?;
+    socket.set_read_timeout(Some(QUERY_TIMEOUT))?;
+    let fqdn = Name::from_ascii(format!("{name}."))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut found = Vec::new();
+    for kind in [RecordType::A, RecordType::AAAA] {
+        let id: u16 = rand_id();
+        let mut q = Message::new();
+        q.set_id(id)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .set_recursion_desired(true)
+            .add_query(Query::query(fqdn.clone(), kind));
+        socket.send(&q.to_vec().map_err(std::io::Error::other)?)?;
+        let mut buf = [0u8; 4096];
+        // Skip stray datagrams (another id) until the answer or the timeout.
+        let answer = loop {
+            let n = socket.recv(&mut buf)?;
+            if let Ok(m) = Message::from_vec(buf.get(..n).unwrap_or_default())
+                && m.id() == id
+                && m.message_type() == MessageType::Response
+            {
+                break m;
+            }
+        };
+        if answer.response_code() != ResponseCode::NoError {
+            continue;
+        }
+        found.extend(answer.answers().iter().filter_map(|r| match r.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        }));
+    }
+    Ok(found)
+}
+
+/// A query id nobody can predict from outside (it keeps answers apart).
+fn rand_id() -> u16 {
+    getrandom::u32().map_or(0x4242, |n| (n & 0xffff) as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_lines_match_any_alias_ignoring_case_and_comments() {
+        let text = "127.0.0.1 localhost\n10.0.0.5  db  Database.lan # main\n# 10.9.9.9 db\nbad line\n::1 db\n";
+        assert_eq!(
+            lookup_hosts(text, "DATABASE.lan"),
+            vec!["10.0.0.5".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(lookup_hosts(text, "db").len(), 2);
+        assert!(lookup_hosts(text, "main").is_empty());
+    }
+
+    #[test]
+    fn files_are_read_inside_the_root_even_through_absolute_symlinks() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir(dir.path().join("etc"))?;
+        std::fs::write(dir.path().join("inner"), "192.0.2.7 planted\n")?;
+        // An absolute symlink resolves inside the root, not on the host.
+        std::os::unix::fs::symlink("/inner", dir.path().join("etc/hosts"))?;
+        let root = std::fs::File::open(dir.path())?;
+        let text = read_in_root(&root, "etc/hosts");
+        assert_eq!(text.as_deref(), Some("192.0.2.7 planted\n"));
+        std::os::unix::fs::symlink(
+            "/../../../../etc/passwd",
+            dir.path().join("etc/resolv.conf"),
+        )?;
+        assert_eq!(read_in_root(&root, "etc/resolv.conf"), None);
+        Ok(())
+    }
+}
