@@ -56,6 +56,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let store = Store::open(&state.join("berth.db"))
         .with_context(|| format!("cannot open the store in {}", state.display()))?;
     let instance = store.instance_id()?;
+    // For tools outside the daemon (the uninstaller's --purge finds this instance's
+    // containers by their `berth.instance` label).
+    std::fs::write(state.join("instance"), format!("{instance}\n"))
+        .with_context(|| format!("cannot write {}", state.join("instance").display()))?;
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
     let guest_dir = install_guest(&config, state)?;
 
