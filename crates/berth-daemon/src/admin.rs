@@ -16,14 +16,14 @@ use axum::routing::{delete, get};
 use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use berth_proto::{
-    AddKeysRequest, AddUserRequest, ApiError, AuthorizedKey, ContainerState, HealthInfo, KeyInfo,
-    RemovedKeys, UserInfo, UserName,
+    AddKeysRequest, AddUserRequest, ApiError, AuthorizedKey, ContainerInfo, ContainerState,
+    HealthInfo, KeyInfo, RemovedKeys, SessionInfo, StatusInfo, UserInfo, UserName,
 };
 use berth_runtime::{Runtime, RuntimeError};
 use berth_store::{Store, StoreError, UserRecord};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::error;
 
 use crate::blocking;
 use crate::lifecycle::{LABEL_INSTANCE, LABEL_USER, Lifecycle, LifecycleError};
@@ -33,7 +33,9 @@ pub struct AdminState<R> {
     pub forwarding: berth_proto::ForwardingInfo,
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
+    pub sessions: Arc<crate::sessions::Sessions>,
     pub listen: String,
+    pub started: std::time::Instant,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +44,10 @@ pub enum AdminError {
     Forbidden,
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
     #[error("image {0} is not present on this host")]
     ImageMissing(String),
     #[error(transparent)]
@@ -57,6 +63,8 @@ impl IntoResponse for AdminError {
         let (status, hint) = match &self {
             Self::Forbidden => (StatusCode::FORBIDDEN, Some("run the command as root".to_owned())),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, None),
+            Self::Conflict(_) => (StatusCode::CONFLICT, None),
             Self::ImageMissing(_) => (
                 StatusCode::BAD_REQUEST,
                 Some(
@@ -141,6 +149,8 @@ pub async fn serve<R: Runtime>(
             "/v1/users/{name}/forwarding",
             axum::routing::post(set_forwarding::<R>),
         )
+        .route("/v1/status", get(status::<R>))
+        .route("/v1/sessions/{id}", delete(kill_session::<R>))
         .with_state(state);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -199,6 +209,63 @@ async fn health<R: Runtime>(
         docker_version: v.version,
         docker_api_version: v.api_version,
     }))
+}
+
+async fn status<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+) -> Result<Json<StatusInfo>> {
+    authorize(&peer)?;
+    let store = st.store.clone();
+    let users = blocking(move || store.users()).await?.len();
+    let (docker_version, docker_error) = match st.runtime.version().await {
+        Ok(v) => (Some(v.version), None),
+        Err(e) => (None, Some(e.to_string())),
+    };
+    let containers = if docker_error.is_none() {
+        st.runtime
+            .list(LABEL_INSTANCE, st.lifecycle.instance())
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut containers: Vec<ContainerInfo> = containers
+        .into_iter()
+        .map(|c| ContainerInfo {
+            user: c.labels.get(LABEL_USER).cloned().unwrap_or_default(),
+            name: c.name,
+            running: c.running,
+        })
+        .collect();
+    containers.sort_by(|a, b| a.user.cmp(&b.user));
+    Ok(Json(StatusInfo {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        listen: st.listen.clone(),
+        uptime_seconds: st.started.elapsed().as_secs(),
+        docker_version,
+        docker_error,
+        users,
+        containers,
+        sessions: st.sessions.list(),
+    }))
+}
+
+async fn kill_session<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<SessionInfo>> {
+    authorize(&peer)?;
+    let missing = || AdminError::NotFound(format!("no open session {id}"));
+    let n: u64 = id.parse().map_err(|_| missing())?;
+    let info = st.sessions.kill(n).ok_or_else(missing)?;
+    st.lifecycle.audit().record(
+        "session_kill",
+        serde_json::json!({"id": n, "user": info.user, "command": info.command}),
+    );
+    Ok(Json(info))
 }
 
 async fn user_infos<R: Runtime>(
@@ -277,7 +344,7 @@ async fn add_user<R: Runtime>(
     let store = st.store.clone();
     let (name, image) = (req.name.clone(), req.image.clone());
     let record = blocking(move || store.add_user(&name, &image, &keys)).await?;
-    info!(target: "audit", event = "user_add", user = %record.name, image = %record.image, keys = record.keys, "user added");
+    st.lifecycle.audit().record("user_add", serde_json::json!({"user": record.name.to_string(), "image": record.image.to_string(), "keys": record.keys}));
     let mut infos = user_infos(&st, vec![record]).await?;
     let info = infos
         .pop()
@@ -304,7 +371,9 @@ async fn remove_user<R: Runtime>(
     let user = blocking(move || store.user(&n)).await?;
     let mut before = user_infos(&st, vec![user]).await?;
     st.lifecycle.remove(&name, q.keep_image).await?;
-    info!(target: "audit", event = "user_remove", user = %name, "user removed");
+    st.lifecycle
+        .audit()
+        .record("user_remove", serde_json::json!({"user": name.to_string()}));
     before
         .pop()
         .map(Json)
@@ -337,7 +406,7 @@ async fn set_forwarding<R: Runtime>(
         store.user(&n)
     })
     .await?;
-    info!(target: "audit", event = "user_forwarding", user = %name, tcp = ?user.forwarding.tcp, agent = ?user.forwarding.agent, x11 = ?user.forwarding.x11, "forwarding switches changed");
+    st.lifecycle.audit().record("user_forwarding", serde_json::json!({"user": name.to_string(), "tcp": user.forwarding.tcp, "agent": user.forwarding.agent, "x11": user.forwarding.x11}));
     let mut infos = user_infos(&st, vec![user]).await?;
     infos
         .pop()
@@ -373,7 +442,10 @@ async fn add_keys<R: Runtime>(
         store.keys(&n)
     })
     .await?;
-    info!(target: "audit", event = "key_add", user = %name, keys = count, "keys added");
+    st.lifecycle.audit().record(
+        "key_add",
+        serde_json::json!({"user": name.to_string(), "keys": count}),
+    );
     Ok(Json(all))
 }
 
@@ -391,7 +463,10 @@ async fn remove_key<R: Runtime>(
         Ok((k, store.keys(&n)?.len()))
     })
     .await?;
-    info!(target: "audit", event = "key_remove", user = %name, key = %removed.fingerprint, "key removed");
+    st.lifecycle.audit().record(
+        "key_remove",
+        serde_json::json!({"user": name.to_string(), "key": removed.fingerprint.to_string()}),
+    );
     Ok(Json(RemovedKeys {
         removed: vec![removed],
         remaining,

@@ -57,6 +57,11 @@ pub struct Config {
     /// Connections from one address that may fail to log in per minute before further
     /// connections from it are closed at once; 0 = no limit.
     pub max_auth_failures_per_minute: usize,
+    /// The audit log (`STATE/audit.log`, one JSON line per event) is rotated past this many
+    /// MiB; one older file (`audit.log.1`) is kept.
+    pub audit_max_mb: u64,
+    /// Serve Prometheus metrics at `http://ADDRESS/metrics`; off when unset.
+    pub metrics_listen: Option<SocketAddr>,
     pub limits: LimitsConfig,
 }
 
@@ -93,6 +98,8 @@ impl Default for Config {
             login_grace_seconds: 30,
             max_sessions: 10,
             max_auth_failures_per_minute: 30,
+            audit_max_mb: 64,
+            metrics_listen: None,
             limits: LimitsConfig::default(),
         }
     }
@@ -145,6 +152,9 @@ impl Config {
             return Err(
                 "max_connections, max_sessions and login_grace_seconds must be at least 1".into(),
             );
+        }
+        if self.audit_max_mb == 0 {
+            return Err("audit_max_mb must be at least 1".into());
         }
         if !(0.0..=1024.0).contains(&self.limits.cpus) || self.limits.cpus.is_nan() {
             return Err(format!(

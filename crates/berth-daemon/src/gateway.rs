@@ -12,10 +12,11 @@ use berth_ssh::{
 use berth_store::Store;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 use crate::blocking;
 use crate::lifecycle::{GUEST_RUN_MOUNT, Lease, Lifecycle, LifecycleError};
+use crate::sessions::{Registration, SharedGuard};
 
 /// Starts a login shell for root: the shell and home named in the image's `/etc/passwd`
 /// (`/bin/sh` and `/root` when absent), run with `-l` like sshd does. Written for any POSIX
@@ -58,6 +59,7 @@ pub struct BerthGateway<R> {
     pub forwarding: ForwardingInfo,
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
+    pub sessions: Arc<crate::sessions::Sessions>,
     pub port: u16,
 }
 
@@ -74,6 +76,27 @@ pub fn effective_forwarding(
 }
 
 impl<R: Runtime> Gateway for BerthGateway<R> {
+    fn event(&self, event: berth_ssh::Event<'_>) {
+        let (name, user, key, peer) = match event {
+            berth_ssh::Event::LoginAccepted { user, key, peer } => {
+                ("login_accepted", user, key, peer)
+            }
+            berth_ssh::Event::LoginRefused { user, key, peer } => {
+                ("login_refused", user, key, peer)
+            }
+        };
+        // A refused name is whatever the client sent: bounded before it is written down.
+        let user: String = user.chars().take(64).collect();
+        self.lifecycle.audit().record(
+            name,
+            serde_json::json!({
+                "user": user,
+                "key": fingerprint(key),
+                "peer": peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            }),
+        );
+    }
+
     fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>> {
         let name = UserName::parse(user).ok()?;
         match self.lifecycle.hold(&name) {
@@ -190,7 +213,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         if let Command::Exec(cmd) = &req.command
             && let Some(word) = HostWord::parse(cmd)
         {
-            info!(target: "audit", event = "host_word", user = %user, word = word.as_str(), "host-side command");
+            self.lifecycle.audit().record(
+                "host_word",
+                serde_json::json!({"user": user.to_string(), "word": word.as_str().to_string()}),
+            );
             let (out, err, code) = self.host_word(&user, word).await;
             return Ok(text_process(out, err, code, req.pty.is_some()));
         }
@@ -203,7 +229,7 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
             None => None,
         };
         let spec = self.exec_spec(&req, display.as_ref().map(|(n, _)| *n));
-        let exec = self
+        let mut exec = self
             .runtime
             .exec(lease.container(), spec)
             .await
@@ -212,7 +238,23 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                 OpenError(login_error(&LifecycleError::Runtime(e)))
             })?;
         let x11_display = display.as_ref().map(|(n, _)| *n);
-        let mut process = into_process(self.runtime.clone(), exec, lease, x11_display);
+        let command = match &req.command {
+            Command::Shell => "shell".to_owned(),
+            Command::Sftp => "sftp".to_owned(),
+            Command::Exec(c) => c.chars().take(200).collect(),
+        };
+        let guard = Arc::new(std::sync::Mutex::new(std::mem::take(&mut exec.guard)));
+        let registration = self
+            .sessions
+            .register(user.as_str(), req.peer, command, &guard);
+        let mut process = into_process(
+            self.runtime.clone(),
+            exec,
+            guard,
+            registration,
+            lease,
+            x11_display,
+        );
         process.x11 = display.map(|(_, l)| l);
         Ok(process)
     }
@@ -695,14 +737,13 @@ fn login_error(e: &LifecycleError) -> String {
 fn into_process<R: Runtime>(
     runtime: Arc<R>,
     exec: Exec,
+    guard: SharedGuard,
+    registration: Registration,
     lease: Lease,
     x11_display: Option<u16>,
 ) -> Process {
     let Exec {
-        id,
-        stdin,
-        output,
-        guard,
+        id, stdin, output, ..
     } = exec;
     let output = output.map(|r| {
         r.map(|o| match o {
@@ -719,6 +760,7 @@ fn into_process<R: Runtime>(
             runtime,
             id,
             guard,
+            registration,
             x11_display,
             _lease: lease,
         }),
@@ -730,7 +772,9 @@ fn into_process<R: Runtime>(
 struct ExecControl<R: Runtime> {
     runtime: Arc<R>,
     id: String,
-    guard: berth_runtime::ProcessGuard,
+    /// Killed on drop unless finished; shared with the session registry (`session kill`).
+    guard: SharedGuard,
+    registration: Registration,
     /// The session's X11 display, whose cookie is removed when the session ends.
     x11_display: Option<u16>,
     _lease: Lease,
@@ -778,8 +822,12 @@ impl<R: Runtime> ProcessControl for ExecControl<R> {
         Box::pin(async move {
             match self.runtime.exec_exit_code(&self.id).await {
                 Ok(code) => {
-                    self.guard.finished();
-                    u32::try_from(code).unwrap_or(255)
+                    if let Ok(mut g) = self.guard.lock() {
+                        g.finished();
+                    }
+                    let code = u32::try_from(code).unwrap_or(255);
+                    self.registration.set_exit(code);
+                    code
                 }
                 Err(e) => {
                     warn!(error = %e, "no exit code");

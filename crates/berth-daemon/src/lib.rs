@@ -8,11 +8,14 @@
 //! [`gateway::BerthGateway`]; the admin socket is root-only.
 
 pub mod admin;
+pub mod audit;
 pub mod config;
 pub mod gateway;
 pub mod guest;
 pub mod lifecycle;
 mod resolve;
+pub mod sessions;
+pub mod telemetry;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -29,8 +32,10 @@ use tracing::info;
 pub use config::{Config, ConfigError};
 
 use crate::admin::AdminState;
+use crate::audit::Audit;
 use crate::gateway::BerthGateway;
 use crate::lifecycle::{Lifecycle, Settings};
+use crate::sessions::Sessions;
 
 /// A startup failure with advice for the admin; the CLI prints the hint on its own line.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // containers by their `berth.instance` label).
     std::fs::write(state.join("instance"), format!("{instance}\n"))
         .with_context(|| format!("cannot write {}", state.join("instance").display()))?;
+    let audit = Arc::new(
+        Audit::to_file(
+            &state.join("audit.log"),
+            config.audit_max_mb.saturating_mul(1024 * 1024),
+        )
+        .with_context(|| format!("cannot open {}", state.join("audit.log").display()))?,
+    );
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(telemetry::bind(addr).await?),
+        None => None,
+    };
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
     let guest_dir = install_guest(&config, state)?;
 
@@ -92,8 +108,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             run_dir: state.join("run"),
             guest_binary: guest_dir.join("berth-guest"),
             commit_repository: config.commit_repository.clone(),
+            audit: audit.clone(),
         },
     );
+    let sessions = Sessions::new(audit.clone());
     lifecycle.reconcile().await?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -110,6 +128,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         forwarding,
         runtime: runtime.clone(),
         lifecycle: lifecycle.clone(),
+        sessions: sessions.clone(),
         port,
     });
     let ssh_config = SshConfig {
@@ -126,7 +145,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         forwarding,
         runtime,
         lifecycle: lifecycle.clone(),
+        sessions,
         listen: config.listen.to_string(),
+        started: std::time::Instant::now(),
     });
     let admin_listener = admin::bind(&config.admin_socket()).with_context(|| {
         format!(
@@ -134,6 +155,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.admin_socket().display()
         )
     })?;
+    if let Some(listener) = metrics {
+        tokio::spawn(telemetry::serve(
+            listener,
+            admin_state.clone(),
+            shutdown.clone(),
+        ));
+    }
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
     info!(listen = %config.listen, state_dir = %state.display(), "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;

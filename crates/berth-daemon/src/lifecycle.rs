@@ -71,6 +71,8 @@ pub struct Settings {
     pub guest_binary: PathBuf,
     /// Commits are saved as `REPOSITORY/USER:latest`.
     pub commit_repository: String,
+    /// Where container changes are recorded.
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 enum Request {
@@ -157,6 +159,11 @@ pub struct Lifecycle<R> {
 }
 
 impl<R: Runtime> Lifecycle<R> {
+    /// The audit log container changes go to (shared with the gateway and admin API).
+    pub fn audit(&self) -> &crate::audit::Audit {
+        &self.settings.audit
+    }
+
     pub fn new(runtime: Arc<R>, store: Store, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             runtime,
@@ -501,7 +508,7 @@ impl<R: Runtime> OwnerTask<R> {
                 let image = record.committed_image.unwrap_or(record.image);
                 let spec = self.spec(image.as_str());
                 let id = rt.create(&spec).await?;
-                info!(target: "audit", event = "container_create", user = %self.user, container = %self.name, image = %image, "container created");
+                self.lc.settings.audit.record("container_create", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "image": image.to_string()}));
                 ContainerInfo {
                     id,
                     name: self.name.clone(),
@@ -512,7 +519,7 @@ impl<R: Runtime> OwnerTask<R> {
         };
         if !info.running {
             rt.start(&info.id).await?;
-            info!(target: "audit", event = "container_start", user = %self.user, container = %self.name, "container started");
+            self.lc.settings.audit.record("container_start", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string()}));
         }
         Ok(info.id)
     }
@@ -574,7 +581,7 @@ impl<R: Runtime> OwnerTask<R> {
                     .await
                 {
                     Ok(()) => {
-                        info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason = "idle", "container stopped")
+                        self.lc.settings.audit.record("container_stop", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "reason": "idle"}))
                     }
                     Err(e) => {
                         error!(error = %e, "idle stop failed; trying again after the grace period");
@@ -598,7 +605,10 @@ impl<R: Runtime> OwnerTask<R> {
         let record = blocking(move || store.user(&user)).await?;
         if !keep_image && let Some(image) = &record.committed_image {
             self.lc.runtime.remove_image(image.as_str()).await?;
-            info!(target: "audit", event = "image_remove", user = %self.user, image = %image, "committed image removed");
+            self.lc.settings.audit.record(
+                "image_remove",
+                serde_json::json!({"user": self.user.to_string(), "image": image.to_string()}),
+            );
         }
         let store = self.lc.store.clone();
         let user = self.user.clone();
@@ -620,7 +630,10 @@ impl<R: Runtime> OwnerTask<R> {
                 .await?;
         }
         rt.remove(&info.id).await?;
-        info!(target: "audit", event = "container_remove", user = %self.user, container = %self.name, "container removed");
+        self.lc.settings.audit.record(
+            "container_remove",
+            serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string()}),
+        );
         Ok(true)
     }
 
@@ -632,7 +645,7 @@ impl<R: Runtime> OwnerTask<R> {
                 self.check_ours(&info)?;
                 rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
                     .await?;
-                info!(target: "audit", event = "container_stop", user = %self.user, container = %self.name, reason, "container stopped");
+                self.lc.settings.audit.record("container_stop", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "reason": reason}));
                 Ok(true)
             }
             _ => Ok(false),
@@ -690,7 +703,10 @@ impl<R: Runtime> OwnerTask<R> {
         })
         .await?;
         if changed {
-            info!(target: "audit", event = "daemon_mode", user = %self.user, on, "daemon mode changed");
+            self.lc.settings.audit.record(
+                "daemon_mode",
+                serde_json::json!({"user": self.user.to_string(), "on": on}),
+            );
         }
         if on {
             self.stop_at = None;
@@ -735,7 +751,7 @@ async fn commit<R: Runtime>(
     let store = lc.store.clone();
     let u = user.clone();
     blocking(move || store.set_committed_image(&u, Some(&parsed))).await?;
-    info!(target: "audit", event = "container_commit", user = %user, container = %name, image = %image, id = %new_id, "container committed");
+    lc.settings.audit.record("container_commit", serde_json::json!({"user": user.to_string(), "container": name.to_string(), "image": image.to_string(), "id": new_id.to_string()}));
     if let Some(old) = previous.filter(|old| *old != new_id)
         && let Err(e) = lc.runtime.remove_image(&old).await
     {
@@ -781,6 +797,7 @@ mod tests {
         }
         let rt = Arc::new(rt);
         let settings = Settings {
+            audit: Arc::new(crate::audit::Audit::log_only()),
             prefix: "t-".into(),
             instance: "inst".into(),
             network: "net".into(),

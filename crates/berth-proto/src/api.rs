@@ -11,6 +11,11 @@
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
+//! | GET    | /status                       | → [`StatusInfo`]                  |
+//! | DELETE | /sessions/{id}                | → [`SessionInfo`] (killed)        |
+//! | GET    | /images                       | → `[ImageInfo]`                   |
+//! | POST   | /images?name=NAME             | root file system tar → [`ImageInfo`] |
+//! | DELETE | /images/{name}                | → [`ImageInfo`] (as it was)       |
 //!
 //! Every error is a non-2xx status with an [`ApiError`] body.
 
@@ -130,4 +135,53 @@ pub struct ApiError {
     pub error: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,
+}
+
+/// One open session (`berth status`, `berth session kill ID`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub user: String,
+    /// The client's address, `-` when unknown.
+    pub from: String,
+    /// When it started, RFC 3339 (UTC).
+    pub since: String,
+    /// `shell`, `sftp`, or the command line.
+    pub command: String,
+}
+
+/// A container of this Berth instance, as Docker reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub user: String,
+    pub name: String,
+    pub running: bool,
+}
+
+/// `GET /v1/status`: the daemon, its engine, users, containers and sessions at a glance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusInfo {
+    pub version: String,
+    pub pid: u32,
+    pub listen: String,
+    /// Seconds since the daemon started.
+    pub uptime_seconds: u64,
+    /// The engine's version, or `None` with `docker_error` when it does not answer.
+    pub docker_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker_error: Option<String>,
+    pub users: usize,
+    pub containers: Vec<ContainerInfo>,
+    pub sessions: Vec<SessionInfo>,
+}
+
+/// A local image (`berth image list`) and the users whose containers are made from it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub name: String,
+    pub id: String,
+    pub size_bytes: u64,
+    /// Seconds since the epoch.
+    pub created: i64,
+    pub users: Vec<String>,
 }

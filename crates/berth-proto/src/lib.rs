@@ -11,8 +11,9 @@ mod key;
 mod name;
 
 pub use api::{
-    AddKeysRequest, AddUserRequest, ApiError, ContainerState, ForwardingInfo, HealthInfo, KeyInfo,
-    RemovedKeys, SetForwardingRequest, Switch, UserInfo,
+    AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, ForwardingInfo,
+    HealthInfo, ImageInfo, KeyInfo, RemovedKeys, SessionInfo, SetForwardingRequest, StatusInfo,
+    Switch, UserInfo,
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};

@@ -34,6 +34,10 @@ pub(crate) struct Connection<G> {
     /// Remote forwards (`ssh -R`) by the (address, port) the client knows them by.
     forwards: HashMap<(String, u32), tokio::task::AbortHandle>,
     tasks: JoinSet<()>,
+    /// When the connection was accepted.
+    connected_at: std::time::Instant,
+    /// Set by the first session that opens its process (it measures the login latency).
+    login_measured: Arc<AtomicBool>,
 }
 
 impl<G: Gateway> Connection<G> {
@@ -56,13 +60,18 @@ impl<G: Gateway> Connection<G> {
             tunnels: Arc::new(()),
             _connected: None,
             tasks: JoinSet::new(),
+            connected_at: std::time::Instant::now(),
+            login_measured: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    fn peer(&self) -> String {
-        self.peer
-            .map(|p| p.to_string())
-            .unwrap_or_else(|| "-".into())
+    fn refused(&self, user: &str, key: &PublicKey) {
+        metrics::counter!("berth_auth_failures_total").increment(1);
+        self.gateway.event(crate::Event::LoginRefused {
+            user,
+            key,
+            peer: self.peer,
+        });
     }
 
     fn reply(&self, ch: ChannelId, ok: bool, session: &mut Session) -> Result<(), russh::Error> {
@@ -150,8 +159,7 @@ impl<G: Gateway> Handler for Connection<G> {
         if self.gateway.authorize(user, offer.public_key).await {
             return Ok(Auth::Accept);
         }
-        let fp = offer.public_key.fingerprint(russh::keys::HashAlg::Sha256);
-        info!(target: "audit", event = "login_refused", user, key = %fp, peer = %self.peer(), "login refused");
+        self.refused(user, offer.public_key);
         Ok(Auth::reject())
     }
 
@@ -160,15 +168,19 @@ impl<G: Gateway> Handler for Connection<G> {
         user: &str,
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
-        let fp = key.public_key.fingerprint(russh::keys::HashAlg::Sha256);
         if self.gateway.authorize(user, key.public_key).await {
-            info!(target: "audit", event = "login", user, key = %fp, peer = %self.peer(), "login accepted");
+            metrics::counter!("berth_logins_total").increment(1);
+            self.gateway.event(crate::Event::LoginAccepted {
+                user,
+                key: key.public_key,
+                peer: self.peer,
+            });
             self.user = Some((user.to_owned(), key.public_key.clone()));
             self._connected = self.gateway.connected(user);
             self.authenticated.store(true, Ordering::SeqCst);
             Ok(Auth::Accept)
         } else {
-            info!(target: "audit", event = "login_refused", user, key = %fp, peer = %self.peer(), "login refused");
+            self.refused(user, key.public_key);
             Ok(Auth::reject())
         }
     }
@@ -194,6 +206,8 @@ impl<G: Gateway> Handler for Connection<G> {
             user,
             key,
             peer: self.peer,
+            connected_at: self.connected_at,
+            login_measured: self.login_measured.clone(),
             handle: session.handle(),
             accept_env: self.accept_env.clone(),
         };

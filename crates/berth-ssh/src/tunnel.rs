@@ -31,6 +31,7 @@ where
             match item {
                 Some(data) => {
                     let n = data.len();
+                    crate::session::relayed(n);
                     if sock_write.write_all(&data).await.is_err() {
                         return;
                     }
@@ -51,6 +52,7 @@ where
             match sock_read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    crate::session::relayed(n);
                     if out
                         .write_all(buf.get(..n).unwrap_or_default())
                         .await

@@ -33,6 +33,11 @@ enum Command {
     /// Manage users: add, rm, list, show, key
     #[command(subcommand)]
     User(commands::user::UserCommand),
+    /// Daemon health, Docker engine, users, containers and open sessions
+    Status(commands::status::StatusArgs),
+    /// Open sessions: list, kill
+    #[command(subcommand)]
+    Session(commands::status::SessionCommand),
 }
 
 /// A failure the CLI reports: one line, an optional hint, an exit code.
@@ -72,6 +77,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => commands::daemon::run(args, state_dir),
         Command::User(cmd) => commands::user::run(cmd, state_dir),
+        Command::Status(args) => commands::status::status(args, state_dir),
+        Command::Session(cmd) => commands::status::session(cmd, state_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

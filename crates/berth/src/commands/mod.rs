@@ -1,4 +1,5 @@
 pub mod daemon;
+pub mod status;
 pub mod user;
 
 use std::path::PathBuf;

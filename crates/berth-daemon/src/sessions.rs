@@ -1,0 +1,143 @@
+//! The open sessions, daemon-wide: for `berth status`, `berth session kill ID`, the
+//! `berth_sessions_open` gauge and the audit log's `session_start`/`session_end`.
+//!
+//! A session is registered when its process starts and leaves the registry when the
+//! [`Registration`] (held by the session's process control) is dropped, however the session
+//! ended. Killing one signals its process tree in the container (SIGHUP, then SIGKILL): the
+//! session then ends the ordinary way, its client getting the exit status.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use berth_proto::SessionInfo;
+use berth_runtime::ProcessGuard;
+use nix::sys::signal::Signal;
+
+use crate::audit::Audit;
+
+/// A session's process tree, shared by its control (which finishes or drops it) and the
+/// registry (which may signal it).
+pub type SharedGuard = Arc<Mutex<ProcessGuard>>;
+
+struct Entry {
+    info: SessionInfo,
+    guard: Weak<Mutex<ProcessGuard>>,
+}
+
+pub struct Sessions {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Entry>>,
+    audit: Arc<Audit>,
+}
+
+impl Sessions {
+    pub fn new(audit: Arc<Audit>) -> Arc<Self> {
+        Arc::new(Self {
+            next: AtomicU64::new(1),
+            open: Mutex::new(BTreeMap::new()),
+            audit,
+        })
+    }
+
+    /// Records a session that just started its process.
+    pub fn register(
+        self: &Arc<Self>,
+        user: &str,
+        peer: Option<SocketAddr>,
+        command: String,
+        guard: &SharedGuard,
+    ) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let info = SessionInfo {
+            id,
+            user: user.to_owned(),
+            from: peer.map_or_else(|| "-".into(), |p| p.to_string()),
+            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            command,
+        };
+        self.audit.record(
+            "session_start",
+            serde_json::json!({"id": id, "user": info.user, "peer": info.from, "command": info.command}),
+        );
+        metrics::gauge!("berth_sessions_open").increment(1.0);
+        if let Ok(mut open) = self.open.lock() {
+            open.insert(
+                id,
+                Entry {
+                    info,
+                    guard: Arc::downgrade(guard),
+                },
+            );
+        }
+        Registration {
+            id,
+            sessions: self.clone(),
+            exit: None,
+        }
+    }
+
+    /// The open sessions, oldest first.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.open
+            .lock()
+            .map(|o| o.values().map(|e| e.info.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Ends session `id`: SIGHUP to its processes, SIGKILL two seconds later. `None` when
+    /// no such session is open.
+    pub fn kill(&self, id: u64) -> Option<SessionInfo> {
+        let (info, guard) = {
+            let open = self.open.lock().ok()?;
+            let e = open.get(&id)?;
+            (e.info.clone(), e.guard.clone())
+        };
+        signal(&guard, Signal::SIGHUP);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            signal(&guard, Signal::SIGKILL);
+        });
+        Some(info)
+    }
+}
+
+fn signal(guard: &Weak<Mutex<ProcessGuard>>, sig: Signal) {
+    if let Some(g) = guard.upgrade()
+        && let Ok(g) = g.lock()
+    {
+        g.signal(sig);
+    }
+}
+
+/// Keeps a session in the registry; dropping it records the session's end.
+pub struct Registration {
+    id: u64,
+    sessions: Arc<Sessions>,
+    exit: Option<u32>,
+}
+
+impl Registration {
+    pub fn set_exit(&mut self, code: u32) {
+        self.exit = Some(code);
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let entry = self
+            .sessions
+            .open
+            .lock()
+            .ok()
+            .and_then(|mut o| o.remove(&self.id));
+        metrics::gauge!("berth_sessions_open").decrement(1.0);
+        let user = entry.map(|e| e.info.user).unwrap_or_default();
+        self.sessions.audit.record(
+            "session_end",
+            serde_json::json!({"id": self.id, "user": user, "exit": self.exit}),
+        );
+    }
+}

@@ -1,0 +1,106 @@
+//! Prometheus metrics at `http://metrics_listen/metrics` (opt-in). The crates count through
+//! the [`metrics`] facade; this module installs the recorder, fills in the gauges that are
+//! read at scrape time (containers running) and serves the text format. Every name starts
+//! with `berth_`; no metric carries a user label.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::State;
+use axum::routing::get;
+use berth_runtime::Runtime;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::AdminState;
+
+/// Login latency buckets, seconds: from a warm login (~0.1 s) to a slow first login.
+const LOGIN_BUCKETS: &[f64] = &[0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0];
+
+pub struct MetricsListener {
+    listener: tokio::net::TcpListener,
+    handle: PrometheusHandle,
+}
+
+/// Installs the process-wide recorder and binds `addr`.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<MetricsListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("berth_login_duration_seconds".into()),
+            LOGIN_BUCKETS,
+        )
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    describe();
+    Ok(MetricsListener { listener, handle })
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "berth_connections_total",
+        "TCP connections accepted by the SSH gateway"
+    );
+    describe_counter!(
+        "berth_connections_refused_total",
+        "connections closed at once (max_connections, or an address over its failure limit)"
+    );
+    describe_counter!(
+        "berth_logins_total",
+        "successful public-key authentications"
+    );
+    describe_counter!("berth_auth_failures_total", "refused public keys");
+    describe_gauge!("berth_sessions_open", "sessions with a running process");
+    describe_gauge!(
+        "berth_containers_running",
+        "this instance's running containers"
+    );
+    describe_histogram!(
+        "berth_login_duration_seconds",
+        Unit::Seconds,
+        "from TCP accept to the first session's process running"
+    );
+    describe_counter!(
+        "berth_relayed_bytes_total",
+        Unit::Bytes,
+        "bytes relayed between clients and containers (sessions and tunnels, both ways)"
+    );
+}
+
+pub async fn serve<R: Runtime>(
+    l: MetricsListener,
+    state: Arc<AdminState<R>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render::<R>))
+        .with_state((state, l.handle));
+    axum::serve(l.listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+async fn render<R: Runtime>(
+    State((state, handle)): State<(Arc<AdminState<R>>, PrometheusHandle)>,
+) -> ([(&'static str, &'static str); 1], String) {
+    if let Ok(list) = state
+        .runtime
+        .list("berth.instance", state.lifecycle.instance())
+        .await
+    {
+        #[allow(clippy::cast_precision_loss)]
+        let running = list.iter().filter(|c| c.running).count() as f64;
+        metrics::gauge!("berth_containers_running").set(running);
+    }
+    handle.run_upkeep();
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+}
