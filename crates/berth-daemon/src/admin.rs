@@ -17,7 +17,8 @@ use axum::serve::IncomingStream;
 use axum::{Json, Router};
 use berth_proto::{
     AddKeysRequest, AddUserRequest, ApiError, AuthorizedKey, ContainerInfo, ContainerState,
-    HealthInfo, KeyInfo, RemovedKeys, SessionInfo, StatusInfo, UserInfo, UserName,
+    HealthInfo, ImageInfo, ImageName, KeyInfo, RemovedKeys, SessionInfo, StatusInfo, UserInfo,
+    UserName,
 };
 use berth_runtime::{Runtime, RuntimeError};
 use berth_store::{Store, StoreError, UserRecord};
@@ -36,6 +37,9 @@ pub struct AdminState<R> {
     pub sessions: Arc<crate::sessions::Sessions>,
     pub listen: String,
     pub started: std::time::Instant,
+    /// Held while a user is added or an image removed, so a user is never added with an
+    /// image that is being removed.
+    pub images: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +154,8 @@ pub async fn serve<R: Runtime>(
             axum::routing::post(set_forwarding::<R>),
         )
         .route("/v1/status", get(status::<R>))
+        .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
+        .route("/v1/images/{name}", delete(remove_image::<R>))
         .route("/v1/sessions/{id}", delete(kill_session::<R>))
         .with_state(state);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
@@ -268,6 +274,127 @@ async fn kill_session<R: Runtime>(
     Ok(Json(info))
 }
 
+/// `NAME` as Docker lists it: `:latest` added when no tag is given.
+fn full_image_name(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
+    let images = st.runtime.list_images().await?;
+    let store = st.store.clone();
+    let users = blocking(move || store.users()).await?;
+    let users_of = |name: &str| -> Vec<String> {
+        users
+            .iter()
+            .filter(|u| {
+                full_image_name(u.image.as_str()) == name
+                    || u.committed_image
+                        .as_ref()
+                        .is_some_and(|c| full_image_name(c.as_str()) == name)
+            })
+            .map(|u| u.name.to_string())
+            .collect()
+    };
+    let mut out: Vec<ImageInfo> = images
+        .into_iter()
+        .flat_map(|i| {
+            i.tags
+                .iter()
+                .map(|t| ImageInfo {
+                    name: t.clone(),
+                    id: i.id.clone(),
+                    size_bytes: i.size,
+                    created: i.created,
+                    users: users_of(t),
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+async fn list_images<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+) -> Result<Json<Vec<ImageInfo>>> {
+    authorize(&peer)?;
+    Ok(Json(image_infos(&st).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct ImportQuery {
+    name: String,
+}
+
+/// Imports the request body, a root file system tar, as image `name` (`docker import`).
+async fn import_image<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    Query(q): Query<ImportQuery>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<ImageInfo>)> {
+    use futures_util::TryStreamExt;
+    authorize(&peer)?;
+    let name = ImageName::parse(&q.name).map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    let full = full_image_name(name.as_str());
+    if st.runtime.image_exists(&full).await? {
+        return Err(AdminError::Conflict(format!(
+            "image {full} already exists; remove it first (berth image rm {full})"
+        )));
+    }
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let id = st
+        .runtime
+        .import_image(&full, Box::pin(stream))
+        .await
+        .map_err(|e| AdminError::BadRequest(format!("cannot import {full}: {e}")))?;
+    st.lifecycle
+        .audit()
+        .record("image_import", serde_json::json!({"image": full, "id": id}));
+    let info = image_infos(&st)
+        .await?
+        .into_iter()
+        .find(|i| i.name == full)
+        .ok_or_else(|| AdminError::NotFound(format!("image {full} vanished after its import")))?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn remove_image<R: Runtime>(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<ImageInfo>> {
+    authorize(&peer)?;
+    let full = full_image_name(&name);
+    let _images = st.images.lock().await;
+    let info = image_infos(&st)
+        .await?
+        .into_iter()
+        .find(|i| i.name == full)
+        .ok_or_else(|| AdminError::NotFound(format!("no image {full}")))?;
+    if !info.users.is_empty() {
+        return Err(AdminError::Conflict(format!(
+            "image {full} is used by {}; remove or move those users first",
+            info.users.join(", ")
+        )));
+    }
+    st.runtime
+        .remove_image(&full)
+        .await
+        .map_err(|e| AdminError::Conflict(format!("cannot remove image {full}: {e}")))?;
+    st.lifecycle.audit().record(
+        "image_remove",
+        serde_json::json!({"image": full, "id": info.id}),
+    );
+    Ok(Json(info))
+}
+
 async fn user_infos<R: Runtime>(
     st: &AdminState<R>,
     users: Vec<UserRecord>,
@@ -338,6 +465,7 @@ async fn add_user<R: Runtime>(
     authorize(&peer)?;
     let req = body(req)?;
     let keys = revalidate(&req.keys)?;
+    let _images = st.images.lock().await;
     if !st.runtime.image_exists(req.image.as_str()).await? {
         return Err(AdminError::ImageMissing(req.image.to_string()));
     }

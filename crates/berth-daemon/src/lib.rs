@@ -148,6 +148,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sessions,
         listen: config.listen.to_string(),
         started: std::time::Instant::now(),
+        images: tokio::sync::Mutex::new(()),
     });
     let admin_listener = admin::bind(&config.admin_socket()).with_context(|| {
         format!(

@@ -70,12 +70,49 @@ impl AdminClient {
         self.call(Method::DELETE, path, None::<&()>).await
     }
 
+    /// POSTs a raw byte stream (an image's root file system tar) as the request body.
+    pub async fn post_stream<S, T>(&self, path: &str, body: S) -> Result<T, ClientError>
+    where
+        S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+        T: DeserializeOwned,
+    {
+        use futures_util::TryStreamExt;
+        let body = http_body_util::StreamBody::new(body.map_ok(hyper::body::Frame::data));
+        self.send(Method::POST, path, "application/x-tar", body)
+            .await
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        let bytes = match body {
+            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
+            None => Vec::new(),
+        };
+        self.send(
+            method,
+            path,
+            "application/json",
+            Full::new(Bytes::from(bytes)),
+        )
+        .await
+    }
+
+    async fn send<Bd, T>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bd,
+    ) -> Result<T, ClientError>
+    where
+        Bd: hyper::body::Body<Data = Bytes> + Send + 'static,
+        Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T: DeserializeOwned,
+    {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
                 ClientError::PermissionDenied {
@@ -91,16 +128,12 @@ impl AdminClient {
             .await
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         tokio::spawn(conn);
-        let bytes = match body {
-            Some(b) => serde_json::to_vec(b).map_err(|e| ClientError::Protocol(e.to_string()))?,
-            None => Vec::new(),
-        };
         let req = Request::builder()
             .method(method)
             .uri(format!("/v1{path}"))
             .header("host", "berth")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(bytes)))
+            .header("content-type", content_type)
+            .body(body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         let resp = tx
             .send_request(req)

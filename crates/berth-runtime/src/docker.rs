@@ -18,8 +18,8 @@ use bollard::query_parameters::{
 
 use crate::exec::{demux_output, raw_output, start_attached};
 use crate::{
-    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, ProcessGuard, Runtime,
-    RuntimeError, TtySize,
+    ByteStream, ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, ImageSummary,
+    ProcessGuard, Runtime, RuntimeError, TtySize,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -445,6 +445,50 @@ impl Runtime for DockerRuntime {
             Err(e) if is_404(&e) => Ok(None),
             Err(e) => Err(map_err(e)),
         }
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageSummary>, RuntimeError> {
+        let list = self
+            .docker
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(map_err)?;
+        Ok(list
+            .into_iter()
+            .map(|i| ImageSummary {
+                id: i.id,
+                tags: i
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .collect(),
+                size: u64::try_from(i.size).unwrap_or(0),
+                created: i.created,
+            })
+            .collect())
+    }
+
+    async fn import_image(&self, name: &str, rootfs: ByteStream) -> Result<String, RuntimeError> {
+        use futures_util::TryStreamExt;
+        // `repo:tag`: the tag is what follows the last `:` after the last `/`.
+        let (repo, tag) = match name.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => (r, t),
+            _ => (name, "latest"),
+        };
+        let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
+            .from_src("-")
+            .repo(repo)
+            .tag(tag)
+            .message("berth image import")
+            .build();
+        // A big root file system takes a while: allow well past the default timeout.
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let mut progress =
+            docker.create_image(Some(opts), Some(bollard::body_try_stream(rootfs)), None);
+        while progress.try_next().await.map_err(map_err)?.is_some() {}
+        self.image_id(name)
+            .await?
+            .ok_or_else(|| RuntimeError::Docker(format!("the engine did not create image {name}")))
     }
 
     async fn remove_image(&self, image: &str) -> Result<(), RuntimeError> {

@@ -111,6 +111,20 @@ pub struct Exec {
     pub guard: ProcessGuard,
 }
 
+/// A local image as `docker images` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSummary {
+    pub id: String,
+    /// `repo:tag` names; empty for an untagged image.
+    pub tags: Vec<String>,
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub created: i64,
+}
+
+/// A stream of bytes handed to the engine (an image's root file system tar).
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
 #[derive(Debug, Clone)]
 pub struct EngineVersion {
     pub version: String,
@@ -178,6 +192,15 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         image: &str,
     ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    /// Every local image.
+    fn list_images(&self) -> impl Future<Output = Result<Vec<ImageSummary>, RuntimeError>> + Send;
+    /// Imports a root file system tar (`docker import`) as image `name` (`repo:tag`);
+    /// returns the new image's id.
+    fn import_image(
+        &self,
+        name: &str,
+        rootfs: ByteStream,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// Removes an image; a missing one is not an error.
     fn remove_image(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The host PID of a running container's init process.

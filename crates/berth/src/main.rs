@@ -33,6 +33,9 @@ enum Command {
     /// Manage users: add, rm, list, show, key
     #[command(subcommand)]
     User(commands::user::UserCommand),
+    /// Images: bootstrap (debootstrap), import, list, rm
+    #[command(subcommand)]
+    Image(commands::image::ImageCommand),
     /// Daemon health, Docker engine, users, containers and open sessions
     Status(commands::status::StatusArgs),
     /// Open sessions: list, kill
@@ -77,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Daemon(args) => commands::daemon::run(args, state_dir),
         Command::User(cmd) => commands::user::run(cmd, state_dir),
+        Command::Image(cmd) => commands::image::run(cmd, state_dir),
         Command::Status(args) => commands::status::status(args, state_dir),
         Command::Session(cmd) => commands::status::session(cmd, state_dir),
     };

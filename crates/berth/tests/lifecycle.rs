@@ -63,7 +63,7 @@ fn simultaneous_first_logins_create_one_container() {
     let ids = docker(&["ps", "-aq", "--filter", &format!("name=^/{}", d.prefix)]);
     assert_eq!(ids.lines().count(), 1, "{ids}");
     assert!(
-        d.log().matches("container created").count() == 1,
+        d.log().matches("\"event\":\"container_create\"").count() == 1,
         "{}",
         d.log()
     );

@@ -176,7 +176,7 @@ fn unknown_user_and_wrong_key_look_the_same() {
         d.container_state("alice").is_none(),
         "a refused login must not create a container"
     );
-    assert!(d.log().contains("login refused"));
+    assert!(d.log().contains("\"event\":\"login_refused\""));
 }
 
 #[test]

@@ -1,4 +1,5 @@
 pub mod daemon;
+pub mod image;
 pub mod status;
 pub mod user;
 
