@@ -298,7 +298,10 @@ impl<R: Runtime> Lifecycle<R> {
             };
             match (user, known) {
                 (Some(u), true) if c.running => {
-                    info!(user = %u, container = %c.name, "adopting running container");
+                    // Sessions of a daemon that died without ending them (kill -9): their
+                    // clients are gone, so they get the hang-up sshd would give them.
+                    let hung_up = self.runtime.hang_up_execs(&c.id).await.unwrap_or(0);
+                    info!(user = %u, container = %c.name, orphaned_sessions = hung_up, "adopting running container");
                     self.send(&u, Request::Adopt)?;
                 }
                 (Some(_), true) => {}

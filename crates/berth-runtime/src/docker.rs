@@ -145,6 +145,9 @@ fn map_err(e: bollard::errors::Error) -> RuntimeError {
         E::IOError { err } => RuntimeError::Unavailable(err.to_string()),
         E::HyperResponseError { err } => RuntimeError::Unavailable(err.to_string()),
         E::RequestTimeoutError => RuntimeError::Unavailable("request timed out".into()),
+        // The socket is gone (dockerd stopped) or refuses connections (restarting).
+        E::SocketNotFoundError(path) => RuntimeError::Unavailable(format!("no socket at {path}")),
+        E::HyperLegacyError { err } => RuntimeError::Unavailable(err.to_string()),
         other => RuntimeError::Docker(other.to_string()),
     }
 }
@@ -505,6 +508,31 @@ impl Runtime for DockerRuntime {
             Err(e) if is_404(&e) => Ok(()),
             Err(e) => Err(map_err(e)),
         }
+    }
+
+    async fn hang_up_execs(&self, container: &str) -> Result<usize, RuntimeError> {
+        let c = match self.docker.inspect_container(container, None).await {
+            Ok(c) => c,
+            Err(e) if is_404(&e) => return Ok(0),
+            Err(e) => return Err(map_err(e)),
+        };
+        let Some(id) = c.id.filter(|id| !id.is_empty()) else {
+            return Ok(0);
+        };
+        let mut n = 0;
+        for exec in c.exec_ids.unwrap_or_default() {
+            let Ok(x) = self.docker.inspect_exec(&exec).await else {
+                continue;
+            };
+            if x.running == Some(true)
+                && let Some(pid) = x.pid.and_then(|p| i32::try_from(p).ok())
+                && pid > 0
+                && crate::process::hang_up(pid, &id)
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {

@@ -279,6 +279,11 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
+    async fn hang_up_execs(&self, container: &str) -> Result<usize, RuntimeError> {
+        // No process stands behind a fake container.
+        self.by_id(container, |_| 0)
+    }
+
     async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
         // No process stands behind a fake container.
         self.by_id(container, |_| None)

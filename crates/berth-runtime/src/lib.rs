@@ -203,6 +203,13 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     /// Removes an image; a missing one is not an error.
     fn remove_image(&self, image: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Hangs up the execs still running in `container` (SIGHUP to each exec's own process,
+    /// like a shell whose terminal went away); returns how many. For sessions a previous
+    /// daemon started and could not end (it was killed).
+    fn hang_up_execs(
+        &self,
+        container: &str,
+    ) -> impl Future<Output = Result<usize, RuntimeError>> + Send;
     /// The host PID of a running container's init process.
     fn init_pid(
         &self,

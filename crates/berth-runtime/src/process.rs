@@ -126,6 +126,15 @@ fn tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
 }
 
 /// Whether `pid` belongs to the cgroup scope `scope` (empty matches everything: tests).
+/// Sends SIGHUP to `pid` alone, if it is a live process of container `scope` (non-empty):
+/// what a shell gets when its terminal goes away. Returns whether it was sent.
+pub(crate) fn hang_up(pid: i32, scope: &str) -> bool {
+    !scope.is_empty()
+        && start_time(pid).is_some()
+        && in_scope(pid, scope)
+        && kill(Pid::from_raw(pid), Signal::SIGHUP).is_ok()
+}
+
 fn in_scope(pid: i32, scope: &str) -> bool {
     scope.is_empty()
         || std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(scope))

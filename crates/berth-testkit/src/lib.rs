@@ -233,6 +233,17 @@ impl Daemon {
     }
 
     /// Starts the daemon again on the same state directory and port.
+    /// Kills the daemon with SIGKILL (no cleanup at all) and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon not running");
+        kill(
+            Pid::from_raw(i32::try_from(child.id()).unwrap()),
+            Signal::SIGKILL,
+        )
+        .unwrap();
+        let _ = child.wait();
+    }
+
     pub fn restart(&mut self) {
         if self.child.is_some() {
             let st = self.stop();
