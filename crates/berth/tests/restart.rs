@@ -170,13 +170,15 @@ impl Engine {
                 .append(true)
                 .open("/var/log/berth-dockerd.log")
                 .unwrap();
-            Command::new("setsid")
-                .arg("dockerd")
+            // `setsid -f`: dockerd runs on in a session of its own after this returns.
+            let forked = Command::new("setsid")
+                .args(["-f", "dockerd"])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
-                .spawn()
+                .status()
                 .unwrap();
+            assert!(forked.success());
         }
         assert!(
             wait_until(Duration::from_secs(60), Self::up),
