@@ -572,11 +572,16 @@ do_uninstall() {
   # The service or the background daemon.
   stopped=0
   if [ -f "$UNIT" ]; then
-    if [ "$use_unit" = 1 ]; then
+    # Stop the unit even when BERTH_NO_SYSTEMD=1: it was installed when systemd ran.
+    unit_systemd=0
+    if [ -z "$ROOT" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+      unit_systemd=1
+    fi
+    if [ "$unit_systemd" = 1 ]; then
       systemctl disable --now --quiet berth || true
     fi
     rm -f "$UNIT"
-    if [ "$use_unit" = 1 ]; then systemctl daemon-reload; fi
+    if [ "$unit_systemd" = 1 ]; then systemctl daemon-reload; fi
     say "service: stopped and removed $UNIT"
     stopped=1
   fi
