@@ -116,34 +116,17 @@ async fn serve_remote(
     port: u32,
 ) {
     let _hold = remote.hold;
-    let mut conns = JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            a = remote.listener.accept() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "remote forward accept failed");
-                    return;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
+    crate::tunnel::serve_listener(remote.listener, "remote forward", move |peer| {
         let handle = handle.clone();
         let address = address.clone();
-        conns.spawn(async move {
-            let opened = handle
-                .channel_open_forwarded_tcpip(
-                    address,
-                    port,
-                    peer.ip().to_string(),
-                    u32::from(peer.port()),
-                )
-                .await;
-            if let Ok(channel) = opened {
-                crate::tunnel::bridge(channel, stream).await;
-            }
-        });
-    }
+        let (from, from_port) = crate::tunnel::origin(peer);
+        async move {
+            handle
+                .channel_open_forwarded_tcpip(address, port, from, from_port)
+                .await
+        }
+    })
+    .await;
 }
 
 impl<G: Gateway> Handler for Connection<G> {

@@ -339,53 +339,22 @@ async fn write_stdin(
 /// client.
 async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle) {
     let _hold = agent.hold;
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let stream = tokio::select! {
-            a = agent.listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    debug!(error = %e, "agent socket accept failed");
-                    return;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
+    crate::tunnel::serve_listener(agent.listener, "agent socket", move |_| {
         let handle = handle.clone();
-        conns.spawn(async move {
-            let Ok(channel) = handle.channel_open_agent().await else {
-                return;
-            };
-            crate::tunnel::bridge(channel, stream).await;
-        });
-    }
+        async move { handle.channel_open_agent().await }
+    })
+    .await;
 }
 
 /// Each connection to the session's X11 display in the container becomes an X11 channel
 /// to the client, whose ssh checks and replaces the cookie.
 async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Handle) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    debug!(error = %e, "x11 accept failed");
-                    return;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-        };
+    crate::tunnel::serve_listener(listener, "x11", move |peer| {
         let handle = handle.clone();
-        conns.spawn(async move {
-            let opened = handle
-                .channel_open_x11(peer.ip().to_string(), u32::from(peer.port()))
-                .await;
-            if let Ok(channel) = opened {
-                crate::tunnel::bridge(channel, stream).await;
-            }
-        });
-    }
+        let (address, port) = crate::tunnel::origin(peer);
+        async move { handle.channel_open_x11(address, port).await }
+    })
+    .await;
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

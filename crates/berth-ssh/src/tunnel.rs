@@ -6,6 +6,9 @@
 //! channel is read all the time into a byte-capped queue; a socket that falls too far behind
 //! loses its tunnel rather than freezing everyone else.
 
+use std::future::Future;
+use std::net::SocketAddr;
+
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -13,6 +16,66 @@ use tokio::sync::mpsc;
 
 /// Bytes a tunnel may hold for a socket that is not reading.
 const TUNNEL_LIMIT: usize = 8 * 1024 * 1024;
+
+/// A listener whose connections become channels to the client (`-R`, agent, X11).
+pub(crate) trait Accept: Send {
+    type Stream: AsyncRead + AsyncWrite + Send + 'static;
+    fn accept_one(
+        &self,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, Option<SocketAddr>)>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, Option<SocketAddr>)> {
+        self.accept().await.map(|(s, peer)| (s, Some(peer)))
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn accept_one(&self) -> std::io::Result<(Self::Stream, Option<SocketAddr>)> {
+        self.accept().await.map(|(s, _)| (s, None))
+    }
+}
+
+/// Turns each connection `listener` accepts into a channel opened by `open` (given the
+/// connection's peer) and pipes the two. Runs until accepting fails; aborting it ends its
+/// pipes too.
+pub(crate) async fn serve_listener<L, F, Fut>(listener: L, what: &'static str, open: F)
+where
+    L: Accept,
+    F: Fn(Option<SocketAddr>) -> Fut,
+    Fut: Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
+{
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            a = listener.accept_one() => match a {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "{what}: accept failed");
+                    return;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        };
+        let opening = open(peer);
+        conns.spawn(async move {
+            if let Ok(channel) = opening.await {
+                bridge(channel, stream).await;
+            }
+        });
+    }
+}
+
+/// The address and port a peer is announced with in a channel open.
+pub(crate) fn origin(peer: Option<SocketAddr>) -> (String, u32) {
+    peer.map_or_else(
+        || ("127.0.0.1".to_owned(), 0),
+        |p| (p.ip().to_string(), u32::from(p.port())),
+    )
+}
 
 /// Copies both ways until both directions have ended, or the socket falls behind.
 pub(crate) async fn bridge<S>(channel: Channel<Msg>, socket: S)
