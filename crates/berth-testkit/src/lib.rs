@@ -129,6 +129,16 @@ impl Default for DaemonOptions {
     }
 }
 
+/// A child process (an `ssh` client, a server) killed and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A running `berth daemon`.
 pub struct Daemon {
     pub dir: TempDir,
@@ -393,6 +403,15 @@ impl Daemon {
         let out = child.wait_with_output().unwrap();
         writer.join().unwrap();
         out
+    }
+
+    /// Whether a TCP socket listens on `port` in `user`'s container (asked over ssh).
+    pub fn listening(&self, user: &str, key: &Path, port: u16) -> bool {
+        let cmd = format!(
+            "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -i ':{port:04X} ' | grep -c ' 0A '"
+        );
+        let out = self.ssh_run(user, key, &cmd, b"").stdout;
+        !out.is_empty() && out != b"0\n"
     }
 
     /// Runs `ssh user@host CMD` and panics unless it exits 0; returns stdout.

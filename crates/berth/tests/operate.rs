@@ -9,21 +9,12 @@
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, free_port, wait_until};
+use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, KillOnDrop, free_port, wait_until};
 
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn status(d: &Daemon) -> serde_json::Value {
     serde_json::from_str(&d.berth_ok(&["status", "--json"])).unwrap()
@@ -49,7 +40,7 @@ fn status_shows_sessions_and_session_kill_ends_one() {
     assert_eq!(st["users"], 1);
     assert_eq!(st["sessions"].as_array().unwrap().len(), 0);
 
-    let mut client = Killed(
+    let mut client = KillOnDrop(
         d.ssh("alice", &key)
             .arg("sleep 300")
             .stdin(Stdio::null())
@@ -213,7 +204,7 @@ fn metrics_count_logins_failures_sessions_and_bytes() {
     let payload = vec![b'x'; 100_000];
     let out = d.ssh_run("alice", &key, "wc -c", &payload);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "100000");
-    let _open = Killed(
+    let _open = KillOnDrop(
         d.ssh("alice", &key)
             .arg("sleep 300")
             .stdin(Stdio::null())
