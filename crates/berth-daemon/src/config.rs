@@ -139,7 +139,17 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let config: Self = toml::from_str(text).map_err(|e| {
+            // Name the line: serde's message alone does not say which key a bad value is for.
+            match e.span().and_then(|span| {
+                let line_no = text.get(..span.start)?.matches('\n').count() + 1;
+                let line = text.lines().nth(line_no - 1)?.trim();
+                Some((line_no, line))
+            }) {
+                Some((n, line)) => format!("line {n} (`{line}`): {}", e.message()),
+                None => e.message().to_owned(),
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }

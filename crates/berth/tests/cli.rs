@@ -271,7 +271,7 @@ fn config_unknown_key_and_check() {
     let e = stderr(&o);
     assert!(
         e.starts_with(&format!(
-            "error: invalid config {}: unknown field `idle_stop_secs`",
+            "error: invalid config {}: line 2 (`idle_stop_secs = 3`): unknown field `idle_stop_secs`",
             cfg.display()
         )),
         "{e}"
@@ -301,6 +301,26 @@ fn config_unknown_key_and_check() {
     assert!(out.contains("idle_stop_seconds = 5"), "{out}");
     assert!(out.contains("cpus = 0.5"), "{out}");
     assert!(out.contains("listen = \"0.0.0.0:2222\""), "{out}");
+
+    // Bad values are named too, and exit non-zero.
+    for (text, named) in [
+        ("audit_max_mb = 0\n", "audit_max_mb"),
+        (
+            "metrics_listen = \"not-an-address\"\n",
+            "invalid socket address",
+        ),
+        ("[limits]\npids = 3\n", "limits.pids"),
+        ("idle_stop_seconds = -1\n", "idle_stop_seconds"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let o = std::process::Command::new(BIN)
+            .args(["daemon", "--check", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{text}");
+        assert!(stderr(&o).contains(named), "{text}: {}", stderr(&o));
+    }
 }
 
 #[test]
