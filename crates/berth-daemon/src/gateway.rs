@@ -584,6 +584,11 @@ fn random_u64() -> u64 {
     })
 }
 
+/// How long a `-L` name lookup in a container may take, all name servers together.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a `-L` connect may take, all addresses together.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A running container's network namespace and root directory, opened from its init.
 struct ContainerNet {
     ns: std::fs::File,
@@ -600,7 +605,9 @@ async fn in_netns<T: Send + 'static>(
     ns: std::fs::File,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    let _permit = NETNS_THREADS
+    // The permit goes with the thread: it is given back when the thread ends, not when the
+    // waiting task is dropped (a client that disconnects does not free a busy thread's slot).
+    let permit = NETNS_THREADS
         .acquire()
         .await
         .map_err(std::io::Error::other)?;
@@ -608,6 +615,7 @@ async fn in_netns<T: Send + 'static>(
     std::thread::Builder::new()
         .name("berth-netns".into())
         .spawn(move || {
+            let _permit = permit;
             let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from);
             let _ = tx.send(r.and_then(|()| f()));
@@ -637,14 +645,21 @@ fn connect_from_here(
     {
         vec![SocketAddr::new(ip, port)]
     } else {
-        crate::resolve::resolve_in_container(root, host)?
+        let deadline = std::time::Instant::now() + RESOLVE_TIMEOUT;
+        crate::resolve::resolve_in_container(root, host, deadline)?
             .into_iter()
             .map(|ip| SocketAddr::new(ip, port))
             .collect()
     };
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    // One connect budget for all addresses: a thread of the shared pool is held meanwhile.
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
     for addr in addrs {
-        match std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(10)) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match std::net::TcpStream::connect_timeout(&addr, left) {
             Ok(s) => {
                 s.set_nonblocking(true)?;
                 return Ok(s);

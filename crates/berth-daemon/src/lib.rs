@@ -58,6 +58,9 @@ pub(crate) async fn blocking<T: Send + 'static>(
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = &config.state_dir;
     create_private_dir(state)?;
+    // One daemon per state directory: a second one would adopt (and hang up) the first one's
+    // sessions and replace its admin socket before failing on the SSH port.
+    let _lock = lock_state_dir(state)?;
     let store = Store::open(&state.join("berth.db"))
         .with_context(|| format!("cannot open the store in {}", state.display()))?;
     let instance = store.instance_id()?;
@@ -190,6 +193,27 @@ fn limits(config: &Config) -> Limits {
         nano_cpus: (nano > 0).then_some(nano),
         pids: i64::from(l.pids),
     }
+}
+
+/// Holds `STATE/daemon.lock` (flock) for the daemon's lifetime.
+fn lock_state_dir(state: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let path = state.join("daemon.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        StartupError {
+            message: format!(
+                "another berth daemon is running with the state directory {} ({e})",
+                state.display()
+            ),
+            hint: Some("stop it first, or give this one another --state-dir".into()),
+        }
+        .into()
+    })
 }
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {

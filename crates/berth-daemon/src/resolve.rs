@@ -8,20 +8,28 @@
 
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
-use std::os::fd::AsFd;
-use std::time::Duration;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 /// Bytes read at most from a container's `/etc/hosts` or `/etc/resolv.conf`.
 const FILE_CAP: u64 = 1 << 20;
-/// How long one name server gets for one question.
-const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one name server gets for one question (within the overall deadline).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Addresses tried at most for one name.
+pub const MAX_ADDRESSES: usize = 4;
 
-/// Resolves `host` as the container with root directory `root` would. Must run on a thread
-/// inside the container's network namespace (the DNS questions leave from there).
-pub fn resolve_in_container(root: &std::fs::File, host: &str) -> std::io::Result<Vec<IpAddr>> {
+/// Resolves `host` as the container with root directory `root` would, giving up at
+/// `deadline` (the container's user controls its name servers and may never answer). Must
+/// run on a thread inside the container's network namespace (the DNS questions leave from
+/// there). At most [`MAX_ADDRESSES`] addresses are returned.
+pub fn resolve_in_container(
+    root: &std::fs::File,
+    host: &str,
+    deadline: Instant,
+) -> std::io::Result<Vec<IpAddr>> {
     let not_found = || {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
@@ -32,8 +40,9 @@ pub fn resolve_in_container(root: &std::fs::File, host: &str) -> std::io::Result
         return Err(not_found());
     }
     if let Some(hosts) = read_in_root(root, "etc/hosts") {
-        let found = lookup_hosts(&hosts, host);
+        let mut found = lookup_hosts(&hosts, host);
         if !found.is_empty() {
+            found.truncate(MAX_ADDRESSES);
             return Ok(found);
         }
     }
@@ -54,9 +63,16 @@ pub fn resolve_in_container(root: &std::fs::File, host: &str) -> std::io::Result
     }
     for name in &names {
         for server in &servers {
-            if let Ok(found) = ask(*server, name)
+            if Instant::now() >= deadline {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "name lookup in the container timed out",
+                ));
+            }
+            if let Ok(mut found) = ask(*server, name, deadline)
                 && !found.is_empty()
             {
+                found.truncate(MAX_ADDRESSES);
                 return Ok(found);
             }
         }
@@ -65,17 +81,27 @@ pub fn resolve_in_container(root: &std::fs::File, host: &str) -> std::io::Result
 }
 
 /// The text of `path` under `root`, resolved inside it; `None` when missing, not a regular
-/// file or unreadable.
+/// file on an ordinary file system, or unreadable.
+///
+/// The path is first opened with `O_PATH` (which opens nothing: no device is touched, no
+/// driver runs), checked to be a regular file outside proc and sysfs (whose "files" have side
+/// effects: `/proc/kmsg` drains the kernel log), and only then opened for reading.
 fn read_in_root(root: &std::fs::File, path: &str) -> Option<String> {
     use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use nix::sys::statfs::{PROC_SUPER_MAGIC, SYSFS_MAGIC, fstatfs};
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NONBLOCK)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let fd = nix::fcntl::openat2(root.as_fd(), path, how).ok()?;
-    let file = std::fs::File::from(fd);
-    if !file.metadata().ok()?.is_file() {
+    let handle = std::fs::File::from(nix::fcntl::openat2(root.as_fd(), path, how).ok()?);
+    if !handle.metadata().ok()?.is_file() {
         return None;
     }
+    let fs = fstatfs(&handle).ok()?.filesystem_type();
+    if fs == PROC_SUPER_MAGIC || fs == SYSFS_MAGIC {
+        return None;
+    }
+    // Re-open what was checked (not the path again, which the user could swap meanwhile).
+    let file = std::fs::File::open(format!("/proc/self/fd/{}", handle.as_raw_fd())).ok()?;
     let mut text = String::new();
     file.take(FILE_CAP).read_to_string(&mut text).ok()?;
     Some(text)
@@ -93,15 +119,15 @@ fn lookup_hosts(text: &str, host: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Asks `server` for the A and AAAA records of `name` over UDP; IPv4 first.
-fn ask(server: IpAddr, name: &str) -> std::io::Result<Vec<IpAddr>> {
+/// Asks `server` for the A and AAAA records of `name` over UDP; IPv4 first. Waits for each
+/// answer at most [`QUERY_TIMEOUT`] and never past `deadline`, whatever arrives meanwhile.
+fn ask(server: IpAddr, name: &str, deadline: Instant) -> std::io::Result<Vec<IpAddr>> {
     let bind: IpAddr = match server {
         IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
     let socket = UdpSocket::bind((bind, 0))?;
     socket.connect((server, 53))?;
-    socket.set_read_timeout(Some(QUERY_TIMEOUT))?;
     let fqdn = Name::from_ascii(format!("{name}."))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut found = Vec::new();
@@ -115,8 +141,14 @@ fn ask(server: IpAddr, name: &str) -> std::io::Result<Vec<IpAddr>> {
             .add_query(Query::query(fqdn.clone(), kind));
         socket.send(&q.to_vec().map_err(std::io::Error::other)?)?;
         let mut buf = [0u8; 4096];
-        // Skip stray datagrams (another id) until the answer or the timeout.
+        // Skip stray datagrams (another id) until the answer or the time is up.
+        let until = deadline.min(Instant::now() + QUERY_TIMEOUT);
         let answer = loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::ErrorKind::TimedOut.into());
+            }
+            socket.set_read_timeout(Some(left))?;
             let n = socket.recv(&mut buf)?;
             if let Ok(m) = Message::from_vec(buf.get(..n).unwrap_or_default())
                 && m.id() == id

@@ -346,3 +346,29 @@ fn state_files_are_private_and_host_key_persists() {
     assert!(o.status.success(), "{}", stderr(&o));
     let _ = docker_output(&["version"]);
 }
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
+    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    let key = d.add_user("alice", berth_testkit::BUSYBOX);
+    let o = std::process::Command::new(BIN)
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .args(["daemon", "--listen", "127.0.0.1:0"])
+        .arg("--guest-binary")
+        .arg(berth_testkit::guest_binary())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).starts_with(&format!(
+            "error: another berth daemon is running with the state directory {}",
+            d.state_dir().display()
+        )),
+        "{}",
+        stderr(&o)
+    );
+    // The first one is untouched: its admin socket and logins work.
+    assert_eq!(d.users().len(), 1);
+    assert_eq!(d.ssh_ok("alice", &key, "echo still"), "still\n");
+}
