@@ -212,8 +212,14 @@ BERTH_SERVICE
 load_settings() {
   settings=
   if [ -x "$BERTH" ] && [ -f "$CONF" ]; then
-    settings=$("$BERTH" daemon --check --config "$CONF" 2>&1) ||
-      die "$CONF is invalid: $settings" "berth daemon --check --config $CONF names the bad key"
+    if ! settings=$("$BERTH" daemon --check --config "$CONF" 2>&1); then
+      if [ "$mode" = install ]; then
+        die "$CONF is invalid: $settings" "berth daemon --check --config $CONF names the bad key"
+      fi
+      # Uninstalling must work even with a broken config: read its lines as they are.
+      warn "$CONF is invalid ($settings); reading its settings as plain lines"
+      settings=$(awk '/^[[:space:]]*\[/ { exit } { print }' "$CONF")
+    fi
   elif [ -f "$CONF" ]; then
     settings=$(awk '/^[[:space:]]*\[/ { exit } { print }' "$CONF")
   fi
@@ -534,14 +540,19 @@ do_install() {
 
 # --- uninstall ---
 
-# The state directory is removed only when it looks like Berth's (never a config typo's /home).
-looks_like_state() {
-  if [ "$1" = / ] || [ ! -d "$1" ]; then return 1; fi
-  if [ -e "$1/berth.db" ] || [ -e "$1/instance" ]; then return 0; fi
-  for f in "$1"/* "$1"/.*; do
-    case ${f##*/} in . | .. | '*' | '.*' | berth.log | berth.pid) ;; *) return 1 ;; esac
+# Removes what Berth keeps in the state directory, entry by entry, then the directory if
+# that left it empty: a config typo (state_dir = "/home") never costs anybody's files.
+remove_state() {
+  for f in berth.db berth.db-wal berth.db-shm berth.db-journal instance audit.log audit.log.1 \
+           host_ed25519_key host_ed25519_key.pub admin.sock daemon.lock berth.pid berth.log \
+           guest run; do
+    if [ -e "$1/$f" ] || [ -L "$1/$f" ]; then rm -rf "${1:?}/$f"; fi
   done
-  return 0
+  if rmdir "$1" 2>/dev/null; then
+    say "state: removed $1"
+  else
+    warn "$1 holds files Berth did not make; removed Berth's own and left the rest"
+  fi
 }
 
 do_uninstall() {
@@ -598,6 +609,10 @@ do_uninstall() {
     say "service: none installed"
   fi
   if daemon_answers; then
+    if [ "$purge" = 1 ]; then
+      die "a berth daemon still answers on $STATE/admin.sock (not started by this script); nothing was purged" \
+        "stop it first, then run $0 --uninstall --purge again"
+    fi
     warn "a berth daemon still answers on $STATE/admin.sock; it was not started by this script: stop it yourself"
   fi
 
@@ -620,8 +635,7 @@ do_uninstall() {
     ids=$(docker ps -aq --filter "label=berth.instance=$instance")
     n=0
     for id in $ids; do
-      docker rm -f "$id" >/dev/null
-      n=$((n + 1))
+      if docker rm -f "$id" >/dev/null; then n=$((n + 1)); else warn "cannot remove container $id"; fi
     done
     say "containers: removed $n of this installation (berth.instance=$instance)"
   else
@@ -632,13 +646,8 @@ do_uninstall() {
     if docker rmi "$image" >/dev/null; then n=$((n + 1)); else warn "cannot remove image $image"; fi
   done
   say "images: removed $n of $REPO"
-  if [ -d "$STATE" ]; then
-    if looks_like_state "$STATE"; then
-      rm -rf "$STATE"
-      say "state: removed $STATE"
-    else
-      warn "$STATE does not look like a Berth state directory; left in place"
-    fi
+  if [ -d "$STATE" ] && [ "$STATE" != / ]; then
+    remove_state "$STATE"
   fi
   if [ -d "$CONF_DIR" ]; then
     rm -rf "$CONF_DIR"

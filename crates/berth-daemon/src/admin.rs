@@ -288,33 +288,42 @@ async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     let images = st.runtime.list_images().await?;
     let store = st.store.clone();
     let users = blocking(move || store.users()).await?;
-    let users_of = |name: &str| -> Vec<String> {
-        users
-            .iter()
-            .filter(|u| {
-                full_image_name(u.image.as_str()) == name
-                    || u.committed_image
-                        .as_ref()
-                        .is_some_and(|c| full_image_name(c.as_str()) == name)
-            })
-            .map(|u| u.name.to_string())
-            .collect()
-    };
-    let mut out: Vec<ImageInfo> = images
-        .into_iter()
-        .flat_map(|i| {
-            i.tags
+    // Each user's images (hers and her commit's) by the id they name now, so a user who
+    // wrote `docker.io/library/debian:12` is found on `debian:12`.
+    let mut needs: Vec<(String, String, String)> = Vec::new(); // (user, full name, id)
+    let mut ids: std::collections::HashMap<String, Option<String>> = Default::default();
+    for u in &users {
+        for name in std::iter::once(&u.image).chain(u.committed_image.as_ref()) {
+            let full = full_image_name(name.as_str());
+            if !ids.contains_key(&full) {
+                let id = st.runtime.image_id(&full).await?;
+                ids.insert(full.clone(), id);
+            }
+            if let Some(Some(id)) = ids.get(&full) {
+                needs.push((u.name.to_string(), full, id.clone()));
+            }
+        }
+    }
+    let mut out: Vec<ImageInfo> = Vec::new();
+    for i in images {
+        for t in &i.tags {
+            // Removing one of several tags of an image only untags it: only the users who
+            // named this tag need it. The last tag carries the image itself.
+            let mut users: Vec<String> = needs
                 .iter()
-                .map(|t| ImageInfo {
-                    name: t.clone(),
-                    id: i.id.clone(),
-                    size_bytes: i.size,
-                    created: i.created,
-                    users: users_of(t),
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+                .filter(|(_, full, id)| *id == i.id && (full == t || i.tags.len() == 1))
+                .map(|(u, _, _)| u.clone())
+                .collect();
+            users.dedup();
+            out.push(ImageInfo {
+                name: t.clone(),
+                id: i.id.clone(),
+                size_bytes: i.size,
+                created: i.created,
+                users,
+            });
+        }
+    }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }

@@ -16,7 +16,8 @@ use tracing::{info, warn};
 pub struct Audit {
     path: Option<PathBuf>,
     max_bytes: u64,
-    file: Mutex<Option<std::fs::File>>,
+    /// The open file and its length so far.
+    file: Mutex<Option<(std::fs::File, u64)>>,
 }
 
 impl std::fmt::Debug for Audit {
@@ -29,10 +30,11 @@ impl Audit {
     /// An audit log appending to `path`, rotated past `max_bytes`.
     pub fn to_file(path: &Path, max_bytes: u64) -> std::io::Result<Self> {
         let file = open(path)?;
+        let len = file.metadata()?.len();
         Ok(Self {
             path: Some(path.to_owned()),
             max_bytes,
-            file: Mutex::new(Some(file)),
+            file: Mutex::new(Some((file, len))),
         })
     }
 
@@ -72,23 +74,31 @@ impl Audit {
     fn append(
         &self,
         path: &Path,
-        file: &mut Option<std::fs::File>,
+        file: &mut Option<(std::fs::File, u64)>,
         text: &str,
     ) -> std::io::Result<()> {
-        let len = match file {
-            Some(f) => f.metadata()?.len(),
-            None => 0,
-        };
-        if file.is_none() || len + text.len() as u64 + 1 > self.max_bytes {
-            if file.is_some() {
+        let line = format!("{text}\n");
+        let n = line.len() as u64;
+        match file {
+            Some((_, len)) if *len + n <= self.max_bytes => {}
+            Some(_) => {
+                // Full: it becomes `.1`; a failed re-open leaves no handle, and the next
+                // record tries again.
+                *file = None;
                 let mut old = path.as_os_str().to_owned();
                 old.push(".1");
                 std::fs::rename(path, old)?;
+                *file = Some((open(path)?, 0));
             }
-            *file = Some(open(path)?);
+            None => {
+                let f = open(path)?;
+                let len = f.metadata()?.len();
+                *file = Some((f, len));
+            }
         }
-        if let Some(f) = file {
-            f.write_all(format!("{text}\n").as_bytes())?;
+        if let Some((f, len)) = file {
+            f.write_all(line.as_bytes())?;
+            *len += n;
         }
         Ok(())
     }

@@ -205,6 +205,24 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
     }
 
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
+        let (user, peer) = (req.user.clone(), req.peer);
+        let opened = self.open_session(req).await;
+        if let Err(e) = &opened {
+            self.lifecycle.audit().record(
+                "session_refused",
+                serde_json::json!({
+                    "user": user,
+                    "peer": peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    "reason": e.0,
+                }),
+            );
+        }
+        opened
+    }
+}
+
+impl<R: Runtime> BerthGateway<R> {
+    async fn open_session(&self, req: OpenRequest) -> Result<Process, OpenError> {
         let user = UserName::parse(&req.user).map_err(|_| OpenError("unknown user".into()))?;
         // The connection authenticated earlier; the key or the user may be gone since.
         if !self.authorize(&req.user, &req.key).await {

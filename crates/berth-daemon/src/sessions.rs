@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use berth_proto::SessionInfo;
 use berth_runtime::ProcessGuard;
-use nix::sys::signal::Signal;
 
 use crate::audit::Audit;
 
@@ -87,28 +86,21 @@ impl Sessions {
             .unwrap_or_default()
     }
 
-    /// Ends session `id`: SIGHUP to its processes, SIGKILL two seconds later. `None` when
-    /// no such session is open.
+    /// Ends session `id`: SIGHUP to its processes as they are now, SIGKILL two seconds
+    /// later to those still there (even if the session's own process is gone by then).
+    /// `None` when no such session is open.
     pub fn kill(&self, id: u64) -> Option<SessionInfo> {
         let (info, guard) = {
             let open = self.open.lock().ok()?;
             let e = open.get(&id)?;
             (e.info.clone(), e.guard.clone())
         };
-        signal(&guard, Signal::SIGHUP);
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            signal(&guard, Signal::SIGKILL);
-        });
+        if let Some(g) = guard.upgrade()
+            && let Ok(g) = g.lock()
+        {
+            g.end(Duration::from_secs(2));
+        }
         Some(info)
-    }
-}
-
-fn signal(guard: &Weak<Mutex<ProcessGuard>>, sig: Signal) {
-    if let Some(g) = guard.upgrade()
-        && let Ok(g) = g.lock()
-    {
-        g.signal(sig);
     }
 }
 

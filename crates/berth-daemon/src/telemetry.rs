@@ -64,7 +64,7 @@ fn describe() {
     describe_histogram!(
         "berth_login_duration_seconds",
         Unit::Seconds,
-        "from TCP accept to the first session's process running"
+        "from authentication to the first session's process running"
     );
     describe_counter!(
         "berth_relayed_bytes_total",

@@ -56,35 +56,55 @@ impl ProcessGuard {
 
 impl Drop for ProcessGuard {
     fn drop(&mut self) {
-        let Some(root) = self.root.take() else { return };
-        let procs = tree(root, &self.scope);
-        tracing::debug!(
-            pid = root.0,
-            count = procs.len(),
-            "ending what is left of an exec"
-        );
-        if procs.is_empty() {
-            return;
+        if let Some(root) = self.root.take() {
+            end_tree(
+                root,
+                std::mem::take(&mut self.scope),
+                Duration::from_millis(300),
+            );
         }
-        for &(pid, _) in &procs {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    }
+}
+
+impl ProcessGuard {
+    /// Ends the exec's process tree as it is now (`berth session kill`): SIGHUP to each
+    /// process, SIGKILL after `grace` to those still alive (checked by start time and scope,
+    /// so a recycled PID is never signalled). The guard stays armed.
+    pub fn end(&self, grace: Duration) {
+        if let Some(root) = self.root {
+            end_tree(root, self.scope.clone(), grace);
         }
-        // A shell given SIGHUP passes it on and exits; whatever ignores it is killed. The
-        // wait happens off the async runtime.
-        let scope = std::mem::take(&mut self.scope);
-        let killer = std::thread::Builder::new()
-            .name("berth-reaper".into())
-            .spawn(move || {
-                std::thread::sleep(Duration::from_millis(300));
-                for (pid, started) in procs {
-                    if start_time(pid) == Some(started) && in_scope(pid, &scope) {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
+    }
+}
+
+/// SIGHUP to `root`'s tree now, SIGKILL to what of it is left after `grace` (off the async
+/// runtime, on a thread of its own).
+fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
+    let procs = tree(root, &scope);
+    tracing::debug!(
+        pid = root.0,
+        count = procs.len(),
+        "ending what is left of an exec"
+    );
+    if procs.is_empty() {
+        return;
+    }
+    for &(pid, _) in &procs {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    }
+    // A shell given SIGHUP passes it on and exits; whatever ignores it is killed.
+    let killer = std::thread::Builder::new()
+        .name("berth-reaper".into())
+        .spawn(move || {
+            std::thread::sleep(grace);
+            for (pid, started) in procs {
+                if start_time(pid) == Some(started) && in_scope(pid, &scope) {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
-            });
-        if let Err(e) = killer {
-            tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
-        }
+            }
+        });
+    if let Err(e) = killer {
+        tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
     }
 }
 

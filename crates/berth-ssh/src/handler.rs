@@ -34,7 +34,8 @@ pub(crate) struct Connection<G> {
     /// Remote forwards (`ssh -R`) by the (address, port) the client knows them by.
     forwards: HashMap<(String, u32), tokio::task::AbortHandle>,
     tasks: JoinSet<()>,
-    /// When the connection was accepted.
+    /// When the connection authenticated (the login latency is measured from there: what
+    /// comes before includes the client's own time, key prompts and all).
     connected_at: std::time::Instant,
     /// Set by the first session that opens its process (it measures the login latency).
     login_measured: Arc<AtomicBool>,
@@ -153,6 +154,7 @@ impl<G: Gateway> Handler for Connection<G> {
     ) -> Result<Auth, Self::Error> {
         if self.gateway.authorize(user, key.public_key).await {
             metrics::counter!("berth_logins_total").increment(1);
+            self.connected_at = std::time::Instant::now();
             self.gateway.event(crate::Event::LoginAccepted {
                 user,
                 key: key.public_key,

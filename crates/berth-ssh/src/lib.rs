@@ -11,7 +11,8 @@
 //! one task ([`session`]) from its first message.
 //!
 //! Counters (`berth_connections_total`, `berth_auth_failures_total`, `berth_relayed_bytes_total`,
-//! the `berth_login_duration_seconds` histogram …) go to the [`metrics`] facade; the daemon
+//! the `berth_login_duration_seconds` histogram: authentication to the first session's
+//! process running …) go to the [`metrics`] facade; the daemon
 //! decides whether and where they are exported.
 //!
 //! ```text
@@ -76,7 +77,7 @@ pub struct OpenRequest {
     /// open, so a removed key or user cannot open new sessions on a connection it still has.
     pub key: PublicKey,
     pub peer: Option<SocketAddr>,
-    /// When the connection was accepted; the first session of a connection measures the
+    /// When the connection authenticated; the first session of a connection measures the
     /// login's latency from it.
     pub connected_at: std::time::Instant,
     pub command: Command,

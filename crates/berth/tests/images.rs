@@ -122,6 +122,19 @@ fn import_list_and_rm_refusing_while_a_user_needs_it() {
     let o = d.berth(&["image", "import", "/nonexistent.tar", &junk_name]);
     assert_eq!(o.status.code(), Some(1));
 
+    // A second tag of the same image is not hers: removing it only untags.
+    let alias = format!("{}img/alias:v1", d.prefix);
+    let _alias_guard = ImageGuard(alias.clone());
+    docker(&["tag", &name, &alias]);
+    let list = images(&d);
+    let a = list.iter().find(|i| i["name"] == alias.as_str()).unwrap();
+    assert_eq!(a["users"], serde_json::json!([]));
+    let mine = list.iter().find(|i| i["name"] == name.as_str()).unwrap();
+    assert_eq!(mine["users"], serde_json::json!(["alice"]));
+    assert_eq!(a["id"], mine["id"]);
+    d.berth_ok(&["image", "rm", &alias]);
+    assert_eq!(d.ssh_ok("alice", &key, "echo still"), "still\n");
+
     // Once nobody needs it, it goes.
     d.berth_ok(&["user", "rm", "alice"]);
     assert_eq!(

@@ -393,8 +393,18 @@ fn install_again_login_uninstall_purge() {
         "true",
     ]);
     assert!(created.status.success(), "{}", show(&created));
-    let out = inst.run_ok(&["--uninstall", "--purge", "--yes"]);
-    assert!(!inst.state().exists(), "{out}");
+    // A file Berth did not make (a state_dir pointed at the wrong place) survives the purge.
+    std::fs::write(inst.state().join("notes.txt"), "mine\n").unwrap();
+    let o = inst.run(&["--uninstall", "--purge", "--yes"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let out = show(&o);
+    let left: Vec<String> = std::fs::read_dir(inst.state())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec!["notes.txt".to_owned()], "{out}");
+    assert!(out.contains("holds files Berth did not make"), "{out}");
+    std::fs::remove_dir_all(inst.state()).unwrap();
     assert!(!inst.path("/etc/berth").exists(), "{out}");
     assert!(!container_exists(&inst.container()), "{out}");
     assert!(

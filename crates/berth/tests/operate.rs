@@ -20,6 +20,13 @@ fn status(d: &Daemon) -> serde_json::Value {
     serde_json::from_str(&d.berth_ok(&["status", "--json"])).unwrap()
 }
 
+/// Whether a process matching `pattern` (a grep pattern; `[s]leep` does not match the
+/// grep itself) runs in alice's container.
+fn running(d: &Daemon, key: &Path, pattern: &str) -> bool {
+    let cmd = format!("ps | grep -q '{pattern}' && echo y || echo n");
+    d.ssh_ok("alice", key, &cmd) == "y\n"
+}
+
 #[test]
 fn status_shows_sessions_and_session_kill_ends_one() {
     let d = Daemon::start(
@@ -83,10 +90,37 @@ fn status_shows_sessions_and_session_kill_ends_one() {
     assert!(wait_until(Duration::from_secs(10), || {
         status(&d)["sessions"].as_array().unwrap().is_empty()
     }));
-    assert_eq!(
-        d.ssh_ok("alice", &key, "pgrep sleep || echo none"),
-        "none\n"
+    assert!(!running(&d, &key, "[s]leep 300"));
+
+    // A session that ignores the hang-up is killed two seconds later, children included.
+    let mut stubborn = KillOnDrop(
+        d.ssh("alice", &key)
+            .arg("trap '' HUP; sleep 301; echo survived")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
+    let mut sid = String::new();
+    assert!(wait_until(Duration::from_secs(20), || {
+        let st = status(&d);
+        match st["sessions"].as_array().unwrap().first() {
+            Some(s) if running(&d, &key, "[s]leep 301") => {
+                sid = s["id"].as_u64().unwrap().to_string();
+                true
+            }
+            _ => false,
+        }
+    }));
+    d.berth_ok(&["session", "kill", &sid]);
+    let mut code = None;
+    assert!(wait_until(Duration::from_secs(15), || {
+        code = stubborn.0.try_wait().unwrap().and_then(|s| s.code());
+        code.is_some()
+    }));
+    assert_eq!(code, Some(137));
+    assert!(!running(&d, &key, "[s]leep 30"));
 
     let o = d.berth(&["session", "kill", &id]);
     assert_eq!(o.status.code(), Some(1));

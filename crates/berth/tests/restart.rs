@@ -40,7 +40,7 @@ fn kill_9_loses_nothing_and_the_next_daemon_adopts_the_containers() {
     let mut d = Daemon::start(
         Path::new(BIN),
         DaemonOptions {
-            idle_stop_seconds: 4,
+            idle_stop_seconds: 15,
             config: String::new(),
         },
     );
@@ -89,13 +89,16 @@ fn kill_9_loses_nothing_and_the_next_daemon_adopts_the_containers() {
         }
     }
     assert_eq!(after[1]["daemon_mode"], true);
-    // The orphaned sessions got the hang-up their dead clients could not give them.
+    // The orphaned sessions got the hang-up their dead clients could not give them, while
+    // both containers still run (alice's grace period is not over).
     assert!(wait_until(Duration::from_secs(10), || {
         processes(&d, "alice", "sleep 1001").is_empty()
             && processes(&d, "bob", "sleep 1002").is_empty()
     }));
+    assert_eq!(d.container_state("alice").as_deref(), Some("running"));
+    assert!(!processes(&d, "alice", "berth-guest init").is_empty());
     // alice's container stops after the grace period; bob's (daemon mode) keeps running.
-    assert!(wait_until(Duration::from_secs(30), || d
+    assert!(wait_until(Duration::from_secs(40), || d
         .container_state("alice")
         .as_deref()
         == Some("exited")));

@@ -256,8 +256,18 @@ fn bootstrap(
         .map_err(|e| Failure::new(format!("debootstrap: {e}")))?;
     bar.finish_and_clear();
     if !status.success() {
-        let kept = std::env::temp_dir().join(format!("berth-bootstrap-{}.log", std::process::id()));
-        let _ = std::fs::copy(&log, &kept);
+        // Kept under a fresh name (created exclusively: no file of anybody else's is written).
+        let kept = tempfile::Builder::new()
+            .prefix("berth-bootstrap-")
+            .suffix(".log")
+            .tempfile_in("/var/tmp")
+            .ok()
+            .and_then(|mut f| {
+                let mut log = std::fs::File::open(&log).ok()?;
+                std::io::copy(&mut log, f.as_file_mut()).ok()?;
+                f.keep().ok().map(|(_, p)| p)
+            })
+            .unwrap_or(log.clone());
         return Err(Failure {
             message: format!(
                 "debootstrap failed: {}",
@@ -280,7 +290,7 @@ fn import_tree(c: &berth_proto::AdminClient, name: &ImageName, root: &Path) -> R
         .arg(root)
         .args(["-c", "."])
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| Failure::new(format!("cannot run tar: {e}")))?;
     let out = tar
@@ -301,9 +311,18 @@ fn import_tree(c: &berth_proto::AdminClient, name: &ImageName, root: &Path) -> R
     });
     bar.finish_and_clear();
     let tar_status = tar.wait();
-    let info = info?;
+    let info: ImageInfo = info?;
     if !tar_status.is_ok_and(|s| s.success()) {
-        return Err(Failure::new("tar failed while the image was imported"));
+        // What was imported is a partial tree: it must not stay under the name.
+        let path = format!(
+            "/images/{}",
+            utf8_percent_encode(&info.name, NON_ALPHANUMERIC)
+        );
+        let _ = block_on(async { Ok(c.delete::<ImageInfo>(&path).await?) });
+        return Err(Failure::new(format!(
+            "tar failed while {} was imported; the image was removed",
+            info.name
+        )));
     }
     print_imported(&info);
     Ok(())

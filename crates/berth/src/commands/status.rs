@@ -113,7 +113,8 @@ pub fn session(cmd: SessionCommand, state_dir: Option<PathBuf>) -> Result<(), Fa
         SessionCommand::Kill { id } => {
             let s: SessionInfo =
                 block_on(async { Ok(c.delete(&format!("/sessions/{id}")).await?) })?;
-            println!("killed session {} of {} ({})", s.id, s.user, s.command);
+            let command: String = s.command.chars().filter(|c| !c.is_control()).collect();
+            println!("killed session {} of {} ({command})", s.id, s.user);
             Ok(())
         }
     }
