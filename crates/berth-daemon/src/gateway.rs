@@ -61,6 +61,43 @@ pub struct BerthGateway<R> {
     pub lifecycle: Arc<Lifecycle<R>>,
     pub sessions: Arc<crate::sessions::Sessions>,
     pub port: u16,
+    /// Bounds the audit lines refused logins may write (see [`RefusalBudget`]).
+    pub refusals: std::sync::Mutex<RefusalBudget>,
+}
+
+/// Refused logins come from anybody: past [`REFUSALS_PER_MINUTE`] audit lines a minute they
+/// are only counted, and the count is written once the minute is over, so a flood cannot
+/// rotate the records that matter out of the audit log.
+#[derive(Debug, Default)]
+pub struct RefusalBudget {
+    minute: u64,
+    written: u32,
+    suppressed: u32,
+}
+
+const REFUSALS_PER_MINUTE: u32 = 120;
+
+impl RefusalBudget {
+    /// Whether to write this refusal; and the count suppressed in a minute now over.
+    fn take(&mut self, now_minute: u64) -> (bool, Option<u32>) {
+        let mut over = None;
+        if now_minute != self.minute {
+            if self.suppressed > 0 {
+                over = Some(self.suppressed);
+            }
+            *self = Self {
+                minute: now_minute,
+                ..Self::default()
+            };
+        }
+        if self.written < REFUSALS_PER_MINUTE {
+            self.written += 1;
+            (true, over)
+        } else {
+            self.suppressed += 1;
+            (false, over)
+        }
+    }
 }
 
 /// A user's effective switches: her own where set, the server's otherwise.
@@ -85,6 +122,23 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                 ("login_refused", user, key, peer)
             }
         };
+        if name == "login_refused" {
+            let minute = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() / 60);
+            let (write, over) = self
+                .refusals
+                .lock()
+                .map_or((true, None), |mut b| b.take(minute));
+            if let Some(n) = over {
+                self.lifecycle
+                    .audit()
+                    .record("login_refused_suppressed", serde_json::json!({"count": n}));
+            }
+            if !write {
+                return;
+            }
+        }
         // A refused name is whatever the client sent: bounded before it is written down.
         let user: String = user.chars().take(64).collect();
         self.lifecycle.audit().record(
@@ -868,6 +922,20 @@ impl<R: Runtime> ProcessControl for ExecControl<R> {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn refusals_past_the_budget_are_counted_and_reported_once() {
+        let mut b = RefusalBudget::default();
+        let written = (0..200).filter(|_| b.take(7).0).count();
+        assert_eq!(written, 120);
+        assert_eq!(b.take(8), (true, Some(80)));
+        assert_eq!(b.take(8), (true, None));
     }
 }
 

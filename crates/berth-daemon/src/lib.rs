@@ -133,6 +133,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         lifecycle: lifecycle.clone(),
         sessions: sessions.clone(),
         port,
+        refusals: Default::default(),
     });
     let ssh_config = SshConfig {
         keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),

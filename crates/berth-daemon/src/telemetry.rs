@@ -89,10 +89,20 @@ pub async fn serve<R: Runtime>(
 async fn render<R: Runtime>(
     State((state, handle)): State<(Arc<AdminState<R>>, PrometheusHandle)>,
 ) -> ([(&'static str, &'static str); 1], String) {
-    if let Ok(list) = state
-        .runtime
-        .list("berth.instance", state.lifecycle.instance())
-        .await
+    // Asked of the engine at most every few seconds, however often the endpoint is hit.
+    static ASKED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let due = ASKED.lock().is_ok_and(|mut at| {
+        let due = at.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5));
+        if due {
+            *at = Some(std::time::Instant::now());
+        }
+        due
+    });
+    if due
+        && let Ok(list) = state
+            .runtime
+            .list("berth.instance", state.lifecycle.instance())
+            .await
     {
         #[allow(clippy::cast_precision_loss)]
         let running = list.iter().filter(|c| c.running).count() as f64;
