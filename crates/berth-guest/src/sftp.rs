@@ -5,8 +5,8 @@
 //! system side.
 
 use std::collections::HashMap;
-use std::io::{ErrorKind, SeekFrom};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -14,10 +14,11 @@ use russh_sftp::protocol::{
     Attrs, Data, File, FileAttributes, Handle, Name, OpenFlags, Packet, Status, StatusCode, Version,
 };
 use russh_sftp::server::{Handler, StatusReply};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 enum Open {
-    File(tokio::fs::File),
+    /// Read and written with positioned I/O (`pread`/`pwrite`), on the runtime's own thread:
+    /// page-cache I/O is microseconds, and this process serves one client.
+    File(std::fs::File),
     /// A directory's entries still to hand out, a batch per READDIR (a reply must stay
     /// under the client's 256 KiB packet limit), then end of directory.
     Dir(Vec<File>),
@@ -53,7 +54,7 @@ impl Sftp {
         h
     }
 
-    fn file(&mut self, handle: &str) -> Result<&mut tokio::fs::File, StatusReply> {
+    fn file(&mut self, handle: &str) -> Result<&mut std::fs::File, StatusReply> {
         match self.handles.get_mut(handle) {
             Some(Open::File(f)) => Ok(f),
             _ => Err(StatusReply::new(StatusCode::Failure).with_message("bad handle")),
@@ -185,7 +186,7 @@ impl Handler for Sftp {
         a: FileAttributes,
     ) -> Result<Handle, Self::Error> {
         let path = self.path(&filename);
-        let mut o = tokio::fs::OpenOptions::new();
+        let mut o = std::fs::OpenOptions::new();
         o.read(pflags.contains(OpenFlags::READ))
             .write(pflags.contains(OpenFlags::WRITE) || pflags.contains(OpenFlags::APPEND))
             .append(pflags.contains(OpenFlags::APPEND))
@@ -198,7 +199,7 @@ impl Handler for Sftp {
                 o.create(true);
             }
         }
-        let f = o.open(&path).await.map_err(|e| io(&e))?;
+        let f = o.open(&path).map_err(|e| io(&e))?;
         Ok(Handle {
             id,
             handle: self.insert(Open::File(f)),
@@ -207,7 +208,7 @@ impl Handler for Sftp {
 
     async fn close(&mut self, id: u32, handle: String) -> Result<Status, Self::Error> {
         match self.handles.remove(&handle) {
-            Some(Open::File(mut f)) => f.flush().await.map_err(|e| io(&e)).map(|()| ok(id)),
+            Some(Open::File(_)) => Ok(ok(id)),
             Some(Open::Dir(_)) => Ok(ok(id)),
             None => Err(StatusReply::new(StatusCode::Failure).with_message("bad handle")),
         }
@@ -221,14 +222,12 @@ impl Handler for Sftp {
         len: u32,
     ) -> Result<Data, Self::Error> {
         let f = self.file(&handle)?;
-        f.seek(SeekFrom::Start(offset)).await.map_err(|e| io(&e))?;
         let want = usize::try_from(len.min(256 * 1024)).unwrap_or(0);
         let mut data = vec![0u8; want];
         let mut got = 0;
         while got < want {
             let n = f
-                .read(data.get_mut(got..).unwrap_or_default())
-                .await
+                .read_at(data.get_mut(got..).unwrap_or_default(), offset + got as u64)
                 .map_err(|e| io(&e))?;
             if n == 0 {
                 break;
@@ -250,8 +249,7 @@ impl Handler for Sftp {
         data: Vec<u8>,
     ) -> Result<Status, Self::Error> {
         let f = self.file(&handle)?;
-        f.seek(SeekFrom::Start(offset)).await.map_err(|e| io(&e))?;
-        f.write_all(&data).await.map_err(|e| io(&e))?;
+        f.write_all_at(&data, offset).map_err(|e| io(&e))?;
         Ok(ok(id))
     }
 
@@ -276,7 +274,7 @@ impl Handler for Sftp {
     }
 
     async fn fstat(&mut self, id: u32, handle: String) -> Result<Attrs, Self::Error> {
-        let meta = self.file(&handle)?.metadata().await.map_err(|e| io(&e))?;
+        let meta = self.file(&handle)?.metadata().map_err(|e| io(&e))?;
         Ok(Attrs {
             id,
             attrs: attrs(&meta),
@@ -300,23 +298,20 @@ impl Handler for Sftp {
     ) -> Result<Status, Self::Error> {
         let f = self.file(&handle)?;
         if let Some(size) = a.size {
-            f.set_len(size).await.map_err(|e| io(&e))?;
+            f.set_len(size).map_err(|e| io(&e))?;
         }
         if let Some(mode) = a.permissions {
             f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
-                .await
                 .map_err(|e| io(&e))?;
         }
         if a.uid.is_some() || a.gid.is_some() {
-            let std_file = f.try_clone().await.map_err(|e| io(&e))?.into_std().await;
-            std::os::unix::fs::fchown(&std_file, a.uid, a.gid).map_err(|e| io(&e))?;
+            std::os::unix::fs::fchown(&*f, a.uid, a.gid).map_err(|e| io(&e))?;
         }
         if let (Some(at), Some(mt)) = (a.atime, a.mtime) {
             let times = std::fs::FileTimes::new()
                 .set_accessed(UNIX_EPOCH + Duration::from_secs(u64::from(at)))
                 .set_modified(UNIX_EPOCH + Duration::from_secs(u64::from(mt)));
-            let std_file = f.try_clone().await.map_err(|e| io(&e))?.into_std().await;
-            std_file.set_times(times).map_err(|e| io(&e))?;
+            f.set_times(times).map_err(|e| io(&e))?;
         }
         Ok(ok(id))
     }
@@ -453,7 +448,7 @@ pub fn run() -> std::process::ExitCode {
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let stream = Ended {
-            io: tokio::io::join(tokio::io::stdin(), tokio::io::stdout()),
+            io: tokio::io::join(stdin(), stdout()),
             _done: done_tx,
         };
         russh_sftp::server::run(stream, Sftp::new()).await;
@@ -461,6 +456,38 @@ pub fn run() -> std::process::ExitCode {
         let _ = done_rx.await;
     });
     std::process::ExitCode::SUCCESS
+}
+
+/// Standard input, read without a thread hop per read when it is a pipe (as a `docker exec`
+/// gives it); tokio's `stdin()` otherwise.
+fn stdin() -> std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> {
+    use std::os::fd::AsFd;
+    std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+        .map_or_else(
+            || Box::pin(tokio::io::stdin()) as std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+            |r| Box::pin(r),
+        )
+}
+
+/// Standard output, likewise.
+fn stdout() -> std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> {
+    use std::os::fd::AsFd;
+    std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .and_then(|fd| tokio::net::unix::pipe::Sender::from_owned_fd(fd).ok())
+        .map_or_else(
+            || {
+                Box::pin(tokio::io::stdout())
+                    as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>
+            },
+            |w| Box::pin(w),
+        )
 }
 
 /// A stream that reports, by being dropped, that the SFTP server is done with it.
