@@ -1,0 +1,267 @@
+//! The results: a table on stdout, `results.json`, and the generated part of
+//! `docs/benchmarks.md` (between two markers; the prose around it is kept).
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use comfy_table::{Table, presets::ASCII_MARKDOWN};
+use serde::Serialize;
+
+use crate::figure::Figure;
+use crate::machine::Machine;
+use crate::stats::Summary;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub quick: bool,
+    pub runs: usize,
+    pub keystrokes: usize,
+    pub data_mib: u64,
+    pub data_rounds: usize,
+    pub crowd: usize,
+    pub crowd_rounds: usize,
+    pub idle_sessions: usize,
+    pub rest_seconds: u64,
+    pub cipher: &'static str,
+    pub kex: &'static str,
+    pub key: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub met: Option<bool>,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    pub started: String,
+    pub finished: String,
+    pub command: String,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub figures: Vec<Figure>,
+    pub targets: Vec<Target>,
+}
+
+/// A number with as many decimals as its size deserves.
+fn num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn cell(s: Option<&Summary>, unit: &str, percentiles: bool) -> String {
+    match s {
+        None => "—".into(),
+        Some(s) if s.n == 1 => format!("{} {unit}", num(s.median)),
+        Some(s) if percentiles => format!(
+            "p50 {} · p99 {} {unit} ({}–{})",
+            num(s.median),
+            num(s.p99),
+            num(s.min),
+            num(s.max)
+        ),
+        Some(s) => format!("{} {unit} ({}–{})", num(s.median), num(s.min), num(s.max)),
+    }
+}
+
+fn n_of(f: &Figure) -> String {
+    match (&f.berth, &f.baseline) {
+        (Some(b), Some(o)) if b.n == o.n => b.n.to_string(),
+        (Some(b), Some(o)) => format!("{} / {}", b.n, o.n),
+        (Some(b), None) => b.n.to_string(),
+        (None, Some(o)) => format!("— / {}", o.n),
+        (None, None) => "—".into(),
+    }
+}
+
+fn ratio(f: &Figure) -> String {
+    f.ratio.map_or_else(|| "—".into(), |r| format!("{r:.2}×"))
+}
+
+/// The table, as Markdown (which also reads well on a terminal).
+pub fn table(figures: &[Figure]) -> String {
+    let mut t = Table::new();
+    t.load_style(ASCII_MARKDOWN).set_header([
+        "figure",
+        "Berth: median (min–max)",
+        "baseline: median (min–max)",
+        "Berth / baseline",
+        "N",
+    ]);
+    for f in figures {
+        let baseline = match &f.baseline {
+            None if f.baseline_name == "—" => "—".to_owned(),
+            b => format!(
+                "{}: {}",
+                f.baseline_name,
+                cell(b.as_ref(), f.unit, f.percentiles)
+            ),
+        };
+        let title = if f.error.is_some() {
+            format!("{} **(failed, see below)**", f.title)
+        } else {
+            f.title.clone()
+        };
+        t.add_row([
+            title,
+            cell(f.berth.as_ref(), f.unit, f.percentiles),
+            baseline,
+            ratio(f),
+            n_of(f),
+        ]);
+    }
+    let mut out = t.to_string();
+    for f in figures {
+        if let Some(e) = &f.error {
+            out.push_str(&format!("\n\n`{}` failed: {e}", f.id));
+        }
+    }
+    out
+}
+
+fn find<'a>(figures: &'a [Figure], id: &str) -> Option<&'a Figure> {
+    figures.iter().find(|f| f.id == id)
+}
+
+/// The issue's targets, judged on this run's figures.
+pub fn targets(figures: &[Figure]) -> Vec<Target> {
+    let mut out = Vec::new();
+    if let Some(f) = find(figures, "warm_login") {
+        out.push(Target {
+            what: "warm login at or under OpenSSH's login to the host".into(),
+            met: f.ratio.filter(|_| f.error.is_none()).map(|r| r <= 1.0),
+            detail: format!("median ratio {}", ratio(f)),
+        });
+    }
+    for id in ["scp_busybox", "scp_debian", "ssh_cat"] {
+        if let Some(f) = find(figures, id) {
+            out.push(Target {
+                what: format!("{id}: throughput at least 90% of OpenSSH's"),
+                met: f.ratio.filter(|_| f.error.is_none()).map(|r| r >= 0.9),
+                detail: format!("median ratio {}", ratio(f)),
+            });
+        }
+    }
+    for id in ["crowd_warm", "crowd_cold"] {
+        if let Some(f) = find(figures, id) {
+            out.push(Target {
+                what: format!("{id}: every simultaneous login succeeds"),
+                met: Some(f.error.is_none() && f.berth.is_some()),
+                detail: f.error.clone().unwrap_or_else(|| {
+                    format!(
+                        "{} logins, all exited 0",
+                        f.berth.as_ref().map_or(0, |b| b.n)
+                    )
+                }),
+            });
+        }
+    }
+    out
+}
+
+fn targets_text(targets: &[Target]) -> String {
+    targets
+        .iter()
+        .map(|t| {
+            let mark = match t.met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "not measured",
+            };
+            format!("- {}: **{mark}** ({})\n", t.what, t.detail)
+        })
+        .collect()
+}
+
+fn machine_text(m: &Machine) -> String {
+    format!(
+        "- CPU: {} × {}\n- memory: {:.1} GiB\n- OS: {}, kernel {}\n- Docker: {}\n- OpenSSH: {} (client), {} (server)\n- Berth: {}\n- load average at start / end: {} / {}\n",
+        m.cpus,
+        m.cpu_model,
+        m.memory_gib,
+        m.os,
+        m.kernel,
+        m.docker,
+        m.openssh_client,
+        m.openssh_server,
+        m.berth,
+        m.load_at_start,
+        m.load_at_end
+    )
+}
+
+fn settings_text(s: &Settings) -> String {
+    format!(
+        "N = {} per latency figure (alternating Berth and baseline), {} keystrokes, {} rounds of {} MiB, {} users at once × {} rounds, {} idle sessions over a {} s rest window; every client uses `-o Ciphers={} -o KexAlgorithms={}`, {} keys.",
+        s.runs,
+        s.keystrokes,
+        s.data_rounds,
+        s.data_mib,
+        s.crowd,
+        s.crowd_rounds,
+        s.idle_sessions,
+        s.rest_seconds,
+        s.cipher,
+        s.kex,
+        s.key
+    )
+}
+
+/// Prints the report to stdout.
+pub fn print(r: &Results) {
+    println!();
+    println!("{}", table(&r.figures));
+    println!();
+    println!("{}", settings_text(&r.settings));
+    println!();
+    print!("{}", targets_text(&r.targets));
+}
+
+pub fn write_json(r: &Results, path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(r)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+const BEGIN: &str = "<!-- berth-bench:begin -->";
+const END: &str = "<!-- berth-bench:end -->";
+
+fn generated(r: &Results) -> String {
+    format!(
+        "{BEGIN}\n<!-- written by `{}`; edits between these markers are replaced by the next run -->\n\n\
+         Last run: {} to {}, `{}`.\n\n{}\n\n{}\n\n### The machine\n\n{}\n### Targets\n\n{}{END}",
+        r.command,
+        r.started,
+        r.finished,
+        r.command,
+        table(&r.figures),
+        settings_text(&r.settings),
+        machine_text(&r.machine),
+        targets_text(&r.targets),
+    )
+}
+
+/// Replaces the generated block of `path` (or writes a new page with one).
+pub fn write_doc(r: &Results, path: &Path) -> Result<()> {
+    let block = generated(r);
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let text = match (old.find(BEGIN), old.find(END)) {
+        (Some(a), Some(b)) if a < b => format!(
+            "{}{block}{}",
+            old.get(..a).unwrap_or_default(),
+            old.get(b + END.len()..).unwrap_or_default()
+        ),
+        _ => format!("# Benchmarks: Berth against OpenSSH\n\n## Results\n\n{block}\n"),
+    };
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
