@@ -88,6 +88,9 @@ pub fn run(cmd: ImageCommand, state_dir: Option<PathBuf>) -> Result<(), Failure>
             let name = image_name(&name)?;
             let f = std::fs::File::open(&file)
                 .map_err(|e| Failure::new(format!("cannot read {}: {e}", file.display())))?;
+            // Refusals the daemon would make before reading the upload are made here first:
+            // a request refused mid-upload ends as a broken connection, not a clear line.
+            refuse_existing(&c, &name)?;
             let len = f.metadata().map(|m| m.len()).unwrap_or(0);
             let bar = ProgressBar::new(len).with_style(bytes_style());
             bar.set_message(format!("importing {name}"));
@@ -107,6 +110,29 @@ pub fn run(cmd: ImageCommand, state_dir: Option<PathBuf>) -> Result<(), Failure>
             mirror,
         } => bootstrap(&c, &image_name(&name)?, &suite, &include, &mirror),
     }
+}
+
+/// Fails when image `name` exists already (or the daemon does not answer).
+fn refuse_existing(c: &berth_proto::AdminClient, name: &ImageName) -> Result<(), Failure> {
+    let images: Vec<ImageInfo> = block_on(async { Ok(c.get("/images").await?) })?;
+    let full = if name
+        .as_str()
+        .rsplit('/')
+        .next()
+        .is_some_and(|l| l.contains(':'))
+    {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    };
+    if images.iter().any(|i| i.name == full) {
+        return Err(Failure {
+            message: format!("image {full} already exists"),
+            hint: Some(format!("remove it first with `berth image rm {full}`")),
+            code: 1,
+        });
+    }
+    Ok(())
 }
 
 fn image_name(s: &str) -> Result<ImageName, Failure> {
