@@ -101,6 +101,11 @@ pub async fn serve<G: Gateway>(
                     Err(e) => return Err(ServerError::Accept(e)),
                 };
                 metrics::counter!("berth_connections_total").increment(1);
+                // russh's `nodelay` applies only in its own accept loop; this is ours. Small
+                // packets (handshake, keystrokes, SFTP replies) must not wait for Nagle.
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(error = %e, "cannot set TCP_NODELAY");
+                }
                 if throttle.blocked(peer.ip()) {
                     metrics::counter!("berth_connections_refused_total").increment(1);
                     debug!(%peer, "connection refused: too many failed logins from this address");
