@@ -204,24 +204,7 @@ fn bootstrap(
         return Err(Failure::new(format!("bad package name {bad:?}")));
     }
     // Fail before minutes of work: the daemon answers and the name is free.
-    let images: Vec<ImageInfo> = block_on(async { Ok(c.get("/images").await?) })?;
-    let full = if name
-        .as_str()
-        .rsplit('/')
-        .next()
-        .is_some_and(|l| l.contains(':'))
-    {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    };
-    if images.iter().any(|i| i.name == full) {
-        return Err(Failure {
-            message: format!("image {full} already exists"),
-            hint: Some(format!("remove it first with `berth image rm {full}`")),
-            code: 1,
-        });
-    }
+    refuse_existing(c, name)?;
     let work = tempfile::Builder::new()
         .prefix("berth-bootstrap-")
         .tempdir_in("/var/tmp")
