@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use berth_proto::{ForwardingInfo, PublicKey, UserName, fingerprint};
-use berth_runtime::{Exec, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize};
+use berth_runtime::{
+    Exec, ExecHandle, ExecSpec, Output as RtOutput, Runtime, RuntimeError, TtySize, in_netns,
+};
 use berth_ssh::{
     AgentListener, Command, Gateway, OpenError, OpenRequest, Output, Permission, Process,
     ProcessControl, RemoteListener, Tunnel, WindowSize, X11Request,
@@ -667,35 +669,6 @@ struct ContainerNet {
     root: std::fs::File,
 }
 
-/// Threads that may be inside containers' namespaces at once, daemon-wide.
-static NETNS_THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
-
-/// Runs `f` on a thread of its own inside network namespace `ns` (a container's): sockets
-/// made there stay in that namespace. A dedicated thread because `setns` moves the calling
-/// thread for good; never a pool's. At most a few such threads run at once.
-async fn in_netns<T: Send + 'static>(
-    ns: std::fs::File,
-    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-) -> std::io::Result<T> {
-    // The permit goes with the thread: it is given back when the thread ends, not when the
-    // waiting task is dropped (a client that disconnects does not free a busy thread's slot).
-    let permit = NETNS_THREADS
-        .acquire()
-        .await
-        .map_err(std::io::Error::other)?;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("berth-netns".into())
-        .spawn(move || {
-            let _permit = permit;
-            let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from);
-            let _ = tx.send(r.and_then(|()| f()));
-        })?;
-    rx.await
-        .map_err(|_| std::io::Error::other("namespace thread ended"))?
-}
-
 /// Connects to `host:port` from the current network namespace (a container's). `localhost`
 /// is that namespace's loopback; other names are resolved as the container resolves them
 /// (its `/etc/hosts`, then its name servers), see [`crate::resolve`].
@@ -830,7 +803,10 @@ fn into_process<R: Runtime>(
     x11_display: Option<u16>,
 ) -> Process {
     let Exec {
-        id, stdin, output, ..
+        handle,
+        stdin,
+        output,
+        ..
     } = exec;
     let output = output.map(|r| {
         r.map(|o| match o {
@@ -845,7 +821,7 @@ fn into_process<R: Runtime>(
         output: Box::pin(output),
         control: Box::new(ExecControl {
             runtime,
-            id,
+            handle,
             guard,
             registration,
             x11_display,
@@ -858,7 +834,7 @@ fn into_process<R: Runtime>(
 /// exec and gives the lease back.
 struct ExecControl<R: Runtime> {
     runtime: Arc<R>,
-    id: String,
+    handle: ExecHandle,
     /// Killed on drop unless finished; shared with the session registry (`session kill`).
     guard: SharedGuard,
     registration: Registration,
@@ -899,7 +875,7 @@ where
 impl<R: Runtime> ProcessControl for ExecControl<R> {
     fn resize(&self, size: WindowSize) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Err(e) = self.runtime.resize_exec(&self.id, tty(size)).await {
+            if let Err(e) = self.runtime.resize_exec(&self.handle, tty(size)).await {
                 warn!(error = %e, "resize failed");
             }
         })
@@ -907,7 +883,7 @@ impl<R: Runtime> ProcessControl for ExecControl<R> {
 
     fn wait(&mut self) -> BoxFuture<'_, u32> {
         Box::pin(async move {
-            match self.runtime.exec_exit_code(&self.id).await {
+            match self.runtime.exec_exit_code(&self.handle).await {
                 Ok(code) => {
                     if let Ok(mut g) = self.guard.lock() {
                         g.finished();

@@ -15,6 +15,7 @@
 //! a socket that belongs to this container alone, and prints the answer.
 
 mod sftp;
+mod spawn;
 
 use std::process::ExitCode;
 
@@ -64,6 +65,8 @@ fn init() -> ExitCode {
         eprintln!("berth-guest: cannot block signals: {e}");
         return ExitCode::FAILURE;
     }
+    // After the mask: the session threads inherit it, so these signals come only here.
+    spawn::start();
     loop {
         match set.wait() {
             Ok(Signal::SIGCHLD) => reap(),
@@ -144,13 +147,22 @@ fn tty_exec(args: &[String]) -> ExitCode {
     ExitCode::from(127)
 }
 
-nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
+nix::ioctl_write_ptr_bad!(
+    /// TIOCSWINSZ: sets a terminal's size.
+    set_winsize,
+    libc::TIOCSWINSZ,
+    libc::winsize
+);
 
 /// Reaps every child that has exited; several exits can share one SIGCHLD.
 fn reap() {
     loop {
         match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(WaitStatus::Exited(pid, code)) => spawn::reaped(pid.as_raw(), i64::from(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                spawn::reaped(pid.as_raw(), 128 + i64::from(sig as i32));
+            }
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(_) => return,
         }

@@ -17,9 +17,10 @@ use bollard::query_parameters::{
 };
 
 use crate::exec::{demux_output, raw_output, start_attached};
+use crate::process::Identity;
 use crate::{
-    ByteStream, ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, ImageSummary,
-    ProcessGuard, Runtime, RuntimeError, TtySize,
+    ByteStream, ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecHandle, ExecSpec,
+    ImageSummary, ProcessGuard, Runtime, RuntimeError, TtySize, guest,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -45,6 +46,9 @@ pub struct DockerRuntime {
     docker: Docker,
     socket: PathBuf,
     api_version: String,
+    /// Running containers' init processes, by container id, so that a session's start needs
+    /// no engine call (each use checks the process is still that init).
+    inits: std::sync::Arc<std::sync::Mutex<HashMap<String, Identity>>>,
 }
 
 impl DockerRuntime {
@@ -66,6 +70,7 @@ impl DockerRuntime {
             docker,
             socket,
             api_version,
+            inits: Default::default(),
         })
     }
 
@@ -96,6 +101,28 @@ impl DockerRuntime {
             .collect();
         found.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         Ok(found)
+    }
+
+    /// The init of running container `container` (its id), from the cache when it is still
+    /// that process.
+    async fn init(&self, container: &str) -> Result<Option<Identity>, RuntimeError> {
+        let cached = self
+            .inits
+            .lock()
+            .ok()
+            .and_then(|m| m.get(container).copied());
+        if let Some(init) = cached.filter(|i| i.alive(container)) {
+            return Ok(Some(init));
+        }
+        let Some(pid) = self.init_pid(container).await? else {
+            return Ok(None);
+        };
+        let init = Identity::of(pid).filter(|i| i.alive(container));
+        if let (Some(i), Ok(mut m)) = (init, self.inits.lock()) {
+            m.retain(|c, i| i.alive(c));
+            m.insert(container.to_owned(), i);
+        }
+        Ok(init)
     }
 
     /// The host PID of a just-started exec. The engine answers the attach (101) before the
@@ -360,6 +387,13 @@ impl Runtime for DockerRuntime {
     }
 
     async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
+        // The container's init starts the session when it can (no engine on the data path);
+        // an init from an older Berth cannot, and the engine does it.
+        if let Some(init) = self.init(container).await?
+            && let Some(exec) = guest::spawn(init, container, &spec).await?
+        {
+            return Ok(exec);
+        }
         let tty = spec.tty.is_some();
         let cmd = match spec.tty {
             // The guest sets the TTY size before the command runs: engine 20.10 ignores the
@@ -406,6 +440,7 @@ impl Runtime for DockerRuntime {
             demux_output(reader)
         };
         Ok(Exec {
+            handle: ExecHandle::Engine(created.id.clone()),
             id: created.id,
             stdin: Box::pin(writer),
             output,
@@ -413,7 +448,11 @@ impl Runtime for DockerRuntime {
         })
     }
 
-    async fn resize_exec(&self, exec_id: &str, size: TtySize) -> Result<(), RuntimeError> {
+    async fn resize_exec(&self, exec: &ExecHandle, size: TtySize) -> Result<(), RuntimeError> {
+        let exec_id = match exec {
+            ExecHandle::Engine(id) => id,
+            ExecHandle::Guest(g) => return g.resize(size),
+        };
         let opts = ResizeExecOptions {
             h: i32::from(size.rows),
             w: i32::from(size.cols),
@@ -548,7 +587,11 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {
+    async fn exec_exit_code(&self, exec: &ExecHandle) -> Result<i64, RuntimeError> {
+        let exec_id = match exec {
+            ExecHandle::Engine(id) => id,
+            ExecHandle::Guest(g) => return g.exit_code().await,
+        };
         for _ in 0..200 {
             let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
             if st.running != Some(true) {

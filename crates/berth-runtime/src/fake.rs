@@ -13,8 +13,8 @@ use futures_util::{StreamExt, stream};
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecSpec, Output, ProcessGuard, Runtime,
-    RuntimeError, TtySize,
+    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecHandle, ExecSpec, Output, ProcessGuard,
+    Runtime, RuntimeError, TtySize,
 };
 
 #[derive(Default)]
@@ -218,6 +218,7 @@ impl Runtime for FakeRuntime {
         let output = stream::select(out, err).chain(record);
         let guard = ProcessGuard::default();
         Ok(Exec {
+            handle: ExecHandle::Engine(id.clone()),
             id,
             stdin: Box::pin(stdin),
             output: Box::pin(output),
@@ -289,11 +290,14 @@ impl Runtime for FakeRuntime {
         self.by_id(container, |_| None)
     }
 
-    async fn resize_exec(&self, _exec_id: &str, _size: TtySize) -> Result<(), RuntimeError> {
+    async fn resize_exec(&self, _exec: &ExecHandle, _size: TtySize) -> Result<(), RuntimeError> {
         Ok(())
     }
 
-    async fn exec_exit_code(&self, exec_id: &str) -> Result<i64, RuntimeError> {
+    async fn exec_exit_code(&self, exec: &ExecHandle) -> Result<i64, RuntimeError> {
+        let ExecHandle::Engine(exec_id) = exec else {
+            return Err(RuntimeError::Docker("not an exec of this runtime".into()));
+        };
         Ok(self
             .exits
             .lock()
@@ -371,6 +375,6 @@ mod tests {
             (out.as_slice(), err.as_slice()),
             (&b"in"[..], &b"err\n"[..])
         );
-        assert_eq!(rt.exec_exit_code(&exec.id).await.unwrap(), 3);
+        assert_eq!(rt.exec_exit_code(&exec.handle).await.unwrap(), 3);
     }
 }

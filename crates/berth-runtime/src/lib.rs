@@ -11,6 +11,7 @@ mod docker;
 mod exec;
 #[cfg(feature = "test-util")]
 mod fake;
+mod guest;
 mod process;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use tokio::io::AsyncWrite;
 pub use docker::DockerRuntime;
 #[cfg(feature = "test-util")]
 pub use fake::FakeRuntime;
+pub use guest::GuestSession;
 pub use process::ProcessGuard;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,10 +107,23 @@ pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, RuntimeError>> 
 /// A started exec. Dropping it kills whatever of the exec's process tree still runs, unless
 /// [`ProcessGuard::finished`] was called after the exit code was read.
 pub struct Exec {
+    /// For logs.
     pub id: String,
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
     pub output: OutputStream,
     pub guard: ProcessGuard,
+    /// Resizes it and waits for its end ([`Runtime::resize_exec`], [`Runtime::exec_exit_code`]).
+    pub handle: ExecHandle,
+}
+
+/// How a started exec is addressed.
+#[derive(Debug, Clone)]
+pub enum ExecHandle {
+    /// An engine exec, by id.
+    Engine(String),
+    /// A session the container's init started; the connection to init closes when the last
+    /// clone is dropped.
+    Guest(std::sync::Arc<GuestSession>),
 }
 
 /// A local image as `docker images` shows it.
@@ -170,14 +185,14 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
     fn resize_exec(
         &self,
-        exec_id: &str,
+        exec: &ExecHandle,
         size: TtySize,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The exit code of a finished exec. Waits (bounded) for the engine to notice the end,
     /// which can lag the end of the output stream.
     fn exec_exit_code(
         &self,
-        exec_id: &str,
+        exec: &ExecHandle,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
     /// Saves the container as image `repo:tag`; returns the image id. The container keeps
     /// running and is not paused (a paused container would refuse new sessions).
@@ -215,4 +230,34 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         container: &str,
     ) -> impl Future<Output = Result<Option<i32>, RuntimeError>> + Send;
+}
+
+/// Threads that may be inside containers' namespaces at once, daemon-wide.
+static NETNS_THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (a container's): sockets
+/// made there stay in that namespace, abstract unix socket names are that namespace's. A
+/// dedicated thread because `setns` moves the calling thread for good; never a pool's. At
+/// most a few such threads run at once.
+pub async fn in_netns<T: Send + 'static>(
+    ns: std::fs::File,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    // The permit goes with the thread: it is given back when the thread ends, not when the
+    // waiting task is dropped (a client that disconnects does not free a busy thread's slot).
+    let permit = NETNS_THREADS
+        .acquire()
+        .await
+        .map_err(std::io::Error::other)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("berth-netns".into())
+        .spawn(move || {
+            let _permit = permit;
+            let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from);
+            let _ = tx.send(r.and_then(|()| f()));
+        })?;
+    rx.await
+        .map_err(|_| std::io::Error::other("namespace thread ended"))?
 }

@@ -145,6 +145,51 @@ fn tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
     out
 }
 
+/// A process known by PID and start time: a process that took the PID since is not it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub pid: i32,
+    pub start: u64,
+}
+
+impl Identity {
+    pub(crate) fn of(pid: i32) -> Option<Self> {
+        start_time(pid).map(|start| Self { pid, start })
+    }
+
+    /// Still running, and in container `scope`.
+    pub(crate) fn alive(&self, scope: &str) -> bool {
+        start_time(self.pid) == Some(self.start) && in_scope(self.pid, scope)
+    }
+
+    /// The host PID of this process's child whose PID in its own PID namespace is
+    /// `ns_pid` (children of every thread are looked at: a thread that forks is the
+    /// child's parent task).
+    pub(crate) fn child_with_ns_pid(&self, ns_pid: i32) -> Option<i32> {
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for child in children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
+                let inner = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("NSpid:"))
+                    .and_then(|l| l.split_whitespace().last())
+                    .and_then(|p| p.parse::<i32>().ok());
+                if inner == Some(ns_pid) {
+                    return Some(child);
+                }
+            }
+        }
+        None
+    }
+}
+
 /// Whether `pid` belongs to the cgroup scope `scope` (empty matches everything: tests).
 /// Sends SIGHUP to `pid` alone, if it is a live process of container `scope` (non-empty):
 /// what a shell gets when its terminal goes away. Returns whether it was sent.
@@ -192,6 +237,24 @@ fn parse_stat(text: &str) -> Option<Stat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_child_by_its_namespace_pid() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let me = Identity::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert!(me.alive(""));
+        // Same namespace here: the inner PID is the host PID.
+        assert_eq!(me.child_with_ns_pid(pid), Some(pid));
+        assert_eq!(me.child_with_ns_pid(1), None);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let gone = Identity { pid, start: 0 };
+        assert!(!gone.alive(""));
+    }
 
     #[test]
     fn parses_names_with_parens() {

@@ -61,6 +61,53 @@ fn exec_keeps_streams_apart_and_returns_the_exit_code() {
 }
 
 #[test]
+fn sessions_are_children_of_the_containers_init_under_its_confinement() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let fields = "grep -E '^(PPid|NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/$$/status";
+    let init = "grep -E '^(NoNewPrivs|Seccomp|CapEff|CapBnd):' /proc/1/status";
+    let out = d.ssh_ok(
+        "alice",
+        &key,
+        &format!("{fields}; echo; {init}; cat /proc/$$/cgroup /proc/1/cgroup"),
+    );
+    let (mine, rest) = out.split_once("\n\n").unwrap();
+    // Started by init itself (a Docker exec's parent is outside the container: PPid 0).
+    assert!(mine.contains("PPid:\t1\n"), "{out}");
+    // The same confinement as init: no_new_privs, seccomp filter, capabilities, cgroup.
+    assert!(mine.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(mine.contains("Seccomp:\t2"), "{out}");
+    let caps = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.starts_with("Cap") || l.starts_with("NoNew") || l.starts_with("Secc"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let init_lines: Vec<&str> = rest.lines().collect();
+    assert_eq!(caps(mine), caps(&init_lines[..4].join("\n")), "{out}");
+    let cgroups = &init_lines[4..];
+    assert_eq!(
+        cgroups[..cgroups.len() / 2],
+        cgroups[cgroups.len() / 2..],
+        "{out}"
+    );
+    // A terminal session too: its terminal is the container's own.
+    let o = d
+        .ssh("alice", &key)
+        .args(["-tt", "grep PPid /proc/$$/status; tty"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).replace('\r', "");
+    assert!(text.contains("PPid:\t1\n/dev/pts/"), "{text}");
+    // And the engine ran no exec at all.
+    let container = d.container_name("alice");
+    assert_eq!(
+        docker(&["inspect", "-f", "{{len .ExecIDs}}", &container]).trim(),
+        "0"
+    );
+}
+
+#[test]
 fn stdin_is_streamed_with_eof_and_bytes_survive() {
     let d = start();
     let key = d.add_user("alice", BUSYBOX);

@@ -1,0 +1,441 @@
+//! Sessions started by init itself, at the daemon's request (protocol and reasons:
+//! `berth-guest-proto`). A session's process is a child of init, so it lives in everything
+//! Docker set up for the container (namespaces, cgroup, capabilities, seccomp, AppArmor,
+//! `no_new_privs`), and its stdio are pipes or a terminal whose other end the daemon holds:
+//! no engine process sits on the data path.
+//!
+//! Threads: one accepts connections, one per connection reads the request and starts the
+//! process. Every descriptor this process opens is close-on-exec, so a process forked by one
+//! thread never inherits another session's pipes or terminal. The main thread reaps (see
+//! `init`) and reports each session's exit through [`reaped`].
+
+use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::io::{IoSlice, IoSliceMut, Read};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use berth_guest_proto::{MAX_MESSAGE, Mode, PIPE_FDS, Reply, Request, SOCKET_NAME, message_len};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::stat::Mode as FileMode;
+use nix::unistd::{ForkResult, Pid, fork};
+
+/// Running sessions: PID → the connection its exit is reported on. Taken from before the
+/// fork until the `started` reply is sent, so an exit is never reported before the start.
+static SESSIONS: Mutex<BTreeMap<i32, UnixStream>> = Mutex::new(BTreeMap::new());
+
+/// Connections being served at once; more are closed at once (the daemon retries through
+/// the engine).
+const MAX_CONNECTIONS: usize = 1024;
+static CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// Starts listening; sessions are served on threads from then on. Call with the signals
+/// init waits for already blocked, so that no thread takes them.
+pub fn start() {
+    let listener =
+        SocketAddr::from_abstract_name(SOCKET_NAME).and_then(|a| UnixListener::bind_addr(&a));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            // Sessions then go through the engine; nothing else depends on this.
+            eprintln!("berth-guest: cannot listen for sessions: {e}");
+            return;
+        }
+    };
+    let spawned = std::thread::Builder::new()
+        .name("accept".into())
+        .stack_size(64 * 1024)
+        .spawn(move || accept_loop(&listener));
+    if let Err(e) = spawned {
+        eprintln!("berth-guest: cannot start the session thread: {e}");
+    }
+}
+
+fn accept_loop(listener: &UnixListener) {
+    loop {
+        let conn = match listener.accept() {
+            Ok((c, _)) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if CONNECTIONS.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+            continue;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("session".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                serve(conn);
+                CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One connection: one request, the process's start, then its end.
+fn serve(conn: UnixStream) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let started = read_request(&conn).and_then(|(msg, fds)| {
+        let req = Request::decode(&msg).map_err(|e| format!("bad request: {e}"))?;
+        start_session(&conn, req, fds)
+    });
+    let pid = match started {
+        Ok(pid) => pid,
+        Err(text) => {
+            let _ = send(&conn, &Reply::Error(text), None);
+            return;
+        }
+    };
+    // Wait for the daemon to close the connection. It does once it has read the exit; if it
+    // closes first while the process runs (the daemon was killed), hang the process up.
+    let _ = conn.set_read_timeout(None);
+    let mut buf = [0u8; 64];
+    while matches!((&conn).read(&mut buf), Ok(n) if n > 0) {}
+    let still_running = SESSIONS
+        .lock()
+        .map(|mut s| s.remove(&pid).is_some())
+        .unwrap_or(false);
+    if still_running {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    }
+}
+
+/// Reads one whole request and the descriptors sent with it.
+fn read_request(conn: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
+    let mut msg = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match message_len(&msg).map_err(|e| e.to_string())? {
+            Some(len) if msg.len() == len => return Ok((msg, fds)),
+            Some(len) if msg.len() > len => return Err("data after the request".into()),
+            _ => {}
+        }
+        let mut space = nix::cmsg_space!([RawFd; PIPE_FDS]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let got = recvmsg::<()>(
+            conn.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| format!("read: {e}"))?;
+        let n = got.bytes;
+        for c in got.cmsgs().map_err(|_| "too many descriptors".to_owned())? {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                for fd in raw {
+                    // SAFETY: the kernel just installed `fd` in this process for us; nothing
+                    // else owns it.
+                    #[allow(unsafe_code)]
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if n == 0 {
+            return Err("connection closed".into());
+        }
+        msg.extend_from_slice(buf.get(..n).unwrap_or_default());
+        if msg.len() > MAX_MESSAGE + 4 || fds.len() > PIPE_FDS {
+            return Err("request too large".into());
+        }
+    }
+}
+
+fn send(conn: &UnixStream, reply: &Reply, fd: Option<RawFd>) -> nix::Result<()> {
+    let bytes = reply.encode();
+    let iov = [IoSlice::new(&bytes)];
+    let fds: Vec<RawFd> = fd.into_iter().collect();
+    let cmsg: Vec<ControlMessage> = if fds.is_empty() {
+        Vec::new()
+    } else {
+        vec![ControlMessage::ScmRights(&fds)]
+    };
+    // Replies are a few dozen bytes: one call sends them whole into an empty socket buffer.
+    let n = sendmsg::<()>(
+        conn.as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    )?;
+    if n == bytes.len() {
+        Ok(())
+    } else {
+        Err(Errno::EMSGSIZE)
+    }
+}
+
+/// What the child needs, prepared before the fork (the child of a threaded process may
+/// only make async-signal-safe calls: no allocation).
+struct Prepared {
+    path: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    /// What the child prints when the exec fails, before the reason.
+    failure: Vec<u8>,
+}
+
+fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i32, String> {
+    let prepared = prepare(&req)?;
+    let (stdio, master) = match req.mode {
+        Mode::Pipe => {
+            let [i, o, e]: [OwnedFd; PIPE_FDS] = fds
+                .try_into()
+                .map_err(|_| "pipe mode takes three descriptors".to_owned())?;
+            ([raise(i)?, raise(o)?, raise(e)?], None)
+        }
+        Mode::Tty { cols, rows } => {
+            if !fds.is_empty() {
+                return Err("tty mode takes no descriptors".into());
+            }
+            let (master, slave) = open_pty(cols, rows).map_err(|e| format!("pty: {e}"))?;
+            let slave = raise(slave)?;
+            let (a, b) = (dup(&slave)?, dup(&slave)?);
+            ([slave, a, b], Some(master))
+        }
+    };
+    let argv: Vec<*const libc::c_char> = prepared
+        .argv
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let envp: Vec<*const libc::c_char> = prepared
+        .env
+        .iter()
+        .map(|a| a.as_ptr())
+        .chain(std::iter::once(std::ptr::null()))
+        .collect();
+    let raw = stdio.each_ref().map(AsRawFd::as_raw_fd);
+    let tty = master.is_some();
+    let mut sessions = SESSIONS.lock().map_err(|_| "internal error".to_owned())?;
+    // SAFETY: the child only makes async-signal-safe calls on memory prepared above (see
+    // `child`), then execs or exits.
+    #[allow(unsafe_code)]
+    let forked = unsafe { fork() };
+    match forked {
+        Ok(ForkResult::Child) => child(&prepared, &argv, &envp, raw, tty),
+        Ok(ForkResult::Parent { child }) => {
+            drop(stdio);
+            let pid = child.as_raw();
+            let sent = send(
+                conn,
+                &Reply::Started { pid },
+                master.as_ref().map(AsRawFd::as_raw_fd),
+            );
+            drop(master);
+            match (sent, conn.try_clone()) {
+                (Ok(()), Ok(report)) => {
+                    sessions.insert(pid, report);
+                }
+                // Nobody to report to: the process runs on as an orphan would. Hang it up.
+                _ => {
+                    let _ = kill(child, Signal::SIGHUP);
+                }
+            }
+            Ok(pid)
+        }
+        Err(e) => Err(format!("cannot start a process: {}", e.desc())),
+    }
+}
+
+/// Resolves the command on PATH (the session's, else init's) and builds argv and the
+/// environment: init's (what Docker gave the container) overridden by the request's.
+fn prepare(req: &Request) -> Result<Prepared, String> {
+    let cstring = |b: &[u8]| CString::new(b).map_err(|_| "NUL in the request".to_owned());
+    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+    for kv in &req.env {
+        let eq = kv.iter().position(|&b| b == b'=').unwrap_or(kv.len());
+        let (k, v) = kv.split_at(eq);
+        env.insert(
+            OsStr::from_bytes(k).to_owned(),
+            OsStr::from_bytes(v.get(1..).unwrap_or_default()).to_owned(),
+        );
+    }
+    let cmd = req.argv.first().ok_or_else(|| "no command".to_owned())?;
+    let path = find_on_path(cmd, env.get(OsStr::new("PATH")).map(OsString::as_os_str));
+    let mut failure = b"berth-guest: cannot run ".to_vec();
+    failure.extend_from_slice(cmd);
+    failure.extend_from_slice(b": ");
+    Ok(Prepared {
+        path: cstring(&path)?,
+        argv: req
+            .argv
+            .iter()
+            .map(|a| cstring(a))
+            .collect::<Result<_, _>>()?,
+        env: env
+            .into_iter()
+            .map(|(k, v)| {
+                let mut kv = k.into_vec();
+                kv.push(b'=');
+                kv.extend(v.into_vec());
+                cstring(&kv)
+            })
+            .collect::<Result<_, _>>()?,
+        failure,
+    })
+}
+
+const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// `cmd` itself when it holds a slash, else the first executable file of that name on
+/// `path`; `cmd` unchanged when there is none (the exec then fails with ENOENT).
+fn find_on_path(cmd: &[u8], path: Option<&OsStr>) -> Vec<u8> {
+    use std::os::unix::fs::PermissionsExt;
+    if cmd.contains(&b'/') || cmd.is_empty() {
+        return cmd.to_vec();
+    }
+    let path = path.map_or(DEFAULT_PATH, OsStrExt::as_bytes);
+    for dir in path.split(|&b| b == b':') {
+        let dir = if dir.is_empty() { &b"."[..] } else { dir };
+        let mut candidate = dir.to_vec();
+        candidate.push(b'/');
+        candidate.extend_from_slice(cmd);
+        let executable = std::fs::metadata(OsStr::from_bytes(&candidate))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        if executable {
+            return candidate;
+        }
+    }
+    cmd.to_vec()
+}
+
+/// A descriptor numbered above stdio, so the child's `dup2`s onto 0, 1 and 2 never
+/// overwrite one another (init's own stdio could in principle be closed).
+fn raise(fd: OwnedFd) -> Result<OwnedFd, String> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    let raised = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(3)).map_err(|e| e.to_string())?;
+    // SAFETY: fcntl just made `raised`, a new descriptor nothing else owns.
+    #[allow(unsafe_code)]
+    Ok(unsafe { OwnedFd::from_raw_fd(raised) })
+}
+
+fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
+    fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string())
+}
+
+/// A new pseudo-terminal of the container's devpts, both ends close-on-exec, the size set.
+fn open_pty(cols: u16, rows: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    grantpt(&master)?;
+    unlockpt(&master)?;
+    let name = ptsname_r(&master)?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        FileMode::empty(),
+    )?;
+    let size = libc::winsize {
+        ws_col: cols,
+        ws_row: rows,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        crate::set_winsize(slave.as_raw_fd(), &size)?;
+    }
+    // SAFETY: posix_openpt returned an fd that PtyMaster owns; ownership moves out whole.
+    #[allow(unsafe_code)]
+    let master = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
+    Ok((master, slave))
+}
+
+/// The forked child: a new session, the terminal as its controlling terminal, stdio in
+/// place, default signal handling, then the exec. Only async-signal-safe calls.
+fn child(
+    p: &Prepared,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+    stdio: [RawFd; 3],
+    tty: bool,
+) -> ! {
+    // SAFETY: raw libc calls on valid pointers and descriptors; all async-signal-safe.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Rust ignores SIGPIPE in this process; an ignored signal stays ignored across exec.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::setsid();
+        if tty {
+            libc::ioctl(stdio[0], libc::TIOCSCTTY, 0);
+        }
+        for (target, fd) in stdio.iter().enumerate() {
+            libc::dup2(*fd, target as libc::c_int);
+        }
+        libc::execve(p.path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        let reason: &[u8] = match *libc::__errno_location() {
+            libc::ENOENT => b"No such file or directory\n",
+            libc::EACCES => b"Permission denied\n",
+            libc::ENOEXEC => b"Exec format error\n",
+            libc::ENOMEM => b"Out of memory\n",
+            _ => b"cannot execute\n",
+        };
+        libc::write(2, p.failure.as_ptr().cast(), p.failure.len());
+        libc::write(2, reason.as_ptr().cast(), reason.len());
+        libc::_exit(127);
+    }
+}
+
+/// Called by init for every child it reaps: reports a session's end to the daemon.
+pub fn reaped(pid: i32, code: i64) {
+    let conn = SESSIONS.lock().ok().and_then(|mut s| s.remove(&pid));
+    if let Some(conn) = conn {
+        let _ = send(&conn, &Reply::Exit { code }, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn finds_commands_on_path() {
+        let path = OsStr::new("/nonexistent:/bin:/usr/bin");
+        assert!(find_on_path(b"sh", Some(path)).ends_with(b"/sh"));
+        assert_eq!(find_on_path(b"./x", Some(path)), b"./x");
+        assert_eq!(
+            find_on_path(b"no-such-cmd-here", Some(path)),
+            b"no-such-cmd-here"
+        );
+        // A directory named like the command is not it.
+        assert_eq!(find_on_path(b"tmp", Some(OsStr::new("/"))), b"tmp");
+    }
+
+    #[test]
+    fn the_request_overrides_init_environment() {
+        let req = Request {
+            mode: Mode::Pipe,
+            argv: vec![b"sh".to_vec()],
+            env: vec![b"PATH=/bin".to_vec(), b"TERM=dumb".to_vec()],
+        };
+        let p = prepare(&req).unwrap();
+        let env: Vec<&[u8]> = p.env.iter().map(|c| c.as_bytes()).collect();
+        assert!(env.contains(&&b"PATH=/bin"[..]));
+        assert!(env.contains(&&b"TERM=dumb"[..]));
+        assert_eq!(env.iter().filter(|e| e.starts_with(b"PATH=")).count(), 1);
+        assert_eq!(p.path.as_bytes(), b"/bin/sh");
+    }
+}
