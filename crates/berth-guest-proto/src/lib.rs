@@ -1,5 +1,6 @@
 //! The spawn protocol between the Berth daemon and `berth-guest init`, the PID 1 of every
-//! user's container. No dependencies: the static guest links it as well as the daemon.
+//! user's container, and the descriptor passing both sides use. Depends on libc alone: the
+//! static guest links it as well as the daemon.
 //!
 //! `berth-guest init` listens on the abstract unix stream socket [`SOCKET_NAME`] in its
 //! container's network namespace (abstract names are per network namespace, so each
@@ -10,17 +11,20 @@
 //! - pipe mode: three file descriptors ride along (`SCM_RIGHTS`): the read end of the
 //!   session's stdin pipe and the write ends of its stdout and stderr pipes. The daemon keeps
 //!   the other ends, so session bytes go straight between the daemon and the process.
-//! - tty mode: no descriptors; the guest opens a pseudo-terminal in the container (its own
-//!   devpts), sets the size, and sends the master back with its reply.
+//! - tty mode: one descriptor, the terminal. The daemon opens the pseudo-terminal master in
+//!   the container's own devpts, sets its size, and sends only the terminal (`TIOCGPTPEER`);
+//!   the master stays with the daemon alone, so nobody in the container can change how the
+//!   daemon's end behaves (a shared `O_NONBLOCK` flag, for one).
 //!
-//! The guest forks, the child starts a new session (`setsid`, the terminal as its
-//! controlling terminal) and execs the command with init's environment plus the request's.
+//! The guest accepts only connections from outside its PID namespace made by root
+//! (`SO_PEERCRED`: PID 0, UID 0), i.e. the daemon, never a process of the container. It
+//! forks, the child starts a new session (`setsid`, the terminal as its controlling terminal) and execs the command with init's environment plus the request's.
 //! The process inherits everything Docker set up for init: namespaces, cgroup (limits),
 //! capabilities, seccomp, AppArmor, `no_new_privs`. The guest answers `started PID` (PID in
 //! the container's namespace) or `error TEXT`; when the process ends it sends
 //! `exit CODE` (the exit status, or 128 + the signal, as Docker reports it). When the daemon
 //! closes the connection while the process still runs (the daemon was killed), the guest
-//! sends it SIGHUP, as a terminal hang-up would.
+//! sends its process group SIGHUP, as a terminal hang-up would. Replies carry no descriptors.
 //!
 //! Framing: a message is a `u32` little-endian body length ([`MAX_MESSAGE`] at most) and a
 //! body of fields, each a `u32` little-endian length and that many bytes. Everything the
@@ -35,12 +39,22 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// Descriptors that ride along a pipe-mode request: stdin (read end), stdout, stderr.
 pub const PIPE_FDS: usize = 3;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Stdio are the three pipes sent along.
     Pipe,
-    /// A pseudo-terminal of this size.
-    Tty { cols: u16, rows: u16 },
+    /// Stdio is the terminal sent along, which becomes the controlling terminal.
+    Tty,
+}
+
+impl Mode {
+    /// How many descriptors a request in this mode carries.
+    pub fn fds(self) -> usize {
+        match self {
+            Self::Pipe => PIPE_FDS,
+            Self::Tty => 1,
+        }
+    }
 }
 
 /// Start `argv` with init's environment overridden by `env` (`KEY=VALUE` each).
@@ -133,22 +147,12 @@ fn number<T: std::str::FromStr>(field: Option<&&[u8]>) -> Result<T, WireError> {
 
 impl Request {
     pub fn encode(&self) -> Vec<u8> {
-        let (mode, cols, rows) = match self.mode {
-            Mode::Pipe => ("pipe", 0, 0),
-            Mode::Tty { cols, rows } => ("tty", cols, rows),
+        let mode = match self.mode {
+            Mode::Pipe => "pipe",
+            Mode::Tty => "tty",
         };
-        let (cols, rows, argc) = (
-            cols.to_string(),
-            rows.to_string(),
-            self.argv.len().to_string(),
-        );
-        let mut f: Vec<&[u8]> = vec![
-            b"spawn",
-            mode.as_bytes(),
-            cols.as_bytes(),
-            rows.as_bytes(),
-            argc.as_bytes(),
-        ];
+        let argc = self.argv.len().to_string();
+        let mut f: Vec<&[u8]> = vec![b"spawn", mode.as_bytes(), argc.as_bytes()];
         f.extend(self.argv.iter().map(Vec::as_slice));
         f.extend(self.env.iter().map(Vec::as_slice));
         frame(&f)
@@ -161,14 +165,11 @@ impl Request {
         }
         let mode = match f.get(1).copied() {
             Some(b"pipe") => Mode::Pipe,
-            Some(b"tty") => Mode::Tty {
-                cols: number(f.get(2))?,
-                rows: number(f.get(3))?,
-            },
+            Some(b"tty") => Mode::Tty,
             _ => return Err(WireError("unknown mode")),
         };
-        let argc: usize = number(f.get(4))?;
-        let rest = f.get(5..).unwrap_or_default();
+        let argc: usize = number(f.get(2))?;
+        let rest = f.get(3..).unwrap_or_default();
         if argc == 0 || argc > rest.len() {
             return Err(WireError("bad argument count"));
         }
@@ -214,6 +215,115 @@ impl Reply {
     }
 }
 
+/// At most this many descriptors are taken from one message; more are closed by the kernel
+/// and reported as truncation.
+pub const MAX_FDS: usize = 4;
+
+/// Sends `data` (all of it or part, like `send`) with `fds` attached (`SCM_RIGHTS`), never
+/// raising SIGPIPE. `flags` are added (`MSG_DONTWAIT`).
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+    flags: i32,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    if fds.len() > MAX_FDS {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut space = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    #[allow(unsafe_code)]
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds);
+        // SAFETY: the control buffer (64 bytes, 8-aligned) holds one header and MAX_FDS
+        // descriptors; CMSG_* compute offsets inside it.
+        #[allow(unsafe_code)]
+        unsafe {
+            msg.msg_control = space.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+        }
+    }
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL | flags) };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// What one [`recv_with_fds`] got.
+#[derive(Debug)]
+pub struct Received {
+    pub bytes: usize,
+    /// Every descriptor that came, close-on-exec, owned (closed when dropped).
+    pub fds: Vec<std::os::fd::OwnedFd>,
+    /// More descriptors came than [`MAX_FDS`]; the kernel closed the rest.
+    pub truncated: bool,
+}
+
+/// Receives into `buf` and takes ownership of every descriptor that came with the bytes,
+/// also when more came than fit (a sender can attach any number: none may leak).
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+    flags: i32,
+) -> std::io::Result<Received> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let mut space = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    #[allow(unsafe_code)]
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = space.as_mut_ptr().cast();
+    // SAFETY: pure arithmetic.
+    #[allow(unsafe_code)]
+    let room = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<i32>()) as u32) };
+    msg.msg_controllen = (room as usize).min(std::mem::size_of_val(&space));
+    // SAFETY: `msg` points at live buffers for the duration of the call.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
+    let bytes = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
+    // msg_controllen, and each SCM_RIGHTS payload holds cmsg_len - CMSG_LEN(0) bytes of
+    // descriptors the kernel installed for us (also when it truncated the list).
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                let data = libc::CMSG_DATA(c).cast::<i32>();
+                for i in 0..len / std::mem::size_of::<i32>() {
+                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok(Received {
+        bytes,
+        fds,
+        truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
@@ -221,7 +331,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip() {
-        for mode in [Mode::Pipe, Mode::Tty { cols: 80, rows: 24 }] {
+        for mode in [Mode::Pipe, Mode::Tty] {
             let r = Request {
                 mode,
                 argv: vec![b"/bin/sh".to_vec(), b"-c".to_vec(), b"".to_vec()],
@@ -231,6 +341,48 @@ mod tests {
             assert_eq!(message_len(&msg).unwrap(), Some(msg.len()));
             assert_eq!(Request::decode(&msg).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn descriptors_pass_and_none_leak_when_too_many_come() {
+        use std::os::fd::{AsFd, AsRawFd};
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().unwrap();
+        let (r, _w) = std::io::pipe().unwrap();
+        let raw = [r.as_raw_fd(); 3];
+        assert_eq!(send_with_fds(a.as_fd(), b"hi", &raw, 0).unwrap(), 2);
+        let mut buf = [0u8; 8];
+        let got = recv_with_fds(b.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!((got.bytes, got.fds.len(), got.truncated), (2, 3, false));
+        // More than MAX_FDS, sent raw (send_with_fds refuses): the first MAX_FDS arrive
+        // owned, the rest are closed by the kernel, and the truncation is reported.
+        let many: Vec<i32> = vec![r.as_raw_fd(); 7];
+        let bytes = std::mem::size_of_val(many.as_slice());
+        let mut space = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: b"x".as_ptr().cast_mut().cast(),
+            iov_len: 1,
+        };
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = space.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(many.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), 1);
+        }
+        let got = recv_with_fds(b.as_fd(), &mut buf, 0).unwrap();
+        assert_eq!(
+            (got.bytes, got.fds.len(), got.truncated),
+            (1, MAX_FDS, true)
+        );
+        assert!(send_with_fds(a.as_fd(), b"x", &many, 0).is_err());
     }
 
     #[test]
@@ -259,14 +411,14 @@ mod tests {
             assert!(Request::decode(&m).is_err(), "cut at {cut}");
         }
         let bad = [
-            frame(&[b"spawn", b"pipe", b"0", b"0", b"0"]),
-            frame(&[b"spawn", b"pipe", b"0", b"0", b"2", b"x"]),
-            frame(&[b"spawn", b"pty", b"0", b"0", b"1", b"x"]),
-            frame(&[b"spawn", b"tty", b"80", b"-1", b"1", b"x"]),
-            frame(&[b"spawn", b"pipe", b"0", b"0", b"1", b"x\0y"]),
-            frame(&[b"spawn", b"pipe", b"0", b"0", b"1", b"x", b"NOVALUE"]),
-            frame(&[b"spawn", b"pipe", b"0", b"0", b"1", b"x", b"=x"]),
-            frame(&[b"exec", b"pipe", b"0", b"0", b"1", b"x"]),
+            frame(&[b"spawn", b"pipe", b"0"]),
+            frame(&[b"spawn", b"pipe", b"2", b"x"]),
+            frame(&[b"spawn", b"pty", b"1", b"x"]),
+            frame(&[b"spawn", b"tty", b"-1", b"x"]),
+            frame(&[b"spawn", b"pipe", b"1", b"x\0y"]),
+            frame(&[b"spawn", b"pipe", b"1", b"x", b"NOVALUE"]),
+            frame(&[b"spawn", b"pipe", b"1", b"x", b"=x"]),
+            frame(&[b"exec", b"pipe", b"1", b"x"]),
         ];
         for m in &bad {
             assert!(Request::decode(m).is_err(), "{m:?}");

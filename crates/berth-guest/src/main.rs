@@ -19,9 +19,7 @@ mod spawn;
 
 use std::process::ExitCode;
 
-use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 
 /// The socket the daemon serves for this container.
 const GUEST_SOCKET: &str = "/.berth/run/guest.sock";
@@ -69,7 +67,7 @@ fn init() -> ExitCode {
     spawn::start();
     loop {
         match set.wait() {
-            Ok(Signal::SIGCHLD) => reap(),
+            Ok(Signal::SIGCHLD) => spawn::reap_children(),
             Ok(Signal::SIGTERM | Signal::SIGINT) => return ExitCode::SUCCESS,
             Ok(_) | Err(_) => {}
         }
@@ -153,18 +151,3 @@ nix::ioctl_write_ptr_bad!(
     libc::TIOCSWINSZ,
     libc::winsize
 );
-
-/// Reaps every child that has exited; several exits can share one SIGCHLD.
-fn reap() {
-    loop {
-        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
-            Ok(WaitStatus::Exited(pid, code)) => spawn::reaped(pid.as_raw(), i64::from(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) => {
-                spawn::reaped(pid.as_raw(), 128 + i64::from(sig as i32));
-            }
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(_) => return,
-        }
-    }
-}

@@ -5,13 +5,12 @@
 //! no engine process sits on the data path.
 //!
 //! Threads: one accepts connections, one per connection reads the request and starts the
-//! process. Every descriptor this process opens is close-on-exec, so a process forked by one
+//! process (then ends), one watches the connections of running sessions. Every descriptor this process opens is close-on-exec, so a process forked by one
 //! thread never inherits another session's pipes or terminal. The main thread reaps (see
 //! `init`) and reports each session's exit through [`reaped`].
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
-use std::io::{IoSlice, IoSliceMut, Read};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -20,20 +19,22 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use berth_guest_proto::{MAX_MESSAGE, Mode, PIPE_FDS, Reply, Request, SOCKET_NAME, message_len};
+use berth_guest_proto::{
+    MAX_MESSAGE, Mode, PIPE_FDS, Reply, Request, SOCKET_NAME, message_len, recv_with_fds,
+    send_with_fds,
+};
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
-use nix::sys::stat::Mode as FileMode;
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid, fork};
 
 /// Running sessions: PID → the connection its exit is reported on. Taken from before the
 /// fork until the `started` reply is sent, so an exit is never reported before the start.
 static SESSIONS: Mutex<BTreeMap<i32, UnixStream>> = Mutex::new(BTreeMap::new());
 
-/// Connections being served at once; more are closed at once (the daemon retries through
-/// the engine).
+/// Connections being served at once; more are closed at once (that login fails).
 const MAX_CONNECTIONS: usize = 1024;
 static CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
 
@@ -50,12 +51,25 @@ pub fn start() {
             return;
         }
     };
+    let wake = match nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK) {
+        Ok(p) => WAKE.get_or_init(|| p).0.as_raw_fd(),
+        Err(e) => {
+            eprintln!("berth-guest: cannot listen for sessions: {e}");
+            return;
+        }
+    };
     let spawned = std::thread::Builder::new()
-        .name("accept".into())
+        .name("watch".into())
         .stack_size(64 * 1024)
-        .spawn(move || accept_loop(&listener));
+        .spawn(move || watch_loop(wake))
+        .and_then(|_| {
+            std::thread::Builder::new()
+                .name("accept".into())
+                .stack_size(64 * 1024)
+                .spawn(move || accept_loop(&listener))
+        });
     if let Err(e) = spawned {
-        eprintln!("berth-guest: cannot start the session thread: {e}");
+        eprintln!("berth-guest: cannot start the session threads: {e}");
     }
 }
 
@@ -69,6 +83,9 @@ fn accept_loop(listener: &UnixListener) {
                 continue;
             }
         };
+        if !from_daemon(&conn) {
+            continue;
+        }
         if CONNECTIONS.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             CONNECTIONS.fetch_sub(1, Ordering::SeqCst);
             continue;
@@ -86,31 +103,108 @@ fn accept_loop(listener: &UnixListener) {
     }
 }
 
-/// One connection: one request, the process's start, then its end.
+/// Only the daemon may ask: root, from outside this PID namespace (a process there has no
+/// PID here, so its PID reads as 0). A process of the container, root or not, never gets a
+/// process from init.
+fn from_daemon(conn: &UnixStream) -> bool {
+    getsockopt(conn, PeerCredentials).is_ok_and(|c| c.pid() == 0 && c.uid() == 0)
+}
+
+/// One connection: one request, the process's start; then the connection is watched (see
+/// [`watch_loop`]) and this thread ends.
 fn serve(conn: UnixStream) {
     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
     let started = read_request(&conn).and_then(|(msg, fds)| {
         let req = Request::decode(&msg).map_err(|e| format!("bad request: {e}"))?;
         start_session(&conn, req, fds)
     });
-    let pid = match started {
-        Ok(pid) => pid,
+    match started {
+        Ok(pid) => watch(pid, conn),
         Err(text) => {
-            let _ = send(&conn, &Reply::Error(text), None);
-            return;
+            let _ = send(&conn, &Reply::Error(text));
         }
+    }
+}
+
+/// Connections of started sessions, watched for the daemon closing them. Only the watcher
+/// thread removes entries, so their descriptors stay valid while it polls them.
+static WATCHED: Mutex<Vec<(i32, UnixStream)>> = Mutex::new(Vec::new());
+/// Written to when an entry is added, to wake the watcher's poll.
+static WAKE: std::sync::OnceLock<(OwnedFd, OwnedFd)> = std::sync::OnceLock::new();
+
+fn watch(pid: i32, conn: UnixStream) {
+    let Some((_, wake)) = WAKE.get() else {
+        return;
     };
-    // Wait for the daemon to close the connection. It does once it has read the exit; if it
-    // closes first while the process runs (the daemon was killed), hang the process up.
-    let _ = conn.set_read_timeout(None);
-    let mut buf = [0u8; 64];
-    while matches!((&conn).read(&mut buf), Ok(n) if n > 0) {}
-    let still_running = SESSIONS
-        .lock()
-        .map(|mut s| s.remove(&pid).is_some())
-        .unwrap_or(false);
-    if still_running {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    if let Ok(mut w) = WATCHED.lock() {
+        w.push((pid, conn));
+    }
+    let _ = nix::unistd::write(wake, b"x");
+}
+
+/// One thread for every session's connection (not one each: a thread counts against the
+/// container's pids limit like a process). The daemon closes a connection once it has read
+/// the exit; if it closes first while the process runs (the daemon was killed), the process
+/// is hung up, as a terminal hang-up would.
+fn watch_loop(wake: RawFd) {
+    let mut buf = [0u8; 256];
+    loop {
+        let watched: Vec<(i32, RawFd)> = WATCHED
+            .lock()
+            .map(|w| w.iter().map(|(p, c)| (*p, c.as_raw_fd())).collect())
+            .unwrap_or_default();
+        let mut fds: Vec<libc::pollfd> = std::iter::once(wake)
+            .chain(watched.iter().map(|&(_, fd)| fd))
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: `fds` is a valid array of pollfd for the call; the descriptors stay open
+        // (only this thread closes watched connections).
+        #[allow(unsafe_code)]
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            continue;
+        }
+        let mut closed = Vec::new();
+        for (pfd, &(pid, fd)) in fds.iter().skip(1).zip(&watched) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            // SAFETY: a plain read into `buf`, on a descriptor that stays open (see above).
+            #[allow(unsafe_code)]
+            let got =
+                unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let again = got < 0 && Errno::last() == Errno::EAGAIN;
+            if got == 0 || (got < 0 && !again) {
+                closed.push(pid);
+            }
+        }
+        if fds.first().is_some_and(|w| w.revents != 0) {
+            let _ = nix::unistd::read(
+                // SAFETY: the wake pipe's read end lives in WAKE for the whole process.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::os::fd::BorrowedFd::borrow_raw(wake)
+                },
+                &mut buf,
+            );
+        }
+        if closed.is_empty() {
+            continue;
+        }
+        if let Ok(mut w) = WATCHED.lock() {
+            w.retain(|(p, _)| !closed.contains(p));
+        }
+        if let Ok(mut sessions) = SESSIONS.lock() {
+            for pid in closed {
+                if sessions.remove(&pid).is_some() {
+                    hang_up(pid);
+                }
+            }
+        }
     }
 }
 
@@ -125,57 +219,27 @@ fn read_request(conn: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), String> {
             Some(len) if msg.len() > len => return Err("data after the request".into()),
             _ => {}
         }
-        let mut space = nix::cmsg_space!([RawFd; PIPE_FDS]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let got = recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .map_err(|e| format!("read: {e}"))?;
-        let n = got.bytes;
-        for c in got.cmsgs().map_err(|_| "too many descriptors".to_owned())? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed `fd` in this process for us; nothing
-                    // else owns it.
-                    #[allow(unsafe_code)]
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        if n == 0 {
+        let got = recv_with_fds(conn.as_fd(), &mut buf, 0).map_err(|e| format!("read: {e}"))?;
+        fds.extend(got.fds);
+        if got.bytes == 0 {
             return Err("connection closed".into());
         }
-        msg.extend_from_slice(buf.get(..n).unwrap_or_default());
-        if msg.len() > MAX_MESSAGE + 4 || fds.len() > PIPE_FDS {
+        msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
+        if got.truncated || msg.len() > MAX_MESSAGE + 4 || fds.len() > PIPE_FDS {
             return Err("request too large".into());
         }
     }
 }
 
-fn send(conn: &UnixStream, reply: &Reply, fd: Option<RawFd>) -> nix::Result<()> {
+/// Sends a reply. Replies are a few dozen bytes: one call sends them whole into an empty
+/// socket buffer, without waiting.
+fn send(conn: &UnixStream, reply: &Reply) -> std::io::Result<()> {
     let bytes = reply.encode();
-    let iov = [IoSlice::new(&bytes)];
-    let fds: Vec<RawFd> = fd.into_iter().collect();
-    let cmsg: Vec<ControlMessage> = if fds.is_empty() {
-        Vec::new()
-    } else {
-        vec![ControlMessage::ScmRights(&fds)]
-    };
-    // Replies are a few dozen bytes: one call sends them whole into an empty socket buffer.
-    let n = sendmsg::<()>(
-        conn.as_raw_fd(),
-        &iov,
-        &cmsg,
-        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
-        None,
-    )?;
+    let n = send_with_fds(conn.as_fd(), &bytes, &[], libc::MSG_DONTWAIT)?;
     if n == bytes.len() {
         Ok(())
     } else {
-        Err(Errno::EMSGSIZE)
+        Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE))
     }
 }
 
@@ -191,21 +255,21 @@ struct Prepared {
 
 fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i32, String> {
     let prepared = prepare(&req)?;
-    let (stdio, master) = match req.mode {
-        Mode::Pipe => {
-            let [i, o, e]: [OwnedFd; PIPE_FDS] = fds
-                .try_into()
-                .map_err(|_| "pipe mode takes three descriptors".to_owned())?;
-            ([raise(i)?, raise(o)?, raise(e)?], None)
-        }
-        Mode::Tty { cols, rows } => {
-            if !fds.is_empty() {
-                return Err("tty mode takes no descriptors".into());
-            }
-            let (master, slave) = open_pty(cols, rows).map_err(|e| format!("pty: {e}"))?;
-            let slave = raise(slave)?;
-            let (a, b) = (dup(&slave)?, dup(&slave)?);
-            ([slave, a, b], Some(master))
+    if fds.len() != req.mode.fds() {
+        return Err(format!(
+            "{:?} mode takes {} descriptors",
+            req.mode,
+            req.mode.fds()
+        ));
+    }
+    let mut fds = fds.into_iter();
+    let mut next = || raise(fds.next().ok_or_else(|| "descriptor missing".to_owned())?);
+    let stdio = match req.mode {
+        Mode::Pipe => [next()?, next()?, next()?],
+        Mode::Tty => {
+            let terminal = next()?;
+            let (a, b) = (dup(&terminal)?, dup(&terminal)?);
+            [terminal, a, b]
         }
     };
     let argv: Vec<*const libc::c_char> = prepared
@@ -221,7 +285,7 @@ fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i
         .chain(std::iter::once(std::ptr::null()))
         .collect();
     let raw = stdio.each_ref().map(AsRawFd::as_raw_fd);
-    let tty = master.is_some();
+    let tty = req.mode == Mode::Tty;
     let mut sessions = SESSIONS.lock().map_err(|_| "internal error".to_owned())?;
     // SAFETY: the child only makes async-signal-safe calls on memory prepared above (see
     // `child`), then execs or exits.
@@ -232,20 +296,14 @@ fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i
         Ok(ForkResult::Parent { child }) => {
             drop(stdio);
             let pid = child.as_raw();
-            let sent = send(
-                conn,
-                &Reply::Started { pid },
-                master.as_ref().map(AsRawFd::as_raw_fd),
-            );
-            drop(master);
+            let sent = send(conn, &Reply::Started { pid });
             match (sent, conn.try_clone()) {
                 (Ok(()), Ok(report)) => {
                     sessions.insert(pid, report);
                 }
-                // Nobody to report to: the process runs on as an orphan would. Hang it up.
-                _ => {
-                    let _ = kill(child, Signal::SIGHUP);
-                }
+                // Nobody to report to: the process runs on as an orphan would. Hang it up
+                // (still under the lock: it cannot have been reaped, so the PID is its own).
+                _ => hang_up(pid),
             }
             Ok(pid)
         }
@@ -331,35 +389,6 @@ fn dup(fd: &OwnedFd) -> Result<OwnedFd, String> {
     fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string())
 }
 
-/// A new pseudo-terminal of the container's devpts, both ends close-on-exec, the size set.
-fn open_pty(cols: u16, rows: u16) -> nix::Result<(OwnedFd, OwnedFd)> {
-    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
-    grantpt(&master)?;
-    unlockpt(&master)?;
-    let name = ptsname_r(&master)?;
-    let slave = nix::fcntl::open(
-        name.as_str(),
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
-        FileMode::empty(),
-    )?;
-    let size = libc::winsize {
-        ws_col: cols,
-        ws_row: rows,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, valid for the call.
-    #[allow(unsafe_code)]
-    unsafe {
-        crate::set_winsize(slave.as_raw_fd(), &size)?;
-    }
-    // SAFETY: posix_openpt returned an fd that PtyMaster owns; ownership moves out whole.
-    #[allow(unsafe_code)]
-    let master = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
-    Ok((master, slave))
-}
-
 /// The forked child: a new session, the terminal as its controlling terminal, stdio in
 /// place, default signal handling, then the exec. Only async-signal-safe calls.
 fn child(
@@ -398,11 +427,31 @@ fn child(
     }
 }
 
-/// Called by init for every child it reaps: reports a session's end to the daemon.
-pub fn reaped(pid: i32, code: i64) {
-    let conn = SESSIONS.lock().ok().and_then(|mut s| s.remove(&pid));
-    if let Some(conn) = conn {
-        let _ = send(&conn, &Reply::Exit { code }, None);
+/// SIGHUP to a session's process group (its process leads one: `setsid`) and to the
+/// process itself. Called with [`SESSIONS`] held and the PID in it: not reaped, not reused.
+fn hang_up(pid: i32) {
+    let _ = kill(Pid::from_raw(-pid), Signal::SIGHUP);
+    let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+}
+
+/// Reaps every child that has exited (several exits can share one SIGCHLD) and reports each
+/// session's end to the daemon. Holds [`SESSIONS`] throughout, so a PID found there is never
+/// one already reaped (and perhaps reused) when another thread signals it.
+pub fn reap_children() {
+    let Ok(mut sessions) = SESSIONS.lock() else {
+        return;
+    };
+    loop {
+        let (pid, code) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(WaitStatus::Exited(pid, code)) => (pid, i64::from(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, 128 + i64::from(sig as i32)),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        };
+        if let Some(conn) = sessions.remove(&pid.as_raw()) {
+            let _ = send(&conn, &Reply::Exit { code });
+        }
     }
 }
 
@@ -410,6 +459,13 @@ pub fn reaped(pid: i32, code: i64) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_process_of_the_same_pid_namespace_is_not_the_daemon() {
+        // The peer here is this very process: it has a PID in this namespace.
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert!(!from_daemon(&a));
+    }
 
     #[test]
     fn finds_commands_on_path() {

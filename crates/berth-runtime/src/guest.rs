@@ -6,27 +6,29 @@
 //! the container's `berth-guest init` the session's pipes (or asks it for a terminal), and
 //! from then on the bytes go between this process and the session's process directly.
 //!
-//! Trust runs one way: the guest gets only the far ends of pipes made for it, and everything
-//! it sends back is checked (the reply is parsed strictly, a terminal must be a pty master,
-//! the PID it reports is looked up among init's own children and guarded like any other).
-//! A root user can replace her init; the worst she gets is a broken session of her own.
+//! Trust runs one way: the guest gets only the far ends of pipes, or the terminal of a pty
+//! whose master the daemon opened (in the container's devpts) and keeps to itself, and
+//! everything it sends back is checked: the reply is parsed strictly and bounded, the whole
+//! handshake has one deadline (a connect that would wait is refused), descriptors it sends
+//! are closed where closing cannot block us, and the PID it reports is looked up among init's
+//! own children and guarded like any other. A root user can replace her init; the worst she
+//! gets is a broken session of her own.
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use berth_guest_proto::{MAX_MESSAGE, Mode, Reply, Request, SOCKET_NAME, message_len};
+use berth_guest_proto::{
+    Mode, Reply, Request, SOCKET_NAME, message_len, recv_with_fds, send_with_fds,
+};
 use futures_util::StreamExt;
 use nix::fcntl::OFlag;
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg, sockopt::PeerCredentials,
-};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::socket::sockopt::PeerCredentials;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio_util::io::ReaderStream;
@@ -35,8 +37,10 @@ use crate::exec::raw_output;
 use crate::process::Identity;
 use crate::{Exec, ExecHandle, ExecSpec, Output, ProcessGuard, RuntimeError, TtySize, in_netns};
 
-/// How long the guest may take to answer a request.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the whole handshake with the guest may take: connect, request, reply.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest reply read (replies are a few dozen bytes).
+const MAX_REPLY: usize = 4096;
 
 /// A session the guest started: its exit is read from the connection, a terminal session
 /// is resized through its master. Dropping it closes the connection.
@@ -109,6 +113,7 @@ fn lost(what: &str) -> RuntimeError {
 
 nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
 nix::ioctl_read_bad!(pty_number, libc::TIOCGPTN, libc::c_uint);
+nix::ioctl_write_ptr_bad!(set_pty_lock, libc::TIOCSPTLCK, libc::c_int);
 
 /// Starts `spec` through init `init` of container `container` (its full id: processes are
 /// guarded by it). `Ok(None)` when that init does not take sessions (one started by an
@@ -120,71 +125,64 @@ pub(crate) async fn spawn(
 ) -> Result<Option<Exec>, RuntimeError> {
     let not_running = || RuntimeError::ContainerNotFound(container.to_owned());
     let ns = File::open(format!("/proc/{}/ns/net", init.pid)).map_err(|_| not_running())?;
-    // Checked after the open: the namespace is that of the process we mean, not of one that
-    // took its PID since.
+    let root = File::open(format!("/proc/{}/root", init.pid)).map_err(|_| not_running())?;
+    // Checked after the opens: they are that process's, not of one that took its PID since.
     if !init.alive(container) {
         return Err(not_running());
     }
     let request = Request {
-        mode: match spec.tty {
-            Some(s) => Mode::Tty {
-                cols: s.cols,
-                rows: s.rows,
-            },
-            None => Mode::Pipe,
+        mode: if spec.tty.is_some() {
+            Mode::Tty
+        } else {
+            Mode::Pipe
         },
         argv: spec.cmd.iter().map(|a| a.clone().into_bytes()).collect(),
         env: spec.env.iter().map(|e| e.clone().into_bytes()).collect(),
     };
     let message = request.encode();
-    // Pipes: ours, and theirs to send.
-    let pipes = if spec.tty.is_none() {
-        let p = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io_err);
-        let (in_r, in_w) = p()?;
-        let (out_r, out_w) = p()?;
-        let (err_r, err_w) = p()?;
-        Some(([in_w, out_r, err_r], [in_r, out_w, err_w]))
-    } else {
-        None
-    };
-    let (ours, theirs) = match pipes {
-        Some((o, t)) => (Some(o), Some(t)),
-        None => (None, None),
+    // Our ends, and the ends the guest gets.
+    let (ours, theirs): (Ends, Vec<OwnedFd>) = match spec.tty {
+        Some(size) => {
+            let (master, terminal) = open_pty(&root, size)?;
+            (Ends::Tty(master), vec![terminal])
+        }
+        None => {
+            let p = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io_err);
+            let (in_r, in_w) = p()?;
+            let (out_r, out_w) = p()?;
+            let (err_r, err_w) = p()?;
+            (Ends::Pipes([in_w, out_r, err_r]), vec![in_r, out_w, err_w])
+        }
     };
     let init_pid = init.pid;
     let handshake = in_netns(ns, move || {
-        let addr = SocketAddr::from_abstract_name(SOCKET_NAME)?;
-        let conn = match UnixStream::connect_addr(&addr) {
-            Ok(c) => c,
-            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => return Ok(None),
-            Err(e) => return Err(e),
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+        let Some(conn) = connect()? else {
+            return Ok(None);
         };
         // The listener must be the container's init, not something a user bound.
         let peer = nix::sys::socket::getsockopt(&conn, PeerCredentials)?;
         if peer.pid() != init_pid {
             return Ok(None);
         }
-        conn.set_read_timeout(Some(REPLY_TIMEOUT))?;
-        conn.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        let fds: Vec<RawFd> = theirs
-            .as_ref()
-            .map(|t| t.iter().map(AsRawFd::as_raw_fd).collect())
-            .unwrap_or_default();
-        send_all(&conn, &message, &fds)?;
+        let fds: Vec<RawFd> = theirs.iter().map(AsRawFd::as_raw_fd).collect();
+        send_all(&conn, &message, &fds, deadline)?;
         drop(theirs);
-        let (reply, fd, rest) = read_reply(&conn)?;
-        Ok(Some((conn, reply, fd, rest)))
+        let (reply, rest) = read_reply(&conn, deadline)?;
+        Ok(Some((conn, reply, rest)))
     })
     .await
     .map_err(|e| RuntimeError::Docker(format!("container init: {e}")))?;
-    let Some((conn, reply, fd, rest)) = handshake else {
+    let Some((conn, reply, rest)) = handshake else {
         return Ok(None);
     };
     let pid = match reply {
         Reply::Started { pid } => pid,
         Reply::Error(text) => {
+            let text: String = text.chars().take(200).collect();
             return Err(RuntimeError::Docker(format!(
-                "the container's init could not start the session: {text}"
+                "the container's init could not start the session: {}",
+                text.escape_debug()
             )));
         }
         Reply::Exit { .. } => return Err(RuntimeError::Docker("unexpected reply".into())),
@@ -193,13 +191,11 @@ pub(crate) async fn spawn(
         Some(host) => ProcessGuard::new(host, container),
         None => ProcessGuard::default(),
     };
-    conn.set_nonblocking(true).map_err(io_err)?;
-    conn.set_read_timeout(None).map_err(io_err)?;
     let conn = tokio::net::UnixStream::from_std(conn).map_err(io_err)?;
     let id = format!("guest-{}-{pid}", init.pid);
     tracing::debug!(exec = %id, host_pid = ?guard.pid(), "session started by the container's init");
     let (stdin, output, master): (Pin<Box<dyn AsyncWrite + Send>>, _, _) = match ours {
-        Some([in_w, out_r, err_r]) => {
+        Ends::Pipes([in_w, out_r, err_r]) => {
             let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(in_w).map_err(io_err)?;
             let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r).map_err(io_err)?;
             let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_r).map_err(io_err)?;
@@ -214,10 +210,8 @@ pub(crate) async fn spawn(
             let output: crate::OutputStream = Box::pin(futures_util::stream::select(out, err));
             (Box::pin(stdin), output, None)
         }
-        None => {
-            let master =
-                fd.ok_or_else(|| RuntimeError::Docker("no terminal in the reply".into()))?;
-            let master = Arc::new(pty_master(master)?);
+        Ends::Tty(master) => {
+            let master = Arc::new(register(master)?);
             (
                 Box::pin(Pty(master.clone())),
                 raw_output(Pty(master.clone())),
@@ -237,84 +231,199 @@ pub(crate) async fn spawn(
     }))
 }
 
+/// The daemon's ends of a session's stdio.
+enum Ends {
+    /// stdin (write end), stdout, stderr (read ends).
+    Pipes([OwnedFd; 3]),
+    /// The pseudo-terminal master.
+    Tty(OwnedFd),
+}
+
+/// Connects to the guest's socket in the current network namespace (a container's),
+/// without waiting: a listener whose backlog is full is refused, not waited for. `None`
+/// when nothing listens.
+fn connect() -> std::io::Result<Option<UnixStream>> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let addr = UnixAddr::new_abstract(SOCKET_NAME)?;
+    match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
+        Ok(()) => Ok(Some(UnixStream::from(sock))),
+        Err(nix::errno::Errno::ECONNREFUSED) => Ok(None),
+        Err(nix::errno::Errno::EAGAIN) => {
+            Err(std::io::Error::other("the container's init is busy"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits until `sock` is ready for `events`, at most until `deadline`.
+fn wait_ready(sock: &UnixStream, events: PollFlags, deadline: Instant) -> std::io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the container's init did not answer in time",
+            ));
+        }
+        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+        let mut fds = [PollFd::new(sock.as_fd(), events)];
+        match nix::poll::poll(&mut fds, timeout) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Opens a pseudo-terminal in the container's own devpts (`dev/pts/ptmx` under its root,
+/// resolved inside that root, no symlinks): the master, non-blocking and the daemon's alone,
+/// with the size set; and its terminal, for the guest (`TIOCGPTPEER`: no path lookup).
+fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+    use nix::fcntl::{OpenHow, ResolveFlag};
+    use nix::sys::statfs::{DEVPTS_SUPER_MAGIC, fstatfs};
+    let pty_err = |what: &str| RuntimeError::Docker(format!("terminal: {what}"));
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    // Only devpts's ptmx opens as a pty master (checked below), so nothing else a user could
+    // place at that path is ever opened read-write and kept.
+    let master = nix::fcntl::openat2(root.as_fd(), "dev/pts/ptmx", how)
+        .map_err(|e| pty_err(&format!("cannot open the container's /dev/pts/ptmx: {e}")))?;
+    let devpts = fstatfs(&master).is_ok_and(|f| f.filesystem_type() == DEVPTS_SUPER_MAGIC);
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one c_uint to the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    let is_master = unsafe { pty_number(master.as_raw_fd(), &mut n) }.is_ok();
+    if !devpts || !is_master {
+        return Err(pty_err(
+            "the container's /dev/pts/ptmx is not a pty multiplexer",
+        ));
+    }
+    let unlock: libc::c_int = 0;
+    let ws = libc::winsize {
+        ws_col: size.cols,
+        ws_row: size.rows,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSPTLCK reads one c_int, TIOCSWINSZ one winsize, from pointers valid for the
+    // calls; TIOCGPTPEER takes open flags by value and returns a new descriptor we own.
+    #[allow(unsafe_code)]
+    let terminal = unsafe {
+        set_pty_lock(master.as_raw_fd(), &unlock).map_err(|e| pty_err(&e.to_string()))?;
+        set_winsize(master.as_raw_fd(), &ws).map_err(|e| pty_err(&e.to_string()))?;
+        let fd = libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        );
+        if fd < 0 {
+            return Err(pty_err(&std::io::Error::last_os_error().to_string()));
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    Ok((master, terminal))
+}
+
 fn io_err(e: impl Into<std::io::Error>) -> RuntimeError {
     RuntimeError::Docker(format!("session setup: {}", e.into()))
 }
 
-fn send_all(conn: &UnixStream, msg: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+fn send_all(
+    conn: &UnixStream,
+    msg: &[u8],
+    fds: &[RawFd],
+    deadline: Instant,
+) -> std::io::Result<()> {
     let mut sent = 0;
     while sent < msg.len() {
-        let iov = [IoSlice::new(msg.get(sent..).unwrap_or_default())];
+        wait_ready(conn, PollFlags::POLLOUT, deadline)?;
         // The descriptors ride with the first byte only.
-        let rights = [ControlMessage::ScmRights(fds)];
-        let cmsg: &[ControlMessage] = if sent == 0 && !fds.is_empty() {
-            &rights
-        } else {
-            &[]
-        };
-        sent += sendmsg::<()>(conn.as_raw_fd(), &iov, cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
+        let fds = if sent == 0 { fds } else { &[] };
+        match send_with_fds(
+            conn.as_fd(),
+            msg.get(sent..).unwrap_or_default(),
+            fds,
+            libc::MSG_DONTWAIT,
+        ) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
 
-/// Reads one reply and at most one descriptor sent with it; also returns what was read past
-/// the reply (a quick process's `exit` can arrive in the same read).
-fn read_reply(conn: &UnixStream) -> std::io::Result<(Reply, Option<OwnedFd>, Vec<u8>)> {
+/// Reads one reply, by `deadline`; also returns what was read past it (a quick process's
+/// `exit` can arrive in the same read). A reply carries no descriptors: any that come are
+/// closed safely and the reply refused.
+fn read_reply(conn: &UnixStream, deadline: Instant) -> std::io::Result<(Reply, Vec<u8>)> {
     let bad = |what: &str| std::io::Error::other(format!("bad reply from init: {what}"));
     let mut msg = Vec::new();
-    let mut fds = Vec::new();
-    let mut buf = [0u8; 4096];
+    let mut buf = [0u8; MAX_REPLY];
     let len = loop {
         match message_len(&msg).map_err(|e| bad(e.0))? {
+            Some(len) if len > MAX_REPLY => return Err(bad("too large")),
             Some(len) if msg.len() >= len => break len,
             _ => {}
         }
-        let mut space = nix::cmsg_space!([RawFd; 2]);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let got = recvmsg::<()>(
-            conn.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )?;
-        let n = got.bytes;
-        for c in got.cmsgs()? {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                for fd in raw {
-                    // SAFETY: the kernel just installed `fd` in this process for us.
-                    #[allow(unsafe_code)]
-                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
+        wait_ready(conn, PollFlags::POLLIN, deadline)?;
+        let got = match recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(g) => g,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        if !got.fds.is_empty() || got.truncated {
+            discard(got.fds);
+            return Err(bad("unexpected descriptors"));
         }
-        if n == 0 {
+        if got.bytes == 0 {
             return Err(bad("connection closed"));
         }
-        msg.extend_from_slice(buf.get(..n).unwrap_or_default());
-        if msg.len() > MAX_MESSAGE.min(64 * 1024) || fds.len() > 1 {
-            return Err(bad("too large"));
-        }
+        msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
     };
     let rest = msg.split_off(len);
     let reply = Reply::decode(&msg).map_err(|e| bad(e.0))?;
-    Ok((reply, fds.pop(), rest))
+    Ok((reply, rest))
 }
 
-/// Checks that `fd` is a pseudo-terminal master (TIOCGPTN answers only on one) and makes it
-/// non-blocking for the async reactor.
-fn pty_master(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, RuntimeError> {
-    let mut n: libc::c_uint = 0;
-    // SAFETY: TIOCGPTN writes one c_uint to the pointer, valid for the call.
-    #[allow(unsafe_code)]
-    let is_master = unsafe { pty_number(fd.as_raw_fd(), &mut n) }.is_ok();
-    if !is_master {
-        return Err(RuntimeError::Docker(
-            "the container's init sent something that is not a terminal".into(),
-        ));
+/// Closes descriptors nobody asked for without letting the close block us: a socket could
+/// be set to linger for ever on unsent data, so sockets are made to reset instead, and the
+/// closing happens on a thread of its own.
+fn discard(fds: Vec<OwnedFd>) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    for fd in &fds {
+        let is_socket =
+            nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+        if is_socket {
+            let _ = setsockopt(
+                fd,
+                Linger,
+                &libc::linger {
+                    l_onoff: 1,
+                    l_linger: 0,
+                },
+            );
+        }
     }
-    let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).map_err(io_err)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(io_err)?;
+    let _ = std::thread::Builder::new()
+        .name("berth-discard".into())
+        .stack_size(32 * 1024)
+        .spawn(move || drop(fds));
+}
+
+/// Registers our (non-blocking, private) pty master with the reactor.
+fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, RuntimeError> {
     // SAFETY: an OwnedFd is valid and open for as long as it is owned, and the AsyncFd owns it.
     #[allow(unsafe_code)]
     unsafe { AsyncFd::register(fd) }.map_err(|e| io_err(std::io::Error::from(e)))
@@ -385,21 +494,78 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(2)
+    }
+
     #[test]
-    fn replies_are_read_whole_with_their_descriptor() {
+    fn replies_are_read_whole_and_descriptors_in_them_refused() {
         let (a, b) = UnixStream::pair().unwrap();
-        let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
         let msg = Reply::Started { pid: 7 }.encode();
         let (head, tail) = msg.split_at(3);
-        send_all(&a, head, &[r.as_raw_fd()]).unwrap();
-        send_all(&a, tail, &[]).unwrap();
-        let (reply, fd, rest) = read_reply(&b).unwrap();
+        send_all(&a, head, &[], soon()).unwrap();
+        send_all(&a, tail, &[], soon()).unwrap();
+        let (reply, rest) = read_reply(&b, soon()).unwrap();
         assert_eq!(reply, Reply::Started { pid: 7 });
         assert!(rest.is_empty());
-        assert!(fd.is_some());
-        assert!(pty_master(fd.unwrap()).is_err(), "a pipe is not a terminal");
+        // A reply carrying a descriptor is refused (and the descriptor closed).
+        let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        send_all(&a, &msg, &[r.as_raw_fd()], soon()).unwrap();
+        assert!(read_reply(&b, soon()).is_err());
         drop(a);
         assert_eq!(drain(&b), 0);
+    }
+
+    #[test]
+    fn a_silent_or_trickling_init_runs_into_one_deadline() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let started = Instant::now();
+        let t = std::thread::spawn(move || {
+            // One byte every 300 ms: each read is quick, the whole is not.
+            for byte in (Reply::Started { pid: 1 }).encode() {
+                std::thread::sleep(Duration::from_millis(300));
+                if send_all(&a, &[byte], &[], soon()).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = read_reply(&b, Instant::now() + Duration::from_secs(1)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(b);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn terminals_come_only_from_a_devpts_ptmx_inside_the_root() {
+        // The host's own root stands in for a container's here.
+        let (master, terminal) =
+            open_pty(&File::open("/").unwrap(), TtySize { cols: 91, rows: 33 }).unwrap();
+        assert!(nix::unistd::isatty(&terminal).unwrap());
+        let mut ws: libc::winsize = unsafe_zeroed_winsize();
+        // SAFETY: TIOCGWINSZ writes one winsize to the pointer.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::ioctl(terminal.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!((r, ws.ws_col, ws.ws_row), (0, 91, 33));
+        drop(master);
+        // A symlink to the real one, or a plain file, under the root: refused.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("dev/pts")).unwrap();
+        std::os::unix::fs::symlink("/dev/pts/ptmx", dir.path().join("dev/pts/ptmx")).unwrap();
+        let root = File::open(dir.path()).unwrap();
+        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+        std::fs::remove_file(dir.path().join("dev/pts/ptmx")).unwrap();
+        std::fs::write(dir.path().join("dev/pts/ptmx"), b"").unwrap();
+        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+    }
+
+    fn unsafe_zeroed_winsize() -> libc::winsize {
+        libc::winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        }
     }
 
     #[tokio::test]
@@ -407,8 +573,8 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let mut both = Reply::Started { pid: 9 }.encode();
         both.extend(Reply::Exit { code: 3 }.encode());
-        send_all(&a, &both, &[]).unwrap();
-        let (reply, _, rest) = read_reply(&b).unwrap();
+        send_all(&a, &both, &[], soon()).unwrap();
+        let (reply, rest) = read_reply(&b, soon()).unwrap();
         assert_eq!(reply, Reply::Started { pid: 9 });
         b.set_nonblocking(true).unwrap();
         let s = GuestSession {
@@ -430,12 +596,17 @@ mod tests {
     #[test]
     fn garbage_replies_are_refused() {
         let (a, b) = UnixStream::pair().unwrap();
-        send_all(&a, &[255, 255, 255, 255, 1, 2, 3], &[]).unwrap();
-        assert!(read_reply(&b).is_err());
+        send_all(&a, &[255, 255, 255, 255, 1, 2, 3], &[], soon()).unwrap();
+        assert!(read_reply(&b, soon()).is_err());
+        // Longer than any reply may be, though well-formed.
         let (a, b) = UnixStream::pair().unwrap();
-        send_all(&a, &[1, 0], &[]).unwrap();
+        let long = Reply::Error("x".repeat(MAX_REPLY)).encode();
+        std::thread::spawn(move || send_all(&a, &long, &[], soon()));
+        assert!(read_reply(&b, soon()).is_err());
+        let (a, b) = UnixStream::pair().unwrap();
+        send_all(&a, &[1, 0], &[], soon()).unwrap();
         drop(a);
-        assert!(read_reply(&b).is_err());
+        assert!(read_reply(&b, soon()).is_err());
     }
 }
 
@@ -482,9 +653,10 @@ mod namespace_tests {
         // Someone other than that process listens under the name: refused, nothing sent.
         let ns = File::open(format!("/proc/{pid}/ns/net")).unwrap();
         let listener = in_netns(ns, || {
-            std::os::unix::net::UnixListener::bind_addr(&SocketAddr::from_abstract_name(
-                SOCKET_NAME,
-            )?)
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::UnixListener::bind_addr(
+                &std::os::unix::net::SocketAddr::from_abstract_name(SOCKET_NAME)?,
+            )
         })
         .await
         .unwrap();

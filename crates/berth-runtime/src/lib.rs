@@ -188,8 +188,9 @@ pub trait Runtime: Send + Sync + 'static {
         exec: &ExecHandle,
         size: TtySize,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    /// The exit code of a finished exec. Waits (bounded) for the engine to notice the end,
-    /// which can lag the end of the output stream.
+    /// The exit code of an exec, once it has ended. An engine exec's end can lag the end of
+    /// its output stream (waited for, bounded); a session started by init is waited for
+    /// until it ends, as sshd waits for its sessions' processes.
     fn exec_exit_code(
         &self,
         exec: &ExecHandle,
@@ -245,9 +246,9 @@ pub async fn in_netns<T: Send + 'static>(
 ) -> std::io::Result<T> {
     // The permit goes with the thread: it is given back when the thread ends, not when the
     // waiting task is dropped (a client that disconnects does not free a busy thread's slot).
-    let permit = NETNS_THREADS
-        .acquire()
+    let permit = tokio::time::timeout(std::time::Duration::from_secs(10), NETNS_THREADS.acquire())
         .await
+        .map_err(|_| std::io::Error::other("too many container namespace operations at once"))?
         .map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()

@@ -305,7 +305,39 @@ async fn pump(
             input_open = false; // the process closed its stdin
         }
     }
-    let code = control.wait().await;
+    // The output has ended; the process may still run (it closed its stdout, or a child
+    // holds nothing open). Wait for its end as sshd does, still reading the channel: input
+    // goes on to the process, and a client that closes the channel ends the wait (and the
+    // process, by dropping its control).
+    let wait = control.wait();
+    tokio::pin!(wait);
+    let code = loop {
+        tokio::select! {
+            code = &mut wait => break code,
+            m = rx.wait() => match m {
+                Some(ChannelMsg::Data { data }) if input_open => {
+                    let n = u32::try_from(data.len().clamp(1, INPUT_LIMIT)).unwrap_or(u32::MAX);
+                    let permit = tokio::select! {
+                        code = &mut wait => break code,
+                        p = budget.clone().acquire_many_owned(n) => match p {
+                            Ok(p) => p,
+                            Err(_) => continue,
+                        },
+                    };
+                    if in_tx.send(Input::Data(data, permit)).is_err() {
+                        input_open = false;
+                    }
+                }
+                Some(ChannelMsg::Eof) if input_open && !tty => {
+                    input_open = false;
+                    let _ = in_tx.send(Input::Eof);
+                }
+                None | Some(ChannelMsg::Close) => return None,
+                // Window changes: no output is left, so no terminal to size.
+                Some(_) => {}
+            },
+        }
+    };
     let _ = tx.exit_status(code).await;
     let _ = tx.eof().await;
     let _ = tx.close().await;

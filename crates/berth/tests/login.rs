@@ -126,6 +126,16 @@ fn stdin_is_streamed_with_eof_and_bytes_survive() {
         String::from_utf8_lossy(&o.stdout).trim(),
         data.len().to_string()
     );
+    // A process that closed its output still gets its input, and its exit code counts
+    // (the session waits for the process, as sshd does, not for the end of the output).
+    let o = d.ssh_run(
+        "alice",
+        &key,
+        "exec >&- 2>&-; cat > /tmp/in; sleep 1; exit 5",
+        b"late input\n",
+    );
+    assert_eq!(o.status.code(), Some(5));
+    assert_eq!(d.ssh_ok("alice", &key, "cat /tmp/in"), "late input\n");
     // Output that starts with 0x00-0x02 passes unharmed, with and without a TTY.
     let o = d.ssh_run("alice", &key, r"printf '\000\001\002end'", b"");
     assert_eq!(o.stdout, b"\x00\x01\x02end");
