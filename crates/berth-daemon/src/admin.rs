@@ -274,16 +274,6 @@ async fn kill_session<R: Runtime>(
     Ok(Json(info))
 }
 
-/// `NAME` as Docker lists it: `:latest` added when no tag is given.
-fn full_image_name(name: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || name.contains('@') {
-        name.to_owned()
-    } else {
-        format!("{name}:latest")
-    }
-}
-
 async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     let images = st.runtime.list_images().await?;
     let store = st.store.clone();
@@ -294,7 +284,7 @@ async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     let mut ids: std::collections::HashMap<String, Option<String>> = Default::default();
     for u in &users {
         for name in std::iter::once(&u.image).chain(u.committed_image.as_ref()) {
-            let full = full_image_name(name.as_str());
+            let full = name.full();
             if !ids.contains_key(&full) {
                 let id = st.runtime.image_id(&full).await?;
                 ids.insert(full.clone(), id);
@@ -351,7 +341,7 @@ async fn import_image<R: Runtime>(
     use futures_util::TryStreamExt;
     authorize(&peer)?;
     let name = ImageName::parse(&q.name).map_err(|e| AdminError::BadRequest(e.to_string()))?;
-    let full = full_image_name(name.as_str());
+    let full = name.full();
     if st.runtime.image_exists(&full).await? {
         return Err(AdminError::Conflict(format!(
             "image {full} already exists; remove it first (berth image rm {full})"
@@ -380,7 +370,7 @@ async fn remove_image<R: Runtime>(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<ImageInfo>> {
     authorize(&peer)?;
-    let full = full_image_name(&name);
+    let full = berth_proto::full_image_name(&name);
     let _images = st.images.lock().await;
     let info = image_infos(&st)
         .await?

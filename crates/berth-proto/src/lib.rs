@@ -17,7 +17,7 @@ pub use api::{
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};
-pub use name::{ImageName, NameError, UserName};
+pub use name::{ImageName, NameError, UserName, full_image_name};
 pub use ssh_key::PublicKey;
 
 /// The admin socket's file name inside the state directory.

@@ -85,6 +85,22 @@ impl ImageName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name as the engine lists it: see [`full_image_name`].
+    pub fn full(&self) -> String {
+        full_image_name(&self.0)
+    }
+}
+
+/// `name` as the engine lists it: `repo` means `repo:latest`; a name with a tag or a digest
+/// stays as it is (a registry's port, `host:5000/repo`, is not a tag).
+pub fn full_image_name(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_owned()
+    } else {
+        format!("{name}:latest")
+    }
 }
 
 impl TryFrom<String> for ImageName {
@@ -131,6 +147,20 @@ mod tests {
                 Err(NameError::User(bad.to_owned())),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn full_names_get_latest_only_without_a_tag_or_digest() {
+        for (name, full) in [
+            ("debian", "debian:latest"),
+            ("debian:12", "debian:12"),
+            ("host:5000/team/img", "host:5000/team/img:latest"),
+            ("host:5000/team/img:v1", "host:5000/team/img:v1"),
+            ("img@sha256:abc", "img@sha256:abc"),
+        ] {
+            assert_eq!(full_image_name(name), full);
+            assert_eq!(ImageName::parse(name).unwrap().full(), full);
         }
     }
 

@@ -115,16 +115,7 @@ pub fn run(cmd: ImageCommand, state_dir: Option<PathBuf>) -> Result<(), Failure>
 /// Fails when image `name` exists already (or the daemon does not answer).
 fn refuse_existing(c: &berth_proto::AdminClient, name: &ImageName) -> Result<(), Failure> {
     let images: Vec<ImageInfo> = block_on(async { Ok(c.get("/images").await?) })?;
-    let full = if name
-        .as_str()
-        .rsplit('/')
-        .next()
-        .is_some_and(|l| l.contains(':'))
-    {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    };
+    let full = name.full();
     if images.iter().any(|i| i.name == full) {
         return Err(Failure {
             message: format!("image {full} already exists"),
