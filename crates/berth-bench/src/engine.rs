@@ -201,21 +201,31 @@ impl Engine {
             .ok_or_else(|| anyhow!("exec {exec_id} has no exit code"))
     }
 
-    /// `(id, name)` of every container, stopped ones included, whose name matches the
-    /// regular expression `pattern` (Docker's name filter; names start with `/`).
-    pub fn containers_matching(&self, pattern: &str) -> Result<Vec<(String, String)>> {
-        let filters = json!({ "name": [pattern] }).to_string();
+    /// The array a listing endpoint (`path`, ending in `?` or a query) returns for one
+    /// filter `key=value`.
+    fn list(&self, path: &str, key: &str, value: &str) -> Result<Vec<Value>> {
+        let filters = json!({ key: [value] }).to_string();
+        let sep = if path.ends_with('?') { "" } else { "&" };
         let v = self.ok(
             "GET",
             &format!(
-                "/containers/json?all=1&filters={}",
+                "{path}{sep}filters={}",
                 utf8_percent_encode(&filters, NON_ALPHANUMERIC)
             ),
             None,
         )?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
+        match v {
+            Value::Array(items) => Ok(items),
+            other => bail!("GET {path}: expected a list, got {other}"),
+        }
+    }
+
+    /// `(id, name)` of every container, stopped ones included, whose name matches the
+    /// regular expression `pattern` (Docker's name filter; names start with `/`).
+    pub fn containers_matching(&self, pattern: &str) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .list("/containers/json?all=1", "name", pattern)?
+            .iter()
             .filter_map(|c| {
                 let id = c.get("Id")?.as_str()?.to_owned();
                 let name = c.pointer("/Names/0")?.as_str()?.trim_start_matches('/');
@@ -226,18 +236,9 @@ impl Engine {
 
     /// Names of images whose reference matches `reference` (e.g. `bench12/*`).
     pub fn images_matching(&self, reference: &str) -> Result<Vec<String>> {
-        let filters = json!({ "reference": [reference] }).to_string();
-        let v = self.ok(
-            "GET",
-            &format!(
-                "/images/json?filters={}",
-                utf8_percent_encode(&filters, NON_ALPHANUMERIC)
-            ),
-            None,
-        )?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
+        Ok(self
+            .list("/images/json?", "reference", reference)?
+            .iter()
             .filter_map(|i| i.get("Id")?.as_str().map(str::to_owned))
             .collect())
     }
@@ -252,18 +253,9 @@ impl Engine {
 
     /// Names of the networks whose name matches `pattern`.
     pub fn networks_matching(&self, pattern: &str) -> Result<Vec<String>> {
-        let filters = json!({ "name": [pattern] }).to_string();
-        let v = self.ok(
-            "GET",
-            &format!(
-                "/networks?filters={}",
-                utf8_percent_encode(&filters, NON_ALPHANUMERIC)
-            ),
-            None,
-        )?;
-        Ok(v.as_array()
-            .into_iter()
-            .flatten()
+        Ok(self
+            .list("/networks?", "name", pattern)?
+            .iter()
             .filter_map(|n| n.get("Name")?.as_str().map(str::to_owned))
             .collect())
     }
