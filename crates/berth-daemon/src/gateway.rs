@@ -202,7 +202,7 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         port: u16,
     ) -> Result<RemoteListener, OpenError> {
         let (lease, net) = self.lease_with_pid(user, key).await?;
-        let listener = in_netns(net.ns, move || {
+        let listener = in_netns(net.ns, lease.container(), move || {
             let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
             l.set_nonblocking(true)?;
             Ok(l)
@@ -250,10 +250,12 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         let (lease, net) = self.lease_with_pid(user, key).await?;
         let target = host.to_owned();
         let root = net.root;
-        let stream = in_netns(net.ns, move || connect_from_here(&root, &target, port))
-            .await
-            .and_then(tokio::net::TcpStream::from_std)
-            .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
+        let stream = in_netns(net.ns, lease.container(), move || {
+            connect_from_here(&root, &target, port)
+        })
+        .await
+        .and_then(tokio::net::TcpStream::from_std)
+        .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
         Ok(Tunnel {
             stream,
             hold: Box::new(lease),
@@ -565,7 +567,7 @@ impl<R: Runtime> BerthGateway<R> {
             return Err(OpenError("bad X11 request".into()));
         }
         let net = self.container_netns(container).await?;
-        let (n, listener) = in_netns(net.ns, || {
+        let (n, listener) = in_netns(net.ns, container, || {
             for n in X11_DISPLAYS {
                 if let Ok(l) =
                     std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))

@@ -32,7 +32,10 @@ use nix::unistd::{ForkResult, Pid, fork};
 
 /// Running sessions: PID → the connection its exit is reported on. Taken from before the
 /// fork until the `started` reply is sent, so an exit is never reported before the start.
-static SESSIONS: Mutex<BTreeMap<i32, UnixStream>> = Mutex::new(BTreeMap::new());
+/// Each entry carries the session's serial number: a PID can be reused by a later session
+/// while an earlier one's connection is still open.
+static SESSIONS: Mutex<BTreeMap<i32, (u64, UnixStream)>> = Mutex::new(BTreeMap::new());
+static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Connections being served at once; more are closed at once (that login fails).
 const MAX_CONNECTIONS: usize = 1024;
@@ -119,7 +122,7 @@ fn serve(conn: UnixStream) {
         start_session(&conn, req, fds)
     });
     match started {
-        Ok(pid) => watch(pid, conn),
+        Ok(session) => watch(session, conn),
         Err(text) => {
             let _ = send(&conn, &Reply::Error(text));
         }
@@ -128,16 +131,16 @@ fn serve(conn: UnixStream) {
 
 /// Connections of started sessions, watched for the daemon closing them. Only the watcher
 /// thread removes entries, so their descriptors stay valid while it polls them.
-static WATCHED: Mutex<Vec<(i32, UnixStream)>> = Mutex::new(Vec::new());
+static WATCHED: Mutex<Vec<((i32, u64), UnixStream)>> = Mutex::new(Vec::new());
 /// Written to when an entry is added, to wake the watcher's poll.
 static WAKE: std::sync::OnceLock<(OwnedFd, OwnedFd)> = std::sync::OnceLock::new();
 
-fn watch(pid: i32, conn: UnixStream) {
+fn watch(session: (i32, u64), conn: UnixStream) {
     let Some((_, wake)) = WAKE.get() else {
         return;
     };
     if let Ok(mut w) = WATCHED.lock() {
-        w.push((pid, conn));
+        w.push((session, conn));
     }
     let _ = nix::unistd::write(wake, b"x");
 }
@@ -149,7 +152,7 @@ fn watch(pid: i32, conn: UnixStream) {
 fn watch_loop(wake: RawFd) {
     let mut buf = [0u8; 256];
     loop {
-        let watched: Vec<(i32, RawFd)> = WATCHED
+        let watched: Vec<((i32, u64), RawFd)> = WATCHED
             .lock()
             .map(|w| w.iter().map(|(p, c)| (*p, c.as_raw_fd())).collect())
             .unwrap_or_default();
@@ -169,7 +172,7 @@ fn watch_loop(wake: RawFd) {
             continue;
         }
         let mut closed = Vec::new();
-        for (pfd, &(pid, fd)) in fds.iter().skip(1).zip(&watched) {
+        for (pfd, &(session, fd)) in fds.iter().skip(1).zip(&watched) {
             if pfd.revents == 0 {
                 continue;
             }
@@ -179,7 +182,7 @@ fn watch_loop(wake: RawFd) {
                 unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
             let again = got < 0 && Errno::last() == Errno::EAGAIN;
             if got == 0 || (got < 0 && !again) {
-                closed.push(pid);
+                closed.push(session);
             }
         }
         if fds.first().is_some_and(|w| w.revents != 0) {
@@ -196,11 +199,12 @@ fn watch_loop(wake: RawFd) {
             continue;
         }
         if let Ok(mut w) = WATCHED.lock() {
-            w.retain(|(p, _)| !closed.contains(p));
+            w.retain(|(s, _)| !closed.contains(s));
         }
         if let Ok(mut sessions) = SESSIONS.lock() {
-            for pid in closed {
-                if sessions.remove(&pid).is_some() {
+            for (pid, serial) in closed {
+                if sessions.get(&pid).is_some_and(|(s, _)| *s == serial) {
+                    sessions.remove(&pid);
                     hang_up(pid);
                 }
             }
@@ -253,7 +257,8 @@ struct Prepared {
     failure: Vec<u8>,
 }
 
-fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i32, String> {
+/// Starts the session; its PID and serial number.
+fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<(i32, u64), String> {
     let prepared = prepare(&req)?;
     if fds.len() != req.mode.fds() {
         return Err(format!(
@@ -296,16 +301,17 @@ fn start_session(conn: &UnixStream, req: Request, fds: Vec<OwnedFd>) -> Result<i
         Ok(ForkResult::Parent { child }) => {
             drop(stdio);
             let pid = child.as_raw();
+            let serial = SERIAL.fetch_add(1, Ordering::SeqCst);
             let sent = send(conn, &Reply::Started { pid });
             match (sent, conn.try_clone()) {
                 (Ok(()), Ok(report)) => {
-                    sessions.insert(pid, report);
+                    sessions.insert(pid, (serial, report));
                 }
                 // Nobody to report to: the process runs on as an orphan would. Hang it up
                 // (still under the lock: it cannot have been reaped, so the PID is its own).
                 _ => hang_up(pid),
             }
-            Ok(pid)
+            Ok((pid, serial))
         }
         Err(e) => Err(format!("cannot start a process: {}", e.desc())),
     }
@@ -449,7 +455,7 @@ pub fn reap_children() {
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(_) => return,
         };
-        if let Some(conn) = sessions.remove(&pid.as_raw()) {
+        if let Some((_, conn)) = sessions.remove(&pid.as_raw()) {
             let _ = send(&conn, &Reply::Exit { code });
         }
     }

@@ -49,14 +49,7 @@ pub struct DockerRuntime {
     /// Running containers' init processes, by container id, so that a session's start needs
     /// no engine call (each use checks the process is still that init).
     inits: std::sync::Arc<std::sync::Mutex<HashMap<String, Identity>>>,
-    /// Session starts in flight, per container: one user's container cannot tie up the
-    /// daemon's namespace threads.
-    starting:
-        std::sync::Arc<std::sync::Mutex<HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>>,
 }
-
-/// Session starts that may be in flight at once in one container.
-const STARTS_PER_CONTAINER: usize = 4;
 
 impl DockerRuntime {
     /// Connects to the engine on `socket` and negotiates the API version down to what the
@@ -78,7 +71,6 @@ impl DockerRuntime {
             socket,
             api_version,
             inits: Default::default(),
-            starting: Default::default(),
         })
     }
 
@@ -397,23 +389,10 @@ impl Runtime for DockerRuntime {
     async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
         // The container's init starts the session when it can (no engine on the data path);
         // an init from an older Berth cannot, and the engine does it.
-        if let Some(init) = self.init(container).await? {
-            let slots = self.starting.lock().map(|mut m| {
-                m.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
-                m.entry(container.to_owned())
-                    .or_insert_with(|| {
-                        std::sync::Arc::new(tokio::sync::Semaphore::new(STARTS_PER_CONTAINER))
-                    })
-                    .clone()
-            });
-            let slots = slots.map_err(|_| RuntimeError::Docker("internal error".into()))?;
-            let _slot = tokio::time::timeout(Duration::from_secs(10), slots.acquire_owned())
-                .await
-                .map_err(|_| RuntimeError::Docker("too many sessions starting at once".into()))?
-                .map_err(|_| RuntimeError::Docker("internal error".into()))?;
-            if let Some(exec) = guest::spawn(init, container, &spec).await? {
-                return Ok(exec);
-            }
+        if let Some(init) = self.init(container).await?
+            && let Some(exec) = guest::spawn(init, container, &spec).await?
+        {
+            return Ok(exec);
         }
         let tty = spec.tty.is_some();
         let cmd = match spec.tty {

@@ -30,7 +30,7 @@ use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::sockopt::PeerCredentials;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::io::ReaderStream;
 
 use crate::exec::raw_output;
@@ -45,8 +45,9 @@ const MAX_REPLY: usize = 4096;
 /// A session the guest started: its exit is read from the connection, a terminal session
 /// is resized through its master. Dropping it closes the connection.
 pub struct GuestSession {
-    /// The connection, and what was read of it past the `started` reply.
-    conn: tokio::sync::Mutex<(tokio::net::UnixStream, Vec<u8>)>,
+    /// The connection, and what was read of it past the `started` reply. Taken on drop and
+    /// closed on the closer thread (see [`close_later`]).
+    conn: tokio::sync::Mutex<(Option<tokio::net::UnixStream>, Vec<u8>)>,
     master: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
@@ -80,6 +81,7 @@ impl GuestSession {
     pub(crate) async fn exit_code(&self) -> Result<i64, RuntimeError> {
         let mut guard = self.conn.lock().await;
         let (conn, early) = &mut *guard;
+        let conn = conn.as_ref().ok_or_else(|| lost("no connection"))?;
         let mut msg = std::mem::take(early);
         let mut buf = [0u8; 256];
         loop {
@@ -88,19 +90,41 @@ impl GuestSession {
                 Ok(_) if msg.len() <= 256 => {}
                 _ => return Err(lost("a bad message")),
             }
-            let n = conn
-                .read(&mut buf)
-                .await
-                .map_err(|e| lost(&e.to_string()))?;
-            if n == 0 {
+            // Read with room for descriptors, never a plain read: descriptors attached to
+            // bytes read without it are closed by the kernel on this (runtime) thread.
+            let got = loop {
+                conn.readable().await.map_err(|e| lost(&e.to_string()))?;
+                match conn.try_io(tokio::io::Interest::READABLE, || {
+                    recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+                }) {
+                    Ok(got) => break got,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(lost(&e.to_string())),
+                }
+            };
+            if !got.fds.is_empty() || got.truncated {
+                discard(got.fds);
+                return Err(lost("unexpected descriptors"));
+            }
+            if got.bytes == 0 {
                 return Err(lost("the connection closed"));
             }
-            msg.extend_from_slice(buf.get(..n).unwrap_or_default());
+            msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
         }
         let len = message_len(&msg).ok().flatten().unwrap_or_default();
         match Reply::decode(msg.get(..len).unwrap_or_default()) {
             Ok(Reply::Exit { code }) => Ok(code),
             _ => Err(lost("a bad message")),
+        }
+    }
+}
+
+impl Drop for GuestSession {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.get_mut().0.take()
+            && let Ok(conn) = conn.into_std()
+        {
+            close_later(conn.into());
         }
     }
 }
@@ -155,21 +179,23 @@ pub(crate) async fn spawn(
         }
     };
     let init_pid = init.pid;
-    let handshake = in_netns(ns, move || {
+    let handshake = in_netns(ns, container, move || {
         let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         let Some(conn) = connect()? else {
             return Ok(None);
         };
+        let conn = Closing(Some(conn));
+        let c = conn.get();
         // The listener must be the container's init, not something a user bound.
-        let peer = nix::sys::socket::getsockopt(&conn, PeerCredentials)?;
+        let peer = nix::sys::socket::getsockopt(c, PeerCredentials)?;
         if peer.pid() != init_pid {
             return Ok(None);
         }
         let fds: Vec<RawFd> = theirs.iter().map(AsRawFd::as_raw_fd).collect();
-        send_all(&conn, &message, &fds, deadline)?;
+        send_all(c, &message, &fds, deadline)?;
         drop(theirs);
-        let (reply, rest) = read_reply(&conn, deadline)?;
-        Ok(Some((conn, reply, rest)))
+        let (reply, rest) = read_reply(c, deadline)?;
+        Ok(Some((conn.take(), reply, rest)))
     })
     .await
     .map_err(|e| RuntimeError::Docker(format!("container init: {e}")))?;
@@ -191,7 +217,10 @@ pub(crate) async fn spawn(
         Some(host) => ProcessGuard::new(host, container),
         None => ProcessGuard::default(),
     };
-    let conn = tokio::net::UnixStream::from_std(conn).map_err(io_err)?;
+    let conn = match tokio::net::UnixStream::from_std(conn) {
+        Ok(c) => c,
+        Err(e) => return Err(io_err(e)),
+    };
     let id = format!("guest-{}-{pid}", init.pid);
     tracing::debug!(exec = %id, host_pid = ?guard.pid(), "session started by the container's init");
     let (stdin, output, master): (Pin<Box<dyn AsyncWrite + Send>>, _, _) = match ours {
@@ -225,7 +254,7 @@ pub(crate) async fn spawn(
         output,
         guard,
         handle: ExecHandle::Guest(Arc::new(GuestSession {
-            conn: tokio::sync::Mutex::new((conn, rest)),
+            conn: tokio::sync::Mutex::new((Some(conn), rest)),
             master,
         })),
     }))
@@ -250,6 +279,7 @@ fn connect() -> std::io::Result<Option<UnixStream>> {
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         None,
     )?;
+    let _ = refuse_descriptors(&sock);
     let addr = UnixAddr::new_abstract(SOCKET_NAME)?;
     match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
         Ok(()) => Ok(Some(UnixStream::from(sock))),
@@ -288,26 +318,38 @@ fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeErr
     use nix::fcntl::{OpenHow, ResolveFlag};
     use nix::sys::statfs::{DEVPTS_SUPER_MAGIC, fstatfs};
     let pty_err = |what: &str| RuntimeError::Docker(format!("terminal: {what}"));
+    // O_PATH first: that opens nothing (no driver runs). Only devpts's own ptmx node (c 5:2;
+    // nobody can make nodes on devpts) is then opened for real: a user who made her init
+    // chroot elsewhere cannot have the daemon open some other device she made.
     let how = OpenHow::new()
-        .flags(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .resolve(
             ResolveFlag::RESOLVE_IN_ROOT
                 | ResolveFlag::RESOLVE_NO_SYMLINKS
                 | ResolveFlag::RESOLVE_NO_MAGICLINKS,
         );
-    // Only devpts's ptmx opens as a pty master (checked below), so nothing else a user could
-    // place at that path is ever opened read-write and kept.
-    let master = nix::fcntl::openat2(root.as_fd(), "dev/pts/ptmx", how)
+    let not_ptmx = || pty_err("the container's /dev/pts/ptmx is not a pty multiplexer");
+    let path = nix::fcntl::openat2(root.as_fd(), "dev/pts/ptmx", how)
         .map_err(|e| pty_err(&format!("cannot open the container's /dev/pts/ptmx: {e}")))?;
-    let devpts = fstatfs(&master).is_ok_and(|f| f.filesystem_type() == DEVPTS_SUPER_MAGIC);
+    let devpts = fstatfs(&path).is_ok_and(|f| f.filesystem_type() == DEVPTS_SUPER_MAGIC);
+    let ptmx = nix::sys::stat::fstat(&path).is_ok_and(|st| {
+        st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == libc::makedev(5, 2)
+    });
+    if !devpts || !ptmx {
+        return Err(not_ptmx());
+    }
+    let master = nix::fcntl::open(
+        format!("/proc/self/fd/{}", path.as_raw_fd()).as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| pty_err(&e.to_string()))?;
     let mut n: libc::c_uint = 0;
     // SAFETY: TIOCGPTN writes one c_uint to the pointer, valid for the call.
     #[allow(unsafe_code)]
     let is_master = unsafe { pty_number(master.as_raw_fd(), &mut n) }.is_ok();
-    if !devpts || !is_master {
-        return Err(pty_err(
-            "the container's /dev/pts/ptmx is not a pty multiplexer",
-        ));
+    if !is_master {
+        return Err(not_ptmx());
     }
     let unlock: libc::c_int = 0;
     let ws = libc::winsize {
@@ -397,29 +439,115 @@ fn read_reply(conn: &UnixStream, deadline: Instant) -> std::io::Result<(Reply, V
     Ok((reply, rest))
 }
 
-/// Closes descriptors nobody asked for without letting the close block us: a socket could
-/// be set to linger for ever on unsent data, so sockets are made to reset instead, and the
-/// closing happens on a thread of its own.
-fn discard(fds: Vec<OwnedFd>) {
-    use nix::sys::socket::{setsockopt, sockopt::Linger};
-    for fd in &fds {
-        let is_socket =
-            nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
-        if is_socket {
-            let _ = setsockopt(
-                fd,
-                Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            );
+/// `SO_PASSRIGHTS` (Linux 6.16, `asm-generic/socket.h`; not in libc yet).
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Asks the kernel to refuse descriptors sent to `sock` (the guest's `sendmsg` with any then
+/// fails), so none can be queued for us at all. Older kernels do not know the option; there
+/// the readers and [`close_later`] take care of what arrives.
+/// Returns whether the kernel took the option.
+fn refuse_descriptors(sock: &impl AsFd) -> bool {
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads one c_int from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            std::ptr::from_ref(&off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
+/// A connection to a guest that, unless taken, is closed by [`close_later`].
+struct Closing(Option<UnixStream>);
+
+impl Closing {
+    fn get(&self) -> &UnixStream {
+        // Only `take` empties it, and that consumes self.
+        self.0.as_ref().unwrap_or_else(|| unreachable!())
+    }
+
+    fn take(mut self) -> UnixStream {
+        self.0.take().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            close_later(c.into());
         }
     }
-    let _ = std::thread::Builder::new()
-        .name("berth-discard".into())
-        .stack_size(32 * 1024)
-        .spawn(move || drop(fds));
+}
+
+/// Closes descriptors a guest could have a hand in on one thread of their own, never on a
+/// runtime worker or a namespace thread: closing a socket that has descriptors queued closes
+/// those too, and a socket can be set to linger for ever on unsent data. Whatever is still
+/// queued on a unix socket is read first and its descriptors made to reset, not linger.
+fn close_later(fd: OwnedFd) {
+    static CLOSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<OwnedFd>>> =
+        std::sync::OnceLock::new();
+    let tx = CLOSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+        let _ = std::thread::Builder::new()
+            .name("berth-closer".into())
+            .spawn(move || {
+                for fd in rx {
+                    drain(&fd);
+                    drop(fd);
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    if let Ok(tx) = tx.lock() {
+        // If the closer is gone, the descriptor is closed here after all.
+        let _ = tx.send(fd);
+    }
+}
+
+/// Reads what is queued on a unix socket, defusing the descriptors that came with it.
+fn drain(fd: &OwnedFd) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..1024 {
+        match recv_with_fds(fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+            Ok(got) if got.bytes > 0 || !got.fds.is_empty() => {
+                for inner in got.fds {
+                    defuse(&inner);
+                    drop(inner);
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Makes closing `fd` quick if it is a socket: reset, no lingering.
+fn defuse(fd: &OwnedFd) {
+    use nix::sys::socket::{setsockopt, sockopt::Linger};
+    let is_socket =
+        nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
+    if is_socket {
+        let _ = setsockopt(
+            fd,
+            Linger,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        );
+    }
+}
+
+/// Descriptors nobody asked for, closed off the runtime.
+fn discard(fds: Vec<OwnedFd>) {
+    for fd in fds {
+        defuse(&fd);
+        close_later(fd);
+    }
 }
 
 /// Registers our (non-blocking, private) pty master with the reactor.
@@ -481,9 +609,9 @@ impl AsyncWrite for Pty {
     }
 }
 
-/// Drains and discards what is left on a connection (tests).
+/// Reads what is left on a connection (tests).
 #[cfg(test)]
-fn drain(mut c: &UnixStream) -> usize {
+fn leftover(mut c: &UnixStream) -> usize {
     use std::io::Read;
     let mut buf = [0u8; 64];
     c.read(&mut buf).unwrap_or(0)
@@ -513,7 +641,41 @@ mod tests {
         send_all(&a, &msg, &[r.as_raw_fd()], soon()).unwrap();
         assert!(read_reply(&b, soon()).is_err());
         drop(a);
-        assert_eq!(drain(&b), 0);
+        assert_eq!(leftover(&b), 0);
+    }
+
+    #[test]
+    fn descriptors_sent_to_the_daemon_are_refused_by_the_kernel() {
+        let (a, b) = UnixStream::pair().unwrap();
+        if !refuse_descriptors(&b) {
+            eprintln!("SO_PASSRIGHTS needs Linux 6.16; the readers' own checks remain");
+            return;
+        }
+        let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        assert!(send_with_fds(a.as_fd(), b"x", &[r.as_raw_fd()], 0).is_err());
+        assert_eq!(send_with_fds(a.as_fd(), b"x", &[], 0).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_exit_carrying_descriptors_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
+        send_all(
+            &a,
+            &Reply::Exit { code: 0 }.encode(),
+            &[r.as_raw_fd()],
+            soon(),
+        )
+        .unwrap();
+        b.set_nonblocking(true).unwrap();
+        let s = GuestSession {
+            conn: tokio::sync::Mutex::new((
+                Some(tokio::net::UnixStream::from_std(b).unwrap()),
+                vec![],
+            )),
+            master: None,
+        };
+        assert!(s.exit_code().await.is_err());
     }
 
     #[test]
@@ -557,6 +719,19 @@ mod tests {
         std::fs::remove_file(dir.path().join("dev/pts/ptmx")).unwrap();
         std::fs::write(dir.path().join("dev/pts/ptmx"), b"").unwrap();
         assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+        // A device node she made there (even one with ptmx's own numbers): not devpts, so
+        // never opened for real.
+        for (major, minor) in [(1, 3), (5, 2)] {
+            std::fs::remove_file(dir.path().join("dev/pts/ptmx")).unwrap();
+            nix::sys::stat::mknod(
+                &dir.path().join("dev/pts/ptmx"),
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::from_bits_truncate(0o666),
+                libc::makedev(major, minor),
+            )
+            .unwrap();
+            assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+        }
     }
 
     fn unsafe_zeroed_winsize() -> libc::winsize {
@@ -578,7 +753,10 @@ mod tests {
         assert_eq!(reply, Reply::Started { pid: 9 });
         b.set_nonblocking(true).unwrap();
         let s = GuestSession {
-            conn: tokio::sync::Mutex::new((tokio::net::UnixStream::from_std(b).unwrap(), rest)),
+            conn: tokio::sync::Mutex::new((
+                Some(tokio::net::UnixStream::from_std(b).unwrap()),
+                rest,
+            )),
             master: None,
         };
         assert_eq!(s.exit_code().await.unwrap(), 3);
@@ -587,7 +765,10 @@ mod tests {
         drop(a);
         b.set_nonblocking(true).unwrap();
         let s = GuestSession {
-            conn: tokio::sync::Mutex::new((tokio::net::UnixStream::from_std(b).unwrap(), vec![])),
+            conn: tokio::sync::Mutex::new((
+                Some(tokio::net::UnixStream::from_std(b).unwrap()),
+                vec![],
+            )),
             master: None,
         };
         assert!(s.exit_code().await.is_err());
@@ -652,7 +833,7 @@ mod namespace_tests {
         assert!(spawn(init, "", &spec()).await.unwrap().is_none());
         // Someone other than that process listens under the name: refused, nothing sent.
         let ns = File::open(format!("/proc/{pid}/ns/net")).unwrap();
-        let listener = in_netns(ns, || {
+        let listener = in_netns(ns, "test", || {
             use std::os::linux::net::SocketAddrExt;
             std::os::unix::net::UnixListener::bind_addr(
                 &std::os::unix::net::SocketAddr::from_abstract_name(SOCKET_NAME)?,
@@ -664,7 +845,7 @@ mod namespace_tests {
         assert!(spawn(init, "", &spec()).await.unwrap().is_none());
         let (conn, _) = listener.accept().unwrap();
         conn.set_nonblocking(false).unwrap();
-        assert_eq!(drain(&conn), 0, "a request reached the impostor");
+        assert_eq!(leftover(&conn), 0, "a request reached the impostor");
         // A process that is gone is not joined.
         child.kill().unwrap();
         child.wait().unwrap();

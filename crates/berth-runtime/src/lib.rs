@@ -233,28 +233,54 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<i32>, RuntimeError>> + Send;
 }
 
-/// Threads that may be inside containers' namespaces at once, daemon-wide.
-static NETNS_THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(32);
+/// Threads that may be inside containers' namespaces at once, daemon-wide, and for any one
+/// container: one user cannot take them all.
+const NETNS_THREADS: usize = 64;
+const NETNS_THREADS_PER_CONTAINER: usize = 8;
+/// How long to wait for a namespace thread before giving up.
+const NETNS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Runs `f` on a thread of its own inside network namespace `ns` (a container's): sockets
-/// made there stay in that namespace, abstract unix socket names are that namespace's. A
-/// dedicated thread because `setns` moves the calling thread for good; never a pool's. At
-/// most a few such threads run at once.
+static NETNS_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(NETNS_THREADS);
+type Slots = std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>;
+static NETNS_SLOTS_BY_CONTAINER: std::sync::Mutex<Option<Slots>> = std::sync::Mutex::new(None);
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (container `container`'s):
+/// sockets made there stay in that namespace, abstract unix socket names are that
+/// namespace's. A dedicated thread because `setns` moves the calling thread for good; never
+/// a pool's. At most a few such threads run at once, and fewer per container.
 pub async fn in_netns<T: Send + 'static>(
     ns: std::fs::File,
+    container: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    // The permit goes with the thread: it is given back when the thread ends, not when the
-    // waiting task is dropped (a client that disconnects does not free a busy thread's slot).
-    let permit = tokio::time::timeout(std::time::Duration::from_secs(10), NETNS_THREADS.acquire())
+    let busy = || std::io::Error::other("too many container namespace operations at once");
+    let mine = NETNS_SLOTS_BY_CONTAINER
+        .lock()
+        .map_err(|_| busy())
+        .map(|mut m| {
+            let m = m.get_or_insert_with(Default::default);
+            m.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
+            m.entry(container.to_owned())
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(NETNS_THREADS_PER_CONTAINER))
+                })
+                .clone()
+        })?;
+    // Both permits go with the thread: they are given back when the thread ends, not when
+    // the waiting task is dropped (a client that disconnects does not free a busy slot).
+    let own = tokio::time::timeout(NETNS_WAIT, mine.acquire_owned())
         .await
-        .map_err(|_| std::io::Error::other("too many container namespace operations at once"))?
+        .map_err(|_| busy())?
+        .map_err(std::io::Error::other)?;
+    let any = tokio::time::timeout(NETNS_WAIT, NETNS_SLOTS.acquire())
+        .await
+        .map_err(|_| busy())?
         .map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("berth-netns".into())
         .spawn(move || {
-            let _permit = permit;
+            let _permits = (own, any);
             let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                 .map_err(std::io::Error::from);
             let _ = tx.send(r.and_then(|()| f()));

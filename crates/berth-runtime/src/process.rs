@@ -166,27 +166,33 @@ impl Identity {
     /// `ns_pid` (children of every thread are looked at: a thread that forks is the
     /// child's parent task).
     pub(crate) fn child_with_ns_pid(&self, ns_pid: i32) -> Option<i32> {
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid)).ok()?;
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            for child in children
-                .split_whitespace()
-                .filter_map(|c| c.parse::<i32>().ok())
-            {
-                let status =
-                    std::fs::read_to_string(format!("/proc/{child}/status")).unwrap_or_default();
-                let inner = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("NSpid:"))
-                    .and_then(|l| l.split_whitespace().last())
-                    .and_then(|p| p.parse::<i32>().ok());
-                if inner == Some(ns_pid) {
-                    return Some(child);
+        let inner_pid = |child: i32| {
+            std::fs::read_to_string(format!("/proc/{child}/status"))
+                .ok()?
+                .lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|p| p.parse::<i32>().ok())
+        };
+        // Quick: the children lists of this process's threads.
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) {
+            for task in tasks.flatten() {
+                let children =
+                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+                for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                    if inner_pid(child) == Some(ns_pid) {
+                        return Some(child);
+                    }
                 }
             }
         }
-        None
+        // Those lists can miss a child while the thread that forked it exits and the child
+        // moves to another thread: then every process whose parent this is.
+        let all = std::fs::read_dir("/proc").ok()?;
+        all.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&p| read_stat(p).is_some_and(|s| s.ppid == self.pid))
+            .find(|&p| inner_pid(p) == Some(ns_pid))
     }
 }
 
