@@ -169,6 +169,10 @@ async fn connection<G: Gateway>(
     debug!("connection accepted");
     let deadline = tokio::time::Instant::now() + grace;
     // run_stream waits for the client's identification line: bound it too.
+    let stream = QuickAck {
+        inner: stream,
+        done: authenticated.clone(),
+    };
     let session = match tokio::time::timeout_at(deadline, run_stream(config, stream, handler)).await
     {
         Ok(Ok(s)) => s,
@@ -213,6 +217,68 @@ async fn connection<G: Gateway>(
         }
     }
     debug!(%peer, "connection closed");
+}
+
+/// The accepted stream, acknowledging at once what it reads until the client has logged in.
+///
+/// The OpenSSH client sends its KEXINIT and ECDH_INIT as two small writes with Nagle on.
+/// When the server's KEXINIT went out first, the kernel delays its ACK of the client's
+/// KEXINIT (delayed ACK, ~40 ms), and ECDH_INIT waits for that ACK: 40 ms of nothing in
+/// many logins. `TCP_QUICKACK` is not sticky, so it is set again after each read of the
+/// handshake; after the login the kernel's usual ACK pacing applies.
+struct QuickAck {
+    inner: tokio::net::TcpStream,
+    done: Arc<AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for QuickAck {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if r.is_ready() && !self.done.load(Ordering::Relaxed) {
+            let _ = socket2::SockRef::from(&self.inner).set_tcp_quickack(true);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for QuickAck {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
