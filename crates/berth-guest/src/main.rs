@@ -1,14 +1,19 @@
 //! `berth-guest`: the small static helper mounted read-only at `/.berth` in every container.
 //!
 //! It must run in any image, busybox included, so it is built statically (see
-//! `scripts/build-guest`) and depends on no other Berth crate.
+//! `scripts/build-guest`) and depends on no other Berth crate but the protocol it speaks
+//! with the daemon (`berth-guest-proto`, libc only).
 //!
 //! `berth-guest init` is the container's PID 1: it keeps the container alive while no
-//! session is open, reaps orphaned processes (a shell's background jobs are re-parented to
-//! it when the shell exits) and exits on SIGTERM or SIGINT, so `docker stop` is quick.
-//! Signals are taken synchronously with `sigwait`, so no handler code is needed.
+//! session is open, starts each SSH session's process at the daemon's request (`spawn`),
+//! reaps orphaned processes (a shell's background jobs are re-parented to it when the shell
+//! exits) and exits on SIGTERM or SIGINT, so `docker stop` is quick. Signals are taken
+//! synchronously with `sigwait` on the main thread (blocked in every thread), so no handler
+//! code is needed.
 //!
-//! `berth-guest sftp-server` serves SFTP on stdin/stdout for images without an sftp-server.
+//! `berth-guest sftp-server` serves SFTP on stdin/stdout for images without an sftp-server;
+//! `berth-guest tty-exec` sets a terminal's size and execs (for sessions through the engine,
+//! the fallback for containers whose init predates `spawn`).
 //!
 //! Called as `daemon`, `nodaemon` or `stopnow` (the daemon mounts this binary under those
 //! names on PATH), it sends that one word to the Berth daemon over `/.berth/run/guest.sock`,

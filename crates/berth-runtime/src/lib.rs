@@ -1,6 +1,7 @@
 //! The container runtime: the [`Runtime`] trait the lifecycle manager drives, and its Docker
 //! Engine implementation ([`DockerRuntime`], bollard over the unix socket, API version
-//! negotiated so Debian bookworm's engine 20.10 / API 1.41 works).
+//! negotiated so Debian bookworm's engine 20.10 / API 1.41 works). Sessions ("execs") are
+//! started by the container's own init where it can (`guest`), through the engine otherwise.
 //!
 //! Holds no user policy: which image, which limits and when to stop are the caller's. What
 //! it does guarantee: an exec's processes never outlive the [`Exec`] that started them
