@@ -219,18 +219,31 @@ impl Reply {
 pub const MAX_FDS: usize = 4;
 
 /// Sends `data` (all of it or part, like `send`) with `fds` attached (`SCM_RIGHTS`), never
-/// raising SIGPIPE. `flags` are added (`MSG_DONTWAIT`).
+/// raising SIGPIPE. `flags` are added (`MSG_DONTWAIT`). At most [`MAX_FDS`] descriptors.
 pub fn send_with_fds(
     sock: std::os::fd::BorrowedFd<'_>,
     data: &[u8],
     fds: &[std::os::fd::RawFd],
     flags: i32,
 ) -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
     if fds.len() > MAX_FDS {
         return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
     }
+    send_rights(sock, data, fds, flags)
+}
+
+/// `sendmsg` with `fds` as one `SCM_RIGHTS` message (up to 14: the control buffer's room).
+fn send_rights(
+    sock: std::os::fd::BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[std::os::fd::RawFd],
+    flags: i32,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
     let mut space = [0u64; 8];
+    if std::mem::size_of_val(fds) + 16 > std::mem::size_of_val(&space) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
         iov_len: data.len(),
@@ -242,8 +255,8 @@ pub fn send_with_fds(
     msg.msg_iovlen = 1;
     if !fds.is_empty() {
         let bytes = std::mem::size_of_val(fds);
-        // SAFETY: the control buffer (64 bytes, 8-aligned) holds one header and MAX_FDS
-        // descriptors; CMSG_* compute offsets inside it.
+        // SAFETY: the control buffer (64 bytes, 8-aligned) holds one header (16 bytes) and
+        // the descriptors (checked above); CMSG_* compute offsets inside it.
         #[allow(unsafe_code)]
         unsafe {
             msg.msg_control = space.as_mut_ptr().cast();
@@ -356,26 +369,7 @@ mod tests {
         // More than MAX_FDS, sent raw (send_with_fds refuses): all arrive, owned (the
         // receiver decides what to do with them; none is closed behind its back).
         let many: Vec<i32> = vec![r.as_raw_fd(); 7];
-        let bytes = std::mem::size_of_val(many.as_slice());
-        let mut space = [0u64; 8];
-        let mut iov = libc::iovec {
-            iov_base: b"x".as_ptr().cast_mut().cast(),
-            iov_len: 1,
-        };
-        #[allow(unsafe_code)]
-        unsafe {
-            let mut msg: libc::msghdr = std::mem::zeroed();
-            msg.msg_iov = &mut iov;
-            msg.msg_iovlen = 1;
-            msg.msg_control = space.as_mut_ptr().cast();
-            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as usize;
-            let c = libc::CMSG_FIRSTHDR(&msg);
-            (*c).cmsg_level = libc::SOL_SOCKET;
-            (*c).cmsg_type = libc::SCM_RIGHTS;
-            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
-            std::ptr::copy_nonoverlapping(many.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
-            assert_eq!(libc::sendmsg(a.as_raw_fd(), &msg, 0), 1);
-        }
+        assert_eq!(send_rights(a.as_fd(), b"x", &many, 0).unwrap(), 1);
         let got = recv_with_fds(b.as_fd(), &mut buf, 0).unwrap();
         assert_eq!((got.bytes, got.fds.len(), got.truncated), (1, 7, false));
         assert!(send_with_fds(a.as_fd(), b"x", &many, 0).is_err());

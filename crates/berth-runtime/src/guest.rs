@@ -626,6 +626,18 @@ mod tests {
         Instant::now() + Duration::from_secs(2)
     }
 
+    /// A session on `conn` (a test's end of a pair), `early` already read.
+    fn session_on(conn: UnixStream, early: Vec<u8>) -> GuestSession {
+        conn.set_nonblocking(true).unwrap();
+        GuestSession {
+            conn: tokio::sync::Mutex::new((
+                Some(tokio::net::UnixStream::from_std(conn).unwrap()),
+                early,
+            )),
+            master: None,
+        }
+    }
+
     #[test]
     fn replies_are_read_whole_and_descriptors_in_them_refused() {
         let (a, b) = UnixStream::pair().unwrap();
@@ -668,13 +680,7 @@ mod tests {
         )
         .unwrap();
         b.set_nonblocking(true).unwrap();
-        let s = GuestSession {
-            conn: tokio::sync::Mutex::new((
-                Some(tokio::net::UnixStream::from_std(b).unwrap()),
-                vec![],
-            )),
-            master: None,
-        };
+        let s = session_on(b, vec![]);
         assert!(s.exit_code().await.is_err());
     }
 
@@ -752,25 +758,13 @@ mod tests {
         let (reply, rest) = read_reply(&b, soon()).unwrap();
         assert_eq!(reply, Reply::Started { pid: 9 });
         b.set_nonblocking(true).unwrap();
-        let s = GuestSession {
-            conn: tokio::sync::Mutex::new((
-                Some(tokio::net::UnixStream::from_std(b).unwrap()),
-                rest,
-            )),
-            master: None,
-        };
+        let s = session_on(b, rest);
         assert_eq!(s.exit_code().await.unwrap(), 3);
         // A connection that ends without an exit is an error, not a code.
         let (a, b) = UnixStream::pair().unwrap();
         drop(a);
         b.set_nonblocking(true).unwrap();
-        let s = GuestSession {
-            conn: tokio::sync::Mutex::new((
-                Some(tokio::net::UnixStream::from_std(b).unwrap()),
-                vec![],
-            )),
-            master: None,
-        };
+        let s = session_on(b, vec![]);
         assert!(s.exit_code().await.is_err());
     }
 
