@@ -64,17 +64,7 @@ impl GuestSession {
         let Some(master) = &self.master else {
             return Ok(());
         };
-        let ws = libc::winsize {
-            ws_col: size.cols,
-            ws_row: size.rows,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, valid for the call.
-        #[allow(unsafe_code)]
-        unsafe { set_winsize(master.get_ref().as_raw_fd(), &ws) }
-            .map(drop)
-            .map_err(|e| RuntimeError::Docker(format!("resize: {e}")))
+        resize_pty(master.get_ref().as_raw_fd(), size)
     }
 
     /// Waits for the process's end; its exit status (or 128 + signal).
@@ -127,6 +117,21 @@ impl Drop for GuestSession {
             close_later(conn.into());
         }
     }
+}
+
+/// Sets a terminal's size through its master.
+fn resize_pty(master: RawFd, size: TtySize) -> Result<(), RuntimeError> {
+    let ws = libc::winsize {
+        ws_col: size.cols,
+        ws_row: size.rows,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize` from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    unsafe { set_winsize(master, &ws) }
+        .map(drop)
+        .map_err(|e| RuntimeError::Docker(format!("resize: {e}")))
 }
 
 fn lost(what: &str) -> RuntimeError {
@@ -352,18 +357,12 @@ fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeErr
         return Err(not_ptmx());
     }
     let unlock: libc::c_int = 0;
-    let ws = libc::winsize {
-        ws_col: size.cols,
-        ws_row: size.rows,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSPTLCK reads one c_int, TIOCSWINSZ one winsize, from pointers valid for the
-    // calls; TIOCGPTPEER takes open flags by value and returns a new descriptor we own.
+    resize_pty(master.as_raw_fd(), size)?;
+    // SAFETY: TIOCSPTLCK reads one c_int from a pointer valid for the call; TIOCGPTPEER takes
+    // open flags by value and returns a new descriptor we own.
     #[allow(unsafe_code)]
     let terminal = unsafe {
         set_pty_lock(master.as_raw_fd(), &unlock).map_err(|e| pty_err(&e.to_string()))?;
-        set_winsize(master.as_raw_fd(), &ws).map_err(|e| pty_err(&e.to_string()))?;
         let fd = libc::ioctl(
             master.as_raw_fd(),
             libc::TIOCGPTPEER,
