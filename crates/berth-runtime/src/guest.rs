@@ -92,14 +92,7 @@ impl GuestSession {
                     Err(e) => return Err(lost(&e.to_string())),
                 }
             };
-            if !got.fds.is_empty() || got.truncated {
-                discard(got.fds);
-                return Err(lost("unexpected descriptors"));
-            }
-            if got.bytes == 0 {
-                return Err(lost("the connection closed"));
-            }
-            msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
+            take_bytes(got, &buf, &mut msg).map_err(lost)?;
         }
         let len = message_len(&msg).ok().flatten().unwrap_or_default();
         match Reply::decode(msg.get(..len).unwrap_or_default()) {
@@ -117,6 +110,25 @@ impl Drop for GuestSession {
             close_later(conn.into());
         }
     }
+}
+
+/// Appends what one read from a guest brought to `msg`. Replies and exits carry no
+/// descriptors: any that came are closed off the runtime and the read refused; so is an end
+/// of the connection before the message is whole.
+fn take_bytes(
+    got: berth_guest_proto::Received,
+    buf: &[u8],
+    msg: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    if !got.fds.is_empty() || got.truncated {
+        discard(got.fds);
+        return Err("unexpected descriptors");
+    }
+    if got.bytes == 0 {
+        return Err("the connection closed");
+    }
+    msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
+    Ok(())
 }
 
 /// Sets a terminal's size through its master.
@@ -424,14 +436,7 @@ fn read_reply(conn: &UnixStream, deadline: Instant) -> std::io::Result<(Reply, V
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
-        if !got.fds.is_empty() || got.truncated {
-            discard(got.fds);
-            return Err(bad("unexpected descriptors"));
-        }
-        if got.bytes == 0 {
-            return Err(bad("connection closed"));
-        }
-        msg.extend_from_slice(buf.get(..got.bytes).unwrap_or_default());
+        take_bytes(got, &buf, &mut msg).map_err(bad)?;
     };
     let rest = msg.split_off(len);
     let reply = Reply::decode(&msg).map_err(|e| bad(e.0))?;
