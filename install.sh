@@ -232,6 +232,21 @@ setting() {
   printf '%s' "${v:-$2}"
 }
 
+# engine_answers SOCKET: a Docker engine answers there (asked with the CLI, or curl without one).
+engine_answers() {
+  if command -v docker >/dev/null 2>&1; then
+    docker -H "unix://$1" version --format '{{.Server.Version}}' >/dev/null 2>&1
+  elif command -v curl >/dev/null 2>&1; then
+    curl -sf --max-time 5 --unix-socket "$1" http://localhost/_ping >/dev/null 2>&1
+  else
+    return 1
+  fi
+}
+
+engine_version() {
+  docker -H "unix://$1" version --format '{{.Server.Version}}' 2>/dev/null || echo "?"
+}
+
 # Alive and not a zombie.
 pid_alive() {
   case ${1:-} in '' | *[!0-9]*) return 1 ;; esac
@@ -366,30 +381,40 @@ do_install() {
     say "binaries: unchanged ($BERTH, $GUEST)"
   fi
 
-  # 2. Docker engine.
-  if ! command -v docker >/dev/null 2>&1; then
-    say "docker: Docker engine not found; installing docker.io from the distribution's packages"
-    apt_install docker.io
-    changed=1
-  fi
-  if docker info >/dev/null 2>&1; then
-    say "docker: unchanged (engine $(docker version --format '{{.Server.Version}}' 2>/dev/null) answers)"
+  # 2. Docker engine: decided by what Berth needs, an engine answering on the configured
+  # socket or a dockerd to start; a docker CLI alone (some machines ship one) is no engine.
+  load_settings
+  sock=$(setting docker_socket /var/run/docker.sock)
+  # Every docker call below (the default image) goes to the same engine.
+  export DOCKER_HOST="unix://$sock"
+  if engine_answers "$sock"; then
+    say "docker: unchanged (engine $(engine_version "$sock") answers on $sock)"
   else
-    if [ "$host_systemd" = 1 ]; then
+    if ! command -v dockerd >/dev/null 2>&1; then
+      if cli=$(command -v docker 2>/dev/null); then
+        say "docker: no Docker engine (a docker CLI at $cli, but no dockerd); installing docker.io from the distribution's packages"
+      else
+        say "docker: no Docker engine; installing docker.io from the distribution's packages"
+      fi
+      apt_install docker.io
+    fi
+    if engine_answers "$sock"; then
+      :
+    elif [ "$host_systemd" = 1 ] && [ "$sock" = /var/run/docker.sock ]; then
       say "docker: starting the engine (systemctl enable --now docker)"
       systemctl enable --now docker >&2 || true
     else
-      say "docker: starting the engine in the background (dockerd, log /var/log/berth-dockerd.log)"
-      setsid nohup dockerd </dev/null >>/var/log/berth-dockerd.log 2>&1 &
+      say "docker: starting the engine in the background (dockerd -H unix://$sock, log /var/log/berth-dockerd.log)"
+      setsid nohup dockerd -H "unix://$sock" </dev/null >>/var/log/berth-dockerd.log 2>&1 &
     fi
     i=0
-    until docker info >/dev/null 2>&1; do
+    until engine_answers "$sock"; do
       i=$((i + 1))
       [ "$i" -le 60 ] || die "the Docker engine did not start in 60 s" \
         "see /var/log/berth-dockerd.log or journalctl -u docker"
       sleep 1
     done
-    say "docker: engine $(docker version --format '{{.Server.Version}}' 2>/dev/null) answers"
+    say "docker: engine $(engine_version "$sock") answers on $sock"
     changed=1
   fi
 
@@ -575,8 +600,10 @@ do_uninstall() {
         *) die "purge not confirmed; nothing was changed" ;;
       esac
     fi
-    docker info >/dev/null 2>&1 ||
-      die "the Docker engine does not answer; --purge needs it to remove containers and images; nothing was changed" \
+    sock=$(setting docker_socket /var/run/docker.sock)
+    export DOCKER_HOST="unix://$sock"
+    engine_answers "$sock" ||
+      die "the Docker engine does not answer on $sock; --purge needs it to remove containers and images; nothing was changed" \
         "start it (systemctl start docker, or dockerd), then run $0 --uninstall --purge again"
   fi
 

@@ -154,6 +154,19 @@ impl Config {
         Ok(config)
     }
 
+    /// The `berth-guest` helper the daemon installs: `guest_binary`, or the file next to
+    /// the running `berth` binary.
+    pub fn guest_source(&self) -> std::io::Result<PathBuf> {
+        if let Some(p) = &self.guest_binary {
+            return Ok(p.clone());
+        }
+        let exe = std::env::current_exe()?;
+        Ok(exe
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .join("berth-guest"))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.keepalive_interval_seconds == 0 || self.keepalive_max == 0 {
             return Err("keepalive_interval_seconds and keepalive_max must be at least 1".into());

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod config;
 pub mod gateway;
 pub mod guest;
+pub mod guest_binary;
 pub mod lifecycle;
 mod resolve;
 pub mod sessions;
@@ -57,6 +58,12 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = &config.state_dir;
+    // Checked before anything is created: a helper that cannot be PID 1 in every image is
+    // refused at start, not discovered at the first login.
+    let guest = guest_binary::check(&config.guest_source()?).map_err(|message| StartupError {
+        message,
+        hint: None,
+    })?;
     create_private_dir(state)?;
     // One daemon per state directory: a second one would adopt (and hang up) the first one's
     // sessions and replace its admin socket before failing on the SSH port.
@@ -80,7 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         None => None,
     };
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
-    let guest_dir = install_guest(&config, state)?;
+    let guest_dir = install_guest(&guest, state)?;
 
     let runtime = Arc::new(
         DockerRuntime::connect(config.docker_socket.clone())
@@ -95,7 +102,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let engine = runtime.version().await?;
     info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
-    let network_id = runtime.ensure_network(&config.network).await?;
+    // Containers join the network by name: if it is removed later, the lifecycle manager
+    // makes it again under the same name.
+    runtime.ensure_network(&config.network).await?;
 
     let lifecycle = Lifecycle::new(
         runtime.clone(),
@@ -103,7 +112,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Settings {
             prefix: config.container_prefix.clone(),
             instance,
-            network: network_id,
+            network: config.network.clone(),
             guest_dir: guest_dir.clone(),
             limits: limits(&config),
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
@@ -226,29 +235,15 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Copies the static `berth-guest` helper into `STATE/guest/`, the directory mounted
 /// read-only at `/.berth` in every container.
-fn install_guest(config: &Config, state: &Path) -> anyhow::Result<PathBuf> {
-    let src = match &config.guest_binary {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .map(|d| d.join("berth-guest"))
-            .context("cannot locate the berth binary's directory")?,
-    };
-    let bytes = std::fs::read(&src).map_err(|e| StartupError {
-        message: format!(
-            "cannot read the berth-guest helper at {}: {e}",
-            src.display()
-        ),
-        hint: Some("build it with scripts/build-guest, or set guest_binary in the config".into()),
-    })?;
+fn install_guest(bytes: &[u8], state: &Path) -> anyhow::Result<PathBuf> {
     let dir = state.join("guest");
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let dst = dir.join("berth-guest");
-    if std::fs::read(&dst).ok().as_deref() != Some(bytes.as_slice()) {
+    if std::fs::read(&dst).ok().as_deref() != Some(bytes) {
         // Write beside and rename: running containers keep the old inode.
         let tmp = dir.join(".berth-guest.new");
-        std::fs::write(&tmp, &bytes)?;
+        std::fs::write(&tmp, bytes)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
         std::fs::rename(&tmp, &dst)?;
     }

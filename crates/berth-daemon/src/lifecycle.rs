@@ -60,6 +60,7 @@ pub enum LifecycleError {
 pub struct Settings {
     pub prefix: String,
     pub instance: String,
+    /// The Docker network's name; re-ensured when Docker says it is gone.
     pub network: String,
     pub guest_dir: PathBuf,
     pub limits: Limits,
@@ -510,7 +511,13 @@ impl<R: Runtime> OwnerTask<R> {
                 let record = blocking(move || store.user(&user)).await?;
                 let image = record.committed_image.unwrap_or(record.image);
                 let spec = self.spec(image.as_str());
-                let id = rt.create(&spec).await?;
+                let id = match rt.create(&spec).await {
+                    Err(RuntimeError::NetworkNotFound(e)) => {
+                        self.reensure_network(&e).await?;
+                        rt.create(&spec).await?
+                    }
+                    r => r?,
+                };
                 self.lc.settings.audit.record("container_create", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "image": image.to_string()}));
                 ContainerInfo {
                     id,
@@ -521,10 +528,27 @@ impl<R: Runtime> OwnerTask<R> {
             }
         };
         if !info.running {
-            rt.start(&info.id).await?;
+            match rt.start(&info.id).await {
+                Err(RuntimeError::NetworkNotFound(e)) => {
+                    self.reensure_network(&e).await?;
+                    rt.reattach_network(&info.id, &self.lc.settings.network)
+                        .await?;
+                    rt.start(&info.id).await?;
+                }
+                r => r?,
+            }
             self.lc.settings.audit.record("container_start", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string()}));
         }
         Ok(info.id)
+    }
+
+    /// The users' network was removed under the daemon (`docker network rm`, a prune):
+    /// make it again, so that this and every later container creation or start works.
+    async fn reensure_network(&self, why: &str) -> Result<(), LifecycleError> {
+        let name = &self.lc.settings.network;
+        warn!(network = %name, error = %why, "the users' network is gone; creating it again");
+        self.lc.runtime.ensure_network(name).await?;
+        Ok(())
     }
 
     fn check_ours(&self, info: &ContainerInfo) -> Result<(), LifecycleError> {
@@ -873,6 +897,35 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(running(&rt, "t-alice"), Some(false));
         assert_eq!(FakeRuntime::count(&rt.stops), 1);
+    }
+
+    #[tokio::test]
+    async fn a_removed_network_is_made_again_for_create_and_for_start() {
+        let (lc, rt, _) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
+        // Gone before the first login: the create fails once, the network is made again.
+        rt.remove_network();
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(FakeRuntime::count(&rt.network_ensures), 1);
+        assert_eq!(FakeRuntime::count(&rt.creates), 1);
+        settle(&lc, &alice(), 0).await;
+        assert!(wait_stopped(&rt, "t-alice").await);
+        // Gone under a stopped container: the start fails once, then succeeds.
+        rt.remove_network();
+        let lease = lc.acquire(&alice()).await.unwrap();
+        assert_eq!(FakeRuntime::count(&rt.network_ensures), 2);
+        assert_eq!(FakeRuntime::count(&rt.reattaches), 1);
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        drop(lease);
+    }
+
+    async fn wait_stopped(rt: &FakeRuntime, name: &str) -> bool {
+        for _ in 0..100 {
+            if running(rt, name) == Some(false) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 use bollard::models::{
     ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
-    NetworkCreateRequest,
+    NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -179,6 +179,18 @@ fn map_err(e: bollard::errors::Error) -> RuntimeError {
     }
 }
 
+/// Like [`map_err`], but a 404 that names a network (create or start of a container whose
+/// network was removed: "network berth not found") is [`RuntimeError::NetworkNotFound`].
+fn map_container_err(e: bollard::errors::Error) -> RuntimeError {
+    match e {
+        bollard::errors::Error::DockerResponseServerError {
+            status_code: 404,
+            message,
+        } if message.contains("network") => RuntimeError::NetworkNotFound(message),
+        e => map_err(e),
+    }
+}
+
 fn is_404(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
@@ -242,6 +254,30 @@ impl Runtime for DockerRuntime {
             let _ = self.docker.remove_network(id).await;
         }
         Ok(keep.0.clone())
+    }
+
+    async fn reattach_network(&self, id: &str, network: &str) -> Result<(), RuntimeError> {
+        // The container's endpoint names the removed network; a forced disconnect by name
+        // drops it (an error means there was nothing to drop).
+        let gone = NetworkDisconnectRequest {
+            container: id.to_owned(),
+            force: Some(true),
+        };
+        if let Err(e) = self.docker.disconnect_network(network, gone).await {
+            tracing::debug!(error = %e, "disconnect from the old network");
+        }
+        let join = NetworkConnectRequest {
+            container: id.to_owned(),
+            endpoint_config: None,
+        };
+        match self.docker.connect_network(network, join).await {
+            Ok(()) => Ok(()),
+            // Already attached (the engine found the new network by name itself).
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 403, ..
+            }) => Ok(()),
+            Err(e) => Err(map_container_err(e)),
+        }
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
@@ -343,7 +379,7 @@ impl Runtime for DockerRuntime {
             .docker
             .create_container(Some(opts), body)
             .await
-            .map_err(map_err)?;
+            .map_err(map_container_err)?;
         Ok(resp.id)
     }
 
@@ -354,7 +390,7 @@ impl Runtime for DockerRuntime {
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 304, ..
             }) => Ok(()),
-            Err(e) => Err(map_err(e)),
+            Err(e) => Err(map_container_err(e)),
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,11 @@ pub struct FakeRuntime {
     pub starts: AtomicUsize,
     pub stops: AtomicUsize,
     pub removes: AtomicUsize,
+    pub network_ensures: AtomicUsize,
+    pub reattaches: AtomicUsize,
+    /// Set by [`FakeRuntime::remove_network`]: creates and starts fail with
+    /// [`RuntimeError::NetworkNotFound`] until the next `ensure_network`.
+    network_gone: AtomicBool,
 }
 
 impl FakeRuntime {
@@ -49,6 +54,21 @@ impl FakeRuntime {
     pub fn insert(&self, info: ContainerInfo) {
         if let Ok(mut c) = self.containers.lock() {
             c.insert(info.name.clone(), info);
+        }
+    }
+
+    /// As `docker network rm` under a running daemon.
+    pub fn remove_network(&self) {
+        self.network_gone.store(true, Ordering::SeqCst);
+    }
+
+    fn network_present(&self, name: &str) -> Result<(), RuntimeError> {
+        if self.network_gone.load(Ordering::SeqCst) {
+            Err(RuntimeError::NetworkNotFound(format!(
+                "network {name} not found"
+            )))
+        } else {
+            Ok(())
         }
     }
 
@@ -98,7 +118,16 @@ impl Runtime for FakeRuntime {
     }
 
     async fn ensure_network(&self, name: &str) -> Result<String, RuntimeError> {
+        self.network_gone.store(false, Ordering::SeqCst);
+        self.network_ensures.fetch_add(1, Ordering::SeqCst);
         Ok(format!("net-{name}"))
+    }
+
+    async fn reattach_network(&self, id: &str, network: &str) -> Result<(), RuntimeError> {
+        self.network_present(network)?;
+        self.by_id(id, |_| ())?;
+        self.reattaches.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
@@ -119,6 +148,7 @@ impl Runtime for FakeRuntime {
         if !self.image_exists(&spec.image).await? {
             return Err(RuntimeError::ImageNotFound(spec.image.clone()));
         }
+        self.network_present(&spec.network)?;
         let id = format!("fake{:060}", self.next_id.fetch_add(1, Ordering::SeqCst));
         let info = ContainerInfo {
             id: id.clone(),
@@ -145,6 +175,7 @@ impl Runtime for FakeRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.network_present(id)?;
         self.by_id(id, |i| i.running = true)?;
         self.starts.fetch_add(1, Ordering::SeqCst);
         Ok(())

@@ -38,6 +38,10 @@ pub enum RuntimeError {
     ImageNotFound(String),
     #[error("container {0} not found")]
     ContainerNotFound(String),
+    /// The container's network is gone (`docker network rm`, a prune): the caller can
+    /// re-ensure it with [`Runtime::ensure_network`] and try again.
+    #[error("network not found: {0}")]
+    NetworkNotFound(String),
     #[error("docker engine API {0} is too old; Berth needs 1.41 or newer")]
     TooOld(String),
     #[error("docker: {0}")]
@@ -54,7 +58,8 @@ pub struct ContainerSpec {
     /// Host directory bind-mounted read-only at `/.berth`; must hold `berth-guest`.
     pub guest_dir: PathBuf,
     pub limits: Limits,
-    /// The Docker network id to attach to (from [`Runtime::ensure_network`]).
+    /// The Docker network to attach to, by name (so that a network re-created under the same
+    /// name is found again; see [`Runtime::ensure_network`]).
     pub network: String,
     /// Further bind mounts.
     pub mounts: Vec<BindMount>,
@@ -157,6 +162,14 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Attaches stopped container `id` to network `network` (by name) in place of whatever
+    /// network it was attached to: after the network was removed and made again, a container
+    /// still names the old one and cannot start.
+    fn reattach_network(
+        &self,
+        id: &str,
+        network: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The container named `name`, if it exists.
     fn inspect(
         &self,

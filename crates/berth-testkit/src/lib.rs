@@ -61,6 +61,7 @@ pub fn guest_binary() -> PathBuf {
 pub fn ensure_images() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
+        remove_stale_networks();
         let ok = [BUSYBOX, DEBIAN].iter().all(|i| {
             Command::new("docker")
                 .args(["image", "inspect", i])
@@ -74,6 +75,31 @@ pub fn ensure_images() {
             assert!(st.success(), "make-test-images failed");
         }
     });
+}
+
+/// Removes the networks of test daemons whose test process is gone (killed before its
+/// `Daemon`s were dropped): each holds one of Docker's few default address pools.
+fn remove_stale_networks() {
+    let out = docker_output(&[
+        "network",
+        "ls",
+        "--format",
+        "{{.Name}}",
+        "--filter",
+        "name=^bt",
+    ]);
+    for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        let pid = name
+            .strip_prefix("bt")
+            .and_then(|r| r.split_once('x'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && name.ends_with("-net")
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = docker_output(&["network", "rm", name]);
+        }
+    }
 }
 
 /// Runs `docker ARGS` and returns stdout, trimmed; panics on failure.
@@ -164,7 +190,7 @@ impl Daemon {
         let prefix = format!("bt{}x{n}-", std::process::id());
         let config_path = dir.path().join("berth.toml");
         let text = format!(
-            "container_prefix = \"{prefix}\"\ncommit_repository = \"{}/users\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
+            "container_prefix = \"{prefix}\"\nnetwork = \"{prefix}net\"\ncommit_repository = \"{}/users\"\nidle_stop_seconds = {}\nstop_timeout_seconds = 2\n{}\n",
             prefix.trim_end_matches('-'),
             opts.idle_stop_seconds,
             opts.config
@@ -181,6 +207,11 @@ impl Daemon {
         };
         d.spawn();
         d
+    }
+
+    /// This daemon's own Docker network (no test shares one with another).
+    pub fn network(&self) -> String {
+        format!("{}net", self.prefix)
     }
 
     pub fn state_dir(&self) -> PathBuf {
@@ -446,6 +477,7 @@ impl Drop for Daemon {
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
             let _ = docker_output(&["rm", "-f", id]);
         }
+        let _ = docker_output(&["network", "rm", &self.network()]);
         let repo = format!("reference={}/*", self.prefix.trim_end_matches('-'));
         let images = docker_output(&["images", "-q", "--filter", &repo]);
         for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, docker_output};
+use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, docker_output, guest_binary};
 
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
@@ -263,7 +263,9 @@ fn config_unknown_key_and_check() {
     let cfg = dir.path().join("berth.toml");
     std::fs::write(&cfg, "idle_stop_seconds = 5\nidle_stop_secs = 3\n").unwrap();
     let o = std::process::Command::new(BIN)
-        .args(["daemon", "--check", "--config"])
+        .args(["daemon", "--check", "--guest-binary"])
+        .arg(guest_binary())
+        .arg("--config")
         .arg(&cfg)
         .output()
         .unwrap();
@@ -292,7 +294,9 @@ fn config_unknown_key_and_check() {
 
     std::fs::write(&cfg, "idle_stop_seconds = 5\n[limits]\ncpus = 0.5\n").unwrap();
     let o = std::process::Command::new(BIN)
-        .args(["daemon", "--check", "--config"])
+        .args(["daemon", "--check", "--guest-binary"])
+        .arg(guest_binary())
+        .arg("--config")
         .arg(&cfg)
         .output()
         .unwrap();
@@ -314,12 +318,67 @@ fn config_unknown_key_and_check() {
     ] {
         std::fs::write(&cfg, text).unwrap();
         let o = std::process::Command::new(BIN)
-            .args(["daemon", "--check", "--config"])
+            .args(["daemon", "--check", "--guest-binary"])
+            .arg(guest_binary())
+            .arg("--config")
             .arg(&cfg)
             .output()
             .unwrap();
         assert_eq!(o.status.code(), Some(1), "{text}");
         assert!(stderr(&o).contains(named), "{text}: {}", stderr(&o));
+    }
+}
+
+/// cargo's plain workspace build leaves a dynamically linked `berth-guest`: the daemon and
+/// `--check` refuse it (and a file that is not executable) in one line naming the file and the
+/// fix, and a start creates nothing.
+#[test]
+fn a_guest_helper_that_is_not_static_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // This test binary is a dynamically linked x86_64 executable, like that berth-guest.
+    let dynamic = std::env::current_exe().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, std::fs::read(guest_binary()).unwrap()).unwrap();
+    for (file, why) in [
+        (
+            &dynamic,
+            "it is dynamically linked (it needs /lib64/ld-linux-x86-64.so.2",
+        ),
+        (&plain, "it is not executable"),
+    ] {
+        let o = std::process::Command::new(BIN)
+            .args(["daemon", "--check", "--guest-binary"])
+            .arg(file)
+            .env_remove("BERTH_STATE_DIR")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.starts_with(&format!(
+                "error: {} cannot be the berth-guest helper: {why}",
+                file.display()
+            )),
+            "{e}"
+        );
+        assert!(e.contains("scripts/build-guest --release"), "{e}");
+        let o = std::process::Command::new(BIN)
+            .args(["daemon", "--listen", "127.0.0.1:0", "--guest-binary"])
+            .arg(file)
+            .env("BERTH_STATE_DIR", dir.path().join("state"))
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert!(
+            stderr(&o).contains("cannot be the berth-guest helper"),
+            "{}",
+            stderr(&o)
+        );
+        assert!(
+            !dir.path().join("state").exists(),
+            "a refused start created the state dir"
+        );
     }
 }
 

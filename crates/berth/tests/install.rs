@@ -211,8 +211,14 @@ fn install_again_login_uninstall_purge() {
     let mut inst = Install::new();
     let listen = format!("127.0.0.1:{}", inst.port);
 
-    // First run: everything in place.
+    // First run: everything in place. The engine answers, so it is left alone.
     let out = inst.run_ok(&[]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("docker: unchanged (engine ")
+                && l.ends_with(" answers on /var/run/docker.sock)")),
+        "{out}"
+    );
     inst.pid = inst.recorded_pid();
     let pid = inst.pid.expect("no pid file after install");
     assert!(is_berth_daemon(pid), "daemon pid {pid} not running: {out}");
@@ -247,7 +253,9 @@ fn install_again_login_uninstall_purge() {
     assert_ne!(expected, packaged);
     assert_eq!(std::fs::read_to_string(inst.conf()).unwrap(), expected);
     let check = Command::new(BIN)
-        .args(["daemon", "--check", "--config"])
+        .args(["daemon", "--check", "--guest-binary"])
+        .arg(guest_binary())
+        .arg("--config")
         .arg(inst.conf())
         .output()
         .unwrap();
@@ -431,7 +439,9 @@ fn packaged_files_match_the_script_and_list_every_key() {
 
     let check = |config: &Path| {
         let o = Command::new(BIN)
-            .args(["daemon", "--check", "--config"])
+            .args(["daemon", "--check", "--guest-binary"])
+            .arg(guest_binary())
+            .arg("--config")
             .arg(config)
             .env_remove("BERTH_STATE_DIR")
             .output()
@@ -534,4 +544,110 @@ fn unknown_argument_is_a_usage_error_and_creates_nothing() {
         assert!(o.stdout.is_empty(), "{}", show(&o));
     }
     assert_eq!(std::fs::read_dir(inst.root.path()).unwrap().count(), 0);
+}
+
+/// Every `NAME` on the PATH (`which -a`), to hide them from the installer.
+fn on_path(name: &str) -> Vec<String> {
+    let o = Command::new("which").args(["-a", name]).output().unwrap();
+    text(&o.stdout).lines().map(str::to_owned).collect()
+}
+
+/// The engine is decided by what Berth needs (an engine answering on the configured socket,
+/// or a `dockerd` to start), never by the `docker` CLI alone. The machine's `dockerd` (and,
+/// for "no docker at all", its `docker` CLIs) are hidden in a mount namespace of the run's own
+/// by binding `/dev/null` over them; `apt-get` is a stub that records what it was asked and
+/// refuses the install, so nothing is installed for real. (The third case, an engine that
+/// answers, is `install_again_login_uninstall_purge`: "docker: unchanged".)
+#[test]
+fn no_dockerd_means_docker_io_is_installed_whether_or_not_a_cli_is_there() {
+    for with_cli in [true, false] {
+        let inst = Install::new();
+        // A config whose engine socket answers nothing.
+        let sock = inst.root.path().join("no-engine.sock");
+        std::fs::create_dir_all(inst.conf().parent().unwrap()).unwrap();
+        std::fs::write(
+            inst.conf(),
+            format!(
+                "state_dir = \"{}\"\nlisten = \"127.0.0.1:{}\"\ndocker_socket = \"{}\"\n",
+                inst.state().display(),
+                inst.port,
+                sock.display()
+            ),
+        )
+        .unwrap();
+        let stubs = inst.path("/stubs");
+        std::fs::create_dir_all(&stubs).unwrap();
+        let apt_log = inst.path("/apt.log");
+        std::fs::write(
+            stubs.join("apt-get"),
+            format!(
+                "#!/bin/sh\necho \"$*\" >>'{}'\n[ \"$1\" = update ] && exit 0\nexit 100\n",
+                apt_log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            stubs.join("apt-get"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let mut hide = on_path("dockerd");
+        if !with_cli {
+            hide.extend(on_path("docker"));
+        }
+        let path = format!("{}:{}", stubs.display(), std::env::var("PATH").unwrap());
+        let o = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "for f in $HIDE; do mount --bind /dev/null \"$f\" || exit 99; done; \
+                 if command -v dockerd >/dev/null; then echo dockerd still there; exit 98; fi; \
+                 exec \"$@\"",
+            )
+            .arg("sh")
+            .arg(script())
+            .env("HIDE", hide.join(" "))
+            .env("PATH", path)
+            .env("BERTH_ROOT", inst.root.path())
+            .env("BERTH_NO_SYSTEMD", "1")
+            .env("BERTH_DEFAULT_IMAGE", BUSYBOX)
+            .env("BERTH_BIN", BIN)
+            .env("BERTH_GUEST_BIN", guest_binary())
+            .env_remove("BERTH_STATE_DIR")
+            .env_remove("DOCKER_HOST")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let out = text(&o.stdout);
+        assert_eq!(
+            o.status.code(),
+            Some(1),
+            "with_cli={with_cli}: {}",
+            show(&o)
+        );
+        let said = if with_cli {
+            "docker: no Docker engine (a docker CLI at /"
+        } else {
+            "docker: no Docker engine; installing docker.io from the distribution's packages\n"
+        };
+        assert!(out.contains(said), "with_cli={with_cli}: {}", show(&o));
+        if with_cli {
+            assert!(
+                out.contains("but no dockerd); installing docker.io"),
+                "{}",
+                show(&o)
+            );
+        }
+        assert!(
+            text(&o.stderr).contains("error: apt-get install docker.io failed"),
+            "{}",
+            show(&o)
+        );
+        let asked = std::fs::read_to_string(&apt_log).unwrap();
+        assert!(
+            asked.lines().any(|l| l == "install -y -qq docker.io"),
+            "{asked}"
+        );
+        // Nothing was started on the way.
+        assert!(inst.recorded_pid().is_none(), "{}", show(&o));
+    }
 }

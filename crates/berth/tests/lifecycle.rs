@@ -69,6 +69,46 @@ fn simultaneous_first_logins_create_one_container() {
     );
 }
 
+/// `docker network rm` (or a prune) under a running daemon: the next first login (create)
+/// and the next login into a stopped container (start) both make the network again.
+#[test]
+fn the_network_removed_under_the_daemon_is_made_again() {
+    let d = start(1, "");
+    let alice = d.add_user("alice", BUSYBOX);
+    let bob = d.add_user("bob", BUSYBOX);
+    let net = d.network();
+    let id_before = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
+    docker(&["network", "rm", &net]);
+    assert_eq!(d.ssh_ok("alice", &alice, "echo created"), "created\n");
+    let id_after = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
+    assert_ne!(id_before, id_after);
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .container_state("alice")
+            .as_deref()
+            == Some("exited")),
+        "alice's container did not stop"
+    );
+    // Her container is stopped and attached to a network that no longer exists.
+    docker(&["network", "rm", &net]);
+    assert_eq!(d.ssh_ok("alice", &alice, "echo started"), "started\n");
+    // The re-made network is the one containers use from now on: bob's first login too.
+    assert_eq!(d.ssh_ok("bob", &bob, "echo bob"), "bob\n");
+    let networks = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
+        &d.container_name("bob"),
+    ]);
+    assert_eq!(networks, net);
+    assert!(
+        d.log()
+            .contains("the users' network is gone; creating it again"),
+        "{}",
+        d.log()
+    );
+}
+
 #[test]
 fn idle_stop_after_grace_and_login_cancels_it() {
     let d = start(3, "");

@@ -42,6 +42,10 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
         .validate()
         .map_err(|e| Failure::new(format!("invalid config: {e}")))?;
     if args.check {
+        let guest = config
+            .guest_source()
+            .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
+        berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
         print!("{}", config.to_toml());
         return Ok(());
     }
