@@ -149,6 +149,17 @@ default_config() {
 # Client environment variables passed into sessions (NAME or PREFIX*), like sshd's AcceptEnv.
 # accept_env = ["LANG", "LC_*"]
 
+# Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms). The default
+# has no finite-field Diffie-Hellman: add e.g. "diffie-hellman-group14-sha256" only for a client
+# that has nothing else. `berth daemon --check` refuses a name Berth does not implement and lists those it does.
+# kex_algorithms = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org"]
+
+# Ciphers offered (OpenSSH's Ciphers): AEAD, then CTR.
+# ciphers = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr"]
+
+# MACs offered with the CTR ciphers (OpenSSH's MACs): encrypt-then-MAC SHA-2 only.
+# macs = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
+
 # Seconds between keepalive probes to a client that is silent.
 # keepalive_interval_seconds = 15
 

@@ -47,6 +47,12 @@ pub struct Config {
     pub allow_x11_forwarding: bool,
     /// Client environment variables accepted into sessions (`NAME` or `PREFIX*`).
     pub accept_env: Vec<String>,
+    /// Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms).
+    pub kex_algorithms: Vec<String>,
+    /// Ciphers offered (OpenSSH's Ciphers).
+    pub ciphers: Vec<String>,
+    /// MACs offered with the non-AEAD ciphers (OpenSSH's MACs).
+    pub macs: Vec<String>,
     pub keepalive_interval_seconds: u64,
     pub keepalive_max: usize,
     pub max_connections: usize,
@@ -92,6 +98,9 @@ impl Default for Config {
             allow_agent_forwarding: true,
             allow_x11_forwarding: true,
             accept_env: vec!["LANG".into(), "LC_*".into()],
+            kex_algorithms: owned(berth_ssh::algorithms::DEFAULT_KEX),
+            ciphers: owned(berth_ssh::algorithms::DEFAULT_CIPHERS),
+            macs: owned(berth_ssh::algorithms::DEFAULT_MACS),
             keepalive_interval_seconds: 15,
             keepalive_max: 4,
             max_connections: 1000,
@@ -167,7 +176,13 @@ impl Config {
             .join("berth-guest"))
     }
 
+    /// The algorithm lists, checked against what the SSH crate implements.
+    pub fn algorithms(&self) -> Result<berth_ssh::Algorithms, String> {
+        berth_ssh::Algorithms::parse(&self.kex_algorithms, &self.ciphers, &self.macs)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        self.algorithms()?;
         if self.keepalive_interval_seconds == 0 || self.keepalive_max == 0 {
             return Err("keepalive_interval_seconds and keepalive_max must be at least 1".into());
         }
@@ -225,6 +240,10 @@ impl Config {
     }
 }
 
+fn owned(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
 /// Docker's grammar for a repository: `/`-separated components of lower-case letters and
 /// digits, joined inside a component by one `.`, one or two `_`, or any number of `-`.
 fn valid_repository(repo: &str) -> bool {
@@ -264,6 +283,11 @@ mod tests {
         assert!(Config::parse("listen = \"nope\"\n").is_err());
         assert!(Config::parse("[limits]\npids = 1\n").is_err());
         assert!(Config::parse("container_prefix = \"a b\"\n").is_err());
+        let err = Config::parse("kex_algorithms = [\"diffie-hellman-group99\"]\n").unwrap_err();
+        assert!(
+            err.contains("kex_algorithms: \"diffie-hellman-group99\""),
+            "{err}"
+        );
         let c = Config::parse("idle_stop_seconds = 3\n[limits]\ncpus = 0.5\n").unwrap();
         assert_eq!(c.idle_stop_seconds, 3);
         assert_eq!(c.limits.cpus, 0.5);

@@ -152,6 +152,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_sessions: config.max_sessions,
         max_auth_failures_per_minute: config.max_auth_failures_per_minute,
         accept_env: config.accept_env.clone(),
+        algorithms: config.algorithms().map_err(anyhow::Error::msg)?,
     };
     let admin_state = Arc::new(AdminState {
         store,

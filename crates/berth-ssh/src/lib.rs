@@ -25,6 +25,7 @@
 //!                  exit-status, eof, close            process tree killed
 //! ```
 
+pub mod algorithms;
 mod handler;
 mod hostkey;
 mod server;
@@ -42,6 +43,7 @@ use futures_util::Stream;
 use futures_util::future::BoxFuture;
 use tokio::io::AsyncWrite;
 
+pub use algorithms::Algorithms;
 pub use hostkey::{HostKeyError, load_or_create_host_key};
 pub use russh::keys::PublicKey;
 pub use server::{ServerError, SshConfig, serve};

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
+use crate::algorithms::Algorithms;
 use crate::handler::Connection;
 use crate::throttle::Throttle;
 
@@ -36,6 +37,8 @@ pub struct SshConfig {
     /// Client environment variables passed into sessions (exact names, or a prefix ending
     /// in `*`), like OpenSSH's AcceptEnv.
     pub accept_env: Vec<String>,
+    /// Key exchange, cipher and MAC algorithms offered.
+    pub algorithms: Algorithms,
 }
 
 impl Default for SshConfig {
@@ -48,6 +51,7 @@ impl Default for SshConfig {
             max_sessions: 10,
             max_auth_failures_per_minute: 30,
             accept_env: vec!["LANG".into(), "LC_*".into()],
+            algorithms: Algorithms::default(),
         }
     }
 }
@@ -69,6 +73,7 @@ pub async fn serve<G: Gateway>(
 ) -> Result<(), ServerError> {
     let russh_config = Arc::new(Config {
         keys: vec![host_key],
+        preferred: config.algorithms.preferred(),
         methods: MethodSet::from(&[MethodKind::PublicKey][..]),
         auth_rejection_time: Duration::from_secs(1),
         // OpenSSH tries "none" first; that probe must not cost every login a second.
