@@ -166,8 +166,16 @@ default_config() {
 # A client that misses this many keepalive probes in a row is gone; its programs are killed.
 # keepalive_max = 4
 
-# SSH connections open at once, all clients together.
+# Authenticated SSH connections open at once, all users together (unauthenticated ones are
+# limited apart, below, so a flood of them never keeps out a user who has a key).
 # max_connections = 1000
+
+# Unauthenticated connections, as START:RATE:FULL: past START, new ones are dropped with a
+# probability rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups).
+# max_startups = "10:30:100"
+
+# Unauthenticated connections one source (an IPv4 address, or an IPv6 /64) may hold.
+# per_source_max_startups = 10
 
 # Seconds a client has to authenticate before its connection is closed.
 # login_grace_seconds = 30
@@ -175,8 +183,13 @@ default_config() {
 # Sessions one SSH connection may have open at once (OpenSSH's MaxSessions).
 # max_sessions = 10
 
-# Failed logins per minute from one address before its connections are closed at once; 0 = no limit.
+# Failures per minute from one source (connections that end without logging in, or that ask for
+# more than per_source_max_startups) before its connections are closed at once; 0 = no limit.
 # max_auth_failures_per_minute = 30
+
+# Addresses or ranges never penalised for failures, e.g. ["10.0.0.0/8", "2001:db8::/32"]
+# (OpenSSH's PerSourcePenaltyExemptList); their connections still count as startups.
+# penalty_exempt = []
 
 # The audit log (STATE/audit.log, one JSON line per event) is rotated past this many MiB; one older file is kept.
 # audit_max_mb = 64
@@ -210,6 +223,8 @@ ExecStart=/usr/local/bin/berth daemon --config /etc/berth/berth.toml
 Restart=on-failure
 RestartSec=2
 TimeoutStopSec=60
+# Every connection and session holds descriptors; the daemon raises its soft limit to this.
+LimitNOFILE=1048576
 
 [Install]
 WantedBy=multi-user.target

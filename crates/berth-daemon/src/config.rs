@@ -55,7 +55,16 @@ pub struct Config {
     pub macs: Vec<String>,
     pub keepalive_interval_seconds: u64,
     pub keepalive_max: usize,
+    /// Authenticated SSH connections open at once, all users together.
     pub max_connections: usize,
+    /// Unauthenticated connections: past START, new ones are dropped with a probability
+    /// rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups), as "START:RATE:FULL".
+    pub max_startups: String,
+    /// Unauthenticated connections one source (an IPv4 address or an IPv6 /64) may hold.
+    pub per_source_max_startups: usize,
+    /// Addresses or ranges never penalised for failed logins (their connections still count
+    /// as startups), like OpenSSH's PerSourcePenaltyExemptList.
+    pub penalty_exempt: Vec<String>,
     /// Seconds a client has to authenticate.
     pub login_grace_seconds: u64,
     /// Sessions one SSH connection may have open at once.
@@ -104,6 +113,9 @@ impl Default for Config {
             keepalive_interval_seconds: 15,
             keepalive_max: 4,
             max_connections: 1000,
+            max_startups: "10:30:100".into(),
+            per_source_max_startups: 10,
+            penalty_exempt: Vec::new(),
             login_grace_seconds: 30,
             max_sessions: 10,
             max_auth_failures_per_minute: 30,
@@ -181,8 +193,31 @@ impl Config {
         berth_ssh::Algorithms::parse(&self.kex_algorithms, &self.ciphers, &self.macs)
     }
 
+    /// The door's admission settings, checked.
+    pub fn door(&self) -> Result<berth_ssh::DoorConfig, String> {
+        let startups = self
+            .max_startups
+            .parse::<berth_ssh::Startups>()
+            .map_err(|e| format!("max_startups: {e}"))?;
+        if self.per_source_max_startups == 0 {
+            return Err("per_source_max_startups must be at least 1".into());
+        }
+        let exempt = self
+            .penalty_exempt
+            .iter()
+            .map(|n| n.parse().map_err(|e| format!("penalty_exempt: {e}")))
+            .collect::<Result<_, String>>()?;
+        Ok(berth_ssh::DoorConfig {
+            startups,
+            per_source: self.per_source_max_startups,
+            failures_per_minute: self.max_auth_failures_per_minute,
+            exempt,
+        })
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         self.algorithms()?;
+        self.door()?;
         if self.keepalive_interval_seconds == 0 || self.keepalive_max == 0 {
             return Err("keepalive_interval_seconds and keepalive_max must be at least 1".into());
         }
@@ -283,6 +318,11 @@ mod tests {
         assert!(Config::parse("listen = \"nope\"\n").is_err());
         assert!(Config::parse("[limits]\npids = 1\n").is_err());
         assert!(Config::parse("container_prefix = \"a b\"\n").is_err());
+        let err = Config::parse("max_startups = \"30:10\"\n").unwrap_err();
+        assert!(err.contains("max_startups"), "{err}");
+        let err = Config::parse("penalty_exempt = [\"10.0.0.0/40\"]\n").unwrap_err();
+        assert!(err.contains("penalty_exempt"), "{err}");
+        Config::parse("penalty_exempt = [\"10.0.0.0/8\", \"2001:db8::/32\"]\n").unwrap();
         let err = Config::parse("kex_algorithms = [\"diffie-hellman-group99\"]\n").unwrap_err();
         assert!(
             err.contains("kex_algorithms: \"diffie-hellman-group99\""),

@@ -58,6 +58,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// Runs the daemon until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = &config.state_dir;
+    let nofile = raise_nofile();
     // Checked before anything is created: a helper that cannot be PID 1 in every image is
     // refused at start, not discovered at the first login.
     let guest = guest_binary::check(&config.guest_source()?).map_err(|message| StartupError {
@@ -150,9 +151,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_connections: config.max_connections,
         login_grace: Duration::from_secs(config.login_grace_seconds),
         max_sessions: config.max_sessions,
-        max_auth_failures_per_minute: config.max_auth_failures_per_minute,
+        door: config.door().map_err(anyhow::Error::msg)?,
+        fd_limit: Some(nofile),
+        // The admin socket, the engine's client, the store and the sessions' pipes keep
+        // this many descriptors that no new SSH connection may take.
+        fd_reserve: (nofile / 4).min(128),
         accept_env: config.accept_env.clone(),
         algorithms: config.algorithms().map_err(anyhow::Error::msg)?,
+        ..SshConfig::default()
     };
     let admin_state = Arc::new(AdminState {
         store,
@@ -178,7 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ));
     }
     let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
-    info!(listen = %config.listen, state_dir = %state.display(), "berth daemon ready");
+    info!(listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();
     lifecycle.shutdown().await;
@@ -236,6 +242,19 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Copies the static `berth-guest` helper into `STATE/guest/`, the directory mounted
 /// read-only at `/.berth` in every container.
+/// Raises the soft descriptor limit to the hard one (systemd gives services 1024 soft; every
+/// connection and session holds descriptors) and returns the soft limit now in force.
+fn raise_nofile() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 fn install_guest(bytes: &[u8], state: &Path) -> anyhow::Result<PathBuf> {
     let dir = state.join("guest");
     std::fs::create_dir_all(&dir)?;

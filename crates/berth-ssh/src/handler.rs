@@ -18,12 +18,41 @@ use tracing::{Instrument, debug, info, info_span};
 use crate::session::{self, env_allowed};
 use crate::{Gateway, Permission, PublicKey};
 
+/// Whether a connection has authenticated, and a wake-up for the task that waits for it.
+#[derive(Default)]
+pub(crate) struct Authenticated {
+    done: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl Authenticated {
+    pub(crate) fn set(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn get(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Returns once the connection has authenticated.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let woken = self.notify.notified();
+            if self.get() {
+                return;
+            }
+            woken.await;
+        }
+    }
+}
+
 pub(crate) struct Connection<G> {
     gateway: Arc<G>,
     peer: Option<SocketAddr>,
     accept_env: Arc<Vec<String>>,
     user: Option<(String, PublicKey)>,
-    authenticated: Arc<AtomicBool>,
+    authenticated: Arc<Authenticated>,
     max_sessions: usize,
     /// Session channels of this connection, and whether each has started its process.
     channels: HashMap<ChannelId, bool>,
@@ -46,7 +75,7 @@ impl<G: Gateway> Connection<G> {
         gateway: Arc<G>,
         peer: Option<SocketAddr>,
         accept_env: Arc<Vec<String>>,
-        authenticated: Arc<AtomicBool>,
+        authenticated: Arc<Authenticated>,
         max_sessions: usize,
     ) -> Self {
         Self {
@@ -162,7 +191,7 @@ impl<G: Gateway> Handler for Connection<G> {
             });
             self.user = Some((user.to_owned(), key.public_key.clone()));
             self._connected = self.gateway.connected(user);
-            self.authenticated.store(true, Ordering::SeqCst);
+            self.authenticated.set();
             Ok(Auth::Accept)
         } else {
             self.refused(user, key.public_key);

@@ -26,11 +26,11 @@
 //! ```
 
 pub mod algorithms;
+pub mod door;
 mod handler;
 mod hostkey;
 mod server;
 mod session;
-mod throttle;
 mod tunnel;
 
 use std::future::Future;
@@ -44,6 +44,7 @@ use futures_util::future::BoxFuture;
 use tokio::io::AsyncWrite;
 
 pub use algorithms::Algorithms;
+pub use door::{DoorConfig, Net, Startups};
 pub use hostkey::{HostKeyError, load_or_create_host_key};
 pub use russh::keys::PublicKey;
 pub use server::{ServerError, SshConfig, serve};

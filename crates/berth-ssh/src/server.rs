@@ -1,9 +1,10 @@
-//! The accept loop: our own (not russh's `run_on_socket`) so that the connection count is
-//! bounded and shutdown is structured.
+//! The accept loop: our own (not russh's `run_on_socket`) so that what unauthenticated
+//! clients hold is bounded ([`crate::door`]), authenticated connections have their own pool,
+//! and shutdown is structured.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
@@ -13,12 +14,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
 use crate::algorithms::Algorithms;
-use crate::handler::Connection;
-use crate::throttle::Throttle;
+use crate::door::{Door, DoorConfig, Refusal, Startup};
+use crate::handler::{Authenticated, Connection};
 
 /// Gateway settings that come from Berth's config.
 #[derive(Debug, Clone)]
@@ -26,19 +28,28 @@ pub struct SshConfig {
     /// Interval of keepalive probes; a client that misses `keepalive_max` in a row is gone.
     pub keepalive_interval: Duration,
     pub keepalive_max: usize,
+    /// Authenticated connections open at once (unauthenticated ones are `door.startups`).
     pub max_connections: usize,
     /// Time a client has from connecting to authenticating (OpenSSH's LoginGraceTime).
     pub login_grace: Duration,
+    /// Time a client has to send its identification line.
+    pub ident_timeout: Duration,
     /// Session channels one connection may have open at once (OpenSSH's MaxSessions).
     pub max_sessions: usize,
-    /// Refused logins per minute after which an address's connections are closed at once
-    /// until its failures age out; 0 = no limit.
-    pub max_auth_failures_per_minute: usize,
+    /// What unauthenticated clients may hold, and penalties for failing ones.
+    pub door: DoorConfig,
+    /// The process's descriptor limit: a connection accepted on a descriptor within
+    /// `fd_reserve` of it is closed at once, so the admin socket and the sessions always have
+    /// descriptors left. `None`: no check.
+    pub fd_limit: Option<u64>,
+    pub fd_reserve: u64,
     /// Client environment variables passed into sessions (exact names, or a prefix ending
     /// in `*`), like OpenSSH's AcceptEnv.
     pub accept_env: Vec<String>,
     /// Key exchange, cipher and MAC algorithms offered.
     pub algorithms: Algorithms,
+    /// Where refusals are summarised in the log.
+    pub refusal_summary_every: Duration,
 }
 
 impl Default for SshConfig {
@@ -48,10 +59,14 @@ impl Default for SshConfig {
             keepalive_max: 4,
             max_connections: 1000,
             login_grace: Duration::from_secs(30),
+            ident_timeout: Duration::from_secs(10),
             max_sessions: 10,
-            max_auth_failures_per_minute: 30,
+            door: DoorConfig::default(),
+            fd_limit: None,
+            fd_reserve: 128,
             accept_env: vec!["LANG".into(), "LC_*".into()],
             algorithms: Algorithms::default(),
+            refusal_summary_every: Duration::from_secs(60),
         }
     }
 }
@@ -60,6 +75,13 @@ impl Default for SshConfig {
 pub enum ServerError {
     #[error("cannot accept connections: {0}")]
     Accept(std::io::Error),
+}
+
+/// A random percentage, for the early drop.
+fn roll() -> u8 {
+    let mut b = [0u8; 1];
+    let _ = getrandom::fill(&mut b);
+    b[0] % 100
 }
 
 /// Serves SSH on `listener` until `shutdown` is cancelled, then disconnects every client and
@@ -87,9 +109,13 @@ pub async fn serve<G: Gateway>(
         event_buffer_size: 100,
         ..Default::default()
     });
-    let accept_env = Arc::new(config.accept_env);
+    let accept_env = Arc::new(config.accept_env.clone());
     let permits = Arc::new(Semaphore::new(config.max_connections));
-    let throttle = Arc::new(Throttle::new(config.max_auth_failures_per_minute));
+    let door = Door::new(config.door.clone());
+    let _summary = AbortOnDropHandle::new(tokio::spawn(
+        door.clone().summarise(config.refusal_summary_every),
+    ));
+    let fd_ceiling = config.fd_limit.map(|l| l.saturating_sub(config.fd_reserve));
     let mut conns = JoinSet::new();
     loop {
         tokio::select! {
@@ -98,30 +124,38 @@ pub async fn serve<G: Gateway>(
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
                     Ok(x) => x,
-                    Err(e) if is_transient(&e) => {
-                        warn!(error = %e, "accept failed; retrying");
+                    Err(e) if is_out_of_descriptors(&e) => {
+                        // Logins resume by themselves once descriptors are free again.
+                        door.refuse(Refusal::Descriptors);
                         tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                    Err(e) if is_transient(&e) => {
+                        debug!(error = %e, "accept failed; retrying");
                         continue;
                     }
                     Err(e) => return Err(ServerError::Accept(e)),
                 };
                 metrics::counter!("berth_connections_total").increment(1);
+                // The kernel hands out the lowest free descriptor: one this high means the
+                // table is nearly full. Close it now; the reserve stays for the rest.
+                if fd_ceiling.is_some_and(|c| u64::try_from(stream.as_raw_fd()).unwrap_or(u64::MAX) >= c) {
+                    door.refuse(Refusal::Descriptors);
+                    continue;
+                }
+                let startup = match door.admit(peer.ip(), roll()) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        debug!(%peer, reason = why.label(), "connection refused");
+                        continue;
+                    }
+                };
                 // russh's `nodelay` applies only in its own accept loop; this is ours. Small
                 // packets (handshake, keystrokes, SFTP replies) must not wait for Nagle.
                 if let Err(e) = stream.set_nodelay(true) {
                     debug!(error = %e, "cannot set TCP_NODELAY");
                 }
-                if throttle.blocked(peer.ip()) {
-                    metrics::counter!("berth_connections_refused_total").increment(1);
-                    debug!(%peer, "connection refused: too many failed logins from this address");
-                    continue;
-                }
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    metrics::counter!("berth_connections_refused_total").increment(1);
-                    warn!(%peer, "connection refused: max_connections reached");
-                    continue;
-                };
-                let authenticated = Arc::new(AtomicBool::new(false));
+                let authenticated = Arc::new(Authenticated::default());
                 let handler = Connection::new(
                     gateway.clone(),
                     Some(peer),
@@ -129,21 +163,18 @@ pub async fn serve<G: Gateway>(
                     authenticated.clone(),
                     config.max_sessions,
                 );
-                let throttle = throttle.clone();
-                let cfg = russh_config.clone();
-                let shutdown = shutdown.clone();
-                let grace = config.login_grace;
-                conns.spawn(
-                    async move {
-                        let _permit = permit;
-                        connection(cfg, stream, peer, handler, shutdown, authenticated.clone(), grace).await;
-                        // A connection that never authenticated counts against its address.
-                        if !authenticated.load(Ordering::SeqCst) {
-                            throttle.record_failure(peer.ip());
-                        }
-                    }
-                    .instrument(info_span!("conn", %peer)),
-                );
+                let conn = Conn {
+                    config: russh_config.clone(),
+                    peer,
+                    shutdown: shutdown.clone(),
+                    authenticated,
+                    grace: config.login_grace,
+                    ident_timeout: config.ident_timeout,
+                    door: door.clone(),
+                    startup,
+                    permits: permits.clone(),
+                };
+                conns.spawn(conn.run(stream, handler).instrument(info_span!("conn", %peer)));
             }
         }
     }
@@ -162,66 +193,113 @@ pub async fn serve<G: Gateway>(
     Ok(())
 }
 
-async fn connection<G: Gateway>(
+/// One accepted connection, from its first byte to its end.
+struct Conn {
     config: Arc<Config>,
-    stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    handler: Connection<G>,
     shutdown: CancellationToken,
-    authenticated: Arc<AtomicBool>,
+    authenticated: Arc<Authenticated>,
     grace: Duration,
-) {
-    debug!("connection accepted");
-    let deadline = tokio::time::Instant::now() + grace;
-    // run_stream waits for the client's identification line: bound it too.
-    let stream = QuickAck {
-        inner: stream,
-        done: authenticated.clone(),
-    };
-    let session = match tokio::time::timeout_at(deadline, run_stream(config, stream, handler)).await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            debug!(error = %e, "ssh handshake failed");
-            return;
-        }
-        Err(_) => {
-            debug!("no ssh identification within the login grace time");
-            return;
-        }
-    };
-    let handle = session.handle();
-    tokio::pin!(session);
-    let login_timer = tokio::time::sleep_until(deadline);
-    tokio::pin!(login_timer);
-    let mut timer_armed = true;
-    loop {
-        tokio::select! {
-            r = &mut session => {
-                if let Err(e) = r { debug!(error = %e, "connection ended with an error"); }
-                break;
+    ident_timeout: Duration,
+    door: Arc<Door>,
+    /// Its place among the unauthenticated connections, until it authenticates.
+    startup: Startup,
+    permits: Arc<Semaphore>,
+}
+
+impl Conn {
+    async fn run<G: Gateway>(self, stream: tokio::net::TcpStream, handler: Connection<G>) {
+        let Self {
+            config,
+            peer,
+            shutdown,
+            authenticated,
+            grace,
+            ident_timeout,
+            door,
+            startup,
+            permits,
+        } = self;
+        debug!("connection accepted");
+        let deadline = tokio::time::Instant::now() + grace;
+        let stream = QuickAck {
+            inner: stream,
+            done: authenticated.clone(),
+        };
+        // run_stream waits for the client's identification line: that has its own, shorter
+        // deadline (OpenSSH waits 10 s for it too).
+        let ident_deadline = deadline.min(tokio::time::Instant::now() + ident_timeout);
+        let session = match tokio::time::timeout_at(
+            ident_deadline,
+            run_stream(config, stream, handler),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(error = %e, "ssh handshake failed");
+                door.failed(peer.ip());
+                return;
             }
-            () = &mut login_timer, if timer_armed => {
-                timer_armed = false;
-                if !authenticated.load(Ordering::SeqCst) {
+            Err(_) => {
+                debug!("no ssh identification in time");
+                door.failed(peer.ip());
+                return;
+            }
+        };
+        let handle = session.handle();
+        tokio::pin!(session);
+        let login_timer = tokio::time::sleep_until(deadline);
+        tokio::pin!(login_timer);
+        let mut startup = Some(startup);
+        let mut permit = None;
+        loop {
+            tokio::select! {
+                r = &mut session => {
+                    if let Err(e) = r { debug!(error = %e, "connection ended with an error"); }
+                    break;
+                }
+                () = authenticated.wait(), if startup.is_some() => {
+                    // Out of the startups, into the pool of authenticated connections.
+                    startup = None;
+                    match permits.clone().try_acquire_owned() {
+                        Ok(p) => permit = Some(p),
+                        Err(_) => {
+                            door.refuse(Refusal::Full);
+                            warn!(%peer, "authenticated connection refused: max_connections reached");
+                            let _ = handle
+                                .disconnect(Disconnect::TooManyConnections, "too many connections".into(), String::new())
+                                .await;
+                            let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                            break;
+                        }
+                    }
+                }
+                () = &mut login_timer, if startup.is_some() => {
                     info!(target: "audit", event = "login_timeout", %peer, "not authenticated within the login grace time");
+                    door.failed(peer.ip());
                     let _ = handle
                         .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), String::new())
+                        .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    return;
+                }
+                () = shutdown.cancelled() => {
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
                         .await;
                     let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                     break;
                 }
             }
-            () = shutdown.cancelled() => {
-                let _ = handle
-                    .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
-                    .await;
-                let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
-                break;
-            }
         }
+        // A connection that ended without authenticating counts against its source.
+        if !authenticated.get() {
+            door.failed(peer.ip());
+        }
+        drop((startup, permit));
+        debug!(%peer, "connection closed");
     }
-    debug!(%peer, "connection closed");
 }
 
 /// The accepted stream, acknowledging at once what it reads until the client has logged in.
@@ -233,7 +311,7 @@ async fn connection<G: Gateway>(
 /// handshake; after the login the kernel's usual ACK pacing applies.
 struct QuickAck {
     inner: tokio::net::TcpStream,
-    done: Arc<AtomicBool>,
+    done: Arc<Authenticated>,
 }
 
 impl tokio::io::AsyncRead for QuickAck {
@@ -243,7 +321,7 @@ impl tokio::io::AsyncRead for QuickAck {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() && !self.done.load(Ordering::Relaxed) {
+        if r.is_ready() && !self.done.get() {
             let _ = socket2::SockRef::from(&self.inner).set_tcp_quickack(true);
         }
         r
@@ -288,7 +366,13 @@ impl tokio::io::AsyncWrite for QuickAck {
 
 fn is_transient(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
-    matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted | WouldBlock)
-        || e.raw_os_error() == Some(24) // EMFILE: wait for descriptors to free up
-        || e.raw_os_error() == Some(23)
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    )
+}
+
+/// EMFILE (the process's descriptors) or ENFILE (the system's).
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(24 | 23))
 }

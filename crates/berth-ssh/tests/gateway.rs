@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_ssh::{
-    Command, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl, PublicKey,
-    SshConfig, WindowSize, serve,
+    Command, DoorConfig, Gateway, OpenError, OpenRequest, Output, Process, ProcessControl,
+    PublicKey, SshConfig, WindowSize, serve,
 };
 use futures_util::future::BoxFuture;
 use futures_util::{StreamExt, stream};
@@ -276,7 +276,10 @@ async fn auth_refuses_unknown_user_and_wrong_key() {
 #[tokio::test]
 async fn repeated_failures_close_an_address_out() {
     let s = server_with(SshConfig {
-        max_auth_failures_per_minute: 3,
+        door: DoorConfig {
+            failures_per_minute: 3,
+            ..DoorConfig::default()
+        },
         ..SshConfig::default()
     })
     .await;
@@ -290,6 +293,122 @@ async fn repeated_failures_close_an_address_out() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Now even the right key is turned away: the connection is closed before the handshake.
     assert!(connect(s.port, "alice", &s.alice).await.is_none());
+    s.shutdown.cancel();
+}
+
+/// A raw TCP connection from `from` (any 127/8 address is this host) that says nothing.
+async fn idle_from(from: &str, port: u16) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    sock.connect(format!("127.0.0.1:{port}").parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Whether the server closes `conn` within `within` (reads EOF or a reset; the server's
+/// identification line, if it sent one, is skipped).
+async fn closed(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn one_source_holds_at_most_its_startups_and_others_still_log_in() {
+    let s = server_with(SshConfig {
+        door: DoorConfig {
+            per_source: 3,
+            ..DoorConfig::default()
+        },
+        ..SshConfig::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(idle_from("127.0.0.2", s.port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The fourth from the same source is closed at once; the three stay open.
+    let mut fourth = idle_from("127.0.0.2", s.port).await;
+    assert!(closed(&mut fourth, Duration::from_secs(2)).await);
+    for c in &mut held {
+        assert!(!closed(c, Duration::from_millis(100)).await);
+    }
+    // Another source is not affected.
+    let h = connect(s.port, "alice", &s.alice)
+        .await
+        .expect("alice refused");
+    assert_eq!(exec(&h, "echo hi", b"").await.stdout, b"hi\n");
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_after_the_identification_timeout() {
+    let s = server_with(SshConfig {
+        ident_timeout: Duration::from_millis(500),
+        ..SshConfig::default()
+    })
+    .await;
+    let mut c = idle_from("127.0.0.3", s.port).await;
+    assert!(closed(&mut c, Duration::from_secs(3)).await);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn authenticated_connections_have_their_own_pool() {
+    let s = server_with(SshConfig {
+        max_connections: 1,
+        ..SshConfig::default()
+    })
+    .await;
+    // Unauthenticated connections do not take the authenticated pool's place...
+    let _idle: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| idle_from("127.0.0.4", s.port))).await;
+    let first = connect(s.port, "alice", &s.alice)
+        .await
+        .expect("first login refused");
+    assert_eq!(exec(&first, "echo one", b"").await.stdout, b"one\n");
+    // ...and a second authenticated one is over the pool's size.
+    let second = connect(s.port, "alice", &s.alice).await;
+    let refused = match second {
+        None => true,
+        Some(h) => {
+            let ch = tokio::time::timeout(Duration::from_secs(3), h.channel_open_session()).await;
+            !matches!(ch, Ok(Ok(_)))
+        }
+    };
+    assert!(refused, "a second authenticated connection was served");
+    drop(first);
+    s.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn exempt_sources_are_never_penalised() {
+    let s = server_with(SshConfig {
+        door: DoorConfig {
+            failures_per_minute: 2,
+            exempt: vec!["127.0.0.0/8".parse().unwrap()],
+            ..DoorConfig::default()
+        },
+        ..SshConfig::default()
+    })
+    .await;
+    let mut rng = russh::keys::key::safe_rng();
+    let other = PrivateKey::random(&mut rng, Algorithm::Ed25519).unwrap();
+    for _ in 0..4 {
+        assert!(connect(s.port, "alice", &other).await.is_none());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(connect(s.port, "alice", &s.alice).await.is_some());
     s.shutdown.cancel();
 }
 
