@@ -77,9 +77,24 @@ pub fn ensure_images() {
     });
 }
 
-/// Removes the networks of test daemons whose test process is gone (killed before its
-/// `Daemon`s were dropped): each holds one of Docker's few default address pools.
+/// The test process that made a Docker object named `bt<PID>x<N>-...`, if it is gone.
+fn dead_owner(name: &str) -> bool {
+    name.strip_prefix("bt")
+        .and_then(|r| r.split_once('x'))
+        .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+}
+
+/// Removes the containers and networks of test daemons whose test process is gone (killed
+/// before its `Daemon`s were dropped): each network holds one of Docker's few default
+/// address pools, and a container on it keeps it from being removed.
 fn remove_stale_networks() {
+    let out = docker_output(&["ps", "-a", "--format", "{{.Names}}", "--filter", "name=^bt"]);
+    for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+        if dead_owner(name) {
+            let _ = docker_output(&["rm", "-f", name]);
+        }
+    }
     let out = docker_output(&[
         "network",
         "ls",
@@ -89,14 +104,7 @@ fn remove_stale_networks() {
         "name=^bt",
     ]);
     for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        let pid = name
-            .strip_prefix("bt")
-            .and_then(|r| r.split_once('x'))
-            .and_then(|(pid, _)| pid.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && name.ends_with("-net")
-            && !Path::new(&format!("/proc/{pid}")).exists()
-        {
+        if name.ends_with("-net") && dead_owner(name) {
             let _ = docker_output(&["network", "rm", name]);
         }
     }

@@ -243,8 +243,8 @@ fn container_defaults_are_confined() {
     assert_eq!(f("{{.HostConfig.Memory}}"), (512u64 << 20).to_string());
     assert_eq!(f("{{.HostConfig.NanoCpus}}"), "500000000");
     assert_eq!(
-        f("{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}"),
-        "berth"
+        f("{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}"),
+        d.network()
     );
     assert!(f("{{.HostConfig.CapDrop}}").contains("NET_RAW"));
     assert_eq!(f("{{.HostConfig.PidMode}}"), "");
