@@ -3,8 +3,10 @@
 //!
 //! - A connection is a *startup* from accept until it authenticates. Each source (an IPv4
 //!   address, or an IPv6 /64) may hold `per_source` startups; past `start` startups in all,
-//!   new ones are dropped at random with a probability rising from `rate` % to 100 % at
-//!   `full` (random early drop), so a flood can neither fill the table nor starve everyone.
+//!   a source's further ones are dropped at random with a probability rising from `rate` %
+//!   to 100 % at `full` (random early drop), and at `full` every new one is. Unlike
+//!   OpenSSH's, the early drop never falls on a source's only connection: a user who opens
+//!   one connection gets in while a few flooding sources hold their shares.
 //! - Authenticated connections have their own pool (`max_connections`): a flood of
 //!   unauthenticated ones never blocks a user who has a key.
 //! - A source that keeps failing (connections that end without authenticating, connections
@@ -310,14 +312,17 @@ impl Door {
         if self.penalised(t, source, ip, now) {
             return Err(Refusal::Penalised);
         }
-        if t.per_source.get(&source).copied().unwrap_or(0) >= self.config.per_source {
+        let mine = t.per_source.get(&source).copied().unwrap_or(0);
+        if mine >= self.config.per_source {
             return Err(Refusal::PerSource);
         }
         let s = self.config.startups;
         if t.startups >= s.full {
             return Err(Refusal::Startups);
         }
-        if t.startups >= s.start {
+        // The early drop falls on sources that already hold a startup: a flood's second and
+        // later connections, never a client's only one (until FULL are open).
+        if mine > 0 && t.startups >= s.start {
             // Linear from `rate` % at `start` to 100 % at `full`.
             let span = (s.full - s.start).max(1);
             let p =
@@ -482,20 +487,24 @@ mod tests {
     }
 
     #[test]
-    fn random_early_drop_between_start_and_full() {
+    fn random_early_drop_between_start_and_full_spares_a_sources_only_connection() {
         let d = door(1000, "2:50:4", 0, &[]);
-        let held: Vec<_> = (0..2)
-            .map(|i| d.admit(ip(&format!("192.0.2.{i}")), 0).unwrap())
-            .collect();
-        // At start: 50 % drop; a low roll is dropped, a high one admitted.
-        assert_eq!(d.admit(ip("192.0.2.10"), 10).err(), Some(Refusal::Startups));
-        let third = d.admit(ip("192.0.2.11"), 60).unwrap();
+        let flood = ip("192.0.2.1");
+        let held: Vec<_> = (0..2).map(|_| d.admit(flood, 0).unwrap()).collect();
+        // At start: 50 % drop for the flooding source; a low roll is dropped, a high one
+        // admitted.
+        assert_eq!(d.admit(flood, 10).err(), Some(Refusal::Startups));
+        let third = d.admit(flood, 60).unwrap();
         // 3 of 4: 75 %.
-        assert_eq!(d.admit(ip("192.0.2.12"), 70).err(), Some(Refusal::Startups));
-        let fourth = d.admit(ip("192.0.2.13"), 80).unwrap();
-        // Full: everything is dropped.
-        assert_eq!(d.admit(ip("192.0.2.14"), 99).err(), Some(Refusal::Startups));
-        drop((held, third, fourth));
+        assert_eq!(d.admit(flood, 70).err(), Some(Refusal::Startups));
+        // A source's only connection is never dropped at random.
+        let user = d.admit(ip("198.51.100.1"), 0).unwrap();
+        // Full: everything is dropped, first connections too.
+        assert_eq!(
+            d.admit(ip("198.51.100.2"), 99).err(),
+            Some(Refusal::Startups)
+        );
+        drop((held, third, user));
         assert_eq!(d.startups(), 0);
     }
 
