@@ -182,12 +182,19 @@ pub struct Daemon {
     child: Option<Child>,
     config_path: PathBuf,
     log_path: PathBuf,
+    nofile: Option<u64>,
 }
 
 impl Daemon {
     /// Starts a daemon with `bin` (the `berth` binary under test) and waits until its admin
     /// socket answers.
     pub fn start(bin: &Path, opts: DaemonOptions) -> Self {
+        Self::start_limited(bin, opts, None)
+    }
+
+    /// As [`Daemon::start`], with the descriptor limit (soft and hard) set to `nofile`, as a
+    /// small `LimitNOFILE=` would.
+    pub fn start_limited(bin: &Path, opts: DaemonOptions, nofile: Option<u64>) -> Self {
         ensure_images();
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
@@ -212,6 +219,7 @@ impl Daemon {
             log_path: dir.path().join("daemon.log"),
             config_path,
             dir,
+            nofile,
         };
         d.spawn();
         d
@@ -232,7 +240,15 @@ impl Daemon {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let child = Command::new(&self.bin)
+        let mut cmd = match self.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("--state-dir")
             .arg(self.state_dir())
             .arg("daemon")
