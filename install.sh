@@ -149,6 +149,14 @@ default_config() {
 # Client environment variables passed into sessions (NAME or PREFIX*), like sshd's AcceptEnv.
 # accept_env = ["LANG", "LC_*"]
 
+# CA public keys (one per line) whose user certificates log in as the Berth user their
+# principals name, if that user exists (OpenSSH's TrustedUserCAKeys); off when unset.
+# trusted_user_ca_keys = "/etc/berth/user_ca.pub"
+
+# Keys and certificates refused whatever else says (OpenSSH's RevokedKeys): public keys, one
+# per line, or a KRL made by `ssh-keygen -k`. Read again whenever it changes; off when unset.
+# revoked_keys = "/etc/berth/revoked_keys"
+
 # Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms). The default
 # has no finite-field Diffie-Hellman: add e.g. "diffie-hellman-group14-sha256" only for a client
 # that has nothing else. `berth daemon --check` refuses a name Berth does not implement and lists those it does.

@@ -47,6 +47,11 @@ pub struct Config {
     pub allow_x11_forwarding: bool,
     /// Client environment variables accepted into sessions (`NAME` or `PREFIX*`).
     pub accept_env: Vec<String>,
+    /// CA public keys whose user certificates log in (OpenSSH's TrustedUserCAKeys).
+    pub trusted_user_ca_keys: Option<PathBuf>,
+    /// Keys and certificates refused whatever else says (OpenSSH's RevokedKeys): public
+    /// keys, one per line, or a KRL made by `ssh-keygen -k`.
+    pub revoked_keys: Option<PathBuf>,
     /// Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms).
     pub kex_algorithms: Vec<String>,
     /// Ciphers offered (OpenSSH's Ciphers).
@@ -107,6 +112,8 @@ impl Default for Config {
             allow_agent_forwarding: true,
             allow_x11_forwarding: true,
             accept_env: vec!["LANG".into(), "LC_*".into()],
+            trusted_user_ca_keys: None,
+            revoked_keys: None,
             kex_algorithms: owned(berth_ssh::algorithms::DEFAULT_KEX),
             ciphers: owned(berth_ssh::algorithms::DEFAULT_CIPHERS),
             macs: owned(berth_ssh::algorithms::DEFAULT_MACS),

@@ -14,7 +14,7 @@ use berth_ssh::{
 use berth_store::Store;
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::blocking;
 use crate::lifecycle::{GUEST_RUN_MOUNT, Lease, Lifecycle, LifecycleError};
@@ -65,6 +65,34 @@ pub struct BerthGateway<R> {
     pub port: u16,
     /// Bounds the audit lines refused logins may write (see [`RefusalBudget`]).
     pub refusals: std::sync::Mutex<RefusalBudget>,
+    /// Trusted user CAs and revoked keys.
+    pub certs: Arc<crate::certs::Certs>,
+}
+
+impl<R: Runtime> BerthGateway<R> {
+    /// The check at every session open or forward on an open connection: the key is still
+    /// one of the user's, or the certificate it logged in with is still valid, not revoked,
+    /// and its user still exists. (Never used to log in: a certificate's key alone, without
+    /// the certificate and its source-address, is not a credential.)
+    async fn still_authorized(&self, user: &str, key: &PublicKey) -> bool {
+        if self.authorize(user, key).await {
+            return true;
+        }
+        if !self.certs.recheck(user, key, unix_now()) {
+            return false;
+        }
+        let Ok(name) = UserName::parse(user) else {
+            return false;
+        };
+        let store = self.store.clone();
+        blocking(move || store.user(&name)).await.is_ok()
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Refused logins come from anybody: past [`REFUSALS_PER_MINUTE`] audit lines a minute they
@@ -116,12 +144,15 @@ pub fn effective_forwarding(
 
 impl<R: Runtime> Gateway for BerthGateway<R> {
     fn event(&self, event: berth_ssh::Event<'_>) {
-        let (name, user, key, peer) = match event {
-            berth_ssh::Event::LoginAccepted { user, key, peer } => {
-                ("login_accepted", user, key, peer)
-            }
+        let (name, user, key, peer, cert) = match event {
+            berth_ssh::Event::LoginAccepted {
+                user,
+                key,
+                peer,
+                certificate,
+            } => ("login_accepted", user, key, peer, certificate),
             berth_ssh::Event::LoginRefused { user, key, peer } => {
-                ("login_refused", user, key, peer)
+                ("login_refused", user, key, peer, None)
             }
         };
         if name == "login_refused" {
@@ -143,14 +174,60 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         }
         // A refused name is whatever the client sent: bounded before it is written down.
         let user: String = user.chars().take(64).collect();
-        self.lifecycle.audit().record(
-            name,
-            serde_json::json!({
-                "user": user,
-                "key": fingerprint(key),
-                "peer": peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
-            }),
-        );
+        let mut record = serde_json::json!({
+            "user": user,
+            "key": fingerprint(key),
+            "peer": peer.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        });
+        if let (Some(c), Some(fields)) = (cert, record.as_object_mut()) {
+            // The certificate's own name for itself, bounded like any client text.
+            let id: String = c.key_id().chars().take(256).collect();
+            fields.insert("cert_key_id".into(), id.into());
+            fields.insert("cert_serial".into(), c.serial().into());
+            fields.insert(
+                "cert_ca".into(),
+                c.signature_key()
+                    .fingerprint(berth_ssh::ssh_key::HashAlg::Sha256)
+                    .to_string()
+                    .into(),
+            );
+        }
+        self.lifecycle.audit().record(name, record);
+    }
+
+    fn accepts_certificates(&self) -> bool {
+        self.certs.any_ca()
+    }
+
+    async fn authorize_certificate(
+        &self,
+        user: &str,
+        certificate: &berth_ssh::Certificate,
+        peer: Option<std::net::SocketAddr>,
+    ) -> bool {
+        let now = unix_now();
+        if let Err(why) = self
+            .certs
+            .check(user, certificate, peer.map(|p| p.ip()), now)
+        {
+            info!(
+                user,
+                key_id = certificate.key_id(),
+                serial = certificate.serial(),
+                "certificate refused: {why}"
+            );
+            return false;
+        }
+        // Certificates never create users.
+        let Ok(name) = UserName::parse(user) else {
+            return false;
+        };
+        let store = self.store.clone();
+        if blocking(move || store.user(&name)).await.is_err() {
+            return false;
+        }
+        self.certs.remember(user, certificate, now);
+        true
     }
 
     fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>> {
@@ -184,9 +261,12 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         if UserName::parse(user).is_err() {
             return false;
         }
+        if self.certs.key_revoked(key.key_data()) {
+            return false;
+        }
         let store = self.store.clone();
-        let (user, fp) = (user.to_owned(), fingerprint(key));
-        match blocking(move || store.key_authorized(&user, &fp)).await {
+        let (name, fp) = (user.to_owned(), fingerprint(key));
+        match blocking(move || store.key_authorized(&name, &fp)).await {
             Ok(ok) => ok,
             Err(e) => {
                 error!(error = %e, "key lookup failed");
@@ -283,7 +363,7 @@ impl<R: Runtime> BerthGateway<R> {
     async fn open_session(&self, req: OpenRequest) -> Result<Process, OpenError> {
         let user = UserName::parse(&req.user).map_err(|_| OpenError("unknown user".into()))?;
         // The connection authenticated earlier; the key or the user may be gone since.
-        if !self.authorize(&req.user, &req.key).await {
+        if !self.still_authorized(&req.user, &req.key).await {
             return Err(OpenError("access revoked".into()));
         }
         if let Command::Exec(cmd) = &req.command
@@ -435,7 +515,7 @@ impl<R: Runtime> BerthGateway<R> {
         key: &PublicKey,
     ) -> Result<(Lease, ContainerNet), OpenError> {
         let name = UserName::parse(user).map_err(|_| OpenError("unknown user".into()))?;
-        if !self.authorize(user, key).await {
+        if !self.still_authorized(user, key).await {
             return Err(OpenError("access revoked".into()));
         }
         let lease = self

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod certs;
 pub mod config;
 pub mod gateway;
 pub mod guest;
@@ -87,6 +88,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(addr) => Some(telemetry::bind(addr).await?),
         None => None,
     };
+    let certs = Arc::new(
+        certs::Certs::load(
+            config.trusted_user_ca_keys.as_deref(),
+            config.revoked_keys.as_deref(),
+        )
+        .map_err(|message| StartupError {
+            message,
+            hint: None,
+        })?,
+    );
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
     let guest_dir = install_guest(&guest, state)?;
 
@@ -144,6 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         sessions: sessions.clone(),
         port,
         refusals: Default::default(),
+        certs,
     });
     let ssh_config = SshConfig {
         keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::session::{self, env_allowed};
-use crate::{Gateway, Permission, PublicKey};
+use crate::{Certificate, Gateway, Permission, PublicKey};
 
 /// Whether a connection has authenticated, and a wake-up for the task that waits for it.
 #[derive(Default)]
@@ -95,6 +95,20 @@ impl<G: Gateway> Connection<G> {
         }
     }
 
+    fn accepted(&mut self, user: &str, key: PublicKey, certificate: Option<&Certificate>) {
+        metrics::counter!("berth_logins_total").increment(1);
+        self.connected_at = std::time::Instant::now();
+        self.gateway.event(crate::Event::LoginAccepted {
+            user,
+            key: &key,
+            peer: self.peer,
+            certificate,
+        });
+        self.user = Some((user.to_owned(), key));
+        self._connected = self.gateway.connected(user);
+        self.authenticated.set();
+    }
+
     fn refused(&self, user: &str, key: &PublicKey) {
         metrics::counter!("berth_auth_failures_total").increment(1);
         self.gateway.event(crate::Event::LoginRefused {
@@ -168,8 +182,11 @@ impl<G: Gateway> Handler for Connection<G> {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Probing which keys would work is answered honestly for the right user and key
-        // only; an unknown user looks exactly like a wrong key.
-        if self.gateway.authorize(user, offer.public_key).await {
+        // only; an unknown user looks exactly like a wrong key. With trusted CAs, the offer
+        // may be a certificate's key (russh does not say): it goes on to its signature.
+        if self.gateway.authorize(user, offer.public_key).await
+            || self.gateway.accepts_certificates()
+        {
             return Ok(Auth::Accept);
         }
         self.refused(user, offer.public_key);
@@ -182,19 +199,29 @@ impl<G: Gateway> Handler for Connection<G> {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         if self.gateway.authorize(user, key.public_key).await {
-            metrics::counter!("berth_logins_total").increment(1);
-            self.connected_at = std::time::Instant::now();
-            self.gateway.event(crate::Event::LoginAccepted {
-                user,
-                key: key.public_key,
-                peer: self.peer,
-            });
-            self.user = Some((user.to_owned(), key.public_key.clone()));
-            self._connected = self.gateway.connected(user);
-            self.authenticated.set();
+            self.accepted(user, key.public_key.clone(), None);
             Ok(Auth::Accept)
         } else {
             self.refused(user, key.public_key);
+            Ok(Auth::reject())
+        }
+    }
+
+    async fn auth_openssh_certificate(
+        &mut self,
+        user: &str,
+        certificate: &Certificate,
+    ) -> Result<Auth, Self::Error> {
+        let key = PublicKey::new(certificate.public_key().clone(), "");
+        if self
+            .gateway
+            .authorize_certificate(user, certificate, self.peer)
+            .await
+        {
+            self.accepted(user, key, Some(certificate));
+            Ok(Auth::Accept)
+        } else {
+            self.refused(user, &key);
             Ok(Auth::reject())
         }
     }

@@ -46,7 +46,7 @@ use tokio::io::AsyncWrite;
 pub use algorithms::Algorithms;
 pub use door::{DoorConfig, Net, Startups};
 pub use hostkey::{HostKeyError, load_or_create_host_key};
-pub use russh::keys::PublicKey;
+pub use russh::keys::{Certificate, PublicKey, ssh_encoding, ssh_key};
 pub use server::{ServerError, SshConfig, serve};
 
 /// What a session asks to run.
@@ -172,6 +172,8 @@ pub enum Event<'a> {
         user: &'a str,
         key: &'a PublicKey,
         peer: Option<SocketAddr>,
+        /// The certificate the key came with, for a certificate login.
+        certificate: Option<&'a Certificate>,
     },
     /// A key was refused for `user` (unknown user and wrong key look the same).
     LoginRefused {
@@ -190,6 +192,24 @@ pub trait Gateway: Send + Sync + 'static {
     /// Whether `key` may log in as `user`. Must answer the same way for an unknown user and
     /// a wrong key.
     fn authorize(&self, user: &str, key: &PublicKey) -> impl Future<Output = bool> + Send;
+    /// Whether user certificates may log in at all (trusted CAs are configured). Then a key
+    /// offer that `authorize` refuses is still let through to its signature, where a
+    /// certificate is checked by [`Gateway::authorize_certificate`] and a plain key by
+    /// `authorize` again.
+    fn accepts_certificates(&self) -> bool {
+        false
+    }
+    /// Whether `certificate`, whose key has signed this session, may log in as `user` from
+    /// `peer`. Must answer the same way for an unknown user and a bad certificate.
+    fn authorize_certificate(
+        &self,
+        user: &str,
+        certificate: &Certificate,
+        peer: Option<SocketAddr>,
+    ) -> impl Future<Output = bool> + Send {
+        let _ = (user, certificate, peer);
+        async { false }
+    }
     /// Called once a connection has authenticated as `user`; the returned value lives as
     /// long as the connection (a connection with only forwardings keeps the container up).
     fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>>;

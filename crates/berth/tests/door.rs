@@ -374,3 +374,217 @@ fn out_of_descriptors_the_admin_socket_answers_and_logins_resume() {
     });
     assert!(back, "logins did not resume: {}", d.log());
 }
+
+fn keygen(dir: &Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    path
+}
+
+/// Signs `key`.pub with `ca` (`ssh-keygen -s`), with the extra `args` (-n, -V, -O, -h...);
+/// returns the certificate's path.
+fn sign(ca: &Path, key: &Path, id: &str, serial: u64, args: &[&str]) -> std::path::PathBuf {
+    let o = Command::new("ssh-keygen")
+        .arg("-q")
+        .arg("-s")
+        .arg(ca)
+        .args(["-I", id, "-z", &serial.to_string()])
+        .args(args)
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cert = key.with_file_name(format!(
+        "{}-cert.pub",
+        key.file_name().unwrap().to_string_lossy()
+    ));
+    assert!(cert.exists());
+    cert
+}
+
+/// Logs in as `user` with `key` and the certificate `cert`; the exit code.
+fn cert_login(d: &Daemon, user: &str, key: &Path, cert: &Path) -> Option<i32> {
+    Command::new("ssh")
+        .args(d.ssh_args(key))
+        .arg("-o")
+        .arg(format!("CertificateFile={}", cert.display()))
+        .arg(format!("{user}@127.0.0.1"))
+        .arg("true")
+        .output()
+        .unwrap()
+        .status
+        .code()
+}
+
+/// User certificates (`TrustedUserCAKeys`, `RevokedKeys`), made by `ssh-keygen -s` and used
+/// by the stock ssh: a valid one logs in as an existing user named in its principals, with
+/// its key id and serial in the audit record; everything else is refused like a wrong key;
+/// a KRL or a plain key in the revoked-keys file refuses it, read again when it changes.
+#[test]
+fn user_certificates_log_in_and_everything_else_is_refused() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let ca = keygen(k, "ca");
+    let other_ca = keygen(k, "other-ca");
+    let revoked = k.join("revoked");
+    std::fs::write(&revoked, "").unwrap();
+    let d = start(&format!(
+        "trusted_user_ca_keys = \"{}\"\nrevoked_keys = \"{}\"\n",
+        ca.with_extension("pub").display(),
+        revoked.display()
+    ));
+    // alice exists with some other key; carol does not exist at all.
+    d.add_user("alice", BUSYBOX);
+    let mk = |name: &str, id: &str, serial: u64, args: &[&str], by: &Path| {
+        let key = keygen(k, name);
+        let cert = sign(by, &key, id, serial, args);
+        (key, cert)
+    };
+    let (good, good_cert) = mk(
+        "good",
+        "alice-laptop",
+        42,
+        &["-n", "alice,admin", "-V", "-5m:+1h"],
+        &ca,
+    );
+    assert_eq!(
+        cert_login(&d, "alice", &good, &good_cert),
+        Some(0),
+        "{}",
+        d.log()
+    );
+    let audit = std::fs::read_to_string(d.state_dir().join("audit.log")).unwrap();
+    let record = audit
+        .lines()
+        .find(|l| l.contains("\"login_accepted\"") && l.contains("alice-laptop"))
+        .unwrap_or_else(|| panic!("no login_accepted with the key id: {audit}"));
+    assert!(record.contains("\"cert_serial\":42"), "{record}");
+    assert!(record.contains("\"cert_ca\":\"SHA256:"), "{record}");
+    // The same certificate's key alone (no certificate beside it) is not a key of alice's.
+    let bare = k.join("bare");
+    std::fs::copy(&good, &bare).unwrap();
+    let o = d.ssh("alice", &bare).arg("true").output().unwrap();
+    assert_eq!(o.status.code(), Some(255));
+
+    let refused: Vec<(&str, (std::path::PathBuf, std::path::PathBuf))> = vec![
+        (
+            "expired",
+            mk("expired", "e", 1, &["-n", "alice", "-V", "-2h:-1h"], &ca),
+        ),
+        (
+            "not yet valid",
+            mk("future", "f", 2, &["-n", "alice", "-V", "+1h:+2h"], &ca),
+        ),
+        (
+            "wrong principal",
+            mk("principal", "p", 3, &["-n", "bob"], &ca),
+        ),
+        ("no principal", mk("noprincipal", "np", 4, &[], &ca)),
+        (
+            "host certificate",
+            mk("host", "h", 5, &["-h", "-n", "alice"], &ca),
+        ),
+        (
+            "untrusted CA",
+            mk("untrusted", "u", 6, &["-n", "alice"], &other_ca),
+        ),
+        (
+            "source-address elsewhere",
+            mk(
+                "source",
+                "s",
+                7,
+                &["-n", "alice", "-O", "source-address=10.0.0.0/8"],
+                &ca,
+            ),
+        ),
+        (
+            "unknown critical option",
+            mk(
+                "forced",
+                "fc",
+                8,
+                &["-n", "alice", "-O", "force-command=/bin/true"],
+                &ca,
+            ),
+        ),
+    ];
+    for (what, (key, cert)) in &refused {
+        assert_eq!(
+            cert_login(&d, "alice", key, cert),
+            Some(255),
+            "{what} was let in"
+        );
+    }
+    // Certificates never create users.
+    let (carol, carol_cert) = mk("carol", "c", 9, &["-n", "carol"], &ca);
+    assert_eq!(cert_login(&d, "carol", &carol, &carol_cert), Some(255));
+    assert!(!d.users().iter().any(|u| u["name"] == "carol"));
+    // A source-address that holds the client's address is honoured.
+    let (here, here_cert) = mk(
+        "here",
+        "h2",
+        10,
+        &["-n", "alice", "-O", "source-address=127.0.0.0/8,10.0.0.1"],
+        &ca,
+    );
+    assert_eq!(cert_login(&d, "alice", &here, &here_cert), Some(0));
+
+    // Revoked by serial in a KRL (ssh-keygen -k), read again without a restart.
+    let spec = k.join("spec");
+    std::fs::write(&spec, "serial: 42\n").unwrap();
+    let krl = Command::new("ssh-keygen")
+        .args(["-q", "-k", "-f"])
+        .arg(&revoked)
+        .arg("-s")
+        .arg(ca.with_extension("pub"))
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(
+        krl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&krl.stderr)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(
+        cert_login(&d, "alice", &good, &good_cert),
+        Some(255),
+        "serial 42 was revoked"
+    );
+    assert_eq!(
+        cert_login(&d, "alice", &here, &here_cert),
+        Some(0),
+        "serial 10 was not"
+    );
+    // By key id, in an updated KRL.
+    std::fs::write(&spec, "serial: 42\nid: h2\n").unwrap();
+    let krl = Command::new("ssh-keygen")
+        .args(["-q", "-k", "-f"])
+        .arg(&revoked)
+        .arg("-s")
+        .arg(ca.with_extension("pub"))
+        .arg(&spec)
+        .output()
+        .unwrap();
+    assert!(krl.status.success());
+    assert_eq!(
+        cert_login(&d, "alice", &here, &here_cert),
+        Some(255),
+        "key id h2 was revoked"
+    );
+    // And as a plain public key: the CA's key itself revokes every certificate it signed.
+    let (fresh, fresh_cert) = mk("fresh", "fresh", 11, &["-n", "alice"], &ca);
+    assert_eq!(cert_login(&d, "alice", &fresh, &fresh_cert), Some(0));
+    std::fs::write(&revoked, std::fs::read(ca.with_extension("pub")).unwrap()).unwrap();
+    assert_eq!(
+        cert_login(&d, "alice", &fresh, &fresh_cert),
+        Some(255),
+        "the CA was revoked"
+    );
+}
