@@ -188,27 +188,64 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.admin_socket().display()
         )
     })?;
-    if let Some(listener) = metrics {
-        tokio::spawn(telemetry::serve(
-            listener,
-            admin_state.clone(),
-            shutdown.clone(),
-        ));
-    }
-    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, shutdown.clone()));
+    let admin = spawn_admin(admin_listener, metrics, admin_state, shutdown.clone())?;
     info!(listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();
     lifecycle.shutdown().await;
-    let admin = admin.await;
+    let admin = tokio::task::spawn_blocking(move || admin.join()).await;
     let _ = std::fs::remove_file(config.admin_socket());
     ssh?;
     match admin {
-        Ok(r) => r.context("admin socket failed")?,
-        Err(e) => bail!("admin task failed: {e}"),
+        Ok(Ok(r)) => r.context("admin socket failed")?,
+        _ => bail!("the admin socket's thread failed"),
     }
     info!("berth daemon stopped");
     Ok(())
+}
+
+/// Serves the admin socket (and the metrics endpoint) on a runtime of its own, on a thread
+/// of its own: whatever the SSH side is doing (a flood of handshakes, many busy sessions),
+/// `berth status` and user changes get a thread that does nothing else. The work they start
+/// (store calls, the lifecycle owners, Docker) is reached through channels and clients that
+/// work from any runtime.
+fn spawn_admin<R: Runtime>(
+    listener: tokio::net::UnixListener,
+    metrics: Option<telemetry::MetricsListener>,
+    state: Arc<AdminState<R>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    // Registered again with the admin runtime's own reactor.
+    let listener = listener.into_std()?;
+    let metrics = metrics
+        .map(telemetry::MetricsListener::into_std)
+        .transpose()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the admin runtime")?;
+    let thread = std::thread::Builder::new()
+        .name("berth-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                if let Some(m) = metrics {
+                    match telemetry::MetricsListener::from_std(m) {
+                        Ok(m) => {
+                            tokio::spawn(telemetry::serve(m, state.clone(), shutdown.clone()));
+                        }
+                        Err(e) => tracing::error!(error = %e, "metrics endpoint not served"),
+                    }
+                }
+                admin::serve(
+                    tokio::net::UnixListener::from_std(listener)?,
+                    state,
+                    shutdown,
+                )
+                .await
+            })
+        })
+        .context("cannot start the admin thread")?;
+    Ok(thread)
 }
 
 fn limits(config: &Config) -> Limits {

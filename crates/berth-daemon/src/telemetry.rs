@@ -24,6 +24,29 @@ pub struct MetricsListener {
     handle: PrometheusHandle,
 }
 
+/// A bound metrics listener moved between runtimes (see `spawn_admin`).
+pub struct StdMetricsListener {
+    listener: std::net::TcpListener,
+    handle: PrometheusHandle,
+}
+
+impl MetricsListener {
+    pub fn into_std(self) -> std::io::Result<StdMetricsListener> {
+        Ok(StdMetricsListener {
+            listener: self.listener.into_std()?,
+            handle: self.handle,
+        })
+    }
+
+    /// Registers the listener with the current runtime.
+    pub fn from_std(l: StdMetricsListener) -> std::io::Result<Self> {
+        Ok(Self {
+            listener: tokio::net::TcpListener::from_std(l.listener)?,
+            handle: l.handle,
+        })
+    }
+}
+
 /// Installs the process-wide recorder and binds `addr`.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<MetricsListener> {
     let listener = tokio::net::TcpListener::bind(addr)
