@@ -416,7 +416,13 @@ fn x11_forwarding_shows_the_clients_display() {
         },
     );
     let key = d.add_user("alice", DEBIAN);
-    // The client's X server: Xvfb on display :97 with its own cookie.
+    // The client's X server: Xvfb on a display nobody holds (a lock file left by a killed X
+    // server counts as held), with its own cookie.
+    let n = (97..200)
+        .find(|n| !Path::new(&format!("/tmp/.X{n}-lock")).exists())
+        .unwrap();
+    let display = format!(":{n}");
+    let socket = format!("/tmp/.X11-unix/X{n}");
     let auth = d.dir.path().join("Xauthority");
     let cookie: String = (0..16)
         .map(|i| format!("{:02x}", (i * 37 + 11) % 256))
@@ -424,26 +430,26 @@ fn x11_forwarding_shows_the_clients_display() {
     let st = std::process::Command::new("xauth")
         .arg("-f")
         .arg(&auth)
-        .args(["add", ":97", ".", &cookie])
+        .args(["add", &display, ".", &cookie])
         .status()
         .unwrap();
     assert!(st.success());
     let _xvfb = KillOnDrop(
         std::process::Command::new("Xvfb")
-            .args([":97", "-nolisten", "tcp", "-auth"])
+            .args([&display, "-nolisten", "tcp", "-auth"])
             .arg(&auth)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
     );
-    assert!(wait_until(Duration::from_secs(20), || Path::new(
-        "/tmp/.X11-unix/X97"
-    )
-    .exists()));
+    // Listening, not just there (a socket file may outlive its server).
+    assert!(wait_until(Duration::from_secs(20), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    }));
     let o = d
         .ssh("alice", &key)
-        .env("DISPLAY", ":97")
+        .env("DISPLAY", &display)
         .env("XAUTHORITY", &auth)
         .args([
             "-X",
@@ -469,7 +475,7 @@ fn x11_forwarding_shows_the_clients_display() {
     d.berth_ok(&["user", "set", "alice", "--x11-forwarding", "off"]);
     let o = d
         .ssh("alice", &key)
-        .env("DISPLAY", ":97")
+        .env("DISPLAY", &display)
         .env("XAUTHORITY", &auth)
         .args(["-X", "echo ${DISPLAY:-none}"])
         .output()
