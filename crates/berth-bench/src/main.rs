@@ -17,6 +17,7 @@ mod crowd;
 mod echo;
 mod engine;
 mod figure;
+mod flood;
 mod interrupt;
 mod login;
 mod machine;
@@ -53,6 +54,8 @@ enum Part {
     Crowd,
     /// Many idle sessions.
     Idle,
+    /// A login while strangers flood the port.
+    Flood,
 }
 
 #[derive(Parser)]
@@ -237,6 +240,11 @@ fn run(args: &Args) -> Result<bool> {
             settings.crowd,
             settings.crowd_rounds,
         ));
+    }
+    if args.wants(Part::Flood) {
+        interrupt::check()?;
+        step("a login under a flood");
+        figures.extend(flood::figures(&rig, settings.runs));
     }
     if args.wants(Part::Memory) {
         let mib = |kib: u64| kib as f64 / 1024.0;

@@ -42,6 +42,8 @@ pub struct Rig {
     pub berth_at_start: Memory,
     pub sshd_at_start: Memory,
     pub busybox: String,
+    /// OpenSSH's server binary (for a second, stock-configured baseline).
+    pub sshd_path: PathBuf,
     keep_logs: Option<PathBuf>,
     pub dir: TempDir,
 }
@@ -91,6 +93,7 @@ impl Rig {
             berth_at_start,
             sshd_at_start,
             busybox: opts.busybox.clone(),
+            sshd_path: opts.sshd.clone(),
             keep_logs: opts.keep_logs.clone(),
             dir,
         };

@@ -86,7 +86,15 @@ pub struct OpenSsh {
 }
 
 impl OpenSsh {
+    /// The baseline for most figures: `MaxStartups 1000`, so that the crowd of logins at
+    /// once is not dropped by OpenSSH's early drop.
     pub fn start(dir: &Path, sshd: &Path, authorized_keys: &str) -> Result<Self> {
+        Self::start_with(dir, sshd, authorized_keys, "MaxStartups 1000\n")
+    }
+
+    /// With `extra` lines of sshd_config (an empty string: OpenSSH's own defaults for
+    /// them, as Debian ships it).
+    pub fn start_with(dir: &Path, sshd: &Path, authorized_keys: &str, extra: &str) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let host_key = keygen(&dir.join("ssh_host_ed25519_key"), "bench-sshd")?;
         let keys = dir.join("authorized_keys");
@@ -111,7 +119,7 @@ impl OpenSsh {
                  PrintMotd no\n\
                  X11Forwarding no\n\
                  AcceptEnv LANG LC_*\n\
-                 MaxStartups 1000\n\
+                 {extra}\
                  MaxSessions 10\n\
                  Subsystem sftp /usr/lib/openssh/sftp-server\n\
                  SetEnv SHLVL=1\n\

@@ -29,7 +29,7 @@ use berth_runtime::{DockerRuntime, Limits, Runtime};
 use berth_ssh::SshConfig;
 use berth_store::{Store, StoreError};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 pub use config::{Config, ConfigError};
 
@@ -189,6 +189,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         )
     })?;
     let admin = spawn_admin(admin_listener, metrics, admin_state, shutdown.clone())?;
+    if config
+        .kex_algorithms
+        .iter()
+        .any(|k| k.starts_with("diffie-hellman"))
+    {
+        warn!(
+            "kex_algorithms offers a finite-field Diffie-Hellman group: each such exchange \
+             costs the SSH workers up to half a second of CPU, chosen by an unauthenticated \
+             client; offer it only while a client that has nothing else needs it"
+        );
+    }
     info!(listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();
