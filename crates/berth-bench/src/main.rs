@@ -244,7 +244,7 @@ fn run(args: &Args) -> Result<bool> {
     if args.wants(Part::Flood) {
         interrupt::check()?;
         step("a login under a flood");
-        figures.extend(flood::figures(&rig, settings.runs));
+        figures.extend(flood::figures(&mut rig, settings.runs));
     }
     if args.wants(Part::Memory) {
         let mib = |kib: u64| kib as f64 / 1024.0;

@@ -168,7 +168,8 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         let all = f.error.is_none() && f.note.contains("logins refused: Berth 0,");
         let p99 = f.berth.as_ref().map_or(f64::INFINITY, |b| b.p99);
         out.push(Target {
-            what: "login_under_flood: every login of a user with a key succeeds, each under 2 s".into(),
+            what: "login_under_flood: every login of a user with a key succeeds, each under 2 s"
+                .into(),
             met: Some(all && p99 < 2000.0),
             detail: format!(
                 "Berth p99 {p99:.0} ms; {}",

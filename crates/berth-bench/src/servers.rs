@@ -198,6 +198,8 @@ impl Tag {
 
 /// `berth daemon` (the release binary) on a loopback port with a temporary state directory.
 pub struct Berth {
+    /// The config's lines that name this run's Docker objects.
+    names: String,
     child: Option<Child>,
     bin: PathBuf,
     guest: PathBuf,
@@ -207,28 +209,30 @@ pub struct Berth {
     pub log: PathBuf,
 }
 
+/// Limits on failures and connections raised so that they cannot interfere with 100 logins
+/// at once and 500 open sessions from one address (the baseline has `MaxStartups 1000`).
+const CROWD_LIMITS: &str = "max_auth_failures_per_minute = 0\n\
+                            max_connections = 5000\n\
+                            max_startups = \"1000:30:1000\"\n\
+                            per_source_max_startups = 1000\n";
+
 impl Berth {
     pub fn start(dir: &Path, bin: &Path, guest: &Path, tag: &Tag, idle_stop: u64) -> Result<Self> {
         fs::create_dir_all(dir)?;
         let config = dir.join("berth.toml");
-        // Limits on failures and connections are raised so that they cannot interfere with
-        // 100 logins at once and 500 open sessions from one address.
-        fs::write(
-            &config,
-            format!(
-                "container_prefix = \"{}\"\n\
-                 commit_repository = \"{}\"\n\
-                 network = \"{}\"\n\
-                 idle_stop_seconds = {idle_stop}\n\
-                 stop_timeout_seconds = 5\n\
-                 max_auth_failures_per_minute = 0\n\
-                 max_connections = 5000\n",
-                tag.container_prefix(),
-                tag.commit_repository(),
-                tag.network(),
-            ),
-        )?;
+        let names = format!(
+            "container_prefix = \"{}\"\n\
+             commit_repository = \"{}\"\n\
+             network = \"{}\"\n\
+             idle_stop_seconds = {idle_stop}\n\
+             stop_timeout_seconds = 5\n",
+            tag.container_prefix(),
+            tag.commit_repository(),
+            tag.network(),
+        );
+        fs::write(&config, format!("{names}{CROWD_LIMITS}"))?;
         let mut b = Self {
+            names,
             child: None,
             bin: bin.to_owned(),
             guest: guest.to_owned(),
@@ -268,6 +272,14 @@ impl Berth {
             cli(&bin, &state, &["user", "list", "--json"]).is_ok()
                 && TcpStream::connect(("127.0.0.1", port)).is_ok()
         })
+    }
+
+    /// Restarts the daemon with the door's own defaults (`true`) or with the bench's raised
+    /// limits (`false`).
+    pub fn door_defaults(&mut self, defaults: bool) -> Result<()> {
+        let limits = if defaults { "" } else { CROWD_LIMITS };
+        fs::write(&self.config, format!("{}{limits}", self.names))?;
+        self.restart()
     }
 
     /// Stops the daemon (SIGTERM) and starts it again on the same state and port; running
