@@ -155,7 +155,8 @@ fn under_flood(port: u16, pid: u32, user: &Endpoint, runs: usize) -> Outcome {
             while done < EXCHANGES && !stop.load(Ordering::SeqCst) {
                 let batch: Vec<_> = (0..IN_FLIGHT.min(EXCHANGES - done))
                     .map(|i| {
-                        let from = SOURCES[(done + i) % SOURCES.len()];
+                        let [first, second] = SOURCES;
+                        let from = if (done + i) % 2 == 0 { first } else { second };
                         std::thread::spawn(move || exchange(from, port))
                     })
                     .collect();
