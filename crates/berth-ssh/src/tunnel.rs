@@ -131,12 +131,18 @@ where
     let mut reader = reader;
     let mut writer = writer;
     let mut reader_done = false;
+    let mut writer_done = false;
     let mut overflow = false;
     loop {
         tokio::select! {
             _ = &mut reader, if !reader_done => {
                 reader_done = true;
                 let _ = tx.eof().await;
+            }
+            // The writer ends on its own (the client's EOF written out, or the socket gone):
+            // that must wake this loop too, or a client waiting for our close waits forever.
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
             }
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
@@ -155,12 +161,14 @@ where
                 None => break,
             },
         }
-        if reader_done && writer.is_finished() {
+        if reader_done && writer_done {
             break;
         }
     }
     reader_abort.abort();
-    if overflow {
+    if writer_done {
+        // Nothing left to write.
+    } else if overflow {
         writer.abort();
     } else {
         // The channel is done; what it sent still goes to the socket (bounded in time, in
