@@ -99,7 +99,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         })?,
     );
     let host_key = berth_ssh::load_or_create_host_key(&state.join("host_ed25519_key"))?;
-    let guest_dir = install_guest(&guest, state)?;
+    // The helper's bytes (megabytes) are not kept once written.
+    let guest_dir = install_guest(guest, state)?;
 
     let runtime = Arc::new(
         DockerRuntime::connect(config.docker_socket.clone())
@@ -315,15 +316,15 @@ fn raise_nofile() -> u64 {
     soft
 }
 
-fn install_guest(bytes: &[u8], state: &Path) -> anyhow::Result<PathBuf> {
+fn install_guest(bytes: Vec<u8>, state: &Path) -> anyhow::Result<PathBuf> {
     let dir = state.join("guest");
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let dst = dir.join("berth-guest");
-    if std::fs::read(&dst).ok().as_deref() != Some(bytes) {
+    if std::fs::read(&dst).ok().as_deref() != Some(bytes.as_slice()) {
         // Write beside and rename: running containers keep the old inode.
         let tmp = dir.join(".berth-guest.new");
-        std::fs::write(&tmp, bytes)?;
+        std::fs::write(&tmp, &bytes)?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
         std::fs::rename(&tmp, &dst)?;
     }

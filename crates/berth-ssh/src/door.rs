@@ -405,28 +405,35 @@ impl Door {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let counts: Vec<(Refusal, u64)> = Refusal::ALL
-                .iter()
-                .filter_map(|r| {
-                    let n = self.refused.get(r.index())?.swap(0, Ordering::Relaxed);
-                    (n > 0).then_some((*r, n))
-                })
-                .collect();
-            if counts.is_empty() {
-                continue;
+            if let Some((total, detail)) = self.take_counts() {
+                info!(
+                    refused = total,
+                    "connections refused in the last {}s: {detail}",
+                    every.as_secs()
+                );
             }
-            let total: u64 = counts.iter().map(|(_, n)| n).sum();
-            let detail: Vec<String> = counts
-                .iter()
-                .map(|(r, n)| format!("{} {n}", r.label()))
-                .collect();
-            info!(
-                refused = total,
-                "connections refused in the last {}s: {}",
-                every.as_secs(),
-                detail.join(", ")
-            );
         }
+    }
+
+    /// The refusals counted since the last call, as (total, "reason n, ..."); `None` when
+    /// there were none.
+    fn take_counts(&self) -> Option<(u64, String)> {
+        let counts: Vec<(Refusal, u64)> = Refusal::ALL
+            .iter()
+            .filter_map(|r| {
+                let n = self.refused.get(r.index())?.swap(0, Ordering::Relaxed);
+                (n > 0).then_some((*r, n))
+            })
+            .collect();
+        if counts.is_empty() {
+            return None;
+        }
+        let total = counts.iter().map(|(_, n)| n).sum();
+        let detail: Vec<String> = counts
+            .iter()
+            .map(|(r, n)| format!("{} {n}", r.label()))
+            .collect();
+        Some((total, detail.join(", ")))
     }
 
     /// Unauthenticated connections now (for tests and status).
@@ -537,6 +544,21 @@ mod tests {
             d.failed(IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)));
         }
         assert!(d.table.lock().unwrap().failures.len() <= MAX_SOURCES);
+    }
+
+    #[test]
+    fn refusals_are_summarised_by_reason_then_reset() {
+        let d = door(1, "100:30:100", 0, &[]);
+        let _held = d.admit(ip("192.0.2.1"), 99).unwrap();
+        for _ in 0..3 {
+            let _ = d.admit(ip("192.0.2.1"), 99);
+        }
+        d.refuse(Refusal::Descriptors);
+        assert_eq!(
+            d.take_counts(),
+            Some((4, "per_source 3, descriptors 1".into()))
+        );
+        assert_eq!(d.take_counts(), None);
     }
 
     #[test]
