@@ -125,16 +125,10 @@ impl Certs {
     fn load_cas(cas: &Path) -> Result<Vec<Fingerprint>, String> {
         let text = std::fs::read_to_string(cas)
             .map_err(|e| format!("cannot read trusted_user_ca_keys {}: {e}", cas.display()))?;
-        let mut fps = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let key = PublicKey::from_openssh(line)
-                .map_err(|e| format!("{} line {}: not a public key ({e})", cas.display(), n + 1))?;
-            fps.push(key.fingerprint(HashAlg::Sha256));
-        }
+        let fps: Vec<Fingerprint> = public_keys(cas, &text)?
+            .iter()
+            .map(|k| k.fingerprint(HashAlg::Sha256))
+            .collect();
         if fps.is_empty() {
             return Err(format!("{} holds no CA key", cas.display()));
         }
@@ -271,14 +265,7 @@ impl Revoked {
         let text = String::from_utf8(bytes)
             .map_err(|_| format!("{}: neither a KRL nor public keys", path.display()))?;
         let mut r = Self::default();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let key = PublicKey::from_openssh(line).map_err(|e| {
-                format!("{} line {}: not a public key ({e})", path.display(), n + 1)
-            })?;
+        for key in public_keys(path, &text)? {
             r.keys.insert(blob(key.key_data()));
         }
         Ok(r)
@@ -375,6 +362,20 @@ impl Revoked {
         }
         Ok(out)
     }
+}
+
+/// The public keys of `text` (the file at `path`), one per line, blank lines and `#`
+/// comments skipped; an error names the file and line.
+fn public_keys(path: &Path, text: &str) -> Result<Vec<PublicKey>, String> {
+    text.lines()
+        .enumerate()
+        .map(|(n, line)| (n, line.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+        .map(|(n, line)| {
+            PublicKey::from_openssh(line)
+                .map_err(|e| format!("{} line {}: not a public key ({e})", path.display(), n + 1))
+        })
+        .collect()
 }
 
 /// A key's wire encoding (what KRLs list).

@@ -536,21 +536,20 @@ fn user_certificates_log_in_and_everything_else_is_refused() {
     assert_eq!(cert_login(&d, "alice", &here, &here_cert), Some(0));
 
     // Revoked by serial in a KRL (ssh-keygen -k), read again without a restart.
-    let spec = k.join("spec");
-    std::fs::write(&spec, "serial: 42\n").unwrap();
-    let krl = Command::new("ssh-keygen")
-        .args(["-q", "-k", "-f"])
-        .arg(&revoked)
-        .arg("-s")
-        .arg(ca.with_extension("pub"))
-        .arg(&spec)
-        .output()
-        .unwrap();
-    assert!(
-        krl.status.success(),
-        "{}",
-        String::from_utf8_lossy(&krl.stderr)
-    );
+    let krl = |spec: &str| {
+        let file = k.join("spec");
+        std::fs::write(&file, spec).unwrap();
+        let o = Command::new("ssh-keygen")
+            .args(["-q", "-k", "-f"])
+            .arg(&revoked)
+            .arg("-s")
+            .arg(ca.with_extension("pub"))
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    krl("serial: 42\n");
     std::thread::sleep(std::time::Duration::from_millis(20));
     assert_eq!(
         cert_login(&d, "alice", &good, &good_cert),
@@ -563,16 +562,7 @@ fn user_certificates_log_in_and_everything_else_is_refused() {
         "serial 10 was not"
     );
     // By key id, in an updated KRL.
-    std::fs::write(&spec, "serial: 42\nid: h2\n").unwrap();
-    let krl = Command::new("ssh-keygen")
-        .args(["-q", "-k", "-f"])
-        .arg(&revoked)
-        .arg("-s")
-        .arg(ca.with_extension("pub"))
-        .arg(&spec)
-        .output()
-        .unwrap();
-    assert!(krl.status.success());
+    krl("serial: 42\nid: h2\n");
     assert_eq!(
         cert_login(&d, "alice", &here, &here_cert),
         Some(255),
