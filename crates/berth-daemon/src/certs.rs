@@ -185,12 +185,8 @@ impl Certs {
             .ok()
             .and_then(|m| m.get(&(user.to_owned(), fp)).cloned());
         cert.is_some_and(|c| {
-            self.with(|l| {
-                cert_still_valid(&c, now, &l.cas)
-                    && !l.revoked.key(c.public_key())
-                    && !l.revoked.certificate(&c)
-            })
-            .unwrap_or(false)
+            self.with(|l| cert_still_valid(&c, now, &l.cas) && !l.revoked(&c))
+                .unwrap_or(false)
         })
     }
 }
@@ -223,13 +219,18 @@ impl Loaded {
                 return Err("the client's address is not in its source-address");
             }
         }
-        if self.revoked.key(cert.public_key())
-            || self.revoked.key(cert.signature_key())
-            || self.revoked.certificate(cert)
-        {
+        if self.revoked(cert) {
             return Err("it is revoked");
         }
         Ok(())
+    }
+
+    /// Its key, its CA's key, or the certificate itself (serial, key id) is revoked: the one
+    /// test for a login and for the re-check at every later session open.
+    fn revoked(&self, cert: &Certificate) -> bool {
+        self.revoked.key(cert.public_key())
+            || self.revoked.key(cert.signature_key())
+            || self.revoked.certificate(cert)
     }
 }
 

@@ -126,6 +126,17 @@ pub fn docker_output(args: &[&str]) -> Output {
     Command::new("docker").args(args).output().unwrap()
 }
 
+/// Makes an Ed25519 key pair at `path` (`.pub` beside it) with `comment`; returns `path`.
+pub fn keygen_at(path: &Path, comment: &str) -> PathBuf {
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    path.to_owned()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -360,14 +371,7 @@ impl Daemon {
 
     /// Makes a key pair in the temp dir: returns the private key's path (`.pub` beside it).
     pub fn keygen(&self, name: &str) -> PathBuf {
-        let path = self.dir.path().join(format!("key-{name}"));
-        let st = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-            .arg(&path)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        path
+        keygen_at(&self.dir.path().join(format!("key-{name}")), name)
     }
 
     /// Adds `name` with a fresh key and `image`; returns the private key path.

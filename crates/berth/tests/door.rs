@@ -376,14 +376,7 @@ fn out_of_descriptors_the_admin_socket_answers_and_logins_resume() {
 }
 
 fn keygen(dir: &Path, name: &str) -> std::path::PathBuf {
-    let path = dir.join(name);
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
-        .arg(&path)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    path
+    berth_testkit::keygen_at(&dir.join(name), name)
 }
 
 /// Signs `key`.pub with `ca` (`ssh-keygen -s`), with the extra `args` (-n, -V, -O, -h...);
