@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::serve::IncomingStream;
@@ -21,16 +22,16 @@ use berth_proto::{
     UserName,
 };
 use berth_runtime::{Runtime, RuntimeError};
-use berth_store::{Store, StoreError, UserRecord};
+use berth_store::{StoreError, UserRecord};
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::blocking;
+use crate::audit::Event;
 use crate::lifecycle::{LABEL_INSTANCE, LABEL_USER, Lifecycle, LifecycleError};
 
 pub struct AdminState<R> {
-    pub store: Store,
+    pub store: crate::store::AsyncStore,
     pub forwarding: berth_proto::ForwardingInfo,
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
@@ -72,8 +73,8 @@ impl IntoResponse for AdminError {
             Self::ImageMissing(_) => (
                 StatusCode::BAD_REQUEST,
                 Some(
-                    "no registry may be reachable: import a root filesystem with `docker import ROOTFS.tar NAME` \
-                     (see the README), then add the user again"
+                    "no registry may be reachable: import one with `berth image import ROOTFS.tar NAME` \
+                     or `berth image bootstrap NAME` (see the README), then add the user again"
                         .to_owned(),
                 ),
             ),
@@ -118,11 +119,17 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
     }
 }
 
-fn authorize(peer: &Peer) -> Result<()> {
+/// The layer every route goes through: the peer must be root or the daemon's own user. A
+/// handler cannot forget it, because no handler does it.
+async fn require_root(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
     let me = nix::unistd::geteuid().as_raw();
     match peer.uid {
-        Some(uid) if uid == 0 || uid == me => Ok(()),
-        _ => Err(AdminError::Forbidden),
+        Some(uid) if uid == 0 || uid == me => next.run(request).await,
+        _ => AdminError::Forbidden.into_response(),
     }
 }
 
@@ -157,6 +164,7 @@ pub async fn serve<R: Runtime>(
         .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
         .route("/v1/images/{name}", delete(remove_image::<R>))
         .route("/v1/sessions/{id}", delete(kill_session::<R>))
+        .route_layer(axum::middleware::from_fn(require_root))
         .with_state(state);
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
         .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -203,11 +211,7 @@ fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
         .collect()
 }
 
-async fn health<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    State(st): AppState<R>,
-) -> Result<Json<HealthInfo>> {
-    authorize(&peer)?;
+async fn health<R: Runtime>(State(st): AppState<R>) -> Result<Json<HealthInfo>> {
     let v = st.runtime.version().await?;
     Ok(Json(HealthInfo {
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -217,13 +221,8 @@ async fn health<R: Runtime>(
     }))
 }
 
-async fn status<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    State(st): AppState<R>,
-) -> Result<Json<StatusInfo>> {
-    authorize(&peer)?;
-    let store = st.store.clone();
-    let users = blocking(move || store.users()).await?.len();
+async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> {
+    let users = st.store.users().await?.len();
     let (docker_version, docker_error) = match st.runtime.version().await {
         Ok(v) => (Some(v.version), None),
         Err(e) => (None, Some(e.to_string())),
@@ -259,25 +258,23 @@ async fn status<R: Runtime>(
 }
 
 async fn kill_session<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<Json<SessionInfo>> {
-    authorize(&peer)?;
     let missing = || AdminError::NotFound(format!("no open session {id}"));
     let n: u64 = id.parse().map_err(|_| missing())?;
     let info = st.sessions.kill(n).ok_or_else(missing)?;
-    st.lifecycle.audit().record(
-        "session_kill",
-        serde_json::json!({"id": n, "user": info.user, "command": info.command}),
-    );
+    st.lifecycle.audit().record(Event::SessionKill {
+        id: n,
+        user: info.user.clone(),
+        command: info.command.clone(),
+    });
     Ok(Json(info))
 }
 
 async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     let images = st.runtime.list_images().await?;
-    let store = st.store.clone();
-    let users = blocking(move || store.users()).await?;
+    let users = st.store.users().await?;
     // Each user's images (hers and her commit's) by the id they name now, so a user who
     // wrote `docker.io/library/debian:12` is found on `debian:12`.
     let mut needs: Vec<(String, String, String)> = Vec::new(); // (user, full name, id)
@@ -318,11 +315,7 @@ async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     Ok(out)
 }
 
-async fn list_images<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    State(st): AppState<R>,
-) -> Result<Json<Vec<ImageInfo>>> {
-    authorize(&peer)?;
+async fn list_images<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<ImageInfo>>> {
     Ok(Json(image_infos(&st).await?))
 }
 
@@ -333,13 +326,11 @@ struct ImportQuery {
 
 /// Imports the request body, a root file system tar, as image `name` (`docker import`).
 async fn import_image<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     Query(q): Query<ImportQuery>,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<ImageInfo>)> {
     use futures_util::TryStreamExt;
-    authorize(&peer)?;
     let name = ImageName::parse(&q.name).map_err(|e| AdminError::BadRequest(e.to_string()))?;
     let full = name.full();
     if st.runtime.image_exists(&full).await? {
@@ -353,9 +344,10 @@ async fn import_image<R: Runtime>(
         .import_image(&full, Box::pin(stream))
         .await
         .map_err(|e| AdminError::BadRequest(format!("cannot import {full}: {e}")))?;
-    st.lifecycle
-        .audit()
-        .record("image_import", serde_json::json!({"image": full, "id": id}));
+    st.lifecycle.audit().record(Event::ImageImport {
+        image: full.clone(),
+        id: id.clone(),
+    });
     let info = image_infos(&st)
         .await?
         .into_iter()
@@ -365,11 +357,9 @@ async fn import_image<R: Runtime>(
 }
 
 async fn remove_image<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<ImageInfo>> {
-    authorize(&peer)?;
     let full = berth_proto::full_image_name(&name);
     let _images = st.images.lock().await;
     let info = image_infos(&st)
@@ -387,11 +377,21 @@ async fn remove_image<R: Runtime>(
         .remove_image(&full)
         .await
         .map_err(|e| AdminError::Conflict(format!("cannot remove image {full}: {e}")))?;
-    st.lifecycle.audit().record(
-        "image_remove",
-        serde_json::json!({"image": full, "id": info.id}),
-    );
+    st.lifecycle.audit().record(Event::ImageRemove {
+        user: None,
+        image: full.clone(),
+        id: Some(info.id.clone()),
+    });
     Ok(Json(info))
+}
+
+/// What the admin sees of one user.
+async fn user_info<R: Runtime>(st: &AdminState<R>, user: UserRecord) -> Result<UserInfo> {
+    let containers = st
+        .runtime
+        .list(LABEL_INSTANCE, st.lifecycle.instance())
+        .await?;
+    Ok(describe(st, &containers, user))
 }
 
 async fn user_infos<R: Runtime>(
@@ -404,79 +404,69 @@ async fn user_infos<R: Runtime>(
         .await?;
     Ok(users
         .into_iter()
-        .map(|u| {
-            let state = containers
-                .iter()
-                .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
-                .map_or(ContainerState::Absent, |c| {
-                    if c.running {
-                        ContainerState::Running
-                    } else {
-                        ContainerState::Stopped
-                    }
-                });
-            UserInfo {
-                container_name: st.lifecycle.container_name(&u.name),
-                sessions: st.lifecycle.sessions(&u.name),
-                name: u.name,
-                image: u.image,
-                committed_image: u.committed_image,
-                container: state,
-                daemon_mode: u.daemon_mode,
-                keys: u.keys,
-                forwarding: crate::gateway::effective_forwarding(st.forwarding, u.forwarding),
-            }
-        })
+        .map(|u| describe(st, &containers, u))
         .collect())
 }
 
-async fn list_users<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    State(st): AppState<R>,
-) -> Result<Json<Vec<UserInfo>>> {
-    authorize(&peer)?;
-    let store = st.store.clone();
-    let users = blocking(move || store.users()).await?;
+fn describe<R: Runtime>(
+    st: &AdminState<R>,
+    containers: &[berth_runtime::ContainerInfo],
+    u: UserRecord,
+) -> UserInfo {
+    let state = containers
+        .iter()
+        .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
+        .map_or(ContainerState::Absent, |c| {
+            if c.running {
+                ContainerState::Running
+            } else {
+                ContainerState::Stopped
+            }
+        });
+    UserInfo {
+        container_name: st.lifecycle.container_name(&u.name),
+        sessions: st.lifecycle.sessions(&u.name),
+        name: u.name,
+        image: u.image,
+        committed_image: u.committed_image,
+        container: state,
+        daemon_mode: u.daemon_mode,
+        keys: u.keys,
+        forwarding: crate::gateway::effective_forwarding(st.forwarding, u.forwarding),
+    }
+}
+
+async fn list_users<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<UserInfo>>> {
+    let users = st.store.users().await?;
     Ok(Json(user_infos(&st, users).await?))
 }
 
 async fn show_user<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<UserInfo>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
-    let store = st.store.clone();
-    let user = blocking(move || store.user(&name)).await?;
-    let mut infos = user_infos(&st, vec![user]).await?;
-    infos
-        .pop()
-        .map(Json)
-        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+    let user = st.store.user(&name).await?;
+    Ok(Json(user_info(&st, user).await?))
 }
 
 async fn add_user<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     req: std::result::Result<Json<AddUserRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<UserInfo>)> {
-    authorize(&peer)?;
     let req = body(req)?;
     let keys = revalidate(&req.keys)?;
     let _images = st.images.lock().await;
     if !st.runtime.image_exists(req.image.as_str()).await? {
         return Err(AdminError::ImageMissing(req.image.to_string()));
     }
-    let store = st.store.clone();
-    let (name, image) = (req.name.clone(), req.image.clone());
-    let record = blocking(move || store.add_user(&name, &image, &keys)).await?;
-    st.lifecycle.audit().record("user_add", serde_json::json!({"user": record.name.to_string(), "image": record.image.to_string(), "keys": record.keys}));
-    let mut infos = user_infos(&st, vec![record]).await?;
-    let info = infos
-        .pop()
-        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))?;
-    Ok((StatusCode::CREATED, Json(info)))
+    let record = st.store.add_user(&req.name, &req.image, keys).await?;
+    st.lifecycle.audit().record(Event::UserAdd {
+        user: record.name.to_string(),
+        image: record.image.to_string(),
+        keys: record.keys,
+    });
+    Ok((StatusCode::CREATED, Json(user_info(&st, record).await?)))
 }
 
 #[derive(serde::Deserialize)]
@@ -486,114 +476,102 @@ struct RemoveQuery {
 }
 
 async fn remove_user<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<RemoveQuery>,
 ) -> Result<Json<UserInfo>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
-    let store = st.store.clone();
-    let n = name.clone();
-    let user = blocking(move || store.user(&n)).await?;
-    let mut before = user_infos(&st, vec![user]).await?;
+    let user = st.store.user(&name).await?;
+    let before = user_info(&st, user).await?;
     st.lifecycle.remove(&name, q.keep_image).await?;
-    st.lifecycle
-        .audit()
-        .record("user_remove", serde_json::json!({"user": name.to_string()}));
-    before
-        .pop()
-        .map(Json)
-        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+    st.lifecycle.audit().record(Event::UserRemove {
+        user: name.to_string(),
+    });
+    Ok(Json(before))
 }
 
 async fn set_forwarding<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
     req: std::result::Result<Json<berth_proto::SetForwardingRequest>, JsonRejection>,
 ) -> Result<Json<UserInfo>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
     let req = body(req)?;
-    let store = st.store.clone();
     let n = name.clone();
-    let user = blocking(move || {
-        let mut f = store.user(&n)?.forwarding;
-        if let Some(s) = req.tcp {
-            f.tcp = s.as_option();
-        }
-        if let Some(s) = req.agent {
-            f.agent = s.as_option();
-        }
-        if let Some(s) = req.x11 {
-            f.x11 = s.as_option();
-        }
-        store.set_forwarding(&n, f)?;
-        store.user(&n)
-    })
-    .await?;
-    st.lifecycle.audit().record("user_forwarding", serde_json::json!({"user": name.to_string(), "tcp": user.forwarding.tcp, "agent": user.forwarding.agent, "x11": user.forwarding.x11}));
-    let mut infos = user_infos(&st, vec![user]).await?;
-    infos
-        .pop()
-        .map(Json)
-        .ok_or_else(|| AdminError::BadRequest("user vanished".into()))
+    let user = st
+        .store
+        .run(move |store| {
+            let mut f = store.user(&n)?.forwarding;
+            if let Some(s) = req.tcp {
+                f.tcp = s.as_option();
+            }
+            if let Some(s) = req.agent {
+                f.agent = s.as_option();
+            }
+            if let Some(s) = req.x11 {
+                f.x11 = s.as_option();
+            }
+            store.set_forwarding(&n, f)?;
+            store.user(&n)
+        })
+        .await?;
+    st.lifecycle.audit().record(Event::UserForwarding {
+        user: name.to_string(),
+        tcp: user.forwarding.tcp,
+        agent: user.forwarding.agent,
+        x11: user.forwarding.x11,
+    });
+    Ok(Json(user_info(&st, user).await?))
 }
 
 async fn list_keys<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<Vec<KeyInfo>>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
-    let store = st.store.clone();
-    Ok(Json(blocking(move || store.keys(&name)).await?))
+    Ok(Json(st.store.keys(&name).await?))
 }
 
 async fn add_keys<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath(name): UrlPath<String>,
     req: std::result::Result<Json<AddKeysRequest>, JsonRejection>,
 ) -> Result<Json<Vec<KeyInfo>>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
     let keys = revalidate(&body(req)?.keys)?;
-    let store = st.store.clone();
     let n = name.clone();
     let count = keys.len();
-    let all = blocking(move || {
-        store.add_keys(&n, &keys)?;
-        store.keys(&n)
-    })
-    .await?;
-    st.lifecycle.audit().record(
-        "key_add",
-        serde_json::json!({"user": name.to_string(), "keys": count}),
-    );
+    let all = st
+        .store
+        .run(move |store| {
+            store.add_keys(&n, &keys)?;
+            store.keys(&n)
+        })
+        .await?;
+    st.lifecycle.audit().record(Event::KeyAdd {
+        user: name.to_string(),
+        keys: count,
+    });
     Ok(Json(all))
 }
 
 async fn remove_key<R: Runtime>(
-    ConnectInfo(peer): ConnectInfo<Peer>,
     State(st): AppState<R>,
     UrlPath((name, fingerprint)): UrlPath<(String, String)>,
 ) -> Result<Json<RemovedKeys>> {
-    authorize(&peer)?;
     let name = parse_name(&name)?;
-    let store = st.store.clone();
     let n = name.clone();
-    let (removed, remaining) = blocking(move || {
-        let k = store.remove_key(&n, &fingerprint)?;
-        Ok((k, store.keys(&n)?.len()))
-    })
-    .await?;
-    st.lifecycle.audit().record(
-        "key_remove",
-        serde_json::json!({"user": name.to_string(), "key": removed.fingerprint.to_string()}),
-    );
+    let (removed, remaining) = st
+        .store
+        .run(move |store| {
+            let k = store.remove_key(&n, &fingerprint)?;
+            Ok((k, store.keys(&n)?.len()))
+        })
+        .await?;
+    st.lifecycle.audit().record(Event::KeyRemove {
+        user: name.to_string(),
+        key: removed.fingerprint.to_string(),
+    });
     Ok(Json(RemovedKeys {
         removed: vec![removed],
         remaining,

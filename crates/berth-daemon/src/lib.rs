@@ -12,12 +12,13 @@ pub mod audit;
 pub mod certs;
 pub mod config;
 pub mod gateway;
-pub mod guest;
 pub mod guest_binary;
 pub mod lifecycle;
 mod resolve;
 pub mod sessions;
+pub mod store;
 pub mod telemetry;
+pub mod words_socket;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use berth_runtime::{DockerRuntime, Limits, Runtime};
 use berth_ssh::SshConfig;
-use berth_store::{Store, StoreError};
+use berth_store::Store;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -45,15 +46,6 @@ use crate::sessions::Sessions;
 pub struct StartupError {
     pub message: String,
     pub hint: Option<String>,
-}
-
-/// Runs a store call on a blocking thread.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or(Err(StoreError::Poisoned))
 }
 
 /// Runs the daemon until `shutdown` is cancelled.
@@ -149,7 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         x11: config.allow_x11_forwarding,
     };
     let gateway = Arc::new(BerthGateway {
-        store: store.clone(),
+        store: store::AsyncStore::new(store.clone()),
         forwarding,
         runtime: runtime.clone(),
         lifecycle: lifecycle.clone(),
@@ -174,7 +166,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         ..SshConfig::default()
     };
     let admin_state = Arc::new(AdminState {
-        store,
+        store: store::AsyncStore::new(store),
         forwarding,
         runtime,
         lifecycle: lifecycle.clone(),

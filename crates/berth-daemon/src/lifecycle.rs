@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use berth_guest_proto::words::{RUN_DIR, Word};
 use berth_proto::{ImageName, UserName};
 use berth_runtime::{BindMount, ContainerInfo, ContainerSpec, Limits, Runtime, RuntimeError};
 use berth_store::{Store, StoreError};
@@ -28,12 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::blocking;
-
-/// Where each container sees its own guest socket directory.
-pub const GUEST_RUN_MOUNT: &str = "/.berth/run";
-/// The commands the guest helper answers to inside containers, mounted on PATH.
-pub const GUEST_WORDS: [&str; 3] = ["daemon", "nodaemon", "stopnow"];
+use crate::audit::Event;
 
 /// Container label keys.
 pub const LABEL_USER: &str = "berth.user";
@@ -53,6 +49,36 @@ pub enum LifecycleError {
     NoContainer(&'static str),
     #[error("cannot serve the guest socket: {0}")]
     GuestSocket(std::io::Error),
+    #[error("no free port in the dynamic range")]
+    NoFreePort,
+    /// The configured commit repository does not make an image name.
+    #[error("bad image name {0}")]
+    BadImageName(String),
+}
+
+impl LifecycleError {
+    /// The one line a user reads about this failure (at login, for a host word or a
+    /// forwarding); details stay in the daemon's log.
+    pub fn for_user(&self) -> String {
+        match self {
+            Self::Runtime(RuntimeError::Unavailable(_)) => {
+                "the container engine is not available right now; try again later".into()
+            }
+            Self::Runtime(RuntimeError::ImageNotFound(_)) => {
+                "your container's image is missing on this server; ask the administrator".into()
+            }
+            Self::ShuttingDown => "the server is shutting down; try again later".into(),
+            Self::NoContainer(_) | Self::NoFreePort => self.to_string(),
+            Self::Runtime(_)
+            | Self::Store(_)
+            | Self::Foreign(_)
+            | Self::GuestSocket(_)
+            | Self::BadImageName(_) => {
+                "your container could not be used; ask the administrator (details are in the berth log)"
+                    .into()
+            }
+        }
+    }
 }
 
 /// Fixed settings for every container this manager makes.
@@ -152,7 +178,7 @@ struct Owner {
 
 pub struct Lifecycle<R> {
     runtime: Arc<R>,
-    store: Store,
+    store: crate::store::AsyncStore,
     settings: Settings,
     owners: Mutex<HashMap<UserName, Owner>>,
     tracker: TaskTracker,
@@ -168,7 +194,7 @@ impl<R: Runtime> Lifecycle<R> {
     pub fn new(runtime: Arc<R>, store: Store, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             runtime,
-            store,
+            store: crate::store::AsyncStore::new(store),
             settings,
             owners: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
@@ -290,18 +316,14 @@ impl<R: Runtime> Lifecycle<R> {
                 .get(LABEL_USER)
                 .and_then(|u| UserName::parse(u).ok());
             let known = match &user {
-                Some(u) => {
-                    let store = self.store.clone();
-                    let u2 = u.clone();
-                    blocking(move || store.user(&u2)).await.is_ok()
-                }
+                Some(u) => self.store.exists(u).await,
                 None => false,
             };
             match (user, known) {
                 (Some(u), true) if c.running => {
                     // Sessions of a daemon that died without ending them (kill -9): their
                     // clients are gone, so they get the hang-up sshd would give them.
-                    let hung_up = self.runtime.hang_up_execs(&c.id).await.unwrap_or(0);
+                    let hung_up = self.runtime.hang_up_sessions(&c.id).await.unwrap_or(0);
                     info!(user = %u, container = %c.name, orphaned_sessions = hung_up, "adopting running container");
                     self.send(&u, Request::Adopt)?;
                 }
@@ -506,9 +528,7 @@ impl<R: Runtime> OwnerTask<R> {
                 info
             }
             None => {
-                let store = self.lc.store.clone();
-                let user = self.user.clone();
-                let record = blocking(move || store.user(&user)).await?;
+                let record = self.lc.store.user(&self.user).await?;
                 let image = record.committed_image.unwrap_or(record.image);
                 let spec = self.spec(image.as_str());
                 let id = match rt.create(&spec).await {
@@ -518,7 +538,11 @@ impl<R: Runtime> OwnerTask<R> {
                     }
                     r => r?,
                 };
-                self.lc.settings.audit.record("container_create", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "image": image.to_string()}));
+                self.lc.settings.audit.record(Event::ContainerCreate {
+                    user: self.user.to_string(),
+                    container: self.name.clone(),
+                    image: image.to_string(),
+                });
                 ContainerInfo {
                     id,
                     name: self.name.clone(),
@@ -537,7 +561,10 @@ impl<R: Runtime> OwnerTask<R> {
                 }
                 r => r?,
             }
-            self.lc.settings.audit.record("container_start", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string()}));
+            self.lc.settings.audit.record(Event::ContainerStart {
+                user: self.user.to_string(),
+                container: self.name.clone(),
+            });
         }
         Ok(info.id)
     }
@@ -576,12 +603,12 @@ impl<R: Runtime> OwnerTask<R> {
             network: s.network.clone(),
             mounts: std::iter::once(BindMount {
                 source: s.run_dir.join(self.user.as_str()),
-                target: GUEST_RUN_MOUNT.to_owned(),
+                target: RUN_DIR.to_owned(),
                 read_only: true,
             })
-            .chain(GUEST_WORDS.iter().map(|w| BindMount {
+            .chain(Word::ALL.iter().map(|w| BindMount {
                 source: s.guest_binary.clone(),
-                target: format!("/usr/local/bin/{w}"),
+                target: format!("/usr/local/bin/{}", w.as_str()),
                 read_only: true,
             }))
             .collect(),
@@ -592,9 +619,7 @@ impl<R: Runtime> OwnerTask<R> {
         if self.sessions > 0 || self.holds > 0 {
             return;
         }
-        let store = self.lc.store.clone();
-        let user = self.user.clone();
-        match blocking(move || store.user(&user)).await {
+        match self.lc.store.user(&self.user).await {
             Ok(u) if u.daemon_mode => return,
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot read user settings; stopping anyway"),
@@ -607,9 +632,11 @@ impl<R: Runtime> OwnerTask<R> {
                     .stop(&info.id, self.lc.settings.stop_timeout_secs)
                     .await
                 {
-                    Ok(()) => {
-                        self.lc.settings.audit.record("container_stop", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "reason": "idle"}))
-                    }
+                    Ok(()) => self.lc.settings.audit.record(Event::ContainerStop {
+                        user: self.user.to_string(),
+                        container: self.name.clone(),
+                        reason: "idle",
+                    }),
                     Err(e) => {
                         error!(error = %e, "idle stop failed; trying again after the grace period");
                         self.arm_if_idle();
@@ -627,19 +654,16 @@ impl<R: Runtime> OwnerTask<R> {
     async fn remove(&mut self, keep_image: bool) -> Result<(), LifecycleError> {
         self.stop_at = None;
         self.remove_container().await?;
-        let store = self.lc.store.clone();
-        let user = self.user.clone();
-        let record = blocking(move || store.user(&user)).await?;
+        let record = self.lc.store.user(&self.user).await?;
         if !keep_image && let Some(image) = &record.committed_image {
             self.lc.runtime.remove_image(image.as_str()).await?;
-            self.lc.settings.audit.record(
-                "image_remove",
-                serde_json::json!({"user": self.user.to_string(), "image": image.to_string()}),
-            );
+            self.lc.settings.audit.record(Event::ImageRemove {
+                user: Some(self.user.to_string()),
+                image: image.to_string(),
+                id: None,
+            });
         }
-        let store = self.lc.store.clone();
-        let user = self.user.clone();
-        blocking(move || store.remove_user(&user)).await?;
+        self.lc.store.remove_user(&self.user).await?;
         self.guest = None;
         let _ = std::fs::remove_dir_all(self.lc.settings.run_dir.join(self.user.as_str()));
         Ok(())
@@ -657,10 +681,10 @@ impl<R: Runtime> OwnerTask<R> {
                 .await?;
         }
         rt.remove(&info.id).await?;
-        self.lc.settings.audit.record(
-            "container_remove",
-            serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string()}),
-        );
+        self.lc.settings.audit.record(Event::ContainerRemove {
+            user: self.user.to_string(),
+            container: self.name.clone(),
+        });
         Ok(true)
     }
 
@@ -672,7 +696,11 @@ impl<R: Runtime> OwnerTask<R> {
                 self.check_ours(&info)?;
                 rt.stop(&info.id, self.lc.settings.stop_timeout_secs)
                     .await?;
-                self.lc.settings.audit.record("container_stop", serde_json::json!({"user": self.user.to_string(), "container": self.name.to_string(), "reason": reason}));
+                self.lc.settings.audit.record(Event::ContainerStop {
+                    user: self.user.to_string(),
+                    container: self.name.clone(),
+                    reason,
+                });
                 Ok(true)
             }
             _ => Ok(false),
@@ -719,21 +747,23 @@ impl<R: Runtime> OwnerTask<R> {
     }
 
     async fn set_daemon_mode(&mut self, on: bool) -> Result<(), LifecycleError> {
-        let store = self.lc.store.clone();
         let user = self.user.clone();
-        let changed = blocking(move || {
-            let was = store.user(&user)?.daemon_mode;
-            if was != on {
-                store.set_daemon_mode(&user, on)?;
-            }
-            Ok(was != on)
-        })
-        .await?;
+        let changed = self
+            .lc
+            .store
+            .run(move |store| {
+                let was = store.user(&user)?.daemon_mode;
+                if was != on {
+                    store.set_daemon_mode(&user, on)?;
+                }
+                Ok(was != on)
+            })
+            .await?;
         if changed {
-            self.lc.settings.audit.record(
-                "daemon_mode",
-                serde_json::json!({"user": self.user.to_string(), "on": on}),
-            );
+            self.lc.settings.audit.record(Event::DaemonMode {
+                user: self.user.to_string(),
+                on,
+            });
         }
         if on {
             self.stop_at = None;
@@ -751,9 +781,9 @@ impl<R: Runtime> OwnerTask<R> {
             return Ok(());
         }
         let dir = self.lc.settings.run_dir.join(self.user.as_str());
-        let listener = crate::guest::bind(&dir).map_err(LifecycleError::GuestSocket)?;
+        let listener = crate::words_socket::bind(&dir).map_err(LifecycleError::GuestSocket)?;
         let handle = tokio::spawn(
-            crate::guest::serve(listener, self.lc.clone(), self.user.clone())
+            crate::words_socket::serve(listener, self.lc.clone(), self.user.clone())
                 .instrument(info_span!("guest", user = %self.user)),
         );
         self.guest = Some(AbortOnDrop(handle));
@@ -772,13 +802,17 @@ async fn commit<R: Runtime>(
 ) -> Result<Committed, LifecycleError> {
     let repo = &lc.settings.commit_repository;
     let image = format!("{repo}:{user}");
+    let parsed = ImageName::parse(&image)
+        .map_err(|e| LifecycleError::BadImageName(format!("{image}: {e}")))?;
     let previous = lc.runtime.image_id(&image).await?;
     let new_id = lc.runtime.commit(id, repo, user.as_str()).await?;
-    let parsed = ImageName::parse(&image).map_err(|e| RuntimeError::Docker(e.to_string()))?;
-    let store = lc.store.clone();
-    let u = user.clone();
-    blocking(move || store.set_committed_image(&u, Some(&parsed))).await?;
-    lc.settings.audit.record("container_commit", serde_json::json!({"user": user.to_string(), "container": name.to_string(), "image": image.to_string(), "id": new_id.to_string()}));
+    lc.store.set_committed_image(user, Some(parsed)).await?;
+    lc.settings.audit.record(Event::ContainerCommit {
+        user: user.to_string(),
+        container: name.to_string(),
+        image: image.to_string(),
+        id: new_id.to_string(),
+    });
     if let Some(old) = previous.filter(|old| *old != new_id)
         && let Err(e) = lc.runtime.remove_image(&old).await
     {

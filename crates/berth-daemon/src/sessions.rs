@@ -15,7 +15,7 @@ use std::time::Duration;
 use berth_proto::SessionInfo;
 use berth_runtime::ProcessGuard;
 
-use crate::audit::Audit;
+use crate::audit::{Audit, Event};
 
 /// A session's process tree, shared by its control (which finishes or drops it) and the
 /// registry (which may signal it).
@@ -57,10 +57,12 @@ impl Sessions {
             since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
             command,
         };
-        self.audit.record(
-            "session_start",
-            serde_json::json!({"id": id, "user": info.user, "peer": info.from, "command": info.command}),
-        );
+        self.audit.record(Event::SessionStart {
+            id,
+            user: info.user.clone(),
+            peer: info.from.clone(),
+            command: info.command.clone(),
+        });
         metrics::gauge!("berth_sessions_open").increment(1.0);
         if let Ok(mut open) = self.open.lock() {
             open.insert(
@@ -127,9 +129,10 @@ impl Drop for Registration {
             .and_then(|mut o| o.remove(&self.id));
         metrics::gauge!("berth_sessions_open").decrement(1.0);
         let user = entry.map(|e| e.info.user).unwrap_or_default();
-        self.sessions.audit.record(
-            "session_end",
-            serde_json::json!({"id": self.id, "user": user, "exit": self.exit}),
-        );
+        self.sessions.audit.record(Event::SessionEnd {
+            id: self.id,
+            user,
+            exit: self.exit,
+        });
     }
 }

@@ -1,8 +1,15 @@
-//! The spawn protocol between the Berth daemon and `berth-guest init`, the PID 1 of every
-//! user's container, and the descriptor passing both sides use. Depends on libc alone: the
-//! static guest links it as well as the daemon.
+//! The two protocols between the Berth daemon and its helper in every user's container, and
+//! the descriptor passing both sides use. Depends on libc alone: the static guest links it as
+//! well as the daemon.
 //!
-//! `berth-guest init` listens on the abstract unix stream socket [`SOCKET_NAME`] in its
+//! - The spawn protocol (below): the daemon asks `berth-guest init`, the container's PID 1,
+//!   to start a session.
+//! - The words protocol ([`words`]): a process in the container asks the daemon for
+//!   `daemon`, `nodaemon` or `stopnow`.
+//!
+//! # The spawn protocol
+//!
+//! `berth-guest init` listens on the abstract unix stream socket [`INIT_SOCKET_NAME`] in its
 //! container's network namespace (abstract names are per network namespace, so each
 //! container has its own and nothing outside it can see it). The daemon reaches it from a
 //! thread that joined that namespace, checks with `SO_PEERCRED` that the listener is the
@@ -30,8 +37,10 @@
 //! body of fields, each a `u32` little-endian length and that many bytes. Everything the
 //! other side sends is checked: a root user can replace her container's init.
 
-/// The abstract socket name (without the leading NUL).
-pub const SOCKET_NAME: &[u8] = b"berth-guest/spawn/1";
+pub mod words;
+
+/// The abstract socket name `berth-guest init` listens on (without the leading NUL).
+pub const INIT_SOCKET_NAME: &[u8] = b"berth-guest/spawn/1";
 
 /// The largest message body either side accepts.
 pub const MAX_MESSAGE: usize = 1 << 20;

@@ -26,8 +26,7 @@ use std::process::ExitCode;
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 
-/// The socket the daemon serves for this container.
-const GUEST_SOCKET: &str = "/.berth/run/guest.sock";
+use berth_guest_proto::words::{Answer, SOCKET_PATH as GUEST_SOCKET, Word};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -36,7 +35,7 @@ fn main() -> ExitCode {
         .and_then(|a| std::path::Path::new(a).file_name())
         .and_then(|n| n.to_str())
         .unwrap_or_default();
-    if let word @ ("daemon" | "nodaemon" | "stopnow") = called {
+    if let Some(word) = Word::from_name(called) {
         return ask_daemon(word, args.len() > 1);
     }
     match args.get(1).map(String::as_str) {
@@ -81,7 +80,8 @@ fn init() -> ExitCode {
 
 /// Sends `word` to the daemon and prints its one-line answer: `ok TEXT` (exit 0) or
 /// `error TEXT` (exit 1).
-fn ask_daemon(word: &str, extra_args: bool) -> ExitCode {
+fn ask_daemon(word: Word, extra_args: bool) -> ExitCode {
+    let (line, word) = (word.line(), word.as_str());
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixStream;
     if extra_args {
@@ -96,7 +96,7 @@ fn ask_daemon(word: &str, extra_args: bool) -> ExitCode {
         }
     };
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-    if let Err(e) = stream.write_all(format!("{word}\n").as_bytes()) {
+    if let Err(e) = stream.write_all(line.as_bytes()) {
         eprintln!("{word}: cannot talk to the berth daemon: {e}");
         return ExitCode::FAILURE;
     }
@@ -108,16 +108,16 @@ fn ask_daemon(word: &str, extra_args: bool) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    match line.trim_end().split_once(' ') {
-        Some(("ok", text)) => {
+    match Answer::parse(&line) {
+        Some(Answer::Ok(text)) => {
             println!("{text}");
             ExitCode::SUCCESS
         }
-        Some(("error", text)) => {
+        Some(Answer::Error(text)) => {
             eprintln!("{word}: {text}");
             ExitCode::FAILURE
         }
-        _ => {
+        None => {
             eprintln!("{word}: unexpected answer from the berth daemon");
             ExitCode::FAILURE
         }

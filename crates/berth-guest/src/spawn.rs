@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use berth_guest_proto::{
-    MAX_MESSAGE, Mode, PIPE_FDS, Reply, Request, SOCKET_NAME, message_len, recv_with_fds,
+    INIT_SOCKET_NAME, MAX_MESSAGE, Mode, PIPE_FDS, Reply, Request, message_len, recv_with_fds,
     send_with_fds,
 };
 use nix::errno::Errno;
@@ -45,7 +45,7 @@ static CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
 /// init waits for already blocked, so that no thread takes them.
 pub fn start() {
     let listener =
-        SocketAddr::from_abstract_name(SOCKET_NAME).and_then(|a| UnixListener::bind_addr(&a));
+        SocketAddr::from_abstract_name(INIT_SOCKET_NAME).and_then(|a| UnixListener::bind_addr(&a));
     let listener = match listener {
         Ok(l) => l,
         Err(e) => {

@@ -19,8 +19,8 @@ use bollard::query_parameters::{
 use crate::exec::{demux_output, raw_output, start_attached};
 use crate::process::Identity;
 use crate::{
-    ByteStream, ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecHandle, ExecSpec,
-    ImageSummary, ProcessGuard, Runtime, RuntimeError, TtySize, guest,
+    ByteStream, ContainerInfo, ContainerInit, ContainerSpec, EngineVersion, ImageSummary,
+    ProcessGuard, Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize, init,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -123,6 +123,20 @@ impl DockerRuntime {
             m.insert(container.to_owned(), i);
         }
         Ok(init)
+    }
+
+    /// The host PID of a running container's init process, as the engine says.
+    async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
+        match self.docker.inspect_container(container, None).await {
+            Ok(c) => Ok(c
+                .state
+                .filter(|s| s.running == Some(true))
+                .and_then(|s| s.pid)
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 0)),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     /// The host PID of a just-started exec. The engine answers the attach (101) before the
@@ -422,11 +436,15 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
+    async fn start_session(
+        &self,
+        container: &str,
+        spec: SessionSpec,
+    ) -> Result<Session, RuntimeError> {
         // The container's init starts the session when it can (no engine on the data path);
         // an init from an older Berth cannot, and the engine does it.
         if let Some(init) = self.init(container).await?
-            && let Some(exec) = guest::spawn(init, container, &spec).await?
+            && let Some(exec) = init::spawn(init, container, &spec).await?
         {
             return Ok(exec);
         }
@@ -475,8 +493,8 @@ impl Runtime for DockerRuntime {
         } else {
             demux_output(reader)
         };
-        Ok(Exec {
-            handle: ExecHandle::Engine(created.id.clone()),
+        Ok(Session {
+            handle: SessionHandle::Engine(created.id.clone()),
             id: created.id,
             stdin: Box::pin(writer),
             output,
@@ -484,10 +502,14 @@ impl Runtime for DockerRuntime {
         })
     }
 
-    async fn resize_exec(&self, exec: &ExecHandle, size: TtySize) -> Result<(), RuntimeError> {
+    async fn resize_session(
+        &self,
+        exec: &SessionHandle,
+        size: TtySize,
+    ) -> Result<(), RuntimeError> {
         let exec_id = match exec {
-            ExecHandle::Engine(id) => id,
-            ExecHandle::Guest(g) => return g.resize(size),
+            SessionHandle::Engine(id) => id,
+            SessionHandle::Init(g) => return g.resize(size),
         };
         let opts = ResizeExecOptions {
             h: i32::from(size.rows),
@@ -585,7 +607,7 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn hang_up_execs(&self, container: &str) -> Result<usize, RuntimeError> {
+    async fn hang_up_sessions(&self, container: &str) -> Result<usize, RuntimeError> {
         let c = match self.docker.inspect_container(container, None).await {
             Ok(c) => c,
             Err(e) if is_404(&e) => return Ok(0),
@@ -610,23 +632,17 @@ impl Runtime for DockerRuntime {
         Ok(n)
     }
 
-    async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
-        match self.docker.inspect_container(container, None).await {
-            Ok(c) => Ok(c
-                .state
-                .filter(|s| s.running == Some(true))
-                .and_then(|s| s.pid)
-                .and_then(|p| i32::try_from(p).ok())
-                .filter(|p| *p > 0)),
-            Err(e) if is_404(&e) => Ok(None),
-            Err(e) => Err(map_err(e)),
+    async fn open_init(&self, container: &str) -> Result<Option<ContainerInit>, RuntimeError> {
+        match self.init(container).await? {
+            Some(init) => init::open(init, container).map(Some),
+            None => Ok(None),
         }
     }
 
-    async fn exec_exit_code(&self, exec: &ExecHandle) -> Result<i64, RuntimeError> {
+    async fn session_exit_code(&self, exec: &SessionHandle) -> Result<i64, RuntimeError> {
         let exec_id = match exec {
-            ExecHandle::Engine(id) => id,
-            ExecHandle::Guest(g) => return g.exit_code().await,
+            SessionHandle::Engine(id) => id,
+            SessionHandle::Init(g) => return g.exit_code().await,
         };
         for _ in 0..200 {
             let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;

@@ -1,7 +1,7 @@
 //! Attaching to an exec without bollard's framing guess.
 //!
 //! bollard decides per chunk whether output is raw TTY data or multiplexed frames by looking
-//! at the first byte (research notes §3.3), which breaks TTY output that starts with 0x00-0x02.
+//! at the first byte, which breaks TTY output that starts with 0x00-0x02.
 //! Here the `/exec/{id}/start` upgrade is done directly: with a TTY the stream is raw bytes;
 //! without one it is Docker's multiplexed framing (8-byte header: stream, 0, 0, 0, length as
 //! big-endian u32), decoded below where the mode is known rather than guessed.

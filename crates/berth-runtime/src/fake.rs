@@ -13,8 +13,8 @@ use futures_util::{StreamExt, stream};
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    ContainerInfo, ContainerSpec, EngineVersion, Exec, ExecHandle, ExecSpec, Output, ProcessGuard,
-    Runtime, RuntimeError, TtySize,
+    ContainerInfo, ContainerInit, ContainerSpec, EngineVersion, Output, ProcessGuard, Runtime,
+    RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
 };
 
 #[derive(Default)]
@@ -193,7 +193,11 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    async fn exec(&self, container: &str, spec: ExecSpec) -> Result<Exec, RuntimeError> {
+    async fn start_session(
+        &self,
+        container: &str,
+        spec: SessionSpec,
+    ) -> Result<Session, RuntimeError> {
         if !self.by_id(container, |i| i.running)? {
             return Err(RuntimeError::Docker("container is not running".into()));
         }
@@ -248,8 +252,8 @@ impl Runtime for FakeRuntime {
         .filter_map(|()| async { None });
         let output = stream::select(out, err).chain(record);
         let guard = ProcessGuard::default();
-        Ok(Exec {
-            handle: ExecHandle::Engine(id.clone()),
+        Ok(Session {
+            handle: SessionHandle::Engine(id.clone()),
             id,
             stdin: Box::pin(stdin),
             output: Box::pin(output),
@@ -311,22 +315,26 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
-    async fn hang_up_execs(&self, container: &str) -> Result<usize, RuntimeError> {
+    async fn hang_up_sessions(&self, container: &str) -> Result<usize, RuntimeError> {
         // No process stands behind a fake container.
         self.by_id(container, |_| 0)
     }
 
-    async fn init_pid(&self, container: &str) -> Result<Option<i32>, RuntimeError> {
+    async fn open_init(&self, container: &str) -> Result<Option<ContainerInit>, RuntimeError> {
         // No process stands behind a fake container.
         self.by_id(container, |_| None)
     }
 
-    async fn resize_exec(&self, _exec: &ExecHandle, _size: TtySize) -> Result<(), RuntimeError> {
+    async fn resize_session(
+        &self,
+        _exec: &SessionHandle,
+        _size: TtySize,
+    ) -> Result<(), RuntimeError> {
         Ok(())
     }
 
-    async fn exec_exit_code(&self, exec: &ExecHandle) -> Result<i64, RuntimeError> {
-        let ExecHandle::Engine(exec_id) = exec else {
+    async fn session_exit_code(&self, exec: &SessionHandle) -> Result<i64, RuntimeError> {
+        let SessionHandle::Engine(exec_id) = exec else {
             return Err(RuntimeError::Docker("not an exec of this runtime".into()));
         };
         Ok(self
@@ -368,9 +376,9 @@ mod tests {
         };
         let id = rt.create(&spec).await.unwrap();
         assert!(
-            rt.exec(
+            rt.start_session(
                 &id,
-                ExecSpec {
+                SessionSpec {
                     cmd: vec!["true".into()],
                     env: vec![],
                     tty: None
@@ -382,9 +390,9 @@ mod tests {
         rt.start(&id).await.unwrap();
         let cmd = vec!["sh".into(), "-c".into(), "cat; echo err >&2; exit 3".into()];
         let mut exec = rt
-            .exec(
+            .start_session(
                 &id,
-                ExecSpec {
+                SessionSpec {
                     cmd,
                     env: vec![],
                     tty: None,
@@ -406,6 +414,6 @@ mod tests {
             (out.as_slice(), err.as_slice()),
             (&b"in"[..], &b"err\n"[..])
         );
-        assert_eq!(rt.exec_exit_code(&exec.handle).await.unwrap(), 3);
+        assert_eq!(rt.session_exit_code(&exec.handle).await.unwrap(), 3);
     }
 }

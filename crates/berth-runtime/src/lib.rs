@@ -4,7 +4,7 @@
 //! started by the container's own init where it can (`guest`), through the engine otherwise.
 //!
 //! Holds no user policy: which image, which limits and when to stop are the caller's. What
-//! it does guarantee: an exec's processes never outlive the [`Exec`] that started them
+//! it does guarantee: an exec's processes never outlive the [`Session`] that started them
 //! unless they finished on their own ([`ProcessGuard`]), and TTY output reaches the caller
 //! as raw bytes (no guessing at Docker's stream framing).
 
@@ -12,7 +12,7 @@ mod docker;
 mod exec;
 #[cfg(feature = "test-util")]
 mod fake;
-mod guest;
+mod init;
 mod process;
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use tokio::io::AsyncWrite;
 pub use docker::DockerRuntime;
 #[cfg(feature = "test-util")]
 pub use fake::FakeRuntime;
-pub use guest::GuestSession;
+pub use init::InitSession;
 pub use process::ProcessGuard;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +44,54 @@ pub enum RuntimeError {
     NetworkNotFound(String),
     #[error("docker engine API {0} is too old; Berth needs 1.41 or newer")]
     TooOld(String),
+    /// The container runs in the host's network namespace: nothing is done in it.
+    #[error("container {0} shares the host's network namespace")]
+    HostNamespace(String),
+    /// Starting or running a session failed outside the engine: the container's init, the
+    /// terminal, the session's pipes.
+    #[error("session: {0}")]
+    Session(String),
     #[error("docker: {0}")]
     Docker(String),
+}
+
+/// A running container's init, opened ([`Runtime::open_init`]): its network namespace and its
+/// root directory, both known to be that init's and not the host's.
+#[derive(Debug)]
+pub struct ContainerInit {
+    /// `/proc/PID/ns/net`, for [`in_netns`].
+    pub ns: std::fs::File,
+    /// `/proc/PID/root`: paths in the container are resolved beneath it, never above.
+    pub root: std::fs::File,
+    init: process::Identity,
+    container: String,
+}
+
+impl ContainerInit {
+    /// Local TCP ports of every socket in the container's network namespace (its
+    /// `/proc/net/tcp` and `tcp6`, read from the host, checked to still be this init's).
+    pub fn tcp_ports_in_use(&self) -> std::collections::HashSet<u16> {
+        let open = |f: &str| std::fs::File::open(format!("/proc/{}/net/{f}", self.init.pid)).ok();
+        let files = [open("tcp"), open("tcp6")];
+        if !self.init.alive(&self.container) {
+            return Default::default();
+        }
+        files
+            .into_iter()
+            .flatten()
+            .flat_map(|f| ports_in_use(std::io::read_to_string(f).unwrap_or_default().as_str()))
+            .collect()
+    }
+}
+
+/// Local ports of every socket in text of the `/proc/net/tcp` format.
+fn ports_in_use(text: &str) -> std::collections::HashSet<u16> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|local| local.rsplit_once(':'))
+        .filter_map(|(_, port)| u16::from_str_radix(port, 16).ok())
+        .collect()
 }
 
 /// What the lifecycle manager asks for when it creates a user's container.
@@ -94,7 +140,7 @@ pub struct TtySize {
 }
 
 #[derive(Debug, Clone)]
-pub struct ExecSpec {
+pub struct SessionSpec {
     pub cmd: Vec<String>,
     pub env: Vec<String>,
     /// `Some` runs the command on a TTY of that size.
@@ -112,24 +158,24 @@ pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, RuntimeError>> 
 
 /// A started exec. Dropping it kills whatever of the exec's process tree still runs, unless
 /// [`ProcessGuard::finished`] was called after the exit code was read.
-pub struct Exec {
+pub struct Session {
     /// For logs.
     pub id: String,
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
     pub output: OutputStream,
     pub guard: ProcessGuard,
-    /// Resizes it and waits for its end ([`Runtime::resize_exec`], [`Runtime::exec_exit_code`]).
-    pub handle: ExecHandle,
+    /// Resizes it and waits for its end ([`Runtime::resize_session`], [`Runtime::session_exit_code`]).
+    pub handle: SessionHandle,
 }
 
 /// How a started exec is addressed.
 #[derive(Debug, Clone)]
-pub enum ExecHandle {
+pub enum SessionHandle {
     /// An engine exec, by id.
     Engine(String),
     /// A session the container's init started; the connection to init closes when the last
     /// clone is dropped.
-    Guest(std::sync::Arc<GuestSession>),
+    Init(std::sync::Arc<InitSession>),
 }
 
 /// A local image as `docker images` shows it.
@@ -192,22 +238,22 @@ pub trait Runtime: Send + Sync + 'static {
         timeout_secs: i32,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
-    fn exec(
+    fn start_session(
         &self,
         container: &str,
-        spec: ExecSpec,
-    ) -> impl Future<Output = Result<Exec, RuntimeError>> + Send;
-    fn resize_exec(
+        spec: SessionSpec,
+    ) -> impl Future<Output = Result<Session, RuntimeError>> + Send;
+    fn resize_session(
         &self,
-        exec: &ExecHandle,
+        exec: &SessionHandle,
         size: TtySize,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// The exit code of an exec, once it has ended. An engine exec's end can lag the end of
     /// its output stream (waited for, bounded); a session started by init is waited for
     /// until it ends, as sshd waits for its sessions' processes.
-    fn exec_exit_code(
+    fn session_exit_code(
         &self,
-        exec: &ExecHandle,
+        exec: &SessionHandle,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
     /// Saves the container as image `repo:tag`; returns the image id. The container keeps
     /// running and is not paused (a paused container would refuse new sessions).
@@ -236,15 +282,16 @@ pub trait Runtime: Send + Sync + 'static {
     /// Hangs up the execs still running in `container` (SIGHUP to each exec's own process,
     /// like a shell whose terminal went away); returns how many. For sessions a previous
     /// daemon started and could not end (it was killed).
-    fn hang_up_execs(
+    fn hang_up_sessions(
         &self,
         container: &str,
     ) -> impl Future<Output = Result<usize, RuntimeError>> + Send;
-    /// The host PID of a running container's init process.
-    fn init_pid(
+    /// Running container `container`'s (id) init, opened: the one way into a container's
+    /// namespaces and file system. `None` when it is not running.
+    fn open_init(
         &self,
         container: &str,
-    ) -> impl Future<Output = Result<Option<i32>, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<Option<ContainerInit>, RuntimeError>> + Send;
 }
 
 /// Threads that may be inside containers' namespaces at once, daemon-wide, and for any one
@@ -301,4 +348,17 @@ pub async fn in_netns<T: Send + 'static>(
         })?;
     rx.await
         .map_err(|_| std::io::Error::other("namespace thread ended"))?
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_ports_from_proc_net_tcp() {
+        let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0\n   1: 00000000:C350 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0 100 0 0 10 0\n";
+        assert_eq!(
+            super::ports_in_use(text),
+            [8080, 50000].into_iter().collect()
+        );
+        assert!(super::ports_in_use("").is_empty());
+    }
 }

@@ -1,7 +1,7 @@
 //! The russh handler: one per TCP connection. It authenticates, replies to channel requests
-//! at once (a reply sent later from a task could be swallowed, research notes §1.4), and
-//! hands each session channel to its own task. Dropping it (connection gone) aborts those
-//! tasks, which ends their processes.
+//! at once (russh takes a request's answer from the handler's return; one sent later from a
+//! task could be lost), and hands each session channel to its own task. Dropping it
+//! (connection gone) aborts those tasks, which ends their processes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::session::{self, env_allowed};
-use crate::{Certificate, Gateway, Permission, PublicKey};
+use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 
 /// Whether a connection has authenticated, and a wake-up for the task that waits for it.
 #[derive(Default)]
@@ -118,6 +118,30 @@ impl<G: Gateway> Connection<G> {
         });
     }
 
+    /// Reports a forwarding set up (`refused: None`) or refused, for the audit log.
+    fn forward_event(&self, user: &str, kind: ForwardKind, target: &str, refused: Option<&str>) {
+        // The target is the client's text: bounded before it is reported.
+        let target: String = target.chars().take(256).collect();
+        self.gateway.event(Event::Forward {
+            user,
+            kind,
+            target: &target,
+            refused,
+        });
+    }
+
+    /// A place for one more `-L` tunnel on this connection (each live tunnel holds a clone of
+    /// `tunnels`), or `None` (reported) when all are taken.
+    fn tunnel_slot(&mut self, user: &str, kind: ForwardKind, target: &str) -> Option<Arc<()>> {
+        while self.tasks.try_join_next().is_some() {}
+        if Arc::strong_count(&self.tunnels) > MAX_TUNNELS {
+            let why = "too many tunnels open on this connection";
+            self.forward_event(user, kind, target, Some(why));
+            return None;
+        }
+        Some(self.tunnels.clone())
+    }
+
     fn reply(&self, ch: ChannelId, ok: bool, session: &mut Session) -> Result<(), russh::Error> {
         if ok {
             session.channel_success(ch)
@@ -150,6 +174,40 @@ impl<G> Drop for Connection<G> {
 const MAX_REMOTE_FORWARDS: usize = 16;
 /// `ssh -L` tunnels one connection may have open at once.
 const MAX_TUNNELS: usize = 64;
+
+/// Reports how a forwarding that was asked for turned out.
+fn report<G: Gateway>(
+    gateway: &G,
+    user: &str,
+    kind: ForwardKind,
+    target: &str,
+    error: Option<&crate::OpenError>,
+) {
+    let target: String = target.chars().take(256).collect();
+    gateway.event(Event::Forward {
+        user,
+        kind,
+        target: &target,
+        refused: error.map(|e| e.0.as_str()),
+    });
+}
+
+/// Accepts connections on a Unix socket made in the container and hands each to the client
+/// as a `forwarded-streamlocal` channel. Dropping it (cancel, connection gone) drops the
+/// listener's hold, which removes the socket.
+async fn serve_remote_socket(
+    remote: crate::SocketListener,
+    handle: russh::server::Handle,
+    path: String,
+) {
+    let _hold = remote.hold;
+    crate::tunnel::serve_listener(remote.listener, "remote socket forward", move |_| {
+        let handle = handle.clone();
+        let path = path.clone();
+        async move { handle.channel_open_forwarded_streamlocal(path).await }
+    })
+    .await;
+}
 
 /// Accepts connections on a remote-forwarded port in the container and hands each to the
 /// client as a `forwarded-tcpip` channel.
@@ -272,8 +330,10 @@ impl<G: Gateway> Handler for Connection<G> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
         };
+        let target = format!("{host}:{port}");
         if !self.gateway.permits(&user, Permission::TcpForwarding).await {
-            info!(target: "audit", event = "forward_refused", user = %user, "tcp forwarding is off for this user");
+            let why = "tcp forwarding is off for this user";
+            self.forward_event(&user, ForwardKind::Local, &target, Some(why));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -283,36 +343,142 @@ impl<G: Gateway> Handler for Connection<G> {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        // Each live tunnel holds a clone of `tunnels`.
-        if Arc::strong_count(&self.tunnels) > MAX_TUNNELS {
+        let Some(counted) = self.tunnel_slot(&user, ForwardKind::Local, &target) else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
-        }
-        let counted = self.tunnels.clone();
-        while self.tasks.try_join_next().is_some() {}
+        };
         let (gateway, host) = (self.gateway.clone(), host.to_owned());
-        let span = info_span!("forward", user = %user, to = %format!("{host}:{port}"));
+        let span = info_span!("forward", user = %user, to = %target);
         // Connect first, confirm the channel after, all in a task: the handler must not wait.
         self.tasks.spawn(
             async move {
                 let _counted = counted;
-                match gateway.connect(&user, &key, &host, port).await {
+                let opened = gateway.connect(&user, &key, &host, port).await;
+                report(
+                    &*gateway,
+                    &user,
+                    ForwardKind::Local,
+                    &target,
+                    opened.as_ref().err(),
+                );
+                match opened {
                     Ok(tunnel) => {
-                        info!(target: "audit", event = "forward_open", user = %user, to = %format!("{host}:{port}"), "tcp forward opened");
                         reply.accept().await;
                         let _hold = tunnel.hold;
                         crate::tunnel::bridge(channel, tunnel.stream).await;
                         debug!("tcp forward closed");
                     }
-                    Err(e) => {
-                        debug!(error = %e, "tcp forward refused");
-                        reply.reject(ChannelOpenFailure::ConnectFailed).await;
-                    }
+                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
                 }
             }
             .instrument(span),
         );
         Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        channel: Channel<Msg>,
+        socket_path: &str,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some((user, key)) = self.user.clone() else {
+            return Ok(()); // dropping `reply` rejects the open
+        };
+        let kind = ForwardKind::LocalSocket;
+        if !self
+            .gateway
+            .permits(&user, Permission::SocketForwarding)
+            .await
+        {
+            let why = "socket forwarding is off for this user";
+            self.forward_event(&user, kind, socket_path, Some(why));
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        }
+        let Some(counted) = self.tunnel_slot(&user, kind, socket_path) else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
+        let (gateway, path) = (self.gateway.clone(), socket_path.to_owned());
+        let span = info_span!("forward", user = %user, to = ?path);
+        self.tasks.spawn(
+            async move {
+                let _counted = counted;
+                let opened = gateway.connect_socket(&user, &key, &path).await;
+                report(&*gateway, &user, kind, &path, opened.as_ref().err());
+                match opened {
+                    Ok(tunnel) => {
+                        reply.accept().await;
+                        let _hold = tunnel.hold;
+                        crate::tunnel::bridge(channel, tunnel.stream).await;
+                        debug!("socket forward closed");
+                    }
+                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                }
+            }
+            .instrument(span),
+        );
+        Ok(())
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        let Some((user, key)) = self.user.clone() else {
+            return Ok(false);
+        };
+        let kind = ForwardKind::RemoteSocket;
+        if !self
+            .gateway
+            .permits(&user, Permission::SocketForwarding)
+            .await
+        {
+            let why = "socket forwarding is off for this user";
+            self.forward_event(&user, kind, socket_path, Some(why));
+            return Ok(false);
+        }
+        if self.forwards.len() >= MAX_REMOTE_FORWARDS {
+            let why = "too many remote forwards on this connection";
+            self.forward_event(&user, kind, socket_path, Some(why));
+            return Ok(false);
+        }
+        // Bound here, so that the reply says whether it worked.
+        let remote = match self.gateway.listen_socket(&user, &key, socket_path).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.forward_event(&user, kind, socket_path, Some(&e.0));
+                return Ok(false);
+            }
+        };
+        self.forward_event(&user, kind, socket_path, None);
+        let task = tokio::spawn(serve_remote_socket(
+            remote,
+            session.handle(),
+            socket_path.to_owned(),
+        ));
+        self.forwards
+            .insert((socket_path.to_owned(), 0), task.abort_handle());
+        Ok(true)
+    }
+
+    async fn cancel_streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(match self.forwards.remove(&(socket_path.to_owned(), 0)) {
+            Some(task) => {
+                task.abort();
+                true
+            }
+            None => false,
+        })
     }
 
     async fn tcpip_forward(
@@ -327,11 +493,16 @@ impl<G: Gateway> Handler for Connection<G> {
         let Ok(wanted) = u16::try_from(*port) else {
             return Ok(false);
         };
+        let kind = ForwardKind::Remote;
+        let target = format!("{address}:{wanted}");
         if !self.gateway.permits(&user, Permission::TcpForwarding).await {
-            info!(target: "audit", event = "forward_refused", user = %user, "tcp forwarding is off for this user");
+            let why = "tcp forwarding is off for this user";
+            self.forward_event(&user, kind, &target, Some(why));
             return Ok(false);
         }
         if self.forwards.len() >= MAX_REMOTE_FORWARDS {
+            let why = "too many remote forwards on this connection";
+            self.forward_event(&user, kind, &target, Some(why));
             return Ok(false);
         }
         // The reply must say which port was bound, so the bind happens here; it waits only
@@ -339,7 +510,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let remote = match self.gateway.listen(&user, &key, wanted).await {
             Ok(r) => r,
             Err(e) => {
-                debug!(error = %e, "remote forward refused");
+                self.forward_event(&user, kind, &target, Some(&e.0));
                 return Ok(false);
             }
         };
@@ -348,7 +519,7 @@ impl<G: Gateway> Handler for Connection<G> {
             Err(_) => return Ok(false),
         };
         *port = bound;
-        info!(target: "audit", event = "remote_forward", user = %user, port = bound, "remote forward listening in the container");
+        self.forward_event(&user, kind, &format!("{address}:{bound}"), None);
         let task = tokio::spawn(serve_remote(
             remote,
             session.handle(),

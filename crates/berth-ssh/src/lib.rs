@@ -6,9 +6,10 @@
 //! then pumps bytes both ways with backpressure, forwards window changes, and sends the exit
 //! status back.
 //!
-//! Concurrency follows the research notes (§1.4): the russh [`russh::server::Handler`] is a
-//! thin adapter that replies to requests synchronously; each session channel is owned by
-//! one task ([`session`]) from its first message.
+//! Concurrency: the russh [`russh::server::Handler`] is a thin adapter that replies to
+//! requests synchronously (russh takes a request's answer from the handler's return; a reply
+//! sent later from a task can be lost); each session channel is owned by one task
+//! ([`session`]) from its first message.
 //!
 //! Counters (`berth_connections_total`, `berth_auth_failures_total`, `berth_relayed_bytes_total`,
 //! the `berth_login_duration_seconds` histogram: authentication to the first session's
@@ -144,6 +145,20 @@ pub struct RemoteListener {
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
+/// A Unix socket connection made in the user's container (`ssh -L ...:/path`), and what
+/// keeps the container running meanwhile.
+pub struct SocketTunnel {
+    pub stream: tokio::net::UnixStream,
+    pub hold: Box<dyn std::any::Any + Send>,
+}
+
+/// A Unix socket listening in the user's container (`ssh -R /path:...`); `hold` keeps the
+/// container running and removes the socket when dropped.
+pub struct SocketListener {
+    pub listener: tokio::net::UnixListener,
+    pub hold: Box<dyn std::any::Any + Send>,
+}
+
 /// Where a session's forwarded agent is offered inside the container (`ssh -A`): a unix
 /// socket the gateway made, the path processes see (for `SSH_AUTH_SOCK`), and whatever
 /// removes the socket when dropped.
@@ -156,8 +171,10 @@ pub struct AgentListener {
 /// Things a user may be allowed or refused beyond sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
-    /// `ssh -L` and `ssh -R`.
+    /// `ssh -L` and `ssh -R` of TCP ports.
     TcpForwarding,
+    /// `ssh -L` and `ssh -R` of Unix sockets (`direct-streamlocal`, `streamlocal-forward`).
+    SocketForwarding,
     /// `ssh -A`.
     AgentForwarding,
     /// `ssh -X`.
@@ -181,6 +198,44 @@ pub enum Event<'a> {
         key: &'a PublicKey,
         peer: Option<SocketAddr>,
     },
+    /// A forwarding of an authenticated `user` was set up (`refused: None`) or refused (and
+    /// why, in words safe to store). `target` is what the client named, bounded.
+    Forward {
+        user: &'a str,
+        kind: ForwardKind,
+        target: &'a str,
+        refused: Option<&'a str>,
+    },
+}
+
+/// The kinds of forwarding, as the audit log names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardKind {
+    /// `ssh -L` to a TCP port in the container.
+    Local,
+    /// `ssh -R` of a TCP port in the container.
+    Remote,
+    /// `ssh -L` to a Unix socket in the container.
+    LocalSocket,
+    /// `ssh -R` of a Unix socket made in the container.
+    RemoteSocket,
+    /// `ssh -A`.
+    Agent,
+    /// `ssh -X`.
+    X11,
+}
+
+impl ForwardKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Local => "local",
+            Self::Remote => "remote",
+            Self::LocalSocket => "local_socket",
+            Self::RemoteSocket => "remote_socket",
+            Self::Agent => "agent",
+            Self::X11 => "x11",
+        }
+    }
 }
 
 /// What the gateway needs from the rest of Berth.
@@ -238,4 +293,24 @@ pub trait Gateway: Send + Sync + 'static {
         host: &str,
         port: u16,
     ) -> impl Future<Output = Result<Tunnel, OpenError>> + Send;
+    /// Connects to the Unix socket at `path` in the user's container (`ssh -L ...:/path`).
+    fn connect_socket(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        path: &str,
+    ) -> impl Future<Output = Result<SocketTunnel, OpenError>> + Send {
+        let _ = (user, key, path);
+        async { Err(OpenError("Unix socket forwarding is not available".into())) }
+    }
+    /// Listens on a new Unix socket at `path` in the user's container (`ssh -R /path:...`).
+    fn listen_socket(
+        &self,
+        user: &str,
+        key: &PublicKey,
+        path: &str,
+    ) -> impl Future<Output = Result<SocketListener, OpenError>> + Send {
+        let _ = (user, key, path);
+        async { Err(OpenError("Unix socket forwarding is not available".into())) }
+    }
 }

@@ -9,11 +9,14 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
-use tracing::{debug, info};
+use tokio_util::task::AbortOnDropHandle;
+use tracing::debug;
+
+use crate::tunnel::relayed;
 
 use crate::{
-    Command, Gateway, OpenRequest, Output, Permission, Process, Pty, PublicKey, WindowSize,
-    X11Request,
+    Command, Event, ForwardKind, Gateway, OpenRequest, Output, Permission, Process, Pty, PublicKey,
+    WindowSize, X11Request,
 };
 
 pub(crate) struct Context<G> {
@@ -119,27 +122,40 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         Command::Exec(c) => c.clone(),
         Command::Sftp => "subsystem sftp".to_owned(),
     };
-    // `?` quotes the command, so a newline in it cannot forge an audit line.
-    info!(target: "audit", event = "session_start", user = %ctx.user, command = ?label, tty = pty.is_some(), "session started");
+    // `?` quotes the command, so a newline in it cannot forge a log line. (The audit
+    // record of the session is the gateway's, once its process runs.)
+    debug!(user = %ctx.user, command = ?label, tty = pty.is_some(), "session requested");
     let tty = pty.is_some();
     // The forwarded agent lives exactly as long as this task (its accept loop is aborted and
     // its socket removed when the session ends).
     let mut _agent_task = None;
-    if agent
-        && ctx
+    if agent {
+        let report = |refused: Option<&str>| {
+            ctx.gateway.event(Event::Forward {
+                user: &ctx.user,
+                kind: ForwardKind::Agent,
+                target: "",
+                refused,
+            });
+        };
+        if !ctx
             .gateway
             .permits(&ctx.user, Permission::AgentForwarding)
             .await
-    {
-        match ctx.gateway.agent_listener(&ctx.user).await {
-            Ok(a) => {
-                env.push(("SSH_AUTH_SOCK".to_owned(), a.path_in_container.clone()));
-                _agent_task = Some(AbortOnDrop(tokio::spawn(serve_agent(
-                    a,
-                    ctx.handle.clone(),
-                ))));
+        {
+            report(Some("agent forwarding is off for this user"));
+        } else {
+            match ctx.gateway.agent_listener(&ctx.user).await {
+                Ok(a) => {
+                    report(None);
+                    env.push(("SSH_AUTH_SOCK".to_owned(), a.path_in_container.clone()));
+                    _agent_task = Some(AbortOnDropHandle::new(tokio::spawn(serve_agent(
+                        a,
+                        ctx.handle.clone(),
+                    ))));
+                }
+                Err(e) => report(Some(&e.0)),
             }
-            Err(e) => debug!(error = %e, "no agent forwarding for this session"),
         }
     }
     let x11 = match x11 {
@@ -151,7 +167,16 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         {
             Some(x)
         }
-        _ => None,
+        Some(_) => {
+            ctx.gateway.event(Event::Forward {
+                user: &ctx.user,
+                kind: ForwardKind::X11,
+                target: "",
+                refused: Some("X11 forwarding is off for this user"),
+            });
+            None
+        }
+        None => None,
     };
     let req = OpenRequest {
         x11,
@@ -205,10 +230,15 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             .record(ctx.connected_at.elapsed().as_secs_f64());
     }
     let mut process = process;
-    let _x11_task = process
-        .x11
-        .take()
-        .map(|l| AbortOnDrop(tokio::spawn(serve_x11(l, ctx.handle.clone()))));
+    let _x11_task = process.x11.take().map(|l| {
+        ctx.gateway.event(Event::Forward {
+            user: &ctx.user,
+            kind: ForwardKind::X11,
+            target: "",
+            refused: None,
+        });
+        AbortOnDropHandle::new(tokio::spawn(serve_x11(l, ctx.handle.clone())))
+    });
     let status = pump(process, early, rx, &tx, tty).await;
     debug!(status = ?status, "session ended");
 }
@@ -216,7 +246,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
 /// Bytes of client input held for a process that is not reading its stdin yet.
 ///
 /// russh re-opens the client's window when data is *received*, not when it is consumed
-/// (research notes §1.4), so the only brake on a fast sender is to stop reading the
+/// so the only brake on a fast sender is to stop reading the
 /// channel — and while one channel is not read, russh stops the whole connection, window
 /// adjusts for our own output included. A process blocked on output would then never drain
 /// its input: a deadlock. So input is read into memory up to this bound; only a client that
@@ -250,7 +280,7 @@ async fn pump(
     } = process;
     let (in_tx, in_rx) = mpsc::unbounded_channel();
     let budget = Arc::new(Semaphore::new(INPUT_LIMIT));
-    let _writer = AbortOnDrop(tokio::spawn(write_stdin(stdin, in_rx)));
+    let _writer = AbortOnDropHandle::new(tokio::spawn(write_stdin(stdin, in_rx)));
     let out = copy_output(output, tx.make_writer(), tx.make_writer_ext(Some(1)));
     tokio::pin!(out);
     let mut early = early.into_iter();
@@ -389,14 +419,6 @@ async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Han
     .await;
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn copy_output(
     mut output: std::pin::Pin<Box<dyn futures_util::Stream<Item = std::io::Result<Output>> + Send>>,
     mut stdout: impl AsyncWrite + Unpin,
@@ -422,11 +444,6 @@ async fn copy_output(
             return;
         }
     }
-}
-
-/// Counts bytes moved between a client and its container, either way.
-pub(crate) fn relayed(n: usize) {
-    metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Byte pipes between a channel and a socket (`-L`, `-R`, agent, X11).
 //!
 //! russh delivers a channel's data by awaiting a send into a small queue from inside the
-//! connection's loop, and re-opens the client's window on receipt (research notes §1.4). A
+//! connection's loop, and re-opens the client's window on receipt. A
 //! channel that is not read therefore stalls the whole connection, shells included. So the
 //! channel is read all the time into a byte-capped queue; a socket that falls too far behind
 //! loses its tunnel rather than freezing everyone else.
@@ -13,6 +13,11 @@ use russh::server::Msg;
 use russh::{Channel, ChannelMsg};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+
+/// Counts bytes moved between a client and its container, either way.
+pub(crate) fn relayed(n: usize) {
+    metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
+}
 
 /// Bytes a tunnel may hold for a socket that is not reading.
 const TUNNEL_LIMIT: usize = 8 * 1024 * 1024;
@@ -94,7 +99,7 @@ where
             match item {
                 Some(data) => {
                     let n = data.len();
-                    crate::session::relayed(n);
+                    relayed(n);
                     if sock_write.write_all(&data).await.is_err() {
                         return;
                     }
@@ -115,7 +120,7 @@ where
             match sock_read.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    crate::session::relayed(n);
+                    relayed(n);
                     if out
                         .write_all(buf.get(..n).unwrap_or_default())
                         .await

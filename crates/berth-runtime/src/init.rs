@@ -23,7 +23,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use berth_guest_proto::{
-    Mode, Reply, Request, SOCKET_NAME, message_len, recv_with_fds, send_with_fds,
+    INIT_SOCKET_NAME, Mode, Reply, Request, message_len, recv_with_fds, send_with_fds,
 };
 use futures_util::StreamExt;
 use nix::fcntl::OFlag;
@@ -35,7 +35,10 @@ use tokio_util::io::ReaderStream;
 
 use crate::exec::raw_output;
 use crate::process::Identity;
-use crate::{Exec, ExecHandle, ExecSpec, Output, ProcessGuard, RuntimeError, TtySize, in_netns};
+use crate::{
+    ContainerInit, Output, ProcessGuard, RuntimeError, Session, SessionHandle, SessionSpec,
+    TtySize, in_netns,
+};
 
 /// How long the whole handshake with the guest may take: connect, request, reply.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,22 +47,22 @@ const MAX_REPLY: usize = 4096;
 
 /// A session the guest started: its exit is read from the connection, a terminal session
 /// is resized through its master. Dropping it closes the connection.
-pub struct GuestSession {
+pub struct InitSession {
     /// The connection, and what was read of it past the `started` reply. Taken on drop and
     /// closed on the closer thread (see [`close_later`]).
     conn: tokio::sync::Mutex<(Option<tokio::net::UnixStream>, Vec<u8>)>,
     master: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
-impl std::fmt::Debug for GuestSession {
+impl std::fmt::Debug for InitSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GuestSession")
+        f.debug_struct("InitSession")
             .field("tty", &self.master.is_some())
             .finish()
     }
 }
 
-impl GuestSession {
+impl InitSession {
     pub(crate) fn resize(&self, size: TtySize) -> Result<(), RuntimeError> {
         let Some(master) = &self.master else {
             return Ok(());
@@ -102,7 +105,7 @@ impl GuestSession {
     }
 }
 
-impl Drop for GuestSession {
+impl Drop for InitSession {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.get_mut().0.take()
             && let Ok(conn) = conn.into_std()
@@ -143,11 +146,11 @@ fn resize_pty(master: RawFd, size: TtySize) -> Result<(), RuntimeError> {
     #[allow(unsafe_code)]
     unsafe { set_winsize(master, &ws) }
         .map(drop)
-        .map_err(|e| RuntimeError::Docker(format!("resize: {e}")))
+        .map_err(|e| RuntimeError::Session(format!("resize: {e}")))
 }
 
 fn lost(what: &str) -> RuntimeError {
-    RuntimeError::Docker(format!(
+    RuntimeError::Session(format!(
         "session end not reported by the container's init: {what}"
     ))
 }
@@ -156,21 +159,40 @@ nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, libc::winsize);
 nix::ioctl_read_bad!(pty_number, libc::TIOCGPTN, libc::c_uint);
 nix::ioctl_write_ptr_bad!(set_pty_lock, libc::TIOCSPTLCK, libc::c_int);
 
+/// Opens the network namespace and root directory of init `init` of container `container`
+/// (its full id). Checked after the opens, so that they are that process's and not of one
+/// that took its PID since; a container in the host's network namespace is refused (nothing
+/// of Berth's may act in the host's namespace on a user's behalf).
+pub(crate) fn open(init: Identity, container: &str) -> Result<ContainerInit, RuntimeError> {
+    use std::os::unix::fs::MetadataExt;
+    let not_running = || RuntimeError::ContainerNotFound(container.to_owned());
+    let ns = File::open(format!("/proc/{}/ns/net", init.pid)).map_err(|_| not_running())?;
+    let root = File::open(format!("/proc/{}/root", init.pid)).map_err(|_| not_running())?;
+    if !init.alive(container) {
+        return Err(not_running());
+    }
+    let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+    let host = File::open("/proc/self/ns/net").ok();
+    if id(&ns).is_none() || host.as_ref().and_then(id) == id(&ns) {
+        return Err(RuntimeError::HostNamespace(container.to_owned()));
+    }
+    Ok(ContainerInit {
+        ns,
+        root,
+        init,
+        container: container.to_owned(),
+    })
+}
+
 /// Starts `spec` through init `init` of container `container` (its full id: processes are
 /// guarded by it). `Ok(None)` when that init does not take sessions (one started by an
 /// older Berth): the caller then uses the engine.
 pub(crate) async fn spawn(
     init: Identity,
     container: &str,
-    spec: &ExecSpec,
-) -> Result<Option<Exec>, RuntimeError> {
-    let not_running = || RuntimeError::ContainerNotFound(container.to_owned());
-    let ns = File::open(format!("/proc/{}/ns/net", init.pid)).map_err(|_| not_running())?;
-    let root = File::open(format!("/proc/{}/root", init.pid)).map_err(|_| not_running())?;
-    // Checked after the opens: they are that process's, not of one that took its PID since.
-    if !init.alive(container) {
-        return Err(not_running());
-    }
+    spec: &SessionSpec,
+) -> Result<Option<Session>, RuntimeError> {
+    let ContainerInit { ns, root, .. } = open(init, container)?;
     let request = Request {
         mode: if spec.tty.is_some() {
             Mode::Tty
@@ -215,7 +237,7 @@ pub(crate) async fn spawn(
         Ok(Some((conn.take(), reply, rest)))
     })
     .await
-    .map_err(|e| RuntimeError::Docker(format!("container init: {e}")))?;
+    .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
     let Some((conn, reply, rest)) = handshake else {
         return Ok(None);
     };
@@ -223,12 +245,12 @@ pub(crate) async fn spawn(
         Reply::Started { pid } => pid,
         Reply::Error(text) => {
             let text: String = text.chars().take(200).collect();
-            return Err(RuntimeError::Docker(format!(
+            return Err(RuntimeError::Session(format!(
                 "the container's init could not start the session: {}",
                 text.escape_debug()
             )));
         }
-        Reply::Exit { .. } => return Err(RuntimeError::Docker("unexpected reply".into())),
+        Reply::Exit { .. } => return Err(RuntimeError::Session("unexpected reply".into())),
     };
     let guard = match init.child_with_ns_pid(pid) {
         Some(host) => ProcessGuard::new(host, container),
@@ -247,11 +269,11 @@ pub(crate) async fn spawn(
             let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_r).map_err(io_err)?;
             let out = ReaderStream::with_capacity(out, 64 * 1024).map(|r| {
                 r.map(Output::Stdout)
-                    .map_err(|e| RuntimeError::Docker(format!("session output: {e}")))
+                    .map_err(|e| RuntimeError::Session(format!("session output: {e}")))
             });
             let err = ReaderStream::with_capacity(err, 16 * 1024).map(|r| {
                 r.map(Output::Stderr)
-                    .map_err(|e| RuntimeError::Docker(format!("session output: {e}")))
+                    .map_err(|e| RuntimeError::Session(format!("session output: {e}")))
             });
             let output: crate::OutputStream = Box::pin(futures_util::stream::select(out, err));
             (Box::pin(stdin), output, None)
@@ -265,12 +287,12 @@ pub(crate) async fn spawn(
             )
         }
     };
-    Ok(Some(Exec {
+    Ok(Some(Session {
         id,
         stdin,
         output,
         guard,
-        handle: ExecHandle::Guest(Arc::new(GuestSession {
+        handle: SessionHandle::Init(Arc::new(InitSession {
             conn: tokio::sync::Mutex::new((Some(conn), rest)),
             master,
         })),
@@ -297,7 +319,7 @@ fn connect() -> std::io::Result<Option<UnixStream>> {
         None,
     )?;
     let _ = refuse_descriptors(&sock);
-    let addr = UnixAddr::new_abstract(SOCKET_NAME)?;
+    let addr = UnixAddr::new_abstract(INIT_SOCKET_NAME)?;
     match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
         Ok(()) => Ok(Some(UnixStream::from(sock))),
         Err(nix::errno::Errno::ECONNREFUSED) => Ok(None),
@@ -334,7 +356,7 @@ fn wait_ready(sock: &UnixStream, events: PollFlags, deadline: Instant) -> std::i
 fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     use nix::fcntl::{OpenHow, ResolveFlag};
     use nix::sys::statfs::{DEVPTS_SUPER_MAGIC, fstatfs};
-    let pty_err = |what: &str| RuntimeError::Docker(format!("terminal: {what}"));
+    let pty_err = |what: &str| RuntimeError::Session(format!("terminal: {what}"));
     // O_PATH first: that opens nothing (no driver runs). Only devpts's own ptmx node (c 5:2;
     // nobody can make nodes on devpts) is then opened for real: a user who made her init
     // chroot elsewhere cannot have the daemon open some other device she made.
@@ -389,7 +411,7 @@ fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeErr
 }
 
 fn io_err(e: impl Into<std::io::Error>) -> RuntimeError {
-    RuntimeError::Docker(format!("session setup: {}", e.into()))
+    RuntimeError::Session(format!("session setup: {}", e.into()))
 }
 
 fn send_all(
@@ -631,9 +653,9 @@ mod tests {
     }
 
     /// A session on `conn` (a test's end of a pair), `early` already read.
-    fn session_on(conn: UnixStream, early: Vec<u8>) -> GuestSession {
+    fn session_on(conn: UnixStream, early: Vec<u8>) -> InitSession {
         conn.set_nonblocking(true).unwrap();
-        GuestSession {
+        InitSession {
             conn: tokio::sync::Mutex::new((
                 Some(tokio::net::UnixStream::from_std(conn).unwrap()),
                 early,
@@ -814,8 +836,8 @@ mod namespace_tests {
         child
     }
 
-    fn spec() -> ExecSpec {
-        ExecSpec {
+    fn spec() -> SessionSpec {
+        SessionSpec {
             cmd: vec!["true".into()],
             env: vec![],
             tty: None,
@@ -834,7 +856,7 @@ mod namespace_tests {
         let listener = in_netns(ns, "test", || {
             use std::os::linux::net::SocketAddrExt;
             std::os::unix::net::UnixListener::bind_addr(
-                &std::os::unix::net::SocketAddr::from_abstract_name(SOCKET_NAME)?,
+                &std::os::unix::net::SocketAddr::from_abstract_name(INIT_SOCKET_NAME)?,
             )
         })
         .await

@@ -1,0 +1,457 @@
+//! The forwarding kinds, each confined to the user's own container: `-L` and `-R` to TCP
+//! ports (made in the container's network namespace) and to Unix sockets (paths resolved
+//! beneath the container's root, never the host's), the agent socket (`-A`) and X11
+//! displays (`-X`). Adding a kind: its [`berth_ssh::Gateway`] method, its function here, its
+//! [`berth_ssh::ForwardKind`] for the audit log.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use berth_proto::UserName;
+use berth_runtime::{ContainerInit, Runtime, RuntimeError, in_netns};
+use berth_ssh::X11Request;
+use berth_ssh::{AgentListener, OpenError, RemoteListener, SocketListener, SocketTunnel, Tunnel};
+use tracing::error;
+
+use super::BerthGateway;
+use berth_guest_proto::words::RUN_DIR;
+
+use crate::lifecycle::LifecycleError;
+
+/// X11 display numbers tried in the container, like sshd's X11DisplayOffset.
+const X11_DISPLAYS: std::ops::Range<u16> = 10..100;
+/// How long a `-L` name lookup in a container may take, all name servers together.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a `-L` connect may take, all addresses together.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long resolving a socket path in the container may take.
+const PATH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest socket path accepted from a client.
+const MAX_SOCKET_PATH: usize = 1024;
+
+impl<R: Runtime> BerthGateway<R> {
+    /// Running container `container`'s init, opened: its network namespace and root.
+    async fn container_init(&self, container: &str) -> Result<ContainerInit, OpenError> {
+        match self.runtime.open_init(container).await {
+            Ok(Some(init)) => Ok(init),
+            Ok(None) => Err(OpenError("your container is not running".into())),
+            Err(RuntimeError::HostNamespace(c)) => {
+                error!(
+                    container = c,
+                    "container shares the host's network namespace; forwarding refused"
+                );
+                Err(OpenError(
+                    "forwarding is not available for this container".into(),
+                ))
+            }
+            Err(e) => Err(OpenError(LifecycleError::Runtime(e).for_user())),
+        }
+    }
+
+    /// `ssh -R PORT:...`: listens on the container's loopback.
+    pub(super) async fn listen_tcp(
+        &self,
+        user: &UserName,
+        port: u16,
+    ) -> Result<RemoteListener, OpenError> {
+        let lease = self.lease(user).await?;
+        let init = self.container_init(lease.container()).await?;
+        let listener = in_netns(init.ns, lease.container(), move || {
+            let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .await
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| {
+            OpenError(format!(
+                "cannot listen on port {port} in your container: {e}"
+            ))
+        })?;
+        Ok(RemoteListener {
+            listener,
+            hold: Box::new(lease),
+        })
+    }
+
+    /// `ssh -L ...:HOST:PORT`: connects as the container would.
+    pub(super) async fn connect_tcp(
+        &self,
+        user: &UserName,
+        host: &str,
+        port: u16,
+    ) -> Result<Tunnel, OpenError> {
+        let lease = self.lease(user).await?;
+        let init = self.container_init(lease.container()).await?;
+        let target = host.to_owned();
+        let root = init.root;
+        let stream = in_netns(init.ns, lease.container(), move || {
+            connect_from_here(&root, &target, port)
+        })
+        .await
+        .and_then(tokio::net::TcpStream::from_std)
+        .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
+        Ok(Tunnel {
+            stream,
+            hold: Box::new(lease),
+        })
+    }
+
+    /// `ssh -L ...:/PATH`: connects to the Unix socket at PATH in the container.
+    pub(super) async fn connect_unix(
+        &self,
+        user: &UserName,
+        path: &str,
+    ) -> Result<SocketTunnel, OpenError> {
+        check_socket_path(path)?;
+        let lease = self.lease(user).await?;
+        let init = self.container_init(lease.container()).await?;
+        let p = path.to_owned();
+        let socket = off_thread(move || open_socket_in_root(&init.root, &p))
+            .await
+            .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
+        // The magic link names the inode that was checked, wherever it is: no path lookup.
+        let stream =
+            tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", socket.as_raw_fd()))
+                .await
+                .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
+        Ok(SocketTunnel {
+            stream,
+            hold: Box::new(lease),
+        })
+    }
+
+    /// `ssh -R /PATH:...`: makes a Unix socket at PATH in the container (mode 0600, like
+    /// sshd's StreamLocalBindMask), removed when the forward ends.
+    pub(super) async fn listen_unix(
+        &self,
+        user: &UserName,
+        path: &str,
+    ) -> Result<SocketListener, OpenError> {
+        check_socket_path(path)?;
+        let lease = self.lease(user).await?;
+        let init = self.container_init(lease.container()).await?;
+        let p = path.to_owned();
+        let (listener, made) = off_thread(move || bind_in_root(&init.root, &p))
+            .await
+            .map_err(|e| OpenError(format!("cannot listen on {path} in your container: {e}")))?;
+        let listener = tokio::net::UnixListener::from_std(listener)
+            .map_err(|e| OpenError(format!("cannot listen on {path}: {e}")))?;
+        Ok(SocketListener {
+            listener,
+            hold: Box::new((made, lease)),
+        })
+    }
+
+    /// `ssh -A`: a fresh socket in the user's own run directory, which only her container
+    /// mounts (at `/.berth/run`).
+    pub(super) fn agent_socket(&self, user: &UserName) -> Result<AgentListener, OpenError> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.lifecycle.run_dir().join(user.as_str());
+        let fail = |e: std::io::Error| {
+            error!(user = %user, error = %e, "cannot make an agent socket");
+            OpenError("agent forwarding is not available".into())
+        };
+        std::fs::create_dir_all(&dir).map_err(fail)?;
+        let file = format!("agent-{:016x}.sock", random_u64());
+        let path = dir.join(&file);
+        let listener = tokio::net::UnixListener::bind(&path).map_err(fail)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        Ok(AgentListener {
+            listener,
+            path_in_container: format!("{RUN_DIR}/{file}"),
+            hold: Box::new(RemoveOnDrop(path)),
+        })
+    }
+
+    /// `ssh -X`: picks a free X11 display number (10 and up, as sshd does) in the container
+    /// and listens on its TCP port on the container's loopback.
+    pub(super) async fn x11_display(
+        &self,
+        container: &str,
+        x: &X11Request,
+    ) -> Result<(u16, tokio::net::TcpListener), OpenError> {
+        let valid = !x.auth_protocol.is_empty()
+            && x.auth_protocol.len() <= 64
+            && x.auth_protocol
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !x.auth_cookie.is_empty()
+            && x.auth_cookie.len() <= 256
+            && x.auth_cookie.chars().all(|c| c.is_ascii_hexdigit());
+        if !valid {
+            return Err(OpenError("bad X11 request".into()));
+        }
+        let init = self.container_init(container).await?;
+        let (n, listener) = in_netns(init.ns, container, || {
+            for n in X11_DISPLAYS {
+                if let Ok(l) =
+                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))
+                {
+                    l.set_nonblocking(true)?;
+                    return Ok((n, l));
+                }
+            }
+            Err(std::io::Error::other("no free X11 display"))
+        })
+        .await
+        .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
+        Ok((n, listener))
+    }
+}
+
+/// Runs file system work in a container's tree off the runtime's workers, with a deadline
+/// (a user's container decides how long its paths take to resolve).
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(PATH_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(std::io::Error::other(e)),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the path did not resolve in time",
+        )),
+    }
+}
+
+/// A socket path from a client: absolute (there is no working directory to be relative
+/// to), no NUL, bounded.
+fn check_socket_path(path: &str) -> Result<(), OpenError> {
+    if !path.starts_with('/') || path.contains('\0') || path.len() > MAX_SOCKET_PATH {
+        return Err(OpenError(format!(
+            "socket path {:?} must be absolute (and at most {MAX_SOCKET_PATH} bytes)",
+            path.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+/// Opens `path` beneath `root` without following anything out of it: `..`, absolute
+/// symlinks and magic links (`/proc/*/root`) all stay inside. `O_PATH` opens nothing.
+fn open_in_root(
+    root: &std::fs::File,
+    path: &str,
+    flags: nix::fcntl::OFlag,
+) -> std::io::Result<OwnedFd> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC | flags)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    Ok(nix::fcntl::openat2(root.as_fd(), path, how)?)
+}
+
+/// The Unix socket at `path` in the container whose root is `root`, as an `O_PATH` handle
+/// checked to be a socket.
+fn open_socket_in_root(root: &std::fs::File, path: &str) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::FileTypeExt;
+    let fd = open_in_root(root, path, nix::fcntl::OFlag::empty())?;
+    let file = std::fs::File::from(fd);
+    if !file.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::other("not a socket"));
+    }
+    Ok(OwnedFd::from(file))
+}
+
+/// A socket this daemon made in a container, removed when dropped if it is still the one
+/// made (the user may have replaced it meanwhile: then hers stays).
+struct MadeSocket {
+    dir: OwnedFd,
+    name: String,
+    id: (u64, u64),
+}
+
+impl Drop for MadeSocket {
+    fn drop(&mut self) {
+        use nix::fcntl::AtFlags;
+        use nix::unistd::UnlinkatFlags;
+        let same =
+            nix::sys::stat::fstatat(&self.dir, self.name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| (st.st_dev, st.st_ino) == self.id);
+        if same {
+            let _ =
+                nix::unistd::unlinkat(&self.dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+    }
+}
+
+/// Makes a listening Unix socket at `path` beneath `root` (its directory resolved as in
+/// [`open_in_root`], the socket created in it by name: never through a symlink), mode 0600.
+fn bind_in_root(
+    root: &std::fs::File,
+    path: &str,
+) -> std::io::Result<(std::os::unix::net::UnixListener, MadeSocket)> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    let invalid =
+        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
+    let (parent, name) = path
+        .rsplit_once('/')
+        .ok_or_else(|| invalid("not absolute"))?;
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(invalid("names a directory, not a socket"));
+    }
+    let dir = open_in_root(
+        root,
+        if parent.is_empty() { "/" } else { parent },
+        nix::fcntl::OFlag::O_DIRECTORY,
+    )?;
+    let addr = format!("/proc/self/fd/{}/{name}", dir.as_raw_fd());
+    // sun_path holds 108 bytes with its NUL.
+    if addr.len() > 107 {
+        return Err(invalid("the socket's file name is too long"));
+    }
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    // The file's mode comes from the socket's own inode at bind: 0600, whatever the umask.
+    nix::sys::stat::fchmod(&sock, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    nix::sys::socket::bind(sock.as_raw_fd(), &UnixAddr::new(addr.as_str())?)?;
+    let st = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    let made = MadeSocket {
+        dir,
+        name: name.to_owned(),
+        id: (st.st_dev, st.st_ino),
+    };
+    nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(128)?)?;
+    Ok((std::os::unix::net::UnixListener::from(sock), made))
+}
+
+/// Removes a file when dropped (a session's agent socket).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A random number for names that must not be guessed or collide (not for keys).
+fn random_u64() -> u64 {
+    // The kernel's generator does not fail on Linux ≥ 3.17; the time is a last resort.
+    getrandom::u64().unwrap_or_else(|_| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    })
+}
+
+/// Connects to `host:port` from the current network namespace (a container's). `localhost`
+/// is that namespace's loopback; other names are resolved as the container resolves them
+/// (its `/etc/hosts`, then its name servers), see [`crate::resolve`].
+fn connect_from_here(
+    root: &std::fs::File,
+    host: &str,
+    port: u16,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let addrs: Vec<SocketAddr> = if host == "localhost" {
+        vec![
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port),
+        ]
+    } else if let Ok(ip) = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        vec![SocketAddr::new(ip, port)]
+    } else {
+        let deadline = std::time::Instant::now() + RESOLVE_TIMEOUT;
+        crate::resolve::resolve_in_container(root, host, deadline)?
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, port))
+            .collect()
+    };
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
+    // One connect budget for all addresses: a thread of the shared pool is held meanwhile.
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    for addr in addrs {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match std::net::TcpStream::connect_timeout(&addr, left) {
+            Ok(s) => {
+                s.set_nonblocking(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_paths_must_be_absolute_and_bounded() {
+        assert!(check_socket_path("/run/app.sock").is_ok());
+        for bad in [
+            "run/app.sock",
+            "",
+            "/a\0b",
+            &format!("/{}", "x".repeat(2000)),
+        ] {
+            assert!(check_socket_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// A tree standing for a container's root, with a socket, an escape by symlink and a
+    /// socket outside it.
+    #[test]
+    fn sockets_are_found_and_made_inside_the_root_only() -> std::io::Result<()> {
+        let outside = tempfile::tempdir()?;
+        let host_sock = outside.path().join("host.sock");
+        let _host = std::os::unix::net::UnixListener::bind(&host_sock)?;
+        let root_dir = tempfile::tempdir()?;
+        let root = std::fs::File::open(root_dir.path())?;
+        std::fs::create_dir(root_dir.path().join("run"))?;
+        let inside = std::os::unix::net::UnixListener::bind(root_dir.path().join("run/app.sock"))?;
+        // An absolute symlink to the host's socket resolves inside the root: not found.
+        std::os::unix::fs::symlink(&host_sock, root_dir.path().join("run/escape.sock"))?;
+        std::os::unix::fs::symlink("../../../../..", root_dir.path().join("run/up"))?;
+
+        let fd = open_socket_in_root(&root, "/run/app.sock")?;
+        let c =
+            std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+        let (_, _) = inside.accept()?;
+        drop(c);
+        assert!(open_socket_in_root(&root, "/run/escape.sock").is_err());
+        let via_dots = format!("/run/up{}", host_sock.display());
+        assert!(open_socket_in_root(&root, &via_dots).is_err());
+        assert!(open_socket_in_root(&root, "/proc/self/root/etc/passwd").is_err());
+        // Not a socket.
+        std::fs::write(root_dir.path().join("run/file"), b"x")?;
+        assert!(open_socket_in_root(&root, "/run/file").is_err());
+
+        // Made inside, through a directory symlink that points "outside": still inside.
+        std::os::unix::fs::symlink(outside.path(), root_dir.path().join("out"))?;
+        let made_at = root_dir
+            .path()
+            .join(outside.path().strip_prefix("/").unwrap());
+        std::fs::create_dir_all(&made_at)?;
+        let (listener, made) = bind_in_root(&root, "/out/new.sock")?;
+        assert!(made_at.join("new.sock").exists());
+        assert!(!outside.path().join("new.sock").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(made_at.join("new.sock"))?
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // An existing file is not replaced.
+        assert!(bind_in_root(&root, "/run/app.sock").is_err());
+        drop(listener);
+        drop(made);
+        assert!(
+            !made_at.join("new.sock").exists(),
+            "removed when the forward ends"
+        );
+        Ok(())
+    }
+}
