@@ -10,6 +10,29 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/berth/berth.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/berth";
 
+/// Every entry Berth makes in the state directory: the daemon's (the database and its
+/// journal files, the instance id, the audit log and its older file, the host key, the admin
+/// socket, the lock, the guest helper's directory, the containers' run directories) and
+/// install.sh's (a background daemon's pid file and log). `berth purge` removes these and
+/// nothing else, so a `state_dir` pointed at the wrong place never costs anybody's files.
+pub const STATE_ENTRIES: &[&str] = &[
+    "berth.db",
+    "berth.db-wal",
+    "berth.db-shm",
+    "berth.db-journal",
+    "instance",
+    "audit.log",
+    "audit.log.1",
+    "host_ed25519_key",
+    "host_ed25519_key.pub",
+    "admin.sock",
+    "daemon.lock",
+    "berth.pid",
+    "berth.log",
+    "guest",
+    "run",
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config {}: {reason}", path.display())]
@@ -20,79 +43,52 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The daemon's settings. What each one means, as an admin reads it, is written once: in
+/// [`SETTINGS`], from which `berth config default` prints the commented default config (a
+/// test fails for a field it does not document).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address the SSH gateway listens on.
     pub listen: SocketAddr,
-    /// Database, host key, admin socket and guest files live here.
     pub state_dir: PathBuf,
-    /// The Docker engine's socket.
     pub docker_socket: PathBuf,
-    /// Seconds a container keeps running after its last session closes.
     pub idle_stop_seconds: u64,
-    /// Seconds `docker stop` waits before killing a container.
     pub stop_timeout_seconds: u32,
-    /// Container names are this prefix followed by the user name.
     pub container_prefix: String,
-    /// `commit` saves a user's container as the image `REPOSITORY:USER`.
     pub commit_repository: String,
-    /// The Docker network users' containers join (created with inter-container traffic off).
     pub network: String,
-    /// The static `berth-guest` helper; default: `berth-guest` next to the `berth` binary.
+    /// Unset: `berth-guest` next to the running `berth` binary ([`Config::guest_source`]).
     pub guest_binary: Option<PathBuf>,
-    /// Server-wide forwarding switches; each user may be set apart (`berth user set`).
     pub allow_tcp_forwarding: bool,
     pub allow_agent_forwarding: bool,
     pub allow_x11_forwarding: bool,
-    /// Client environment variables accepted into sessions (`NAME` or `PREFIX*`).
     pub accept_env: Vec<String>,
-    /// CA public keys whose user certificates log in (OpenSSH's TrustedUserCAKeys).
     pub trusted_user_ca_keys: Option<PathBuf>,
-    /// Keys and certificates refused whatever else says (OpenSSH's RevokedKeys): public
-    /// keys, one per line, or a KRL made by `ssh-keygen -k`.
     pub revoked_keys: Option<PathBuf>,
-    /// Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms).
     pub kex_algorithms: Vec<String>,
-    /// Ciphers offered (OpenSSH's Ciphers).
     pub ciphers: Vec<String>,
-    /// MACs offered with the non-AEAD ciphers (OpenSSH's MACs).
     pub macs: Vec<String>,
     pub keepalive_interval_seconds: u64,
     pub keepalive_max: usize,
-    /// Authenticated SSH connections open at once, all users together.
     pub max_connections: usize,
-    /// Unauthenticated connections: past START, new ones are dropped with a probability
-    /// rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups), as "START:RATE:FULL".
+    /// "START:RATE:FULL", parsed by [`Config::door`].
     pub max_startups: String,
-    /// Unauthenticated connections one source (an IPv4 address or an IPv6 /64) may hold.
     pub per_source_max_startups: usize,
-    /// Addresses or ranges never penalised for failed logins (their connections still count
-    /// as startups), like OpenSSH's PerSourcePenaltyExemptList.
     pub penalty_exempt: Vec<String>,
-    /// Seconds a client has to authenticate.
     pub login_grace_seconds: u64,
-    /// Sessions one SSH connection may have open at once.
     pub max_sessions: usize,
-    /// Connections from one address that may fail to log in per minute before further
-    /// connections from it are closed at once; 0 = no limit.
     pub max_auth_failures_per_minute: usize,
-    /// The audit log (`STATE/audit.log`, one JSON line per event) is rotated past this many
-    /// MiB; one older file (`audit.log.1`) is kept.
     pub audit_max_mb: u64,
-    /// Serve Prometheus metrics at `http://ADDRESS/metrics`; off when unset.
     pub metrics_listen: Option<SocketAddr>,
     pub limits: LimitsConfig,
 }
 
+/// The `[limits]` table (see [`SETTINGS`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
-    /// Memory per container in MiB (swap included); 0 = no limit.
     pub memory_mb: u64,
-    /// CPUs per container (e.g. 1.5); 0 = no limit.
     pub cpus: f64,
-    /// Processes per container.
     pub pids: u32,
 }
 
@@ -142,6 +138,181 @@ impl Default for LimitsConfig {
         }
     }
 }
+
+/// How the commented default config documents one setting.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// `key`, or `table.key` for a key of a table (`limits.pids`).
+    pub key: &'static str,
+    /// What it does, one comment line per line.
+    pub help: &'static str,
+    /// The value shown for a setting that is unset by default; a setting with a default
+    /// shows that.
+    pub example: Option<&'static str>,
+}
+
+const fn setting(key: &'static str, help: &'static str) -> Setting {
+    Setting {
+        key,
+        help,
+        example: None,
+    }
+}
+
+const fn unset(key: &'static str, help: &'static str, example: &'static str) -> Setting {
+    Setting {
+        key,
+        help,
+        example: Some(example),
+    }
+}
+
+/// The opening comment of the commented default config.
+const HEADER: &str = "\
+Berth daemon configuration (read by `berth daemon`; default path /etc/berth/berth.toml).
+Every setting is shown commented out with its default value: uncomment a line to change it.
+`berth daemon --check --config FILE` validates the file and prints the effective settings;
+an unknown key is an error naming it. Restart the daemon after a change
+(`systemctl restart berth`).";
+
+/// The tables, each with the comment above its header line.
+const TABLES: &[(&str, &str)] = &[(
+    "limits",
+    "Limits for each user's container. Keep the [limits] line; uncomment keys below it.",
+)];
+
+/// Every setting, in the order of the commented default config, with what an admin reads
+/// about it. The values are not here: they are [`Config::default`]'s.
+pub const SETTINGS: &[Setting] = &[
+    setting(
+        "listen",
+        "Address and port the SSH gateway listens on (users run `ssh -p PORT user@host`).",
+    ),
+    setting(
+        "state_dir",
+        "Database, host key (0600), admin socket and the guest helper's files live here.",
+    ),
+    setting("docker_socket", "The Docker engine's socket."),
+    setting(
+        "idle_stop_seconds",
+        "Seconds a container keeps running after its last session closes; a login cancels the stop.",
+    ),
+    setting(
+        "stop_timeout_seconds",
+        "Seconds `docker stop` waits after SIGTERM before it kills a container.",
+    ),
+    setting(
+        "container_prefix",
+        "Container names are this prefix followed by the user name.",
+    ),
+    setting(
+        "commit_repository",
+        "`commit` saves a user's container as the image REPOSITORY:USER.",
+    ),
+    setting(
+        "network",
+        "Docker network the users' containers join (created with inter-container traffic off).",
+    ),
+    unset(
+        "guest_binary",
+        "The static berth-guest helper; by default the berth-guest next to the berth binary.",
+        "\"/usr/local/bin/berth-guest\"",
+    ),
+    setting(
+        "allow_tcp_forwarding",
+        "Allow ssh -L and -R (server-wide; `berth user set NAME --tcp-forwarding` sets one user apart).",
+    ),
+    setting(
+        "allow_agent_forwarding",
+        "Allow ssh -A agent forwarding (server-wide; `berth user set` sets one user apart).",
+    ),
+    setting(
+        "allow_x11_forwarding",
+        "Allow ssh -X, which needs xauth in the image (server-wide; `berth user set` sets one user apart).",
+    ),
+    setting(
+        "accept_env",
+        "Client environment variables passed into sessions (NAME or PREFIX*), like sshd's AcceptEnv.",
+    ),
+    unset(
+        "trusted_user_ca_keys",
+        "CA public keys (one per line) whose user certificates log in as the Berth user their
+principals name, if that user exists (OpenSSH's TrustedUserCAKeys); off when unset.",
+        "\"/etc/berth/user_ca.pub\"",
+    ),
+    unset(
+        "revoked_keys",
+        "Keys and certificates refused whatever else says (OpenSSH's RevokedKeys): public keys, one
+per line, or a KRL made by `ssh-keygen -k`. Read again whenever it changes; off when unset.",
+        "\"/etc/berth/revoked_keys\"",
+    ),
+    setting(
+        "kex_algorithms",
+        "Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms). The default
+has no finite-field Diffie-Hellman: add e.g. \"diffie-hellman-group14-sha256\" only for a client
+that has nothing else. `berth daemon --check` refuses a name Berth does not implement and lists those it does.",
+    ),
+    setting("ciphers", "Ciphers offered (OpenSSH's Ciphers): AEAD, then CTR."),
+    setting(
+        "macs",
+        "MACs offered with the CTR ciphers (OpenSSH's MACs): encrypt-then-MAC SHA-2 only.",
+    ),
+    setting(
+        "keepalive_interval_seconds",
+        "Seconds between keepalive probes to a client that is silent.",
+    ),
+    setting(
+        "keepalive_max",
+        "A client that misses this many keepalive probes in a row is gone; its programs are killed.",
+    ),
+    setting(
+        "max_connections",
+        "Authenticated SSH connections open at once, all users together (unauthenticated ones are
+limited apart, below, so a flood of them never keeps out a user who has a key).",
+    ),
+    setting(
+        "max_startups",
+        "Unauthenticated connections, as START:RATE:FULL: past START, new ones are dropped with a
+probability rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups).",
+    ),
+    setting(
+        "per_source_max_startups",
+        "Unauthenticated connections one source (an IPv4 address, or an IPv6 /64) may hold.",
+    ),
+    setting(
+        "login_grace_seconds",
+        "Seconds a client has to authenticate before its connection is closed.",
+    ),
+    setting(
+        "max_sessions",
+        "Sessions one SSH connection may have open at once (OpenSSH's MaxSessions).",
+    ),
+    setting(
+        "max_auth_failures_per_minute",
+        "Failures per minute from one source (connections that end without logging in, or that ask for
+more than per_source_max_startups) before its connections are closed at once; 0 = no limit.",
+    ),
+    setting(
+        "penalty_exempt",
+        "Addresses or ranges never penalised for failures, e.g. [\"10.0.0.0/8\", \"2001:db8::/32\"]
+(OpenSSH's PerSourcePenaltyExemptList); their connections still count as startups.",
+    ),
+    setting(
+        "audit_max_mb",
+        "The audit log (STATE/audit.log, one JSON line per event) is rotated past this many MiB; one older file is kept.",
+    ),
+    unset(
+        "metrics_listen",
+        "Serve Prometheus metrics at http://ADDRESS/metrics; off when unset (example below).",
+        "\"127.0.0.1:9100\"",
+    ),
+    setting(
+        "limits.memory_mb",
+        "Memory per container in MiB, swap included; 0 = no limit.",
+    ),
+    setting("limits.cpus", "CPUs per container (e.g. 1.5); 0 = no limit."),
+    setting("limits.pids", "Processes per container (at least 16)."),
+];
 
 impl Config {
     /// Reads `path`; a missing default path means "all defaults", a missing explicit path
@@ -280,6 +451,116 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
     }
+
+    /// The config as a commented file, for `berth config default`: every setting in
+    /// [`SETTINGS`] under its explanation, commented out with its default (or an example,
+    /// when unset by default), except those where `self` differs from the defaults, which
+    /// are set. So `Config::default().to_commented_toml()` sets nothing.
+    pub fn to_commented_toml(&self) -> String {
+        let ours = self.table();
+        let defaults = Self::default().table();
+        let mut out = String::new();
+        push_comment(&mut out, HEADER);
+        let mut table = "";
+        for s in SETTINGS {
+            let (t, key) = s.key.split_once('.').unwrap_or(("", s.key));
+            if t != table {
+                table = t;
+                out.push('\n');
+                if let Some((_, help)) = TABLES.iter().find(|(name, _)| *name == t) {
+                    push_comment(&mut out, help);
+                }
+                out.push_str(&format!("[{t}]\n"));
+            }
+            out.push('\n');
+            push_comment(&mut out, s.help);
+            let value = lookup(&ours, s.key);
+            let default = lookup(&defaults, s.key);
+            match value {
+                Some(v) if value != default => out.push_str(&format!("{key} = {v}\n")),
+                _ => {
+                    let shown = default.map(ToString::to_string);
+                    let shown = shown.as_deref().or(s.example).unwrap_or_default();
+                    out.push_str(&format!("# {key} = {shown}\n"));
+                }
+            }
+        }
+        out
+    }
+
+    /// One effective setting by its name in [`SETTINGS`] (`state_dir`, `limits.pids`), as
+    /// text for a script: a string as it is, a list one item a line, a number or a boolean
+    /// as TOML writes it; `None` for an optional setting that is unset.
+    pub fn get(&self, key: &str) -> Result<Option<String>, String> {
+        if !SETTINGS.iter().any(|s| s.key == key) {
+            return Err(format!("no setting is named {key}"));
+        }
+        let text = |v: &toml::Value| match v {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        Ok(lookup(&self.table(), key).map(|v| match v {
+            toml::Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join("\n"),
+            other => text(other),
+        }))
+    }
+
+    /// What can be read of a config that does not load (an unknown key, a value of the wrong
+    /// type): every setting the file gives a value of the right type, the default for the
+    /// rest; not validated. For uninstalling with a broken config; only a file that is not
+    /// TOML at all is refused.
+    pub fn salvage(text: &str) -> Result<Self, String> {
+        let file: toml::Table = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let reads = |t: toml::Table| toml::Value::Table(t).try_into::<Self>().is_ok();
+        let mut kept = toml::Table::new();
+        for (key, value) in file {
+            let value = match value {
+                toml::Value::Table(inner) => {
+                    let mut sub = toml::Table::new();
+                    for (k, v) in inner {
+                        let one = toml::Table::from_iter([(k.clone(), v.clone())]);
+                        if reads(toml::Table::from_iter([(
+                            key.clone(),
+                            toml::Value::Table(one),
+                        )])) {
+                            sub.insert(k, v);
+                        }
+                    }
+                    toml::Value::Table(sub)
+                }
+                v => v,
+            };
+            if reads(toml::Table::from_iter([(key.clone(), value.clone())])) {
+                kept.insert(key, value);
+            }
+        }
+        toml::Value::Table(kept)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_owned())
+    }
+
+    fn table(&self) -> toml::Table {
+        match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        }
+    }
+}
+
+/// `key` or `table.key` in `t`.
+fn lookup<'a>(t: &'a toml::Table, key: &str) -> Option<&'a toml::Value> {
+    match key.split_once('.') {
+        Some((table, key)) => t.get(table)?.as_table()?.get(key),
+        None => t.get(key),
+    }
+}
+
+fn push_comment(out: &mut String, text: &str) {
+    for line in text.lines() {
+        out.push_str("# ");
+        out.push_str(line);
+        out.push('\n');
+    }
 }
 
 fn owned(list: &[&str]) -> Vec<String> {
@@ -350,6 +631,139 @@ mod tests {
         ] {
             assert!(!valid_repository(bad), "{bad}");
         }
+    }
+
+    /// The fields serde knows in `text`'s table, from its message for an unknown one.
+    fn fields_of(text: &str) -> Vec<String> {
+        let err = Config::parse(text).unwrap_err();
+        let (_, list) = err.split_once("expected one of ").unwrap();
+        list.split(", ")
+            .map(|f| f.trim().trim_matches('`').to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn settings_document_every_field_once() {
+        let mut fields = Vec::new();
+        for f in fields_of("zzz = 1\n") {
+            if TABLES.iter().any(|(t, _)| *t == f) {
+                for k in fields_of(&format!("[{f}]\nzzz = 1\n")) {
+                    fields.push(format!("{f}.{k}"));
+                }
+            } else {
+                fields.push(f);
+            }
+        }
+        let mut documented: Vec<String> = SETTINGS.iter().map(|s| s.key.to_owned()).collect();
+        fields.sort();
+        documented.sort();
+        assert_eq!(documented, fields);
+        // An example is shown exactly for the settings unset by default.
+        let defaults = Config::default().table();
+        for s in SETTINGS {
+            assert_eq!(
+                lookup(&defaults, s.key).is_none(),
+                s.example.is_some(),
+                "{}",
+                s.key
+            );
+        }
+    }
+
+    #[test]
+    fn commented_default_is_all_defaults_and_uncommented_the_examples() {
+        let text = Config::default().to_commented_toml();
+        assert_eq!(Config::parse(&text).unwrap(), Config::default());
+        let is_setting = |line: &str| {
+            SETTINGS.iter().any(|s| {
+                let key = s.key.rsplit('.').next().unwrap();
+                line.starts_with(&format!("{key} = "))
+            })
+        };
+        // Every line is a comment, a blank or a table header; each setting appears once.
+        let mut shown = 0;
+        for line in text.lines() {
+            assert!(
+                line.is_empty() || line.starts_with("# ") || line == "[limits]",
+                "{line}"
+            );
+            if line.strip_prefix("# ").is_some_and(is_setting) {
+                shown += 1;
+            }
+        }
+        assert_eq!(shown, SETTINGS.len(), "{text}");
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if is_setting(kv) => format!("{kv}\n"),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        let all = Config::parse(&uncommented).unwrap();
+        let (all, defaults) = (all.table(), Config::default().table());
+        for s in SETTINGS {
+            let expected = match s.example {
+                Some(e) => e.parse::<toml::Value>().unwrap(),
+                None => lookup(&defaults, s.key).unwrap().clone(),
+            };
+            assert_eq!(lookup(&all, s.key), Some(&expected), "{}", s.key);
+        }
+    }
+
+    #[test]
+    fn settings_apart_from_the_defaults_are_set() {
+        let c = Config {
+            listen: "127.0.0.1:2200".parse().unwrap(),
+            state_dir: "/srv/berth \"x\"".into(),
+            metrics_listen: Some("127.0.0.1:9200".parse().unwrap()),
+            limits: LimitsConfig {
+                pids: 99,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let text = c.to_commented_toml();
+        let set: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        assert_eq!(
+            set,
+            [
+                "listen = \"127.0.0.1:2200\"",
+                "state_dir = '/srv/berth \"x\"'",
+                "metrics_listen = \"127.0.0.1:9200\"",
+                "[limits]",
+                "pids = 99",
+            ]
+        );
+        assert_eq!(Config::parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn get_gives_one_setting_as_text() {
+        let c = Config::default();
+        assert_eq!(c.get("state_dir").unwrap().unwrap(), "/var/lib/berth");
+        assert_eq!(c.get("listen").unwrap().unwrap(), "0.0.0.0:2222");
+        assert_eq!(c.get("accept_env").unwrap().unwrap(), "LANG\nLC_*");
+        assert_eq!(c.get("limits.cpus").unwrap().unwrap(), "1.0");
+        assert_eq!(c.get("allow_x11_forwarding").unwrap().unwrap(), "true");
+        assert_eq!(c.get("metrics_listen").unwrap(), None);
+        assert_eq!(c.get("limits").unwrap_err(), "no setting is named limits");
+        assert!(c.get("nope").is_err());
+    }
+
+    #[test]
+    fn salvage_keeps_what_reads() {
+        let c = Config::salvage(
+            "state_dir = \"/srv/b\"\nbogus = 1\nidle_stop_seconds = \"x\"\n\
+             [limits]\npids = 3\nmem = 1\n[other]\na = 1\n",
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, Path::new("/srv/b"));
+        assert_eq!(c.idle_stop_seconds, 10);
+        assert_eq!(c.limits.pids, 3);
+        assert!(Config::salvage("state_dir = \n").is_err());
     }
 
     #[test]

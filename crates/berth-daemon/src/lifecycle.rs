@@ -26,7 +26,7 @@ use berth_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::audit::Event;
@@ -408,17 +408,9 @@ struct OwnerTask<R> {
     holds: u32,
     stop_at: Option<Instant>,
     /// Serves this user's guest socket while the owner lives.
-    guest: Option<AbortOnDrop>,
+    guest: Option<AbortOnDropHandle<()>>,
     /// A commit running beside the queue.
     committing: Option<tokio::task::JoinHandle<()>>,
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl<R: Runtime> OwnerTask<R> {
@@ -777,7 +769,7 @@ impl<R: Runtime> OwnerTask<R> {
     /// directory is what the container mounts, so a socket made again after a daemon
     /// restart appears in a running container.
     fn serve_guest(&mut self) -> Result<(), LifecycleError> {
-        if self.guest.as_ref().is_some_and(|g| !g.0.is_finished()) {
+        if self.guest.as_ref().is_some_and(|g| !g.is_finished()) {
             return Ok(());
         }
         let dir = self.lc.settings.run_dir.join(self.user.as_str());
@@ -786,7 +778,7 @@ impl<R: Runtime> OwnerTask<R> {
             crate::words_socket::serve(listener, self.lc.clone(), self.user.clone())
                 .instrument(info_span!("guest", user = %self.user)),
         );
-        self.guest = Some(AbortOnDrop(handle));
+        self.guest = Some(AbortOnDropHandle::new(handle));
         Ok(())
     }
 }
@@ -905,7 +897,7 @@ mod tests {
         panic!("sessions never reached {n}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn concurrent_first_acquires_create_one_container() {
         let rt = FakeRuntime::with_images(&["img"]).with_create_delay(Duration::from_millis(50));
         let (lc, rt, _) = setup(100, rt, &["alice"]);
@@ -933,7 +925,7 @@ mod tests {
         assert_eq!(FakeRuntime::count(&rt.stops), 1);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_removed_network_is_made_again_for_create_and_for_start() {
         let (lc, rt, _) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
         // Gone before the first login: the create fails once, the network is made again.
@@ -962,7 +954,7 @@ mod tests {
         false
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_acquire_in_the_grace_period_cancels_the_stop() {
         let (lc, rt, _) = setup(300, FakeRuntime::with_images(&["img"]), &["alice"]);
         drop(lc.acquire(&alice()).await.unwrap());
@@ -985,7 +977,7 @@ mod tests {
         assert_eq!(FakeRuntime::count(&rt.starts), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_hold_defers_the_idle_stop_without_counting_as_a_session() {
         let (lc, rt, _) = setup(100, FakeRuntime::with_images(&["img"]), &["alice"]);
         let hold = lc.hold(&alice()).unwrap();
@@ -998,7 +990,7 @@ mod tests {
         assert_eq!(running(&rt, "t-alice"), Some(false));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn daemon_mode_keeps_it_running() {
         let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
         drop(lc.acquire(&alice()).await.unwrap());
@@ -1011,7 +1003,7 @@ mod tests {
         assert_eq!(running(&rt, "t-alice"), Some(true));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn remove_with_sessions_open_and_after() {
         let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
         let lease = lc.acquire(&alice()).await.unwrap();
@@ -1031,7 +1023,7 @@ mod tests {
         assert!(rt.container("t-alice").is_none());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_foreign_container_is_never_touched() {
         let rt = FakeRuntime::with_images(&["img"]);
         rt.insert(ContainerInfo {
@@ -1056,7 +1048,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn missing_image_fails_cleanly() {
         let (lc, rt, _) = setup(50, FakeRuntime::with_images(&[]), &["alice"]);
         let err = lc.acquire(&alice()).await.err().unwrap();
@@ -1068,7 +1060,7 @@ mod tests {
         assert_eq!(lc.sessions(&alice()), 0);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn reconcile_adopts_own_running_containers_only() {
         let rt = FakeRuntime::with_images(&["img"]);
         let labels = |u: &str| {

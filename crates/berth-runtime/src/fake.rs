@@ -34,6 +34,9 @@ pub struct FakeRuntime {
     /// Set by [`FakeRuntime::remove_network`]: creates and starts fail with
     /// [`RuntimeError::NetworkNotFound`] until the next `ensure_network`.
     network_gone: AtomicBool,
+    /// Set by [`FakeRuntime::set_engine_down`]: every call fails with
+    /// [`RuntimeError::Unavailable`].
+    engine_down: AtomicBool,
 }
 
 impl FakeRuntime {
@@ -54,6 +57,19 @@ impl FakeRuntime {
     pub fn insert(&self, info: ContainerInfo) {
         if let Ok(mut c) = self.containers.lock() {
             c.insert(info.name.clone(), info);
+        }
+    }
+
+    /// As if the engine stopped answering (`down`) or came back.
+    pub fn set_engine_down(&self, down: bool) {
+        self.engine_down.store(down, Ordering::SeqCst);
+    }
+
+    fn up(&self) -> Result<(), RuntimeError> {
+        if self.engine_down.load(Ordering::SeqCst) {
+            Err(RuntimeError::Unavailable("the fake engine is down".into()))
+        } else {
+            Ok(())
         }
     }
 
@@ -84,6 +100,7 @@ impl FakeRuntime {
         &self,
         f: impl FnOnce(&mut HashMap<String, ContainerInfo>) -> T,
     ) -> Result<T, RuntimeError> {
+        self.up()?;
         let mut c = self
             .containers
             .lock()
@@ -103,6 +120,7 @@ impl FakeRuntime {
 
 impl Runtime for FakeRuntime {
     async fn version(&self) -> Result<EngineVersion, RuntimeError> {
+        self.up()?;
         Ok(EngineVersion {
             version: "fake".into(),
             api_version: "1.41".into(),
@@ -110,6 +128,7 @@ impl Runtime for FakeRuntime {
     }
 
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.up()?;
         Ok(self
             .images
             .lock()
