@@ -1,6 +1,12 @@
 //! The daemon tier: the gateway, the lifecycle manager and the admin API driven in-process,
 //! with the fake runtime and an in-memory store (no Docker, no SSH). Between the unit tests
 //! of each module and the end-to-end tests that start the real binary.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
 
 use std::path::PathBuf;
 use std::sync::Arc;
