@@ -3,6 +3,9 @@
 # commented default config, the state directory, a systemd unit (or a background daemon when
 # systemd does not run) and a default image; then prints the next two commands. Running it
 # again changes only what is missing. It never edits the host's sshd_config or PAM.
+# What Berth itself defines comes from the berth binary: the default config (`berth config
+# default`), the systemd unit (`berth config unit`), the settings (`berth config get`) and
+# what a purge removes (`berth purge`); this script keeps packages, the service and paths.
 #
 #   ./install.sh                         install, or check an installation
 #   ./install.sh --uninstall             stop and remove the service and binaries
@@ -99,171 +102,35 @@ fi
 use_unit=0
 if [ "$host_systemd" = 1 ] && [ -z "$ROOT" ]; then use_unit=1; fi
 
-# --- the packaged files, identical to packaging/berth.toml and packaging/berth.service (a test
-# checks), carried here so that a release tarball needs nothing else ---
-
-default_config() {
-  cat <<'BERTH_TOML'
-# Berth daemon configuration (read by `berth daemon`; default path /etc/berth/berth.toml).
-# Every setting is shown commented out with its default value: uncomment a line to change it.
-# `berth daemon --check --config FILE` validates the file and prints the effective settings;
-# an unknown key is an error naming it. Restart the daemon after a change
-# (`systemctl restart berth`).
-
-# Address and port the SSH gateway listens on (users run `ssh -p PORT user@host`).
-# listen = "0.0.0.0:2222"
-
-# Database, host key (0600), admin socket and the guest helper's files live here.
-# state_dir = "/var/lib/berth"
-
-# The Docker engine's socket.
-# docker_socket = "/var/run/docker.sock"
-
-# Seconds a container keeps running after its last session closes; a login cancels the stop.
-# idle_stop_seconds = 10
-
-# Seconds `docker stop` waits after SIGTERM before it kills a container.
-# stop_timeout_seconds = 10
-
-# Container names are this prefix followed by the user name.
-# container_prefix = "berth-"
-
-# `commit` saves a user's container as the image REPOSITORY:USER.
-# commit_repository = "berth/users"
-
-# Docker network the users' containers join (created with inter-container traffic off).
-# network = "berth"
-
-# The static berth-guest helper; by default the berth-guest next to the berth binary.
-# guest_binary = "/usr/local/bin/berth-guest"
-
-# Allow ssh -L and -R (server-wide; `berth user set NAME --tcp-forwarding` sets one user apart).
-# allow_tcp_forwarding = true
-
-# Allow ssh -A agent forwarding (server-wide; `berth user set` sets one user apart).
-# allow_agent_forwarding = true
-
-# Allow ssh -X, which needs xauth in the image (server-wide; `berth user set` sets one user apart).
-# allow_x11_forwarding = true
-
-# Client environment variables passed into sessions (NAME or PREFIX*), like sshd's AcceptEnv.
-# accept_env = ["LANG", "LC_*"]
-
-# CA public keys (one per line) whose user certificates log in as the Berth user their
-# principals name, if that user exists (OpenSSH's TrustedUserCAKeys); off when unset.
-# trusted_user_ca_keys = "/etc/berth/user_ca.pub"
-
-# Keys and certificates refused whatever else says (OpenSSH's RevokedKeys): public keys, one
-# per line, or a KRL made by `ssh-keygen -k`. Read again whenever it changes; off when unset.
-# revoked_keys = "/etc/berth/revoked_keys"
-
-# Key exchange algorithms offered, most preferred first (OpenSSH's KexAlgorithms). The default
-# has no finite-field Diffie-Hellman: add e.g. "diffie-hellman-group14-sha256" only for a client
-# that has nothing else. `berth daemon --check` refuses a name Berth does not implement and lists those it does.
-# kex_algorithms = ["mlkem768x25519-sha256", "curve25519-sha256", "curve25519-sha256@libssh.org"]
-
-# Ciphers offered (OpenSSH's Ciphers): AEAD, then CTR.
-# ciphers = ["chacha20-poly1305@openssh.com", "aes256-gcm@openssh.com", "aes128-gcm@openssh.com", "aes256-ctr", "aes192-ctr", "aes128-ctr"]
-
-# MACs offered with the CTR ciphers (OpenSSH's MACs): encrypt-then-MAC SHA-2 only.
-# macs = ["hmac-sha2-256-etm@openssh.com", "hmac-sha2-512-etm@openssh.com"]
-
-# Seconds between keepalive probes to a client that is silent.
-# keepalive_interval_seconds = 15
-
-# A client that misses this many keepalive probes in a row is gone; its programs are killed.
-# keepalive_max = 4
-
-# Authenticated SSH connections open at once, all users together (unauthenticated ones are
-# limited apart, below, so a flood of them never keeps out a user who has a key).
-# max_connections = 1000
-
-# Unauthenticated connections, as START:RATE:FULL: past START, new ones are dropped with a
-# probability rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups).
-# max_startups = "10:30:100"
-
-# Unauthenticated connections one source (an IPv4 address, or an IPv6 /64) may hold.
-# per_source_max_startups = 10
-
-# Seconds a client has to authenticate before its connection is closed.
-# login_grace_seconds = 30
-
-# Sessions one SSH connection may have open at once (OpenSSH's MaxSessions).
-# max_sessions = 10
-
-# Failures per minute from one source (connections that end without logging in, or that ask for
-# more than per_source_max_startups) before its connections are closed at once; 0 = no limit.
-# max_auth_failures_per_minute = 30
-
-# Addresses or ranges never penalised for failures, e.g. ["10.0.0.0/8", "2001:db8::/32"]
-# (OpenSSH's PerSourcePenaltyExemptList); their connections still count as startups.
-# penalty_exempt = []
-
-# The audit log (STATE/audit.log, one JSON line per event) is rotated past this many MiB; one older file is kept.
-# audit_max_mb = 64
-
-# Serve Prometheus metrics at http://ADDRESS/metrics; off when unset (example below).
-# metrics_listen = "127.0.0.1:9100"
-
-# Limits for each user's container. Keep the [limits] line; uncomment keys below it.
-[limits]
-
-# Memory per container in MiB, swap included; 0 = no limit.
-# memory_mb = 2048
-
-# CPUs per container (e.g. 1.5); 0 = no limit.
-# cpus = 1.0
-
-# Processes per container (at least 16).
-# pids = 1024
-BERTH_TOML
-}
-
-default_unit() {
-  cat <<'BERTH_SERVICE'
-[Unit]
-Description=Berth: personal containers reached with plain ssh
-After=network-online.target docker.service
-Wants=network-online.target docker.service
-
-[Service]
-ExecStart=/usr/local/bin/berth daemon --config /etc/berth/berth.toml
-Restart=on-failure
-RestartSec=2
-TimeoutStopSec=60
-# Every connection and session holds descriptors; the daemon raises its soft limit to this.
-LimitNOFILE=1048576
-
-[Install]
-WantedBy=multi-user.target
-BERTH_SERVICE
-}
-
 # --- helpers ---
 
-# The effective settings: `berth daemon --check` when the binary and config are there, else
-# the config's top-level lines (an uninstall after the binary is gone), else nothing.
-load_settings() {
-  settings=
-  if [ -x "$BERTH" ] && [ -f "$CONF" ]; then
-    if ! settings=$("$BERTH" daemon --check --config "$CONF" 2>&1); then
-      if [ "$mode" = install ]; then
-        die "$CONF is invalid: $settings" "berth daemon --check --config $CONF names the bad key"
-      fi
-      # Uninstalling must work even with a broken config: read its lines as they are.
-      warn "$CONF is invalid ($settings); reading its settings as plain lines"
-      settings=$(awk '/^[[:space:]]*\[/ { exit } { print }' "$CONF")
-    fi
-  elif [ -f "$CONF" ]; then
-    settings=$(awk '/^[[:space:]]*\[/ { exit } { print }' "$CONF")
+# The settings are the binary's to read (the installed one, or for an uninstall after the
+# binaries are gone, the one this script would install: find_cli). An install refuses an
+# invalid config; an uninstall reads what it can of one (lenient=1), so that a broken config
+# never keeps Berth installed.
+lenient=
+cli_bin=$BERTH
+
+# config_get KEY: one effective setting. With no config file, the defaults under the prefix
+# (never the host's own /etc/berth/berth.toml).
+config_get() {
+  if [ ! -f "$CONF" ]; then
+    "$cli_bin" --state-dir "$ROOT/var/lib/berth" config get "$1" --config /dev/null
+  elif [ -n "$lenient" ]; then
+    "$cli_bin" config get "$1" --config "$CONF" --lenient
+  else
+    "$cli_bin" config get "$1" --config "$CONF"
   fi
 }
 
-# setting KEY DEFAULT: a top-level string setting.
-setting() {
-  v=$(printf '%s\n' "$settings" |
-    sed -n "s/^[[:space:]]*$1[[:space:]]*=[[:space:]]*\"\([^\"]*\)\".*/\1/p" | head -n 1)
-  printf '%s' "${v:-$2}"
+# The settings an install needs, from the config as it is now (none yet: the defaults).
+load_settings() {
+  if [ -f "$CONF" ] && ! out=$("$BERTH" daemon --check --config "$CONF" 2>&1); then
+    die "$CONF is invalid: $out" "berth daemon --check --config $CONF names the bad key"
+  fi
+  SOCK=$(config_get docker_socket) || die "cannot read docker_socket from $CONF"
+  STATE=$(config_get state_dir) || die "cannot read state_dir from $CONF"
+  LISTEN=$(config_get listen) || die "cannot read listen from $CONF"
 }
 
 # engine_answers SOCKET: a Docker engine answers there (asked with the CLI, or curl without one).
@@ -296,7 +163,7 @@ pid_is_berth() {
 }
 
 daemon_answers() {
-  [ -x "$BERTH" ] && "$BERTH" --state-dir "$STATE" user list >/dev/null 2>&1
+  [ -x "$cli_bin" ] && "$cli_bin" --state-dir "$STATE" user list >/dev/null 2>&1
 }
 
 # Stops the daemon recorded in STATE/berth.pid: 0 stopped, 1 no pid file, 2 stale pid file.
@@ -418,7 +285,7 @@ do_install() {
   # 2. Docker engine: decided by what Berth needs, an engine answering on the configured
   # socket or a dockerd to start; a docker CLI alone (some machines ship one) is no engine.
   load_settings
-  sock=$(setting docker_socket /var/run/docker.sock)
+  sock=$SOCK
   # Every docker call below (the default image) goes to the same engine.
   export DOCKER_HOST="unix://$sock"
   if engine_answers "$sock"; then
@@ -457,19 +324,27 @@ do_install() {
   if [ -f "$CONF" ]; then
     say "config: kept $CONF"
   else
+    # The binary writes it: every setting commented out with its default, but the prefix's
+    # state directory and BERTH_LISTEN, which are set.
     set_state=
     set_listen=
-    if [ -n "$ROOT" ]; then set_state="state_dir = \"$ROOT/var/lib/berth\""; fi
+    set --
+    if [ -n "$ROOT" ]; then
+      set_state="state_dir = \"$ROOT/var/lib/berth\""
+      set -- --state-dir "$ROOT/var/lib/berth"
+    fi
+    set -- "$@" config default
     if [ -n "${BERTH_LISTEN:-}" ]; then
-      case $BERTH_LISTEN in *\"* | *\\*) die "BERTH_LISTEN must be ADDR:PORT: $BERTH_LISTEN" ;; esac
       set_listen="listen = \"$BERTH_LISTEN\""
+      set -- "$@" --listen "$BERTH_LISTEN"
     fi
     mkdir -p "$CONF_DIR"
     tmp=$CONF.new.$$
-    default_config | SET_STATE=$set_state SET_LISTEN=$set_listen awk '
-      $0 == "# state_dir = \"/var/lib/berth\"" && ENVIRON["SET_STATE"] != "" { print ENVIRON["SET_STATE"]; next }
-      $0 == "# listen = \"0.0.0.0:2222\"" && ENVIRON["SET_LISTEN"] != "" { print ENVIRON["SET_LISTEN"]; next }
-      { print }' >"$tmp"
+    if ! out=$("$BERTH" "$@" 2>&1 >"$tmp"); then
+      rm -f "$tmp"
+      case $out in *--listen*) die "BERTH_LISTEN must be ADDR:PORT: $BERTH_LISTEN" ;; esac
+      die "cannot make the default config: $out"
+    fi
     chmod 0644 "$tmp"
     if ! out=$("$BERTH" daemon --check --config "$tmp" 2>&1); then
       rm -f "$tmp"
@@ -481,8 +356,6 @@ do_install() {
     config_new=1
   fi
   load_settings
-  STATE=$(setting state_dir /var/lib/berth)
-  LISTEN=$(setting listen 0.0.0.0:2222)
   if [ -n "${BERTH_LISTEN:-}" ] && [ "$BERTH_LISTEN" != "$LISTEN" ]; then
     warn "BERTH_LISTEN=$BERTH_LISTEN ignored: the kept config listens on $LISTEN"
   fi
@@ -502,9 +375,14 @@ do_install() {
   if [ "$bin_changed" = 1 ] || [ "$config_new" = 1 ]; then restart=1; fi
   if [ "$use_unit" = 1 ]; then
     unit_changed=0
-    if ! { [ -f "$UNIT" ] && default_unit | cmp -s - "$UNIT"; }; then
-      mkdir -p "$(dirname "$UNIT")"
-      default_unit >"$UNIT.new.$$"
+    mkdir -p "$(dirname "$UNIT")"
+    if ! "$BERTH" config unit --binary "$BERTH" --config "$CONF" >"$UNIT.new.$$"; then
+      rm -f "$UNIT.new.$$"
+      die "cannot make the systemd unit"
+    fi
+    if [ -f "$UNIT" ] && cmp -s "$UNIT.new.$$" "$UNIT"; then
+      rm -f "$UNIT.new.$$"
+    else
       chmod 0644 "$UNIT.new.$$"
       mv -f "$UNIT.new.$$" "$UNIT"
       systemctl daemon-reload
@@ -599,27 +477,53 @@ do_install() {
 
 # --- uninstall ---
 
-# Removes what Berth keeps in the state directory, entry by entry, then the directory if
-# that left it empty: a config typo (state_dir = "/home") never costs anybody's files.
-remove_state() {
-  for f in berth.db berth.db-wal berth.db-shm berth.db-journal instance audit.log audit.log.1 \
-           host_ed25519_key host_ed25519_key.pub admin.sock daemon.lock berth.pid berth.log \
-           guest run; do
-    if [ -e "$1/$f" ] || [ -L "$1/$f" ]; then rm -rf "${1:?}/$f"; fi
+# The berth binary for an uninstall, in cli_bin: the installed one, else the one this script
+# would install without building it (BERTH_BIN, the tarball's, this tree's release build).
+find_cli() {
+  target=${CARGO_TARGET_DIR:-target}
+  case $target in /*) ;; *) target=$here/$target ;; esac
+  for f in "$BERTH" "${BERTH_BIN:-}" "$here/berth" "$target/release/berth"; do
+    if [ -n "$f" ] && [ -f "$f" ] && [ -x "$f" ]; then
+      cli_bin=$f
+      return 0
+    fi
   done
-  if rmdir "$1" 2>/dev/null; then
-    say "state: removed $1"
-  else
-    warn "$1 holds files Berth did not make; removed Berth's own and left the rest"
+  return 1
+}
+
+# The settings an uninstall needs: STATE, SOCK, REPO; lenient=1 when the config is invalid.
+uninstall_settings() {
+  STATE=$ROOT/var/lib/berth
+  SOCK=/var/run/docker.sock
+  REPO=berth/users
+  if ! find_cli; then
+    # The purge is the binary's work; a plain uninstall only needs the state directory.
+    [ "$purge" = 0 ] ||
+      die "--purge needs the berth binary, and there is none at $BERTH; nothing was changed" \
+        "set BERTH_BIN to one, run this script from a release tarball, or build one (cargo build --release -p berth)"
+    if [ -f "$CONF" ]; then
+      warn "no berth binary to read $CONF with; assuming the state directory $STATE"
+    fi
+    cli_bin=
+    return
   fi
+  if [ -f "$CONF" ] && ! out=$(config_get state_dir 2>&1 >/dev/null); then
+    warn "$CONF is invalid ($out); reading what it can of it"
+    lenient=1
+  fi
+  if v=$(config_get state_dir); then STATE=$v; fi
+  if v=$(config_get docker_socket); then SOCK=$v; fi
+  if v=$(config_get commit_repository); then REPO=$v; fi
 }
 
 do_uninstall() {
-  load_settings
-  STATE=$(setting state_dir "$ROOT/var/lib/berth")
-  REPO=$(setting commit_repository berth/users)
+  uninstall_settings
 
   if [ "$purge" = 1 ]; then
+    # The config says what belongs to this installation: a broken one is not guessed at.
+    [ -z "$lenient" ] ||
+      die "--purge needs a valid $CONF (it names this installation's state, engine and images); nothing was changed" \
+        "fix it (berth daemon --check --config $CONF names the bad key), then run $0 --uninstall --purge again"
     if [ "$yes" = 0 ]; then
       if [ ! -t 0 ]; then
         die "--purge deletes this installation's containers, users' images, $STATE and $CONF_DIR; nothing was changed" \
@@ -634,10 +538,8 @@ do_uninstall() {
         *) die "purge not confirmed; nothing was changed" ;;
       esac
     fi
-    sock=$(setting docker_socket /var/run/docker.sock)
-    export DOCKER_HOST="unix://$sock"
-    engine_answers "$sock" ||
-      die "the Docker engine does not answer on $sock; --purge needs it to remove containers and images; nothing was changed" \
+    engine_answers "$SOCK" ||
+      die "the Docker engine does not answer on $SOCK; --purge needs it to remove containers and images; nothing was changed" \
         "start it (systemctl start docker, or dockerd), then run $0 --uninstall --purge again"
   fi
 
@@ -677,6 +579,15 @@ do_uninstall() {
     warn "a berth daemon still answers on $STATE/admin.sock; it was not started by this script: stop it yourself"
   fi
 
+  # This installation's containers, images and state: the binary knows which they are (by
+  # the instance label, the commit repository and the entries it makes), before it goes.
+  if [ "$purge" = 1 ]; then
+    cfg=$CONF
+    [ -f "$cfg" ] || cfg=/dev/null
+    "$cli_bin" --state-dir "$STATE" purge --config "$cfg" --yes ||
+      die "berth purge failed; the binaries and $CONF_DIR are kept" "run $0 --uninstall --purge again"
+  fi
+
   # The binaries.
   if [ -e "$BERTH" ] || [ -e "$GUEST" ]; then
     rm -f "$BERTH" "$GUEST"
@@ -691,25 +602,6 @@ do_uninstall() {
     return
   fi
 
-  instance=$(cat "$STATE/instance" 2>/dev/null || true)
-  if [ -n "$instance" ]; then
-    ids=$(docker ps -aq --filter "label=berth.instance=$instance")
-    n=0
-    for id in $ids; do
-      if docker rm -f "$id" >/dev/null; then n=$((n + 1)); else warn "cannot remove container $id"; fi
-    done
-    say "containers: removed $n of this installation (berth.instance=$instance)"
-  else
-    say "containers: none recorded ($STATE/instance is missing)"
-  fi
-  n=0
-  for image in $(docker image ls --format '{{.Repository}}:{{.Tag}}' "$REPO"); do
-    if docker rmi "$image" >/dev/null; then n=$((n + 1)); else warn "cannot remove image $image"; fi
-  done
-  say "images: removed $n of $REPO"
-  if [ -d "$STATE" ] && [ "$STATE" != / ]; then
-    remove_state "$STATE"
-  fi
   if [ -d "$CONF_DIR" ]; then
     rm -rf "$CONF_DIR"
     say "config: removed $CONF_DIR"

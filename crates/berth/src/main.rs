@@ -1,9 +1,12 @@
-//! `berth`: the one binary. `berth daemon` runs the server; every other command is a thin
+//! `berth`: the one binary. `berth daemon` runs the server; `berth config` and `berth purge`
+//! are what an installer needs from it with no daemon running (the default config, one
+//! setting, the systemd unit; removing an installation); every other command is a thin
 //! client of the daemon's admin socket. Parsing, logging setup and exit codes live here;
 //! the work is in the library crates.
 //!
 //! Exit codes: 0 success, 1 the request was refused or failed, 2 usage error, 3 the daemon
-//! is not running (or its socket is not reachable).
+//! is not running (or its socket is not reachable). A command whose output pipe closes is
+//! ended by SIGPIPE, as `ls | head` is.
 
 mod commands;
 
@@ -41,6 +44,11 @@ enum Command {
     /// Open sessions: list, kill
     #[command(subcommand)]
     Session(commands::status::SessionCommand),
+    /// The commented default config, one effective setting, the systemd unit
+    #[command(subcommand)]
+    Config(commands::config::ConfigCommand),
+    /// Remove this installation's containers, committed images and state (daemon stopped)
+    Purge(commands::purge::Args),
 }
 
 /// A failure the CLI reports: one line, an optional hint, an exit code.
@@ -76,6 +84,9 @@ impl From<berth_proto::ClientError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(&cli.command, Command::Daemon(a) if a.serves()) {
+        end_quietly_on_closed_pipe();
+    }
     let state_dir = cli.state_dir;
     let result = match cli.command {
         Command::Daemon(args) => commands::daemon::run(args, state_dir),
@@ -83,6 +94,8 @@ fn main() -> ExitCode {
         Command::Image(cmd) => commands::image::run(cmd, state_dir),
         Command::Status(args) => commands::status::status(args, state_dir),
         Command::Session(cmd) => commands::status::session(cmd, state_dir),
+        Command::Config(cmd) => commands::config::run(cmd, state_dir),
+        Command::Purge(args) => commands::purge::run(args, state_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,4 +107,20 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// A command whose reader has gone (`berth user list | head -1`) ends at its next write,
+/// killed by SIGPIPE as `ls | head` is, instead of panicking in `println!` (Rust starts
+/// programs with SIGPIPE ignored). Not for the daemon: it keeps SIGPIPE ignored and handles
+/// EPIPE on each connection, which a signal would end all at once.
+#[allow(
+    unsafe_code,
+    reason = "no safe way to set a signal disposition on stable Rust"
+)]
+fn end_quietly_on_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: `signal` is unsafe because a handler runs in signal context and may race with
+    // other threads changing dispositions. SIG_DFL installs no handler (no code of ours runs
+    // on SIGPIPE), and this runs first in `main`, before any other thread exists.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }

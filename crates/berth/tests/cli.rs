@@ -63,7 +63,7 @@ fn user_add_refusals_create_nothing() {
         ),
         "{e}"
     );
-    assert!(e.contains("docker import"), "{e}");
+    assert!(e.contains("berth image import"), "{e}");
     // Missing key file.
     let missing = d.dir.path().join("nope.pub");
     let o = d.berth(&[
@@ -430,4 +430,87 @@ fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     // The first one is untouched: its admin socket and logins work.
     assert_eq!(d.users().len(), 1);
     assert_eq!(d.ssh_ok("alice", &key, "echo still"), "still\n");
+}
+
+/// Regression: `berth status | head -1` and `berth user list | head -0` panicked ("failed
+/// printing to stdout: Broken pipe", exit 101, a backtrace hint). A command whose reader has
+/// gone ends as `ls | head` does: killed by SIGPIPE, nothing on stderr. The daemon still
+/// ignores SIGPIPE (one closed connection must not end it).
+#[test]
+fn a_closed_output_pipe_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    d.add_user("alice", BUSYBOX);
+    for args in [
+        &["status"][..],
+        &["user", "list"],
+        &["config", "default"],
+        &[
+            "daemon",
+            "--check",
+            "--guest-binary",
+            guest_binary().to_str().unwrap(),
+        ],
+    ] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let o = Command::new(BIN)
+            .args(args)
+            .env("BERTH_STATE_DIR", d.state_dir())
+            .stdout(Stdio::from(write))
+            .output()
+            .unwrap();
+        let e = stderr(&o);
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+        assert_ne!(o.status.code(), Some(101), "{args:?}: {e}");
+        assert_eq!(o.status.signal(), Some(libc_sigpipe()), "{args:?}: {e}");
+        assert_eq!(e, "", "{args:?}");
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", d.pid().unwrap())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(ignored & (1 << (libc_sigpipe() - 1)), 0, "{status}");
+}
+
+fn libc_sigpipe() -> i32 {
+    nix::sys::signal::Signal::SIGPIPE as i32
+}
+
+/// `berth purge` changes nothing without --yes, and nothing while a daemon runs on the state
+/// directory (it would recreate what is removed).
+#[test]
+fn purge_asks_for_yes_and_refuses_while_the_daemon_runs() {
+    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    let config = d.dir.path().join("berth.toml");
+    let purge = |yes: bool| {
+        let mut c = std::process::Command::new(BIN);
+        c.arg("purge").arg("--config").arg(&config);
+        if yes {
+            c.arg("--yes");
+        }
+        c.env("BERTH_STATE_DIR", d.state_dir()).output().unwrap()
+    };
+    let o = purge(false);
+    assert_refused(
+        &o,
+        &format!(
+            "error: purge deletes this installation's containers, its users' committed images ({}/users:*) and Berth's files in {}; nothing was changed\nhint: confirm with --yes\n",
+            d.prefix.trim_end_matches('-'),
+            d.state_dir().display()
+        ),
+    );
+    let o = purge(true);
+    assert_refused(
+        &o,
+        &format!(
+            "error: a berth daemon is running with the state directory {}; nothing was purged\nhint: stop it first\n",
+            d.state_dir().display()
+        ),
+    );
+    assert!(d.state_dir().join("berth.db").exists());
+    assert_eq!(d.users().len(), 0);
 }

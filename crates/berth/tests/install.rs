@@ -74,19 +74,6 @@ fn container_exists(name: &str) -> bool {
         .success()
 }
 
-/// The text of the heredoc `<<'TAG'` in the script.
-fn heredoc(script: &str, tag: &str) -> String {
-    let open = format!("<<'{tag}'\n");
-    let start = script
-        .find(&open)
-        .unwrap_or_else(|| panic!("no heredoc {tag}"))
-        + open.len();
-    let len = script[start..]
-        .find(&format!("\n{tag}\n"))
-        .unwrap_or_else(|| panic!("heredoc {tag} not closed"));
-    format!("{}\n", &script[start..start + len])
-}
-
 /// One installation under a temporary root. Dropping it kills the background daemon (by the
 /// pid it recorded, after checking the process is a berth daemon) and removes the test
 /// user's container, so a failure midway leaves nothing running.
@@ -239,7 +226,8 @@ fn install_again_login_uninstall_purge() {
         !inst.path("/etc/systemd").exists(),
         "a unit was written without systemd"
     );
-    // The config is the packaged one, with the prefix's state dir and the listen address set.
+    // The config is the packaged one (what `berth config default` prints, checked below), with
+    // the prefix's state dir and the listen address set.
     let packaged = std::fs::read_to_string(workspace_root().join("packaging/berth.toml")).unwrap();
     let expected = packaged
         .replace(
@@ -406,6 +394,18 @@ fn install_again_login_uninstall_purge() {
     let o = inst.run(&["--uninstall", "--purge", "--yes"]);
     assert!(o.status.success(), "{}", show(&o));
     let out = show(&o);
+    let stdout = text(&o.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "containers: removed 1 of this installation (berth.instance={instance})\n"
+        )),
+        "{out}"
+    );
+    assert!(
+        stdout.contains("images: removed ") && stdout.contains(" of berth/users\n"),
+        "{out}"
+    );
+    assert!(stdout.contains("config: removed "), "{out}");
     let left: Vec<String> = std::fs::read_dir(inst.state())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -421,14 +421,27 @@ fn install_again_login_uninstall_purge() {
     );
 }
 
+/// The binary prints the packaged config and unit byte for byte (install.sh writes them from
+/// it), and the config documents every key `--check` prints, each with its default.
 #[test]
-fn packaged_files_match_the_script_and_list_every_key() {
-    let script = std::fs::read_to_string(script()).unwrap();
+fn the_binary_prints_the_packaged_files_and_they_list_every_key() {
     let root = workspace_root();
+    let berth = |args: &[&str]| {
+        let o = Command::new(BIN)
+            .args(args)
+            .env_remove("BERTH_STATE_DIR")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{args:?}: {}", show(&o));
+        text(&o.stdout)
+    };
     let packaged = std::fs::read_to_string(root.join("packaging/berth.toml")).unwrap();
-    assert_eq!(heredoc(&script, "BERTH_TOML"), packaged);
+    assert_eq!(berth(&["config", "default"]), packaged);
     let unit = std::fs::read_to_string(root.join("packaging/berth.service")).unwrap();
-    assert_eq!(heredoc(&script, "BERTH_SERVICE"), unit);
+    assert_eq!(
+        berth(&["config", "unit", "--binary", "/usr/local/bin/berth"]),
+        unit
+    );
     for line in [
         "ExecStart=/usr/local/bin/berth daemon --config /etc/berth/berth.toml",
         "Restart=on-failure",
@@ -436,6 +449,16 @@ fn packaged_files_match_the_script_and_list_every_key() {
         assert!(unit.lines().any(|l| l == line), "{line} missing: {unit}");
     }
     assert!(unit.contains("docker.service"), "{unit}");
+    let o = Command::new(BIN)
+        .args(["config", "unit", "--binary", "/opt/my berth"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    assert!(
+        text(&o.stderr).starts_with("error: /opt/my berth cannot be written in a systemd unit"),
+        "{}",
+        show(&o)
+    );
 
     let check = |config: &Path| {
         let o = Command::new(BIN)
@@ -530,6 +553,96 @@ fn packaged_files_match_the_script_and_list_every_key() {
         defaults_only.push('\n');
     }
     assert_eq!(defaults_only, defaults);
+
+    // --listen and --state-dir are set, and read back by `config get` and `--check --json`.
+    let set = berth(&[
+        "--state-dir",
+        "/srv/berth state",
+        "config",
+        "default",
+        "--listen",
+        "127.0.0.1:2200",
+    ]);
+    std::fs::write(&path, &set).unwrap();
+    let p = path.to_str().unwrap();
+    assert_eq!(
+        berth(&["config", "get", "state_dir", "--config", p]),
+        "/srv/berth state\n"
+    );
+    assert_eq!(
+        berth(&["config", "get", "listen", "--config", p]),
+        "127.0.0.1:2200\n"
+    );
+    assert_eq!(
+        berth(&["config", "get", "accept_env", "--config", p]),
+        "LANG\nLC_*\n"
+    );
+    assert_eq!(
+        berth(&["config", "get", "metrics_listen", "--config", p]),
+        ""
+    );
+    let o = Command::new(BIN)
+        .args(["daemon", "--check", "--json", "--guest-binary"])
+        .arg(guest_binary())
+        .arg("--config")
+        .arg(&path)
+        .env_remove("BERTH_STATE_DIR")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", show(&o));
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(json["state_dir"], "/srv/berth state");
+    assert_eq!(json["listen"], "127.0.0.1:2200");
+    assert_eq!(json["limits"]["pids"], 1024);
+    assert_eq!(json["metrics_listen"], serde_json::Value::Null);
+    let o = Command::new(BIN)
+        .args(["config", "get", "nope", "--config", p])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "error: no setting is named nope\nhint: `berth config default` lists every setting\n"
+    );
+}
+
+/// An uninstall reads what it can of a broken config (its state directory here), but a purge
+/// does not guess at what belongs to the installation: it refuses and changes nothing.
+#[test]
+fn a_broken_config_is_read_for_an_uninstall_but_never_purged() {
+    let inst = Install::new();
+    std::fs::create_dir_all(inst.conf().parent().unwrap()).unwrap();
+    let state = inst.path("/srv/state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("berth.db"), "").unwrap();
+    std::fs::write(
+        inst.conf(),
+        format!("state_dir = \"{}\"\nidle_stop_secs = 3\n", state.display()),
+    )
+    .unwrap();
+    let o = inst.run(&["--uninstall", "--purge", "--yes"]);
+    assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("is invalid (error: invalid config ") && err.contains("idle_stop_secs"),
+        "{err}"
+    );
+    assert!(err.contains("--purge needs a valid "), "{err}");
+    assert!(o.stdout.is_empty(), "{}", show(&o));
+    assert!(inst.conf().exists() && state.join("berth.db").exists());
+
+    let out = inst.run_ok(&["--uninstall"]);
+    assert!(
+        out.contains(&format!(
+            "kept: config {}",
+            inst.path("/etc/berth").display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("state {} (users", state.display())),
+        "{out}"
+    );
 }
 
 #[test]

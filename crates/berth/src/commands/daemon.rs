@@ -24,6 +24,16 @@ pub struct Args {
     /// Validate the configuration, print the effective settings and exit
     #[arg(long)]
     check: bool,
+    /// With --check: print the settings as JSON (an unset optional one as null)
+    #[arg(long, requires = "check")]
+    json: bool,
+}
+
+impl Args {
+    /// Runs the server, rather than checking its configuration.
+    pub fn serves(&self) -> bool {
+        !self.check
+    }
 }
 
 pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
@@ -46,7 +56,14 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
-        print!("{}", config.to_toml());
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&config).unwrap_or_default()
+            );
+        } else {
+            print!("{}", config.to_toml());
+        }
         return Ok(());
     }
     let filter = EnvFilter::try_from_env("BERTH_LOG")

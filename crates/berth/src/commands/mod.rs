@@ -1,5 +1,7 @@
+pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod purge;
 pub mod status;
 pub mod user;
 
