@@ -358,7 +358,8 @@ fn forwards_never_reach_another_users_container_or_the_docker_socket() {
     // ...but alice's forward to it gets nothing.
     let (_fwd, local) = forward(&d, &ka, &format!("{bob_ip}:7000"));
     assert_eq!(read_all(local), "");
-    // Unix-socket forwarding (to the Docker socket or anything else) is not served.
+    // A Unix-socket forward to the Docker socket's path looks in alice's container, where
+    // there is none.
     let sock = d.dir.path().join("docker-fwd.sock");
     let mut c = d
         .ssh("alice", &ka)
@@ -592,4 +593,184 @@ fn local_forward_names_resolve_as_the_container_resolves_them() {
     // A name nobody knows: the forward opens and the connection is refused at once.
     let (_c, local) = forward(&d, &key, "no-such-name.invalid:8082");
     assert_eq!(read_all(local), "");
+}
+
+/// A Unix socket server in the container (perl is in every Debian): each connection gets
+/// `text` and a newline.
+fn socket_server_in_container(d: &Daemon, key: &Path, path: &str, text: &str) -> KillOnDrop {
+    let script = format!(
+        "perl -MIO::Socket::UNIX -e 'unlink $ARGV[0]; my $s = IO::Socket::UNIX->new(Local => $ARGV[0], Listen => 5) or die $!; while (my $c = $s->accept) {{ print $c \"{text}\\n\"; close $c }}' {path}"
+    );
+    KillOnDrop(
+        d.ssh("alice", key)
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What a connection to the Unix socket at `path` in alice's container reads.
+const READ_SOCKET: &str = "perl -MIO::Socket::UNIX -e 'my $c = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die \"connect: $!\\n\"; print while <$c>'";
+
+fn read_unix(path: &Path) -> String {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
+        return String::new();
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn unix_socket_forwards_both_ways_stay_in_the_container_and_are_audited() {
+    use berth_testkit::DEBIAN;
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    );
+    let key = d.add_user("alice", DEBIAN);
+    let _server = socket_server_in_container(&d, &key, "/run/app.sock", "from-container-socket");
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.ssh_run("alice", &key, "test -S /run/app.sock", b"")
+            .status
+            .success()
+    }));
+    // A socket on the host, and a symlink to its path in the container.
+    let host_sock = d.dir.path().join("host.sock");
+    let host = std::os::unix::net::UnixListener::bind(&host_sock).unwrap();
+    host.set_nonblocking(true).unwrap();
+    d.ssh_ok(
+        "alice",
+        &key,
+        &format!(
+            "ln -sf {} /run/host.sock && ln -sfn {} /run/out",
+            host_sock.display(),
+            d.dir.path().display()
+        ),
+    );
+    // One master connection; forwards are added to it.
+    let mux_sock = d.dir.path().join("mux");
+    let mux = |extra: &[&str]| {
+        let mut c = d.ssh("alice", &key);
+        c.args(["-S", mux_sock.to_str().unwrap()]).args(extra);
+        c.output().unwrap()
+    };
+    assert!(
+        mux(&["-M", "-f", "-N", "-o", "ControlPersist=60"])
+            .status
+            .success()
+    );
+
+    // -L to a socket in the container.
+    let local = d.dir.path().join("local.sock");
+    let o = mux(&[
+        "-O",
+        "forward",
+        "-L",
+        &format!("{}:/run/app.sock", local.display()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_unix(&local), "from-container-socket\n");
+    // -L through a symlink to the host's socket: resolved inside the container, not reached.
+    let local2 = d.dir.path().join("local2.sock");
+    let o = mux(&[
+        "-O",
+        "forward",
+        "-L",
+        &format!("{}:/run/host.sock", local2.display()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_unix(&local2), "");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(host.accept().is_err(), "a socket forward reached the host");
+
+    // -R: a socket made in the container, mode 0600, that leads back to the client.
+    let target = client_side_server("from-client\n");
+    let spec = format!("/tmp/fwd.sock:127.0.0.1:{target}");
+    let o = mux(&["-O", "forward", "-R", &spec]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.ssh_ok("alice", &key, "stat -c %a /tmp/fwd.sock"), "600\n");
+    assert_eq!(
+        d.ssh_ok("alice", &key, &format!("{READ_SOCKET} /tmp/fwd.sock")),
+        "from-client\n"
+    );
+    // -R through a symlinked directory that names a host path: made in the container or
+    // nowhere, never on the host.
+    let o = mux(&[
+        "-O",
+        "forward",
+        "-R",
+        &format!("/run/out/x.sock:127.0.0.1:{target}"),
+    ]);
+    assert!(
+        !o.status.success(),
+        "a socket was made in a directory the container lacks"
+    );
+    assert!(
+        !d.dir.path().join("x.sock").exists(),
+        "a socket was made on the host"
+    );
+    // Cancelled: the socket is removed from the container.
+    assert!(mux(&["-O", "cancel", "-R", &spec]).status.success());
+    assert!(wait_until(Duration::from_secs(10), || {
+        !d.ssh_run("alice", &key, "test -e /tmp/fwd.sock", b"")
+            .status
+            .success()
+    }));
+    // A TCP -R, then forwarding switched off for alice: her next -L is refused.
+    let o = mux(&["-O", "forward", "-R", &format!("0:127.0.0.1:{target}")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    d.berth_ok(&["user", "set", "alice", "--tcp-forwarding", "off"]);
+    let local3 = d.dir.path().join("local3.sock");
+    let o = mux(&[
+        "-O",
+        "forward",
+        "-L",
+        &format!("{}:/run/app.sock", local3.display()),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(read_unix(&local3), "");
+    let _ = mux(&["-O", "exit"]);
+
+    let audit = std::fs::read_to_string(d.state_dir().join("audit.log")).unwrap();
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|r: &serde_json::Value| {
+            r["event"] == "forward_open" || r["event"] == "forward_refused"
+        })
+        .collect();
+    let has = |event: &str, kind: &str, target: &str| {
+        records.iter().any(|r| {
+            r["event"] == event
+                && r["kind"] == kind
+                && r["user"] == "alice"
+                && r["target"].as_str().unwrap_or_default().contains(target)
+        })
+    };
+    assert!(
+        has("forward_open", "local_socket", "/run/app.sock"),
+        "{records:#?}"
+    );
+    assert!(
+        has("forward_open", "remote_socket", "/tmp/fwd.sock"),
+        "{records:#?}"
+    );
+    assert!(has("forward_open", "remote", ":"), "{records:#?}");
+    assert!(
+        has("forward_refused", "remote_socket", "/run/out/x.sock"),
+        "{records:#?}"
+    );
+    assert!(
+        records.iter().any(|r| r["event"] == "forward_refused"
+            && r["kind"] == "local_socket"
+            && r["reason"] == "socket forwarding is off for this user"),
+        "{records:#?}"
+    );
 }
