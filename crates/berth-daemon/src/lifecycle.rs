@@ -92,7 +92,7 @@ pub struct Settings {
     pub limits: Limits,
     pub idle_stop: Duration,
     pub stop_timeout_secs: i32,
-    /// Host directory holding one `USER/guest.sock` per user (see [`crate::guest`]).
+    /// Host directory holding one `USER/guest.sock` per user (see [`crate::words_socket`]).
     pub run_dir: PathBuf,
     /// The guest helper, also mounted as `daemon`, `nodaemon` and `stopnow` on PATH.
     pub guest_binary: PathBuf,
@@ -100,6 +100,35 @@ pub struct Settings {
     pub commit_repository: String,
     /// Where container changes are recorded.
     pub audit: Arc<crate::audit::Audit>,
+}
+
+impl Settings {
+    /// Settings for a manager driven by tests and tools over a fake runtime: containers
+    /// `t-USER` of instance `inst` on network `net`, no real guest helper, commits to
+    /// `berth/users`, sockets under `run_dir`.
+    pub fn for_tests(
+        run_dir: PathBuf,
+        idle_stop: Duration,
+        audit: Arc<crate::audit::Audit>,
+    ) -> Self {
+        Self {
+            prefix: "t-".into(),
+            instance: "inst".into(),
+            network: "net".into(),
+            guest_dir: PathBuf::from("/nonexistent"),
+            limits: Limits {
+                memory_bytes: None,
+                nano_cpus: None,
+                pids: 100,
+            },
+            idle_stop,
+            stop_timeout_secs: 1,
+            run_dir,
+            guest_binary: PathBuf::from("/nonexistent/berth-guest"),
+            commit_repository: "berth/users".into(),
+            audit,
+        }
+    }
 }
 
 enum Request {
@@ -849,27 +878,16 @@ mod tests {
                 .unwrap();
         }
         let rt = Arc::new(rt);
-        let settings = Settings {
-            audit: Arc::new(crate::audit::Audit::log_only()),
-            prefix: "t-".into(),
-            instance: "inst".into(),
-            network: "net".into(),
-            guest_dir: PathBuf::from("/nonexistent"),
-            limits: Limits {
-                memory_bytes: None,
-                nano_cpus: None,
-                pids: 100,
-            },
-            idle_stop: Duration::from_millis(idle_ms),
-            stop_timeout_secs: 1,
-            run_dir: std::env::temp_dir().join(format!(
-                "berth-lc-{}-{}",
-                std::process::id(),
-                RUN_DIRS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-            )),
-            guest_binary: PathBuf::from("/nonexistent/berth-guest"),
-            commit_repository: "t".into(),
-        };
+        let run_dir = std::env::temp_dir().join(format!(
+            "berth-lc-{}-{}",
+            std::process::id(),
+            RUN_DIRS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        let settings = Settings::for_tests(
+            run_dir,
+            Duration::from_millis(idle_ms),
+            Arc::new(crate::audit::Audit::log_only()),
+        );
         (
             Lifecycle::new(rt.clone(), store.clone(), settings),
             rt,

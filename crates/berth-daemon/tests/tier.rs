@@ -19,7 +19,7 @@ use berth_daemon::lifecycle::{Lifecycle, Settings};
 use berth_daemon::sessions::Sessions;
 use berth_daemon::store::AsyncStore;
 use berth_proto::{AuthorizedKey, ForwardingInfo, ImageName, UserName};
-use berth_runtime::{FakeRuntime, Limits};
+use berth_runtime::FakeRuntime;
 use berth_ssh::{Command, Gateway, OpenRequest, Output, PublicKey};
 use berth_store::Store;
 use futures_util::StreamExt;
@@ -53,23 +53,11 @@ fn tier(images: &[&str]) -> Tier {
     let lifecycle = Lifecycle::new(
         runtime.clone(),
         store.clone(),
-        Settings {
-            audit: audit.clone(),
-            prefix: "t-".into(),
-            instance: "inst".into(),
-            network: "net".into(),
-            guest_dir: PathBuf::from("/nonexistent"),
-            limits: Limits {
-                memory_bytes: None,
-                nano_cpus: None,
-                pids: 100,
-            },
-            idle_stop: Duration::from_secs(5),
-            stop_timeout_secs: 1,
-            run_dir: dir.path().join("run"),
-            guest_binary: PathBuf::from("/nonexistent/berth-guest"),
-            commit_repository: "berth/users".into(),
-        },
+        Settings::for_tests(
+            dir.path().join("run"),
+            Duration::from_secs(5),
+            audit.clone(),
+        ),
     );
     let sessions = Sessions::new(audit);
     let gateway = Arc::new(BerthGateway {
