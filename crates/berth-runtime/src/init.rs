@@ -686,7 +686,9 @@ mod tests {
     fn descriptors_sent_to_the_daemon_are_refused_by_the_kernel() {
         let (a, b) = UnixStream::pair().unwrap();
         if !refuse_descriptors(&b) {
-            eprintln!("skipped: SO_PASSRIGHTS needs Linux 6.16 (this kernel lacks it; nothing is asserted here, the readers' own checks remain and are tested below)");
+            eprintln!(
+                "skipped: SO_PASSRIGHTS needs Linux 6.16 (this kernel lacks it; nothing is asserted here, the readers' own checks remain and are tested below)"
+            );
             return;
         }
         let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
