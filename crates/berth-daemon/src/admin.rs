@@ -214,7 +214,7 @@ fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
 async fn health<R: Runtime>(State(st): AppState<R>) -> Result<Json<HealthInfo>> {
     let v = st.runtime.version().await?;
     Ok(Json(HealthInfo {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: berth_proto::VERSION_LONG.to_owned(),
         listen: st.listen.clone(),
         docker_version: v.version,
         docker_api_version: v.api_version,
@@ -245,7 +245,7 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         .collect();
     containers.sort_by(|a, b| a.user.cmp(&b.user));
     Ok(Json(StatusInfo {
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: berth_proto::VERSION_LONG.to_owned(),
         pid: std::process::id(),
         listen: st.listen.clone(),
         uptime_seconds: st.started.elapsed().as_secs(),

@@ -193,7 +193,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
              client; offer it only while a client that has nothing else needs it"
         );
     }
-    info!(listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
+    info!(version = berth_proto::VERSION_LONG, listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();
     lifecycle.shutdown().await;
