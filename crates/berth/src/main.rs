@@ -1,7 +1,8 @@
 //! `berth`: the one binary. `berth daemon` runs the server; `berth config` and `berth purge`
 //! are what an installer needs from it with no daemon running (the default config, one
 //! setting, the systemd unit; removing an installation); every other command is a thin
-//! client of the daemon's admin socket. Parsing, logging setup and exit codes live here;
+//! client of the daemon's admin socket; `berth completions` and `berth man` print what a
+//! package installs for shells and `man`, made from the definitions below. Parsing, logging setup and exit codes live here;
 //! the work is in the library crates.
 //!
 //! Exit codes: 0 success, 1 the request was refused or failed, 2 usage error, 3 the daemon
@@ -13,13 +14,19 @@ mod commands;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "berth",
-    version,
-    about = "Personal, persistent containers reached with plain ssh"
+    version = berth_proto::VERSION_LONG,
+    about = "Personal, persistent containers reached with plain ssh",
+    long_about = "Berth gives every user of a Linux server a personal, persistent container \
+that she reaches with plain ssh: `berth daemon` is the SSH server (on its own port, 2222 by \
+default) and the only program that talks to Docker; her container is made from the image the \
+admin chose at her first login, started at the next, stopped a few seconds after her last \
+session. The other commands manage users, keys, images and sessions through the daemon's \
+root-only admin socket."
 )]
 struct Cli {
     /// State directory of the daemon (its admin socket lives there)
@@ -49,6 +56,10 @@ enum Command {
     Config(commands::config::ConfigCommand),
     /// Remove this installation's containers, committed images and state (daemon stopped)
     Purge(commands::purge::Args),
+    /// Print the completion script for bash, zsh or fish (names come from the daemon)
+    Completions(commands::completions::Args),
+    /// Print a manual page (roff): berth(1) or berth.toml(5)
+    Man(commands::manual::Args),
 }
 
 /// A failure the CLI reports: one line, an optional hint, an exit code.
@@ -83,6 +94,7 @@ impl From<berth_proto::ClientError> for Failure {
 }
 
 fn main() -> ExitCode {
+    commands::completions::answer_if_asked(Cli::command);
     let cli = Cli::parse();
     if !matches!(&cli.command, Command::Daemon(a) if a.serves()) {
         end_quietly_on_closed_pipe();
@@ -96,6 +108,8 @@ fn main() -> ExitCode {
         Command::Session(cmd) => commands::status::session(cmd, state_dir),
         Command::Config(cmd) => commands::config::run(cmd, state_dir),
         Command::Purge(args) => commands::purge::run(args, state_dir),
+        Command::Completions(args) => commands::completions::run(args),
+        Command::Man(args) => commands::manual::run(args, Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,8 @@
+pub mod completions;
 pub mod config;
 pub mod daemon;
 pub mod image;
+pub mod manual;
 pub mod purge;
 pub mod status;
 pub mod user;
