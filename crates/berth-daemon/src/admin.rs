@@ -36,6 +36,8 @@ pub struct AdminState<R> {
     pub runtime: Arc<R>,
     pub lifecycle: Arc<Lifecycle<R>>,
     pub sessions: Arc<crate::sessions::Sessions>,
+    /// Authenticated SSH connections: removing a key or a user ends theirs.
+    pub connections: Arc<crate::connections::Connections>,
     pub listen: String,
     pub started: std::time::Instant,
     /// Held while a user is added or an image removed, so a user is never added with an
@@ -163,6 +165,7 @@ pub async fn serve<R: Runtime>(
         .route("/v1/status", get(status::<R>))
         .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
         .route("/v1/images/{name}", delete(remove_image::<R>))
+        .route("/v1/users/{name}/kick", axum::routing::post(kick_user::<R>))
         .route("/v1/sessions/{id}", delete(kill_session::<R>))
         .route_layer(axum::middleware::from_fn(require_root))
         .with_state(state);
@@ -263,7 +266,14 @@ async fn kill_session<R: Runtime>(
 ) -> Result<Json<SessionInfo>> {
     let missing = || AdminError::NotFound(format!("no open session {id}"));
     let n: u64 = id.parse().map_err(|_| missing())?;
-    let info = st.sessions.kill(n).ok_or_else(missing)?;
+    let info = st.sessions.kill(n).map_err(|e| match e {
+        crate::sessions::KillError::NoSuchSession => missing(),
+        crate::sessions::KillError::NothingToSignal(s) => AdminError::Conflict(format!(
+            "session {n} of {} ({}) has no process berth can signal (it may be ending); \
+             nothing was signalled (berth user kick {} ends all of the user's connections)",
+            s.user, s.command, s.user
+        )),
+    })?;
     st.lifecycle.audit().record(Event::SessionKill {
         id: n,
         user: info.user.clone(),
@@ -456,6 +466,13 @@ async fn add_user<R: Runtime>(
 ) -> Result<(StatusCode, Json<UserInfo>)> {
     let req = body(req)?;
     let keys = revalidate(&req.keys)?;
+    if st.lifecycle.is_commit_image(&req.image) {
+        return Err(AdminError::BadRequest(format!(
+            "image {} is a user's own saved image (her next commit replaces it); give {} an image \
+             of their own (berth image ls lists them)",
+            req.image, req.name
+        )));
+    }
     let _images = st.images.lock().await;
     if !st.runtime.image_exists(req.image.as_str()).await? {
         return Err(AdminError::ImageMissing(req.image.to_string()));
@@ -487,6 +504,7 @@ async fn remove_user<R: Runtime>(
     st.lifecycle.audit().record(Event::UserRemove {
         user: name.to_string(),
     });
+    revoke(&st, &name, None, "user_removed");
     Ok(Json(before))
 }
 
@@ -572,8 +590,43 @@ async fn remove_key<R: Runtime>(
         user: name.to_string(),
         key: removed.fingerprint.to_string(),
     });
+    revoke(&st, &name, Some(&removed.fingerprint), "key_removed");
     Ok(Json(RemovedKeys {
         removed: vec![removed],
         remaining,
+    }))
+}
+
+/// Ends `user`'s SSH connections (those made with key `fingerprint`, when given), audited;
+/// returns how many.
+fn revoke<R: Runtime>(
+    st: &AdminState<R>,
+    user: &UserName,
+    fingerprint: Option<&str>,
+    reason: &'static str,
+) -> usize {
+    let connections = st.connections.revoke(user.as_str(), fingerprint);
+    if connections > 0 {
+        st.lifecycle.audit().record(Event::ConnectionsClosed {
+            user: user.to_string(),
+            key: fingerprint.map(str::to_owned),
+            connections,
+            reason,
+        });
+    }
+    connections
+}
+
+/// `berth user kick NAME`: ends every SSH connection of the user now.
+async fn kick_user<R: Runtime>(
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<berth_proto::KickedInfo>> {
+    let name = parse_name(&name)?;
+    st.store.user(&name).await?;
+    let connections = revoke(&st, &name, None, "kick");
+    Ok(Json(berth_proto::KickedInfo {
+        user: name,
+        connections,
     }))
 }

@@ -137,6 +137,15 @@ pub enum Event {
         user: String,
         key: String,
     },
+    /// A user's SSH connections ended by the admin: her key (`key`) or she was removed, or
+    /// she was kicked.
+    ConnectionsClosed {
+        user: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key: Option<String>,
+        connections: usize,
+        reason: &'static str,
+    },
 }
 
 /// What a certificate login adds to its record.

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod audit;
 pub mod certs;
 pub mod config;
+pub mod connections;
 pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
@@ -140,6 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         agent: config.allow_agent_forwarding,
         x11: config.allow_x11_forwarding,
     };
+    let connections = connections::Connections::new();
     let gateway = Arc::new(BerthGateway {
         store: store::AsyncStore::new(store.clone()),
         forwarding,
@@ -149,6 +151,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         port,
         refusals: Default::default(),
         certs,
+        connections: connections.clone(),
     });
     let ssh_config = SshConfig {
         keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),
@@ -171,6 +174,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         runtime,
         lifecycle: lifecycle.clone(),
         sessions,
+        connections,
         listen: config.listen.to_string(),
         started: std::time::Instant::now(),
         images: tokio::sync::Mutex::new(()),

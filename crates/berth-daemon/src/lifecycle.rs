@@ -239,6 +239,22 @@ impl<R: Runtime> Lifecycle<R> {
         &self.settings.instance
     }
 
+    /// Whether `image` is one of the images users' `commit` makes (`REPOSITORY:USER`): those
+    /// belong to the user who made them, and her next commit moves the tag.
+    pub fn is_commit_image(&self, image: &ImageName) -> bool {
+        let plain = |s: &str| {
+            let s = s.strip_prefix("docker.io/").unwrap_or(s);
+            s.strip_prefix("library/").unwrap_or(s).to_owned()
+        };
+        let full = image.full();
+        let repository = full
+            .split('@')
+            .next()
+            .and_then(|s| s.rsplit_once(':').map(|(r, _)| r))
+            .unwrap_or(&full);
+        plain(repository) == plain(&self.settings.commit_repository)
+    }
+
     /// A running container for `user`, and a lease that keeps it running.
     pub async fn acquire(self: &Arc<Self>, user: &UserName) -> Result<Lease, LifecycleError> {
         let (reply, rx) = oneshot::channel();
@@ -676,7 +692,10 @@ impl<R: Runtime> OwnerTask<R> {
         self.stop_at = None;
         self.remove_container().await?;
         let record = self.lc.store.user(&self.user).await?;
-        if !keep_image && let Some(image) = &record.committed_image {
+        if !keep_image
+            && let Some(image) = &record.committed_image
+            && !self.named_by_another_user(image).await?
+        {
             self.lc.runtime.remove_image(image.as_str()).await?;
             self.lc.settings.audit.record(Event::ImageRemove {
                 user: Some(self.user.to_string()),
@@ -688,6 +707,21 @@ impl<R: Runtime> OwnerTask<R> {
         self.guest = None;
         let _ = std::fs::remove_dir_all(self.lc.settings.run_dir.join(self.user.as_str()));
         Ok(())
+    }
+
+    /// Whether a user other than this one is set to `image` (as her image or her commit).
+    async fn named_by_another_user(&self, image: &ImageName) -> Result<bool, LifecycleError> {
+        let full = image.full();
+        let users = self.lc.store.users().await?;
+        let other = users.iter().find(|u| {
+            u.name != self.user
+                && (u.image.full() == full
+                    || u.committed_image.as_ref().is_some_and(|c| c.full() == full))
+        });
+        if let Some(u) = other {
+            warn!(image = %full, other = %u.name, "image kept: another user is set to it");
+        }
+        Ok(other.is_some())
     }
 
     /// Removes the container if there is one (stopping it first).
@@ -913,6 +947,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("sessions never reached {n}");
+    }
+
+    #[test]
+    fn commit_images_are_known_by_their_repository_under_any_spelling() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (lc, _, _) = setup(50, FakeRuntime::with_images(&["img"]), &[]);
+        let is = |s: &str| lc.is_commit_image(&ImageName::parse(s).unwrap());
+        assert!(is("berth/users:alice"));
+        assert!(is("docker.io/berth/users:alice"));
+        assert!(is("berth/users"));
+        assert!(!is("berth/users-x:alice"));
+        assert!(!is("debian:12"));
+        assert!(!is("berth/usersalice"));
     }
 
     #[tokio::test(start_paused = true)]

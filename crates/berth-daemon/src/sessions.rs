@@ -90,20 +90,29 @@ impl Sessions {
 
     /// Ends session `id`: SIGHUP to its processes as they are now, SIGKILL two seconds
     /// later to those still there (even if the session's own process is gone by then).
-    /// `None` when no such session is open.
-    pub fn kill(&self, id: u64) -> Option<SessionInfo> {
+    pub fn kill(&self, id: u64) -> Result<SessionInfo, KillError> {
         let (info, guard) = {
-            let open = self.open.lock().ok()?;
-            let e = open.get(&id)?;
+            let open = self.open.lock().map_err(|_| KillError::NoSuchSession)?;
+            let e = open.get(&id).ok_or(KillError::NoSuchSession)?;
             (e.info.clone(), e.guard.clone())
         };
-        if let Some(g) = guard.upgrade()
-            && let Ok(g) = g.lock()
-        {
-            g.end(Duration::from_secs(2));
+        let signalled = guard
+            .upgrade()
+            .is_some_and(|g| g.lock().is_ok_and(|g| g.end(Duration::from_secs(2))));
+        if signalled {
+            Ok(info)
+        } else {
+            Err(KillError::NothingToSignal(info))
         }
-        Some(info)
     }
+}
+
+#[derive(Debug)]
+pub enum KillError {
+    NoSuchSession,
+    /// The session is open but no process of it is known to the daemon (its process ended
+    /// and the session is closing, or the container's init did not say which it was).
+    NothingToSignal(SessionInfo),
 }
 
 /// Keeps a session in the registry; dropping it records the session's end.
@@ -134,5 +143,28 @@ impl Drop for Registration {
             user,
             exit: self.exit,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kill_with_no_known_process_says_so() {
+        let sessions = Sessions::new(Arc::new(Audit::log_only()));
+        // A session whose process the daemon could not identify guards nothing.
+        let guard: SharedGuard = Arc::new(Mutex::new(ProcessGuard::default()));
+        let reg = sessions.register("alice", None, "sleep 60".into(), &guard);
+        match sessions.kill(reg.id) {
+            Err(KillError::NothingToSignal(info)) => assert_eq!(info.user, "alice"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            sessions.kill(reg.id + 1),
+            Err(KillError::NoSuchSession)
+        ));
+        drop(reg);
+        assert!(matches!(sessions.kill(1), Err(KillError::NoSuchSession)));
     }
 }

@@ -73,6 +73,7 @@ fn tier(images: &[&str]) -> Tier {
         port: 2222,
         refusals: Default::default(),
         certs: Arc::new(berth_daemon::certs::Certs::load(None, None).unwrap()),
+        connections: berth_daemon::connections::Connections::new(),
     });
     Tier {
         gateway,
@@ -331,6 +332,7 @@ async fn every_admin_route_refuses_a_peer_that_is_not_root() {
         runtime: t.runtime.clone(),
         lifecycle: t.lifecycle.clone(),
         sessions: t.sessions.clone(),
+        connections: t.gateway.connections.clone(),
         listen: "127.0.0.1:0".into(),
         started: std::time::Instant::now(),
         images: Default::default(),

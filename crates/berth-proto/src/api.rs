@@ -11,6 +11,7 @@
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
+//! | POST   | /users/{name}/kick            | → [`KickedInfo`]                  |
 //! | GET    | /status                       | → [`StatusInfo`]                  |
 //! | DELETE | /sessions/{id}                | → [`SessionInfo`] (killed)        |
 //! | GET    | /images                       | → `[ImageInfo]`                   |
@@ -184,4 +185,11 @@ pub struct ImageInfo {
     /// Seconds since the epoch.
     pub created: i64,
     pub users: Vec<String>,
+}
+
+/// `POST /v1/users/{name}/kick`: the user's SSH connections that were ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KickedInfo {
+    pub user: UserName,
+    pub connections: usize,
 }

@@ -12,8 +12,8 @@ mod name;
 
 pub use api::{
     AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, ForwardingInfo,
-    HealthInfo, ImageInfo, KeyInfo, RemovedKeys, SessionInfo, SetForwardingRequest, StatusInfo,
-    Switch, UserInfo,
+    HealthInfo, ImageInfo, KeyInfo, KickedInfo, RemovedKeys, SessionInfo, SetForwardingRequest,
+    StatusInfo, Switch, UserInfo,
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};

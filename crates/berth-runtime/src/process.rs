@@ -69,10 +69,15 @@ impl Drop for ProcessGuard {
 impl ProcessGuard {
     /// Ends the exec's process tree as it is now (`berth session kill`): SIGHUP to each
     /// process, SIGKILL after `grace` to those still alive (checked by start time and scope,
-    /// so a recycled PID is never signalled). The guard stays armed.
-    pub fn end(&self, grace: Duration) {
-        if let Some(root) = self.root {
-            end_tree(root, self.scope.clone(), grace);
+    /// so a recycled PID is never signalled). The guard stays armed. Returns whether there
+    /// was a live process to signal.
+    pub fn end(&self, grace: Duration) -> bool {
+        match self.root {
+            Some(root) if start_time(root.0) == Some(root.1) => {
+                end_tree(root, self.scope.clone(), grace);
+                true
+            }
+            _ => false,
         }
     }
 }

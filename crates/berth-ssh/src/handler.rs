@@ -23,12 +23,23 @@ use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 pub(crate) struct Authenticated {
     done: AtomicBool,
     notify: tokio::sync::Notify,
+    /// Cancelled when what the connection authenticated with is revoked.
+    revoked: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
 }
 
 impl Authenticated {
-    pub(crate) fn set(&self) {
+    pub(crate) fn set(&self, revoked: tokio_util::sync::CancellationToken) {
+        let _ = self.revoked.set(revoked);
         self.done.store(true, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// Returns once the connection's credentials are revoked (never before it authenticated).
+    pub(crate) async fn revoked(&self) {
+        match self.revoked.get() {
+            Some(t) => t.cancelled().await,
+            None => std::future::pending().await,
+        }
     }
 
     pub(crate) fn get(&self) -> bool {
@@ -104,9 +115,10 @@ impl<G: Gateway> Connection<G> {
             peer: self.peer,
             certificate,
         });
+        let connected = self.gateway.connected(user, &key);
         self.user = Some((user.to_owned(), key));
-        self._connected = self.gateway.connected(user);
-        self.authenticated.set();
+        self._connected = Some(connected.hold);
+        self.authenticated.set(connected.revoked);
     }
 
     fn refused(&self, user: &str, key: &PublicKey) {

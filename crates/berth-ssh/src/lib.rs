@@ -168,6 +168,14 @@ pub struct AgentListener {
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
+/// What the gateway keeps for an authenticated connection: see [`Gateway::connected`].
+pub struct Connected {
+    pub hold: Box<dyn std::any::Any + Send>,
+    /// Cancelled when what the connection authenticated with is revoked: the connection is
+    /// then closed, with everything on it (sessions, forwards, agent sockets).
+    pub revoked: tokio_util::sync::CancellationToken,
+}
+
 /// Things a user may be allowed or refused beyond sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {
@@ -265,9 +273,10 @@ pub trait Gateway: Send + Sync + 'static {
         let _ = (user, certificate, peer);
         async { false }
     }
-    /// Called once a connection has authenticated as `user`; the returned value lives as
-    /// long as the connection (a connection with only forwardings keeps the container up).
-    fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>>;
+    /// Called once a connection has authenticated as `user` with `key`. The hold lives as
+    /// long as the connection (a connection with only forwardings keeps the container up);
+    /// cancelling the token ends the connection (its key or its user was removed).
+    fn connected(&self, user: &str, key: &PublicKey) -> Connected;
     /// Whether `user` may use `what` (server-wide setting, or the user's own).
     fn permits(&self, user: &str, what: Permission) -> impl Future<Output = bool> + Send;
     /// Starts the process for a session.

@@ -275,6 +275,14 @@ impl Conn {
                         }
                     }
                 }
+                () = authenticated.revoked(), if startup.is_none() => {
+                    info!(%peer, "access revoked; closing the connection");
+                    let _ = handle
+                        .disconnect(Disconnect::ByApplication, "access revoked".into(), String::new())
+                        .await;
+                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    break;
+                }
                 () = &mut login_timer, if startup.is_some() => {
                     info!(target: "audit", event = "login_timeout", %peer, "not authenticated within the login grace time");
                     door.failed(peer.ip());

@@ -10,9 +10,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use russh::server::Msg;
-use russh::{Channel, ChannelMsg};
+use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Counts bytes moved between a client and its container, either way.
 pub(crate) fn relayed(n: usize) {
@@ -88,13 +89,17 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut rx, tx) = channel.split();
+    // Closed however this ends, aborted included (the session that owned an agent or X11
+    // listener ended): a client waits for the close of every channel before it exits.
+    let mut closer = CloseOnDrop(Some(tx));
+    let tx = closer.get();
     let (mut sock_read, mut sock_write) = tokio::io::split(socket);
     let (queue, mut queued) = mpsc::unbounded_channel::<Option<bytes::Bytes>>();
     let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
     // Channel → socket, through the queue.
     let drained = pending.clone();
-    let writer = tokio::spawn(async move {
+    let writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(item) = queued.recv().await {
             match item {
                 Some(data) => {
@@ -111,10 +116,10 @@ where
                 }
             }
         }
-    });
+    }));
     // Socket → channel, with the channel's own window as backpressure.
     let mut out = tx.make_writer();
-    let reader = tokio::spawn(async move {
+    let reader = AbortOnDropHandle::new(tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
             match sock_read.read(&mut buf).await {
@@ -131,7 +136,7 @@ where
                 }
             }
         }
-    });
+    }));
     let reader_abort = reader.abort_handle();
     let mut reader = reader;
     let mut writer = writer;
@@ -186,5 +191,27 @@ where
             writer.abort();
         }
     }
-    let _ = tx.close().await;
+    if let Some(tx) = closer.0.take() {
+        let _ = tx.close().await;
+    }
+}
+
+/// A channel's write half that is closed when dropped, if it was not closed before.
+struct CloseOnDrop(Option<ChannelWriteHalf<Msg>>);
+
+impl CloseOnDrop {
+    fn get(&self) -> &ChannelWriteHalf<Msg> {
+        // Only `drop` empties it.
+        self.0.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let (Some(tx), Ok(rt)) = (self.0.take(), tokio::runtime::Handle::try_current()) {
+            rt.spawn(async move {
+                let _ = tx.close().await;
+            });
+        }
+    }
 }

@@ -62,8 +62,11 @@ impl Gateway for Fake {
         user == "alice" && key.key_data() == self.alice.key_data()
     }
 
-    fn connected(&self, _user: &str) -> Option<Box<dyn std::any::Any + Send>> {
-        None
+    fn connected(&self, _user: &str, _key: &PublicKey) -> berth_ssh::Connected {
+        berth_ssh::Connected {
+            hold: Box::new(()),
+            revoked: tokio_util::sync::CancellationToken::new(),
+        }
     }
 
     async fn permits(&self, _user: &str, _what: berth_ssh::Permission) -> bool {

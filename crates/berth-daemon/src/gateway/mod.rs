@@ -16,7 +16,7 @@ use std::sync::Arc;
 use berth_proto::{ForwardingInfo, PublicKey, UserName, fingerprint};
 use berth_runtime::Runtime;
 use berth_ssh::{
-    AgentListener, Gateway, OpenError, OpenRequest, Permission, Process, RemoteListener,
+    AgentListener, Connected, Gateway, OpenError, OpenRequest, Permission, Process, RemoteListener,
     SocketListener, SocketTunnel, Tunnel,
 };
 use tracing::{info, warn};
@@ -39,6 +39,8 @@ pub struct BerthGateway<R> {
     pub refusals: std::sync::Mutex<RefusalBudget>,
     /// Trusted user CAs and revoked keys.
     pub certs: Arc<crate::certs::Certs>,
+    /// Authenticated connections, for revocation.
+    pub connections: Arc<crate::connections::Connections>,
 }
 
 /// A user name the SSH layer passed on; it authenticated, so it parses, but nothing is
@@ -51,22 +53,50 @@ fn peer_text(peer: Option<std::net::SocketAddr>) -> String {
     peer.map_or_else(|| "-".to_owned(), |p| p.to_string())
 }
 
+/// Whether `key` is one of `user`'s and not revoked: the login check.
+async fn key_authorized(
+    store: &AsyncStore,
+    certs: &crate::certs::Certs,
+    user: &str,
+    key: &PublicKey,
+) -> bool {
+    if UserName::parse(user).is_err() || certs.key_revoked(key.key_data()) {
+        return false;
+    }
+    match store.key_authorized(user, &fingerprint(key)).await {
+        Ok(ok) => ok,
+        Err(e) => {
+            tracing::error!(error = %e, "key lookup failed");
+            false
+        }
+    }
+}
+
+/// The check at every session open or forward on an open connection: the key is still one
+/// of the user's, or the certificate it logged in with is still valid, not revoked, and its
+/// user still exists. (Never used to log in: a certificate's key alone, without the
+/// certificate and its source-address, is not a credential.)
+async fn still_authorized(
+    store: &AsyncStore,
+    certs: &crate::certs::Certs,
+    user: &str,
+    key: &PublicKey,
+) -> bool {
+    if key_authorized(store, certs, user, key).await {
+        return true;
+    }
+    if !certs.recheck(user, key, unix_now()) {
+        return false;
+    }
+    match UserName::parse(user) {
+        Ok(name) => store.exists(&name).await,
+        Err(_) => false,
+    }
+}
+
 impl<R: Runtime> BerthGateway<R> {
-    /// The check at every session open or forward on an open connection: the key is still
-    /// one of the user's, or the certificate it logged in with is still valid, not revoked,
-    /// and its user still exists. (Never used to log in: a certificate's key alone, without
-    /// the certificate and its source-address, is not a credential.)
     async fn still_authorized(&self, user: &str, key: &PublicKey) -> bool {
-        if self.authorize(user, key).await {
-            return true;
-        }
-        if !self.certs.recheck(user, key, unix_now()) {
-            return false;
-        }
-        match UserName::parse(user) {
-            Ok(name) => self.store.exists(&name).await,
-            Err(_) => false,
-        }
+        still_authorized(&self.store, &self.certs, user, key).await
     }
 
     /// What every use of an open connection starts with: the user, still authorized.
@@ -246,14 +276,26 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
         true
     }
 
-    fn connected(&self, user: &str) -> Option<Box<dyn std::any::Any + Send>> {
-        let name = UserName::parse(user).ok()?;
-        match self.lifecycle.hold(&name) {
-            Ok(hold) => Some(Box::new(hold)),
-            Err(e) => {
-                warn!(user, error = %e, "no connection hold");
-                None
+    fn connected(&self, user: &str, key: &PublicKey) -> Connected {
+        let hold = UserName::parse(user).ok().and_then(|name| {
+            self.lifecycle
+                .hold(&name)
+                .inspect_err(|e| warn!(user, error = %e, "no connection hold"))
+                .ok()
+        });
+        let (registered, revoked) = self.connections.register(user, &fingerprint(key));
+        // The key or the user may have been removed between the authentication and the
+        // registration: checked once more, off the login's path.
+        let (store, certs) = (self.store.clone(), self.certs.clone());
+        let (user, key, token) = (user.to_owned(), key.clone(), revoked.clone());
+        tokio::spawn(async move {
+            if !still_authorized(&store, &certs, &user, &key).await {
+                token.cancel();
             }
+        });
+        Connected {
+            hold: Box::new((hold, registered)),
+            revoked,
         }
     }
 
@@ -274,19 +316,7 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
     }
 
     async fn authorize(&self, user: &str, key: &PublicKey) -> bool {
-        if UserName::parse(user).is_err() {
-            return false;
-        }
-        if self.certs.key_revoked(key.key_data()) {
-            return false;
-        }
-        match self.store.key_authorized(user, &fingerprint(key)).await {
-            Ok(ok) => ok,
-            Err(e) => {
-                tracing::error!(error = %e, "key lookup failed");
-                false
-            }
-        }
+        key_authorized(&self.store, &self.certs, user, key).await
     }
 
     async fn listen(

@@ -31,6 +31,9 @@ pub enum UserCommand {
         #[arg(long)]
         keep_image: bool,
     },
+    /// End every SSH connection of a user now (her sessions, forwards and agent sockets);
+    /// her keys stay, so she can log in again
+    Kick { name: String },
     /// List users
     List {
         /// Print JSON instead of a table
@@ -127,6 +130,16 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 }
                 (None, _) => eprintln!("removed user {name} and their container"),
             }
+            Ok(())
+        }
+        UserCommand::Kick { name } => {
+            let name = user_name(&name)?;
+            let info: berth_proto::KickedInfo =
+                block_on(async { Ok(c.post(&format!("/users/{name}/kick"), &()).await?) })?;
+            eprintln!(
+                "kicked {}: {} connection(s) closed",
+                info.user, info.connections
+            );
             Ok(())
         }
         UserCommand::List { json } => {
