@@ -37,6 +37,14 @@ pub enum Event {
     LoginRefusedSuppressed {
         count: u32,
     },
+    /// Records of `user`'s own doing past her budget for a minute (see [`USER_BUDGET`]),
+    /// counted and written once that minute is over.
+    AuditSuppressed {
+        user: String,
+        count: u64,
+        /// The minute they were suppressed in (RFC 3339, its start).
+        minute: String,
+    },
     SessionStart {
         id: u64,
         user: String,
@@ -161,6 +169,89 @@ pub struct Audit {
     max_bytes: u64,
     /// The open file and its length so far.
     file: Mutex<Option<(std::fs::File, u64)>>,
+    /// Per-user budgets for records a user's own actions make.
+    budgets: Mutex<Budgets>,
+}
+
+/// Records a user's own actions may write per minute by default (logins, sessions, host
+/// words, forwardings, daemon mode, her container's starts and stops): enough for any real
+/// use, few enough that no loop of hers rotates other records (her login's among them) out
+/// of the file. What is past it is counted, and the count written once the minute is over.
+/// The config's `audit_user_budget`.
+pub const USER_BUDGET: u64 = 600;
+
+/// Users tracked at once; past it, entries of minutes gone by are dropped.
+const MAX_TRACKED: usize = 10_000;
+
+struct Budgets {
+    per_minute: u64,
+    by_user: std::collections::HashMap<String, Budget>,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Self {
+            per_minute: USER_BUDGET,
+            by_user: Default::default(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Budget {
+    minute: u64,
+    written: u64,
+    suppressed: u64,
+}
+
+impl Budgets {
+    /// Whether `user` may write one more record in `minute`; and the count suppressed in a
+    /// minute of hers now over, with that minute.
+    fn take(&mut self, user: &str, minute: u64) -> (bool, Option<(u64, u64)>) {
+        if self.by_user.len() >= MAX_TRACKED && !self.by_user.contains_key(user) {
+            // Entries whose minute is over and that owe no count go first.
+            self.by_user
+                .retain(|_, b| b.minute == minute || b.suppressed > 0);
+        }
+        let b = self.by_user.entry(user.to_owned()).or_default();
+        let mut over = None;
+        if b.minute != minute {
+            if b.suppressed > 0 {
+                over = Some((b.suppressed, b.minute));
+            }
+            *b = Budget {
+                minute,
+                ..Budget::default()
+            };
+        }
+        if b.written < self.per_minute {
+            b.written += 1;
+            (true, over)
+        } else {
+            b.suppressed += 1;
+            (false, over)
+        }
+    }
+}
+
+impl Event {
+    /// The user whose own actions made this record, for records that count against her
+    /// budget. Admin changes, container creation, removal and commits are never suppressed.
+    fn budgeted_user(&self) -> Option<&str> {
+        match self {
+            Self::LoginAccepted { user, .. }
+            | Self::SessionStart { user, .. }
+            | Self::SessionEnd { user, .. }
+            | Self::SessionRefused { user, .. }
+            | Self::HostWord { user, .. }
+            | Self::ForwardOpen { user, .. }
+            | Self::ForwardRefused { user, .. }
+            | Self::DaemonMode { user, .. }
+            | Self::ContainerStart { user, .. }
+            | Self::ContainerStop { user, .. } => Some(user),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -178,7 +269,17 @@ impl Audit {
             path: Some(path.to_owned()),
             max_bytes,
             file: Mutex::new(Some((file, len))),
+            budgets: Mutex::default(),
         })
+    }
+
+    /// Sets how many records of a user's own doing are written per minute.
+    #[must_use]
+    pub fn with_user_budget(self, per_minute: u64) -> Self {
+        if let Ok(mut b) = self.budgets.lock() {
+            b.per_minute = per_minute;
+        }
+        self
     }
 
     /// An audit log that only goes to the `audit` log target (tests, tools).
@@ -187,11 +288,37 @@ impl Audit {
             path: None,
             max_bytes: 0,
             file: Mutex::new(None),
+            budgets: Mutex::default(),
         }
     }
 
-    /// Records `event`: the one writer of audit records.
+    /// Records `event`: the one writer of audit records. A user's own records past her
+    /// budget are only counted (see [`USER_BUDGET`]).
     pub fn record(&self, event: Event) {
+        if let Some(user) = event.budgeted_user() {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() / 60);
+            let (write, over) = self
+                .budgets
+                .lock()
+                .map_or((true, None), |mut b| b.take(user, now));
+            if let Some((count, minute)) = over {
+                let start = std::time::UNIX_EPOCH + std::time::Duration::from_secs(minute * 60);
+                self.write(Event::AuditSuppressed {
+                    user: user.to_owned(),
+                    count,
+                    minute: humantime::format_rfc3339_seconds(start).to_string(),
+                });
+            }
+            if !write {
+                return;
+            }
+        }
+        self.write(event);
+    }
+
+    fn write(&self, event: Event) {
         let mut line = Map::new();
         line.insert(
             "ts".into(),
@@ -322,5 +449,48 @@ mod tests {
         .unwrap();
         assert_eq!(v["event"], "forward_refused");
         assert_eq!(v["kind"], "local");
+    }
+
+    #[test]
+    fn a_users_own_records_past_her_budget_are_counted_not_written() {
+        let mut b = Budgets::default();
+        let written = (0..USER_BUDGET + 50)
+            .filter(|_| b.take("alice", 7).0)
+            .count();
+        assert_eq!(written as u64, USER_BUDGET);
+        // bob's budget is his own.
+        assert_eq!(b.take("bob", 7), (true, None));
+        // The next minute: the count is due, once.
+        assert_eq!(b.take("alice", 8), (true, Some((50, 7))));
+        assert_eq!(b.take("alice", 8), (true, None));
+    }
+
+    #[test]
+    fn the_login_survives_a_flood_of_the_users_own_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::to_file(&path, 1 << 20).unwrap();
+        audit.record(Event::LoginAccepted {
+            user: "alice".into(),
+            key: "SHA256:k".into(),
+            peer: "-".into(),
+            certificate: None,
+        });
+        for _ in 0..20_000 {
+            audit.record(Event::HostWord {
+                user: "alice".into(),
+                word: "port",
+            });
+        }
+        // An admin change is never suppressed.
+        audit.record(Event::UserRemove { user: "bob".into() });
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().next().unwrap().contains("login_accepted"));
+        assert!(
+            text.lines().count() <= USER_BUDGET as usize + 2,
+            "{}",
+            text.lines().count()
+        );
+        assert!(text.lines().last().unwrap().contains("user_remove"));
     }
 }

@@ -79,6 +79,7 @@ pub struct Config {
     pub max_sessions: usize,
     pub max_auth_failures_per_minute: usize,
     pub audit_max_mb: u64,
+    pub audit_user_budget: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: LimitsConfig,
 }
@@ -123,6 +124,7 @@ impl Default for Config {
             max_sessions: 10,
             max_auth_failures_per_minute: 30,
             audit_max_mb: 64,
+            audit_user_budget: 600,
             metrics_listen: None,
             limits: LimitsConfig::default(),
         }
@@ -301,6 +303,11 @@ more than per_source_max_startups) before its connections are closed at once; 0 
         "audit_max_mb",
         "The audit log (STATE/audit.log, one JSON line per event) is rotated past this many MiB; one older file is kept.",
     ),
+    setting(
+        "audit_user_budget",
+        "Audit records one user's own doing may write per minute (logins, sessions, host words,
+forwardings); past it they are counted (audit_suppressed). Admin changes are never suppressed.",
+    ),
     unset(
         "metrics_listen",
         "Serve Prometheus metrics at http://ADDRESS/metrics; off when unset (example below).",
@@ -406,6 +413,9 @@ impl Config {
         }
         if self.audit_max_mb == 0 {
             return Err("audit_max_mb must be at least 1".into());
+        }
+        if self.audit_user_budget < 10 {
+            return Err("audit_user_budget must be at least 10".into());
         }
         if !(0.0..=1024.0).contains(&self.limits.cpus) || self.limits.cpus.is_nan() {
             return Err(format!(

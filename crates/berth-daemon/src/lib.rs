@@ -75,7 +75,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             &state.join("audit.log"),
             config.audit_max_mb.saturating_mul(1024 * 1024),
         )
-        .with_context(|| format!("cannot open {}", state.join("audit.log").display()))?,
+        .with_context(|| format!("cannot open {}", state.join("audit.log").display()))?
+        .with_user_budget(config.audit_user_budget),
     );
     let metrics = match config.metrics_listen {
         Some(addr) => Some(telemetry::bind(addr).await?),

@@ -162,3 +162,59 @@ fn a_users_saved_image_cannot_be_given_to_another() {
         "bob was half made"
     );
 }
+
+#[test]
+fn a_flood_of_host_words_is_counted_not_written_past_the_users_budget() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: "audit_user_budget = 20\n".into(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    let mux = d.dir.path().join("mux");
+    let ssh = |args: &[&str]| {
+        let mut c = d.ssh("alice", &key);
+        c.args(["-S", mux.to_str().unwrap()]).args(args);
+        c
+    };
+    assert!(
+        ssh(&["-M", "-f", "-N", "-o", "ControlPersist=60"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // 120 host words over the one connection, 8 at a time (fewer than max_sessions).
+    for _ in 0..15 {
+        let batch: Vec<_> = (0..8)
+            .map(|_| {
+                ssh(&["port"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for mut c in batch {
+            assert!(c.wait().unwrap().success());
+        }
+    }
+    let _ = ssh(&["-O", "exit"]).output();
+    let records = audit(&d);
+    // Everything of her own doing (logins, words) shares the budget: 20 a minute, so at
+    // most two minutes' worth whatever the clock did meanwhile, of 120 words and the logins.
+    let mine: Vec<&str> = records
+        .iter()
+        .filter(|r| r["user"] == "alice" && r["event"] != "user_add")
+        .map(|r| r["event"].as_str().unwrap_or_default())
+        .collect();
+    assert!((20..=40).contains(&mine.len()), "{mine:?}");
+    assert!(mine.contains(&"host_word"), "{mine:?}");
+    // Her login was written before any of it.
+    let first = records
+        .iter()
+        .find(|r| r["user"] == "alice" && r["event"] != "user_add")
+        .unwrap();
+    assert_eq!(first["event"], "login_accepted");
+}
