@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 use berth_guest_proto::words::{Answer, MAX_LINE, SOCKET_FILE, Word};
 use berth_proto::UserName;
 use berth_runtime::Runtime;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::warn;
@@ -25,8 +26,9 @@ use crate::lifecycle::Lifecycle;
 
 const MAX_CONNECTIONS: usize = 4;
 
-/// Makes `dir` and binds a fresh socket in it.
-pub fn bind(dir: &Path) -> std::io::Result<UnixListener> {
+/// Makes `dir` and binds a fresh socket in it (descriptors refused, see
+/// [`berth_guest_proto::fds`]).
+pub fn bind(dir: &Path) -> std::io::Result<GuardedUnixListener> {
     std::fs::create_dir_all(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
     let path = dir.join(SOCKET_FILE);
@@ -35,14 +37,18 @@ pub fn bind(dir: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(&path)?;
+    let listener = GuardedUnixListener::new(UnixListener::bind(&path)?);
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }
 
 /// Serves one user's socket. Connection tasks live in a `JoinSet` owned by this future, so
 /// when the owner drops it (user removed, shutdown) nothing of it keeps acting for that user.
-pub async fn serve<R: Runtime>(listener: UnixListener, lc: Arc<Lifecycle<R>>, user: UserName) {
+pub async fn serve<R: Runtime>(
+    listener: GuardedUnixListener,
+    lc: Arc<Lifecycle<R>>,
+    user: UserName,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let stopping = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
@@ -61,7 +67,7 @@ pub async fn serve<R: Runtime>(listener: UnixListener, lc: Arc<Lifecycle<R>>, us
             Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
         };
         let stream = match accepted {
-            Ok((s, _)) => s,
+            Ok(s) => s,
             Err(e) => {
                 warn!(error = %e, "guest socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -91,12 +97,12 @@ pub async fn serve<R: Runtime>(listener: UnixListener, lc: Arc<Lifecycle<R>>, us
 
 /// Answers one connection; returns the request it carried out.
 async fn handle<R: Runtime>(
-    stream: UnixStream,
+    stream: GuardedUnixStream,
     lc: &Arc<Lifecycle<R>>,
     user: &UserName,
     stopping: &AtomicBool,
 ) -> Option<Word> {
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_LINE as u64));
     let read = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;

@@ -37,6 +37,7 @@
 //! body of fields, each a `u32` little-endian length and that many bytes. Everything the
 //! other side sends is checked: a root user can replace her container's init.
 
+pub mod fds;
 pub mod words;
 
 /// The abstract socket name `berth-guest init` listens on (without the leading NUL).

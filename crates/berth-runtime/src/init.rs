@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use berth_guest_proto::fds;
 use berth_guest_proto::{
     INIT_SOCKET_NAME, Mode, Reply, Request, message_len, recv_with_fds, send_with_fds,
 };
@@ -465,27 +466,9 @@ fn read_reply(conn: &UnixStream, deadline: Instant) -> std::io::Result<(Reply, V
     Ok((reply, rest))
 }
 
-/// `SO_PASSRIGHTS` (Linux 6.16, `asm-generic/socket.h`; not in libc yet).
-const SO_PASSRIGHTS: libc::c_int = 83;
-
-/// Asks the kernel to refuse descriptors sent to `sock` (the guest's `sendmsg` with any then
-/// fails), so none can be queued for us at all. Older kernels do not know the option; there
-/// the readers and [`close_later`] take care of what arrives.
-/// Returns whether the kernel took the option.
+/// Asks the kernel to refuse descriptors sent to `sock` (see [`berth_guest_proto::fds`]).
 fn refuse_descriptors(sock: &impl AsFd) -> bool {
-    let off: libc::c_int = 0;
-    // SAFETY: setsockopt reads one c_int from the pointer, valid for the call.
-    #[allow(unsafe_code)]
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_fd().as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PASSRIGHTS,
-            std::ptr::from_ref(&off).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    r == 0
+    fds::refuse_descriptors(sock.as_fd())
 }
 
 /// A connection to a guest that, unless taken, is closed by [`close_later`].
@@ -510,70 +493,15 @@ impl Drop for Closing {
     }
 }
 
-/// Closes descriptors a guest could have a hand in on one thread of their own, never on a
-/// runtime worker or a namespace thread: closing a socket that has descriptors queued closes
-/// those too, and a socket can be set to linger for ever on unsent data. Whatever is still
-/// queued on a unix socket is read first and its descriptors made to reset, not linger.
+/// Closes a descriptor a guest could have a hand in off this thread, made harmless first
+/// (see [`berth_guest_proto::fds::close_later`]).
 fn close_later(fd: OwnedFd) {
-    static CLOSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<OwnedFd>>> =
-        std::sync::OnceLock::new();
-    let tx = CLOSER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
-        let _ = std::thread::Builder::new()
-            .name("berth-closer".into())
-            .spawn(move || {
-                for fd in rx {
-                    drain(&fd);
-                    drop(fd);
-                }
-            });
-        std::sync::Mutex::new(tx)
-    });
-    if let Ok(tx) = tx.lock() {
-        // If the closer is gone, the descriptor is closed here after all.
-        let _ = tx.send(fd);
-    }
-}
-
-/// Reads what is queued on a unix socket, defusing the descriptors that came with it.
-fn drain(fd: &OwnedFd) {
-    let mut buf = [0u8; 4096];
-    for _ in 0..1024 {
-        match recv_with_fds(fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-            Ok(got) if got.bytes > 0 || !got.fds.is_empty() => {
-                for inner in got.fds {
-                    defuse(&inner);
-                    drop(inner);
-                }
-            }
-            _ => return,
-        }
-    }
-}
-
-/// Makes closing `fd` quick if it is a socket: reset, no lingering.
-fn defuse(fd: &OwnedFd) {
-    use nix::sys::socket::{setsockopt, sockopt::Linger};
-    let is_socket =
-        nix::sys::stat::fstat(fd).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFSOCK);
-    if is_socket {
-        let _ = setsockopt(
-            fd,
-            Linger,
-            &libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            },
-        );
-    }
+    fds::close_later(fd);
 }
 
 /// Descriptors nobody asked for, closed off the runtime.
 fn discard(fds: Vec<OwnedFd>) {
-    for fd in fds {
-        defuse(&fd);
-        close_later(fd);
-    }
+    fds::dispose(fds);
 }
 
 /// Registers our (non-blocking, private) pty master with the reactor.
@@ -680,20 +608,6 @@ mod tests {
         assert!(read_reply(&b, soon()).is_err());
         drop(a);
         assert_eq!(leftover(&b), 0);
-    }
-
-    #[test]
-    fn descriptors_sent_to_the_daemon_are_refused_by_the_kernel() {
-        let (a, b) = UnixStream::pair().unwrap();
-        if !refuse_descriptors(&b) {
-            eprintln!(
-                "skipped: SO_PASSRIGHTS needs Linux 6.16 (this kernel lacks it; nothing is asserted here, the readers' own checks remain and are tested below)"
-            );
-            return;
-        }
-        let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-        assert!(send_with_fds(a.as_fd(), b"x", &[r.as_raw_fd()], 0).is_err());
-        assert_eq!(send_with_fds(a.as_fd(), b"x", &[], 0).unwrap(), 1);
     }
 
     #[tokio::test]

@@ -45,6 +45,7 @@ use futures_util::future::BoxFuture;
 use tokio::io::AsyncWrite;
 
 pub use algorithms::Algorithms;
+pub use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 pub use door::{DoorConfig, Net, Startups};
 pub use hostkey::{HostKeyError, load_or_create_host_key};
 pub use russh::keys::{Certificate, PublicKey, ssh_encoding, ssh_key};
@@ -148,14 +149,14 @@ pub struct RemoteListener {
 /// A Unix socket connection made in the user's container (`ssh -L ...:/path`), and what
 /// keeps the container running meanwhile.
 pub struct SocketTunnel {
-    pub stream: tokio::net::UnixStream,
+    pub stream: GuardedUnixStream,
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
 /// A Unix socket listening in the user's container (`ssh -R /path:...`); `hold` keeps the
 /// container running and removes the socket when dropped.
 pub struct SocketListener {
-    pub listener: tokio::net::UnixListener,
+    pub listener: GuardedUnixListener,
     pub hold: Box<dyn std::any::Any + Send>,
 }
 
@@ -163,7 +164,7 @@ pub struct SocketListener {
 /// socket the gateway made, the path processes see (for `SSH_AUTH_SOCK`), and whatever
 /// removes the socket when dropped.
 pub struct AgentListener {
-    pub listener: tokio::net::UnixListener,
+    pub listener: GuardedUnixListener,
     pub path_in_container: String,
     pub hold: Box<dyn std::any::Any + Send>,
 }

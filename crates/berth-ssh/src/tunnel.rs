@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 
+use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -38,10 +39,12 @@ impl Accept for tokio::net::TcpListener {
     }
 }
 
-impl Accept for tokio::net::UnixListener {
-    type Stream = tokio::net::UnixStream;
+/// Unix sockets a container connects to (agent, `-R` sockets): descriptors it sends are
+/// refused or disposed of, never closed on a runtime worker.
+impl Accept for GuardedUnixListener {
+    type Stream = GuardedUnixStream;
     async fn accept_one(&self) -> std::io::Result<(Self::Stream, Option<SocketAddr>)> {
-        self.accept().await.map(|(s, _)| (s, None))
+        self.accept().await.map(|s| (s, None))
     }
 }
 

@@ -9,7 +9,10 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use berth_proto::UserName;
 use berth_runtime::{ContainerInit, Runtime, RuntimeError, in_netns};
 use berth_ssh::X11Request;
-use berth_ssh::{AgentListener, OpenError, RemoteListener, SocketListener, SocketTunnel, Tunnel};
+use berth_ssh::{
+    AgentListener, GuardedUnixListener, GuardedUnixStream, OpenError, RemoteListener,
+    SocketListener, SocketTunnel, Tunnel,
+};
 use tracing::error;
 
 use super::BerthGateway;
@@ -109,11 +112,9 @@ impl<R: Runtime> BerthGateway<R> {
         let socket = off_thread(move || open_socket_in_root(&init.root, &p))
             .await
             .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
-        // The magic link names the inode that was checked, wherever it is: no path lookup.
-        let stream =
-            tokio::net::UnixStream::connect(format!("/proc/self/fd/{}", socket.as_raw_fd()))
-                .await
-                .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
+        let stream = connect_to(&socket)
+            .await
+            .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
         Ok(SocketTunnel {
             stream,
             hold: Box::new(lease),
@@ -135,6 +136,7 @@ impl<R: Runtime> BerthGateway<R> {
             .await
             .map_err(|e| OpenError(format!("cannot listen on {path} in your container: {e}")))?;
         let listener = tokio::net::UnixListener::from_std(listener)
+            .map(GuardedUnixListener::new)
             .map_err(|e| OpenError(format!("cannot listen on {path}: {e}")))?;
         Ok(SocketListener {
             listener,
@@ -154,7 +156,9 @@ impl<R: Runtime> BerthGateway<R> {
         std::fs::create_dir_all(&dir).map_err(fail)?;
         let file = format!("agent-{:016x}.sock", random_u64());
         let path = dir.join(&file);
-        let listener = tokio::net::UnixListener::bind(&path).map_err(fail)?;
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map(GuardedUnixListener::new)
+            .map_err(fail)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
         Ok(AgentListener {
             listener,
@@ -214,6 +218,31 @@ async fn off_thread<T: Send + 'static>(
             "the path did not resolve in time",
         )),
     }
+}
+
+/// Connects to the socket `handle` (an `O_PATH` descriptor of it) names, from a socket that
+/// refuses descriptors before it is connected: the magic link names the inode that was
+/// checked, wherever it is, with no path lookup.
+async fn connect_to(handle: &OwnedFd) -> std::io::Result<GuardedUnixStream> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let _ = berth_guest_proto::fds::refuse_descriptors(sock.as_fd());
+    let addr = UnixAddr::new(format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str())?;
+    match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
+        Ok(()) => {}
+        // A listener whose backlog is full: refused rather than waited for.
+        Err(nix::errno::Errno::EAGAIN) => {
+            return Err(std::io::Error::other("the socket's listener is busy"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let stream = tokio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(sock))?;
+    Ok(GuardedUnixStream::new(stream))
 }
 
 /// A socket path from a client: absolute (there is no working directory to be relative

@@ -1,0 +1,468 @@
+//! Descriptor hygiene for every unix socket a container can write to (the words socket,
+//! forwarded agent and Unix-socket tunnels, the connection to its init).
+//!
+//! A descriptor sent with `SCM_RIGHTS` and not taken by the reader is closed by the kernel
+//! on the reader's own thread, and a close can block: a TCP socket set to linger with unsent
+//! data blocks its last close for up to its linger time, and a unix socket closes whatever is
+//! still queued in it, nested to any depth. So: the kernel is asked to refuse descriptors
+//! outright where it can ([`refuse_descriptors`], Linux 6.16); every reader takes what
+//! arrives ([`crate::recv_with_fds`], or [`GuardedUnixStream`]); and what is taken is closed
+//! on one thread of its own ([`dispose`]) after it is made harmless: queued descriptors
+//! taken out at every depth, pending connections of a listening socket accepted, and every
+//! socket set to reset rather than linger.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// `SO_PASSRIGHTS` (Linux 6.16, `asm-generic/socket.h`; not in libc yet).
+const SO_PASSRIGHTS: libc::c_int = 83;
+
+/// Descriptors one disposal takes out of nested sockets at most; the rest are closed as
+/// they are (still on the closer thread, never a caller's).
+const MAX_NESTED: usize = 65_536;
+
+/// Asks the kernel to refuse descriptors sent to `sock` (a sender's `sendmsg` with any then
+/// fails with EPERM); sockets accepted from a listener inherit it. Returns whether the kernel
+/// took it (older kernels do not know the option: there the readers take care). With
+/// `BERTH_TEST_NO_PASSRIGHTS=1` in the environment it does nothing and returns `false`, as on
+/// an older kernel (for tests of that path).
+pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var_os("BERTH_TEST_NO_PASSRIGHTS").is_some_and(|v| v == "1")) {
+        return false;
+    }
+    let off: libc::c_int = 0;
+    // SAFETY: setsockopt reads one c_int from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_PASSRIGHTS,
+            std::ptr::from_ref(&off).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    r == 0
+}
+
+/// Closes `fd` on the closer thread, after [`drain`] made the close quick.
+pub fn close_later(fd: OwnedFd) {
+    static CLOSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<OwnedFd>>> =
+        std::sync::OnceLock::new();
+    let tx = CLOSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+        let _ = std::thread::Builder::new()
+            .name("berth-closer".into())
+            .spawn(move || {
+                for fd in rx {
+                    drain(fd);
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    if let Ok(tx) = tx.lock() {
+        // If the closer is gone, the descriptor is closed here after all.
+        let _ = tx.send(fd);
+    }
+}
+
+/// Descriptors that arrived unasked: closed off the caller's thread.
+pub fn dispose(fds: Vec<OwnedFd>) {
+    for fd in fds {
+        close_later(fd);
+    }
+}
+
+/// Takes apart what `fd` holds and closes it all: the descriptors queued in a unix socket
+/// (and in those, to any depth), the connections pending on a listening one; every socket
+/// among them is set to reset on close rather than linger.
+pub fn drain(fd: OwnedFd) {
+    let mut work = vec![fd];
+    let mut taken = 0usize;
+    let mut done = Vec::new();
+    while let Some(fd) = work.pop() {
+        defuse(fd.as_fd());
+        if taken < MAX_NESTED && is_unix_socket(fd.as_fd()) {
+            if is_listening(fd.as_fd()) {
+                while taken < MAX_NESTED {
+                    match accept_now(fd.as_fd()) {
+                        Some(c) => {
+                            taken += 1;
+                            work.push(c);
+                        }
+                        None => break,
+                    }
+                }
+            } else {
+                let mut buf = [0u8; 4096];
+                for _ in 0..4096 {
+                    match crate::recv_with_fds(fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                        Ok(got) if got.bytes > 0 || !got.fds.is_empty() => {
+                            taken += got.fds.len();
+                            work.extend(got.fds);
+                        }
+                        _ => break,
+                    }
+                }
+            }
+        }
+        done.push(fd);
+    }
+    // Innermost last taken, first closed.
+    while let Some(fd) = done.pop() {
+        drop(fd);
+    }
+}
+
+/// Makes closing `fd` quick if it is a socket: reset, no lingering.
+fn defuse(fd: BorrowedFd<'_>) {
+    if !is_socket(fd) {
+        return;
+    }
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads one linger struct from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+fn file_type(fd: BorrowedFd<'_>) -> Option<libc::mode_t> {
+    // SAFETY: fstat writes one stat struct to the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd.as_raw_fd(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT)
+    }
+}
+
+fn is_socket(fd: BorrowedFd<'_>) -> bool {
+    file_type(fd) == Some(libc::S_IFSOCK)
+}
+
+fn sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to `v`, valid for the call.
+    #[allow(unsafe_code)]
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_mut(&mut v).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+fn is_unix_socket(fd: BorrowedFd<'_>) -> bool {
+    is_socket(fd) && sockopt_int(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+}
+
+fn is_listening(fd: BorrowedFd<'_>) -> bool {
+    sockopt_int(fd, libc::SO_ACCEPTCONN) == Some(1)
+}
+
+/// A connection pending on listening socket `fd`, without waiting. The listener is made
+/// non-blocking first: a blocking accept would wait for ever once the queue is empty (or
+/// once the container, which may share the listener, took the last one). That flag is on
+/// the open file description the container sent, so it sees it too; it is closing anyway.
+fn accept_now(fd: BorrowedFd<'_>) -> Option<OwnedFd> {
+    // SAFETY: fcntl F_GETFL/F_SETFL read and set the descriptor's status flags.
+    #[allow(unsafe_code)]
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return None;
+        }
+    }
+    // SAFETY: accept4 with null address pointers returns a new descriptor or -1.
+    #[allow(unsafe_code)]
+    let c = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+        )
+    };
+    // SAFETY: a non-negative result is a new descriptor that nothing else owns.
+    #[allow(unsafe_code)]
+    (c >= 0).then(|| unsafe { OwnedFd::from_raw_fd(c) })
+}
+
+#[cfg(feature = "tokio")]
+pub use guarded::{GuardedUnixListener, GuardedUnixStream};
+
+#[cfg(feature = "tokio")]
+mod guarded {
+    use std::os::fd::{AsFd, OwnedFd};
+    use std::pin::Pin;
+    use std::task::{Context, Poll, ready};
+
+    use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+    use tokio::net::UnixStream;
+
+    /// A unix stream whose other end is a container's: descriptors that come with its
+    /// bytes are taken and disposed of ([`super::dispose`]), never closed by the kernel on
+    /// a runtime worker, and it is closed on the closer thread (with whatever is still
+    /// queued in it).
+    #[derive(Debug)]
+    pub struct GuardedUnixStream(Option<UnixStream>);
+
+    impl GuardedUnixStream {
+        /// Guards `stream`, asking the kernel to refuse descriptors on it from now on.
+        pub fn new(stream: UnixStream) -> Self {
+            let _ = super::refuse_descriptors(stream.as_fd());
+            Self(Some(stream))
+        }
+
+        /// Guards `stream` without asking the kernel anything: as on a kernel before 6.16.
+        #[cfg(test)]
+        pub(crate) fn on_an_old_kernel(stream: UnixStream) -> Self {
+            Self(Some(stream))
+        }
+
+        fn get(&self) -> &UnixStream {
+            // Only `drop` empties it.
+            self.0.as_ref().unwrap_or_else(|| unreachable!())
+        }
+
+        fn get_mut(&mut self) -> &mut UnixStream {
+            self.0.as_mut().unwrap_or_else(|| unreachable!())
+        }
+    }
+
+    /// A unix listener a container can connect to: the kernel is asked to refuse
+    /// descriptors on it (its connections inherit that), its connections are
+    /// [`GuardedUnixStream`]s, and it is closed on the closer thread (connections still
+    /// pending in its backlog can hold descriptors).
+    #[derive(Debug)]
+    pub struct GuardedUnixListener(Option<tokio::net::UnixListener>);
+
+    impl GuardedUnixListener {
+        pub fn new(listener: tokio::net::UnixListener) -> Self {
+            let _ = super::refuse_descriptors(listener.as_fd());
+            Self(Some(listener))
+        }
+
+        pub async fn accept(&self) -> std::io::Result<GuardedUnixStream> {
+            let l = self.0.as_ref().unwrap_or_else(|| unreachable!());
+            let (s, _) = l.accept().await?;
+            Ok(GuardedUnixStream::new(s))
+        }
+    }
+
+    impl Drop for GuardedUnixListener {
+        fn drop(&mut self) {
+            if let Some(l) = self.0.take()
+                && let Ok(std) = l.into_std()
+            {
+                super::close_later(OwnedFd::from(std));
+            }
+        }
+    }
+
+    impl Drop for GuardedUnixStream {
+        fn drop(&mut self) {
+            if let Some(s) = self.0.take()
+                && let Ok(std) = s.into_std()
+            {
+                super::close_later(OwnedFd::from(std));
+            }
+        }
+    }
+
+    impl AsyncRead for GuardedUnixStream {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let s = self.get();
+            loop {
+                ready!(s.poll_read_ready(cx))?;
+                let unfilled = buf.initialize_unfilled();
+                let got = s.try_io(Interest::READABLE, || {
+                    crate::recv_with_fds(s.as_fd(), unfilled, libc::MSG_DONTWAIT)
+                });
+                match got {
+                    Ok(got) => {
+                        super::dispose(got.fds);
+                        buf.advance(got.bytes);
+                        return Poll::Ready(Ok(()));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+        }
+    }
+
+    impl AsyncWrite for GuardedUnixStream {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(self.get_mut().get_mut()).poll_write(cx, data)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(self.get_mut().get_mut()).poll_flush(cx)
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(self.get_mut().get_mut()).poll_shutdown(cx)
+        }
+    }
+}
+
+#[cfg(all(test, feature = "tokio"))]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::io::{Read, Write};
+    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::time::{Duration, Instant};
+
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A TCP connection whose last close would block for 30 s (unsent data, a long linger),
+    /// and its peer, which keeps it open and does not read.
+    fn lingering_tcp() -> (OwnedFd, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        c.set_nonblocking(true).unwrap();
+        let chunk = vec![0u8; 65536];
+        let mut stuck = 0;
+        while stuck < 3 {
+            match (&c).write(&chunk) {
+                Ok(n) => stuck = usize::from(n == 0),
+                Err(_) => {
+                    stuck += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 30,
+        };
+        // SAFETY: setsockopt reads one linger struct from the pointer.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::setsockopt(
+                c.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                std::ptr::from_ref(&linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        (OwnedFd::from(c), peer)
+    }
+
+    /// `fd` wrapped `depth` times: each time sent into a fresh unix socket pair and the
+    /// receiving end returned, still holding it in its queue.
+    fn nest(mut fd: OwnedFd, depth: usize) -> OwnedFd {
+        for _ in 0..depth {
+            let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            crate::send_with_fds(a.as_fd(), b"n", &[fd.as_raw_fd()], 0).unwrap();
+            fd = OwnedFd::from(b);
+        }
+        fd
+    }
+
+    /// Whether `peer` sees its connection end (reset or closed) within `limit`.
+    fn ends_within(peer: &mut std::net::TcpStream, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut buf = vec![0u8; 1 << 20];
+        while Instant::now() < end {
+            peer.set_read_timeout(Some(
+                end.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ))
+            .unwrap();
+            match peer.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_lingering_socket_nested_in_what_a_reader_gets_is_reset_off_the_reader() {
+        let (tcp, mut peer) = lingering_tcp();
+        let nested = nest(tcp, 3);
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut guarded = GuardedUnixStream::on_an_old_kernel(ours);
+        crate::send_with_fds(theirs.as_fd(), b"x", &[nested.as_raw_fd()], 0).unwrap();
+        drop(nested);
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let n = guarded.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"x");
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // The closer reached the TCP socket three unix sockets down and reset it.
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the lingering socket was not reset"
+        );
+    }
+
+    #[test]
+    fn the_kernel_refuses_descriptors_where_it_can() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        if !refuse_descriptors(b.as_fd()) {
+            eprintln!(
+                "skipped: SO_PASSRIGHTS needs Linux 6.16 (nothing asserted on this kernel; the readers' own disposal is tested above)"
+            );
+            return;
+        }
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(crate::send_with_fds(a.as_fd(), b"x", &[r.as_raw_fd()], 0).is_err());
+        assert_eq!(crate::send_with_fds(a.as_fd(), b"x", &[], 0).unwrap(), 1);
+    }
+
+    #[test]
+    fn pending_connections_of_a_listening_socket_are_taken_apart_too() {
+        let dir = std::env::temp_dir().join(format!("berth-fds-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("l.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (tcp, mut peer) = lingering_tcp();
+        let c = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        crate::send_with_fds(c.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
+        drop((tcp, c));
+        let _ = std::fs::remove_file(&path);
+        let start = Instant::now();
+        close_later(OwnedFd::from(l));
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the pending connection's socket lingered"
+        );
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+}
