@@ -1,6 +1,6 @@
 #!/bin/sh
-# Installs Berth on this host, as root: the binaries, the Docker engine when missing, a
-# commented default config, the state directory, a systemd unit (or a background daemon when
+# Installs Berth on this host, as root: the binaries, their manual pages and shell
+# completions, the Docker engine when missing, a commented default config, the state directory, a systemd unit (or a background daemon when
 # systemd does not run) and a default image; then prints the next two commands. Running it
 # again changes only what is missing. It never edits the host's sshd_config or PAM.
 # What Berth itself defines comes from the berth binary: the default config (`berth config
@@ -91,6 +91,13 @@ GUEST=$BIN_DIR/berth-guest
 CONF_DIR=$ROOT/etc/berth
 CONF=$CONF_DIR/berth.toml
 UNIT=$ROOT/etc/systemd/system/berth.service
+# Manual pages and completions, where man and the shells look for local ones.
+SHARE=$ROOT/usr/local/share
+MAN1=$SHARE/man/man1/berth.1
+MAN5=$SHARE/man/man5/berth.toml.5
+COMP_BASH=$SHARE/bash-completion/completions/berth
+COMP_ZSH=$SHARE/zsh/site-functions/_berth
+COMP_FISH=$SHARE/fish/vendor_completions.d/berth.fish
 DEFAULT_IMAGE=${BERTH_DEFAULT_IMAGE:-berth/debian:bookworm}
 
 # systemd manages the engine when it runs; the berth unit only without a prefix (a unit
@@ -221,6 +228,21 @@ install_bin() {
   mv -f "$2.new.$$" "$2"
 }
 
+# write_text DST CMD...: DST (0644) becomes what CMD prints, unless it already is; 0 when
+# it wrote.
+write_text() {
+  dst=$1
+  shift
+  mkdir -p "$(dirname "$dst")"
+  "$@" >"$dst.new.$$" || { rm -f "$dst.new.$$"; die "cannot run $*"; }
+  if [ -f "$dst" ] && cmp -s "$dst.new.$$" "$dst"; then
+    rm -f "$dst.new.$$"
+    return 1
+  fi
+  chmod 0644 "$dst.new.$$"
+  mv -f "$dst.new.$$" "$dst"
+}
+
 apt_install() {
   command -v apt-get >/dev/null 2>&1 ||
     die "$1 is needed and apt-get is not available" "install $1 with this system's package manager, then run $0 again"
@@ -280,6 +302,20 @@ do_install() {
     changed=1
   else
     say "binaries: unchanged ($BERTH, $GUEST)"
+  fi
+
+  # Manual pages and completions, made by the binary just installed (so they match it).
+  docs_changed=0
+  write_text "$MAN1" "$BERTH" man berth && docs_changed=1
+  write_text "$MAN5" "$BERTH" man berth.toml && docs_changed=1
+  write_text "$COMP_BASH" "$BERTH" completions bash && docs_changed=1
+  write_text "$COMP_ZSH" "$BERTH" completions zsh && docs_changed=1
+  write_text "$COMP_FISH" "$BERTH" completions fish && docs_changed=1
+  if [ "$docs_changed" = 1 ]; then
+    say "manuals: installed berth(1) and berth.toml(5) in $SHARE/man; completions for bash, zsh and fish"
+    changed=1
+  else
+    say "manuals: unchanged (berth(1), berth.toml(5), completions for bash, zsh and fish)"
   fi
 
   # 2. Docker engine: decided by what Berth needs, an engine answering on the configured
@@ -586,6 +622,18 @@ do_uninstall() {
     [ -f "$cfg" ] || cfg=/dev/null
     "$cli_bin" --state-dir "$STATE" purge --config "$cfg" --yes ||
       die "berth purge failed; the binaries and $CONF_DIR are kept" "run $0 --uninstall --purge again"
+  fi
+
+  # Manual pages and completions.
+  docs_found=0
+  for f in "$MAN1" "$MAN5" "$COMP_BASH" "$COMP_ZSH" "$COMP_FISH"; do
+    if [ -e "$f" ]; then
+      rm -f "$f"
+      docs_found=1
+    fi
+  done
+  if [ "$docs_found" = 1 ]; then
+    say "manuals: removed berth(1), berth.toml(5) and the completions"
   fi
 
   # The binaries.

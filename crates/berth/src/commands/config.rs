@@ -133,6 +133,7 @@ fn unit(binary: &Path, config: &Path) -> Result<String, Failure> {
     Ok(format!(
         "[Unit]
 Description=Berth: personal containers reached with plain ssh
+Documentation=man:berth(1) man:berth.toml(5)
 After=network-online.target docker.service
 Wants=network-online.target docker.service
 

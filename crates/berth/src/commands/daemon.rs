@@ -18,7 +18,8 @@ pub struct Args {
     /// Config file [default: /etc/berth/berth.toml when present]
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The static berth-guest helper [default: next to this binary]
+    /// The static berth-guest helper [default: next to this binary, else
+    /// ../libexec/berth/berth-guest from it]
     #[arg(long, value_name = "FILE")]
     guest_binary: Option<PathBuf>,
     /// Validate the configuration, print the effective settings and exit
@@ -47,6 +48,9 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
     }
     if let Some(g) = args.guest_binary {
         config.guest_binary = Some(g);
+    }
+    if config.guest_binary.is_none() {
+        config.guest_binary = packaged_guest();
     }
     config
         .validate()
@@ -98,4 +102,17 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             }
         })
     })
+}
+
+/// The helper where a package puts it, with the programs that are not commands:
+/// `BIN/../libexec/berth/berth-guest` (`/usr/libexec/berth/berth-guest` for `/usr/bin/berth`),
+/// when there is no `berth-guest` next to this binary.
+fn packaged_guest() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    if dir.join("berth-guest").exists() {
+        return None;
+    }
+    let packaged = dir.parent()?.join("libexec/berth/berth-guest");
+    packaged.exists().then_some(packaged)
 }
