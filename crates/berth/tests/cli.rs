@@ -514,3 +514,112 @@ fn purge_asks_for_yes_and_refuses_while_the_daemon_runs() {
     assert!(d.state_dir().join("berth.db").exists());
     assert_eq!(d.users().len(), 0);
 }
+
+/// `BERTH_COMPLETE=bash berth -- WORDS...`, as the bash completion script asks at a Tab.
+fn complete(state: &Path, words: &[&str]) -> (Output, std::time::Duration) {
+    let start = std::time::Instant::now();
+    let o = std::process::Command::new(BIN)
+        .arg("--")
+        .args(words)
+        .env("BERTH_COMPLETE", "bash")
+        .env("_CLAP_COMPLETE_INDEX", (words.len() - 1).to_string())
+        .env("BERTH_STATE_DIR", state)
+        .output()
+        .unwrap();
+    (o, start.elapsed())
+}
+
+fn candidates(o: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&o.stdout)
+        .split(['\n', '\x0b'])
+        .filter(|c| !c.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// User, image and session names complete from the running daemon; with no daemon, or one
+/// that accepts the connection and never answers, a Tab gets the other candidates at once.
+#[test]
+fn completion_asks_the_daemon_and_never_waits_for_one_that_is_silent() {
+    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    d.add_user("alice", BUSYBOX);
+    let (o, _) = complete(&d.state_dir(), &["berth", "user", "rm", ""]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(candidates(&o).contains(&"alice".to_owned()), "{o:?}");
+    let (o, _) = complete(
+        &d.state_dir(),
+        &["berth", "user", "add", "bob", "--image", ""],
+    );
+    assert!(candidates(&o).contains(&BUSYBOX.to_owned()), "{o:?}");
+    let (o, _) = complete(&d.state_dir(), &["berth", "user", "l"]);
+    assert_eq!(candidates(&o), ["list"]);
+
+    // A socket that takes the connection (the backlog) and never answers.
+    let dir = tempfile::tempdir().unwrap();
+    let _silent = std::os::unix::net::UnixListener::bind(dir.path().join("admin.sock")).unwrap();
+    let (o, took) = complete(dir.path(), &["berth", "user", "rm", ""]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "a Tab took {took:?}"
+    );
+    let got = candidates(&o);
+    assert!(got.contains(&"--keep-image".to_owned()), "{got:?}");
+    assert!(!got.contains(&"alice".to_owned()), "{got:?}");
+    // No daemon at all.
+    let none = tempfile::tempdir().unwrap();
+    let (o, took) = complete(none.path(), &["berth", "user", "rm", ""]);
+    assert!(o.status.success() && took < std::time::Duration::from_secs(3));
+}
+
+/// The completion scripts and man pages print; an unknown shell or page is a usage error.
+#[test]
+fn completions_and_man_pages_print_and_refuse_what_they_do_not_know() {
+    let berth = |args: &[&str]| std::process::Command::new(BIN).args(args).output().unwrap();
+    for (shell, marker) in [
+        ("bash", "complete -o nospace"),
+        ("zsh", "#compdef berth"),
+        ("fish", "complete --keep-order --exclusive --command berth"),
+    ] {
+        let o = berth(&["completions", shell]);
+        assert!(o.status.success(), "{shell}: {}", stderr(&o));
+        let script = String::from_utf8_lossy(&o.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        assert!(script.contains("BERTH_COMPLETE"), "{shell}: {script}");
+    }
+    for (page, head) in [
+        ("berth", ".TH BERTH 1 "),
+        ("berth.toml", ".TH BERTH.TOML 5 "),
+    ] {
+        let o = berth(&["man", page]);
+        assert!(o.status.success(), "{page}: {}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.lines().any(|l| l.starts_with(head)), "{page}: {text}");
+    }
+    for args in [&["completions", "tcsh"][..], &["man", "ssh"]] {
+        let o = berth(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty());
+        assert!(
+            stderr(&o).starts_with("error: invalid value "),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let v = berth(&["--version"]);
+    let v = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.starts_with(&format!("berth {} (", env!("CARGO_PKG_VERSION"))) && v.ends_with(")\n"),
+        "{v}"
+    ); // Built from a checkout: the commit's hash and date.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    if root.join(".git").exists() {
+        let commit = v.split_once(" (").unwrap().1.trim_end_matches(")\n");
+        let (hash, date) = commit.split_once(' ').unwrap_or((commit, ""));
+        assert!(
+            hash.len() >= 12 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+            "{v}"
+        );
+        assert_eq!(date.len(), 10, "{v}");
+    }
+}
