@@ -194,6 +194,8 @@ pub struct Daemon {
     config_path: PathBuf,
     log_path: PathBuf,
     nofile: Option<u64>,
+    /// Extra environment for the daemon process.
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -231,9 +233,23 @@ impl Daemon {
             config_path,
             dir,
             nofile,
+            env: Vec::new(),
         };
         d.spawn();
         d
+    }
+
+    /// Restarts the daemon with `key=value` added to its environment.
+    pub fn restart_with_env(&mut self, key: &str, value: &str) {
+        let _ = self.stop();
+        self.env.push((key.to_owned(), value.to_owned()));
+        self.spawn();
+    }
+
+    /// The daemon's process id and how many descriptors it has open.
+    pub fn descriptors(&self) -> usize {
+        let pid = self.pid().expect("daemon running");
+        std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
     }
 
     /// This daemon's own Docker network (no test shares one with another).
@@ -259,6 +275,7 @@ impl Daemon {
             }
             None => Command::new(&self.bin),
         };
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = cmd
             .arg("--state-dir")
             .arg(self.state_dir())

@@ -218,3 +218,274 @@ fn a_flood_of_host_words_is_counted_not_written_past_the_users_budget() {
         .unwrap();
     assert_eq!(first["event"], "login_accepted");
 }
+
+/// The descriptor attack (issue 14, point 1): a message carrying a unix socket that holds,
+/// three levels down, a TCP socket whose close blocks for ten minutes (unsent data, a long
+/// linger). `connect PATH HOLD SECS` first holds HOLD connections (the words socket serves a
+/// few at a time), then sends two such messages on two more; `serve PATH SECS` listens at
+/// PATH and sends one to whoever connects. Prints `sent` or `refused` (the kernel's EPERM)
+/// per message, then keeps everything open for SECS.
+const ATTACKER: &str = r#"
+import array, socket, struct, sys, time
+keep = []
+def lingering():
+    l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(1)
+    c = socket.create_connection(l.getsockname()); p, _ = l.accept()
+    c.setblocking(False)
+    try:
+        while True: c.send(b'x' * 65536)
+    except BlockingIOError: pass
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 600))
+    keep.append(p)
+    return c
+def nested(depth=3):
+    fd = lingering()
+    for _ in range(depth):
+        a, b = socket.socketpair()
+        a.sendmsg([b'n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd.fileno()]))])
+        fd.close(); a.close(); fd = b
+    return fd
+def attack(s, payload):
+    n = nested()
+    try:
+        s.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [n.fileno()]))])
+        r = 'sent'
+    except PermissionError:
+        # Refused: the nested socket is still ours alone, and its last close would block
+        # this process. It is kept until the end (SIGKILL interrupts that close).
+        s.sendall(payload); r = 'refused'; keep.append(n)
+        return r
+    n.close()
+    return r
+results = []
+if sys.argv[1] == 'connect':
+    path, hold = sys.argv[2], int(sys.argv[3])
+    for _ in range(hold):
+        h = socket.socket(socket.AF_UNIX); h.connect(path); keep.append(h)
+    for _ in range(2):
+        s = socket.socket(socket.AF_UNIX); s.connect(path)
+        results.append(attack(s, b'daemon\n')); keep.append(s)
+else:
+    path = sys.argv[2]
+    l = socket.socket(socket.AF_UNIX); l.bind(path); l.listen(5); keep.append(l)
+    print('listening', flush=True)
+    c, _ = l.accept(); results.append(attack(c, b'hello\n')); keep.append(c)
+print(' '.join(results), flush=True)
+time.sleep(float(sys.argv[-1]))
+"#;
+
+fn attacker(args: &[&str]) -> Child {
+    std::process::Command::new("python3")
+        .arg("-c")
+        .arg(ATTACKER)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// The attacker's next line of output (within 30 s: a daemon frozen by the attack must fail
+/// the test, not hang it).
+fn line_of(child: &mut Child) -> String {
+    use std::io::BufRead;
+    // A duplicate of the pipe, read on a thread of its own that may be left behind. (Each
+    // attacker's second line, if any, is written only after the first was acted on.)
+    let pipe = std::os::fd::AsFd::as_fd(child.stdout.as_ref().unwrap())
+        .try_clone_to_owned()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(std::fs::File::from(pipe)).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the attack froze something: no answer in 30 s")
+        .trim()
+        .to_owned()
+}
+
+/// The descriptor attack on every socket alice's container can write to: the words socket,
+/// her forwarded agent, a `-R` socket and a `-L` socket's server. Returns what the attacker
+/// reported (`sent` or `refused` per message).
+fn descriptor_attack(d: &Daemon, ka: &Path, kb: &Path) -> Vec<String> {
+    d.ssh_ok("alice", ka, "rm -f /tmp/fwd.sock /tmp/evil.sock");
+    let agent_sock = d
+        .dir
+        .path()
+        .join(format!("client-agent-{}.sock", d.pid().unwrap()));
+    let _ssh_agent = KillOnDrop(
+        std::process::Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&agent_sock)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(10), || agent_sock.exists()));
+    let _agent_session = KillOnDrop(
+        d.ssh("alice", ka)
+            .args(["-A", "sleep 120"])
+            .env("SSH_AUTH_SOCK", &agent_sock)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let run = d.state_dir().join("run/alice");
+    let agents = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&run).map_or_else(
+            |_| Vec::new(),
+            |e| {
+                e.flatten()
+                    .filter(|f| f.file_name().to_string_lossy().starts_with("agent-"))
+                    .map(|f| f.path())
+                    .collect()
+            },
+        )
+    };
+    assert!(wait_until(Duration::from_secs(20), || agents().len() == 1));
+    let agent = agents().remove(0);
+    let target = TcpListenerGuard::new();
+    let _remote = hold_open(
+        d,
+        "alice",
+        ka,
+        &["-R", &format!("/tmp/fwd.sock:127.0.0.1:{}", target.port)],
+    );
+    let local = d.dir.path().join(format!("l-{}.sock", d.pid().unwrap()));
+    let _local = hold_open(
+        d,
+        "alice",
+        ka,
+        &["-L", &format!("{}:/tmp/evil.sock", local.display())],
+    );
+    assert!(wait_until(Duration::from_secs(20), || {
+        d.container_state("alice").as_deref() == Some("running")
+    }));
+    let pid = berth_testkit::docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Pid}}",
+        &d.container_name("alice"),
+    ]);
+    let root = format!("/proc/{pid}/root");
+    assert!(wait_until(Duration::from_secs(20), || {
+        Path::new(&format!("{root}/tmp/fwd.sock")).exists() && local.exists()
+    }));
+    // Bob has logged in before (his container, its sockets and the engine's connections
+    // are part of the baseline).
+    d.ssh_ok("bob", kb, "true");
+    let baseline = d.descriptors();
+
+    let hold_secs = "20";
+    let mut attackers = vec![
+        attacker(&[
+            "connect",
+            run.join("guest.sock").to_str().unwrap(),
+            "4",
+            hold_secs,
+        ]),
+        attacker(&["connect", agent.to_str().unwrap(), "0", hold_secs]),
+        attacker(&["connect", &format!("{root}/tmp/fwd.sock"), "0", hold_secs]),
+    ];
+    let mut server = attacker(&["serve", &format!("{root}/tmp/evil.sock"), hold_secs]);
+    assert_eq!(line_of(&mut server), "listening");
+    // The -L tunnel's daemon side connects to the attacker's server.
+    let _client = std::os::unix::net::UnixStream::connect(&local).unwrap();
+    let mut reports: Vec<String> = attackers.iter_mut().map(line_of).collect();
+    reports.push(line_of(&mut server));
+    attackers.push(server);
+
+    // Bob is fine: his login and the admin's status answer while all of it is held.
+    std::thread::sleep(Duration::from_secs(3));
+    let start = Instant::now();
+    let bob = d.ssh("bob", kb);
+    let o = std::process::Command::new("timeout")
+        .arg("10")
+        .arg(bob.get_program())
+        .args(bob.get_args())
+        .arg("true")
+        .status()
+        .unwrap();
+    assert!(o.success(), "bob could not log in during the attack");
+    eprintln!("bob's login during the attack took {:?}", start.elapsed());
+    let status = std::process::Command::new("timeout")
+        .arg("10")
+        .arg(BIN)
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "berth status did not answer during the attack"
+    );
+
+    // The attackers let go; the daemon's descriptors come back to where they were.
+    for mut a in attackers {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    drop(_client);
+    let back = wait_until(Duration::from_secs(30), || d.descriptors() <= baseline + 2);
+    let pid = d.pid().unwrap();
+    let open: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(
+        back,
+        "descriptors: {baseline} before the attack, {} after: {open:?}",
+        open.len()
+    );
+    reports
+}
+
+/// A TCP port on the host for `-R` targets, answering nothing.
+struct TcpListenerGuard {
+    _l: std::net::TcpListener,
+    port: u16,
+}
+
+impl TcpListenerGuard {
+    fn new() -> Self {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        Self { _l: l, port }
+    }
+}
+
+#[test]
+fn descriptors_sent_to_any_container_facing_socket_hurt_nobody() {
+    let mut d = daemon();
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    // As the kernel has it here (SO_PASSRIGHTS from Linux 6.16: the sends are refused).
+    let reports = descriptor_attack(&d, &ka, &kb);
+    eprintln!("with the kernel's refusal where it has one: {reports:?}");
+    assert_eq!(reports.len(), 4);
+    // As on an older kernel: every message is delivered, and the daemon takes them apart.
+    d.restart_with_env("BERTH_TEST_NO_PASSRIGHTS", "1");
+    let reports = descriptor_attack(&d, &ka, &kb);
+    eprintln!("as on a kernel without SO_PASSRIGHTS: {reports:?}");
+    assert!(
+        reports.iter().all(|r| r.split(' ').all(|m| m == "sent")),
+        "{reports:?}"
+    );
+    // And the daemon still stops at once when asked.
+    let start = Instant::now();
+    let st = d.stop();
+    assert!(
+        st.success() && start.elapsed() < Duration::from_secs(15),
+        "{st} after {:?}",
+        start.elapsed()
+    );
+}
