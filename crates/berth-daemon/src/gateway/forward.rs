@@ -99,19 +99,35 @@ impl<R: Runtime> BerthGateway<R> {
         })
     }
 
+    /// Runs `f` on socket path `path` beneath the root of `user`'s running container (off
+    /// the runtime, with a deadline); returns what it made and the lease that keeps the
+    /// container up. `doing` says what failed, for the user.
+    async fn in_root<T: Send + 'static>(
+        &self,
+        user: &UserName,
+        path: &str,
+        doing: &str,
+        f: impl FnOnce(&std::fs::File, &str) -> std::io::Result<T> + Send + 'static,
+    ) -> Result<(T, crate::lifecycle::Lease), OpenError> {
+        check_socket_path(path)?;
+        let lease = self.lease(user).await?;
+        let init = self.container_init(lease.container()).await?;
+        let p = path.to_owned();
+        let made = off_thread(move || f(&init.root, &p))
+            .await
+            .map_err(|e| OpenError(format!("cannot {doing} {path} in your container: {e}")))?;
+        Ok((made, lease))
+    }
+
     /// `ssh -L ...:/PATH`: connects to the Unix socket at PATH in the container.
     pub(super) async fn connect_unix(
         &self,
         user: &UserName,
         path: &str,
     ) -> Result<SocketTunnel, OpenError> {
-        check_socket_path(path)?;
-        let lease = self.lease(user).await?;
-        let init = self.container_init(lease.container()).await?;
-        let p = path.to_owned();
-        let socket = off_thread(move || open_socket_in_root(&init.root, &p))
-            .await
-            .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
+        let (socket, lease) = self
+            .in_root(user, path, "connect to", open_socket_in_root)
+            .await?;
         let stream = connect_to(&socket)
             .await
             .map_err(|e| OpenError(format!("cannot connect to {path}: {e}")))?;
@@ -128,13 +144,7 @@ impl<R: Runtime> BerthGateway<R> {
         user: &UserName,
         path: &str,
     ) -> Result<SocketListener, OpenError> {
-        check_socket_path(path)?;
-        let lease = self.lease(user).await?;
-        let init = self.container_init(lease.container()).await?;
-        let p = path.to_owned();
-        let (listener, made) = off_thread(move || bind_in_root(&init.root, &p))
-            .await
-            .map_err(|e| OpenError(format!("cannot listen on {path} in your container: {e}")))?;
+        let ((listener, made), lease) = self.in_root(user, path, "listen on", bind_in_root).await?;
         let listener = tokio::net::UnixListener::from_std(listener)
             .map(GuardedUnixListener::new)
             .map_err(|e| OpenError(format!("cannot listen on {path}: {e}")))?;
@@ -220,11 +230,9 @@ async fn off_thread<T: Send + 'static>(
     }
 }
 
-/// Connects to the socket `handle` (an `O_PATH` descriptor of it) names, from a socket that
-/// refuses descriptors before it is connected: the magic link names the inode that was
-/// checked, wherever it is, with no path lookup.
-async fn connect_to(handle: &OwnedFd) -> std::io::Result<GuardedUnixStream> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+/// A non-blocking unix stream socket that refuses descriptors (where the kernel can).
+fn unix_socket() -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
     let sock = socket(
         AddressFamily::Unix,
         SockType::Stream,
@@ -232,6 +240,15 @@ async fn connect_to(handle: &OwnedFd) -> std::io::Result<GuardedUnixStream> {
         None,
     )?;
     let _ = berth_guest_proto::fds::refuse_descriptors(sock.as_fd());
+    Ok(sock)
+}
+
+/// Connects to the socket `handle` (an `O_PATH` descriptor of it) names, from a socket that
+/// refuses descriptors before it is connected: the magic link names the inode that was
+/// checked, wherever it is, with no path lookup.
+async fn connect_to(handle: &OwnedFd) -> std::io::Result<GuardedUnixStream> {
+    use nix::sys::socket::UnixAddr;
+    let sock = unix_socket()?;
     let addr = UnixAddr::new(format!("/proc/self/fd/{}", handle.as_raw_fd()).as_str())?;
     match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
         Ok(()) => {}
@@ -311,7 +328,7 @@ fn bind_in_root(
     root: &std::fs::File,
     path: &str,
 ) -> std::io::Result<(std::os::unix::net::UnixListener, MadeSocket)> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
+    use nix::sys::socket::UnixAddr;
     let invalid =
         |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidInput, what.to_owned());
     let (parent, name) = path
@@ -330,12 +347,7 @@ fn bind_in_root(
     if addr.len() > 107 {
         return Err(invalid("the socket's file name is too long"));
     }
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    let sock = unix_socket()?;
     // The file's mode comes from the socket's own inode at bind: 0600, whatever the umask.
     nix::sys::stat::fchmod(&sock, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
     nix::sys::socket::bind(sock.as_raw_fd(), &UnixAddr::new(addr.as_str())?)?;
