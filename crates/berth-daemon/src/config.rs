@@ -91,6 +91,7 @@ pub struct LimitsConfig {
     pub memory_mb: u64,
     pub cpus: f64,
     pub pids: u32,
+    pub log_mb: u64,
 }
 
 impl Default for Config {
@@ -137,6 +138,7 @@ impl Default for LimitsConfig {
             memory_mb: 2048,
             cpus: 1.0,
             pids: 1024,
+            log_mb: 10,
         }
     }
 }
@@ -319,6 +321,11 @@ forwardings); past it they are counted (audit_suppressed). Admin changes are nev
     ),
     setting("limits.cpus", "CPUs per container (e.g. 1.5); 0 = no limit."),
     setting("limits.pids", "Processes per container (at least 16)."),
+    setting(
+        "limits.log_mb",
+        "What a container writes to its console is kept by Docker up to this many MiB (two files\n\
+of half of it, the older one dropped); 0 = Docker's own default, with no limit.",
+    ),
 ];
 
 impl Config {

@@ -267,6 +267,7 @@ fn limits(config: &Config) -> Limits {
         memory_bytes: (memory > 0).then_some(memory),
         nano_cpus: (nano > 0).then_some(nano),
         pids: i64::from(l.pids),
+        log_bytes: (l.log_mb > 0).then(|| l.log_mb.saturating_mul(1024 * 1024)),
     }
 }
 

@@ -120,6 +120,7 @@ impl Settings {
                 memory_bytes: None,
                 nano_cpus: None,
                 pids: 100,
+                log_bytes: None,
             },
             idle_stop,
             stop_timeout_secs: 1,

@@ -7,8 +7,9 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
-    NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
+    ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig,
+    HostConfigLogConfig, Mount, MountType, NetworkConnectRequest, NetworkCreateRequest,
+    NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -347,6 +348,14 @@ impl Runtime for DockerRuntime {
             memory_swap: spec.limits.memory_bytes,
             nano_cpus: spec.limits.nano_cpus,
             pids_limit: Some(spec.limits.pids),
+            // A user writing to her init's stdout fills the engine's disk otherwise.
+            log_config: spec.limits.log_bytes.map(|bytes| HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), (bytes / 2).max(1024).to_string()),
+                    ("max-file".to_owned(), "2".to_owned()),
+                ])),
+            }),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             // Raw sockets would let a user spoof ARP towards other users' containers on the
             // shared bridge; ping still works through the unprivileged ICMP socket range.

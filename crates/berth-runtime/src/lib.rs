@@ -123,6 +123,9 @@ pub struct Limits {
     pub memory_bytes: Option<i64>,
     pub nano_cpus: Option<i64>,
     pub pids: i64,
+    /// The container's console log kept by the engine, at most (two rotated files);
+    /// `None`: the engine's default (unbounded json-file).
+    pub log_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

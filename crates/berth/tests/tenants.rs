@@ -489,3 +489,29 @@ fn descriptors_sent_to_any_container_facing_socket_hurt_nobody() {
         start.elapsed()
     );
 }
+
+#[test]
+fn a_flood_into_the_containers_console_keeps_a_bounded_log() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: "[limits]\nlog_mb = 1\n".into(),
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    // 1 MB of "y" lines into her init's stdout: some 25 MB of Docker's JSON log unbounded.
+    d.ssh_ok("alice", &key, "yes | head -c 1000000 > /proc/1/fd/1; true");
+    let container = d.container_name("alice");
+    let log = berth_testkit::docker(&["inspect", "-f", "{{.LogPath}}", &container]);
+    let dir = Path::new(&log).parent().unwrap().to_owned();
+    let total: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("-json.log"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    eprintln!("console log on disk: {total} bytes");
+    assert!(total > 100_000, "nothing was logged ({total} bytes): the test proves nothing");
+    assert!(total <= 1_100_000, "{total} bytes of log for a 1 MiB cap");
+}
