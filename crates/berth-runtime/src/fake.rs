@@ -389,6 +389,7 @@ mod tests {
                 memory_bytes: None,
                 nano_cpus: None,
                 pids: 10,
+                log_bytes: None,
             },
             network: "n".into(),
             mounts: vec![],

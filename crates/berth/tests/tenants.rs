@@ -512,6 +512,9 @@ fn a_flood_into_the_containers_console_keeps_a_bounded_log() {
         .map(|e| e.metadata().unwrap().len())
         .sum();
     eprintln!("console log on disk: {total} bytes");
-    assert!(total > 100_000, "nothing was logged ({total} bytes): the test proves nothing");
+    assert!(
+        total > 100_000,
+        "nothing was logged ({total} bytes): the test proves nothing"
+    );
     assert!(total <= 1_100_000, "{total} bytes of log for a 1 MiB cap");
 }
