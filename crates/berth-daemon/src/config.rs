@@ -219,7 +219,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     unset(
         "guest_binary",
-        "The static berth-guest helper; by default the berth-guest next to the berth binary.",
+        "The static berth-guest helper; by default the berth-guest next to the berth binary, else\n../libexec/berth/berth-guest from it (/usr/libexec/berth/berth-guest for the package).",
         "\"/usr/local/bin/berth-guest\"",
     ),
     setting(
