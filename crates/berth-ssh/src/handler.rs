@@ -142,6 +142,53 @@ impl<G: Gateway> Connection<G> {
         });
     }
 
+    /// Whether one more remote forward fits on this connection; a refusal is reported.
+    fn remote_slot(&self, user: &str, kind: ForwardKind, target: &str) -> bool {
+        if self.forwards.len() < MAX_REMOTE_FORWARDS {
+            return true;
+        }
+        let why = "too many remote forwards on this connection";
+        self.forward_event(user, kind, target, Some(why));
+        false
+    }
+
+    /// Opens a `-L` tunnel in a task (the handler must not wait): `open` connects in the
+    /// container, then the channel is confirmed and bridged; the outcome is reported.
+    fn spawn_tunnel<S, F>(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        counted: Arc<()>,
+        (user, kind, target): (String, ForwardKind, String),
+        open: F,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+        F: std::future::Future<
+                Output = Result<(S, Box<dyn std::any::Any + Send>), crate::OpenError>,
+            > + Send
+            + 'static,
+    {
+        let gateway = self.gateway.clone();
+        let span = info_span!("forward", user = %user, to = ?target);
+        self.tasks.spawn(
+            async move {
+                let _counted = counted;
+                let opened = open.await;
+                report(&*gateway, &user, kind, &target, opened.as_ref().err());
+                match opened {
+                    Ok((stream, hold)) => {
+                        reply.accept().await;
+                        let _hold = hold;
+                        crate::tunnel::bridge(channel, stream).await;
+                        debug!("forward closed");
+                    }
+                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
+                }
+            }
+            .instrument(span),
+        );
+    }
+
     /// A place for one more `-L` tunnel on this connection (each live tunnel holds a clone of
     /// `tunnels`), or `None` (reported) when all are taken.
     fn tunnel_slot(&mut self, user: &str, kind: ForwardKind, target: &str) -> Option<Arc<()>> {
@@ -186,6 +233,33 @@ impl<G> Drop for Connection<G> {
 const MAX_REMOTE_FORWARDS: usize = 16;
 /// `ssh -L` tunnels one connection may have open at once.
 const MAX_TUNNELS: usize = 64;
+
+/// Whether `user` may use `what` for this forwarding; a refusal is reported. (A free
+/// function: the handler itself is not `Sync`, so it is not held across the await.)
+async fn permitted<G: Gateway>(
+    gateway: &G,
+    user: &str,
+    kind: ForwardKind,
+    target: &str,
+    what: Permission,
+) -> bool {
+    if gateway.permits(user, what).await {
+        return true;
+    }
+    let why = if what == Permission::SocketForwarding {
+        "socket forwarding is off for this user"
+    } else {
+        "tcp forwarding is off for this user"
+    };
+    report(
+        gateway,
+        user,
+        kind,
+        target,
+        Some(&crate::OpenError(why.into())),
+    );
+    false
+}
 
 /// Reports how a forwarding that was asked for turned out.
 fn report<G: Gateway>(
@@ -342,10 +416,16 @@ impl<G: Gateway> Handler for Connection<G> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
         };
-        let target = format!("{host}:{port}");
-        if !self.gateway.permits(&user, Permission::TcpForwarding).await {
-            let why = "tcp forwarding is off for this user";
-            self.forward_event(&user, ForwardKind::Local, &target, Some(why));
+        let (kind, target) = (ForwardKind::Local, format!("{host}:{port}"));
+        if !permitted(
+            &*self.gateway,
+            &user,
+            kind,
+            &target,
+            Permission::TcpForwarding,
+        )
+        .await
+        {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -355,36 +435,16 @@ impl<G: Gateway> Handler for Connection<G> {
             reply.reject(ChannelOpenFailure::ConnectFailed).await;
             return Ok(());
         };
-        let Some(counted) = self.tunnel_slot(&user, ForwardKind::Local, &target) else {
+        let Some(counted) = self.tunnel_slot(&user, kind, &target) else {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
-        let (gateway, host) = (self.gateway.clone(), host.to_owned());
-        let span = info_span!("forward", user = %user, to = %target);
-        // Connect first, confirm the channel after, all in a task: the handler must not wait.
-        self.tasks.spawn(
-            async move {
-                let _counted = counted;
-                let opened = gateway.connect(&user, &key, &host, port).await;
-                report(
-                    &*gateway,
-                    &user,
-                    ForwardKind::Local,
-                    &target,
-                    opened.as_ref().err(),
-                );
-                match opened {
-                    Ok(tunnel) => {
-                        reply.accept().await;
-                        let _hold = tunnel.hold;
-                        crate::tunnel::bridge(channel, tunnel.stream).await;
-                        debug!("tcp forward closed");
-                    }
-                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-                }
-            }
-            .instrument(span),
-        );
+        let (gateway, host, u) = (self.gateway.clone(), host.to_owned(), user.clone());
+        let open = async move {
+            let t = gateway.connect(&u, &key, &host, port).await?;
+            Ok((t.stream, t.hold))
+        };
+        self.spawn_tunnel(channel, reply, counted, (user, kind, target), open);
         Ok(())
     }
 
@@ -399,13 +459,15 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(()); // dropping `reply` rejects the open
         };
         let kind = ForwardKind::LocalSocket;
-        if !self
-            .gateway
-            .permits(&user, Permission::SocketForwarding)
-            .await
+        if !permitted(
+            &*self.gateway,
+            &user,
+            kind,
+            socket_path,
+            Permission::SocketForwarding,
+        )
+        .await
         {
-            let why = "socket forwarding is off for this user";
-            self.forward_event(&user, kind, socket_path, Some(why));
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
@@ -415,24 +477,17 @@ impl<G: Gateway> Handler for Connection<G> {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
-        let (gateway, path) = (self.gateway.clone(), socket_path.to_owned());
-        let span = info_span!("forward", user = %user, to = ?path);
-        self.tasks.spawn(
-            async move {
-                let _counted = counted;
-                let opened = gateway.connect_socket(&user, &key, &path).await;
-                report(&*gateway, &user, kind, &path, opened.as_ref().err());
-                match opened {
-                    Ok(tunnel) => {
-                        reply.accept().await;
-                        let _hold = tunnel.hold;
-                        crate::tunnel::bridge(channel, tunnel.stream).await;
-                        debug!("socket forward closed");
-                    }
-                    Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
-                }
-            }
-            .instrument(span),
+        let (gateway, path, u) = (self.gateway.clone(), socket_path.to_owned(), user.clone());
+        let open = async move {
+            let t = gateway.connect_socket(&u, &key, &path).await?;
+            Ok((t.stream, t.hold))
+        };
+        self.spawn_tunnel(
+            channel,
+            reply,
+            counted,
+            (user, kind, socket_path.to_owned()),
+            open,
         );
         Ok(())
     }
@@ -446,18 +501,16 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(false);
         };
         let kind = ForwardKind::RemoteSocket;
-        if !self
-            .gateway
-            .permits(&user, Permission::SocketForwarding)
-            .await
+        if !permitted(
+            &*self.gateway,
+            &user,
+            kind,
+            socket_path,
+            Permission::SocketForwarding,
+        )
+        .await
+            || !self.remote_slot(&user, kind, socket_path)
         {
-            let why = "socket forwarding is off for this user";
-            self.forward_event(&user, kind, socket_path, Some(why));
-            return Ok(false);
-        }
-        if self.forwards.len() >= MAX_REMOTE_FORWARDS {
-            let why = "too many remote forwards on this connection";
-            self.forward_event(&user, kind, socket_path, Some(why));
             return Ok(false);
         }
         // Bound here, so that the reply says whether it worked.
@@ -507,14 +560,16 @@ impl<G: Gateway> Handler for Connection<G> {
         };
         let kind = ForwardKind::Remote;
         let target = format!("{address}:{wanted}");
-        if !self.gateway.permits(&user, Permission::TcpForwarding).await {
-            let why = "tcp forwarding is off for this user";
-            self.forward_event(&user, kind, &target, Some(why));
-            return Ok(false);
-        }
-        if self.forwards.len() >= MAX_REMOTE_FORWARDS {
-            let why = "too many remote forwards on this connection";
-            self.forward_event(&user, kind, &target, Some(why));
+        if !permitted(
+            &*self.gateway,
+            &user,
+            kind,
+            &target,
+            Permission::TcpForwarding,
+        )
+        .await
+            || !self.remote_slot(&user, kind, &target)
+        {
             return Ok(false);
         }
         // The reply must say which port was bound, so the bind happens here; it waits only

@@ -29,12 +29,37 @@ use tempfile::TempDir;
 pub const BUSYBOX: &str = "berth-test/busybox:latest";
 pub const DEBIAN: &str = "berth-test/debian:bookworm-tools";
 
-fn workspace_root() -> PathBuf {
+/// The checkout's root directory.
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
         .nth(2)
         .unwrap()
         .to_owned()
+}
+
+/// `ssh -p PORT -i KEY USER@127.0.0.1` for a throwaway server (host key not kept, no agent,
+/// no prompts).
+pub fn ssh_command(port: u16, key: &Path, user: &str) -> Command {
+    let mut c = Command::new("ssh");
+    c.args(["-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "ConnectTimeout=20",
+        ])
+        .arg(format!("{user}@127.0.0.1"));
+    c
 }
 
 /// The static guest helper: `$BERTH_GUEST_BIN`, or built once by `scripts/build-guest`.

@@ -39,8 +39,13 @@ fn forward(d: &Daemon, key: &Path, target: &str) -> (KillOnDrop, u16) {
 }
 
 fn read_all(port: u16) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_to_end(s)
+}
+
+/// Everything `s` gives until its end (or its read timeout).
+fn read_to_end(mut s: impl Read) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
@@ -615,13 +620,13 @@ fn socket_server_in_container(d: &Daemon, key: &Path, path: &str, text: &str) ->
 const READ_SOCKET: &str = "perl -MIO::Socket::UNIX -e 'my $c = IO::Socket::UNIX->new(Peer => $ARGV[0]) or die \"connect: $!\\n\"; print while <$c>'";
 
 fn read_unix(path: &Path) -> String {
-    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
-        return String::new();
-    };
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    std::os::unix::net::UnixStream::connect(path).map_or_else(
+        |_| String::new(),
+        |s| {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            read_to_end(s)
+        },
+    )
 }
 
 #[test]

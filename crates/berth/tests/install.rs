@@ -14,20 +14,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
-use berth_testkit::{BUSYBOX, docker_output, ensure_images, free_port, guest_binary, wait_until};
+use berth_testkit::{
+    BUSYBOX, docker_output, ensure_images, free_port, guest_binary, ssh_command, wait_until,
+    workspace_root,
+};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_owned()
-}
 
 fn script() -> PathBuf {
     workspace_root().join("install.sh")
@@ -310,24 +305,7 @@ fn install_again_login_uninstall_purge() {
         key.with_extension("pub").to_str().unwrap(),
     ]);
     assert!(add.status.success(), "{}", show(&add));
-    let ssh = Command::new("ssh")
-        .args(["-p", &inst.port.to_string(), "-i"])
-        .arg(&key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=20",
-        ])
-        .arg(format!("{}@127.0.0.1", inst.user))
+    let ssh = ssh_command(inst.port, &key, &inst.user)
         .args(["echo", "hi"])
         .stdin(Stdio::null())
         .output()

@@ -30,18 +30,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use berth_testkit::{
-    BUSYBOX, DEBIAN, docker_output, ensure_images, free_port, keygen_at, wait_until,
+    BUSYBOX, DEBIAN, docker_output, ensure_images, free_port, keygen_at, ssh_command, wait_until,
+    workspace_root,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .unwrap()
-        .to_owned()
-}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -517,28 +510,6 @@ impl Drop for MachineGuard {
     }
 }
 
-fn ssh(port: u16, key: &Path, user: &str) -> Command {
-    let mut c = Command::new("ssh");
-    c.args(["-p", &port.to_string(), "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=20",
-        ])
-        .arg(format!("{user}@127.0.0.1"));
-    c
-}
-
 fn inspect(container: &str, format: &str) -> String {
     text(&docker_output(&["inspect", "-f", format, container]).stdout)
         .trim()
@@ -642,11 +613,11 @@ fn install_login_upgrade_with_a_session_open_remove_purge_on_this_machine() {
         complete.split(['\n', '\x0b']).any(|c| c == user),
         "{complete:?}"
     );
-    let hi = run_ok(ssh(port, &key, &user).args(["echo", "hi"]));
+    let hi = run_ok(ssh_command(port, &key, &user).args(["echo", "hi"]));
     assert_eq!(hi, "hi\n");
 
     // Her session stays open over the upgrade.
-    let mut session = ssh(port, &key, &user)
+    let mut session = ssh_command(port, &key, &user)
         .arg("touch /root/before-upgrade; echo ready; exec sleep 600")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -700,7 +671,7 @@ fn install_login_upgrade_with_a_session_open_remove_purge_on_this_machine() {
         "the session outlived the daemon that served it"
     );
     // She logs in again into the same container.
-    let again = run_ok(ssh(port, &key, &user).args(["ls", "/root/before-upgrade"]));
+    let again = run_ok(ssh_command(port, &key, &user).args(["ls", "/root/before-upgrade"]));
     assert_eq!(again, "/root/before-upgrade\n");
     assert_eq!(inspect(&container, "{{.Id}}"), id);
 
