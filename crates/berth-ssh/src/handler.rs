@@ -159,6 +159,7 @@ impl<G: Gateway> Connection<G> {
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
         counted: Arc<()>,
+        handle: russh::server::Handle,
         (user, kind, target): (String, ForwardKind, String),
         open: F,
     ) where
@@ -179,7 +180,7 @@ impl<G: Gateway> Connection<G> {
                     Ok((stream, hold)) => {
                         reply.accept().await;
                         let _hold = hold;
-                        crate::tunnel::bridge(channel, stream).await;
+                        crate::tunnel::bridge(channel, stream, handle).await;
                         debug!("forward closed");
                     }
                     Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
@@ -287,11 +288,16 @@ async fn serve_remote_socket(
     path: String,
 ) {
     let _hold = remote.hold;
-    crate::tunnel::serve_listener(remote.listener, "remote socket forward", move |_| {
-        let handle = handle.clone();
-        let path = path.clone();
-        async move { handle.channel_open_forwarded_streamlocal(path).await }
-    })
+    crate::tunnel::serve_listener(
+        remote.listener,
+        "remote socket forward",
+        handle.clone(),
+        move |_| {
+            let handle = handle.clone();
+            let path = path.clone();
+            async move { handle.channel_open_forwarded_streamlocal(path).await }
+        },
+    )
     .await;
 }
 
@@ -304,16 +310,21 @@ async fn serve_remote(
     port: u32,
 ) {
     let _hold = remote.hold;
-    crate::tunnel::serve_listener(remote.listener, "remote forward", move |peer| {
-        let handle = handle.clone();
-        let address = address.clone();
-        let (from, from_port) = crate::tunnel::origin(peer);
-        async move {
-            handle
-                .channel_open_forwarded_tcpip(address, port, from, from_port)
-                .await
-        }
-    })
+    crate::tunnel::serve_listener(
+        remote.listener,
+        "remote forward",
+        handle.clone(),
+        move |peer| {
+            let handle = handle.clone();
+            let address = address.clone();
+            let (from, from_port) = crate::tunnel::origin(peer);
+            async move {
+                handle
+                    .channel_open_forwarded_tcpip(address, port, from, from_port)
+                    .await
+            }
+        },
+    )
     .await;
 }
 
@@ -411,7 +422,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _originator: &str,
         _originator_port: u32,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
@@ -444,7 +455,14 @@ impl<G: Gateway> Handler for Connection<G> {
             let t = gateway.connect(&u, &key, &host, port).await?;
             Ok((t.stream, t.hold))
         };
-        self.spawn_tunnel(channel, reply, counted, (user, kind, target), open);
+        self.spawn_tunnel(
+            channel,
+            reply,
+            counted,
+            session.handle(),
+            (user, kind, target),
+            open,
+        );
         Ok(())
     }
 
@@ -453,7 +471,7 @@ impl<G: Gateway> Handler for Connection<G> {
         channel: Channel<Msg>,
         socket_path: &str,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         let Some((user, key)) = self.user.clone() else {
             return Ok(()); // dropping `reply` rejects the open
@@ -486,6 +504,7 @@ impl<G: Gateway> Handler for Connection<G> {
             channel,
             reply,
             counted,
+            session.handle(),
             (user, kind, socket_path.to_owned()),
             open,
         );

@@ -30,6 +30,7 @@ pub mod algorithms;
 pub mod door;
 mod handler;
 mod hostkey;
+mod inbox;
 mod server;
 mod session;
 mod tunnel;

@@ -22,6 +22,12 @@ use crate::algorithms::Algorithms;
 use crate::door::{Door, DoorConfig, Refusal, Startup};
 use crate::handler::{Authenticated, Connection};
 
+/// The window each channel grants its client: the most client input the daemon holds for
+/// one channel (OpenSSH's sessions and tunnels use the same).
+pub(crate) const WINDOW: u32 = 2 * 1024 * 1024;
+/// The largest packet a client may send.
+pub(crate) const MAX_PACKET: u32 = 32 * 1024;
+
 /// Gateway settings that come from Berth's config.
 #[derive(Debug, Clone)]
 pub struct SshConfig {
@@ -107,6 +113,11 @@ pub async fn serve<G: Gateway>(
         nodelay: true,
         max_auth_attempts: 6,
         event_buffer_size: 100,
+        // Flow control: a channel's window is re-opened as its consumer takes the data
+        // (`crate::inbox`), so the daemon holds at most one window per channel.
+        manual_window_adjust: true,
+        window_size: WINDOW,
+        maximum_packet_size: MAX_PACKET,
         ..Default::default()
     });
     let accept_env = Arc::new(config.accept_env.clone());

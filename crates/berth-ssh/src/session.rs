@@ -1,6 +1,5 @@
 //! One session channel, owned by one task from its first message to its close.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -8,10 +7,10 @@ use futures_util::StreamExt;
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
+use crate::inbox::{InboxRx, InboxTx, Overrun};
 use crate::tunnel::relayed;
 
 use crate::{
@@ -188,24 +187,21 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         pty,
         env,
     };
-    // Opening can take seconds (container create/start). Keep reading the channel meanwhile:
-    // russh stops the whole connection while one channel's queue is full.
-    let mut early = VecDeque::new();
-    let mut early_bytes = 0;
+    // Opening can take seconds (container create/start). Keep reading the channel meanwhile
+    // (russh stops the whole connection while one channel's queue is full): input waits in
+    // the inbox, bounded by the client's window.
+    let (input, stdin) = crate::inbox::inbox(ctx.handle.clone(), tx.id(), INPUT_LIMIT);
+    let mut resized = None;
     let opened = {
         let open = ctx.gateway.open(req);
         tokio::pin!(open);
         loop {
             tokio::select! {
                 r = &mut open => break r,
-                msg = rx.wait(), if early_bytes < INPUT_LIMIT => match msg {
-                    Some(m) => {
-                        if let ChannelMsg::Data { data } = &m {
-                            early_bytes += data.len();
-                        }
-                        early.push_back(m);
-                    }
-                    None => return,
+                msg = rx.wait() => match take_input(msg, &input, tty) {
+                    Taken::Resize(size) => resized = Some(size),
+                    Taken::Nothing => {}
+                    Taken::End => return,
                 },
             }
         }
@@ -239,24 +235,59 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         });
         AbortOnDropHandle::new(tokio::spawn(serve_x11(l, ctx.handle.clone())))
     });
-    let status = pump(process, early, rx, &tx, tty).await;
+    let status = pump(process, resized, rx, (input, stdin), &tx, tty).await;
     debug!(status = ?status, "session ended");
 }
 
-/// Bytes of client input held for a process that is not reading its stdin yet.
-///
-/// russh re-opens the client's window when data is *received*, not when it is consumed
-/// so the only brake on a fast sender is to stop reading the
-/// channel — and while one channel is not read, russh stops the whole connection, window
-/// adjusts for our own output included. A process blocked on output would then never drain
-/// its input: a deadlock. So input is read into memory up to this bound; only a client that
-/// pushes more than this into a process that neither reads stdin nor gets its output read
-/// can still stall its own connection.
-const INPUT_LIMIT: usize = 64 * 1024 * 1024;
+/// Bytes of client input held for one session: the window the client is granted
+/// ([`crate::server::WINDOW`]) and one packet of slack. More is a client ignoring flow
+/// control, and ends the session.
+const INPUT_LIMIT: usize = crate::server::WINDOW as usize + crate::server::MAX_PACKET as usize;
 
-enum Input {
-    Data(bytes::Bytes, OwnedSemaphorePermit),
-    Eof,
+/// What a channel message means for a session's input.
+enum Taken {
+    /// Held for the process, discarded, or of no concern to it.
+    Nothing,
+    Resize(WindowSize),
+    /// The channel is gone, or the client broke flow control.
+    End,
+}
+
+/// Routes one channel message: data to the inbox, EOF (not on a terminal: it has no
+/// half-close, so closing its input would hang up the session, as sshd knows —
+/// `ssh -tt host cmd </dev/null`), window changes to the caller.
+fn take_input(msg: Option<ChannelMsg>, input: &InboxTx, tty: bool) -> Taken {
+    match msg {
+        Some(ChannelMsg::Data { data }) => match input.push(&data) {
+            Ok(()) => Taken::Nothing,
+            Err(Overrun) => {
+                debug!(
+                    held = input.held(),
+                    "client sent past its window; session ended"
+                );
+                Taken::End
+            }
+        },
+        // Nothing reads a session's extended input; its window is given back.
+        Some(ChannelMsg::ExtendedData { data, .. }) => {
+            input.discard(data.len());
+            Taken::Nothing
+        }
+        Some(ChannelMsg::Eof) if !tty => {
+            input.eof();
+            Taken::Nothing
+        }
+        Some(ChannelMsg::WindowChange {
+            col_width,
+            row_height,
+            ..
+        }) => Taken::Resize(WindowSize {
+            cols: clamp(col_width),
+            rows: clamp(row_height),
+        }),
+        None | Some(ChannelMsg::Close) => Taken::End,
+        Some(_) => Taken::Nothing,
+    }
 }
 
 /// Runs the process to its end. Returns its exit code, or `None` when the client went
@@ -267,8 +298,9 @@ enum Input {
 /// own output from flowing.
 async fn pump(
     process: Process,
-    early: VecDeque<ChannelMsg>,
+    resized: Option<WindowSize>,
     mut rx: russh::ChannelReadHalf,
+    (input, stdin_rx): (InboxTx, InboxRx),
     tx: &ChannelWriteHalf<Msg>,
     tty: bool,
 ) -> Option<u32> {
@@ -278,61 +310,20 @@ async fn pump(
         output,
         mut control,
     } = process;
-    let (in_tx, in_rx) = mpsc::unbounded_channel();
-    let budget = Arc::new(Semaphore::new(INPUT_LIMIT));
-    let _writer = AbortOnDropHandle::new(tokio::spawn(write_stdin(stdin, in_rx)));
+    let _writer = AbortOnDropHandle::new(tokio::spawn(write_stdin(stdin, stdin_rx)));
+    if let Some(size) = resized {
+        control.resize(size).await;
+    }
     let out = copy_output(output, tx.make_writer(), tx.make_writer_ext(Some(1)));
     tokio::pin!(out);
-    let mut early = early.into_iter();
-    let mut input_open = true;
     loop {
-        let msg = match early.next() {
-            Some(m) => Some(m),
-            None => tokio::select! {
-                () = &mut out => break,
-                m = rx.wait() => m,
+        tokio::select! {
+            () = &mut out => break,
+            m = rx.wait() => match take_input(m, &input, tty) {
+                Taken::Nothing => {}
+                Taken::Resize(size) => control.resize(size).await,
+                Taken::End => return None,
             },
-        };
-        let item = match msg {
-            Some(ChannelMsg::Data { data }) if input_open => {
-                let n = u32::try_from(data.len().clamp(1, INPUT_LIMIT)).unwrap_or(u32::MAX);
-                let permit = match budget.clone().try_acquire_many_owned(n) {
-                    Ok(p) => p,
-                    // Over the limit: wait for the process to take some in, or to end.
-                    Err(_) => tokio::select! {
-                        () = &mut out => break,
-                        p = budget.clone().acquire_many_owned(n) => match p {
-                            Ok(p) => p,
-                            Err(_) => break,
-                        },
-                    },
-                };
-                Input::Data(data, permit)
-            }
-            // A terminal has no half-close: closing its input would hang up the session,
-            // so EOF on a TTY session is ignored, as sshd does (`ssh -tt host cmd </dev/null`).
-            Some(ChannelMsg::Eof) if input_open && !tty => {
-                input_open = false;
-                Input::Eof
-            }
-            Some(ChannelMsg::WindowChange {
-                col_width,
-                row_height,
-                ..
-            }) => {
-                control
-                    .resize(WindowSize {
-                        cols: clamp(col_width),
-                        rows: clamp(row_height),
-                    })
-                    .await;
-                continue;
-            }
-            Some(_) => continue,
-            None => return None,
-        };
-        if in_tx.send(item).is_err() {
-            input_open = false; // the process closed its stdin
         }
     }
     // The output has ended; the process may still run (it closed its stdout, or a child
@@ -344,27 +335,9 @@ async fn pump(
     let code = loop {
         tokio::select! {
             code = &mut wait => break code,
-            m = rx.wait() => match m {
-                Some(ChannelMsg::Data { data }) if input_open => {
-                    let n = u32::try_from(data.len().clamp(1, INPUT_LIMIT)).unwrap_or(u32::MAX);
-                    let permit = tokio::select! {
-                        code = &mut wait => break code,
-                        p = budget.clone().acquire_many_owned(n) => match p {
-                            Ok(p) => p,
-                            Err(_) => continue,
-                        },
-                    };
-                    if in_tx.send(Input::Data(data, permit)).is_err() {
-                        input_open = false;
-                    }
-                }
-                Some(ChannelMsg::Eof) if input_open && !tty => {
-                    input_open = false;
-                    let _ = in_tx.send(Input::Eof);
-                }
-                None | Some(ChannelMsg::Close) => return None,
-                // Window changes: no output is left, so no terminal to size.
-                Some(_) => {}
+            // Window changes: no output is left, so no terminal to size.
+            m = rx.wait() => if let Taken::End = take_input(m, &input, tty) {
+                return None;
             },
         }
     };
@@ -374,34 +347,25 @@ async fn pump(
     Some(code)
 }
 
-/// Feeds the process's stdin; stops quietly when the process no longer reads it.
-async fn write_stdin(
-    mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>,
-    mut rx: mpsc::UnboundedReceiver<Input>,
-) {
-    while let Some(item) = rx.recv().await {
-        // The permit is given back once its bytes are written.
-        match item {
-            Input::Data(d, _permit) => {
-                relayed(d.len());
-                if stdin.write_all(&d).await.is_err() {
-                    return;
-                }
-            }
-            Input::Eof => {
-                // Some writers (a pipe) only close when dropped, which returning does.
-                let _ = stdin.shutdown().await;
-                return;
-            }
+/// Feeds the process's stdin, granting the client more window as the process takes it in;
+/// stops quietly when the process no longer reads it (the inbox then discards).
+async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut input: InboxRx) {
+    while let Some(d) = input.recv().await {
+        relayed(d.len());
+        if stdin.write_all(&d).await.is_err() {
+            return;
         }
+        input.consumed(d.len());
     }
+    // The client's EOF. Some writers (a pipe) only close when dropped, which returning does.
+    let _ = stdin.shutdown().await;
 }
 
 /// Each connection to the agent socket in the container becomes an agent channel to the
 /// client.
 async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle) {
     let _hold = agent.hold;
-    crate::tunnel::serve_listener(agent.listener, "agent socket", move |_| {
+    crate::tunnel::serve_listener(agent.listener, "agent socket", handle.clone(), move |_| {
         let handle = handle.clone();
         async move { handle.channel_open_agent().await }
     })
@@ -411,7 +375,7 @@ async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle)
 /// Each connection to the session's X11 display in the container becomes an X11 channel
 /// to the client, whose ssh checks and replaces the cookie.
 async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Handle) {
-    crate::tunnel::serve_listener(listener, "x11", move |peer| {
+    crate::tunnel::serve_listener(listener, "x11", handle.clone(), move |peer| {
         let handle = handle.clone();
         let (address, port) = crate::tunnel::origin(peer);
         async move { handle.channel_open_x11(address, port).await }

@@ -1,10 +1,9 @@
 //! Byte pipes between a channel and a socket (`-L`, `-R`, agent, X11).
 //!
-//! russh delivers a channel's data by awaiting a send into a small queue from inside the
-//! connection's loop, and re-opens the client's window on receipt. A
-//! channel that is not read therefore stalls the whole connection, shells included. So the
-//! channel is read all the time into a byte-capped queue; a socket that falls too far behind
-//! loses its tunnel rather than freezing everyone else.
+//! The channel is read all the time (russh stops the whole connection while one channel's
+//! queue is full) into its inbox ([`crate::inbox`]); the client's window is re-opened as the
+//! socket takes the bytes, so a socket that stops reading stops its own client's sending on
+//! that channel, and nothing else.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,7 +12,6 @@ use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 use russh::server::Msg;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 /// Counts bytes moved between a client and its container, either way.
@@ -21,8 +19,9 @@ pub(crate) fn relayed(n: usize) {
     metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
 }
 
-/// Bytes a tunnel may hold for a socket that is not reading.
-const TUNNEL_LIMIT: usize = 8 * 1024 * 1024;
+/// Bytes a tunnel may hold for a socket that is not reading: the client's window and one
+/// packet of slack (more is a client ignoring flow control, and ends the tunnel).
+const LIMIT: usize = crate::server::WINDOW as usize + crate::server::MAX_PACKET as usize;
 
 /// A listener whose connections become channels to the client (`-R`, agent, X11).
 pub(crate) trait Accept: Send {
@@ -51,8 +50,12 @@ impl Accept for GuardedUnixListener {
 /// Turns each connection `listener` accepts into a channel opened by `open` (given the
 /// connection's peer) and pipes the two. Runs until accepting fails; aborting it ends its
 /// pipes too.
-pub(crate) async fn serve_listener<L, F, Fut>(listener: L, what: &'static str, open: F)
-where
+pub(crate) async fn serve_listener<L, F, Fut>(
+    listener: L,
+    what: &'static str,
+    handle: russh::server::Handle,
+    open: F,
+) where
     L: Accept,
     F: Fn(Option<SocketAddr>) -> Fut,
     Fut: Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
@@ -70,9 +73,10 @@ where
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
         let opening = open(peer);
+        let handle = handle.clone();
         conns.spawn(async move {
             if let Ok(channel) = opening.await {
-                bridge(channel, stream).await;
+                bridge(channel, stream, handle).await;
             }
         });
     }
@@ -86,39 +90,31 @@ pub(crate) fn origin(peer: Option<SocketAddr>) -> (String, u32) {
     )
 }
 
-/// Copies both ways until both directions have ended, or the socket falls behind.
-pub(crate) async fn bridge<S>(channel: Channel<Msg>, socket: S)
+/// Copies both ways until both directions have ended, or the client breaks flow control.
+pub(crate) async fn bridge<S>(channel: Channel<Msg>, socket: S, handle: russh::server::Handle)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let id = channel.id();
     let (mut rx, tx) = channel.split();
     // Closed however this ends, aborted included (the session that owned an agent or X11
     // listener ended): a client waits for the close of every channel before it exits.
     let mut closer = CloseOnDrop(Some(tx));
     let tx = closer.get();
     let (mut sock_read, mut sock_write) = tokio::io::split(socket);
-    let (queue, mut queued) = mpsc::unbounded_channel::<Option<bytes::Bytes>>();
-    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (input, mut taken) = crate::inbox::inbox(handle, id, LIMIT);
 
-    // Channel → socket, through the queue.
-    let drained = pending.clone();
+    // Channel → socket, through the inbox: the client may send more as the socket takes it.
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(item) = queued.recv().await {
-            match item {
-                Some(data) => {
-                    let n = data.len();
-                    relayed(n);
-                    if sock_write.write_all(&data).await.is_err() {
-                        return;
-                    }
-                    drained.fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
-                }
-                None => {
-                    let _ = sock_write.shutdown().await;
-                    return;
-                }
+        while let Some(data) = taken.recv().await {
+            let n = data.len();
+            relayed(n);
+            if sock_write.write_all(&data).await.is_err() {
+                return;
             }
+            taken.consumed(n);
         }
+        let _ = sock_write.shutdown().await;
     }));
     // Socket → channel, with the channel's own window as backpressure.
     let mut out = tx.make_writer();
@@ -159,17 +155,14 @@ where
             }
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    let total = pending.fetch_add(data.len(), std::sync::atomic::Ordering::SeqCst) + data.len();
-                    if total > TUNNEL_LIMIT {
-                        tracing::debug!("tunnel closed: its socket stopped reading");
+                    if input.push(&data).is_err() {
+                        tracing::debug!("tunnel closed: the client sent past its window");
                         overflow = true;
                         break;
                     }
-                    let _ = queue.send(Some(data));
                 }
-                Some(ChannelMsg::Eof) => {
-                    let _ = queue.send(None);
-                }
+                Some(ChannelMsg::ExtendedData { data, .. }) => input.discard(data.len()),
+                Some(ChannelMsg::Eof) => input.eof(),
                 Some(_) => {}
                 None => break,
             },
@@ -186,7 +179,7 @@ where
     } else {
         // The channel is done; what it sent still goes to the socket (bounded in time, in
         // case the socket never reads).
-        drop(queue);
+        drop(input);
         if tokio::time::timeout(std::time::Duration::from_secs(30), &mut writer)
             .await
             .is_err()

@@ -1,0 +1,205 @@
+//! End-to-end: client input is flow-controlled, not buffered (issue 14, point 3). A process
+//! that does not read its stdin stalls only its own sender; the daemon holds at most a window
+//! per channel; a client that vanishes with its input backed up is still noticed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, KillOnDrop, wait_until};
+
+const BIN: &str = env!("CARGO_BIN_EXE_berth");
+
+/// What the daemon must stay under while it is flooded.
+const RSS_CEILING: u64 = 256 * 1024 * 1024;
+
+fn daemon() -> Daemon {
+    Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: String::new(),
+        },
+    )
+}
+
+/// The daemon's resident memory, in bytes.
+fn rss(d: &Daemon) -> u64 {
+    let pid = d.pid().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+/// Bob is fine: his login and the admin's status answer (within generous deadlines: these
+/// are hang guards, not timings).
+fn bob_is_fine(d: &Daemon, kb: &Path) {
+    let bob = d.ssh("bob", kb);
+    let st = Command::new("timeout")
+        .arg("10")
+        .arg(bob.get_program())
+        .args(bob.get_args())
+        .arg("true")
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "bob could not log in");
+    let status = Command::new("timeout")
+        .args(["10", BIN, "--state-dir"])
+        .arg(d.state_dir())
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "berth status did not answer");
+}
+
+/// `ssh alice@host CMD </dev/zero`: a client pushing input as fast as it is let.
+fn flooding(d: &Daemon, user: &str, key: &Path, cmd: &str) -> KillOnDrop {
+    KillOnDrop(
+        d.ssh(user, key)
+            .arg(cmd)
+            .stdin(std::fs::File::open("/dev/zero").unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Processes running `needle` in `user`'s container.
+fn running(d: &Daemon, user: &str, needle: &str) -> usize {
+    let out = berth_testkit::docker(&["exec", &d.container_name(user), "ps", "-o", "args"]);
+    out.lines().filter(|l| l.trim() == needle).count()
+}
+
+#[test]
+fn forty_sessions_that_never_read_their_flooded_stdin_keep_the_daemon_small() {
+    let d = daemon();
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    d.ssh_ok("alice", &ka, "true");
+    let before = rss(&d);
+    // In batches: the door lets one source hold only a few unauthenticated connections.
+    let mut clients: Vec<KillOnDrop> = Vec::new();
+    for batch in 1..=8 {
+        clients.extend((0..5).map(|_| flooding(&d, "alice", &ka, "sleep 600")));
+        assert!(
+            wait_until(Duration::from_secs(60), || running(
+                &d,
+                "alice",
+                "sleep 600"
+            ) == 5 * batch),
+            "the sessions did not all start: {} of {}",
+            running(&d, "alice", "sleep 600"),
+            5 * batch
+        );
+    }
+    // Each client has spent its window by now (2 MiB at loopback speed takes milliseconds);
+    // they keep pushing for a while.
+    std::thread::sleep(Duration::from_secs(5));
+    let flooded = rss(&d);
+    eprintln!(
+        "daemon RSS: {} MiB before, {} MiB with 40 flooding sessions",
+        before >> 20,
+        flooded >> 20
+    );
+    assert!(
+        flooded < RSS_CEILING,
+        "daemon RSS {} MiB under the flood",
+        flooded >> 20
+    );
+    // The sessions are alive (flow control stalls the senders; it does not cut them off),
+    // and nobody else is hurt.
+    assert!(
+        clients
+            .iter_mut()
+            .all(|c| c.0.try_wait().unwrap().is_none())
+    );
+    assert_eq!(running(&d, "alice", "sleep 600"), 40);
+    bob_is_fine(&d, &kb);
+    // A client that vanishes with its input backed up is noticed, and its session ended.
+    drop(clients.drain(..20));
+    assert!(
+        wait_until(Duration::from_secs(60), || running(
+            &d,
+            "alice",
+            "sleep 600"
+        ) == 20),
+        "sessions of vanished clients still run: {}",
+        running(&d, "alice", "sleep 600")
+    );
+    drop(clients);
+    assert!(wait_until(Duration::from_secs(60), || running(
+        &d,
+        "alice",
+        "sleep 600"
+    ) == 0));
+    let after = rss(&d);
+    eprintln!("daemon RSS after the sessions ended: {} MiB", after >> 20);
+    assert!(after < RSS_CEILING);
+}
+
+#[test]
+fn a_process_that_does_not_read_stalls_only_its_own_channel() {
+    let d = daemon();
+    let ka = d.add_user("alice", BUSYBOX);
+    d.ssh_ok("alice", &ka, "true");
+    // One connection (a master) carrying several channels.
+    let sock = d.dir.path().join("master.sock");
+    let master_args = |c: &mut Command| {
+        c.arg("-S").arg(&sock);
+    };
+    let mut m = d.ssh("alice", &ka);
+    master_args(&mut m);
+    let _master = KillOnDrop(
+        m.args(["-M", "-N"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || sock.exists()));
+    // A channel whose process never reads, flooded.
+    let mut s = d.ssh("alice", &ka);
+    master_args(&mut s);
+    let _stuck = KillOnDrop(
+        s.arg("sleep 600")
+            .stdin(std::fs::File::open("/dev/zero").unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(30), || running(
+        &d,
+        "alice",
+        "sleep 600"
+    ) == 1));
+    std::thread::sleep(Duration::from_secs(2));
+    // The same connection still carries other channels, both ways, in bulk.
+    let mut c = d.ssh("alice", &ka);
+    master_args(&mut c);
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(c.get_program())
+        .args(c.get_args())
+        .arg("head -c 50000000 | wc -c")
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "50000000");
+    assert_eq!(running(&d, "alice", "sleep 600"), 1);
+}
