@@ -82,6 +82,9 @@ pub enum Event {
         target: String,
         reason: String,
     },
+    /// A user was refused a connection, session or forwarded connection for holding all
+    /// she may (`[limits]`).
+    LimitReached { user: String, what: &'static str },
     ContainerCreate {
         user: String,
         container: String,

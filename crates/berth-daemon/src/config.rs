@@ -77,6 +77,7 @@ pub struct Config {
     pub penalty_exempt: Vec<String>,
     pub login_grace_seconds: u64,
     pub max_sessions: usize,
+    pub input_buffer_mb: u64,
     pub max_auth_failures_per_minute: usize,
     pub audit_max_mb: u64,
     pub audit_user_budget: u64,
@@ -92,6 +93,10 @@ pub struct LimitsConfig {
     pub cpus: f64,
     pub pids: u32,
     pub log_mb: u64,
+    pub connections: usize,
+    pub sessions: usize,
+    pub forwards: usize,
+    pub input_buffer_mb: u64,
 }
 
 impl Default for Config {
@@ -123,6 +128,7 @@ impl Default for Config {
             penalty_exempt: Vec::new(),
             login_grace_seconds: 30,
             max_sessions: 10,
+            input_buffer_mb: 512,
             max_auth_failures_per_minute: 30,
             audit_max_mb: 64,
             audit_user_budget: 600,
@@ -139,6 +145,10 @@ impl Default for LimitsConfig {
             cpus: 1.0,
             pids: 1024,
             log_mb: 10,
+            connections: 32,
+            sessions: 32,
+            forwards: 64,
+            input_buffer_mb: 64,
         }
     }
 }
@@ -182,7 +192,8 @@ an unknown key is an error naming it. Restart the daemon after a change
 /// The tables, each with the comment above its header line.
 const TABLES: &[(&str, &str)] = &[(
     "limits",
-    "Limits for each user's container. Keep the [limits] line; uncomment keys below it.",
+    "Limits for each user: her container, and what she may hold open in the daemon. Keep the
+[limits] line; uncomment keys below it.",
 )];
 
 /// Every setting, in the order of the commented default config, with what an admin reads
@@ -292,6 +303,12 @@ probability rising from RATE % to 100 % at FULL (OpenSSH's MaxStartups).",
         "Sessions one SSH connection may have open at once (OpenSSH's MaxSessions).",
     ),
     setting(
+        "input_buffer_mb",
+        "Client input (stdin, tunnel bytes) the daemon may hold for all channels together, in MiB.
+A channel's window grows from 64 KiB to 2 MiB while this and its user's limits.input_buffer_mb
+allow; past them channels keep working with the small window (slower, never refused).",
+    ),
+    setting(
         "max_auth_failures_per_minute",
         "Failures per minute from one source (connections that end without logging in, or that ask for
 more than per_source_max_startups) before its connections are closed at once; 0 = no limit.",
@@ -325,6 +342,24 @@ forwardings); past it they are counted (audit_suppressed). Admin changes are nev
         "limits.log_mb",
         "What a container writes to its console is kept by Docker up to this many MiB (two files\n\
 of half of it, the older one dropped); 0 = Docker's own default, with no limit.",
+    ),
+    setting(
+        "limits.connections",
+        "Authenticated SSH connections one user may have open at once; past it a login is told
+\"too many connections\" and closed.",
+    ),
+    setting(
+        "limits.sessions",
+        "Sessions (shells, commands, sftp) one user may have open at once, all connections together.",
+    ),
+    setting(
+        "limits.forwards",
+        "Forwarded connections one user may have open at once: -L/-D tunnels and connections to her
+-R ports and sockets, agent socket and X11 displays.",
+    ),
+    setting(
+        "limits.input_buffer_mb",
+        "Client input the daemon may hold for one user's channels, in MiB (see input_buffer_mb).",
     ),
 ];
 
@@ -429,6 +464,12 @@ impl Config {
                 "limits.cpus = {} is out of range",
                 self.limits.cpus
             ));
+        }
+        if self.limits.connections == 0 || self.limits.sessions == 0 || self.limits.forwards == 0
+        {
+            return Err(
+                "limits.connections, limits.sessions and limits.forwards must be at least 1".into(),
+            );
         }
         if self.limits.pids < 16 {
             return Err(format!(

@@ -160,6 +160,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         max_connections: config.max_connections,
         login_grace: Duration::from_secs(config.login_grace_seconds),
         max_sessions: config.max_sessions,
+        user_limits: berth_ssh::UserLimits {
+            connections: config.limits.connections,
+            sessions: config.limits.sessions,
+            forwards: config.limits.forwards,
+            input_buffer_bytes: mib(config.limits.input_buffer_mb),
+        },
+        input_buffer_bytes: mib(config.input_buffer_mb),
         door: config.door().map_err(anyhow::Error::msg)?,
         fd_limit: Some(nofile),
         // The admin socket, the engine's client, the store and the sessions' pipes keep
@@ -330,4 +337,9 @@ fn install_guest(bytes: Vec<u8>, state: &Path) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(dir.join("run"))?;
     // The state dir is 0700; Docker (root) can still bind-mount the guest dir from it.
     Ok(dir)
+}
+
+/// `n` MiB in bytes (saturating).
+fn mib(n: u64) -> usize {
+    usize::try_from(n.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
 }

@@ -174,6 +174,12 @@ pub struct StatusInfo {
     pub users: usize,
     pub containers: Vec<ContainerInfo>,
     pub sessions: Vec<SessionInfo>,
+    /// The daemon's own load: tasks alive and descriptors open (what a user's doing may not
+    /// leave behind).
+    #[serde(default)]
+    pub tasks: usize,
+    #[serde(default)]
+    pub descriptors: usize,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

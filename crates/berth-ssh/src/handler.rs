@@ -15,6 +15,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::quota::{Held, Quotas, Slot, Tenant};
 use crate::session::{self, env_allowed};
 use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 
@@ -79,6 +80,11 @@ pub(crate) struct Connection<G> {
     connected_at: std::time::Instant,
     /// Set by the first session that opens its process (it measures the login latency).
     login_measured: Arc<AtomicBool>,
+    quotas: Arc<Quotas>,
+    /// The authenticated user's quotas.
+    tenant: Option<Tenant>,
+    /// This connection's place among its user's connections.
+    _slot: Option<Slot>,
 }
 
 impl<G: Gateway> Connection<G> {
@@ -88,6 +94,7 @@ impl<G: Gateway> Connection<G> {
         accept_env: Arc<Vec<String>>,
         authenticated: Arc<Authenticated>,
         max_sessions: usize,
+        quotas: Arc<Quotas>,
     ) -> Self {
         Self {
             gateway,
@@ -103,6 +110,9 @@ impl<G: Gateway> Connection<G> {
             tasks: JoinSet::new(),
             connected_at: std::time::Instant::now(),
             login_measured: Arc::new(AtomicBool::new(false)),
+            quotas,
+            tenant: None,
+            _slot: None,
         }
     }
 
@@ -114,6 +124,18 @@ impl<G: Gateway> Connection<G> {
             key: &key,
             peer: self.peer,
             certificate,
+        });
+        let gateway = self.gateway.clone();
+        let who = user.to_owned();
+        self.tenant = Some(Tenant {
+            quotas: self.quotas.clone(),
+            user: user.to_owned(),
+            report: Arc::new(move |what: Held| {
+                gateway.event(Event::LimitReached {
+                    user: &who,
+                    what: what.refusal(),
+                });
+            }),
         });
         let connected = self.gateway.connected(user, &key);
         self.user = Some((user.to_owned(), key));
@@ -158,7 +180,7 @@ impl<G: Gateway> Connection<G> {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        counted: Arc<()>,
+        counted: (Arc<()>, Slot),
         handle: russh::server::Handle,
         (user, kind, target): (String, ForwardKind, String),
         open: F,
@@ -170,6 +192,11 @@ impl<G: Gateway> Connection<G> {
             + 'static,
     {
         let gateway = self.gateway.clone();
+        let reserved = self
+            .tenant
+            .as_ref()
+            .map(Tenant::reserve_input)
+            .unwrap_or_default();
         let span = info_span!("forward", user = %user, to = ?target);
         self.tasks.spawn(
             async move {
@@ -180,7 +207,7 @@ impl<G: Gateway> Connection<G> {
                     Ok((stream, hold)) => {
                         reply.accept().await;
                         let _hold = hold;
-                        crate::tunnel::bridge(channel, stream, handle).await;
+                        crate::tunnel::bridge(channel, stream, handle, reserved).await;
                         debug!("forward closed");
                     }
                     Err(_) => reply.reject(ChannelOpenFailure::ConnectFailed).await,
@@ -191,15 +218,25 @@ impl<G: Gateway> Connection<G> {
     }
 
     /// A place for one more `-L` tunnel on this connection (each live tunnel holds a clone of
-    /// `tunnels`), or `None` (reported) when all are taken.
-    fn tunnel_slot(&mut self, user: &str, kind: ForwardKind, target: &str) -> Option<Arc<()>> {
+    /// `tunnels`) and among its user's forwarded connections, or `None` (reported) when all
+    /// are taken.
+    fn tunnel_slot(
+        &mut self,
+        user: &str,
+        kind: ForwardKind,
+        target: &str,
+    ) -> Option<(Arc<()>, Slot)> {
         while self.tasks.try_join_next().is_some() {}
         if Arc::strong_count(&self.tunnels) > MAX_TUNNELS {
             let why = "too many tunnels open on this connection";
             self.forward_event(user, kind, target, Some(why));
             return None;
         }
-        Some(self.tunnels.clone())
+        let slot = self.tenant.as_ref()?.take(Held::Forward);
+        if slot.is_none() {
+            self.forward_event(user, kind, target, Some(Held::Forward.refusal()));
+        }
+        Some((self.tunnels.clone(), slot?))
     }
 
     fn reply(&self, ch: ChannelId, ok: bool, session: &mut Session) -> Result<(), russh::Error> {
@@ -285,6 +322,7 @@ fn report<G: Gateway>(
 async fn serve_remote_socket(
     remote: crate::SocketListener,
     handle: russh::server::Handle,
+    tenant: Tenant,
     path: String,
 ) {
     let _hold = remote.hold;
@@ -292,6 +330,7 @@ async fn serve_remote_socket(
         remote.listener,
         "remote socket forward",
         handle.clone(),
+        tenant,
         move |_| {
             let handle = handle.clone();
             let path = path.clone();
@@ -306,6 +345,7 @@ async fn serve_remote_socket(
 async fn serve_remote(
     remote: crate::RemoteListener,
     handle: russh::server::Handle,
+    tenant: Tenant,
     address: String,
     port: u32,
 ) {
@@ -314,6 +354,7 @@ async fn serve_remote(
         remote.listener,
         "remote forward",
         handle.clone(),
+        tenant,
         move |peer| {
             let handle = handle.clone();
             let address = address.clone();
@@ -381,6 +422,23 @@ impl<G: Gateway> Handler for Connection<G> {
         }
     }
 
+    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
+        // A user past her connections is told so (`ssh` prints the reason) and let go.
+        match self.tenant.as_ref().map(|t| t.take(Held::Connection)) {
+            Some(Some(slot)) => self._slot = Some(slot),
+            Some(None) => {
+                info!("connection refused: too many connections for this user");
+                session.disconnect(
+                    russh::Disconnect::TooManyConnections,
+                    "berth: too many connections for this user",
+                    "",
+                )?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
     async fn channel_open_session(
         &mut self,
         channel: Channel<Msg>,
@@ -395,6 +453,13 @@ impl<G: Gateway> Handler for Connection<G> {
             info!(user = %user, "session refused: {} sessions open on this connection", self.channels.len());
             return Ok(());
         }
+        let Some(tenant) = self.tenant.clone() else {
+            return Ok(());
+        };
+        let Some(slot) = tenant.take(Held::Session) else {
+            reply.reject(ChannelOpenFailure::ResourceShortage).await;
+            return Ok(());
+        };
         self.channels.insert(channel.id(), false);
         let span = info_span!("session", user = %user, ch = %channel.id());
         let ctx = session::Context {
@@ -406,6 +471,8 @@ impl<G: Gateway> Handler for Connection<G> {
             login_measured: self.login_measured.clone(),
             handle: session.handle(),
             accept_env: self.accept_env.clone(),
+            tenant,
+            _slot: slot,
         };
         // The task owns the channel from its first message, so nothing queues up unread.
         self.tasks
@@ -541,9 +608,13 @@ impl<G: Gateway> Handler for Connection<G> {
             }
         };
         self.forward_event(&user, kind, socket_path, None);
+        let Some(tenant) = self.tenant.clone() else {
+            return Ok(false);
+        };
         let task = tokio::spawn(serve_remote_socket(
             remote,
             session.handle(),
+            tenant,
             socket_path.to_owned(),
         ));
         self.forwards
@@ -606,9 +677,13 @@ impl<G: Gateway> Handler for Connection<G> {
         };
         *port = bound;
         self.forward_event(&user, kind, &format!("{address}:{bound}"), None);
+        let Some(tenant) = self.tenant.clone() else {
+            return Ok(false);
+        };
         let task = tokio::spawn(serve_remote(
             remote,
             session.handle(),
+            tenant,
             address.to_owned(),
             bound,
         ));

@@ -14,6 +14,8 @@ use bytes::{Bytes, BytesMut};
 use russh::ChannelId;
 use tokio::sync::Notify;
 
+use crate::quota::Reserved;
+
 /// The client sent more than the window it was granted (a hostile or broken client).
 #[derive(Debug)]
 pub(crate) struct Overrun;
@@ -58,6 +60,8 @@ impl Shared {
 pub(crate) struct InboxTx {
     shared: Arc<Shared>,
     limit: usize,
+    /// The input buffer set aside for this channel, given back when it ends.
+    _reserved: Reserved,
 }
 
 /// The consumer's end.
@@ -65,23 +69,28 @@ pub(crate) struct InboxRx {
     shared: Arc<Shared>,
 }
 
-/// An inbox for channel `id` of the connection behind `handle`, holding at most `limit`
-/// bytes (the window the client is granted, plus one packet of slack).
+/// An inbox for channel `id` of the connection behind `handle`. The client's window grows
+/// from the initial one by what `reserved` sets aside; the inbox holds at most that window
+/// plus one packet of slack.
 pub(crate) fn inbox(
     handle: russh::server::Handle,
     id: ChannelId,
-    limit: usize,
+    reserved: Reserved,
 ) -> (InboxTx, InboxRx) {
+    let extra = reserved.bytes();
+    let limit = crate::server::INITIAL_WINDOW as usize + extra + crate::server::MAX_PACKET as usize;
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
         wake: Notify::new(),
         handle,
         id,
     });
+    shared.grant(extra);
     (
         InboxTx {
             shared: shared.clone(),
             limit,
+            _reserved: reserved,
         },
         InboxRx { shared },
     )

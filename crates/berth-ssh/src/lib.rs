@@ -31,6 +31,7 @@ pub mod door;
 mod handler;
 mod hostkey;
 mod inbox;
+mod quota;
 mod server;
 mod session;
 mod tunnel;
@@ -48,6 +49,7 @@ use tokio::io::AsyncWrite;
 pub use algorithms::Algorithms;
 pub use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 pub use door::{DoorConfig, Net, Startups};
+pub use quota::UserLimits;
 pub use hostkey::{HostKeyError, load_or_create_host_key};
 pub use russh::keys::{Certificate, PublicKey, ssh_encoding, ssh_key};
 pub use server::{ServerError, SshConfig, serve};
@@ -216,6 +218,9 @@ pub enum Event<'a> {
         target: &'a str,
         refused: Option<&'a str>,
     },
+    /// `user` was refused something for holding all she may of it (`what`: the words of
+    /// the refusal, e.g. "too many sessions for this user").
+    LimitReached { user: &'a str, what: &'static str },
 }
 
 /// The kinds of forwarding, as the audit log names them.

@@ -18,13 +18,17 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
+use crate::quota::{Quotas, UserLimits};
 use crate::algorithms::Algorithms;
 use crate::door::{Door, DoorConfig, Refusal, Startup};
 use crate::handler::{Authenticated, Connection};
 
-/// The window each channel grants its client: the most client input the daemon holds for
-/// one channel (OpenSSH's sessions and tunnels use the same).
+/// The window a channel grants its client once input buffer is set aside for it (from its
+/// user's budget and the daemon's): the most client input the daemon holds for one channel
+/// (OpenSSH's sessions and tunnels use the same).
 pub(crate) const WINDOW: u32 = 2 * 1024 * 1024;
+/// The window every channel starts with, and keeps when the budgets are spent.
+pub(crate) const INITIAL_WINDOW: u32 = 64 * 1024;
 /// The largest packet a client may send.
 pub(crate) const MAX_PACKET: u32 = 32 * 1024;
 
@@ -42,6 +46,10 @@ pub struct SshConfig {
     pub ident_timeout: Duration,
     /// Session channels one connection may have open at once (OpenSSH's MaxSessions).
     pub max_sessions: usize,
+    /// What one user may hold at once across her connections.
+    pub user_limits: UserLimits,
+    /// Client input the daemon may hold for all channels together, in bytes.
+    pub input_buffer_bytes: usize,
     /// What unauthenticated clients may hold, and penalties for failing ones.
     pub door: DoorConfig,
     /// The process's descriptor limit: a connection accepted on a descriptor within
@@ -67,6 +75,8 @@ impl Default for SshConfig {
             login_grace: Duration::from_secs(30),
             ident_timeout: Duration::from_secs(10),
             max_sessions: 10,
+            user_limits: UserLimits::default(),
+            input_buffer_bytes: 512 << 20,
             door: DoorConfig::default(),
             fd_limit: None,
             fd_reserve: 128,
@@ -116,11 +126,15 @@ pub async fn serve<G: Gateway>(
         // Flow control: a channel's window is re-opened as its consumer takes the data
         // (`crate::inbox`), so the daemon holds at most one window per channel.
         manual_window_adjust: true,
-        window_size: WINDOW,
+        window_size: INITIAL_WINDOW,
         maximum_packet_size: MAX_PACKET,
         ..Default::default()
     });
     let accept_env = Arc::new(config.accept_env.clone());
+    let quotas = Arc::new(Quotas::new(
+        config.user_limits.clone(),
+        config.input_buffer_bytes,
+    ));
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let door = Door::new(config.door.clone());
     let _summary = AbortOnDropHandle::new(tokio::spawn(
@@ -173,6 +187,7 @@ pub async fn serve<G: Gateway>(
                     accept_env.clone(),
                     authenticated.clone(),
                     config.max_sessions,
+                    quotas.clone(),
                 );
                 let conn = Conn {
                     config: russh_config.clone(),

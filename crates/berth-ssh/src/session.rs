@@ -11,6 +11,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use crate::inbox::{InboxRx, InboxTx, Overrun};
+use crate::quota::{Slot, Tenant};
 use crate::tunnel::relayed;
 
 use crate::{
@@ -27,6 +28,10 @@ pub(crate) struct Context<G> {
     pub login_measured: Arc<std::sync::atomic::AtomicBool>,
     pub accept_env: Arc<Vec<String>>,
     pub handle: russh::server::Handle,
+    /// The user's quotas (input buffer, forwarded connections).
+    pub tenant: Tenant,
+    /// This session's place among its user's sessions.
+    pub _slot: Slot,
 }
 
 /// Whether a client environment variable passes the allow-list (`NAME` or `PREFIX*`).
@@ -151,6 +156,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                     _agent_task = Some(AbortOnDropHandle::new(tokio::spawn(serve_agent(
                         a,
                         ctx.handle.clone(),
+                        ctx.tenant.clone(),
                     ))));
                 }
                 Err(e) => report(Some(&e.0)),
@@ -190,7 +196,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // Opening can take seconds (container create/start). Keep reading the channel meanwhile
     // (russh stops the whole connection while one channel's queue is full): input waits in
     // the inbox, bounded by the client's window.
-    let (input, stdin) = crate::inbox::inbox(ctx.handle.clone(), tx.id(), INPUT_LIMIT);
+    let (input, stdin) = crate::inbox::inbox(ctx.handle.clone(), tx.id(), ctx.tenant.reserve_input());
     let mut resized = None;
     let opened = {
         let open = ctx.gateway.open(req);
@@ -233,16 +239,15 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             target: "",
             refused: None,
         });
-        AbortOnDropHandle::new(tokio::spawn(serve_x11(l, ctx.handle.clone())))
+        AbortOnDropHandle::new(tokio::spawn(serve_x11(
+            l,
+            ctx.handle.clone(),
+            ctx.tenant.clone(),
+        )))
     });
     let status = pump(process, resized, rx, (input, stdin), &tx, tty).await;
     debug!(status = ?status, "session ended");
 }
-
-/// Bytes of client input held for one session: the window the client is granted
-/// ([`crate::server::WINDOW`]) and one packet of slack. More is a client ignoring flow
-/// control, and ends the session.
-const INPUT_LIMIT: usize = crate::server::WINDOW as usize + crate::server::MAX_PACKET as usize;
 
 /// What a channel message means for a session's input.
 enum Taken {
@@ -363,9 +368,9 @@ async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut i
 
 /// Each connection to the agent socket in the container becomes an agent channel to the
 /// client.
-async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle) {
+async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle, tenant: Tenant) {
     let _hold = agent.hold;
-    crate::tunnel::serve_listener(agent.listener, "agent socket", handle.clone(), move |_| {
+    crate::tunnel::serve_listener(agent.listener, "agent socket", handle.clone(), tenant, move |_| {
         let handle = handle.clone();
         async move { handle.channel_open_agent().await }
     })
@@ -374,8 +379,12 @@ async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle)
 
 /// Each connection to the session's X11 display in the container becomes an X11 channel
 /// to the client, whose ssh checks and replaces the cookie.
-async fn serve_x11(listener: tokio::net::TcpListener, handle: russh::server::Handle) {
-    crate::tunnel::serve_listener(listener, "x11", handle.clone(), move |peer| {
+async fn serve_x11(
+    listener: tokio::net::TcpListener,
+    handle: russh::server::Handle,
+    tenant: Tenant,
+) {
+    crate::tunnel::serve_listener(listener, "x11", handle.clone(), tenant, move |peer| {
         let handle = handle.clone();
         let (address, port) = crate::tunnel::origin(peer);
         async move { handle.channel_open_x11(address, port).await }

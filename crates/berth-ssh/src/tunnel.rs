@@ -19,9 +19,8 @@ pub(crate) fn relayed(n: usize) {
     metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
 }
 
-/// Bytes a tunnel may hold for a socket that is not reading: the client's window and one
-/// packet of slack (more is a client ignoring flow control, and ends the tunnel).
-const LIMIT: usize = crate::server::WINDOW as usize + crate::server::MAX_PACKET as usize;
+/// How long the client has to answer a channel we open towards it (`-R`, agent, X11).
+const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A listener whose connections become channels to the client (`-R`, agent, X11).
 pub(crate) trait Accept: Send {
@@ -54,6 +53,7 @@ pub(crate) async fn serve_listener<L, F, Fut>(
     listener: L,
     what: &'static str,
     handle: russh::server::Handle,
+    tenant: crate::quota::Tenant,
     open: F,
 ) where
     L: Accept,
@@ -72,11 +72,21 @@ pub(crate) async fn serve_listener<L, F, Fut>(
             },
             Some(_) = conns.join_next(), if !conns.is_empty() => continue,
         };
+        // Each connection is one of the user's forwarded connections; past her cap it is
+        // closed at once (and reported).
+        let Some(slot) = tenant.take(crate::quota::Held::Forward) else {
+            continue;
+        };
+        let reserved = tenant.reserve_input();
         let opening = open(peer);
         let handle = handle.clone();
         conns.spawn(async move {
-            if let Ok(channel) = opening.await {
-                bridge(channel, stream, handle).await;
+            let _slot = slot;
+            // The client answers a channel open at once, or not at all.
+            match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
+                Ok(Ok(channel)) => bridge(channel, stream, handle, reserved).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "{what}: the client refused the channel"),
+                Err(_) => tracing::debug!("{what}: the client did not answer the channel open"),
             }
         });
     }
@@ -91,7 +101,12 @@ pub(crate) fn origin(peer: Option<SocketAddr>) -> (String, u32) {
 }
 
 /// Copies both ways until both directions have ended, or the client breaks flow control.
-pub(crate) async fn bridge<S>(channel: Channel<Msg>, socket: S, handle: russh::server::Handle)
+pub(crate) async fn bridge<S>(
+    channel: Channel<Msg>,
+    socket: S,
+    handle: russh::server::Handle,
+    reserved: crate::quota::Reserved,
+)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -102,7 +117,7 @@ where
     let mut closer = CloseOnDrop(Some(tx));
     let tx = closer.get();
     let (mut sock_read, mut sock_write) = tokio::io::split(socket);
-    let (input, mut taken) = crate::inbox::inbox(handle, id, LIMIT);
+    let (input, mut taken) = crate::inbox::inbox(handle, id, reserved);
 
     // Channel → socket, through the inbox: the client may send more as the socket takes it.
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {

@@ -238,6 +238,10 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
                     reason: bounded(reason, 256),
                 },
             },
+            berth_ssh::Event::LimitReached { user, what } => Event::LimitReached {
+                user: bounded(user, 64),
+                what,
+            },
         };
         self.lifecycle.audit().record(record);
     }
