@@ -520,7 +520,8 @@ fn a_flood_into_the_containers_console_keeps_a_bounded_log() {
 }
 
 /// A listener (perl: the debian test image has no python) on port 7000 of the container's
-/// loopback whose accept queue (backlog 0) is filled first: every later SYN to it is dropped, never answered.
+/// loopback whose accept queue (backlog 0) is filled first: every later SYN to it is
+/// dropped, never answered.
 const SILENT_TARGET: &str = r#"
 use Socket; use Fcntl;
 socket(my $l, PF_INET, SOCK_STREAM, 0) or die;
