@@ -5,14 +5,20 @@
 //! The container's files are read through its root directory with `openat2(RESOLVE_IN_ROOT)`:
 //! a symlink the user planted (`/etc/hosts -> /etc/shadow`) resolves inside the container,
 //! never to a host file. Reads are size-bounded; the answer is only ever used as an address.
+//!
+//! Only the UDP sockets are made in the namespace ([`berth_runtime::sockets_in_netns`]); the
+//! questions are asked from the runtime, asynchronously, under the caller's deadline: a name
+//! server that never answers holds a socket until then, never a thread.
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
+use nix::sys::socket::{AddressFamily, SockType};
+use tokio::time::Instant;
 
 /// Bytes read at most from a container's `/etc/hosts` or `/etc/resolv.conf`.
 const FILE_CAP: u64 = 1 << 20;
@@ -20,13 +26,17 @@ const FILE_CAP: u64 = 1 << 20;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Addresses tried at most for one name.
 pub const MAX_ADDRESSES: usize = 4;
+/// Name servers asked at most (glibc's MAXNS).
+const MAX_SERVERS: usize = 3;
 
-/// Resolves `host` as the container with root directory `root` would, giving up at
-/// `deadline` (the container's user controls its name servers and may never answer). Must
-/// run on a thread inside the container's network namespace (the DNS questions leave from
-/// there). At most [`MAX_ADDRESSES`] addresses are returned.
-pub fn resolve_in_container(
+/// Resolves `host` as the container with network namespace `ns` and root directory `root`
+/// would, for user `owner`, giving up at `deadline` (the container's user controls its files
+/// and name servers, and they may never answer). At most [`MAX_ADDRESSES`] addresses are
+/// returned.
+pub async fn resolve_in_container(
+    ns: &std::fs::File,
     root: &std::fs::File,
+    owner: &str,
     host: &str,
     deadline: Instant,
 ) -> std::io::Result<Vec<IpAddr>> {
@@ -36,24 +46,42 @@ pub fn resolve_in_container(
             "name not known in the container",
         )
     };
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "name lookup in the container timed out",
+        )
+    };
     if host.is_empty() || host.len() > 253 {
         return Err(not_found());
     }
-    if let Some(hosts) = read_in_root(root, "etc/hosts") {
+    // The files are read off the runtime (the container's tree decides how long that takes).
+    let root = root.try_clone()?;
+    let files = tokio::task::spawn_blocking(move || {
+        (
+            read_in_root(&root, "etc/hosts"),
+            read_in_root(&root, "etc/resolv.conf"),
+        )
+    });
+    let (hosts, conf) = tokio::time::timeout_at(deadline, files)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(std::io::Error::other)?;
+    if let Some(hosts) = hosts {
         let mut found = lookup_hosts(&hosts, host);
         if !found.is_empty() {
             found.truncate(MAX_ADDRESSES);
             return Ok(found);
         }
     }
-    let conf = read_in_root(root, "etc/resolv.conf")
+    let conf = conf
         .and_then(|t| resolv_conf::Config::parse(t.as_bytes()).ok())
         .unwrap_or_default();
     let servers: Vec<IpAddr> = conf
         .get_nameservers_or_local()
         .iter()
         .map(IpAddr::from)
-        .take(3)
+        .take(MAX_SERVERS)
         .collect();
     let mut names = vec![host.trim_end_matches('.').to_owned()];
     if !host.contains('.') {
@@ -61,21 +89,42 @@ pub fn resolve_in_container(
             names.push(format!("{host}.{domain}"));
         }
     }
+    // One socket per name server, made in the container's namespace in one go, each asked
+    // from here.
+    let kinds: Vec<_> = servers
+        .iter()
+        .map(|s| match s {
+            IpAddr::V4(_) => (AddressFamily::Inet, SockType::Datagram),
+            IpAddr::V6(_) => (AddressFamily::Inet6, SockType::Datagram),
+        })
+        .collect();
+    let sockets =
+        tokio::time::timeout_at(deadline, berth_runtime::sockets_in_netns(ns, owner, &kinds))
+            .await
+            .map_err(|_| timed_out())??;
+    let mut asked = Vec::new();
+    for (server, fd) in servers.iter().zip(sockets) {
+        let socket = tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd))?;
+        // A server the namespace cannot reach is skipped, not fatal.
+        if socket.connect((*server, 53)).await.is_ok() {
+            asked.push(socket);
+        }
+    }
     for name in &names {
-        for server in &servers {
+        for socket in &asked {
             if Instant::now() >= deadline {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    "name lookup in the container timed out",
-                ));
+                return Err(timed_out());
             }
-            if let Ok(mut found) = ask(*server, name, deadline)
+            if let Ok(mut found) = ask(socket, name, deadline).await
                 && !found.is_empty()
             {
                 found.truncate(MAX_ADDRESSES);
                 return Ok(found);
             }
         }
+    }
+    if Instant::now() >= deadline {
+        return Err(timed_out());
     }
     Err(not_found())
 }
@@ -119,15 +168,14 @@ fn lookup_hosts(text: &str, host: &str) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Asks `server` for the A and AAAA records of `name` over UDP; IPv4 first. Waits for each
-/// answer at most [`QUERY_TIMEOUT`] and never past `deadline`, whatever arrives meanwhile.
-fn ask(server: IpAddr, name: &str, deadline: Instant) -> std::io::Result<Vec<IpAddr>> {
-    let bind: IpAddr = match server {
-        IpAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        IpAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let socket = UdpSocket::bind((bind, 0))?;
-    socket.connect((server, 53))?;
+/// Asks the name server `socket` is connected to for the A and AAAA records of `name`; IPv4
+/// first. Waits for each answer at most [`QUERY_TIMEOUT`] and never past `deadline`, whatever
+/// arrives meanwhile.
+async fn ask(
+    socket: &tokio::net::UdpSocket,
+    name: &str,
+    deadline: Instant,
+) -> std::io::Result<Vec<IpAddr>> {
     let fqdn = Name::from_ascii(format!("{name}."))
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let mut found = Vec::new();
@@ -139,24 +187,26 @@ fn ask(server: IpAddr, name: &str, deadline: Instant) -> std::io::Result<Vec<IpA
             .set_op_code(OpCode::Query)
             .set_recursion_desired(true)
             .add_query(Query::query(fqdn.clone(), kind));
-        socket.send(&q.to_vec().map_err(std::io::Error::other)?)?;
-        let mut buf = [0u8; 4096];
-        // Skip stray datagrams (another id) until the answer or the time is up.
         let until = deadline.min(Instant::now() + QUERY_TIMEOUT);
-        let answer = loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::ErrorKind::TimedOut.into());
-            }
-            socket.set_read_timeout(Some(left))?;
-            let n = socket.recv(&mut buf)?;
-            if let Ok(m) = Message::from_vec(buf.get(..n).unwrap_or_default())
-                && m.id() == id
-                && m.message_type() == MessageType::Response
-            {
-                break m;
+        let exchange = async {
+            socket
+                .send(&q.to_vec().map_err(std::io::Error::other)?)
+                .await?;
+            let mut buf = [0u8; 4096];
+            // Skip stray datagrams (another id) until the answer or the time is up.
+            loop {
+                let n = socket.recv(&mut buf).await?;
+                if let Ok(m) = Message::from_vec(buf.get(..n).unwrap_or_default())
+                    && m.id() == id
+                    && m.message_type() == MessageType::Response
+                {
+                    return Ok::<_, std::io::Error>(m);
+                }
             }
         };
+        let answer = tokio::time::timeout_at(until, exchange)
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
         if answer.response_code() != ResponseCode::NoError {
             continue;
         }

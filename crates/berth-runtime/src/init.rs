@@ -28,7 +28,6 @@ use berth_guest_proto::{
 };
 use futures_util::StreamExt;
 use nix::fcntl::OFlag;
-use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::sockopt::PeerCredentials;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -38,7 +37,7 @@ use crate::exec::raw_output;
 use crate::process::Identity;
 use crate::{
     ContainerInit, Output, ProcessGuard, RuntimeError, Session, SessionHandle, SessionSpec,
-    TtySize, in_netns,
+    TtySize, sockets_in_netns,
 };
 
 /// How long the whole handshake with the guest may take: connect, request, reply.
@@ -219,12 +218,26 @@ pub(crate) async fn spawn(
         }
     };
     let init_pid = init.pid;
-    let handshake = in_netns(ns, container, move || {
-        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-        let Some(conn) = connect()? else {
+    // Only the socket is made in the container's namespace (its abstract socket names are
+    // that namespace's); the connect and the exchange happen here, under one deadline.
+    let unix = (
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+    );
+    let sock = sockets_in_netns(&ns, container, &[unix])
+        .await
+        .and_then(|s| {
+            s.into_iter()
+                .next()
+                .ok_or_else(|| std::io::ErrorKind::Other.into())
+        })
+        .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let handshake = async move {
+        let Some(conn) = connect(sock)? else {
             return Ok(None);
         };
-        let conn = Closing(Some(conn));
+        let conn = Closing(Some(tokio::net::UnixStream::from_std(conn)?));
         let c = conn.get();
         // The listener must be the container's init, not something a user bound.
         let peer = nix::sys::socket::getsockopt(c, PeerCredentials)?;
@@ -232,11 +245,11 @@ pub(crate) async fn spawn(
             return Ok(None);
         }
         let fds: Vec<RawFd> = theirs.iter().map(AsRawFd::as_raw_fd).collect();
-        send_all(c, &message, &fds, deadline)?;
+        send_all(c, &message, &fds, deadline).await?;
         drop(theirs);
-        let (reply, rest) = read_reply(c, deadline)?;
-        Ok(Some((conn.take(), reply, rest)))
-    })
+        let (reply, rest) = read_reply(c, deadline).await?;
+        Ok::<_, std::io::Error>(Some((conn.take(), reply, rest)))
+    }
     .await
     .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
     let Some((conn, reply, rest)) = handshake else {
@@ -256,10 +269,6 @@ pub(crate) async fn spawn(
     let guard = match init.child_with_ns_pid(pid) {
         Some(host) => ProcessGuard::new(host, container),
         None => ProcessGuard::default(),
-    };
-    let conn = match tokio::net::UnixStream::from_std(conn) {
-        Ok(c) => c,
-        Err(e) => return Err(io_err(e)),
     };
     let id = format!("guest-{}-{pid}", init.pid);
     tracing::debug!(exec = %id, host_pid = ?guard.pid(), "session started by the container's init");
@@ -308,17 +317,11 @@ enum Ends {
     Tty(OwnedFd),
 }
 
-/// Connects to the guest's socket in the current network namespace (a container's),
+/// Connects `sock` (made in a container's network namespace) to the guest's socket there,
 /// without waiting: a listener whose backlog is full is refused, not waited for. `None`
 /// when nothing listens.
-fn connect() -> std::io::Result<Option<UnixStream>> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr, socket};
-    let sock = socket(
-        AddressFamily::Unix,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+fn connect(sock: OwnedFd) -> std::io::Result<Option<UnixStream>> {
+    use nix::sys::socket::UnixAddr;
     let _ = refuse_descriptors(&sock);
     let addr = UnixAddr::new_abstract(INIT_SOCKET_NAME)?;
     match nix::sys::socket::connect(sock.as_raw_fd(), &addr) {
@@ -331,24 +334,19 @@ fn connect() -> std::io::Result<Option<UnixStream>> {
     }
 }
 
-/// Waits until `sock` is ready for `events`, at most until `deadline`.
-fn wait_ready(sock: &UnixStream, events: PollFlags, deadline: Instant) -> std::io::Result<()> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(std::io::Error::new(
+/// `f`, given up at `deadline`.
+async fn by<T>(
+    deadline: Instant,
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout_at(deadline.into(), f)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "the container's init did not answer in time",
-            ));
-        }
-        let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(sock.as_fd(), events)];
-        match nix::poll::poll(&mut fds, timeout) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-            Ok(_) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        }
-    }
+            ))
+        })
 }
 
 /// Opens a pseudo-terminal in the container's own devpts (`dev/pts/ptmx` under its root,
@@ -415,55 +413,58 @@ fn io_err(e: impl Into<std::io::Error>) -> RuntimeError {
     RuntimeError::Session(format!("session setup: {}", e.into()))
 }
 
-fn send_all(
-    conn: &UnixStream,
+/// Sends `msg` with `fds` riding on its first byte, by `deadline`.
+async fn send_all(
+    conn: &tokio::net::UnixStream,
     msg: &[u8],
     fds: &[RawFd],
     deadline: Instant,
 ) -> std::io::Result<()> {
-    let mut sent = 0;
-    while sent < msg.len() {
-        wait_ready(conn, PollFlags::POLLOUT, deadline)?;
-        // The descriptors ride with the first byte only.
-        let fds = if sent == 0 { fds } else { &[] };
-        match send_with_fds(
-            conn.as_fd(),
-            msg.get(sent..).unwrap_or_default(),
-            fds,
-            libc::MSG_DONTWAIT,
-        ) {
-            Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+    by(deadline, async {
+        let mut sent = 0;
+        while sent < msg.len() {
+            let fds = if sent == 0 { fds } else { &[] };
+            let rest = msg.get(sent..).unwrap_or_default();
+            sent += conn
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    send_with_fds(conn.as_fd(), rest, fds, libc::MSG_DONTWAIT)
+                })
+                .await?;
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// Reads one reply, by `deadline`; also returns what was read past it (a quick process's
 /// `exit` can arrive in the same read). A reply carries no descriptors: any that come are
 /// closed safely and the reply refused.
-fn read_reply(conn: &UnixStream, deadline: Instant) -> std::io::Result<(Reply, Vec<u8>)> {
+async fn read_reply(
+    conn: &tokio::net::UnixStream,
+    deadline: Instant,
+) -> std::io::Result<(Reply, Vec<u8>)> {
     let bad = |what: &str| std::io::Error::other(format!("bad reply from init: {what}"));
-    let mut msg = Vec::new();
-    let mut buf = [0u8; MAX_REPLY];
-    let len = loop {
-        match message_len(&msg).map_err(|e| bad(e.0))? {
-            Some(len) if len > MAX_REPLY => return Err(bad("too large")),
-            Some(len) if msg.len() >= len => break len,
-            _ => {}
-        }
-        wait_ready(conn, PollFlags::POLLIN, deadline)?;
-        let got = match recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-            Ok(g) => g,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+    by(deadline, async {
+        let mut msg = Vec::new();
+        let mut buf = [0u8; MAX_REPLY];
+        let len = loop {
+            match message_len(&msg).map_err(|e| bad(e.0))? {
+                Some(len) if len > MAX_REPLY => return Err(bad("too large")),
+                Some(len) if msg.len() >= len => break len,
+                _ => {}
+            }
+            let got = conn
+                .async_io(tokio::io::Interest::READABLE, || {
+                    recv_with_fds(conn.as_fd(), &mut buf, libc::MSG_DONTWAIT)
+                })
+                .await?;
+            take_bytes(got, &buf, &mut msg).map_err(bad)?;
         };
-        take_bytes(got, &buf, &mut msg).map_err(bad)?;
-    };
-    let rest = msg.split_off(len);
-    let reply = Reply::decode(&msg).map_err(|e| bad(e.0))?;
-    Ok((reply, rest))
+        let rest = msg.split_off(len);
+        let reply = Reply::decode(&msg).map_err(|e| bad(e.0))?;
+        Ok((reply, rest))
+    })
+    .await
 }
 
 /// Asks the kernel to refuse descriptors sent to `sock` (see [`berth_guest_proto::fds`]).
@@ -472,22 +473,24 @@ fn refuse_descriptors(sock: &impl AsFd) -> bool {
 }
 
 /// A connection to a guest that, unless taken, is closed by [`close_later`].
-struct Closing(Option<UnixStream>);
+struct Closing(Option<tokio::net::UnixStream>);
 
 impl Closing {
-    fn get(&self) -> &UnixStream {
+    fn get(&self) -> &tokio::net::UnixStream {
         // Only `take` empties it, and that consumes self.
         self.0.as_ref().unwrap_or_else(|| unreachable!())
     }
 
-    fn take(mut self) -> UnixStream {
+    fn take(mut self) -> tokio::net::UnixStream {
         self.0.take().unwrap_or_else(|| unreachable!())
     }
 }
 
 impl Drop for Closing {
     fn drop(&mut self) {
-        if let Some(c) = self.0.take() {
+        if let Some(c) = self.0.take()
+            && let Ok(c) = c.into_std()
+        {
             close_later(c.into());
         }
     }
@@ -592,27 +595,31 @@ mod tests {
         }
     }
 
-    #[test]
-    fn replies_are_read_whole_and_descriptors_in_them_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
+    fn pair() -> (tokio::net::UnixStream, tokio::net::UnixStream) {
+        tokio::net::UnixStream::pair().unwrap()
+    }
+
+    #[tokio::test]
+    async fn replies_are_read_whole_and_descriptors_in_them_refused() {
+        let (a, b) = pair();
         let msg = Reply::Started { pid: 7 }.encode();
         let (head, tail) = msg.split_at(3);
-        send_all(&a, head, &[], soon()).unwrap();
-        send_all(&a, tail, &[], soon()).unwrap();
-        let (reply, rest) = read_reply(&b, soon()).unwrap();
+        send_all(&a, head, &[], soon()).await.unwrap();
+        send_all(&a, tail, &[], soon()).await.unwrap();
+        let (reply, rest) = read_reply(&b, soon()).await.unwrap();
         assert_eq!(reply, Reply::Started { pid: 7 });
         assert!(rest.is_empty());
         // A reply carrying a descriptor is refused (and the descriptor closed).
         let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
-        send_all(&a, &msg, &[r.as_raw_fd()], soon()).unwrap();
-        assert!(read_reply(&b, soon()).is_err());
+        send_all(&a, &msg, &[r.as_raw_fd()], soon()).await.unwrap();
+        assert!(read_reply(&b, soon()).await.is_err());
         drop(a);
-        assert_eq!(leftover(&b), 0);
+        assert_eq!(leftover(&b.into_std().unwrap()), 0);
     }
 
     #[tokio::test]
     async fn an_exit_carrying_descriptors_is_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let (r, _w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).unwrap();
         send_all(
             &a,
@@ -620,30 +627,32 @@ mod tests {
             &[r.as_raw_fd()],
             soon(),
         )
+        .await
         .unwrap();
-        b.set_nonblocking(true).unwrap();
-        let s = session_on(b, vec![]);
+        let s = session_on(b.into_std().unwrap(), vec![]);
         assert!(s.exit_code().await.is_err());
     }
 
-    #[test]
-    fn a_silent_or_trickling_init_runs_into_one_deadline() {
-        let (a, b) = UnixStream::pair().unwrap();
+    #[tokio::test]
+    async fn a_silent_or_trickling_init_runs_into_one_deadline() {
+        let (a, b) = pair();
         let started = Instant::now();
-        let t = std::thread::spawn(move || {
+        let t = tokio::spawn(async move {
             // One byte every 300 ms: each read is quick, the whole is not.
             for byte in (Reply::Started { pid: 1 }).encode() {
-                std::thread::sleep(Duration::from_millis(300));
-                if send_all(&a, &[byte], &[], soon()).is_err() {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if send_all(&a, &[byte], &[], soon()).await.is_err() {
                     return;
                 }
             }
         });
-        let e = read_reply(&b, Instant::now() + Duration::from_secs(1)).unwrap_err();
+        let e = read_reply(&b, Instant::now() + Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(b);
-        t.join().unwrap();
+        t.await.unwrap();
     }
 
     #[test]
@@ -693,14 +702,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_exit_in_the_same_read_as_the_start_is_kept() {
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let mut both = Reply::Started { pid: 9 }.encode();
         both.extend(Reply::Exit { code: 3 }.encode());
-        send_all(&a, &both, &[], soon()).unwrap();
-        let (reply, rest) = read_reply(&b, soon()).unwrap();
+        send_all(&a, &both, &[], soon()).await.unwrap();
+        let (reply, rest) = read_reply(&b, soon()).await.unwrap();
         assert_eq!(reply, Reply::Started { pid: 9 });
-        b.set_nonblocking(true).unwrap();
-        let s = session_on(b, rest);
+        let s = session_on(b.into_std().unwrap(), rest);
         assert_eq!(s.exit_code().await.unwrap(), 3);
         // A connection that ends without an exit is an error, not a code.
         let (a, b) = UnixStream::pair().unwrap();
@@ -710,20 +718,24 @@ mod tests {
         assert!(s.exit_code().await.is_err());
     }
 
-    #[test]
-    fn garbage_replies_are_refused() {
-        let (a, b) = UnixStream::pair().unwrap();
-        send_all(&a, &[255, 255, 255, 255, 1, 2, 3], &[], soon()).unwrap();
-        assert!(read_reply(&b, soon()).is_err());
+    #[tokio::test]
+    async fn garbage_replies_are_refused() {
+        let (a, b) = pair();
+        send_all(&a, &[255, 255, 255, 255, 1, 2, 3], &[], soon())
+            .await
+            .unwrap();
+        assert!(read_reply(&b, soon()).await.is_err());
         // Longer than any reply may be, though well-formed.
-        let (a, b) = UnixStream::pair().unwrap();
+        let (a, b) = pair();
         let long = Reply::Error("x".repeat(MAX_REPLY)).encode();
-        std::thread::spawn(move || send_all(&a, &long, &[], soon()));
-        assert!(read_reply(&b, soon()).is_err());
-        let (a, b) = UnixStream::pair().unwrap();
-        send_all(&a, &[1, 0], &[], soon()).unwrap();
+        let t = tokio::spawn(async move { send_all(&a, &long, &[], soon()).await });
+        assert!(read_reply(&b, soon()).await.is_err());
+        drop(b);
+        let _ = t.await;
+        let (a, b) = pair();
+        send_all(&a, &[1, 0], &[], soon()).await.unwrap();
         drop(a);
-        assert!(read_reply(&b, soon()).is_err());
+        assert!(read_reply(&b, soon()).await.is_err());
     }
 }
 
@@ -768,16 +780,20 @@ mod namespace_tests {
         // Nobody listens in that namespace.
         assert!(spawn(init, "", &spec()).await.unwrap().is_none());
         // Someone other than that process listens under the name: refused, nothing sent.
+        // (Made in that namespace, bound here: the name is the socket's namespace's.)
         let ns = File::open(format!("/proc/{pid}/ns/net")).unwrap();
-        let listener = in_netns(ns, "test", || {
-            use std::os::linux::net::SocketAddrExt;
-            std::os::unix::net::UnixListener::bind_addr(
-                &std::os::unix::net::SocketAddr::from_abstract_name(INIT_SOCKET_NAME)?,
-            )
-        })
-        .await
-        .unwrap();
-        listener.set_nonblocking(true).unwrap();
+        let unix = (
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::Stream,
+        );
+        let sock = sockets_in_netns(&ns, "test", &[unix])
+            .await
+            .unwrap()
+            .remove(0);
+        let name = nix::sys::socket::UnixAddr::new_abstract(INIT_SOCKET_NAME).unwrap();
+        nix::sys::socket::bind(sock.as_raw_fd(), &name).unwrap();
+        nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(8).unwrap()).unwrap();
+        let listener = std::os::unix::net::UnixListener::from(sock);
         assert!(spawn(init, "", &spec()).await.unwrap().is_none());
         let (conn, _) = listener.accept().unwrap();
         conn.set_nonblocking(false).unwrap();

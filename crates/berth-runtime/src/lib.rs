@@ -59,7 +59,7 @@ pub enum RuntimeError {
 /// root directory, both known to be that init's and not the host's.
 #[derive(Debug)]
 pub struct ContainerInit {
-    /// `/proc/PID/ns/net`, for [`in_netns`].
+    /// `/proc/PID/ns/net`, for [`sockets_in_netns`].
     pub ns: std::fs::File,
     /// `/proc/PID/root`: paths in the container are resolved beneath it, never above.
     pub root: std::fs::File,
@@ -298,40 +298,79 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Threads that may be inside containers' namespaces at once, daemon-wide, and for any one
-/// container: one user cannot take them all.
+/// owner (a user): one user cannot take them all. Each such thread only makes sockets (which
+/// never waits on anything a user controls) and ends, so a slot is held for microseconds.
 const NETNS_THREADS: usize = 64;
-const NETNS_THREADS_PER_CONTAINER: usize = 8;
+const NETNS_THREADS_PER_OWNER: usize = 8;
+/// Sockets made in one go, at most.
+const NETNS_SOCKETS: usize = 8;
 /// How long to wait for a namespace thread before giving up.
 const NETNS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 static NETNS_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(NETNS_THREADS);
 type Slots = std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>;
-static NETNS_SLOTS_BY_CONTAINER: std::sync::Mutex<Option<Slots>> = std::sync::Mutex::new(None);
+static NETNS_SLOTS_BY_OWNER: std::sync::Mutex<Option<Slots>> = std::sync::Mutex::new(None);
 
-/// Runs `f` on a thread of its own inside network namespace `ns` (container `container`'s):
-/// sockets made there stay in that namespace, abstract unix socket names are that
-/// namespace's. A dedicated thread because `setns` moves the calling thread for good; never
-/// a pool's. At most a few such threads run at once, and fewer per container.
-pub async fn in_netns<T: Send + 'static>(
+/// A socket to make in a container's network namespace ([`sockets_in_netns`]).
+pub type SocketKind = (nix::sys::socket::AddressFamily, nix::sys::socket::SockType);
+
+/// Makes sockets of `kinds` inside network namespace `ns` (a container's, opened by
+/// [`Runtime::open_init`]) for `owner` (the user it is done for: the accounting is hers),
+/// non-blocking and close-on-exec. That is all that happens inside the namespace: a socket
+/// belongs to the namespace it was made in for good, so binding, connecting, name lookups
+/// and handshakes are done with it outside, on the runtime, each with its own deadline (a
+/// connect to a target that never answers holds a socket, never a thread). Abstract unix
+/// socket names are those of the socket's namespace too.
+pub async fn sockets_in_netns(
+    ns: &std::fs::File,
+    owner: &str,
+    kinds: &[SocketKind],
+) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{SockFlag, socket};
+    if kinds.len() > NETNS_SOCKETS {
+        return Err(std::io::Error::other("too many sockets asked for at once"));
+    }
+    let kinds = kinds.to_vec();
+    in_netns(ns.try_clone()?, owner, move || {
+        kinds
+            .into_iter()
+            .map(|(family, kind)| {
+                socket(
+                    family,
+                    kind,
+                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns`. A dedicated thread because
+/// `setns` moves the calling thread for good; never a pool's. At most a few such threads run
+/// at once, and fewer per owner; `f` must not wait on anything (see [`sockets_in_netns`]).
+async fn in_netns<T: Send + 'static>(
     ns: std::fs::File,
-    container: &str,
+    owner: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     let busy = || std::io::Error::other("too many container namespace operations at once");
-    let mine = NETNS_SLOTS_BY_CONTAINER
+    let mine = NETNS_SLOTS_BY_OWNER
         .lock()
         .map_err(|_| busy())
         .map(|mut m| {
             let m = m.get_or_insert_with(Default::default);
             m.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
-            m.entry(container.to_owned())
+            m.entry(owner.to_owned())
                 .or_insert_with(|| {
-                    std::sync::Arc::new(tokio::sync::Semaphore::new(NETNS_THREADS_PER_CONTAINER))
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(NETNS_THREADS_PER_OWNER))
                 })
                 .clone()
         })?;
     // Both permits go with the thread: they are given back when the thread ends, not when
-    // the waiting task is dropped (a client that disconnects does not free a busy slot).
+    // the waiting task is dropped.
     let own = tokio::time::timeout(NETNS_WAIT, mine.acquire_owned())
         .await
         .map_err(|_| busy())?

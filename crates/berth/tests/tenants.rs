@@ -518,3 +518,142 @@ fn a_flood_into_the_containers_console_keeps_a_bounded_log() {
     );
     assert!(total <= 1_100_000, "{total} bytes of log for a 1 MiB cap");
 }
+
+/// A listener (perl: the debian test image has no python) on port 7000 of the container's
+/// loopback whose accept queue (backlog 0) is filled first: every later SYN to it is
+/// dropped, never answered.
+const SILENT_TARGET: &str = r#"
+use Socket; use Fcntl;
+socket(my $l, PF_INET, SOCK_STREAM, 0) or die;
+setsockopt($l, SOL_SOCKET, SO_REUSEADDR, 1);
+bind($l, sockaddr_in(7000, INADDR_LOOPBACK)) or die; listen($l, 0) or die;
+my @fill;
+for (1..2) {
+    socket(my $c, PF_INET, SOCK_STREAM, 0) or die; fcntl($c, F_SETFL, O_NONBLOCK);
+    connect($c, sockaddr_in(7000, INADDR_LOOPBACK)); push @fill, $c;
+}
+select(undef, undef, undef, 0.5);
+$| = 1; print "ready\n";
+sleep 600;
+"#;
+
+/// Sockets in network namespace of process `pid` trying to connect (SYN_SENT) to port 7000.
+fn connecting_to_7000(pid: &str) -> usize {
+    ["tcp", "tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(format!("/proc/{pid}/net/{f}")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        })
+        .filter(|f| f.len() > 3 && f[2].ends_with(":1B58") && f[3] == "02")
+        .count()
+}
+
+/// The daemon's threads inside a container's network namespace right now.
+fn namespace_threads(d: &Daemon) -> usize {
+    std::fs::read_dir(format!("/proc/{}/task", d.pid().unwrap()))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "berth-netns")
+        })
+        .count()
+}
+
+/// Issue 14 point 4: `-L` connects to a target in her own container that never answers a
+/// SYN, many at once, over `remove` + login cycles (a new container id each time). They hold
+/// no thread in her namespace (only socket creation happens there), and bob is fine.
+#[test]
+fn connects_to_a_silent_target_hold_no_namespace_thread_and_bob_is_fine() {
+    const CONNECTS: usize = 10;
+    let d = daemon();
+    let ka = d.add_user("alice", berth_testkit::DEBIAN);
+    let kb = d.add_user("bob", BUSYBOX);
+    d.ssh_ok("bob", &kb, "true");
+    let mut held = Vec::new();
+    for cycle in 0..3 {
+        let mut target = KillOnDrop(
+            d.ssh("alice", &ka)
+                .arg(format!("perl -e '{SILENT_TARGET}'"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+        assert_eq!(line_of(&mut target.0), "ready");
+        let pid = berth_testkit::docker(&[
+            "inspect",
+            "-f",
+            "{{.State.Pid}}",
+            &d.container_name("alice"),
+        ]);
+        let local = berth_testkit::free_port();
+        let forward = hold_open(
+            &d,
+            "alice",
+            &ka,
+            &["-L", &format!("{local}:127.0.0.1:7000")],
+        );
+        let mut conns = Vec::new();
+        assert!(wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", local))
+                .map(|c| conns.push(c))
+                .is_ok()
+        }));
+        while conns.len() < CONNECTS {
+            conns.push(std::net::TcpStream::connect(("127.0.0.1", local)).unwrap());
+        }
+        // Her connects are under way in her namespace (one more is the target's own filler)...
+        assert!(
+            wait_until(Duration::from_secs(20), || connecting_to_7000(&pid) > 8),
+            "cycle {cycle}: {} connects under way",
+            connecting_to_7000(&pid)
+        );
+        // ...and none of them holds a thread there.
+        assert_eq!(
+            namespace_threads(&d),
+            0,
+            "cycle {cycle}: threads held in a container's namespace"
+        );
+
+        // Bob is fine.
+        let start = Instant::now();
+        let bob = d.ssh("bob", &kb);
+        let o = std::process::Command::new("timeout")
+            .arg("10")
+            .arg(bob.get_program())
+            .args(bob.get_args())
+            .arg("true")
+            .output()
+            .unwrap();
+        let took = start.elapsed();
+        assert!(
+            o.status.success(),
+            "cycle {cycle}: bob could not log in: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            took < Duration::from_secs(2),
+            "cycle {cycle}: bob took {took:?}"
+        );
+        let status = std::process::Command::new("timeout")
+            .arg("10")
+            .arg(BIN)
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .arg("status")
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "cycle {cycle}: berth status did not answer"
+        );
+
+        // A new container for her next round; what is under way in the old one stays.
+        d.ssh_ok("alice", &ka, "remove");
+        held.push((target, forward, conns));
+    }
+}

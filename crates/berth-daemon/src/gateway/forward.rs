@@ -6,8 +6,10 @@
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
+use nix::sys::socket::{AddressFamily, SockType};
+
 use berth_proto::UserName;
-use berth_runtime::{ContainerInit, Runtime, RuntimeError, in_netns};
+use berth_runtime::{ContainerInit, Runtime, RuntimeError, sockets_in_netns};
 use berth_ssh::X11Request;
 use berth_ssh::{
     AgentListener, GuardedUnixListener, GuardedUnixStream, OpenError, RemoteListener,
@@ -30,6 +32,9 @@ const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 const PATH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// The longest socket path accepted from a client.
 const MAX_SOCKET_PATH: usize = 1024;
+/// `-L` connects (name lookup included) one user may have under way at once; more wait for
+/// one to finish, within their own deadline. An open tunnel does not count.
+const CONNECTS_PER_USER: usize = 16;
 
 impl<R: Runtime> BerthGateway<R> {
     /// Running container `container`'s init, opened: its network namespace and root.
@@ -58,18 +63,14 @@ impl<R: Runtime> BerthGateway<R> {
     ) -> Result<RemoteListener, OpenError> {
         let lease = self.lease(user).await?;
         let init = self.container_init(lease.container()).await?;
-        let listener = in_netns(init.ns, lease.container(), move || {
-            let l = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .await
-        .and_then(tokio::net::TcpListener::from_std)
-        .map_err(|e| {
-            OpenError(format!(
-                "cannot listen on port {port} in your container: {e}"
-            ))
-        })?;
+        let listener = tcp_socket_in(&init, user.as_str())
+            .await
+            .and_then(|s| listen_on(s, port))
+            .map_err(|e| {
+                OpenError(format!(
+                    "cannot listen on port {port} in your container: {e}"
+                ))
+            })?;
         Ok(RemoteListener {
             listener,
             hold: Box::new(lease),
@@ -85,14 +86,9 @@ impl<R: Runtime> BerthGateway<R> {
     ) -> Result<Tunnel, OpenError> {
         let lease = self.lease(user).await?;
         let init = self.container_init(lease.container()).await?;
-        let target = host.to_owned();
-        let root = init.root;
-        let stream = in_netns(init.ns, lease.container(), move || {
-            connect_from_here(&root, &target, port)
-        })
-        .await
-        .and_then(tokio::net::TcpStream::from_std)
-        .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
+        let stream = connect_in(&init, user, host, port)
+            .await
+            .map_err(|e| OpenError(format!("cannot connect to {host}:{port}: {e}")))?;
         Ok(Tunnel {
             stream,
             hold: Box::new(lease),
@@ -181,6 +177,7 @@ impl<R: Runtime> BerthGateway<R> {
     /// and listens on its TCP port on the container's loopback.
     pub(super) async fn x11_display(
         &self,
+        user: &UserName,
         container: &str,
         x: &X11Request,
     ) -> Result<(u16, tokio::net::TcpListener), OpenError> {
@@ -196,21 +193,19 @@ impl<R: Runtime> BerthGateway<R> {
             return Err(OpenError("bad X11 request".into()));
         }
         let init = self.container_init(container).await?;
-        let (n, listener) = in_netns(init.ns, container, || {
-            for n in X11_DISPLAYS {
-                if let Ok(l) =
-                    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n))
-                {
-                    l.set_nonblocking(true)?;
-                    return Ok((n, l));
-                }
-            }
-            Err(std::io::Error::other("no free X11 display"))
-        })
-        .await
-        .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .map_err(|e| OpenError(format!("X11 forwarding failed: {e}")))?;
+        let failed = |e: std::io::Error| OpenError(format!("X11 forwarding failed: {e}"));
+        // One socket, offered each display's port in turn (a failed bind leaves it unbound).
+        let socket = tcp_socket_in(&init, user.as_str()).await.map_err(failed)?;
+        socket.set_reuseaddr(true).map_err(failed)?;
+        let n = X11_DISPLAYS
+            .into_iter()
+            .find(|n| {
+                socket
+                    .bind((std::net::Ipv4Addr::LOCALHOST, 6000 + n).into())
+                    .is_ok()
+            })
+            .ok_or_else(|| failed(std::io::Error::other("no free X11 display")))?;
+        let listener = socket.listen(LISTEN_BACKLOG).map_err(failed)?;
         Ok((n, listener))
     }
 }
@@ -380,15 +375,68 @@ fn random_u64() -> u64 {
     })
 }
 
-/// Connects to `host:port` from the current network namespace (a container's). `localhost`
-/// is that namespace's loopback; other names are resolved as the container resolves them
-/// (its `/etc/hosts`, then its name servers), see [`crate::resolve`].
-fn connect_from_here(
-    root: &std::fs::File,
+/// The backlog of a listener made in a container (std's).
+const LISTEN_BACKLOG: u32 = 128;
+
+/// An IPv4 TCP socket made in `init`'s network namespace for `owner`, to be bound or
+/// connected from here.
+async fn tcp_socket_in(
+    init: &ContainerInit,
+    owner: &str,
+) -> std::io::Result<tokio::net::TcpSocket> {
+    let kind = (AddressFamily::Inet, SockType::Stream);
+    let fd = sockets_in_netns(&init.ns, owner, &[kind])
+        .await?
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no socket made"))?;
+    Ok(tokio::net::TcpSocket::from_std_stream(fd.into()))
+}
+
+/// Listens with `socket` on `port` of its namespace's loopback (`-R`).
+fn listen_on(socket: tokio::net::TcpSocket, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    socket.set_reuseaddr(true)?;
+    socket.bind((std::net::Ipv4Addr::LOCALHOST, port).into())?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// The `-L` connects of each user under way ([`CONNECTS_PER_USER`]).
+type Connecting = std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>;
+static CONNECTING: std::sync::Mutex<Option<Connecting>> = std::sync::Mutex::new(None);
+
+/// `user`'s share of [`CONNECTS_PER_USER`].
+fn connect_slots(user: &UserName) -> std::io::Result<std::sync::Arc<tokio::sync::Semaphore>> {
+    let mut all = CONNECTING
+        .lock()
+        .map_err(|_| std::io::Error::other("connect accounting unavailable"))?;
+    let all = all.get_or_insert_with(Default::default);
+    all.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
+    Ok(all
+        .entry(user.as_str().to_owned())
+        .or_insert_with(|| std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTS_PER_USER)))
+        .clone())
+}
+
+/// Connects to `host:port` as the container `init` would, for `user`. `localhost` is the
+/// container's loopback; other names are resolved as the container resolves them (its
+/// `/etc/hosts`, then its name servers), see [`crate::resolve`]. Only the sockets are made
+/// in the container's namespace; the lookup and the connects run here, asynchronously, each
+/// under its deadline, and at most [`CONNECTS_PER_USER`] of a user's at once.
+async fn connect_in(
+    init: &ContainerInit,
+    user: &UserName,
     host: &str,
     port: u16,
-) -> std::io::Result<std::net::TcpStream> {
+) -> std::io::Result<tokio::net::TcpStream> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use tokio::time::{Instant, timeout_at};
+    let start = Instant::now();
+    let _slot = timeout_at(
+        start + CONNECT_TIMEOUT,
+        connect_slots(user)?.acquire_owned(),
+    )
+    .await
+    .map_err(|_| std::io::Error::other("too many of your connections are being opened"))?
+    .map_err(std::io::Error::other)?;
     let addrs: Vec<SocketAddr> = if host == "localhost" {
         vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
@@ -401,26 +449,37 @@ fn connect_from_here(
     {
         vec![SocketAddr::new(ip, port)]
     } else {
-        let deadline = std::time::Instant::now() + RESOLVE_TIMEOUT;
-        crate::resolve::resolve_in_container(root, host, deadline)?
+        let deadline = Instant::now() + RESOLVE_TIMEOUT;
+        crate::resolve::resolve_in_container(&init.ns, &init.root, user.as_str(), host, deadline)
+            .await?
             .into_iter()
             .map(|ip| SocketAddr::new(ip, port))
             .collect()
     };
+    let kinds: Vec<_> = addrs
+        .iter()
+        .map(|a| match a {
+            SocketAddr::V4(_) => (AddressFamily::Inet, SockType::Stream),
+            SocketAddr::V6(_) => (AddressFamily::Inet6, SockType::Stream),
+        })
+        .collect();
+    // One connect budget for all addresses.
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let sockets = timeout_at(deadline, sockets_in_netns(&init.ns, user.as_str(), &kinds))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    // One connect budget for all addresses: a thread of the shared pool is held meanwhile.
-    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
-    for addr in addrs {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        match std::net::TcpStream::connect_timeout(&addr, left) {
-            Ok(s) => {
-                s.set_nonblocking(true)?;
-                return Ok(s);
+    for (addr, fd) in addrs.into_iter().zip(sockets) {
+        let socket = tokio::net::TcpSocket::from_std_stream(fd.into());
+        match timeout_at(deadline, socket.connect(addr)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last = e,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection timed out",
+                ));
             }
-            Err(e) => last = e,
         }
     }
     Err(last)

@@ -63,7 +63,7 @@ impl<R: Runtime> BerthGateway<R> {
         }
         let lease = self.lease(&user).await?;
         let display = match &req.x11 {
-            Some(x) => Some(self.x11_display(lease.container(), x).await?),
+            Some(x) => Some(self.x11_display(&user, lease.container(), x).await?),
             None => None,
         };
         let spec = self.session_spec(&req, display.as_ref().map(|(n, _)| *n));
