@@ -257,7 +257,9 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         users,
         containers,
         sessions: st.sessions.list(),
-        tasks: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
         descriptors: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
     }))
 }

@@ -84,7 +84,10 @@ pub enum Event {
     },
     /// A user was refused a connection, session or forwarded connection for holding all
     /// she may (`[limits]`).
-    LimitReached { user: String, what: &'static str },
+    LimitReached {
+        user: String,
+        what: &'static str,
+    },
     ContainerCreate {
         user: String,
         container: String,

@@ -146,8 +146,8 @@ impl Default for LimitsConfig {
             pids: 1024,
             log_mb: 10,
             connections: 32,
-            sessions: 32,
-            forwards: 64,
+            sessions: 64,
+            forwards: 256,
             input_buffer_mb: 64,
         }
     }
@@ -465,8 +465,7 @@ impl Config {
                 self.limits.cpus
             ));
         }
-        if self.limits.connections == 0 || self.limits.sessions == 0 || self.limits.forwards == 0
-        {
+        if self.limits.connections == 0 || self.limits.sessions == 0 || self.limits.forwards == 0 {
             return Err(
                 "limits.connections, limits.sessions and limits.forwards must be at least 1".into(),
             );

@@ -49,8 +49,8 @@ use tokio::io::AsyncWrite;
 pub use algorithms::Algorithms;
 pub use berth_guest_proto::fds::{GuardedUnixListener, GuardedUnixStream};
 pub use door::{DoorConfig, Net, Startups};
-pub use quota::UserLimits;
 pub use hostkey::{HostKeyError, load_or_create_host_key};
+pub use quota::UserLimits;
 pub use russh::keys::{Certificate, PublicKey, ssh_encoding, ssh_key};
 pub use server::{ServerError, SshConfig, serve};
 

@@ -25,8 +25,8 @@ impl Default for UserLimits {
     fn default() -> Self {
         Self {
             connections: 32,
-            sessions: 32,
-            forwards: 64,
+            sessions: 64,
+            forwards: 256,
             input_buffer_bytes: 64 << 20,
         }
     }

@@ -18,10 +18,10 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
-use crate::quota::{Quotas, UserLimits};
 use crate::algorithms::Algorithms;
 use crate::door::{Door, DoorConfig, Refusal, Startup};
 use crate::handler::{Authenticated, Connection};
+use crate::quota::{Quotas, UserLimits};
 
 /// The window a channel grants its client once input buffer is set aside for it (from its
 /// user's budget and the daemon's): the most client input the daemon holds for one channel

@@ -196,7 +196,8 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // Opening can take seconds (container create/start). Keep reading the channel meanwhile
     // (russh stops the whole connection while one channel's queue is full): input waits in
     // the inbox, bounded by the client's window.
-    let (input, stdin) = crate::inbox::inbox(ctx.handle.clone(), tx.id(), ctx.tenant.reserve_input());
+    let (input, stdin) =
+        crate::inbox::inbox(ctx.handle.clone(), tx.id(), ctx.tenant.reserve_input());
     let mut resized = None;
     let opened = {
         let open = ctx.gateway.open(req);
@@ -370,10 +371,16 @@ async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut i
 /// client.
 async fn serve_agent(agent: crate::AgentListener, handle: russh::server::Handle, tenant: Tenant) {
     let _hold = agent.hold;
-    crate::tunnel::serve_listener(agent.listener, "agent socket", handle.clone(), tenant, move |_| {
-        let handle = handle.clone();
-        async move { handle.channel_open_agent().await }
-    })
+    crate::tunnel::serve_listener(
+        agent.listener,
+        "agent socket",
+        handle.clone(),
+        tenant,
+        move |_| {
+            let handle = handle.clone();
+            async move { handle.channel_open_agent().await }
+        },
+    )
     .await;
 }
 

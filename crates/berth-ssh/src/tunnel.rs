@@ -106,8 +106,7 @@ pub(crate) async fn bridge<S>(
     socket: S,
     handle: russh::server::Handle,
     reserved: crate::quota::Reserved,
-)
-where
+) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let id = channel.id();

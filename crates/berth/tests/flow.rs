@@ -85,7 +85,14 @@ fn running(d: &Daemon, user: &str, needle: &str) -> usize {
 
 #[test]
 fn forty_sessions_that_never_read_their_flooded_stdin_keep_the_daemon_small() {
-    let d = daemon();
+    // Caps high enough for the 40 connections: this is about what each one may hold.
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 30,
+            config: "[limits]\nconnections = 64\n".into(),
+        },
+    );
     let ka = d.add_user("alice", BUSYBOX);
     let kb = d.add_user("bob", BUSYBOX);
     d.ssh_ok("alice", &ka, "true");
@@ -202,4 +209,84 @@ fn a_process_that_does_not_read_stalls_only_its_own_channel() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "50000000");
     assert_eq!(running(&d, "alice", "sleep 600"), 1);
+}
+
+/// A paramiko client that floods window changes and extended data from the moment it asks
+/// for its command, while the container is still being created, and for `secs` after.
+const PARAMIKO_FLOOD: &str = r#"
+import sys, time, paramiko
+host, port, user, keyfile, secs = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5])
+t = paramiko.Transport((host, port))
+t.connect(username=user, pkey=paramiko.Ed25519Key.from_private_key_file(keyfile))
+ch = t.open_session()
+ch.exec_command("sleep 9; echo done")
+end, n, sent = time.time() + secs, 0, 0
+while time.time() < end:
+    ch.resize_pty(80 + n % 50, 24 + n % 10)
+    sent += ch.send_stderr(b"x" * 16384)
+    n += 1
+print("flooded", n, sent, flush=True)
+out = b""
+while not ch.exit_status_ready() or ch.recv_ready():
+    if ch.recv_ready():
+        out += ch.recv(1024)
+    else:
+        time.sleep(0.05)
+print(out.decode().strip(), ch.recv_exit_status(), flush=True)
+"#;
+
+#[test]
+fn extended_data_and_window_changes_flooded_during_a_slow_start_are_not_hoarded() {
+    let d = daemon();
+    // A user whose container does not exist yet: her first command waits for its creation.
+    let ka = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    let before = rss(&d);
+    let script = d.dir.path().join("flood.py");
+    std::fs::write(&script, PARAMIKO_FLOOD).unwrap();
+    // Debian's python3 (with python3-paramiko from the test command).
+    let mut flood = KillOnDrop(
+        Command::new("/usr/bin/python3")
+            .arg(&script)
+            .args(["127.0.0.1", &d.port.to_string(), "alice"])
+            .arg(&ka)
+            .arg("5")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut peak = 0;
+    for _ in 0..12 {
+        std::thread::sleep(Duration::from_millis(500));
+        peak = peak.max(rss(&d));
+    }
+    bob_is_fine(&d, &kb);
+    assert!(wait_until(Duration::from_secs(60), || flood
+        .0
+        .try_wait()
+        .unwrap()
+        .is_some()));
+    let mut out = String::new();
+    std::io::Read::read_to_string(flood.0.stdout.as_mut().unwrap(), &mut out).unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(flood.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    eprintln!("{out}{err}daemon RSS peak: {} MiB", peak >> 20);
+    let flooded: Vec<u64> = out
+        .lines()
+        .find_map(|l| l.strip_prefix("flooded "))
+        .unwrap_or_else(|| panic!("the flood did not run: {out}{err}\n{}", d.log()))
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    // Far more was sent than the daemon grew by: extended input is dropped (its window given
+    // back), window changes are not queued.
+    assert!(flooded[1] > 64 << 20, "only {} bytes sent", flooded[1]);
+    assert!(out.contains("done 0"), "{out}{err}");
+    assert!(
+        peak < before + (32 << 20),
+        "daemon RSS {} MiB at its peak, {} MiB before",
+        peak >> 20,
+        before >> 20
+    );
 }

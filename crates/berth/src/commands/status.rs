@@ -56,7 +56,10 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
         st.containers.len() - running
     );
     println!("sessions:   {}", st.sessions.len());
-    println!("load:       {} tasks, {} descriptors", st.tasks, st.descriptors);
+    println!(
+        "load:       {} tasks, {} descriptors",
+        st.tasks, st.descriptors
+    );
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)
