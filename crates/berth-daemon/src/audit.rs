@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tracing::{info, warn};
+use tracing::{error, info};
 
 /// Every audit record there is. Serialized with its name as `"event"` (snake case) and its
 /// fields beside it; client-supplied text in them is bounded by whoever builds the event.
@@ -105,6 +105,12 @@ pub enum Event {
         container: String,
         image: String,
         id: String,
+        /// The whole image, and what this commit added to it.
+        size_bytes: u64,
+        added_bytes: u64,
+        layers: usize,
+        /// Made anew in one layer: the container's image was too deep.
+        flattened: bool,
     },
     DaemonMode {
         user: String,
@@ -167,10 +173,18 @@ pub struct CertificateFields {
 pub struct Audit {
     path: Option<PathBuf>,
     max_bytes: u64,
-    /// The open file and its length so far.
-    file: Mutex<Option<(std::fs::File, u64)>>,
+    /// The open file and its length so far, and whether the last write failed.
+    file: Mutex<FileState>,
     /// Per-user budgets for records a user's own actions make.
     budgets: Mutex<Budgets>,
+}
+
+#[derive(Default)]
+struct FileState {
+    open: Option<(std::fs::File, u64)>,
+    /// The last write failed (a full disk): said once in the daemon's log, and once more
+    /// when writing works again.
+    failing: bool,
 }
 
 /// Records a user's own actions may write per minute by default (logins, sessions, host
@@ -268,7 +282,10 @@ impl Audit {
         Ok(Self {
             path: Some(path.to_owned()),
             max_bytes,
-            file: Mutex::new(Some((file, len))),
+            file: Mutex::new(FileState {
+                open: Some((file, len)),
+                failing: false,
+            }),
             budgets: Mutex::default(),
         })
     }
@@ -287,7 +304,7 @@ impl Audit {
         Self {
             path: None,
             max_bytes: 0,
-            file: Mutex::new(None),
+            file: Mutex::default(),
             budgets: Mutex::default(),
         }
     }
@@ -335,8 +352,26 @@ impl Audit {
         let Ok(mut guard) = self.file.lock() else {
             return;
         };
-        if let Err(e) = self.append(path, &mut guard, &text) {
-            warn!(error = %e, path = %path.display(), "cannot write the audit log");
+        let state = &mut *guard;
+        match self.append(path, &mut state.open, &text) {
+            Ok(()) if state.failing => {
+                state.failing = false;
+                info!(path = %path.display(), "the audit log is written again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                // Reopened at the next record, which starts on a line of its own.
+                state.open = None;
+                if !state.failing {
+                    state.failing = true;
+                    error!(
+                        error = %e,
+                        path = %path.display(),
+                        "cannot write the audit log (disk full?); its records go to this log \
+                         only, until it can be written again (said once)"
+                    );
+                }
+            }
         }
     }
 
@@ -360,8 +395,13 @@ impl Audit {
                 *file = Some((open(path)?, 0));
             }
             None => {
-                let f = open(path)?;
-                let len = f.metadata()?.len();
+                let mut f = open(path)?;
+                let mut len = f.metadata()?.len();
+                if len > 0 && !ends_with_newline(path)? {
+                    // A record cut short by a failed write: the next one starts afresh.
+                    f.write_all(b"\n")?;
+                    len += 1;
+                }
                 *file = Some((f, len));
             }
         }
@@ -371,6 +411,15 @@ impl Audit {
         }
         Ok(())
     }
+}
+
+fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last == *b"\n")
 }
 
 fn open(path: &Path) -> std::io::Result<std::fs::File> {
