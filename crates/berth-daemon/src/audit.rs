@@ -395,14 +395,10 @@ impl Audit {
                 *file = Some((open(path)?, 0));
             }
             None => {
-                let mut f = open(path)?;
-                let mut len = f.metadata()?.len();
-                if len > 0 && !ends_with_newline(path)? {
-                    // A record cut short by a failed write: the next one starts afresh.
-                    f.write_all(b"\n")?;
-                    len += 1;
-                }
-                *file = Some((f, len));
+                // A record cut short by a failed write (a full disk) is cut off: every
+                // line of the file stays one whole JSON record.
+                let len = cut_torn_tail(path)?;
+                *file = Some((open(path)?, len));
             }
         }
         if let Some((f, len)) = file {
@@ -413,13 +409,35 @@ impl Audit {
     }
 }
 
-fn ends_with_newline(path: &Path) -> std::io::Result<bool> {
+/// Truncates the file at `path` (if any) after its last newline; returns its length then.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
     use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(path)?;
-    f.seek(SeekFrom::End(-1))?;
-    let mut last = [0u8; 1];
-    f.read_exact(&mut last)?;
-    Ok(last == *b"\n")
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // A record is far shorter than this: its start is within the tail read.
+    let tail = len.min(256 * 1024);
+    f.seek(SeekFrom::Start(len - tail))?;
+    let mut buf = Vec::new();
+    (&mut f).take(tail).read_to_end(&mut buf)?;
+    if buf.last().is_none_or(|b| *b == b'\n') {
+        return Ok(len);
+    }
+    let keep = match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) => len - tail + i as u64 + 1,
+        None if tail == len => 0,
+        // No newline in the tail: not a torn record of ours; leave the file alone.
+        None => return Ok(len),
+    };
+    f.set_len(keep)?;
+    Ok(keep)
 }
 
 fn open(path: &Path) -> std::io::Result<std::fs::File> {
@@ -434,6 +452,19 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_torn_by_a_full_disk_is_cut_off_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "{\"a\":1}\n{\"event\":\"lo").unwrap();
+        assert_eq!(cut_torn_tail(&path).unwrap(), 8);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
+        assert_eq!(cut_torn_tail(&path).unwrap(), 8);
+        std::fs::write(&path, "{\"ev").unwrap();
+        assert_eq!(cut_torn_tail(&path).unwrap(), 0);
+        assert_eq!(cut_torn_tail(&dir.path().join("none")).unwrap(), 0);
+    }
 
     #[test]
     fn lines_are_json_and_the_file_rotates_past_its_bound() {

@@ -582,11 +582,20 @@ pub fn in_terminal(shell_cmd: &str, timeout: Duration) -> String {
 /// How a [`SecondEngine`] is started.
 #[derive(Debug, Clone, Default)]
 pub struct EngineOptions {
-    /// Put the data root on a loop-mounted xfs of this many MiB, mounted with `prjquota`, so
-    /// that overlay2 enforces `--storage-opt size=` (`None`: a plain directory).
-    pub xfs_quota_mib: Option<u64>,
+    /// Put the data root on a loop-mounted file system with quotas, so that the engine
+    /// enforces `--storage-opt size=` (`None`: a plain directory, overlay2).
+    pub quota_fs: Option<QuotaFs>,
     /// More `dockerd` arguments (`--userns-remap=default`, ...).
     pub args: Vec<String>,
+}
+
+/// A file system whose quotas Docker's storage drivers use, on a sparse loop file of `mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaFs {
+    /// xfs mounted with `prjquota`, the overlay2 driver (needs a kernel with XFS_QUOTA).
+    Xfs { mib: u64 },
+    /// btrfs, the btrfs driver (quota groups).
+    Btrfs { mib: u64 },
 }
 
 /// A second Docker engine, started by a test beside the host's: its own socket, data root,
@@ -627,9 +636,17 @@ impl SecondEngine {
             child: None,
             mounted: false,
         };
-        if let Some(mib) = opts.xfs_quota_mib {
-            engine.mount_xfs(mib)?;
-        }
+        let driver = match opts.quota_fs {
+            Some(fs @ QuotaFs::Xfs { .. }) => {
+                engine.mount(fs)?;
+                "overlay2"
+            }
+            Some(fs @ QuotaFs::Btrfs { .. }) => {
+                engine.mount(fs)?;
+                "btrfs"
+            }
+            None => "overlay2",
+        };
         let config = engine.dir.path().join("daemon.json");
         std::fs::write(&config, "{}\n").map_err(|e| e.to_string())?;
         let log = std::fs::File::create(engine.dir.path().join("dockerd.log"))
@@ -653,7 +670,7 @@ impl SecondEngine {
             .arg("--config-file")
             .arg(&config)
             .args(["--bridge=none", "--iptables=false", "--ip-masq=false"])
-            .args(["--storage-driver", "overlay2", "--log-level", "warn"])
+            .args(["--storage-driver", driver, "--log-level", "warn"])
             .arg(format!("--containerd-namespace=berth-{name}"))
             .arg(format!(
                 "--containerd-plugins-namespace=berth-{name}-plugins"
@@ -681,11 +698,15 @@ impl SecondEngine {
         Ok(engine)
     }
 
-    fn mount_xfs(&mut self, mib: u64) -> Result<(), String> {
-        let Some(mkfs) = find_program("mkfs.xfs") else {
-            return Err("mkfs.xfs missing (install xfsprogs)".into());
+    fn mount(&mut self, fs: QuotaFs) -> Result<(), String> {
+        let (mkfs, mib, options) = match fs {
+            QuotaFs::Xfs { mib } => ("mkfs.xfs", mib, "loop,prjquota"),
+            QuotaFs::Btrfs { mib } => ("mkfs.btrfs", mib, "loop"),
         };
-        let image = self.dir.path().join("xfs.img");
+        let Some(mkfs_path) = find_program(mkfs) else {
+            return Err(format!("{mkfs} missing (install xfsprogs and btrfs-progs)"));
+        };
+        let image = self.dir.path().join("fs.img");
         // Sparse: only what is written takes space.
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(mib * 1024 * 1024))
@@ -698,12 +719,25 @@ impl SecondEngine {
                 Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
             }
         };
-        run(Command::new(mkfs).arg("-q").arg(&image)).map_err(|e| format!("mkfs.xfs: {e}"))?;
+        run(Command::new(mkfs_path).arg("-q").arg(&image)).map_err(|e| format!("{mkfs}: {e}"))?;
         run(Command::new("mount")
-            .args(["-o", "loop,prjquota"])
+            .args(["-o", options])
             .arg(&image)
             .arg(&self.data_root))
-        .map_err(|e| format!("cannot mount a loop xfs with prjquota: {e}"))?;
+        .map_err(|e| {
+            // The kernel's reason (e.g. "quota support not available in this kernel").
+            let why = Command::new("dmesg")
+                .output()
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .last()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            format!("cannot mount a loop {fs:?} with {options}: {e} ({why})")
+        })?;
         self.mounted = true;
         Ok(())
     }
@@ -713,7 +747,7 @@ impl SecondEngine {
         &self.socket
     }
 
-    /// Its data root (on the loop xfs when asked for).
+    /// Its data root (on the loop file system when asked for).
     pub fn data_root(&self) -> &Path {
         &self.data_root
     }
