@@ -269,10 +269,10 @@ fn a_hundred_and_thirty_commits_still_log_in() {
             .lines()
             .find(|l| l.starts_with("saved your container as "))
             .unwrap_or_else(|| panic!("no reply to the commit: {err}"));
+        // "... (SIZE added, SIZE in all, N layers); ..."
         let layers: usize = reply
-            .split(" layer")
-            .next()
-            .and_then(|s| s.rsplit(' ').next())
+            .rsplit_once(" layer")
+            .and_then(|(s, _)| s.rsplit(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or_else(|| panic!("no layer count in the commit's reply: {reply}"));
         assert!(
