@@ -65,8 +65,33 @@ pub enum AdminError {
     Runtime(#[from] RuntimeError),
 }
 
+impl AdminError {
+    /// The store failed because its file system is full.
+    fn disk_full(&self) -> bool {
+        match self {
+            Self::Store(e) | Self::Lifecycle(LifecycleError::Store(e)) => e.is_disk_full(),
+            _ => false,
+        }
+    }
+}
+
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
+        if self.disk_full() {
+            error!(error = %self, "admin request failed: the disk is full");
+            return (
+                StatusCode::INSUFFICIENT_STORAGE,
+                Json(ApiError {
+                    error: format!("disk full: cannot write the berth database ({self})"),
+                    hint: Some(
+                        "free space on the file system of berth's state directory; nothing was \
+                         changed, and berth works again as soon as there is room"
+                            .to_owned(),
+                    ),
+                }),
+            )
+                .into_response();
+        }
         let (status, hint) = match &self {
             Self::Forbidden => (StatusCode::FORBIDDEN, Some("run the command as root".to_owned())),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, None),
@@ -261,6 +286,7 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
             .metrics()
             .num_alive_tasks(),
         descriptors: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
+        disk_quota: Some(st.lifecycle.disk().quota().describe()),
     }))
 }
 
@@ -405,10 +431,13 @@ async fn user_info<R: Runtime>(st: &AdminState<R>, user: UserRecord) -> Result<U
         .runtime
         .list(LABEL_INSTANCE, st.lifecycle.instance())
         .await?;
-    Ok(describe(st, &containers, user))
+    let disk = st.lifecycle.disk().last();
+    Ok(describe(st, &containers, &disk, user))
 }
 
-async fn user_infos<R: Runtime>(
+/// What the admin sees of `users`, with a fresh measurement of the disk use when the last is old (waited
+/// for briefly: see [`crate::disk`]).
+async fn user_infos_measured<R: Runtime>(
     st: &AdminState<R>,
     users: Vec<UserRecord>,
 ) -> Result<Vec<UserInfo>> {
@@ -416,15 +445,17 @@ async fn user_infos<R: Runtime>(
         .runtime
         .list(LABEL_INSTANCE, st.lifecycle.instance())
         .await?;
+    let disk = st.lifecycle.disk_usage().await;
     Ok(users
         .into_iter()
-        .map(|u| describe(st, &containers, u))
+        .map(|u| describe(st, &containers, &disk, u))
         .collect())
 }
 
 fn describe<R: Runtime>(
     st: &AdminState<R>,
     containers: &[berth_runtime::ContainerInfo],
+    disk: &std::collections::HashMap<String, u64>,
     u: UserRecord,
 ) -> UserInfo {
     let state = containers
@@ -440,6 +471,9 @@ fn describe<R: Runtime>(
     UserInfo {
         container_name: st.lifecycle.container_name(&u.name),
         sessions: st.lifecycle.sessions(&u.name),
+        disk_bytes: (state != ContainerState::Absent)
+            .then(|| disk.get(u.name.as_str()).copied())
+            .flatten(),
         name: u.name,
         image: u.image,
         committed_image: u.committed_image,
@@ -452,7 +486,7 @@ fn describe<R: Runtime>(
 
 async fn list_users<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<UserInfo>>> {
     let users = st.store.users().await?;
-    Ok(Json(user_infos(&st, users).await?))
+    Ok(Json(user_infos_measured(&st, users).await?))
 }
 
 async fn show_user<R: Runtime>(
@@ -461,7 +495,11 @@ async fn show_user<R: Runtime>(
 ) -> Result<Json<UserInfo>> {
     let name = parse_name(&name)?;
     let user = st.store.user(&name).await?;
-    Ok(Json(user_info(&st, user).await?))
+    let mut infos = user_infos_measured(&st, vec![user]).await?;
+    let info = infos
+        .pop()
+        .ok_or_else(|| AdminError::NotFound(format!("user {name} not found")))?;
+    Ok(Json(info))
 }
 
 async fn add_user<R: Runtime>(

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tracing::{info, warn};
+use tracing::{error, info};
 
 /// Every audit record there is. Serialized with its name as `"event"` (snake case) and its
 /// fields beside it; client-supplied text in them is bounded by whoever builds the event.
@@ -111,6 +111,12 @@ pub enum Event {
         container: String,
         image: String,
         id: String,
+        /// The whole image, and what this commit added to it.
+        size_bytes: u64,
+        added_bytes: u64,
+        layers: usize,
+        /// Made anew in one layer: the container's image was too deep.
+        flattened: bool,
     },
     DaemonMode {
         user: String,
@@ -173,10 +179,18 @@ pub struct CertificateFields {
 pub struct Audit {
     path: Option<PathBuf>,
     max_bytes: u64,
-    /// The open file and its length so far.
-    file: Mutex<Option<(std::fs::File, u64)>>,
+    /// The open file and its length so far, and whether the last write failed.
+    file: Mutex<FileState>,
     /// Per-user budgets for records a user's own actions make.
     budgets: Mutex<Budgets>,
+}
+
+#[derive(Default)]
+struct FileState {
+    open: Option<(std::fs::File, u64)>,
+    /// The last write failed (a full disk): said once in the daemon's log, and once more
+    /// when writing works again.
+    failing: bool,
 }
 
 /// Records a user's own actions may write per minute by default (logins, sessions, host
@@ -274,7 +288,10 @@ impl Audit {
         Ok(Self {
             path: Some(path.to_owned()),
             max_bytes,
-            file: Mutex::new(Some((file, len))),
+            file: Mutex::new(FileState {
+                open: Some((file, len)),
+                failing: false,
+            }),
             budgets: Mutex::default(),
         })
     }
@@ -293,7 +310,7 @@ impl Audit {
         Self {
             path: None,
             max_bytes: 0,
-            file: Mutex::new(None),
+            file: Mutex::default(),
             budgets: Mutex::default(),
         }
     }
@@ -341,8 +358,26 @@ impl Audit {
         let Ok(mut guard) = self.file.lock() else {
             return;
         };
-        if let Err(e) = self.append(path, &mut guard, &text) {
-            warn!(error = %e, path = %path.display(), "cannot write the audit log");
+        let state = &mut *guard;
+        match self.append(path, &mut state.open, &text) {
+            Ok(()) if state.failing => {
+                state.failing = false;
+                info!(path = %path.display(), "the audit log is written again");
+            }
+            Ok(()) => {}
+            Err(e) => {
+                // Reopened at the next record, which starts on a line of its own.
+                state.open = None;
+                if !state.failing {
+                    state.failing = true;
+                    error!(
+                        error = %e,
+                        path = %path.display(),
+                        "cannot write the audit log (disk full?); its records go to this log \
+                         only, until it can be written again (said once)"
+                    );
+                }
+            }
         }
     }
 
@@ -366,9 +401,10 @@ impl Audit {
                 *file = Some((open(path)?, 0));
             }
             None => {
-                let f = open(path)?;
-                let len = f.metadata()?.len();
-                *file = Some((f, len));
+                // A record cut short by a failed write (a full disk) is cut off: every
+                // line of the file stays one whole JSON record.
+                let len = cut_torn_tail(path)?;
+                *file = Some((open(path)?, len));
             }
         }
         if let Some((f, len)) = file {
@@ -377,6 +413,37 @@ impl Audit {
         }
         Ok(())
     }
+}
+
+/// Truncates the file at `path` (if any) after its last newline; returns its length then.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // A record is far shorter than this: its start is within the tail read.
+    let tail = len.min(256 * 1024);
+    f.seek(SeekFrom::Start(len - tail))?;
+    let mut buf = Vec::new();
+    (&mut f).take(tail).read_to_end(&mut buf)?;
+    if buf.last().is_none_or(|b| *b == b'\n') {
+        return Ok(len);
+    }
+    let keep = match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) => len - tail + i as u64 + 1,
+        None if tail == len => 0,
+        // No newline in the tail: not a torn record of ours; leave the file alone.
+        None => return Ok(len),
+    };
+    f.set_len(keep)?;
+    Ok(keep)
 }
 
 fn open(path: &Path) -> std::io::Result<std::fs::File> {
@@ -391,6 +458,19 @@ fn open(path: &Path) -> std::io::Result<std::fs::File> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_torn_by_a_full_disk_is_cut_off_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        std::fs::write(&path, "{\"a\":1}\n{\"event\":\"lo").unwrap();
+        assert_eq!(cut_torn_tail(&path).unwrap(), 8);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"a\":1}\n");
+        assert_eq!(cut_torn_tail(&path).unwrap(), 8);
+        std::fs::write(&path, "{\"ev").unwrap();
+        assert_eq!(cut_torn_tail(&path).unwrap(), 0);
+        assert_eq!(cut_torn_tail(&dir.path().join("none")).unwrap(), 0);
+    }
 
     #[test]
     fn lines_are_json_and_the_file_rotates_past_its_bound() {

@@ -97,6 +97,7 @@ pub struct LimitsConfig {
     pub sessions: usize,
     pub forwards: usize,
     pub input_buffer_mb: u64,
+    pub disk_gb: f64,
 }
 
 impl Default for Config {
@@ -149,6 +150,7 @@ impl Default for LimitsConfig {
             sessions: 64,
             forwards: 256,
             input_buffer_mb: 64,
+            disk_gb: 0.0,
         }
     }
 }
@@ -341,7 +343,14 @@ forwardings); past it they are counted (audit_suppressed). Admin changes are nev
     setting(
         "limits.log_mb",
         "What a container writes to its console is kept by Docker up to this many MiB (two files\n\
-of half of it, the older one dropped); 0 = Docker's own default, with no limit.",
+of half of it, the older one dropped); 0 = nothing is kept (Docker's `none` log driver).",
+    ),
+    setting(
+        "limits.disk_gb",
+        "Disk per container in GiB (e.g. 0.5): what a user writes beyond her image fails with\n\
+\"no space left on device\". Needs a storage driver with quotas (overlay2 on xfs mounted with\n\
+pquota; btrfs, zfs, devicemapper); elsewhere containers are made without it and `berth status`\n\
+says why. 0 = no limit. Each user's use is reported either way (`berth user list`).",
     ),
     setting(
         "limits.connections",
@@ -469,6 +478,12 @@ impl Config {
             return Err(
                 "limits.connections, limits.sessions and limits.forwards must be at least 1".into(),
             );
+        }
+        if !(0.0..=1_000_000.0).contains(&self.limits.disk_gb) || self.limits.disk_gb.is_nan() {
+            return Err(format!(
+                "limits.disk_gb = {} is out of range",
+                self.limits.disk_gb
+            ));
         }
         if self.limits.pids < 16 {
             return Err(format!(

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod certs;
 pub mod config;
 pub mod connections;
+pub mod disk;
 pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
@@ -112,6 +113,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Containers join the network by name: if it is removed later, the lifecycle manager
     // makes it again under the same name.
     runtime.ensure_network(&config.network).await?;
+    // Containers get the disk cap only where the engine enforces it: a create never fails
+    // for want of a quota, and the admin is told (here and in `berth status`).
+    let quota = disk::Quota::probe(&*runtime, disk_bytes(&config)).await;
+    match &quota {
+        disk::Quota::NotEnforced { .. } => warn!("disk quota: {}", quota.describe()),
+        _ => info!("disk quota: {}", quota.describe()),
+    }
+    let mut limits = limits(&config);
+    limits.disk_bytes = quota.bytes();
 
     let lifecycle = Lifecycle::new(
         runtime.clone(),
@@ -121,7 +131,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             instance,
             network: config.network.clone(),
             guest_dir: guest_dir.clone(),
-            limits: limits(&config),
+            limits,
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
             stop_timeout_secs: i32::try_from(config.stop_timeout_seconds).unwrap_or(i32::MAX),
             run_dir: state.join("run"),
@@ -130,6 +140,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             audit: audit.clone(),
         },
     );
+    lifecycle.disk().set_quota(quota);
     let sessions = Sessions::new(audit.clone());
     lifecycle.reconcile().await?;
 
@@ -275,7 +286,21 @@ fn limits(config: &Config) -> Limits {
         nano_cpus: (nano > 0).then_some(nano),
         pids: i64::from(l.pids),
         log_bytes: (l.log_mb > 0).then(|| l.log_mb.saturating_mul(1024 * 1024)),
+        // Set once the engine is known to enforce it (see `run`).
+        disk_bytes: None,
     }
+}
+
+/// `limits.disk_gb` in bytes; `None` when off.
+pub fn disk_bytes(config: &Config) -> Option<u64> {
+    // Validated to 0..=1e6 GiB in Config::validate: the product fits.
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "validated range"
+    )]
+    let bytes = (config.limits.disk_gb * 1024.0 * 1024.0 * 1024.0) as u64;
+    (bytes > 0).then_some(bytes)
 }
 
 /// Holds `STATE/daemon.lock` (flock) for the daemon's lifetime.

@@ -121,6 +121,7 @@ impl Settings {
                 nano_cpus: None,
                 pids: 100,
                 log_bytes: None,
+                disk_bytes: None,
             },
             idle_stop,
             stop_timeout_secs: 1,
@@ -169,6 +170,8 @@ enum Request {
 pub struct Committed {
     pub image: String,
     pub id: String,
+    /// Its size, its layers, what the commit added and whether it was flattened.
+    pub info: berth_runtime::CommitInfo,
 }
 
 /// An open SSH connection's claim: while it lasts, the container is not stopped for being
@@ -213,9 +216,26 @@ pub struct Lifecycle<R> {
     owners: Mutex<HashMap<UserName, Owner>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
+    disk: Arc<crate::disk::Disk>,
 }
 
 impl<R: Runtime> Lifecycle<R> {
+    /// The disk quota in force and the users' disk use.
+    pub fn disk(&self) -> &Arc<crate::disk::Disk> {
+        &self.disk
+    }
+
+    /// Each user's disk use in bytes (her container's writable layer), as last measured;
+    /// waits briefly for a new measurement when the last is old (see [`crate::disk`]).
+    pub async fn disk_usage(&self) -> HashMap<String, u64> {
+        self.disk
+            .usage(
+                &self.runtime,
+                (LABEL_INSTANCE, self.settings.instance.clone()),
+            )
+            .await
+    }
+
     /// The audit log container changes go to (shared with the gateway and admin API).
     pub fn audit(&self) -> &crate::audit::Audit {
         &self.settings.audit
@@ -229,6 +249,7 @@ impl<R: Runtime> Lifecycle<R> {
             owners: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
             cancel: CancellationToken::new(),
+            disk: Default::default(),
         })
     }
 
@@ -861,13 +882,18 @@ async fn commit<R: Runtime>(
     let parsed = ImageName::parse(&image)
         .map_err(|e| LifecycleError::BadImageName(format!("{image}: {e}")))?;
     let previous = lc.runtime.image_id(&image).await?;
-    let new_id = lc.runtime.commit(id, repo, user.as_str()).await?;
+    let info = lc.runtime.commit(id, repo, user.as_str()).await?;
+    let new_id = info.id.clone();
     lc.store.set_committed_image(user, Some(parsed)).await?;
     lc.settings.audit.record(Event::ContainerCommit {
         user: user.to_string(),
         container: name.to_string(),
         image: image.to_string(),
         id: new_id.to_string(),
+        size_bytes: info.size_bytes,
+        added_bytes: info.added_bytes,
+        layers: info.layers,
+        flattened: info.flattened,
     });
     if let Some(old) = previous.filter(|old| *old != new_id)
         && let Err(e) = lc.runtime.remove_image(&old).await
@@ -875,7 +901,11 @@ async fn commit<R: Runtime>(
         // Still used (her container was made from it): it goes when the container does.
         tracing::debug!(image = %old, error = %e, "previous commit kept");
     }
-    Ok(Committed { image, id: new_id })
+    Ok(Committed {
+        image,
+        id: new_id,
+        info,
+    })
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

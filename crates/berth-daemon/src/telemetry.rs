@@ -1,7 +1,8 @@
 //! Prometheus metrics at `http://metrics_listen/metrics` (opt-in). The crates count through
 //! the [`metrics`] facade; this module installs the recorder, fills in the gauges that are
-//! read at scrape time (containers running) and serves the text format. Every name starts
-//! with `berth_`; no metric carries a user label.
+//! read at scrape time (containers running, each user's disk use) and serves the text
+//! format. Every name starts with `berth_`; only `berth_user_disk_bytes` carries a user
+//! label (one series per user: bounded by the users the admin added).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +85,11 @@ fn describe() {
         "berth_containers_running",
         "this instance's running containers"
     );
+    describe_gauge!(
+        "berth_user_disk_bytes",
+        Unit::Bytes,
+        "a user's container's writable layer, as last measured (measured apart, at most every 15 s)"
+    );
     describe_histogram!(
         "berth_login_duration_seconds",
         Unit::Seconds,
@@ -130,6 +136,12 @@ async fn render<R: Runtime>(
         #[allow(clippy::cast_precision_loss)]
         let running = list.iter().filter(|c| c.running).count() as f64;
         metrics::gauge!("berth_containers_running").set(running);
+    }
+    if due {
+        for (user, bytes) in state.lifecycle.disk_usage().await {
+            #[allow(clippy::cast_precision_loss, reason = "a gauge")]
+            metrics::gauge!("berth_user_disk_bytes", "user" => user).set(bytes as f64);
+        }
     }
     handle.run_upkeep();
     (

@@ -57,6 +57,10 @@ pub struct UserInfo {
     /// Effective forwarding switches (the user's own, or the server-wide default).
     #[serde(default)]
     pub forwarding: ForwardingInfo,
+    /// Her container's writable layer in bytes, as last measured (the measurement is
+    /// slow and runs apart); `None` before the first one, or with no container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +184,9 @@ pub struct StatusInfo {
     pub tasks: usize,
     #[serde(default)]
     pub descriptors: usize,
+    /// The per-container disk quota: its size, or why it is not enforced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_quota: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

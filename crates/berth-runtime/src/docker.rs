@@ -20,8 +20,9 @@ use bollard::query_parameters::{
 use crate::exec::{demux_output, raw_output, start_attached};
 use crate::process::Identity;
 use crate::{
-    ByteStream, ContainerInfo, ContainerInit, ContainerSpec, EngineVersion, ImageSummary,
-    ProcessGuard, Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize, init,
+    ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit, ContainerSpec, DiskQuota,
+    EngineVersion, ImageSummary, MAX_LAYERS, ProcessGuard, Runtime, RuntimeError, Session,
+    SessionHandle, SessionSpec, TtySize, init,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -29,6 +30,48 @@ pub const GUEST_MOUNT: &str = "/.berth";
 
 #[cfg(test)]
 mod tests {
+    use bollard::models::ContainerConfig;
+
+    #[test]
+    fn a_flattened_image_keeps_the_containers_config_and_nothing_can_inject_an_instruction() {
+        let config = ContainerConfig {
+            env: Some(vec![
+                "PATH=/usr/bin:/bin".into(),
+                "Q=a \"quoted\" $HOME \\ value".into(),
+                "BAD=two\nlines".into(),
+                "bad key=x".into(),
+            ]),
+            cmd: Some(vec![
+                "sh".into(),
+                "-c".into(),
+                "echo \"hi\"\nUSER evil".into(),
+            ]),
+            entrypoint: Some(vec!["/.berth/berth-guest".into(), "init".into()]),
+            working_dir: Some("/root".into()),
+            user: Some("0:0".into()),
+            labels: Some([("berth.user".to_owned(), "al\"ice".to_owned())].into()),
+            exposed_ports: Some(vec!["80/tcp".into()]),
+            volumes: Some(vec!["/data".into()]),
+            ..Default::default()
+        };
+        let changes = super::changes_for(&config);
+        assert_eq!(
+            changes,
+            [
+                r#"ENV PATH="/usr/bin:/bin""#,
+                r#"ENV Q="a \"quoted\" \$HOME \\ value""#,
+                r#"CMD ["sh","-c","echo \"hi\"\nUSER evil"]"#,
+                r#"ENTRYPOINT ["/.berth/berth-guest","init"]"#,
+                r#"WORKDIR "/root""#,
+                r#"USER "0:0""#,
+                r#"LABEL "berth.user"="al\"ice""#,
+                r#"EXPOSE 80/tcp"#,
+                r#"VOLUME ["/data"]"#,
+            ]
+        );
+        assert!(changes.iter().all(|c| !c.contains('\n')));
+    }
+
     #[test]
     fn sortable_times_order_like_times() {
         let a = super::sortable_time("2026-11-28T18:46:05.6962Z");
@@ -206,6 +249,103 @@ fn map_container_err(e: bollard::errors::Error) -> RuntimeError {
     }
 }
 
+/// The `changes` of a `docker import` that give the new image `config` (what `docker
+/// commit` would have kept): exec-form JSON where Dockerfile takes it, quoted and escaped
+/// strings elsewhere. Entries that cannot be written as one safe line (a control character,
+/// an odd key) are left out: each change is one Dockerfile line, and the engine joins them.
+fn changes_for(config: &ContainerConfig) -> Vec<String> {
+    fn quoted(s: &str) -> Option<String> {
+        if s.chars().any(char::is_control) {
+            return None;
+        }
+        let mut out = String::with_capacity(s.len() + 2);
+        out.push('"');
+        for c in s.chars() {
+            if matches!(c, '"' | '\\' | '$') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+        Some(out)
+    }
+    fn json(v: &[String]) -> Option<String> {
+        serde_json::to_string(v).ok()
+    }
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
+    };
+    let mut out = Vec::new();
+    for e in config.env.iter().flatten() {
+        if let Some((k, v)) = e.split_once('=')
+            && plain(k)
+            && let Some(v) = quoted(v)
+        {
+            out.push(format!("ENV {k}={v}"));
+        }
+    }
+    if let Some(cmd) = config
+        .cmd
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .and_then(json)
+    {
+        out.push(format!("CMD {cmd}"));
+    }
+    if let Some(ep) = config
+        .entrypoint
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .and_then(json)
+    {
+        out.push(format!("ENTRYPOINT {ep}"));
+    }
+    if let Some(w) = config
+        .working_dir
+        .as_deref()
+        .filter(|w| !w.is_empty())
+        .and_then(quoted)
+    {
+        out.push(format!("WORKDIR {w}"));
+    }
+    if let Some(u) = config
+        .user
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .and_then(quoted)
+    {
+        out.push(format!("USER {u}"));
+    }
+    let mut labels: Vec<_> = config.labels.iter().flatten().collect();
+    labels.sort();
+    for (k, v) in labels {
+        if let (Some(k), Some(v)) = (quoted(k), quoted(v)) {
+            out.push(format!("LABEL {k}={v}"));
+        }
+    }
+    for p in config.exposed_ports.iter().flatten() {
+        if plain(p) {
+            out.push(format!("EXPOSE {p}"));
+        }
+    }
+    if let Some(v) = config
+        .volumes
+        .as_deref()
+        .filter(|v| !v.is_empty())
+        .and_then(json)
+    {
+        out.push(format!("VOLUME {v}"));
+    }
+    out
+}
+
+/// An engine's refusal of a size limit on a container's writable layer.
+fn is_storage_opt_refusal(e: &RuntimeError) -> bool {
+    matches!(e, RuntimeError::Docker(m) if m.contains("storage-opt") || m.contains("storage opt"))
+}
+
 fn is_404(e: &bollard::errors::Error) -> bool {
     matches!(
         e,
@@ -349,13 +489,23 @@ impl Runtime for DockerRuntime {
             nano_cpus: spec.limits.nano_cpus,
             pids_limit: Some(spec.limits.pids),
             // A user writing to her init's stdout fills the engine's disk otherwise.
-            log_config: spec.limits.log_bytes.map(|bytes| HostConfigLogConfig {
-                typ: Some("json-file".into()),
-                config: Some(HashMap::from([
-                    ("max-size".to_owned(), (bytes / 2).max(1024).to_string()),
-                    ("max-file".to_owned(), "2".to_owned()),
-                ])),
+            log_config: Some(match spec.limits.log_bytes {
+                Some(bytes) => HostConfigLogConfig {
+                    typ: Some("json-file".into()),
+                    config: Some(HashMap::from([
+                        ("max-size".to_owned(), (bytes / 2).max(1024).to_string()),
+                        ("max-file".to_owned(), "2".to_owned()),
+                    ])),
+                },
+                None => HostConfigLogConfig {
+                    typ: Some("none".into()),
+                    config: None,
+                },
             }),
+            storage_opt: spec
+                .limits
+                .disk_bytes
+                .map(|b| HashMap::from([("size".to_owned(), b.to_string())])),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             // Raw sockets would let a user spoof ARP towards other users' containers on the
             // shared bridge; ping still works through the unprivileged ICMP socket range.
@@ -398,12 +548,30 @@ impl Runtime for DockerRuntime {
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let resp = self
+        match self
             .docker
-            .create_container(Some(opts), body)
+            .create_container(Some(opts.clone()), body.clone())
             .await
-            .map_err(map_container_err)?;
-        Ok(resp.id)
+            .map_err(map_container_err)
+        {
+            Ok(resp) => Ok(resp.id),
+            // The engine changed under the daemon (its data root moved off a file system
+            // with quotas): the user still gets her container, without the cap.
+            Err(e) if spec.limits.disk_bytes.is_some() && is_storage_opt_refusal(&e) => {
+                tracing::warn!(error = %e, "the engine refuses the disk quota; container created without it");
+                let mut body = body;
+                if let Some(h) = body.host_config.as_mut() {
+                    h.storage_opt = None;
+                }
+                let resp = self
+                    .docker
+                    .create_container(Some(opts), body)
+                    .await
+                    .map_err(map_container_err)?;
+                Ok(resp.id)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -530,22 +698,180 @@ impl Runtime for DockerRuntime {
             .map_err(map_err)
     }
 
-    async fn commit(&self, container: &str, repo: &str, tag: &str) -> Result<String, RuntimeError> {
-        let opts = CommitContainerOptionsBuilder::default()
-            .container(container)
-            .repo(repo)
-            .tag(tag)
-            .comment("berth commit")
-            // Not paused: a paused container refuses new execs (logins) for the duration.
-            .pause(false)
-            .build();
-        // A big container takes a while to copy: allow well past the default timeout.
-        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
-        let r = docker
-            .commit_container(opts, ContainerConfig::default())
+    async fn commit(
+        &self,
+        container: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<CommitInfo, RuntimeError> {
+        let c = self
+            .docker
+            .inspect_container(container, None)
             .await
             .map_err(map_err)?;
-        Ok(r.id)
+        let parent = match c.image.as_deref() {
+            Some(image) => Some(self.docker.inspect_image(image).await.map_err(map_err)?),
+            None => None,
+        };
+        let layers_of = |i: &bollard::models::ImageInspect| {
+            i.root_fs
+                .as_ref()
+                .and_then(|r| r.layers.as_ref())
+                .map_or(0, Vec::len)
+        };
+        let size_of = |i: &bollard::models::ImageInspect| {
+            i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)
+        };
+        let flatten = parent.as_ref().is_some_and(|p| layers_of(p) >= MAX_LAYERS);
+        // A big container takes a while to copy: allow well past the default timeout.
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let id = if flatten {
+            use futures_util::{StreamExt, TryStreamExt};
+            // The container's whole file system, straight into a new one-layer image that
+            // keeps what a commit keeps of the container's settings.
+            let opts = bollard::query_parameters::CreateImageOptionsBuilder::default()
+                .from_src("-")
+                .repo(repo)
+                .tag(tag)
+                .message("berth commit (flattened)")
+                .changes(changes_for(&c.config.clone().unwrap_or_default()))
+                .build();
+            let rootfs = docker
+                .export_container(container)
+                .map(|r| r.map_err(std::io::Error::other));
+            let mut progress =
+                docker.create_image(Some(opts), Some(bollard::body_try_stream(rootfs)), None);
+            while let Some(p) = progress.try_next().await.map_err(map_err)? {
+                if let Some(message) = p.error_detail.and_then(|d| d.message) {
+                    return Err(RuntimeError::Docker(format!(
+                        "flattening the commit: {message}"
+                    )));
+                }
+            }
+            self.image_id(&format!("{repo}:{tag}"))
+                .await?
+                .ok_or_else(|| {
+                    RuntimeError::Docker(format!("the engine did not create image {repo}:{tag}"))
+                })?
+        } else {
+            let opts = CommitContainerOptionsBuilder::default()
+                .container(container)
+                .repo(repo)
+                .tag(tag)
+                .comment("berth commit")
+                // Not paused: a paused container refuses new execs (logins) meanwhile.
+                .pause(false)
+                .build();
+            docker
+                .commit_container(opts, ContainerConfig::default())
+                .await
+                .map_err(map_err)?
+                .id
+        };
+        let made = self.docker.inspect_image(&id).await.map_err(map_err)?;
+        let size_bytes = size_of(&made);
+        Ok(CommitInfo {
+            id,
+            size_bytes,
+            added_bytes: match (&parent, flatten) {
+                (Some(p), false) => size_bytes.saturating_sub(size_of(p)),
+                _ => size_bytes,
+            },
+            layers: layers_of(&made),
+            flattened: flatten,
+        })
+    }
+
+    async fn disk_quota(&self) -> Result<DiskQuota, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        let driver = info.driver.unwrap_or_default();
+        let root = info
+            .docker_root_dir
+            .unwrap_or_else(|| "/var/lib/docker".into());
+        let backing = info
+            .driver_status
+            .unwrap_or_default()
+            .into_iter()
+            .find(|kv| kv.first().map(String::as_str) == Some("Backing Filesystem"))
+            .and_then(|kv| kv.get(1).cloned())
+            .unwrap_or_default();
+        let fix = format!("put {root} on xfs mounted with pquota");
+        match driver.as_str() {
+            "overlay2" | "vfs" if backing != "xfs" => {
+                return Ok(DiskQuota::NotEnforced {
+                    reason: format!("{driver} on {backing} has no project quotas; {fix}"),
+                });
+            }
+            "overlay2" | "vfs" | "btrfs" | "zfs" | "devicemapper" => {}
+            other => {
+                return Ok(DiskQuota::NotEnforced {
+                    reason: format!(
+                        "the {other} storage driver cannot cap a container's disk; use overlay2 and {fix}"
+                    ),
+                });
+            }
+        }
+        // The engine is the judge: a container made (not started) with a size limit.
+        let Some(image) = self.list_images().await?.into_iter().next() else {
+            return Ok(DiskQuota::NotEnforced {
+                reason: "unknown until an image is present (no image to try a container with)"
+                    .into(),
+            });
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.id),
+            cmd: Some(vec!["/nonexistent".into()]),
+            labels: Some(HashMap::from([("berth.probe".to_owned(), "1".to_owned())])),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                // Devicemapper refuses less than its base size (10 GB by default).
+                storage_opt: Some(HashMap::from([("size".to_owned(), "100G".to_owned())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let name = format!("berth-quota-probe-{}", std::process::id());
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        let made = self.docker.create_container(Some(opts), body).await;
+        let _ = self.remove(&name).await;
+        match made.map_err(map_err) {
+            Ok(_) => Ok(DiskQuota::Enforced { driver }),
+            Err(e @ RuntimeError::Docker(_)) => Ok(DiskQuota::NotEnforced {
+                reason: if driver == "overlay2" {
+                    format!("overlay2 on xfs without project quotas ({e}); {fix}")
+                } else {
+                    format!("the engine refuses a size limit ({e})")
+                },
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn disk_usage(&self, key: &str, value: &str) -> Result<Vec<ContainerDisk>, RuntimeError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .size(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(opts))
+            .await
+            .map_err(map_err)?;
+        Ok(list
+            .into_iter()
+            .map(|c| ContainerDisk {
+                name: c
+                    .names
+                    .and_then(|n| n.into_iter().next())
+                    .unwrap_or_default()
+                    .trim_start_matches('/')
+                    .to_owned(),
+                labels: c.labels.unwrap_or_default(),
+                bytes: c.size_rw.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
+            })
+            .collect())
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {

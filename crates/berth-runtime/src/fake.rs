@@ -280,16 +280,48 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    async fn commit(&self, container: &str, repo: &str, tag: &str) -> Result<String, RuntimeError> {
+    async fn commit(
+        &self,
+        container: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<crate::CommitInfo, RuntimeError> {
         self.by_id(container, |_| ())?;
         let image = format!("{repo}:{tag}");
         if let Ok(mut i) = self.images.lock() {
             i.insert(image);
         }
-        Ok(format!(
-            "sha256:fake{}",
-            self.next_id.fetch_add(1, Ordering::SeqCst)
-        ))
+        Ok(crate::CommitInfo {
+            id: format!("sha256:fake{}", self.next_id.fetch_add(1, Ordering::SeqCst)),
+            size_bytes: 0,
+            added_bytes: 0,
+            layers: 1,
+            flattened: false,
+        })
+    }
+
+    async fn disk_quota(&self) -> Result<crate::DiskQuota, RuntimeError> {
+        self.up()?;
+        Ok(crate::DiskQuota::NotEnforced {
+            reason: "the fake engine keeps no files".into(),
+        })
+    }
+
+    async fn disk_usage(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<crate::ContainerDisk>, RuntimeError> {
+        Ok(self
+            .list(key, value)
+            .await?
+            .into_iter()
+            .map(|c| crate::ContainerDisk {
+                name: c.name,
+                labels: c.labels,
+                bytes: 0,
+            })
+            .collect())
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
@@ -390,6 +422,7 @@ mod tests {
                 nano_cpus: None,
                 pids: 10,
                 log_bytes: None,
+                disk_bytes: None,
             },
             network: "n".into(),
             mounts: vec![],

@@ -124,8 +124,48 @@ pub struct Limits {
     pub nano_cpus: Option<i64>,
     pub pids: i64,
     /// The container's console log kept by the engine, at most (two rotated files);
-    /// `None`: the engine's default (unbounded json-file).
+    /// `None`: none is kept (the `none` log driver).
     pub log_bytes: Option<u64>,
+    /// The container's writable layer, at most (Docker's `--storage-opt size=`), where
+    /// the engine can enforce it ([`Runtime::disk_quota`]); `None`: no limit.
+    pub disk_bytes: Option<u64>,
+}
+
+/// Layers a commit's image may have: a commit whose container's image has this many is
+/// flattened into one layer. Docker refuses containers past 125 layers (overlay2 stacks
+/// at most 128 lower directories), so a user who commits often would end up locked out.
+pub const MAX_LAYERS: usize = 100;
+
+/// What a commit made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub id: String,
+    /// The whole image, its parents' layers included.
+    pub size_bytes: u64,
+    /// What this commit added (the new layer; the whole image when flattened).
+    pub added_bytes: u64,
+    /// Layers of the new image.
+    pub layers: usize,
+    /// The container's image was [`MAX_LAYERS`] deep: the image was made anew from the
+    /// container's whole file system, in one layer.
+    pub flattened: bool,
+}
+
+/// Whether the engine can cap a container's writable layer ([`Limits::disk_bytes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskQuota {
+    /// It can: containers are created with the cap.
+    Enforced { driver: String },
+    /// It cannot; what the admin reads, with what to do about it.
+    NotEnforced { reason: String },
+}
+
+/// One container's disk use: its writable layer (`docker ps --size`'s first number).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerDisk {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,14 +298,25 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         exec: &SessionHandle,
     ) -> impl Future<Output = Result<i64, RuntimeError>> + Send;
-    /// Saves the container as image `repo:tag`; returns the image id. The container keeps
-    /// running and is not paused (a paused container would refuse new sessions).
+    /// Saves the container as image `repo:tag`. The container keeps running and is not
+    /// paused (a paused container would refuse new sessions). Never makes an image deeper
+    /// than [`MAX_LAYERS`]: past it, the image is flattened.
     fn commit(
         &self,
         container: &str,
         repo: &str,
         tag: &str,
-    ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<CommitInfo, RuntimeError>> + Send;
+    /// Whether containers created with [`Limits::disk_bytes`] get that cap. Asked once at
+    /// start: a create never fails for want of a quota (see [`Runtime::create`]).
+    fn disk_quota(&self) -> impl Future<Output = Result<DiskQuota, RuntimeError>> + Send;
+    /// The disk use of every container carrying label `key=value`. Slow (the engine walks
+    /// each writable layer): never on a login's path.
+    fn disk_usage(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<ContainerDisk>, RuntimeError>> + Send;
     /// The id of image `image`, if present.
     fn image_id(
         &self,

@@ -46,6 +46,19 @@ pub enum StoreError {
     Poisoned,
 }
 
+impl StoreError {
+    /// The database could not be written for want of space (its file system is full).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull
+                    || e.extended_code == rusqlite::ffi::SQLITE_IOERR_SHMSIZE
+                    || e.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE
+        )
+    }
+}
+
 /// A user as the store knows them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRecord {

@@ -578,3 +578,282 @@ pub fn in_terminal(shell_cmd: &str, timeout: Duration) -> String {
     child.wait().unwrap();
     out
 }
+
+/// How a [`SecondEngine`] is started.
+#[derive(Debug, Clone, Default)]
+pub struct EngineOptions {
+    /// Put the data root on a loop-mounted file system with quotas, so that the engine
+    /// enforces `--storage-opt size=` (`None`: a plain directory, overlay2).
+    pub quota_fs: Option<QuotaFs>,
+    /// More `dockerd` arguments (`--userns-remap=default`, ...).
+    pub args: Vec<String>,
+}
+
+/// A file system whose quotas Docker's storage drivers use, on a sparse loop file of `mib`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaFs {
+    /// xfs mounted with `prjquota`, the overlay2 driver (needs a kernel with XFS_QUOTA).
+    Xfs { mib: u64 },
+    /// btrfs, the btrfs driver (quota groups).
+    Btrfs { mib: u64 },
+}
+
+/// A second Docker engine, started by a test beside the host's: its own socket, data root,
+/// exec root, pid file and containerd (namespaces named after it), no default bridge and no
+/// iptables rules, so the host's firewall, `docker0` and containers are never touched.
+/// Containers and networks made in it go with it: dropping it removes them, stops the
+/// engine (SIGTERM to its pid, waited for), unmounts its file system and removes its
+/// directory.
+pub struct SecondEngine {
+    dir: TempDir,
+    child: Option<Child>,
+    socket: PathBuf,
+    data_root: PathBuf,
+    mounted: bool,
+}
+
+impl SecondEngine {
+    /// Starts one and waits until it answers. `Err` says why it cannot run here (for a
+    /// test's `skipped:` line): not root, no `dockerd`, no `mkfs.xfs`, no loop device.
+    pub fn start(opts: &EngineOptions) -> Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("a second Docker engine needs root".into());
+        }
+        let Some(dockerd) = find_program("dockerd") else {
+            return Err("no dockerd on PATH".into());
+        };
+        // Short: containerd's and the shims' sockets live under the exec root (108 bytes).
+        let dir = tempfile::Builder::new()
+            .prefix("be-")
+            .tempdir_in("/var/tmp")
+            .map_err(|e| e.to_string())?;
+        let data_root = dir.path().join("data");
+        std::fs::create_dir_all(&data_root).map_err(|e| e.to_string())?;
+        let mut engine = Self {
+            socket: dir.path().join("docker.sock"),
+            data_root,
+            dir,
+            child: None,
+            mounted: false,
+        };
+        let driver = match opts.quota_fs {
+            Some(fs @ QuotaFs::Xfs { .. }) => {
+                engine.mount(fs)?;
+                "overlay2"
+            }
+            Some(fs @ QuotaFs::Btrfs { .. }) => {
+                engine.mount(fs)?;
+                "btrfs"
+            }
+            None => "overlay2",
+        };
+        let config = engine.dir.path().join("daemon.json");
+        std::fs::write(&config, "{}\n").map_err(|e| e.to_string())?;
+        let log = std::fs::File::create(engine.dir.path().join("dockerd.log"))
+            .map_err(|e| e.to_string())?;
+        let name = engine
+            .dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let child = Command::new(dockerd)
+            .arg("--host")
+            .arg(format!("unix://{}", engine.socket.display()))
+            .arg("--data-root")
+            .arg(&engine.data_root)
+            .arg("--exec-root")
+            .arg(engine.dir.path().join("exec"))
+            .arg("--pidfile")
+            .arg(engine.dir.path().join("docker.pid"))
+            .arg("--config-file")
+            .arg(&config)
+            .args(["--bridge=none", "--iptables=false", "--ip-masq=false"])
+            .args(["--storage-driver", driver, "--log-level", "warn"])
+            .arg(format!("--containerd-namespace=berth-{name}"))
+            .arg(format!(
+                "--containerd-plugins-namespace=berth-{name}-plugins"
+            ))
+            .args(&opts.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start dockerd: {e}"))?;
+        engine.child = Some(child);
+        let up = wait_until(Duration::from_secs(45), || {
+            engine.docker(&["version"]).status.success()
+                || engine
+                    .child
+                    .as_mut()
+                    .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+        });
+        if !up || !engine.docker(&["version"]).status.success() {
+            return Err(format!(
+                "the second dockerd did not come up: {}",
+                engine.log()
+            ));
+        }
+        Ok(engine)
+    }
+
+    fn mount(&mut self, fs: QuotaFs) -> Result<(), String> {
+        let (mkfs, mib, options) = match fs {
+            QuotaFs::Xfs { mib } => ("mkfs.xfs", mib, "loop,prjquota"),
+            QuotaFs::Btrfs { mib } => ("mkfs.btrfs", mib, "loop"),
+        };
+        let Some(mkfs_path) = find_program(mkfs) else {
+            return Err(format!("{mkfs} missing (install xfsprogs and btrfs-progs)"));
+        };
+        let image = self.dir.path().join("fs.img");
+        // Sparse: only what is written takes space.
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(mib * 1024 * 1024))
+            .map_err(|e| e.to_string())?;
+        let run = |c: &mut Command| {
+            let out = c.output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+            }
+        };
+        run(Command::new(mkfs_path).arg("-q").arg(&image)).map_err(|e| format!("{mkfs}: {e}"))?;
+        run(Command::new("mount")
+            .args(["-o", options])
+            .arg(&image)
+            .arg(&self.data_root))
+        .map_err(|e| {
+            // The kernel's reason (e.g. "quota support not available in this kernel").
+            let why = Command::new("dmesg")
+                .output()
+                .ok()
+                .and_then(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .lines()
+                        .last()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            format!("cannot mount a loop {fs:?} with {options}: {e} ({why})")
+        })?;
+        self.mounted = true;
+        Ok(())
+    }
+
+    /// The engine's socket, for `docker_socket` in Berth's config.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its data root (on the loop file system when asked for).
+    pub fn data_root(&self) -> &Path {
+        &self.data_root
+    }
+
+    /// Runs `docker ARGS` against this engine, returning the whole output.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs `docker ARGS` against this engine; panics on failure; returns stdout, trimmed.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} (second engine): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Copies `image` from the host's engine into this one (`docker save | docker load`).
+    pub fn import_image(&self, image: &str) {
+        let mut save = Command::new("docker")
+            .args(["save", image])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let load = Command::new("docker")
+            .arg("--host")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["load", "-q"])
+            .stdin(save.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        assert!(save.wait().unwrap().success(), "docker save {image} failed");
+        assert!(
+            load.status.success(),
+            "docker load into the second engine: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
+    }
+
+    /// What the engine wrote to its log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+
+    /// Removes its containers and networks, stops it and waits for it to exit, unmounts its
+    /// file system. Done by `Drop` too.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let ids = self.docker(&["ps", "-aq"]);
+                for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+                    let _ = self.docker(&["rm", "-f", id]);
+                }
+                let nets = self.docker(&["network", "ls", "-q", "--filter", "type=custom"]);
+                for id in String::from_utf8_lossy(&nets.stdout).split_whitespace() {
+                    let _ = self.docker(&["network", "rm", id]);
+                }
+                let _ = kill(
+                    Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)),
+                    Signal::SIGTERM,
+                );
+                let end = Instant::now() + Duration::from_secs(30);
+                while child.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.mounted {
+            let plain = Command::new("umount")
+                .arg(&self.data_root)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !plain {
+                // Something under it is still mounted (an engine killed mid-way): take the
+                // whole tree down, lazily if it must be.
+                let _ = Command::new("umount")
+                    .args(["--recursive", "--lazy"])
+                    .arg(&self.data_root)
+                    .status();
+            }
+            self.mounted = false;
+        }
+    }
+}
+
+impl Drop for SecondEngine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `program` on PATH, or in the sbin directories a test's PATH may lack.
+fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}

@@ -147,10 +147,18 @@ fn user_list_table_show_and_rm() {
     let header: Vec<_> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]
+        [
+            "NAME",
+            "IMAGE",
+            "CONTAINER",
+            "DISK",
+            "SESSIONS",
+            "DAEMON",
+            "KEYS"
+        ]
     );
     let row: Vec<_> = lines.next().unwrap().split_whitespace().collect();
-    assert_eq!(row, ["carol", BUSYBOX, "absent", "0", "off", "1"]);
+    assert_eq!(row, ["carol", BUSYBOX, "absent", "-", "0", "off", "1"]);
 
     d.ssh_ok("carol", &key, "true");
     assert_eq!(d.user("carol")["container"], "running");

@@ -91,8 +91,13 @@ impl<R: Runtime> BerthGateway<R> {
                 (
                     format!("{}\n", c.id),
                     format!(
-                        "saved your container as {}; your next new container is made from it\n",
-                        c.image
+                        "saved your container as {} ({}{}, {} in all, {} layer{}); your next new container is made from it\n",
+                        c.image,
+                        crate::disk::human_bytes(c.info.added_bytes),
+                        if c.info.flattened { " after flattening it into one layer" } else { " added" },
+                        crate::disk::human_bytes(c.info.size_bytes),
+                        c.info.layers,
+                        if c.info.layers == 1 { "" } else { "s" },
                     ),
                 )
             }),

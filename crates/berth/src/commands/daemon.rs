@@ -60,6 +60,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
+        check_disk_quota(&config);
         if args.json {
             println!(
                 "{}",
@@ -102,6 +103,32 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             }
         })
     })
+}
+
+/// With `limits.disk_gb` set, says on stderr whether the engine enforces it (the settings
+/// themselves are valid either way: containers are then made without the cap).
+fn check_disk_quota(config: &Config) {
+    let Some(bytes) = berth_daemon::disk_bytes(config) else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    let line = rt.block_on(async {
+        match berth_runtime::DockerRuntime::connect(config.docker_socket.clone()).await {
+            Ok(engine) => berth_daemon::disk::Quota::probe(&engine, Some(bytes))
+                .await
+                .describe(),
+            Err(e) => format!(
+                "unknown: cannot reach the Docker engine at {}: {e}",
+                config.docker_socket.display()
+            ),
+        }
+    });
+    eprintln!("disk quota: {line}");
 }
 
 /// The helper where a package puts it, with the programs that are not commands:

@@ -60,6 +60,9 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
         "load:       {} tasks, {} descriptors",
         st.tasks, st.descriptors
     );
+    if let Some(q) = &st.disk_quota {
+        println!("disk quota: {q}");
+    }
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)

@@ -168,6 +168,7 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                     user.container.as_str()
                 );
                 println!("sessions:   {}", user.sessions);
+                println!("disk:       {}", disk(user.disk_bytes));
                 println!(
                     "daemon:     {}",
                     if user.daemon_mode { "on" } else { "off" }
@@ -321,17 +322,30 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), Failure> {
 
 fn print_users(users: &[UserInfo]) {
     let mut t = Table::new();
-    t.load_style(NOTHING)
-        .set_header(["NAME", "IMAGE", "CONTAINER", "SESSIONS", "DAEMON", "KEYS"]);
+    t.load_style(NOTHING).set_header([
+        "NAME",
+        "IMAGE",
+        "CONTAINER",
+        "DISK",
+        "SESSIONS",
+        "DAEMON",
+        "KEYS",
+    ]);
     for u in users {
         t.add_row([
             u.name.to_string(),
             u.image.to_string(),
             u.container.as_str().to_owned(),
+            disk(u.disk_bytes),
             u.sessions.to_string(),
             if u.daemon_mode { "on" } else { "off" }.to_owned(),
             u.keys.to_string(),
         ]);
     }
     println!("{}", t.trim_fmt());
+}
+
+/// A container's disk use as the tables show it: `-` before it is measured.
+fn disk(bytes: Option<u64>) -> String {
+    bytes.map_or_else(|| "-".to_owned(), berth_daemon::disk::human_bytes)
 }
