@@ -290,3 +290,34 @@ fn extended_data_and_window_changes_flooded_during_a_slow_start_are_not_hoarded(
         before >> 20
     );
 }
+
+#[test]
+fn one_connection_carries_many_sessions_one_after_another() {
+    let d = daemon();
+    let ka = d.add_user("alice", BUSYBOX);
+    d.ssh_ok("alice", &ka, "true");
+    let sock = d.dir.path().join("seq.sock");
+    let mut m = d.ssh("alice", &ka);
+    m.arg("-S").arg(&sock);
+    let _master = KillOnDrop(
+        m.args(["-M", "-N"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(20), || sock.exists()));
+    // More than the per-connection cap (10) in all: each ended session gives its place back.
+    for i in 0..25 {
+        let mut c = d.ssh("alice", &ka);
+        c.arg("-S").arg(&sock).arg(format!("echo {i}"));
+        let o = c.stdin(Stdio::null()).output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            i.to_string(),
+            "session {i}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -423,6 +423,7 @@ fn the_binary_prints_the_packaged_files_and_they_list_every_key() {
     for line in [
         "ExecStart=/usr/local/bin/berth daemon --config /etc/berth/berth.toml",
         "Restart=on-failure",
+        "MemoryMax=2G",
     ] {
         assert!(unit.lines().any(|l| l == line), "{line} missing: {unit}");
     }

@@ -144,6 +144,10 @@ RestartSec=2
 TimeoutStopSec=60
 # Every connection and session holds descriptors; the daemon raises its soft limit to this.
 LimitNOFILE=1048576
+# A backstop: the daemon holds at most input_buffer_mb (512 MiB) of client input and stays
+# near 100 MiB under 40 flooded sessions; a fault past this restarts the daemon rather than
+# letting the kernel's OOM killer end every user's containers.
+MemoryMax=2G
 
 [Install]
 WantedBy=multi-user.target
