@@ -18,6 +18,7 @@ mod echo;
 mod engine;
 mod figure;
 mod flood;
+mod hoard;
 mod interrupt;
 mod login;
 mod machine;
@@ -56,6 +57,8 @@ enum Part {
     Idle,
     /// A login while strangers flood the port.
     Flood,
+    /// Memory and descriptors while clients push stdin that is never read.
+    Hoard,
 }
 
 #[derive(Parser)]
@@ -245,6 +248,11 @@ fn run(args: &Args) -> Result<bool> {
         interrupt::check()?;
         step("a login under a flood");
         figures.extend(flood::figures(&mut rig, settings.runs));
+    }
+    if args.wants(Part::Hoard) {
+        interrupt::check()?;
+        step("clients pushing stdin nobody reads");
+        figures.extend(hoard::figures(&mut rig));
     }
     if args.wants(Part::Memory) {
         let mib = |kib: u64| kib as f64 / 1024.0;
