@@ -16,6 +16,9 @@ use tokio::sync::Notify;
 
 use crate::quota::Reserved;
 
+/// The most a consumer writes before it grants the client the window back.
+pub(crate) const GRANT_STEP: usize = 64 * 1024;
+
 /// The client sent more than the window it was granted (a hostile or broken client).
 #[derive(Debug)]
 pub(crate) struct Overrun;

@@ -358,10 +358,14 @@ async fn pump(
 async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut input: InboxRx) {
     while let Some(d) = input.recv().await {
         relayed(d.len());
-        if stdin.write_all(&d).await.is_err() {
-            return;
+        // Granted a piece at a time, so the client's window reopens while a large backlog
+        // is still being written.
+        for piece in d.chunks(crate::inbox::GRANT_STEP) {
+            if stdin.write_all(piece).await.is_err() {
+                return;
+            }
+            input.consumed(piece.len());
         }
-        input.consumed(d.len());
     }
     // The client's EOF. Some writers (a pipe) only close when dropped, which returning does.
     let _ = stdin.shutdown().await;

@@ -121,12 +121,13 @@ pub(crate) async fn bridge<S>(
     // Channel → socket, through the inbox: the client may send more as the socket takes it.
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(data) = taken.recv().await {
-            let n = data.len();
-            relayed(n);
-            if sock_write.write_all(&data).await.is_err() {
-                return;
+            relayed(data.len());
+            for piece in data.chunks(crate::inbox::GRANT_STEP) {
+                if sock_write.write_all(piece).await.is_err() {
+                    return;
+                }
+                taken.consumed(piece.len());
             }
-            taken.consumed(n);
         }
         let _ = sock_write.shutdown().await;
     }));
