@@ -216,6 +216,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
              client; offer it only while a client that has nothing else needs it"
         );
     }
+    let _trim = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(return_free_memory()));
     info!(version = berth_proto::VERSION_LONG, listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();
@@ -367,4 +368,25 @@ fn install_guest(bytes: Vec<u8>, state: &Path) -> anyhow::Result<PathBuf> {
 /// `n` MiB in bytes (saturating).
 fn mib(n: u64) -> usize {
     usize::try_from(n.saturating_mul(1 << 20)).unwrap_or(usize::MAX)
+}
+
+/// How often memory the allocator holds free goes back to the kernel.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// glibc's allocator keeps what a load freed (hundreds of sessions' buffers) in its arenas,
+/// so the daemon's RSS would stay at its peak for good; every few seconds the free pages
+/// go back to the kernel (`malloc_trim`, which walks only the allocator's own free lists:
+/// a few milliseconds at most).
+async fn return_free_memory() {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim takes no pointers and is thread-safe in glibc.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
