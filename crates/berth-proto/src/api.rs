@@ -174,6 +174,9 @@ pub struct StatusInfo {
     pub users: usize,
     pub containers: Vec<ContainerInfo>,
     pub sessions: Vec<SessionInfo>,
+    /// Whether the host firewall keeps containers from the host, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

@@ -60,6 +60,10 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
+        // On stderr: stdout carries the settings only.
+        let rules = config.firewall_rules().map_err(Failure::new)?;
+        let isolation = super::block_on(async { Ok(rules.state().await) })?;
+        eprintln!("isolation: {isolation}");
         if args.json {
             println!(
                 "{}",

@@ -56,6 +56,9 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
         st.containers.len() - running
     );
     println!("sessions:   {}", st.sessions.len());
+    if let Some(i) = &st.isolation {
+        println!("isolation:  {i}");
+    }
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)
