@@ -321,3 +321,56 @@ fn the_admin_opens_named_host_ports_or_the_whole_host() {
     let status = d.berth_ok(&["status"]);
     assert!(status.contains("host_access = true"), "{status}");
 }
+
+/// A container made by an older Berth, on the one network every user shared: it moves to
+/// its user's own network at its next start, with its files; the shared network goes once
+/// nobody is on it; her network goes with the user.
+#[test]
+fn a_container_on_the_old_shared_network_moves_to_its_users_own_with_its_files() {
+    let d = daemon("");
+    let alice = d.add_user("alice", BUSYBOX);
+    let container = d.container_name("alice");
+    d.ssh_ok("alice", &alice, "echo kept > /root/file");
+    d.ssh_ok("alice", &alice, "stop");
+    assert!(wait_until(Duration::from_secs(20), || d
+        .container_state("alice")
+        .as_deref()
+        == Some("exited")));
+    let shared = d.network();
+    let own = format!("{shared}-alice");
+    docker(&[
+        "network",
+        "create",
+        "--label",
+        "berth.network=1",
+        "-o",
+        "com.docker.network.bridge.enable_icc=false",
+        &shared,
+    ]);
+    docker(&["network", "disconnect", &own, &container]);
+    docker(&["network", "connect", &shared, &container]);
+
+    assert_eq!(d.ssh_ok("alice", &alice, "cat /root/file"), "kept\n");
+    let networks = docker(&[
+        "inspect",
+        "-f",
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}",
+        &container,
+    ]);
+    assert_eq!(networks, own);
+    assert!(
+        !berth_testkit::docker_output(&["network", "inspect", &shared])
+            .status
+            .success(),
+        "the shared network is still there\n{}",
+        d.log()
+    );
+
+    d.berth_ok(&["user", "rm", "alice"]);
+    assert!(
+        !berth_testkit::docker_output(&["network", "inspect", &own])
+            .status
+            .success(),
+        "alice's network outlived her"
+    );
+}
