@@ -256,7 +256,16 @@ impl Rules {
     async fn in_place(&self, chain: &Chain) -> Result<(), String> {
         let listed = iptables(chain.family, &[String::from("-S"), chain.name.clone()])
             .await
-            .map_err(|_| format!("chain {} is missing", chain.name))?;
+            .map_err(|e| {
+                if e.0.starts_with("cannot run") || e.0.contains("did not finish") {
+                    e.0
+                } else {
+                    format!(
+                        "chain {} is missing (the daemon installs it when it starts)",
+                        chain.name
+                    )
+                }
+            })?;
         for rule in &chain.rules {
             let mut check = vec!["-C".to_owned(), chain.name.clone()];
             check.extend(rule.iter().cloned());
