@@ -58,6 +58,9 @@ struct Internet {
     /// The namespace's address and the port its listener answers on.
     addr: Ipv4Addr,
     port: u16,
+    /// A link-local address of the namespace, standing for the cloud metadata service
+    /// (169.254.169.254 itself is never touched), the same listener behind it.
+    link_local: Ipv4Addr,
 }
 
 impl Internet {
@@ -70,15 +73,20 @@ impl Internet {
         let block = (pid % 16000) * 4;
         let host = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + block + 1);
         let addr = Ipv4Addr::from(u32::from(host) + 1);
+        let ll_block = (pid % 64) * 4;
+        let link_local = Ipv4Addr::from(u32::from(Ipv4Addr::new(169, 254, 213, 2)) + ll_block);
         let me = Self {
             ns: ns.clone(),
             veth: veth.clone(),
             addr,
             port: 0,
+            link_local,
         };
         let host_cidr = format!("{host}/30");
         let ns_cidr = format!("{addr}/30");
-        let steps: [&[&str]; 7] = [
+        let ll_host = format!("{}/30", Ipv4Addr::from(u32::from(link_local) - 1));
+        let ll_ns = format!("{link_local}/30");
+        let steps: [&[&str]; 9] = [
             &["netns", "add", &ns],
             &["link", "add", &veth, "type", "veth", "peer", "name", &peer],
             &["link", "set", &peer, "netns", &ns],
@@ -86,6 +94,8 @@ impl Internet {
             &["link", "set", &veth, "up"],
             &["-n", &ns, "addr", "add", &ns_cidr, "dev", &peer],
             &["-n", &ns, "link", "set", &peer, "up"],
+            &["addr", "add", &ll_host, "dev", &veth],
+            &["-n", &ns, "addr", "add", &ll_ns, "dev", &peer],
         ];
         for step in steps {
             if !run("ip", step) {
@@ -98,7 +108,7 @@ impl Internet {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-            let l = TcpListener::bind((addr, 0)).unwrap();
+            let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0)).unwrap();
             tx.send(l.local_addr().unwrap().port()).unwrap();
             answer(l, INTERNET);
         });
@@ -237,9 +247,18 @@ fn a_container_reaches_the_internet_but_not_the_host_nor_another_user() {
     .parse()
     .unwrap();
 
-    // The internet answers.
-    let out = reach_from(&d, "alice", &alice, &[(internet.addr, internet.port)]);
+    // The internet answers; a link-local address (where cloud metadata lives) does not.
+    let out = reach_from(
+        &d,
+        "alice",
+        &alice,
+        &[
+            (internet.addr, internet.port),
+            (internet.link_local, internet.port),
+        ],
+    );
     assert!(out[0].ends_with(INTERNET), "{out:?}\n{}", d.log());
+    assert!(!out[1].contains(INTERNET), "{out:?}");
 
     // No address of the host does, the gateway of alice's own bridge among them.
     let host = host_addresses();
@@ -279,12 +298,15 @@ fn a_container_reaches_the_internet_but_not_the_host_nor_another_user() {
 
     // `ssh -L` connects from inside alice's container, and is held to the same rules.
     let mut targets = targets;
+    targets.push((internet.link_local, internet.port));
     targets.push((internet.addr, internet.port));
     targets.push((bob_addr, 7000));
     let out = forward_from(&d, "alice", &alice, &targets);
     let (last, rest) = out.split_last().unwrap();
     assert!(!last.contains("bob-listener"), "{out:?}");
-    let (internet_line, host_lines) = rest.split_last().unwrap();
+    let (internet_line, rest) = rest.split_last().unwrap();
+    let (link_local_line, host_lines) = rest.split_last().unwrap();
+    assert!(!link_local_line.contains(INTERNET), "{out:?}");
     assert!(internet_line.ends_with(INTERNET), "{out:?}");
     for line in host_lines {
         assert!(!line.contains(HOST), "alice's -L reached the host: {out:?}");
