@@ -193,7 +193,7 @@ impl Rules {
     /// Where Docker lets admins filter forwarded traffic; FORWARD itself when the engine
     /// made no DOCKER-USER (`"iptables": false`).
     async fn forward_parent() -> &'static str {
-        let probe = words("-S DOCKER-USER 1");
+        let probe = words("-S DOCKER-USER");
         if iptables(Family::V4, &probe).await.is_ok() {
             "DOCKER-USER"
         } else {
