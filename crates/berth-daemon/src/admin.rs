@@ -43,6 +43,8 @@ pub struct AdminState<R> {
     /// Held while a user is added or an image removed, so a user is never added with an
     /// image that is being removed.
     pub images: tokio::sync::Mutex<()>,
+    /// The host firewall, for `berth status` (`None` in tests without one).
+    pub firewall: Option<Arc<crate::firewall::Rules>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +289,10 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
             .num_alive_tasks(),
         descriptors: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
         disk_quota: Some(st.lifecycle.disk().quota().describe()),
+        isolation: match &st.firewall {
+            Some(f) => Some(f.state().await),
+            None => None,
+        },
     }))
 }
 

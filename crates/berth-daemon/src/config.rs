@@ -83,6 +83,34 @@ pub struct Config {
     pub audit_user_budget: u64,
     pub metrics_listen: Option<SocketAddr>,
     pub limits: LimitsConfig,
+    pub isolation: IsolationConfig,
+}
+
+/// The `[isolation]` table (see [`SETTINGS`]): each user's own network, and what the host
+/// firewall lets containers reach.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IsolationConfig {
+    pub pool: String,
+    pub subnet_prefix: u8,
+    pub firewall: bool,
+    pub host_access: bool,
+    /// `PROTO:[ADDRESS:]PORT[-PORT]`, parsed by [`crate::firewall::Allow`].
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl Default for IsolationConfig {
+    fn default() -> Self {
+        Self {
+            pool: "10.213.0.0/16".into(),
+            subnet_prefix: 28,
+            firewall: true,
+            host_access: false,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
 }
 
 /// The `[limits]` table (see [`SETTINGS`]).
@@ -135,6 +163,7 @@ impl Default for Config {
             audit_user_budget: 600,
             metrics_listen: None,
             limits: LimitsConfig::default(),
+            isolation: IsolationConfig::default(),
         }
     }
 }
@@ -192,11 +221,20 @@ an unknown key is an error naming it. Restart the daemon after a change
 (`systemctl restart berth`).";
 
 /// The tables, each with the comment above its header line.
-const TABLES: &[(&str, &str)] = &[(
-    "limits",
-    "Limits for each user: her container, and what she may hold open in the daemon. Keep the
+const TABLES: &[(&str, &str)] = &[
+    (
+        "limits",
+        "Limits for each user: her container, and what she may hold open in the daemon. Keep the
 [limits] line; uncomment keys below it.",
-)];
+    ),
+    (
+        "isolation",
+        "What a container can reach. Each user's container is alone on a bridge network of its own
+(NETWORK-USER), so it cannot reach other users' containers nor resolve their names; the host
+firewall (iptables, managed by the daemon) keeps it from every address of the host and from
+link-local addresses (cloud metadata). Keep the [isolation] line; uncomment keys below it.",
+    ),
+];
 
 /// Every setting, in the order of the commented default config, with what an admin reads
 /// about it. The values are not here: they are [`Config::default`]'s.
@@ -228,7 +266,7 @@ pub const SETTINGS: &[Setting] = &[
     ),
     setting(
         "network",
-        "Docker network the users' containers join (created with inter-container traffic off).",
+        "Name of Berth's Docker networks: each user's container joins NETWORK-USER, a bridge of its own.",
     ),
     unset(
         "guest_binary",
@@ -370,6 +408,34 @@ says why. 0 = no limit. Each user's use is reported either way (`berth user list
         "limits.input_buffer_mb",
         "Client input the daemon may hold for one user's channels, in MiB (see input_buffer_mb).",
     ),
+    setting(
+        "isolation.pool",
+        "IPv4 range the users' networks take their subnets from (one block each, the lowest free one);
+it must not overlap any network the host reaches.",
+    ),
+    setting(
+        "isolation.subnet_prefix",
+        "Prefix length of each user's subnet (28: 16 addresses, 4096 users in a /16).",
+    ),
+    setting(
+        "isolation.firewall",
+        "Install the host firewall rules at start (iptables chains BERTH-IN-* and BERTH-FWD-*); false
+leaves the host open to the containers (`berth status` says so). `berth purge` removes them.",
+    ),
+    setting(
+        "isolation.host_access",
+        "Let containers reach every service of the host (all its addresses, not only loopback).",
+    ),
+    setting(
+        "isolation.allow",
+        "Host services containers may reach, as \"PROTO:PORT\", \"PROTO:PORT-PORT\" or
+\"PROTO:ADDRESS:PORT\" (PROTO tcp or udp), e.g. [\"tcp:5432\", \"udp:10.0.0.1:53\"].",
+    ),
+    setting(
+        "isolation.deny",
+        "Further IPv4 ranges containers must not reach, e.g. [\"10.0.0.0/8\"] for the LAN
+(169.254.0.0/16, where cloud metadata lives, is always denied).",
+    ),
 ];
 
 impl Config {
@@ -506,6 +572,8 @@ impl Config {
                 self.container_prefix
             ));
         }
+        self.network_settings()?;
+        self.firewall_rules()?;
         if !valid_repository(&self.commit_repository) {
             return Err(format!(
                 "commit_repository {:?} is not a valid image repository",
@@ -513,6 +581,90 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The network name and its users' address pool, checked.
+    pub fn network_settings(&self) -> Result<crate::lifecycle::NetworkSettings, String> {
+        let name_ok = !self.network.is_empty()
+            && self.network.len() <= 40
+            && self
+                .network
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            && self
+                .network
+                .starts_with(|c: char| c.is_ascii_alphanumeric());
+        if !name_ok {
+            return Err(format!(
+                "network {:?} is not a valid network name",
+                self.network
+            ));
+        }
+        let iso = &self.isolation;
+        let pool: ipnet::Ipv4Net = iso
+            .pool
+            .parse()
+            .map_err(|e| format!("isolation.pool {:?}: {e}", iso.pool))?;
+        // At most 2^20 blocks: the bridge's name ends in the block's index in hex (5
+        // digits), after a prefix of at most 8, within Linux's 15.
+        if !(pool.prefix_len()..=29).contains(&iso.subnet_prefix)
+            || iso.subnet_prefix - pool.prefix_len() > 20
+        {
+            return Err(format!(
+                "isolation.subnet_prefix = {} does not fit isolation.pool {pool} (from /{} to /29, at most 20 bits more)",
+                iso.subnet_prefix,
+                pool.prefix_len()
+            ));
+        }
+        Ok(crate::lifecycle::NetworkSettings {
+            name: self.network.clone(),
+            pool: pool.trunc(),
+            prefix_len: iso.subnet_prefix,
+            bridge_prefix: self.bridge_prefix(),
+        })
+    }
+
+    /// The start of Berth's bridges' names, one per network name (so concurrent daemons
+    /// with networks of their own never share a bridge or a firewall rule): the name itself
+    /// when it is short, else `b` and a hash of it; then `-`.
+    pub fn bridge_prefix(&self) -> String {
+        let n = &self.network;
+        if n.len() <= 6
+            && n.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return format!("{n}-");
+        }
+        // FNV-1a: stable across releases, unlike std's hasher.
+        let hash = n.bytes().fold(0x811c_9dc5_u32, |h, b| {
+            (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+        });
+        format!("b{:06x}-", hash & 0x00ff_ffff)
+    }
+
+    /// The host firewall the daemon installs, checked.
+    pub fn firewall_rules(&self) -> Result<crate::firewall::Rules, String> {
+        let iso = &self.isolation;
+        let allow = iso
+            .allow
+            .iter()
+            .map(|a| a.parse().map_err(|e| format!("isolation.allow {a:?}: {e}")))
+            .collect::<Result<_, String>>()?;
+        let deny = iso
+            .deny
+            .iter()
+            .map(|d| {
+                d.parse::<ipnet::Ipv4Net>()
+                    .map_err(|e| format!("isolation.deny {d:?}: {e} (an IPv4 range)"))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(crate::firewall::Rules {
+            enabled: iso.firewall,
+            bridges: self.bridge_prefix(),
+            host_access: iso.host_access,
+            allow,
+            deny,
+        })
     }
 
     pub fn admin_socket(&self) -> PathBuf {
@@ -694,6 +846,35 @@ mod tests {
     }
 
     #[test]
+    fn isolation_settings_are_checked() {
+        let c = Config::parse("[isolation]\nallow = [\"tcp:5432\"]\ndeny = [\"10.0.0.0/8\"]\n")
+            .unwrap();
+        let rules = c.firewall_rules().unwrap();
+        assert_eq!(rules.allow.len(), 1);
+        assert_eq!(rules.bridges, "berth-");
+        for bad in [
+            "[isolation]\nallow = [\"tcp:-j ACCEPT\"]\n",
+            "[isolation]\ndeny = [\"10.0.0.0/40\"]\n",
+            "[isolation]\npool = \"10.213.0.0\"\n",
+            "[isolation]\nsubnet_prefix = 30\n",
+            "[isolation]\npool = \"10.0.0.0/8\"\nsubnet_prefix = 29\n",
+            "network = \"a b\"\n",
+        ] {
+            let err = Config::parse(bad).unwrap_err();
+            assert!(
+                err.contains("isolation") || err.contains("network"),
+                "{err}"
+            );
+        }
+        // Each test daemon's network gets bridges of its own, within Linux's 15 characters.
+        let long = Config::parse("network = \"bt1234567x12-net\"\n").unwrap();
+        let prefix = long.bridge_prefix();
+        assert!(prefix.starts_with('b') && prefix.len() == 8, "{prefix}");
+        let other = Config::parse("network = \"bt1234567x13-net\"\n").unwrap();
+        assert_ne!(other.bridge_prefix(), prefix);
+    }
+
+    #[test]
     fn repositories() {
         for good in ["berth", "berth/users", "a.b/c-d/e__f", "x--y"] {
             assert!(valid_repository(good), "{good}");
@@ -756,7 +937,10 @@ mod tests {
         let mut shown = 0;
         for line in text.lines() {
             assert!(
-                line.is_empty() || line.starts_with("# ") || line == "[limits]",
+                line.is_empty()
+                    || line.starts_with("# ")
+                    || line == "[limits]"
+                    || line == "[isolation]",
                 "{line}"
             );
             if line.strip_prefix("# ").is_some_and(is_setting) {
@@ -807,6 +991,7 @@ mod tests {
                 "metrics_listen = \"127.0.0.1:9200\"",
                 "[limits]",
                 "pids = 99",
+                "[isolation]",
             ]
         );
         assert_eq!(Config::parse(&text).unwrap(), c);

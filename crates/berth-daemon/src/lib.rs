@@ -13,6 +13,7 @@ pub mod certs;
 pub mod config;
 pub mod connections;
 pub mod disk;
+pub mod firewall;
 pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
@@ -110,9 +111,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let engine = runtime.version().await?;
     info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
-    // Containers join the network by name: if it is removed later, the lifecycle manager
-    // makes it again under the same name.
-    runtime.ensure_network(&config.network).await?;
+    // Each user's container joins a network of her own, made by her lifecycle owner; the
+    // firewall keeps all of them from the host before any container starts.
+    let network = config.network_settings().map_err(anyhow::Error::msg)?;
+    let firewall = Arc::new(config.firewall_rules().map_err(anyhow::Error::msg)?);
+    firewall.ensure().await.map_err(|e| StartupError {
+        message: format!("cannot install the host firewall for the containers: {e}"),
+        hint: Some(
+            "the daemon runs as root with iptables installed; or set [isolation] firewall = false \
+             and keep containers from the host otherwise"
+                .into(),
+        ),
+    })?;
+    info!(isolation = %firewall.state().await, "host firewall");
+    // The network every container shared before issue 14, if no container is left on it.
+    let _ = runtime.remove_network(&network.name).await;
     // Containers get the disk cap only where the engine enforces it: a create never fails
     // for want of a quota, and the admin is told (here and in `berth status`).
     let quota = disk::Quota::probe(&*runtime, disk_bytes(&config)).await;
@@ -129,7 +142,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Settings {
             prefix: config.container_prefix.clone(),
             instance,
-            network: config.network.clone(),
+            network,
             guest_dir: guest_dir.clone(),
             limits,
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
@@ -197,6 +210,31 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         listen: config.listen.to_string(),
         started: std::time::Instant::now(),
         images: tokio::sync::Mutex::new(()),
+        firewall: Some(firewall.clone()),
+    });
+    // Someone flushing the host's firewall (a firewall service reloading) would open the
+    // host to the containers: the rules are put back within a minute.
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                match firewall.ensure().await {
+                    Ok(true) => {
+                        warn!("the host firewall's rules for the containers had changed; put back")
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot put back the host firewall's rules")
+                    }
+                }
+            }
+        }
     });
     let admin_listener = admin::bind(&config.admin_socket()).with_context(|| {
         format!(

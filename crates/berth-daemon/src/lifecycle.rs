@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use berth_guest_proto::words::{RUN_DIR, Word};
 use berth_proto::{ImageName, UserName};
-use berth_runtime::{BindMount, ContainerInfo, ContainerSpec, Limits, Runtime, RuntimeError};
+use berth_runtime::{
+    BindMount, ContainerInfo, ContainerSpec, Limits, NetworkSpec, Runtime, RuntimeError,
+};
 use berth_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -86,8 +88,8 @@ impl LifecycleError {
 pub struct Settings {
     pub prefix: String,
     pub instance: String,
-    /// The Docker network's name; re-ensured when Docker says it is gone.
-    pub network: String,
+    /// Each user's own network; re-ensured before a container is created or started.
+    pub network: NetworkSettings,
     pub guest_dir: PathBuf,
     pub limits: Limits,
     pub idle_stop: Duration,
@@ -102,6 +104,41 @@ pub struct Settings {
     pub audit: Arc<crate::audit::Audit>,
 }
 
+/// Where users' networks come from ([`crate::Config::network_settings`]).
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    /// The configured network name: user `alice`'s network is `NAME-alice`. Before issue 14
+    /// every container joined the network `NAME` itself; such a container moves to its
+    /// user's network when it is next started.
+    pub name: String,
+    pub pool: ipnet::Ipv4Net,
+    pub prefix_len: u8,
+    pub bridge_prefix: String,
+}
+
+/// The label on every network Berth makes: the configured network name.
+pub const LABEL_NETWORK: &str = "berth.network";
+
+impl NetworkSettings {
+    pub fn user_network(&self, user: &UserName) -> String {
+        format!("{}-{user}", self.name)
+    }
+
+    fn spec(&self, user: &UserName, instance: &str) -> NetworkSpec {
+        NetworkSpec {
+            name: self.user_network(user),
+            pool: self.pool,
+            prefix_len: self.prefix_len,
+            bridge_prefix: self.bridge_prefix.clone(),
+            labels: HashMap::from([
+                (LABEL_NETWORK.to_owned(), self.name.clone()),
+                (LABEL_INSTANCE.to_owned(), instance.to_owned()),
+                (LABEL_USER.to_owned(), user.to_string()),
+            ]),
+        }
+    }
+}
+
 impl Settings {
     /// Settings for a manager driven by tests and tools over a fake runtime: containers
     /// `t-USER` of instance `inst` on network `net`, no real guest helper, commits to
@@ -114,7 +151,13 @@ impl Settings {
         Self {
             prefix: "t-".into(),
             instance: "inst".into(),
-            network: "net".into(),
+            network: NetworkSettings {
+                name: "net".into(),
+                pool: ipnet::Ipv4Net::new(std::net::Ipv4Addr::new(10, 213, 0, 0), 16)
+                    .unwrap_or_default(),
+                prefix_len: 28,
+                bridge_prefix: "net-".into(),
+            },
             guest_dir: PathBuf::from("/nonexistent"),
             limits: Limits {
                 memory_bytes: None,
@@ -581,18 +624,24 @@ impl<R: Runtime> OwnerTask<R> {
         self.serve_guest()?;
         let rt = self.lc.runtime.clone();
         let existing = rt.inspect(&self.name).await?;
-        let info = match existing {
-            Some(info) => {
-                self.check_ours(&info)?;
-                info
+        if let Some(info) = &existing {
+            self.check_ours(info)?;
+            if info.running {
+                return Ok(info.id.clone());
             }
+        }
+        // A container is created or started only on the user's own network.
+        let network = self.ensure_network().await?;
+        let info = match existing {
+            Some(info) => info,
             None => {
                 let record = self.lc.store.user(&self.user).await?;
                 let image = record.committed_image.unwrap_or(record.image);
                 let spec = self.spec(image.as_str());
                 let id = match rt.create(&spec).await {
                     Err(RuntimeError::NetworkNotFound(e)) => {
-                        self.reensure_network(&e).await?;
+                        warn!(network = %network, error = %e, "the user's network is gone; making it again");
+                        self.ensure_network().await?;
                         rt.create(&spec).await?
                     }
                     r => r?,
@@ -607,15 +656,24 @@ impl<R: Runtime> OwnerTask<R> {
                     name: self.name.clone(),
                     running: false,
                     labels: spec.labels,
+                    networks: vec![network.clone()],
                 }
             }
         };
         if !info.running {
+            if info.networks != [network.as_str()] {
+                // A container of an older Berth, on the shared network: it moves to the
+                // user's own, keeping everything in it.
+                rt.reattach_network(&info.id, &info.networks, &network)
+                    .await?;
+                info!(from = ?info.networks, to = %network, "container moved to the user's own network");
+                self.remove_shared_network(&info.networks).await;
+            }
             match rt.start(&info.id).await {
                 Err(RuntimeError::NetworkNotFound(e)) => {
-                    self.reensure_network(&e).await?;
-                    rt.reattach_network(&info.id, &self.lc.settings.network)
-                        .await?;
+                    warn!(network = %network, error = %e, "the user's network is gone; making it again");
+                    self.ensure_network().await?;
+                    rt.reattach_network(&info.id, &[], &network).await?;
                     rt.start(&info.id).await?;
                 }
                 r => r?,
@@ -628,13 +686,23 @@ impl<R: Runtime> OwnerTask<R> {
         Ok(info.id)
     }
 
-    /// The users' network was removed under the daemon (`docker network rm`, a prune):
-    /// make it again, so that this and every later container creation or start works.
-    async fn reensure_network(&self, why: &str) -> Result<(), LifecycleError> {
-        let name = &self.lc.settings.network;
-        warn!(network = %name, error = %why, "the users' network is gone; creating it again");
-        self.lc.runtime.ensure_network(name).await?;
-        Ok(())
+    /// Makes sure the user's own network exists (made again after a `docker network rm` or
+    /// a prune); returns its name.
+    async fn ensure_network(&self) -> Result<String, LifecycleError> {
+        let s = &self.lc.settings;
+        let spec = s.network.spec(&self.user, &s.instance);
+        self.lc.runtime.ensure_network(&spec).await?;
+        Ok(spec.name)
+    }
+
+    /// The network every container shared before issue 14, once the last container on it
+    /// has left (the engine refuses while any is attached).
+    async fn remove_shared_network(&self, left: &[String]) {
+        let shared = &self.lc.settings.network.name;
+        if left.iter().any(|n| n == shared) && self.lc.runtime.remove_network(shared).await.is_ok()
+        {
+            info!(network = %shared, "the shared network of an older Berth is removed");
+        }
     }
 
     fn check_ours(&self, info: &ContainerInfo) -> Result<(), LifecycleError> {
@@ -659,7 +727,7 @@ impl<R: Runtime> OwnerTask<R> {
             ]),
             guest_dir: s.guest_dir.clone(),
             limits: s.limits.clone(),
-            network: s.network.clone(),
+            network: s.network.user_network(&self.user),
             mounts: std::iter::once(BindMount {
                 source: s.run_dir.join(self.user.as_str()),
                 target: RUN_DIR.to_owned(),
@@ -713,6 +781,10 @@ impl<R: Runtime> OwnerTask<R> {
     async fn remove(&mut self, keep_image: bool) -> Result<(), LifecycleError> {
         self.stop_at = None;
         self.remove_container().await?;
+        let network = self.lc.settings.network.user_network(&self.user);
+        if let Err(e) = self.lc.runtime.remove_network(&network).await {
+            warn!(network = %network, error = %e, "the user's network is left behind");
+        }
         let record = self.lc.store.user(&self.user).await?;
         if !keep_image
             && let Some(image) = &record.committed_image
@@ -1026,22 +1098,60 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_removed_network_is_made_again_for_create_and_for_start() {
+    async fn each_user_has_a_network_of_her_own_made_again_when_removed() {
         let (lc, rt, _) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
-        // Gone before the first login: the create fails once, the network is made again.
-        rt.remove_network();
+        // Gone before the first login: made before the create.
+        rt.vanish_networks();
         drop(lc.acquire(&alice()).await.unwrap());
-        assert_eq!(FakeRuntime::count(&rt.network_ensures), 1);
         assert_eq!(FakeRuntime::count(&rt.creates), 1);
+        assert_eq!(rt.container("t-alice").unwrap().networks, ["net-alice"]);
+        assert_eq!(
+            rt.list_networks(LABEL_USER, "alice").await.unwrap(),
+            ["net-alice"]
+        );
         settle(&lc, &alice(), 0).await;
         assert!(wait_stopped(&rt, "t-alice").await);
-        // Gone under a stopped container: the start fails once, then succeeds.
-        rt.remove_network();
+        // Gone under a stopped container: made again before the start.
+        rt.vanish_networks();
         let lease = lc.acquire(&alice()).await.unwrap();
-        assert_eq!(FakeRuntime::count(&rt.network_ensures), 2);
-        assert_eq!(FakeRuntime::count(&rt.reattaches), 1);
         assert_eq!(running(&rt, "t-alice"), Some(true));
         drop(lease);
+        settle(&lc, &alice(), 0).await;
+        assert!(wait_stopped(&rt, "t-alice").await);
+        // Her network goes with her.
+        lc.remove(&alice(), false).await.unwrap();
+        assert!(
+            rt.list_networks(LABEL_USER, "alice")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_container_on_the_shared_network_moves_to_its_users_own_when_started() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        rt.insert(ContainerInfo {
+            id: "old".into(),
+            name: "t-alice".into(),
+            running: false,
+            labels: HashMap::from([
+                (LABEL_USER.to_owned(), "alice".to_owned()),
+                (LABEL_INSTANCE.to_owned(), "inst".to_owned()),
+            ]),
+            networks: vec!["net".into()],
+        });
+        let (lc, rt, _) = setup(50, rt, &["alice"]);
+        let lease = lc.acquire(&alice()).await.unwrap();
+        assert_eq!(lease.container(), "old");
+        assert_eq!(FakeRuntime::count(&rt.reattaches), 1);
+        assert_eq!(rt.container("t-alice").unwrap().networks, ["net-alice"]);
+        drop(lease);
+        settle(&lc, &alice(), 0).await;
+        assert!(wait_stopped(&rt, "t-alice").await);
+        // Already on its own: not moved again.
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(FakeRuntime::count(&rt.reattaches), 1);
     }
 
     async fn wait_stopped(rt: &FakeRuntime, name: &str) -> bool {
@@ -1131,6 +1241,7 @@ mod tests {
             name: "t-alice".into(),
             running: true,
             labels: HashMap::from([(LABEL_USER.to_owned(), "alice".to_owned())]),
+            networks: vec![],
         });
         let (lc, rt, _) = setup(50, rt, &["alice"]);
         assert!(matches!(
@@ -1174,12 +1285,14 @@ mod tests {
             name: "t-alice".into(),
             running: true,
             labels: labels("alice"),
+            networks: vec![],
         });
         rt.insert(ContainerInfo {
             id: "g".into(),
             name: "t-ghost".into(),
             running: true,
             labels: labels("ghost"),
+            networks: vec![],
         });
         let (lc, rt, _) = setup(50, rt, &["alice"]);
         lc.reconcile().await.unwrap();

@@ -336,6 +336,7 @@ async fn every_admin_route_refuses_a_peer_that_is_not_root() {
         listen: "127.0.0.1:0".into(),
         started: std::time::Instant::now(),
         images: Default::default(),
+        firewall: None,
     });
     let shutdown = tokio_util::sync::CancellationToken::new();
     let server = tokio::spawn(berth_daemon::admin::serve(

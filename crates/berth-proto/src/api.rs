@@ -187,6 +187,9 @@ pub struct StatusInfo {
     /// The per-container disk quota: its size, or why it is not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_quota: Option<String>,
+    /// Whether the host firewall keeps containers from the host, in one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

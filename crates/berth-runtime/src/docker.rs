@@ -8,8 +8,8 @@ use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 use bollard::models::{
     ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig,
-    HostConfigLogConfig, Mount, MountType, NetworkConnectRequest, NetworkCreateRequest,
-    NetworkDisconnectRequest,
+    HostConfigLogConfig, Ipam, IpamConfig, Mount, MountType, NetworkConnectRequest,
+    NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -21,8 +21,8 @@ use crate::exec::{demux_output, raw_output, start_attached};
 use crate::process::Identity;
 use crate::{
     ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit, ContainerSpec, DiskQuota,
-    EngineVersion, ImageSummary, MAX_LAYERS, ProcessGuard, Runtime, RuntimeError, Session,
-    SessionHandle, SessionSpec, TtySize, init,
+    EngineVersion, ImageSummary, MAX_LAYERS, NetworkSpec, ProcessGuard, Runtime, RuntimeError,
+    Session, SessionHandle, SessionSpec, TtySize, init,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -93,6 +93,8 @@ pub struct DockerRuntime {
     /// Running containers' init processes, by container id, so that a session's start needs
     /// no engine call (each use checks the process is still that init).
     inits: std::sync::Arc<std::sync::Mutex<HashMap<String, Identity>>>,
+    /// Held while a network is made: two of this daemon's never take the same block.
+    network_lock: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl DockerRuntime {
@@ -115,6 +117,7 @@ impl DockerRuntime {
             socket,
             api_version,
             inits: Default::default(),
+            network_lock: Default::default(),
         })
     }
 
@@ -145,6 +148,34 @@ impl DockerRuntime {
             .collect();
         found.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
         Ok(found)
+    }
+
+    /// The oldest network named exactly `name`. Engines before API 1.44 accept duplicate
+    /// names, so two daemons could each make one: the others are removed (unused yet).
+    async fn oldest_network(&self, name: &str) -> Result<Option<String>, RuntimeError> {
+        let found = self.networks_named(name).await?;
+        let Some((keep, extra)) = found.split_first() else {
+            return Ok(None);
+        };
+        for (id, _) in extra {
+            let _ = self.docker.remove_network(id).await;
+        }
+        Ok(Some(keep.0.clone()))
+    }
+
+    /// The IPv4 subnets of every network on the engine (Berth's or not).
+    async fn subnets_in_use(&self) -> Result<Vec<ipnet::Ipv4Net>, RuntimeError> {
+        let nets = self
+            .docker
+            .list_networks(None::<bollard::query_parameters::ListNetworksOptions>)
+            .await
+            .map_err(map_err)?;
+        Ok(nets
+            .into_iter()
+            .filter_map(|n| n.ipam?.config)
+            .flatten()
+            .filter_map(|c| c.subnet?.parse().ok())
+            .collect())
     }
 
     /// The init of running container `container` (its id), from the cache when it is still
@@ -204,6 +235,10 @@ impl DockerRuntime {
             "exec {exec_id} did not start"
         )))
     }
+}
+
+fn overlaps(a: &ipnet::Ipv4Net, b: &ipnet::Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// RFC 3339 time with its fraction padded to nanoseconds, so that string order is time
@@ -373,53 +408,93 @@ impl Runtime for DockerRuntime {
         }
     }
 
-    async fn ensure_network(&self, name: &str) -> Result<String, RuntimeError> {
-        if self.networks_named(name).await?.is_empty() {
-            // Inter-container traffic is off: users' containers must not reach each other.
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+        // One creation at a time in this daemon; another daemon on the engine may still take
+        // the same block first, which the engine refuses as an overlap: then the next one.
+        let _one = self.network_lock.lock().await;
+        // Blocks the engine refused as overlapping though no listed network has them (one
+        // being made or removed by someone else): the next round takes the next block.
+        let mut refused = Vec::new();
+        for _ in 0..16 {
+            if let Some(id) = self.oldest_network(&spec.name).await? {
+                return Ok(id);
+            }
+            let mut used = self.subnets_in_use().await?;
+            used.extend(refused.iter().copied());
+            let Some((index, subnet, bridge)) = (0..)
+                .map_while(|i| spec.block(i).map(|(net, bridge)| (i, net, bridge)))
+                .find(|(_, net, _)| !used.iter().any(|u| overlaps(u, net)))
+            else {
+                return Err(RuntimeError::Docker(format!(
+                    "no free /{} left in the users' address pool {} for network {}",
+                    spec.prefix_len, spec.pool, spec.name
+                )));
+            };
             let req = NetworkCreateRequest {
-                name: name.to_owned(),
+                name: spec.name.clone(),
                 driver: Some("bridge".into()),
-                options: Some(HashMap::from([(
-                    "com.docker.network.bridge.enable_icc".to_owned(),
-                    "false".to_owned(),
-                )])),
-                labels: Some(HashMap::from([(
-                    "berth.network".to_owned(),
-                    "1".to_owned(),
-                )])),
+                // Berth's networks are IPv4 only: the firewall rules are written for IPv4.
+                enable_ipv6: Some(false),
+                ipam: Some(Ipam {
+                    config: Some(vec![IpamConfig {
+                        subnet: Some(subnet.to_string()),
+                        // Named, so that `docker network inspect` shows it.
+                        gateway: subnet.hosts().next().map(|g| g.to_string()),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+                options: Some(HashMap::from([
+                    // Nobody else's container is on it; off all the same.
+                    (
+                        "com.docker.network.bridge.enable_icc".to_owned(),
+                        "false".to_owned(),
+                    ),
+                    ("com.docker.network.bridge.name".to_owned(), bridge.clone()),
+                ])),
+                labels: Some(spec.labels.clone()),
                 ..Default::default()
             };
             match self.docker.create_network(req).await {
-                Ok(_) => {}
+                Ok(_) => {
+                    tracing::info!(network = %spec.name, %subnet, %bridge, index, "network created");
+                }
+                // Made by someone else meanwhile: found on the next round.
                 Err(bollard::errors::Error::DockerResponseServerError {
                     status_code: 409, ..
                 }) => {}
+                Err(bollard::errors::Error::DockerResponseServerError { message, .. })
+                    if message.contains("overlap") || message.contains("already exists") =>
+                {
+                    tracing::debug!(network = %spec.name, %subnet, error = %message, "block taken meanwhile");
+                    refused.push(subnet);
+                }
                 Err(e) => return Err(map_err(e)),
             }
         }
-        // Engines before API 1.44 accept duplicate names, so two daemons starting together
-        // can each create one. Everyone keeps the oldest and removes the others (unused yet).
-        let found = self.networks_named(name).await?;
-        let Some((keep, extra)) = found.split_first() else {
-            return Err(RuntimeError::Docker(format!(
-                "network {name} vanished after its creation"
-            )));
-        };
-        for (id, _) in extra {
-            let _ = self.docker.remove_network(id).await;
-        }
-        Ok(keep.0.clone())
+        Err(RuntimeError::Docker(format!(
+            "network {} could not be created: every block tried was taken meanwhile",
+            spec.name
+        )))
     }
 
-    async fn reattach_network(&self, id: &str, network: &str) -> Result<(), RuntimeError> {
-        // The container's endpoint names the removed network; a forced disconnect by name
-        // drops it (an error means there was nothing to drop).
-        let gone = NetworkDisconnectRequest {
-            container: id.to_owned(),
-            force: Some(true),
-        };
-        if let Err(e) = self.docker.disconnect_network(network, gone).await {
-            tracing::debug!(error = %e, "disconnect from the old network");
+    async fn reattach_network(
+        &self,
+        id: &str,
+        from: &[String],
+        network: &str,
+    ) -> Result<(), RuntimeError> {
+        // `network` itself too: after it was removed and made again, the container's
+        // endpoint names the removed one; a forced disconnect by name drops it (an error
+        // means there was nothing to drop).
+        for old in from.iter().map(String::as_str).chain([network]) {
+            let gone = NetworkDisconnectRequest {
+                container: id.to_owned(),
+                force: Some(true),
+            };
+            if let Err(e) = self.docker.disconnect_network(old, gone).await {
+                tracing::debug!(network = old, error = %e, "disconnect");
+            }
         }
         let join = NetworkConnectRequest {
             container: id.to_owned(),
@@ -435,6 +510,30 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        for (id, _) in self.networks_named(name).await? {
+            match self.docker.remove_network(&id).await {
+                Ok(()) => {}
+                Err(e) if is_404(&e) => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn list_networks(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
+        let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
+        let opts = ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let nets = self
+            .docker
+            .list_networks(Some(opts))
+            .await
+            .map_err(map_err)?;
+        Ok(nets.into_iter().filter_map(|n| n.name).collect())
+    }
+
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
         match self.docker.inspect_container(name, None).await {
             Ok(c) => Ok(Some(ContainerInfo {
@@ -446,6 +545,11 @@ impl Runtime for DockerRuntime {
                     .to_owned(),
                 running: c.state.and_then(|s| s.running).unwrap_or(false),
                 labels: c.config.and_then(|c| c.labels).unwrap_or_default(),
+                networks: c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .map(|n| n.into_keys().collect())
+                    .unwrap_or_default(),
             })),
             Err(e) if is_404(&e) => Ok(None),
             Err(e) => Err(map_err(e)),
@@ -475,6 +579,11 @@ impl Runtime for DockerRuntime {
                     .to_owned(),
                 running: c.state == Some(ContainerSummaryStateEnum::RUNNING),
                 labels: c.labels.unwrap_or_default(),
+                networks: c
+                    .network_settings
+                    .and_then(|n| n.networks)
+                    .map(|n| n.into_keys().collect())
+                    .unwrap_or_default(),
             })
             .collect())
     }
@@ -507,8 +616,9 @@ impl Runtime for DockerRuntime {
                 .disk_bytes
                 .map(|b| HashMap::from([("size".to_owned(), b.to_string())])),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
-            // Raw sockets would let a user spoof ARP towards other users' containers on the
-            // shared bridge; ping still works through the unprivileged ICMP socket range.
+            // Raw sockets would let a user spoof ARP on a bridge (each user has her own since
+            // issue 14; kept off all the same); ping still works through the unprivileged
+            // ICMP socket range.
             cap_drop: Some(vec!["NET_RAW".into()]),
             privileged: Some(false),
             network_mode: Some(spec.network.clone()),

@@ -13,8 +13,8 @@ use futures_util::{StreamExt, stream};
 use tokio_util::io::ReaderStream;
 
 use crate::{
-    ContainerInfo, ContainerInit, ContainerSpec, EngineVersion, Output, ProcessGuard, Runtime,
-    RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
+    ContainerInfo, ContainerInit, ContainerSpec, EngineVersion, NetworkSpec, Output, ProcessGuard,
+    Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
 };
 
 #[derive(Default)]
@@ -31,7 +31,9 @@ pub struct FakeRuntime {
     pub removes: AtomicUsize,
     pub network_ensures: AtomicUsize,
     pub reattaches: AtomicUsize,
-    /// Set by [`FakeRuntime::remove_network`]: creates and starts fail with
+    /// Networks made by `ensure_network`, with their labels.
+    networks: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Set by [`FakeRuntime::vanish_networks`]: creates and starts fail with
     /// [`RuntimeError::NetworkNotFound`] until the next `ensure_network`.
     network_gone: AtomicBool,
     /// Set by [`FakeRuntime::set_engine_down`]: every call fails with
@@ -74,7 +76,7 @@ impl FakeRuntime {
     }
 
     /// As `docker network rm` under a running daemon.
-    pub fn remove_network(&self) {
+    pub fn vanish_networks(&self) {
         self.network_gone.store(true, Ordering::SeqCst);
     }
 
@@ -136,17 +138,54 @@ impl Runtime for FakeRuntime {
             .unwrap_or(false))
     }
 
-    async fn ensure_network(&self, name: &str) -> Result<String, RuntimeError> {
+    async fn ensure_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+        self.up()?;
         self.network_gone.store(false, Ordering::SeqCst);
         self.network_ensures.fetch_add(1, Ordering::SeqCst);
-        Ok(format!("net-{name}"))
+        if let Ok(mut n) = self.networks.lock() {
+            n.entry(spec.name.clone())
+                .or_insert_with(|| spec.labels.clone());
+        }
+        Ok(format!("net-{}", spec.name))
     }
 
-    async fn reattach_network(&self, id: &str, network: &str) -> Result<(), RuntimeError> {
+    async fn reattach_network(
+        &self,
+        id: &str,
+        _from: &[String],
+        network: &str,
+    ) -> Result<(), RuntimeError> {
         self.network_present(network)?;
-        self.by_id(id, |_| ())?;
+        self.by_id(id, |i| i.networks = vec![network.to_owned()])?;
         self.reattaches.fetch_add(1, Ordering::SeqCst);
         Ok(())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), RuntimeError> {
+        let used = self.with(|c| c.values().any(|i| i.networks.iter().any(|n| n == name)))?;
+        if used {
+            return Err(RuntimeError::Docker(format!(
+                "network {name} has active endpoints"
+            )));
+        }
+        if let Ok(mut n) = self.networks.lock() {
+            n.remove(name);
+        }
+        Ok(())
+    }
+
+    async fn list_networks(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
+        self.up()?;
+        Ok(self
+            .networks
+            .lock()
+            .map(|n| {
+                n.iter()
+                    .filter(|(_, l)| l.get(key).map(String::as_str) == Some(value))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
@@ -174,6 +213,7 @@ impl Runtime for FakeRuntime {
             name: spec.name.clone(),
             running: false,
             labels: spec.labels.clone(),
+            networks: vec![spec.network.clone()],
         };
         let created = self.with(|c| {
             if c.contains_key(&spec.name) {

@@ -104,8 +104,8 @@ pub struct ContainerSpec {
     /// Host directory bind-mounted read-only at `/.berth`; must hold `berth-guest`.
     pub guest_dir: PathBuf,
     pub limits: Limits,
-    /// The Docker network to attach to, by name (so that a network re-created under the same
-    /// name is found again; see [`Runtime::ensure_network`]).
+    /// The Docker network to attach to, by name (the user's own, see [`NetworkSpec`]; by
+    /// name so that a network re-created under the same name is found again).
     pub network: String,
     /// Further bind mounts.
     pub mounts: Vec<BindMount>,
@@ -174,6 +174,37 @@ pub struct ContainerInfo {
     pub name: String,
     pub running: bool,
     pub labels: HashMap<String, String>,
+    /// The names of the networks it is attached to.
+    pub networks: Vec<String>,
+}
+
+/// One user's own bridge network ([`Runtime::ensure_network`]): nobody else's container is
+/// on it, so Docker's DNS knows no other user's name and no other container shares its L2
+/// segment. Its subnet is taken from `pool` by Berth, not from Docker's few default pools.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    /// The subnets of users' networks are blocks of `pool`...
+    pub pool: ipnet::Ipv4Net,
+    /// ...of this prefix length (`/28`: the gateway, the container, room to spare).
+    pub prefix_len: u8,
+    /// The bridge interface is named this followed by the block's index in the pool, in
+    /// hex, so one firewall rule (`-i PREFIX+`) matches every user's bridge. At most 10
+    /// characters: Linux names have at most 15.
+    pub bridge_prefix: String,
+    pub labels: HashMap<String, String>,
+}
+
+impl NetworkSpec {
+    /// The `index`th block of the pool and its bridge's name, if the pool has that many.
+    pub fn block(&self, index: u32) -> Option<(ipnet::Ipv4Net, String)> {
+        let net = self
+            .pool
+            .subnets(self.prefix_len)
+            .ok()?
+            .nth(index as usize)?;
+        Some((net, format!("{}{index:x}", self.bridge_prefix)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,19 +277,31 @@ pub struct EngineVersion {
 pub trait Runtime: Send + Sync + 'static {
     fn version(&self) -> impl Future<Output = Result<EngineVersion, RuntimeError>> + Send;
     fn image_exists(&self, image: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
-    /// Makes sure the users' network exists; returns its id, which containers join.
+    /// Makes sure network `spec.name` exists (made with the lowest free block of the pool,
+    /// inter-container traffic and IPv6 off); returns its id.
     fn ensure_network(
         &self,
-        name: &str,
+        spec: &NetworkSpec,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
-    /// Attaches stopped container `id` to network `network` (by name) in place of whatever
-    /// network it was attached to: after the network was removed and made again, a container
-    /// still names the old one and cannot start.
+    /// Attaches stopped container `id` to network `network` (by name) in place of every
+    /// network it is attached to (`from`, as [`ContainerInfo::networks`] says): a container
+    /// of an older Berth on the shared network moves to its user's own, and after a network
+    /// was removed and made again, a container that still names the old one can start. The
+    /// container itself, and so the user's files in it, is kept.
     fn reattach_network(
         &self,
         id: &str,
+        from: &[String],
         network: &str,
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Removes network `name`; a missing one is not an error, one still in use is.
+    fn remove_network(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// The names of the networks carrying label `key=value`.
+    fn list_networks(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
     /// The container named `name`, if it exists.
     fn inspect(
         &self,
@@ -453,5 +496,30 @@ mod tests {
             [8080, 50000].into_iter().collect()
         );
         assert!(super::ports_in_use("").is_empty());
+    }
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::NetworkSpec;
+
+    #[test]
+    fn blocks_of_the_pool_are_numbered_and_name_their_bridge() {
+        let spec = NetworkSpec {
+            name: "berth-alice".into(),
+            pool: "10.213.0.0/16".parse().unwrap(),
+            prefix_len: 28,
+            bridge_prefix: "berth-".into(),
+            labels: Default::default(),
+        };
+        assert_eq!(
+            spec.block(0),
+            Some(("10.213.0.0/28".parse().unwrap(), "berth-0".into()))
+        );
+        assert_eq!(
+            spec.block(4095),
+            Some(("10.213.255.240/28".parse().unwrap(), "berth-fff".into()))
+        );
+        assert_eq!(spec.block(4096), None);
     }
 }

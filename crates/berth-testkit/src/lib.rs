@@ -129,7 +129,8 @@ fn remove_stale_networks() {
         "name=^bt",
     ]);
     for name in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-        if name.ends_with("-net") && dead_owner(name) {
+        // `bt<PID>x<N>-net`, and its users' `bt<PID>x<N>-net-USER`.
+        if name.contains("-net") && dead_owner(name) {
             let _ = docker_output(&["network", "rm", name]);
         }
     }
@@ -144,6 +145,14 @@ pub fn docker(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// The lines of `docker ARGS`'s output (none when it fails).
+pub fn docker_lines(args: &[&str]) -> Vec<String> {
+    String::from_utf8_lossy(&docker_output(args).stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Runs `docker ARGS`, returning the whole output whatever the status.
@@ -277,7 +286,8 @@ impl Daemon {
         std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
     }
 
-    /// This daemon's own Docker network (no test shares one with another).
+    /// This daemon's network name (no test shares one with another); user alice's
+    /// container is on `NETWORK-alice`.
     pub fn network(&self) -> String {
         format!("{}net", self.prefix)
     }
@@ -543,11 +553,22 @@ impl Drop for Daemon {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // Its host firewall chains (and its containers, networks and images, removed below
+        // again in case the purge could not run).
+        let _ = Command::new(&self.bin)
+            .args(["purge", "--yes", "--config"])
+            .arg(&self.config_path)
+            .env("BERTH_STATE_DIR", self.state_dir())
+            .output();
         let ids = docker_output(&["ps", "-aq", "--filter", &format!("name=^/{}", self.prefix)]);
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
             let _ = docker_output(&["rm", "-f", id]);
         }
-        let _ = docker_output(&["network", "rm", &self.network()]);
+        for net in docker_lines(&["network", "ls", "--format", "{{.Name}}"]) {
+            if net == self.network() || net.starts_with(&format!("{}-", self.network())) {
+                let _ = docker_output(&["network", "rm", &net]);
+            }
+        }
         let repo = format!("reference={}/*", self.prefix.trim_end_matches('-'));
         let images = docker_output(&["images", "-q", "--filter", &repo]);
         for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {

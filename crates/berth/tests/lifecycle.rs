@@ -69,19 +69,16 @@ fn simultaneous_first_logins_create_one_container() {
     );
 }
 
-/// `docker network rm` (or a prune) under a running daemon: the next first login (create)
-/// and the next login into a stopped container (start) both make the network again.
+/// `docker network rm` (or a prune) under a running daemon: the next login into a stopped
+/// container makes the user's network again and attaches the container to it.
 #[test]
 fn the_network_removed_under_the_daemon_is_made_again() {
     let d = start(1, "");
     let alice = d.add_user("alice", BUSYBOX);
     let bob = d.add_user("bob", BUSYBOX);
-    let net = d.network();
-    let id_before = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
-    docker(&["network", "rm", &net]);
+    let net = format!("{}-alice", d.network());
     assert_eq!(d.ssh_ok("alice", &alice, "echo created"), "created\n");
-    let id_after = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
-    assert_ne!(id_before, id_after);
+    let id_before = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
     assert!(
         wait_until(Duration::from_secs(20), || d
             .container_state("alice")
@@ -92,7 +89,9 @@ fn the_network_removed_under_the_daemon_is_made_again() {
     // Her container is stopped and attached to a network that no longer exists.
     docker(&["network", "rm", &net]);
     assert_eq!(d.ssh_ok("alice", &alice, "echo started"), "started\n");
-    // The re-made network is the one containers use from now on: bob's first login too.
+    let id_after = docker(&["network", "inspect", "-f", "{{.Id}}", &net]);
+    assert_ne!(id_before, id_after);
+    // Each user has her own: bob's first login makes his.
     assert_eq!(d.ssh_ok("bob", &bob, "echo bob"), "bob\n");
     let networks = docker(&[
         "inspect",
@@ -100,13 +99,7 @@ fn the_network_removed_under_the_daemon_is_made_again() {
         "{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}",
         &d.container_name("bob"),
     ]);
-    assert_eq!(networks, net);
-    assert!(
-        d.log()
-            .contains("the users' network is gone; creating it again"),
-        "{}",
-        d.log()
-    );
+    assert_eq!(networks, format!("{}-bob", d.network()));
 }
 
 #[test]
@@ -244,7 +237,7 @@ fn container_defaults_are_confined() {
     assert_eq!(f("{{.HostConfig.NanoCpus}}"), "500000000");
     assert_eq!(
         f("{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}"),
-        d.network()
+        format!("{}-alice", d.network())
     );
     assert!(f("{{.HostConfig.CapDrop}}").contains("NET_RAW"));
     assert_eq!(f("{{.HostConfig.PidMode}}"), "");

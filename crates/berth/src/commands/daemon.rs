@@ -69,6 +69,11 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
         } else {
             print!("{}", config.to_toml());
         }
+        // On stderr (stdout carries the settings only), after them: a reader that closed
+        // the pipe has ended the command already.
+        let rules = config.firewall_rules().map_err(Failure::new)?;
+        let isolation = super::block_on(async { Ok(rules.state().await) })?;
+        eprintln!("isolation: {isolation}");
         return Ok(());
     }
     let filter = EnvFilter::try_from_env("BERTH_LOG")

@@ -1,6 +1,6 @@
 //! `berth purge`: removes one installation's traces with the daemon stopped (install.sh
-//! `--uninstall --purge` runs it): the containers labelled with its instance id, its users'
-//! committed images, then the entries Berth makes in the state directory, then that directory
+//! `--uninstall --purge` runs it): the containers and networks labelled with its instance
+//! id, its host firewall chains, its users' committed images, then the entries Berth makes in the state directory, then that directory
 //! if nothing else is left in it. Other containers and images, the default image among them,
 //! and any file Berth did not make are left alone.
 //!
@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use berth_daemon::Config;
 use berth_daemon::config::STATE_ENTRIES;
-use berth_daemon::lifecycle::LABEL_INSTANCE;
+use berth_daemon::lifecycle::{LABEL_INSTANCE, LABEL_NETWORK};
 use berth_runtime::{DockerRuntime, Runtime};
 use nix::fcntl::{Flock, FlockArg};
 
@@ -71,6 +71,8 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
                 code: 1,
             })?;
         remove_containers(&engine, &state).await?;
+        remove_networks(&engine, &state, &config.network).await?;
+        remove_firewall(&config).await;
         remove_images(&engine, &config.commit_repository).await
     })?;
     remove_state(&state);
@@ -125,6 +127,57 @@ async fn remove_containers(engine: &DockerRuntime, state: &Path) -> Result<(), F
     }
     println!("containers: removed {n} of this installation ({LABEL_INSTANCE}={instance})");
     Ok(())
+}
+
+/// The users' networks of this installation, and the network they shared before issue 14.
+async fn remove_networks(
+    engine: &DockerRuntime,
+    state: &Path,
+    shared: &str,
+) -> Result<(), Failure> {
+    let instance = std::fs::read_to_string(state.join("instance")).unwrap_or_default();
+    let instance = instance.trim();
+    let mut found = if instance.is_empty() {
+        Vec::new()
+    } else {
+        engine
+            .list_networks(LABEL_INSTANCE, instance)
+            .await
+            .map_err(|e| Failure::new(format!("cannot list networks: {e}")))?
+    };
+    // Older Berths labelled their one network `berth.network=1`.
+    let legacy = engine
+        .list_networks(LABEL_NETWORK, "1")
+        .await
+        .unwrap_or_default();
+    found.extend(legacy.into_iter().filter(|n| n == shared));
+    let mut n = 0;
+    for name in found {
+        match engine.remove_network(&name).await {
+            Ok(()) => n += 1,
+            Err(e) => eprintln!("warning: cannot remove network {name}: {e}"),
+        }
+    }
+    println!("networks: removed {n} of this installation");
+    Ok(())
+}
+
+/// The host firewall's chains of this installation (the config names their bridges).
+async fn remove_firewall(config: &Config) {
+    let rules = match config.firewall_rules() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("warning: firewall rules not removed: {e}");
+            return;
+        }
+    };
+    match rules.remove().await {
+        Ok(n) => println!(
+            "firewall: removed {n} chain(s) for bridges {}+",
+            rules.bridges
+        ),
+        Err(e) => eprintln!("warning: cannot remove the firewall rules: {e}"),
+    }
 }
 
 async fn remove_images(engine: &DockerRuntime, repo: &str) -> Result<(), Failure> {
