@@ -506,7 +506,30 @@ impl Drop for MachineGuard {
             let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
         }
         let _ = docker_output(&["rm", "-f", &self.container]);
-        let _ = docker_output(&["network", "rm", &self.network]);
+        // The host firewall chains and the per-user networks of the installed daemon (its
+        // own purge needs its config, which the package's purge removed): this build's
+        // `berth purge` with a config naming the same network.
+        if let Ok(dir) = tempfile::tempdir() {
+            let config = dir.path().join("berth.toml");
+            // (A repository of its own: purge removes the committed images it names.)
+            let text = format!(
+                "network = \"{}\"\ncommit_repository = \"{}-none\"\n",
+                self.network, self.network
+            );
+            if std::fs::write(&config, text).is_ok() {
+                let _ = Command::new(env!("CARGO_BIN_EXE_berth"))
+                    .args(["purge", "--yes", "--config"])
+                    .arg(&config)
+                    .env("BERTH_STATE_DIR", dir.path())
+                    .output();
+            }
+        }
+        for net in text(&docker_output(&["network", "ls", "--format", "{{.Name}}"]).stdout).lines()
+        {
+            if net == self.network || net.starts_with(&format!("{}-", self.network)) {
+                let _ = docker_output(&["network", "rm", net]);
+            }
+        }
     }
 }
 
