@@ -128,6 +128,9 @@ impl Rig {
 
     fn cleanup(&mut self) {
         self.berth.stop();
+        if let Err(e) = self.berth.purge() {
+            eprintln!("berth-bench: berth purge: {e:#}");
+        }
         if let Some(to) = &self.keep_logs {
             let _ = std::fs::create_dir_all(to);
             for (from, name) in [
@@ -155,14 +158,20 @@ impl Rig {
             let _ = self.engine.remove_image(&id);
         }
         // The engine may take a moment to release the endpoints of containers just removed.
-        let mut attempt = 0;
-        while let Err(e) = self.engine.remove_network(&self.tag.network()) {
-            attempt += 1;
-            if attempt == 10 {
-                eprintln!("berth-bench: cannot remove network {tag}: {e:#}");
-                break;
+        let networks = self
+            .engine
+            .networks_matching(&format!("^{}(-.+)?$", self.tag.network()))
+            .unwrap_or_default();
+        for net in networks {
+            let mut attempt = 0;
+            while let Err(e) = self.engine.remove_network(&net) {
+                attempt += 1;
+                if attempt == 10 {
+                    eprintln!("berth-bench: cannot remove network {net}: {e:#}");
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
             }
-            std::thread::sleep(Duration::from_millis(500));
         }
     }
 }
@@ -197,7 +206,7 @@ fn sweep_stale(engine: &Engine) {
         }
     }
     for net in engine
-        .networks_matching("^bench[0-9]+$")
+        .networks_matching("^bench[0-9]+(-.+)?$")
         .unwrap_or_default()
     {
         if stale(&net) {

@@ -293,6 +293,21 @@ impl Berth {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Removes what the (stopped) daemon made: its containers, per-user networks, host
+    /// firewall chains and committed images (`berth purge`).
+    pub fn purge(&self) -> Result<String> {
+        cli(
+            &self.bin,
+            &self.state_dir,
+            &[
+                "purge",
+                "--yes",
+                "--config",
+                &self.config.display().to_string(),
+            ],
+        )
+    }
+
     /// Runs the `berth` CLI against this daemon; returns stdout.
     pub fn cli(&self, args: &[&str]) -> Result<String> {
         cli(&self.bin, &self.state_dir, args)
