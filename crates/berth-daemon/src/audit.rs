@@ -266,6 +266,7 @@ impl Event {
             | Self::HostWord { user, .. }
             | Self::ForwardOpen { user, .. }
             | Self::ForwardRefused { user, .. }
+            | Self::LimitReached { user, .. }
             | Self::DaemonMode { user, .. }
             | Self::ContainerStart { user, .. }
             | Self::ContainerStop { user, .. } => Some(user),

@@ -23,6 +23,8 @@ use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 #[derive(Default)]
 pub(crate) struct Authenticated {
     done: AtomicBool,
+    /// Authenticated, but its user holds all the connections she may: it is to be closed.
+    over_cap: AtomicBool,
     notify: tokio::sync::Notify,
     /// Cancelled when what the connection authenticated with is revoked.
     revoked: std::sync::OnceLock<tokio_util::sync::CancellationToken>,
@@ -33,6 +35,17 @@ impl Authenticated {
         let _ = self.revoked.set(revoked);
         self.done.store(true, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// Marks the connection authenticated but refused (its user is at her connection cap).
+    pub(crate) fn refuse(&self) {
+        self.over_cap.store(true, Ordering::SeqCst);
+        self.done.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+
+    pub(crate) fn over_cap(&self) -> bool {
+        self.over_cap.load(Ordering::SeqCst)
     }
 
     /// Returns once the connection's credentials are revoked (never before it authenticated).
@@ -127,7 +140,7 @@ impl<G: Gateway> Connection<G> {
         });
         let gateway = self.gateway.clone();
         let who = user.to_owned();
-        self.tenant = Some(Tenant {
+        let tenant = Tenant {
             quotas: self.quotas.clone(),
             user: user.to_owned(),
             report: Arc::new(move |what: Held| {
@@ -136,7 +149,16 @@ impl<G: Gateway> Connection<G> {
                     what: what.refusal(),
                 });
             }),
-        });
+        };
+        // A user past her connections gets nothing of this one (no user, no channels, no
+        // hold on her container); the server closes it.
+        let Some(slot) = tenant.take(Held::Connection) else {
+            info!("connection refused: too many connections for this user");
+            self.authenticated.refuse();
+            return;
+        };
+        self._slot = Some(slot);
+        self.tenant = Some(tenant);
         let connected = self.gateway.connected(user, &key);
         self.user = Some((user.to_owned(), key));
         self._connected = Some(connected.hold);
@@ -420,23 +442,6 @@ impl<G: Gateway> Handler for Connection<G> {
             self.refused(user, &key);
             Ok(Auth::reject())
         }
-    }
-
-    async fn auth_succeeded(&mut self, session: &mut Session) -> Result<(), Self::Error> {
-        // A user past her connections is told so (`ssh` prints the reason) and let go.
-        match self.tenant.as_ref().map(|t| t.take(Held::Connection)) {
-            Some(Some(slot)) => self._slot = Some(slot),
-            Some(None) => {
-                info!("connection refused: too many connections for this user");
-                session.disconnect(
-                    russh::Disconnect::TooManyConnections,
-                    "berth: too many connections for this user",
-                    "",
-                )?;
-            }
-            None => {}
-        }
-        Ok(())
     }
 
     async fn channel_open_session(

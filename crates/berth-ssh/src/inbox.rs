@@ -26,6 +26,9 @@ pub(crate) struct Overrun;
 #[derive(Default)]
 struct State {
     buf: BytesMut,
+    /// Bytes received and not yet granted back: held here, or taken by the consumer and not
+    /// yet written. Never more than the window (plus slack).
+    outstanding: usize,
     eof: bool,
     /// The sending side is gone (the channel closed): what is buffered is still delivered.
     closed: bool,
@@ -38,10 +41,14 @@ struct Shared {
     wake: Notify,
     handle: russh::server::Handle,
     id: ChannelId,
+    /// The input buffer set aside for this channel, given back when both ends are gone (a
+    /// consumer still writing what it took keeps it).
+    _reserved: Reserved,
 }
 
 impl Shared {
     fn grant(&self, n: usize) {
+        self.with(|s| s.outstanding = s.outstanding.saturating_sub(n));
         if n > 0 {
             let _ = self
                 .handle
@@ -63,8 +70,6 @@ impl Shared {
 pub(crate) struct InboxTx {
     shared: Arc<Shared>,
     limit: usize,
-    /// The input buffer set aside for this channel, given back when it ends.
-    _reserved: Reserved,
 }
 
 /// The consumer's end.
@@ -87,13 +92,13 @@ pub(crate) fn inbox(
         wake: Notify::new(),
         handle,
         id,
+        _reserved: reserved,
     });
     shared.grant(extra);
     (
         InboxTx {
             shared: shared.clone(),
             limit,
-            _reserved: reserved,
         },
         InboxRx { shared },
     )
@@ -104,11 +109,12 @@ impl InboxTx {
     /// given back at once (as sshd does for a process that closed its stdin).
     pub(crate) fn push(&self, data: &[u8]) -> Result<(), Overrun> {
         let discarded = self.shared.with(|s| {
+            if s.outstanding.saturating_add(data.len()) > self.limit {
+                return Err(Overrun);
+            }
+            s.outstanding += data.len();
             if s.dropped || s.eof {
                 return Ok(true);
-            }
-            if s.buf.len().saturating_add(data.len()) > self.limit {
-                return Err(Overrun);
             }
             s.buf.extend_from_slice(data);
             Ok(false)
@@ -124,6 +130,8 @@ impl InboxTx {
     /// Data the channel does not carry to any consumer (extended data from the client):
     /// its window is given back at once.
     pub(crate) fn discard(&self, len: usize) {
+        self.shared
+            .with(|s| s.outstanding = s.outstanding.saturating_add(len));
         self.shared.grant(len);
     }
 
@@ -170,6 +178,12 @@ impl InboxRx {
 
     /// The consumer took `n` bytes: the client may send that many more.
     pub(crate) fn consumed(&self, n: usize) {
+        self.shared.grant(n);
+    }
+
+    /// The consumer took bytes it will never write (its sink is gone): their window is given
+    /// back, as for what is still held (see `Drop`).
+    pub(crate) fn abandoned(&self, n: usize) {
         self.shared.grant(n);
     }
 }

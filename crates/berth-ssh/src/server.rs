@@ -288,14 +288,28 @@ impl Conn {
                 () = authenticated.wait(), if startup.is_some() => {
                     // Out of the startups, into the pool of authenticated connections.
                     startup = None;
+                    if authenticated.over_cap() {
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(3),
+                            handle.disconnect(
+                                Disconnect::TooManyConnections,
+                                "berth: too many connections for this user".into(),
+                                String::new(),
+                            ),
+                        )
+                        .await;
+                        let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                        break;
+                    }
                     match permits.clone().try_acquire_owned() {
                         Ok(p) => permit = Some(p),
                         Err(_) => {
                             door.refuse(Refusal::Full);
                             warn!(%peer, "authenticated connection refused: max_connections reached");
-                            let _ = handle
-                                .disconnect(Disconnect::TooManyConnections, "too many connections".into(), String::new())
-                                .await;
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(3),
+                                handle.disconnect(Disconnect::TooManyConnections, "too many connections".into(), String::new()),
+                            ).await;
                             let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                             break;
                         }
@@ -303,25 +317,28 @@ impl Conn {
                 }
                 () = authenticated.revoked(), if startup.is_none() => {
                     info!(%peer, "access revoked; closing the connection");
-                    let _ = handle
-                        .disconnect(Disconnect::ByApplication, "access revoked".into(), String::new())
-                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        handle.disconnect(Disconnect::ByApplication, "access revoked".into(), String::new()),
+                    ).await;
                     let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                     break;
                 }
                 () = &mut login_timer, if startup.is_some() => {
                     info!(target: "audit", event = "login_timeout", %peer, "not authenticated within the login grace time");
                     door.failed(peer.ip());
-                    let _ = handle
-                        .disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), String::new())
-                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        handle.disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), String::new()),
+                    ).await;
                     let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                     return;
                 }
                 () = shutdown.cancelled() => {
-                    let _ = handle
-                        .disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new())
-                        .await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(3),
+                        handle.disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new()),
+                    ).await;
                     let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
                     break;
                 }

@@ -52,6 +52,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let mut env = Vec::new();
     let mut agent = false;
     let mut x11 = None;
+    let mut early_eof = false;
     // Setup: collect pty and env until the client asks for a shell or a command.
     let command = loop {
         match rx.wait().await {
@@ -114,9 +115,15 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             }
             Some(ChannelMsg::RequestSubsystem { name, .. }) => {
                 debug!(subsystem = %name, "subsystem refused");
-                let _ = tx.close().await;
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
                 return;
             }
+            // Input before there is a process for it is dropped, and its window given back.
+            Some(ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. }) => {
+                let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                let _ = ctx.handle.window_adjust(tx.id(), n);
+            }
+            Some(ChannelMsg::Eof) => early_eof = true,
             Some(_) => {}
             None => return,
         }
@@ -198,6 +205,9 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     // the inbox, bounded by the client's window.
     let (input, stdin) =
         crate::inbox::inbox(ctx.handle.clone(), tx.id(), ctx.tenant.reserve_input());
+    if early_eof && !tty {
+        input.eof();
+    }
     let mut resized = None;
     let opened = {
         let open = ctx.gateway.open(req);
@@ -216,11 +226,15 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let process = match opened {
         Ok(p) => p,
         Err(e) => {
-            let mut err = tx.make_writer_ext(Some(1));
-            let _ = err.write_all(format!("berth: {e}\r\n").as_bytes()).await;
-            let _ = tx.exit_status(255).await;
-            let _ = tx.eof().await;
-            let _ = tx.close().await;
+            // The client's window may be shut: the last words get a deadline.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                let mut err = tx.make_writer_ext(Some(1));
+                let _ = err.write_all(format!("berth: {e}\r\n").as_bytes()).await;
+                let _ = tx.exit_status(255).await;
+                let _ = tx.eof().await;
+                let _ = tx.close().await;
+            })
+            .await;
             debug!("session refused: {e}");
             return;
         }
@@ -247,8 +261,16 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         )))
     });
     let status = pump(process, resized, rx, (input, stdin), &tx, tty).await;
+    if status.is_none() {
+        // The client went, or broke flow control: the channel is closed either way.
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
+    }
     debug!(status = ?status, "session ended");
 }
+
+/// How long a session's closing words on a failure (an error line, a close) may wait for
+/// the client's window.
+const CLOSE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a channel message means for a session's input.
 enum Taken {
@@ -347,6 +369,9 @@ async fn pump(
             },
         }
     };
+    // No deadline here: output still queued for a client that reads slowly (`| less`) must
+    // reach it before the exit status; keepalives notice a client that is gone, and what a
+    // client that never reads can hold is bounded by its caps.
     let _ = tx.exit_status(code).await;
     let _ = tx.eof().await;
     let _ = tx.close().await;
@@ -360,11 +385,16 @@ async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut i
         relayed(d.len());
         // Granted a piece at a time, so the client's window reopens while a large backlog
         // is still being written.
-        for piece in d.chunks(crate::inbox::GRANT_STEP) {
+        let mut rest = &d[..];
+        while !rest.is_empty() {
+            let (piece, tail) = rest.split_at(rest.len().min(crate::inbox::GRANT_STEP));
             if stdin.write_all(piece).await.is_err() {
+                // The process closed its stdin: what it did not take is dropped, as sshd does.
+                input.abandoned(rest.len());
                 return;
             }
             input.consumed(piece.len());
+            rest = tail;
         }
     }
     // The client's EOF. Some writers (a pipe) only close when dropped, which returning does.

@@ -21,6 +21,10 @@ pub(crate) fn relayed(n: usize) {
 
 /// How long the client has to answer a channel we open towards it (`-R`, agent, X11).
 const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long an answer that came too late is still waited for, to close what it opened.
+const LATE_ANSWER: std::time::Duration = std::time::Duration::from_secs(300);
+/// The pause after a connection refused for the user's cap.
+const REFUSAL_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A listener whose connections become channels to the client (`-R`, agent, X11).
 pub(crate) trait Accept: Send {
@@ -75,6 +79,9 @@ pub(crate) async fn serve_listener<L, F, Fut>(
         // Each connection is one of the user's forwarded connections; past her cap it is
         // closed at once (and reported).
         let Some(slot) = tenant.take(crate::quota::Held::Forward) else {
+            // A container connecting in a loop past the cap is slowed down, not served.
+            drop(stream);
+            tokio::time::sleep(REFUSAL_PAUSE).await;
             continue;
         };
         let reserved = tenant.reserve_input();
@@ -82,11 +89,20 @@ pub(crate) async fn serve_listener<L, F, Fut>(
         let handle = handle.clone();
         conns.spawn(async move {
             let _slot = slot;
-            // The client answers a channel open at once, or not at all.
-            match tokio::time::timeout(OPEN_TIMEOUT, opening).await {
+            let mut opening = std::pin::pin!(opening);
+            match tokio::time::timeout(OPEN_TIMEOUT, &mut opening).await {
                 Ok(Ok(channel)) => bridge(channel, stream, handle, reserved).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "{what}: the client refused the channel"),
-                Err(_) => tracing::debug!("{what}: the client did not answer the channel open"),
+                Err(_) => {
+                    tracing::debug!("{what}: the client did not answer the channel open");
+                    // The container's end goes now; a late answer is still taken (within a
+                    // further deadline, the slot held meanwhile), and a channel confirmed
+                    // late is closed at once rather than left open with nobody reading it.
+                    drop(stream);
+                    if let Ok(Ok(channel)) = tokio::time::timeout(LATE_ANSWER, opening).await {
+                        let _ = tokio::time::timeout(OPEN_TIMEOUT, channel.close()).await;
+                    }
+                }
             }
         });
     }
@@ -122,11 +138,15 @@ pub(crate) async fn bridge<S>(
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(data) = taken.recv().await {
             relayed(data.len());
-            for piece in data.chunks(crate::inbox::GRANT_STEP) {
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let (piece, tail) = rest.split_at(rest.len().min(crate::inbox::GRANT_STEP));
                 if sock_write.write_all(piece).await.is_err() {
+                    taken.abandoned(rest.len());
                     return;
                 }
                 taken.consumed(piece.len());
+                rest = tail;
             }
         }
         let _ = sock_write.shutdown().await;

@@ -302,12 +302,19 @@ impl Encrypted {
         }
     }
 
-    /// (Berth patch) Takes `data` off the window granted to the peer, without re-opening it.
-    pub fn debit_window(&mut self, channel: ChannelId, data: &[u8]) {
+    /// (Berth patch) Takes `data` off the window granted to the peer, without re-opening it;
+    /// `false` (and nothing taken) when it is more than the window left.
+    pub fn debit_window(&mut self, channel: ChannelId, data: &[u8]) -> bool {
         if let Some(channel) = self.channels.get_mut(&channel) {
-            let n = u32::try_from(data.len()).unwrap_or(u32::MAX);
-            channel.sender_window_size = channel.sender_window_size.saturating_sub(n);
+            let Ok(n) = u32::try_from(data.len()) else {
+                return false;
+            };
+            if n > channel.sender_window_size {
+                return false;
+            }
+            channel.sender_window_size -= n;
         }
+        true
     }
 
     /// (Berth patch) Grants the peer `amount` more bytes of window on `channel`.

@@ -1492,7 +1492,14 @@ impl Session {
                 #[allow(clippy::collapsible_if)]
                 if let Some(ref mut enc) = self.common.encrypted {
                     if self.common.config.manual_window_adjust {
-                        enc.debit_window(channel_num, &data);
+                        // (Berth patch) Data past the window granted, or in a packet larger
+                        // than announced, is dropped, as OpenSSH does ("rcvd too much
+                        // data"): what the application holds stays within the window.
+                        let max = self.common.config.maximum_packet_size as usize;
+                        if data.len() > max || !enc.debit_window(channel_num, &data) {
+                            debug!("channel {channel_num:?}: data past the window dropped");
+                            return Ok(());
+                        }
                     } else if enc.adjust_window_size(channel_num, &data, target)? {
                         let window = handler.adjust_window(channel_num, self.target_window_size);
                         if window > 0 {
@@ -1943,11 +1950,10 @@ impl Session {
                     enc.channels.remove(&channel_num);
                 }
 
+                // (Berth patch) The application may have stopped waiting for a late answer:
+                // that is no reason to end the whole connection.
                 if let Some(channel_sender) = self.channels.remove(&channel_num) {
-                    channel_sender
-                        .send(ChannelMsg::OpenFailure(reason))
-                        .await
-                        .map_err(|_| crate::Error::SendError)?;
+                    let _ = channel_sender.send(ChannelMsg::OpenFailure(reason)).await;
                 }
 
                 Ok(())
