@@ -416,6 +416,15 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// go back to the kernel (`malloc_trim`, which walks only the allocator's own free lists:
 /// a few milliseconds at most).
 async fn return_free_memory() {
+    // Buffers of 256 KiB and more (a channel's input, up to its 2 MiB window) get pages of
+    // their own, given back the moment they are freed; glibc would otherwise raise this
+    // threshold as such buffers come and go, and serve them from the heap.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets an allocator parameter; thread-safe in glibc.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+    }
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
