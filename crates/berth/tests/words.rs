@@ -61,12 +61,15 @@ fn commit_then_remove_then_login_finds_the_file() {
     assert!(o.status.success(), "{}", err(&o));
     let id = out(&o).trim().to_owned();
     assert!(id.starts_with("sha256:"), "{id}");
-    assert_eq!(
-        err(&o),
-        format!(
-            "saved your container as {}; your next new container is made from it\n",
-            d.commit_image("alice")
-        )
+    // "saved your container as IMAGE (N B added, SIZE in all, L layers); ..."
+    let said = err(&o);
+    let image = d.commit_image("alice");
+    assert!(
+        said.starts_with(&format!("saved your container as {image} ("))
+            && said.contains(" added, ")
+            && said.contains(" layers); ")
+            && said.ends_with("; your next new container is made from it\n"),
+        "{said}"
     );
     assert_eq!(
         docker(&[
