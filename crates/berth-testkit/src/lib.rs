@@ -620,8 +620,9 @@ pub enum QuotaFs {
 }
 
 /// A second Docker engine, started by a test beside the host's: its own socket, data root,
-/// exec root, pid file and containerd (namespaces named after it), no default bridge and no
-/// iptables rules, so the host's firewall, `docker0` and containers are never touched.
+/// exec root, pid file, containerd (namespaces named after it) and network namespace, no
+/// default bridge and no iptables rules, so the host's firewall, `docker0` and containers
+/// are never touched.
 /// Containers and networks made in it go with it: dropping it removes them, stops the
 /// engine (SIGTERM to its pid, waited for), unmounts its file system and removes its
 /// directory.
@@ -679,7 +680,12 @@ impl SecondEngine {
             .unwrap()
             .to_string_lossy()
             .into_owned();
-        let child = Command::new(dockerd)
+        // In a network namespace of its own (`unshare --net`, which then runs dockerd under
+        // the same pid): with `--bridge=none` dockerd deletes any `docker0` it sees, and the
+        // host's engine needs its own.
+        let child = Command::new("unshare")
+            .args(["--net", "--"])
+            .arg(dockerd)
             .arg("--host")
             .arg(format!("unix://{}", engine.socket.display()))
             .arg("--data-root")
