@@ -272,6 +272,10 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         })
         .collect();
     containers.sort_by(|a, b| a.user.cmp(&b.user));
+    let user_namespaces = match docker_error {
+        None => Some(crate::user_namespaces(&*st.runtime).await),
+        Some(_) => None,
+    };
     Ok(Json(StatusInfo {
         version: berth_proto::VERSION_LONG.to_owned(),
         pid: std::process::id(),
@@ -287,6 +291,7 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
             .num_alive_tasks(),
         descriptors: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
         disk_quota: Some(st.lifecycle.disk().quota().describe()),
+        user_namespaces,
     }))
 }
 

@@ -187,6 +187,10 @@ pub struct StatusInfo {
     /// The per-container disk quota: its size, or why it is not enforced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_quota: Option<String>,
+    /// Whether the engine runs containers in user namespaces (`userns-remap`), and what
+    /// that means; `None` when the engine does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespaces: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

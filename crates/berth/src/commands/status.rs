@@ -63,6 +63,9 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
     if let Some(q) = &st.disk_quota {
         println!("disk quota: {q}");
     }
+    if let Some(u) = &st.user_namespaces {
+        println!("user namespaces: {u}");
+    }
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)
