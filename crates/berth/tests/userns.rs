@@ -180,6 +180,7 @@ fn berth_works_unchanged_when_docker_remaps_container_root() {
     };
     let security = engine.docker_ok(&["info", "-f", "{{json .SecurityOptions}}"]);
     assert!(security.contains("name=userns"), "{security}");
+    berth_testkit::ensure_images();
     engine.import_image(DEBIAN);
     engine.import_image(BUSYBOX);
     let d = daemon(&format!(
