@@ -155,12 +155,14 @@ impl<R: Runtime> BerthGateway<R> {
 
     /// `ssh -A`: a fresh socket in the user's own run directory, which only her container
     /// mounts (at `/.berth/run`), owned by her container's root (on the host, that is the
-    /// daemon's root only without a user namespace). The container is started for it (the
-    /// session that asked for it starts it anyway), and kept up while the socket lives.
+    /// daemon's root only without a user namespace). The container is started to learn who
+    /// that is (the session that asked for the agent starts it anyway); the session's own
+    /// lease keeps it up.
     pub(super) async fn agent_socket(&self, user: &UserName) -> Result<AgentListener, OpenError> {
         use std::os::unix::fs::PermissionsExt;
         let lease = self.lease(user).await?;
         let owner = root_owner(&self.container_init(lease.container()).await?)?;
+        drop(lease);
         let dir = self.lifecycle.run_dir().join(user.as_str());
         let fail = |e: std::io::Error| {
             error!(user = %user, error = %e, "cannot make an agent socket");
@@ -179,7 +181,7 @@ impl<R: Runtime> BerthGateway<R> {
         Ok(AgentListener {
             listener,
             path_in_container: format!("{RUN_DIR}/{file}"),
-            hold: Box::new((remove, lease)),
+            hold: Box::new(remove),
         })
     }
 
