@@ -274,6 +274,10 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         })
         .collect();
     containers.sort_by(|a, b| a.user.cmp(&b.user));
+    let user_namespaces = match docker_error {
+        None => Some(crate::user_namespaces(&*st.runtime).await),
+        Some(_) => None,
+    };
     Ok(Json(StatusInfo {
         version: berth_proto::VERSION_LONG.to_owned(),
         pid: std::process::id(),
@@ -293,6 +297,7 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
             Some(f) => Some(f.state().await),
             None => None,
         },
+        user_namespaces,
     }))
 }
 

@@ -133,6 +133,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         disk::Quota::NotEnforced { .. } => warn!("disk quota: {}", quota.describe()),
         _ => info!("disk quota: {}", quota.describe()),
     }
+    let userns = user_namespaces(&*runtime).await;
+    if userns.starts_with("on") {
+        info!("user namespaces: {userns}");
+    } else {
+        warn!("user namespaces: {userns}");
+    }
     let mut limits = limits(&config);
     limits.disk_bytes = quota.bytes();
 
@@ -327,6 +333,16 @@ fn limits(config: &Config) -> Limits {
         log_bytes: (l.log_mb > 0).then(|| l.log_mb.saturating_mul(1024 * 1024)),
         // Set once the engine is known to enforce it (see `run`).
         disk_bytes: None,
+    }
+}
+
+/// What `berth status` and `berth daemon --check` say about user namespaces (Docker's
+/// `userns-remap`): on, with the host UID of containers' root, or off and what to do.
+pub async fn user_namespaces<R: Runtime>(runtime: &R) -> String {
+    match tokio::time::timeout(Duration::from_secs(10), runtime.user_namespaces()).await {
+        Ok(Ok(u)) => u.to_string(),
+        Ok(Err(e)) => format!("unknown: cannot ask the engine: {e}"),
+        Err(_) => "unknown: the engine did not answer in time".into(),
     }
 }
 

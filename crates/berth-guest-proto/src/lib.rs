@@ -24,7 +24,8 @@
 //!   daemon's end behaves (a shared `O_NONBLOCK` flag, for one).
 //!
 //! The guest accepts only connections from outside its PID namespace made by root
-//! (`SO_PEERCRED`: PID 0, UID 0), i.e. the daemon, never a process of the container. It
+//! (`SO_PEERCRED`: PID 0, UID 0, or under a user namespace that does not map host root, the
+//! overflow UID it reads as), i.e. the daemon, never a process of the container. It
 //! forks, the child starts a new session (`setsid`, the terminal as its controlling terminal) and execs the command with init's environment plus the request's.
 //! The process inherits everything Docker set up for init: namespaces, cgroup (limits),
 //! capabilities, seccomp, AppArmor, `no_new_privs`. The guest answers `started PID` (PID in

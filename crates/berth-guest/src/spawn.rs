@@ -61,6 +61,7 @@ pub fn start() {
             return;
         }
     };
+    let daemon_uid = host_root_here();
     let spawned = std::thread::Builder::new()
         .name("watch".into())
         .stack_size(64 * 1024)
@@ -69,14 +70,14 @@ pub fn start() {
             std::thread::Builder::new()
                 .name("accept".into())
                 .stack_size(64 * 1024)
-                .spawn(move || accept_loop(&listener))
+                .spawn(move || accept_loop(&listener, daemon_uid))
         });
     if let Err(e) = spawned {
         eprintln!("berth-guest: cannot start the session threads: {e}");
     }
 }
 
-fn accept_loop(listener: &UnixListener) {
+fn accept_loop(listener: &UnixListener, daemon_uid: u32) {
     loop {
         let conn = match listener.accept() {
             Ok((c, _)) => c,
@@ -86,7 +87,7 @@ fn accept_loop(listener: &UnixListener) {
                 continue;
             }
         };
-        if !from_daemon(&conn) {
+        if !from_daemon(&conn, daemon_uid) {
             continue;
         }
         if CONNECTIONS.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
@@ -106,11 +107,38 @@ fn accept_loop(listener: &UnixListener) {
     }
 }
 
-/// Only the daemon may ask: root, from outside this PID namespace (a process there has no
-/// PID here, so its PID reads as 0). A process of the container, root or not, never gets a
-/// process from init.
-fn from_daemon(conn: &UnixStream) -> bool {
-    getsockopt(conn, PeerCredentials).is_ok_and(|c| c.pid() == 0 && c.uid() == 0)
+/// Only the daemon may ask: the host's root (`daemon_uid`, as it reads here), from outside
+/// this PID namespace (a process there has no PID here, so its PID reads as 0). A process of
+/// the container, root or not, never gets a process from init.
+fn from_daemon(conn: &UnixStream, daemon_uid: u32) -> bool {
+    getsockopt(conn, PeerCredentials).is_ok_and(|c| c.pid() == 0 && c.uid() == daemon_uid)
+}
+
+/// What the host's root (the daemon) reads as in this container: 0 without a user
+/// namespace; under Docker's `userns-remap` host UID 0 is mapped to nothing here, and the
+/// kernel shows an unmapped UID as the overflow UID (65534 unless the admin changed it).
+fn host_root_here() -> u32 {
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    match inside_of_outside_root(&map) {
+        Some(uid) => uid,
+        None if map.is_empty() => 0,
+        None => std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(65534),
+    }
+}
+
+/// The inside ID that outside ID 0 maps to, in text of the `/proc/self/uid_map` format
+/// (lines of `inside outside count`); `None` when no line maps it.
+fn inside_of_outside_root(map: &str) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let mut f = l.split_whitespace().map(str::parse::<u32>);
+        match (f.next(), f.next(), f.next()) {
+            (Some(Ok(inside)), Some(Ok(0)), Some(Ok(count))) if count > 0 => Some(inside),
+            _ => None,
+        }
+    })
 }
 
 /// One connection: one request, the process's start; then the connection is watched (see
@@ -470,7 +498,21 @@ mod tests {
     fn a_process_of_the_same_pid_namespace_is_not_the_daemon() {
         // The peer here is this very process: it has a PID in this namespace.
         let (a, _b) = UnixStream::pair().unwrap();
-        assert!(!from_daemon(&a));
+        assert!(!from_daemon(&a, 0));
+        assert!(!from_daemon(&a, nix::unistd::geteuid().as_raw()));
+    }
+
+    #[test]
+    fn the_host_root_is_found_in_a_uid_map() {
+        // No user namespace: host root is root here. Docker's userns-remap: it is not mapped
+        // at all (the caller then takes the overflow UID).
+        assert_eq!(inside_of_outside_root("0 0 4294967295\n"), Some(0));
+        assert_eq!(inside_of_outside_root("0 100000 65536\n"), None);
+        assert_eq!(inside_of_outside_root("0 100000 65536\n7 0 1\n"), Some(7));
+        assert_eq!(inside_of_outside_root("7 0 0\n"), None);
+        assert_eq!(inside_of_outside_root(""), None);
+        // This test's own namespace: whatever it maps, the answer is a UID.
+        let _ = host_root_here();
     }
 
     #[test]

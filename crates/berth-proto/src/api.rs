@@ -190,6 +190,10 @@ pub struct StatusInfo {
     /// Whether the host firewall keeps containers from the host, in one line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<String>,
+    /// Whether the engine runs containers in user namespaces (`userns-remap`), and what
+    /// that means; `None` when the engine does not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_namespaces: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

@@ -22,7 +22,7 @@ use crate::process::Identity;
 use crate::{
     ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit, ContainerSpec, DiskQuota,
     EngineVersion, ImageSummary, MAX_LAYERS, NetworkSpec, ProcessGuard, Runtime, RuntimeError,
-    Session, SessionHandle, SessionSpec, TtySize, init,
+    Session, SessionHandle, SessionSpec, TtySize, UserNamespaces, init,
 };
 
 /// Where the guest directory is mounted in every container.
@@ -955,6 +955,24 @@ impl Runtime for DockerRuntime {
             }),
             Err(e) => Err(e),
         }
+    }
+
+    async fn user_namespaces(&self) -> Result<UserNamespaces, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        let on = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+        if !on {
+            return Ok(UserNamespaces::Off);
+        }
+        // Under userns-remap the engine keeps its data in `ROOT/UID.GID`.
+        let root_uid = info.docker_root_dir.as_deref().and_then(|d| {
+            let last = d.rsplit('/').next()?;
+            last.split_once('.')?.0.parse().ok()
+        });
+        Ok(UserNamespaces::On { root_uid })
     }
 
     async fn disk_usage(&self, key: &str, value: &str) -> Result<Vec<ContainerDisk>, RuntimeError> {

@@ -36,8 +36,8 @@ use tokio_util::io::ReaderStream;
 use crate::exec::raw_output;
 use crate::process::Identity;
 use crate::{
-    ContainerInit, Output, ProcessGuard, RuntimeError, Session, SessionHandle, SessionSpec,
-    TtySize, sockets_in_netns,
+    ContainerInit, Output, ProcessGuard, RootOwner, RuntimeError, Session, SessionHandle,
+    SessionSpec, TtySize, sockets_in_netns,
 };
 
 /// How long the whole handshake with the guest may take: connect, request, reply.
@@ -192,7 +192,17 @@ pub(crate) async fn spawn(
     container: &str,
     spec: &SessionSpec,
 ) -> Result<Option<Session>, RuntimeError> {
-    let ContainerInit { ns, root, .. } = open(init, container)?;
+    let opened = open(init, container)?;
+    // A terminal belongs to the container's root, whoever that is on the host.
+    let owner = match spec.tty {
+        Some(_) => Some(
+            opened
+                .root_owner()
+                .ok_or_else(|| RuntimeError::ContainerNotFound(container.to_owned()))?,
+        ),
+        None => None,
+    };
+    let ContainerInit { ns, root, .. } = opened;
     let request = Request {
         mode: if spec.tty.is_some() {
             Mode::Tty
@@ -206,7 +216,7 @@ pub(crate) async fn spawn(
     // Our ends, and the ends the guest gets.
     let (ours, theirs): (Ends, Vec<OwnedFd>) = match spec.tty {
         Some(size) => {
-            let (master, terminal) = open_pty(&root, size)?;
+            let (master, terminal) = open_pty(&root, size, owner)?;
             (Ends::Tty(master), vec![terminal])
         }
         None => {
@@ -351,8 +361,15 @@ async fn by<T>(
 
 /// Opens a pseudo-terminal in the container's own devpts (`dev/pts/ptmx` under its root,
 /// resolved inside that root, no symlinks): the master, non-blocking and the daemon's alone,
-/// with the size set; and its terminal, for the guest (`TIOCGPTPEER`: no path lookup).
-fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
+/// with the size set; and its terminal, for the guest (`TIOCGPTPEER`: no path lookup),
+/// owned by `owner`. (devpts gives a new terminal to whoever opened the multiplexer: the
+/// daemon's root, which is not the container's root under a user namespace, and then the
+/// container's root could not open its own terminal by name, as `$(tty)` does.)
+fn open_pty(
+    root: &File,
+    size: TtySize,
+    owner: Option<RootOwner>,
+) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     use nix::fcntl::{OpenHow, ResolveFlag};
     use nix::sys::statfs::{DEVPTS_SUPER_MAGIC, fstatfs};
     let pty_err = |what: &str| RuntimeError::Session(format!("terminal: {what}"));
@@ -406,6 +423,15 @@ fn open_pty(root: &File, size: TtySize) -> Result<(OwnedFd, OwnedFd), RuntimeErr
         }
         OwnedFd::from_raw_fd(fd)
     };
+    if let Some(o) = owner {
+        nix::unistd::fchown(&terminal, Some(nix::unistd::Uid::from_raw(o.uid)), None).map_err(
+            |e| {
+                pty_err(&format!(
+                    "cannot give the terminal to the container's root: {e}"
+                ))
+            },
+        )?;
+    }
     Ok((master, terminal))
 }
 
@@ -658,8 +684,12 @@ mod tests {
     #[test]
     fn terminals_come_only_from_a_devpts_ptmx_inside_the_root() {
         // The host's own root stands in for a container's here.
-        let (master, terminal) =
-            open_pty(&File::open("/").unwrap(), TtySize { cols: 91, rows: 33 }).unwrap();
+        let (master, terminal) = open_pty(
+            &File::open("/").unwrap(),
+            TtySize { cols: 91, rows: 33 },
+            None,
+        )
+        .unwrap();
         assert!(nix::unistd::isatty(&terminal).unwrap());
         let mut ws: libc::winsize = unsafe_zeroed_winsize();
         // SAFETY: TIOCGWINSZ writes one winsize to the pointer.
@@ -672,10 +702,10 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("dev/pts")).unwrap();
         std::os::unix::fs::symlink("/dev/pts/ptmx", dir.path().join("dev/pts/ptmx")).unwrap();
         let root = File::open(dir.path()).unwrap();
-        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }, None).is_err());
         std::fs::remove_file(dir.path().join("dev/pts/ptmx")).unwrap();
         std::fs::write(dir.path().join("dev/pts/ptmx"), b"").unwrap();
-        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+        assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }, None).is_err());
         // A device node she made there (even one with ptmx's own numbers): not devpts, so
         // never opened for real.
         for (major, minor) in [(1, 3), (5, 2)] {
@@ -687,7 +717,7 @@ mod tests {
                 libc::makedev(major, minor),
             )
             .unwrap();
-            assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }).is_err());
+            assert!(open_pty(&root, TtySize { cols: 1, rows: 1 }, None).is_err());
         }
     }
 

@@ -68,6 +68,16 @@ pub struct ContainerInit {
 }
 
 impl ContainerInit {
+    /// Who the container's root is on the host: the host UID and GID that its init's user
+    /// namespace maps ID 0 to (`0:0` without one; e.g. `100000:100000` under Docker's
+    /// `userns-remap`). What the daemon makes for the container (its sockets, its
+    /// terminals) belongs to that owner, or the container's root cannot use it. Read from
+    /// the init itself, so it is right whatever the engine's configuration; `None` when
+    /// the init is gone or maps no root.
+    pub fn root_owner(&self) -> Option<RootOwner> {
+        root_owner_of(self.init, &self.container)
+    }
+
     /// Local TCP ports of every socket in the container's network namespace (its
     /// `/proc/net/tcp` and `tcp6`, read from the host, checked to still be this init's).
     pub fn tcp_ports_in_use(&self) -> std::collections::HashSet<u16> {
@@ -81,6 +91,69 @@ impl ContainerInit {
             .flatten()
             .flat_map(|f| ports_in_use(std::io::read_to_string(f).unwrap_or_default().as_str()))
             .collect()
+    }
+}
+
+/// The host IDs of a container's root (see [`ContainerInit::root_owner`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RootOwner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The root owner of init `init` of container `container`, read from its `uid_map` and
+/// `gid_map` and checked to still be that init's afterwards.
+fn root_owner_of(init: process::Identity, container: &str) -> Option<RootOwner> {
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/{}/{f}", init.pid)).ok();
+    let (uids, gids) = (read("uid_map")?, read("gid_map")?);
+    if !init.alive(container) {
+        return None;
+    }
+    Some(RootOwner {
+        uid: host_id_of_root(&uids)?,
+        gid: host_id_of_root(&gids)?,
+    })
+}
+
+/// The outside ID that ID 0 maps to in text of the `/proc/PID/uid_map` format (lines of
+/// `inside outside count`; read by a process outside the namespace, the outside IDs are
+/// that reader's). `None` when no line maps 0.
+fn host_id_of_root(map: &str) -> Option<u32> {
+    map.lines().find_map(|l| {
+        let mut f = l.split_whitespace().map(str::parse::<u32>);
+        match (f.next(), f.next(), f.next()) {
+            (Some(Ok(0)), Some(Ok(outside)), Some(Ok(count))) if count > 0 => Some(outside),
+            _ => None,
+        }
+    })
+}
+
+/// Whether the engine runs containers in user namespaces (`userns-remap`): their root is
+/// then an unprivileged host UID, with kernel limits of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserNamespaces {
+    Off,
+    /// On; with the host UID of containers' root where the engine says it.
+    On {
+        root_uid: Option<u32>,
+    },
+}
+
+impl std::fmt::Display for UserNamespaces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::On {
+                root_uid: Some(uid),
+            } => {
+                write!(f, "on (userns-remap: container root is host UID {uid})")
+            }
+            Self::On { root_uid: None } => write!(f, "on (userns-remap)"),
+            Self::Off => write!(
+                f,
+                "off: container root is the host's root for per-UID kernel limits; \
+                 turn on userns-remap (see the README)"
+            ),
+        }
     }
 }
 
@@ -353,6 +426,10 @@ pub trait Runtime: Send + Sync + 'static {
     /// Whether containers created with [`Limits::disk_bytes`] get that cap. Asked once at
     /// start: a create never fails for want of a quota (see [`Runtime::create`]).
     fn disk_quota(&self) -> impl Future<Output = Result<DiskQuota, RuntimeError>> + Send;
+    /// Whether the engine runs containers in user namespaces (Docker's `userns-remap`).
+    fn user_namespaces(&self) -> impl Future<Output = Result<UserNamespaces, RuntimeError>> + Send {
+        async { Ok(UserNamespaces::Off) }
+    }
     /// The disk use of every container carrying label `key=value`. Slow (the engine walks
     /// each writable layer): never on a login's path.
     fn disk_usage(
@@ -496,6 +573,18 @@ mod tests {
             [8080, 50000].into_iter().collect()
         );
         assert!(super::ports_in_use("").is_empty());
+    }
+
+    #[test]
+    fn root_is_found_in_an_id_map() {
+        let host = super::host_id_of_root;
+        // No user namespace; Docker's userns-remap; a map with more lines; no root mapped.
+        assert_eq!(host("         0          0 4294967295\n"), Some(0));
+        assert_eq!(host("         0     100000      65536\n"), Some(100000));
+        assert_eq!(host("1 200001 999\n0 200000 1\n"), Some(200000));
+        assert_eq!(host("1 200001 999\n"), None);
+        assert_eq!(host("0 5 0\n"), None);
+        assert_eq!(host("garbage\n"), None);
     }
 }
 

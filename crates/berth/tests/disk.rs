@@ -134,15 +134,11 @@ fn without_quotas_the_admin_is_told_plainly_and_disk_use_is_still_reported() {
         "{}",
         String::from_utf8_lossy(&check.stderr)
     );
-    // (Its other lines say other things: the network isolation.)
-    let stderr = String::from_utf8_lossy(&check.stderr);
+    let check = String::from_utf8_lossy(&check.stderr);
     assert_eq!(
-        stderr
-            .lines()
-            .find(|l| l.starts_with("disk quota:"))
-            .unwrap_or_default(),
-        line,
-        "--check and status disagree"
+        check.lines().find(|l| l.starts_with("disk quota: ")),
+        Some(line),
+        "--check and status disagree: {check}"
     );
 
     // The container is made (without the cap), and what she writes is counted.

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use nix::sys::socket::{AddressFamily, SockType};
 
 use berth_proto::UserName;
-use berth_runtime::{ContainerInit, Runtime, RuntimeError, sockets_in_netns};
+use berth_runtime::{ContainerInit, RootOwner, Runtime, RuntimeError, sockets_in_netns};
 use berth_ssh::X11Request;
 use berth_ssh::{
     AgentListener, GuardedUnixListener, GuardedUnixStream, OpenError, RemoteListener,
@@ -103,13 +103,14 @@ impl<R: Runtime> BerthGateway<R> {
         user: &UserName,
         path: &str,
         doing: &str,
-        f: impl FnOnce(&std::fs::File, &str) -> std::io::Result<T> + Send + 'static,
+        f: impl FnOnce(&std::fs::File, &str, RootOwner) -> std::io::Result<T> + Send + 'static,
     ) -> Result<(T, crate::lifecycle::Lease), OpenError> {
         check_socket_path(path)?;
         let lease = self.lease(user).await?;
         let init = self.container_init(lease.container()).await?;
+        let owner = root_owner(&init)?;
         let p = path.to_owned();
-        let made = off_thread(move || f(&init.root, &p))
+        let made = off_thread(move || f(&init.root, &p, owner))
             .await
             .map_err(|e| OpenError(format!("cannot {doing} {path} in your container: {e}")))?;
         Ok((made, lease))
@@ -122,7 +123,9 @@ impl<R: Runtime> BerthGateway<R> {
         path: &str,
     ) -> Result<SocketTunnel, OpenError> {
         let (socket, lease) = self
-            .in_root(user, path, "connect to", open_socket_in_root)
+            .in_root(user, path, "connect to", |root, path, _| {
+                open_socket_in_root(root, path)
+            })
             .await?;
         let stream = connect_to(&socket)
             .await
@@ -151,9 +154,15 @@ impl<R: Runtime> BerthGateway<R> {
     }
 
     /// `ssh -A`: a fresh socket in the user's own run directory, which only her container
-    /// mounts (at `/.berth/run`).
-    pub(super) fn agent_socket(&self, user: &UserName) -> Result<AgentListener, OpenError> {
+    /// mounts (at `/.berth/run`), owned by her container's root (on the host, that is the
+    /// daemon's root only without a user namespace). The container is started to learn who
+    /// that is (the session that asked for the agent starts it anyway); the session's own
+    /// lease keeps it up.
+    pub(super) async fn agent_socket(&self, user: &UserName) -> Result<AgentListener, OpenError> {
         use std::os::unix::fs::PermissionsExt;
+        let lease = self.lease(user).await?;
+        let owner = root_owner(&self.container_init(lease.container()).await?)?;
+        drop(lease);
         let dir = self.lifecycle.run_dir().join(user.as_str());
         let fail = |e: std::io::Error| {
             error!(user = %user, error = %e, "cannot make an agent socket");
@@ -165,11 +174,14 @@ impl<R: Runtime> BerthGateway<R> {
         let listener = tokio::net::UnixListener::bind(&path)
             .map(GuardedUnixListener::new)
             .map_err(fail)?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+        let remove = RemoveOnDrop(path);
+        std::fs::set_permissions(&remove.0, std::fs::Permissions::from_mode(0o600))
+            .map_err(fail)?;
+        std::os::unix::fs::lchown(&remove.0, Some(owner.uid), Some(owner.gid)).map_err(fail)?;
         Ok(AgentListener {
             listener,
             path_in_container: format!("{RUN_DIR}/{file}"),
-            hold: Box::new(RemoveOnDrop(path)),
+            hold: Box::new(remove),
         })
     }
 
@@ -208,6 +220,12 @@ impl<R: Runtime> BerthGateway<R> {
         let listener = socket.listen(LISTEN_BACKLOG).map_err(failed)?;
         Ok((n, listener))
     }
+}
+
+/// Who the container's root is on the host (see [`ContainerInit::root_owner`]).
+fn root_owner(init: &ContainerInit) -> Result<RootOwner, OpenError> {
+    init.root_owner()
+        .ok_or_else(|| OpenError("your container is not running".into()))
 }
 
 /// Runs file system work in a container's tree off the runtime's workers, with a deadline
@@ -318,10 +336,12 @@ impl Drop for MadeSocket {
 }
 
 /// Makes a listening Unix socket at `path` beneath `root` (its directory resolved as in
-/// [`open_in_root`], the socket created in it by name: never through a symlink), mode 0600.
+/// [`open_in_root`], the socket created in it by name: never through a symlink), mode 0600,
+/// owned by `owner` (the container's root, as sshd gives the socket to its user).
 fn bind_in_root(
     root: &std::fs::File,
     path: &str,
+    owner: RootOwner,
 ) -> std::io::Result<(std::os::unix::net::UnixListener, MadeSocket)> {
     use nix::sys::socket::UnixAddr;
     let invalid =
@@ -346,12 +366,27 @@ fn bind_in_root(
     // The file's mode comes from the socket's own inode at bind: 0600, whatever the umask.
     nix::sys::stat::fchmod(&sock, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
     nix::sys::socket::bind(sock.as_raw_fd(), &UnixAddr::new(addr.as_str())?)?;
-    let st = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)?;
+    // The file just made, by a handle (not followed if it was swapped for a symlink):
+    // what is removed later and what is given to the container's root.
+    let file = nix::fcntl::openat(
+        &dir,
+        name,
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    let st = nix::sys::stat::fstat(&file)?;
     let made = MadeSocket {
         dir,
         name: name.to_owned(),
         id: (st.st_dev, st.st_ino),
     };
+    nix::unistd::fchownat(
+        &file,
+        "",
+        Some(nix::unistd::Uid::from_raw(owner.uid)),
+        Some(nix::unistd::Gid::from_raw(owner.gid)),
+        nix::fcntl::AtFlags::AT_EMPTY_PATH,
+    )?;
     nix::sys::socket::listen(&sock, nix::sys::socket::Backlog::new(128)?)?;
     Ok((std::os::unix::net::UnixListener::from(sock), made))
 }
@@ -536,16 +571,27 @@ mod tests {
             .path()
             .join(outside.path().strip_prefix("/").unwrap());
         std::fs::create_dir_all(&made_at)?;
-        let (listener, made) = bind_in_root(&root, "/out/new.sock")?;
+        // Given to the container's root (someone else than us, where we may chown).
+        let owner = if nix::unistd::geteuid().is_root() {
+            RootOwner {
+                uid: 100_000,
+                gid: 100_001,
+            }
+        } else {
+            RootOwner {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }
+        };
+        let (listener, made) = bind_in_root(&root, "/out/new.sock", owner)?;
         assert!(made_at.join("new.sock").exists());
         assert!(!outside.path().join("new.sock").exists());
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(made_at.join("new.sock"))?
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(made_at.join("new.sock"))?;
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!((meta.uid(), meta.gid()), (owner.uid, owner.gid));
         // An existing file is not replaced.
-        assert!(bind_in_root(&root, "/run/app.sock").is_err());
+        assert!(bind_in_root(&root, "/run/app.sock", owner).is_err());
         drop(listener);
         drop(made);
         assert!(

@@ -335,7 +335,7 @@ impl<R: Runtime> Gateway for BerthGateway<R> {
 
     async fn agent_listener(&self, user: &str) -> Result<AgentListener, OpenError> {
         let user = user_name(user)?;
-        self.agent_socket(&user)
+        self.agent_socket(&user).await
     }
 
     async fn connect(

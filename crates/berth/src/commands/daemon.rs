@@ -60,7 +60,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
-        check_disk_quota(&config);
+        check_engine(&config);
         if args.json {
             println!(
                 "{}",
@@ -110,30 +110,47 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
     })
 }
 
-/// With `limits.disk_gb` set, says on stderr whether the engine enforces it (the settings
+/// Says on stderr what the engine does for isolation: whether it runs containers in user
+/// namespaces, and with `limits.disk_gb` set, whether it enforces that (the settings
 /// themselves are valid either way: containers are then made without the cap).
-fn check_disk_quota(config: &Config) {
-    let Some(bytes) = berth_daemon::disk_bytes(config) else {
-        return;
-    };
+fn check_engine(config: &Config) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
         return;
     };
-    let line = rt.block_on(async {
-        match berth_runtime::DockerRuntime::connect(config.docker_socket.clone()).await {
-            Ok(engine) => berth_daemon::disk::Quota::probe(&engine, Some(bytes))
-                .await
-                .describe(),
-            Err(e) => format!(
-                "unknown: cannot reach the Docker engine at {}: {e}",
-                config.docker_socket.display()
+    let bytes = berth_daemon::disk_bytes(config);
+    let (quota, userns) = rt.block_on(async {
+        let connect = berth_runtime::DockerRuntime::connect(config.docker_socket.clone());
+        let engine = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
+            Ok(Ok(engine)) => engine,
+            failed => {
+                let why = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "no answer in time".into(),
+                };
+                let line = format!(
+                    "unknown: cannot reach the Docker engine at {}: {why}",
+                    config.docker_socket.display()
+                );
+                return (bytes.map(|_| line.clone()), line);
+            }
+        };
+        let quota = match bytes {
+            Some(b) => Some(
+                berth_daemon::disk::Quota::probe(&engine, Some(b))
+                    .await
+                    .describe(),
             ),
-        }
+            None => None,
+        };
+        (quota, berth_daemon::user_namespaces(&engine).await)
     });
-    eprintln!("disk quota: {line}");
+    if let Some(q) = quota {
+        eprintln!("disk quota: {q}");
+    }
+    eprintln!("user namespaces: {userns}");
 }
 
 /// The helper where a package puts it, with the programs that are not commands:

@@ -66,6 +66,9 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
     if let Some(i) = &st.isolation {
         println!("isolation:  {i}");
     }
+    if let Some(u) = &st.user_namespaces {
+        println!("user namespaces: {u}");
+    }
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)
