@@ -90,6 +90,44 @@ fn measure(
     Ok([during, (mib(&p), descriptors(&p) as f64)])
 }
 
+/// Sessions of the second loop: each with agent and remote forwarding.
+const FORWARDING_SESSIONS: usize = 300;
+
+/// `FORWARDING_SESSIONS` sessions, ten at a time, each `ssh -A -R 0:127.0.0.1:1 ... true`;
+/// returns (memory MiB, descriptors) of `pids` 3 s after the last, minus before.
+fn forwarding_loop(
+    eps: &[Endpoint],
+    pids: impl Fn() -> Vec<u32>,
+    mib: impl Fn(&[u32]) -> f64,
+    agent: &std::path::Path,
+) -> Result<(f64, f64)> {
+    let p = pids();
+    let before = (mib(&p), descriptors(&p) as f64);
+    let mut eps = eps.iter().cycle();
+    for _ in 0..FORWARDING_SESSIONS / 10 {
+        interrupt::check()?;
+        let batch: Vec<Child> = eps
+            .by_ref()
+            .take(10)
+            .map(|e| {
+                e.ssh(&["-A", "-R", "0:127.0.0.1:1"])
+                    .arg("true")
+                    .env("SSH_AUTH_SOCK", agent)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .collect::<std::io::Result<_>>()?;
+        for mut c in batch {
+            c.wait()?;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let p = pids();
+    Ok((mib(&p) - before.0, descriptors(&p) as f64 - before.1))
+}
+
 pub fn figures(rig: &mut Rig) -> Vec<Figure> {
     let figures = [
         Figure::new(
@@ -117,6 +155,22 @@ pub fn figures(rig: &mut Rig) -> Vec<Figure> {
         Figure::new(
             "stdin_flood_descriptors_after",
             "server descriptors once those clients are gone",
+            "descriptors",
+            "OpenSSH",
+        ),
+        Figure::new(
+            "forwarding_sessions_memory_left",
+            format!(
+                "server memory left by {FORWARDING_SESSIONS} sessions with -A and -R (after − before)"
+            ),
+            "MiB",
+            "OpenSSH",
+        ),
+        Figure::new(
+            "forwarding_sessions_descriptors_left",
+            format!(
+                "server descriptors left by {FORWARDING_SESSIONS} sessions with -A and -R (after − before)"
+            ),
             "descriptors",
             "OpenSSH",
         ),
@@ -156,8 +210,38 @@ pub fn figures(rig: &mut Rig) -> Vec<Figure> {
         Ok(o) => o,
         Err(e) => return fail(e),
     };
-    let [memory, descriptors, memory_after, descriptors_after] = figures;
+    // The second loop (issue 14 point 2): sessions that open forwardings and end.
+    let agent = rig.dir.path().join("hoard-agent.sock");
+    let _agent = match std::process::Command::new("ssh-agent")
+        .arg("-D")
+        .arg("-a")
+        .arg(&agent)
+        .stdout(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => Clients(vec![c]),
+        Err(e) => return fail(e.into()),
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let berth_loop = match forwarding_loop(&eps, || vec![berth_pid], rss, &agent) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
+    };
+    let openssh_loop = match forwarding_loop(&root, sshds, pss, &agent) {
+        Ok(o) => o,
+        Err(e) => return fail(e),
+    };
+    let [
+        memory,
+        descriptors,
+        memory_after,
+        descriptors_after,
+        loop_memory,
+        loop_descriptors,
+    ] = figures;
     vec![
+        loop_memory.with(vec![berth_loop.0], vec![openssh_loop.0], Ok(())),
+        loop_descriptors.with(vec![berth_loop.1], vec![openssh_loop.1], Ok(())),
         memory.with(vec![berth[0].0], vec![openssh[0].0], Ok(())),
         descriptors.with(vec![berth[0].1], vec![openssh[0].1], Ok(())),
         memory_after.with(vec![berth[1].0], vec![openssh[1].0], Ok(())),
