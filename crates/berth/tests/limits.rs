@@ -274,8 +274,10 @@ import sys, time, paramiko
 # connection ends it.
 paramiko.Transport._parse_disconnect = lambda self, m: None
 t = paramiko.Transport(("127.0.0.1", int(sys.argv[1])))
-t.connect(username="alice", pkey=paramiko.Ed25519Key.from_private_key_file(sys.argv[2]))
 try:
+    # The refusal may overtake the client's view of its own login: either way it gets no
+    # session.
+    t.connect(username="alice", pkey=paramiko.Ed25519Key.from_private_key_file(sys.argv[2]))
     t.open_session()
     print("session opened", flush=True)
 except Exception as e:
