@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use crate::quota::Reserved;
 
 /// The most a consumer writes before it grants the client the window back.
-pub(crate) const GRANT_STEP: usize = 256 * 1024;
+pub(crate) const GRANT_STEP: usize = 64 * 1024;
 
 /// The client sent more than the window it was granted (a hostile or broken client).
 #[derive(Debug)]
