@@ -8,16 +8,23 @@
 //! running (other channels, keepalives, a close), and the daemon holds at most one window
 //! per channel. A client that sends past its window is cut off ([`Overrun`]).
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use russh::ChannelId;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
 use crate::quota::Reserved;
 
-/// The most a consumer writes before it grants the client the window back.
-pub(crate) const GRANT_STEP: usize = 64 * 1024;
+/// The most a consumer takes before it grants the client the window back (it also grants
+/// whatever it took before it waits for more).
+const GRANT_STEP: usize = 64 * 1024;
+
+/// The most pieces one write hands the kernel (`writev`).
+const WRITE_SLICES: usize = 64;
 
 /// The client sent more than the window it was granted (a hostile or broken client).
 #[derive(Debug)]
@@ -25,12 +32,15 @@ pub(crate) struct Overrun;
 
 #[derive(Default)]
 struct State {
-    buf: BytesMut,
+    /// The client's packets as they came (no copy: each is at most one packet).
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    held: usize,
     /// Bytes received and not yet granted back: held here, or taken by the consumer and not
     /// yet written. Never more than the window (plus slack).
     outstanding: usize,
     eof: bool,
-    /// The sending side is gone (the channel closed): what is buffered is still delivered.
+    /// The sending side is gone (the channel closed): what is queued is still delivered.
     closed: bool,
     /// The consumer is gone: input is discarded (and its window given back at once).
     dropped: bool,
@@ -75,6 +85,18 @@ pub(crate) struct InboxTx {
 /// The consumer's end.
 pub(crate) struct InboxRx {
     shared: Arc<Shared>,
+    /// Written out and not yet granted back (less than [`GRANT_STEP`] while writing).
+    ungranted: usize,
+}
+
+/// How [`InboxRx::write_to`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// The client's EOF (or the channel's close) after everything was written.
+    End,
+    /// The sink refused a write (a process that closed its stdin, a socket gone): what it
+    /// did not take was dropped and its window given back.
+    SinkGone,
 }
 
 /// An inbox for channel `id` of the connection behind `handle`. The client's window grows
@@ -100,27 +122,32 @@ pub(crate) fn inbox(
             shared: shared.clone(),
             limit,
         },
-        InboxRx { shared },
+        InboxRx {
+            shared,
+            ungranted: 0,
+        },
     )
 }
 
 impl InboxTx {
     /// Holds `data` for the consumer. With no consumer left it is dropped and its window
     /// given back at once (as sshd does for a process that closed its stdin).
-    pub(crate) fn push(&self, data: &[u8]) -> Result<(), Overrun> {
+    pub(crate) fn push(&self, data: Bytes) -> Result<(), Overrun> {
+        let len = data.len();
         let discarded = self.shared.with(|s| {
-            if s.outstanding.saturating_add(data.len()) > self.limit {
+            if s.outstanding.saturating_add(len) > self.limit {
                 return Err(Overrun);
             }
-            s.outstanding += data.len();
+            s.outstanding += len;
             if s.dropped || s.eof {
                 return Ok(true);
             }
-            s.buf.extend_from_slice(data);
+            s.held += len;
+            s.queue.push_back(data);
             Ok(false)
         })?;
         if discarded {
-            self.shared.grant(data.len());
+            self.shared.grant(len);
         } else {
             self.shared.wake.notify_one();
         }
@@ -143,7 +170,7 @@ impl InboxTx {
 
     /// Bytes held and not yet taken.
     pub(crate) fn held(&self) -> usize {
-        self.shared.with(|s| s.buf.len())
+        self.shared.with(|s| s.held)
     }
 }
 
@@ -155,16 +182,18 @@ impl Drop for InboxTx {
 }
 
 impl InboxRx {
-    /// Everything held so far, waiting for some; `None` once the client sent EOF or the
-    /// channel closed and all was taken.
-    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+    /// Everything held so far, waiting for some (after granting what was written); `false`
+    /// once the client sent EOF or the channel closed and all was taken.
+    async fn take(&mut self, into: &mut VecDeque<Bytes>) -> bool {
         loop {
             let woken = self.shared.wake.notified();
             let got = self.shared.with(|s| {
-                if !s.buf.is_empty() {
-                    Some(Some(s.buf.split().freeze()))
+                if !s.queue.is_empty() {
+                    s.held = 0;
+                    std::mem::swap(into, &mut s.queue);
+                    Some(true)
                 } else if s.eof || s.closed {
-                    Some(None)
+                    Some(false)
                 } else {
                     None
                 }
@@ -172,19 +201,66 @@ impl InboxRx {
             if let Some(got) = got {
                 return got;
             }
+            // Nothing to write: whatever was written may be sent again before we sleep.
+            self.shared.grant(std::mem::take(&mut self.ungranted));
             woken.await;
         }
     }
 
-    /// The consumer took `n` bytes: the client may send that many more.
-    pub(crate) fn consumed(&self, n: usize) {
+    fn flush_grant(&mut self) {
+        let n = std::mem::take(&mut self.ungranted);
         self.shared.grant(n);
     }
 
-    /// The consumer took bytes it will never write (its sink is gone): their window is given
-    /// back, as for what is still held (see `Drop`).
-    pub(crate) fn abandoned(&self, n: usize) {
-        self.shared.grant(n);
+    /// Writes the client's input to `sink` as it comes, granting the client as many bytes
+    /// as the sink took, until the client's EOF or the sink refuses. `written` is told
+    /// every write's size. The sink is not shut down.
+    pub(crate) async fn write_to<W>(mut self, sink: &mut W, written: impl Fn(usize)) -> Drained
+    where
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        let mut batch = VecDeque::new();
+        while self.take(&mut batch).await {
+            while !batch.is_empty() {
+                let slices: Vec<IoSlice<'_>> = batch
+                    .iter()
+                    .take(WRITE_SLICES)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                let n = match sink.write_vectored(&slices).await {
+                    Ok(n) if n > 0 => n,
+                    _ => {
+                        // What the sink did not take will never be written: its window,
+                        // and what was written, go back to the client.
+                        let rest: usize = batch.iter().map(Bytes::len).sum();
+                        self.ungranted += rest;
+                        return Drained::SinkGone;
+                    }
+                };
+                written(n);
+                advance(&mut batch, n);
+                self.ungranted += n;
+                if self.ungranted >= GRANT_STEP {
+                    self.flush_grant();
+                }
+            }
+        }
+        Drained::End
+    }
+}
+
+/// Drops the first `n` bytes of `queue`.
+fn advance(queue: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front_mut() else {
+            return;
+        };
+        if front.len() > n {
+            front.advance(n);
+            return;
+        }
+        n -= front.len();
+        queue.pop_front();
     }
 }
 
@@ -193,10 +269,29 @@ impl Drop for InboxRx {
         // What is held will never be taken: give its window back, and drop what comes.
         let held = self.shared.with(|s| {
             s.dropped = true;
-            let n = s.buf.len();
-            s.buf = BytesMut::new();
-            n
+            s.queue.clear();
+            std::mem::take(&mut s.held)
         });
-        self.shared.grant(held);
+        let n = std::mem::take(&mut self.ungranted) + held;
+        self.shared.grant(n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_drops_whole_and_partial_pieces() {
+        let mut q: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fghi"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        advance(&mut q, 4);
+        assert_eq!(q, [Bytes::from_static(b"e"), Bytes::from_static(b"fghi")]);
+        advance(&mut q, 1);
+        assert_eq!(q, [Bytes::from_static(b"fghi")]);
+        advance(&mut q, 10);
+        assert!(q.is_empty());
     }
 }

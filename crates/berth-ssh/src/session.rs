@@ -10,7 +10,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
-use crate::inbox::{InboxRx, InboxTx, Overrun};
+use crate::inbox::{Drained, InboxRx, InboxTx, Overrun};
 use crate::quota::{Slot, Tenant};
 use crate::tunnel::relayed;
 
@@ -286,7 +286,7 @@ enum Taken {
 /// `ssh -tt host cmd </dev/null`), window changes to the caller.
 fn take_input(msg: Option<ChannelMsg>, input: &InboxTx, tty: bool) -> Taken {
     match msg {
-        Some(ChannelMsg::Data { data }) => match input.push(&data) {
+        Some(ChannelMsg::Data { data }) => match input.push(data) {
             Ok(()) => Taken::Nothing,
             Err(Overrun) => {
                 debug!(
@@ -380,25 +380,13 @@ async fn pump(
 
 /// Feeds the process's stdin, granting the client more window as the process takes it in;
 /// stops quietly when the process no longer reads it (the inbox then discards).
-async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, mut input: InboxRx) {
-    while let Some(d) = input.recv().await {
-        relayed(d.len());
-        // Granted a piece at a time, so the client's window reopens while a large backlog
-        // is still being written.
-        let mut rest = &d[..];
-        while !rest.is_empty() {
-            let (piece, tail) = rest.split_at(rest.len().min(crate::inbox::GRANT_STEP));
-            if stdin.write_all(piece).await.is_err() {
-                // The process closed its stdin: what it did not take is dropped, as sshd does.
-                input.abandoned(rest.len());
-                return;
-            }
-            input.consumed(piece.len());
-            rest = tail;
-        }
+async fn write_stdin(mut stdin: std::pin::Pin<Box<dyn AsyncWrite + Send>>, input: InboxRx) {
+    // The process closed its stdin: what it did not take is dropped, as sshd does.
+    if input.write_to(&mut stdin, relayed).await == Drained::End {
+        // The client's EOF. Some writers (a pipe) only close when dropped, which returning
+        // does.
+        let _ = stdin.shutdown().await;
     }
-    // The client's EOF. Some writers (a pipe) only close when dropped, which returning does.
-    let _ = stdin.shutdown().await;
 }
 
 /// Each connection to the agent socket in the container becomes an agent channel to the

@@ -132,24 +132,13 @@ pub(crate) async fn bridge<S>(
     let mut closer = CloseOnDrop(Some(tx));
     let tx = closer.get();
     let (mut sock_read, mut sock_write) = tokio::io::split(socket);
-    let (input, mut taken) = crate::inbox::inbox(handle, id, reserved);
+    let (input, taken) = crate::inbox::inbox(handle, id, reserved);
 
     // Channel → socket, through the inbox: the client may send more as the socket takes it.
     let writer = AbortOnDropHandle::new(tokio::spawn(async move {
-        while let Some(data) = taken.recv().await {
-            relayed(data.len());
-            let mut rest = &data[..];
-            while !rest.is_empty() {
-                let (piece, tail) = rest.split_at(rest.len().min(crate::inbox::GRANT_STEP));
-                if sock_write.write_all(piece).await.is_err() {
-                    taken.abandoned(rest.len());
-                    return;
-                }
-                taken.consumed(piece.len());
-                rest = tail;
-            }
+        if taken.write_to(&mut sock_write, relayed).await == crate::inbox::Drained::End {
+            let _ = sock_write.shutdown().await;
         }
-        let _ = sock_write.shutdown().await;
     }));
     // Socket → channel, with the channel's own window as backpressure.
     let mut out = tx.make_writer();
@@ -190,7 +179,7 @@ pub(crate) async fn bridge<S>(
             }
             msg = rx.wait() => match msg {
                 Some(ChannelMsg::Data { data }) => {
-                    if input.push(&data).is_err() {
+                    if input.push(data).is_err() {
                         tracing::debug!("tunnel closed: the client sent past its window");
                         overflow = true;
                         break;
