@@ -1,0 +1,325 @@
+//! The daemon's end: requests to the laptop, several in flight, each with a deadline.
+//!
+//! [`Client::start`] gives a cloneable [`Client`] and the future that drives the wire (it
+//! reads and writes independently, so a peer that stops reading our requests never stops
+//! its own answers from being taken, and the reverse). When the wire ends, for whatever
+//! reason, every call waiting and every later one fails with [`CallError::Gone`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::proto::{self, Answer, Op, ToDaemon, ToLaptop};
+
+/// Requests in flight at once; a caller past it waits (within its deadline).
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// Why a call has no answer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CallError {
+    /// The laptop answered with this `errno`.
+    #[error("error {0} on the laptop")]
+    Errno(i32),
+    /// No answer within the deadline.
+    #[error("the laptop did not answer in time")]
+    Timeout,
+    /// The wire is gone (`berth connect` ended, the connection dropped, or it spoke nonsense).
+    #[error("the laptop is gone")]
+    Gone,
+}
+
+impl CallError {
+    /// The `errno` a process in the container sees.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::Errno(e) => *e,
+            Self::Timeout => libc::EIO,
+            Self::Gone => libc::ENOTCONN,
+        }
+    }
+}
+
+/// A framed byte stream, for the handshake before [`Client::start`] (and for the laptop).
+pub struct Wire<R, W> {
+    pub rx: FramedRead<R, LengthDelimitedCodec>,
+    pub tx: FramedWrite<W, LengthDelimitedCodec>,
+}
+
+/// What went wrong on a wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Wire<R, W> {
+    pub fn new(read: R, write: W) -> Self {
+        Self {
+            rx: FramedRead::new(read, proto::codec()),
+            tx: FramedWrite::new(write, proto::codec()),
+        }
+    }
+
+    /// The next message; `None` at the end of the stream.
+    pub async fn recv<T: for<'a> serde::Deserialize<'a>>(
+        &mut self,
+    ) -> Result<Option<T>, WireError> {
+        match self.rx.next().await {
+            None => Ok(None),
+            Some(frame) => Ok(Some(proto::decode(&frame?)?)),
+        }
+    }
+
+    pub async fn send<T: serde::Serialize>(&mut self, msg: &T) -> Result<(), WireError> {
+        self.tx.send(Bytes::from(proto::encode(msg)?)).await?;
+        Ok(())
+    }
+}
+
+struct Inner {
+    out: mpsc::Sender<Bytes>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Answer, i32>>>>,
+    next: AtomicU64,
+    permits: Semaphore,
+    gone: AtomicBool,
+    deadline: Duration,
+}
+
+impl Inner {
+    fn pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<Answer, i32>>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn end(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+        self.permits.close();
+        self.pending().clear();
+    }
+}
+
+/// Sends requests to the laptop; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl Client {
+    /// Takes over `wire` after the handshake. Each call waits at most `deadline` (for a
+    /// place in flight, to be written, and for its answer together). The returned future
+    /// drives the wire until either direction ends; run it, and drop it to end the wire.
+    pub fn start<R, W>(
+        wire: Wire<R, W>,
+        deadline: Duration,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send)
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
+        let (out, mut queued) = mpsc::channel::<Bytes>(MAX_IN_FLIGHT);
+        let inner = Arc::new(Inner {
+            out,
+            pending: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            permits: Semaphore::new(MAX_IN_FLIGHT),
+            gone: AtomicBool::new(false),
+            deadline,
+        });
+        let Wire { mut rx, mut tx } = wire;
+        let reader = {
+            let inner = inner.clone();
+            async move {
+                while let Some(Ok(frame)) = rx.next().await {
+                    match proto::decode::<ToDaemon>(&frame) {
+                        Ok(ToDaemon::Reply { id, result }) => {
+                            // An answer nobody waits for (its caller gave up) is dropped.
+                            if let Some(waiter) = inner.pending().remove(&id) {
+                                let _ = waiter.send(result);
+                            }
+                        }
+                        Ok(ToDaemon::Hello { .. }) | Err(_) => {
+                            tracing::debug!(
+                                "connect: the laptop sent something else than an answer"
+                            );
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        let writer = async move {
+            while let Some(frame) = queued.recv().await {
+                if tx.send(frame).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let driver = {
+            let inner = inner.clone();
+            async move {
+                tokio::select! {
+                    () = reader => {}
+                    () = writer => {}
+                }
+                inner.end();
+            }
+        };
+        // A client dropped before its driver ran still ends calls.
+        (Self { inner }, driver)
+    }
+
+    /// Whether the wire has ended.
+    pub fn is_gone(&self) -> bool {
+        self.inner.gone.load(Ordering::SeqCst)
+    }
+
+    /// Asks the laptop and waits for its answer (within the deadline).
+    pub async fn call(&self, op: Op) -> Result<Answer, CallError> {
+        let inner = &self.inner;
+        let deadline = tokio::time::Instant::now() + inner.deadline;
+        let _permit = match tokio::time::timeout_at(deadline, inner.permits.acquire()).await {
+            Err(_) => return Err(CallError::Timeout),
+            Ok(Err(_)) => return Err(CallError::Gone),
+            Ok(Ok(p)) => p,
+        };
+        if self.is_gone() {
+            return Err(CallError::Gone);
+        }
+        let id = inner.next.fetch_add(1, Ordering::Relaxed);
+        let frame = proto::encode(&ToLaptop::Request { id, op }).map_err(|_| CallError::Gone)?;
+        let (answer, answered) = oneshot::channel();
+        inner.pending().insert(id, answer);
+        // Removes the waiter however this call ends (a timeout, or the caller dropped).
+        let _forget = Forget { inner, id };
+        match tokio::time::timeout_at(deadline, inner.out.send(Bytes::from(frame))).await {
+            Err(_) => return Err(CallError::Timeout),
+            Ok(Err(_)) => return Err(CallError::Gone),
+            Ok(Ok(())) => {}
+        }
+        match tokio::time::timeout_at(deadline, answered).await {
+            Err(_) => Err(CallError::Timeout),
+            Ok(Err(_)) => Err(CallError::Gone),
+            Ok(Ok(result)) => result.map_err(CallError::Errno),
+        }
+    }
+}
+
+struct Forget<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.inner.pending().remove(&self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
+    use super::*;
+    use crate::proto::RelPath;
+
+    /// A laptop that answers every request with `answer(op)` after `delay`, in reverse
+    /// order of a pair (to show answers are matched by id).
+    async fn laptop(
+        read: tokio::io::DuplexStream,
+        answer: impl Fn(&Op) -> Option<Result<Answer, i32>>,
+    ) {
+        let (r, w) = tokio::io::split(read);
+        let mut wire = Wire::new(r, w);
+        let mut held = Vec::new();
+        while let Ok(Some(ToLaptop::Request { id, op })) = wire.recv::<ToLaptop>().await {
+            if let Some(result) = answer(&op) {
+                held.push(ToDaemon::Reply { id, result });
+            }
+            if held.len() == 2 {
+                while let Some(m) = held.pop() {
+                    wire.send(&m).await.unwrap();
+                }
+            }
+        }
+    }
+
+    fn client(
+        deadline: Duration,
+        answer: impl Fn(&Op) -> Option<Result<Answer, i32>> + Send + 'static,
+    ) -> Client {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        tokio::spawn(laptop(theirs, answer));
+        let (r, w) = tokio::io::split(ours);
+        let (client, driver) = Client::start(Wire::new(r, w), deadline);
+        tokio::spawn(driver);
+        client
+    }
+
+    fn lookup(name: &str) -> Op {
+        Op::Lookup {
+            path: RelPath(name.as_bytes().to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_reach_their_callers_in_any_order() {
+        let c = client(Duration::from_secs(5), |op| match op {
+            Op::Lookup { path } if path.0 == b"missing" => Some(Err(libc::ENOENT)),
+            Op::Lookup { path } => Some(Ok(Answer::Bytes(path.0.clone()))),
+            _ => None,
+        });
+        let (a, b) = tokio::join!(c.call(lookup("one")), c.call(lookup("missing")));
+        assert_eq!(a, Ok(Answer::Bytes(b"one".to_vec())));
+        assert_eq!(b, Err(CallError::Errno(libc::ENOENT)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_laptop_times_out_and_a_closed_one_is_gone() {
+        let c = client(Duration::from_secs(30), |_| None);
+        assert_eq!(c.call(lookup("x")).await, Err(CallError::Timeout));
+        assert!(c.inner.pending().is_empty());
+
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (c, driver) = Client::start(Wire::new(r, w), Duration::from_secs(30));
+        tokio::spawn(driver);
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(lookup("x")).await }
+        });
+        tokio::task::yield_now().await;
+        drop(theirs);
+        assert_eq!(call.await.unwrap(), Err(CallError::Gone));
+        assert_eq!(c.call(lookup("y")).await, Err(CallError::Gone));
+        assert_eq!(CallError::Gone.errno(), libc::ENOTCONN);
+    }
+
+    #[tokio::test]
+    async fn nonsense_from_the_laptop_ends_the_wire() {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (r, w) = tokio::io::split(ours);
+        let (c, driver) = Client::start(Wire::new(r, w), Duration::from_secs(5));
+        let driver = tokio::spawn(driver);
+        let (tr, tw) = tokio::io::split(theirs);
+        let mut laptop = Wire::new(tr, tw);
+        laptop
+            .tx
+            .send(Bytes::from_static(b"\xff\xff\xff"))
+            .await
+            .unwrap();
+        driver.await.unwrap();
+        assert!(c.is_gone());
+        assert_eq!(c.call(lookup("x")).await, Err(CallError::Gone));
+    }
+}

@@ -1,0 +1,323 @@
+//! The wire of `berth connect`: length-delimited frames (a 4-byte big-endian length, then a
+//! postcard-encoded message), over the byte stream of one SSH channel.
+//!
+//! 1. The laptop sends [`ToDaemon::Hello`] with the absolute path to mount at (the
+//!    directory's own path on the laptop).
+//! 2. The daemon answers [`ToLaptop::Welcome`] once the mount is in the container, or
+//!    [`ToLaptop::Refused`] with one line saying why (nothing was mounted).
+//! 3. From then on the daemon sends [`ToLaptop::Request`]s and the laptop answers each with a
+//!    [`ToDaemon::Reply`] carrying the same id, in any order; several are in flight at once.
+//!
+//! Paths on the wire are relative to the served directory ([`RelPath`]); the laptop resolves
+//! them beneath it. Errors are Linux `errno` values, as both ends run Linux.
+
+use serde::{Deserialize, Serialize};
+use tokio_util::codec::LengthDelimitedCodec;
+
+/// Bumped on any incompatible change; both ends refuse another.
+pub const VERSION: u32 = 1;
+
+/// The SSH subsystem the daemon serves mounts on.
+pub const SUBSYSTEM: &str = "berth-connect@berth";
+
+/// The most bytes one read or write carries.
+pub const MAX_IO: u32 = 256 * 1024;
+
+/// The largest frame either end accepts: one I/O plus its request (paths are at most
+/// `PATH_MAX` each, two of them for a rename).
+pub const MAX_FRAME: usize = MAX_IO as usize + 16 * 1024;
+
+/// The most bytes of entries one readdir answer carries (names and attributes, roughly).
+pub const READDIR_BYTES: usize = 64 * 1024;
+
+/// The codec both ends use.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// Encodes a message as one frame's payload.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, postcard::Error> {
+    postcard::to_stdvec(msg)
+}
+
+/// Decodes one frame's payload; trailing bytes are an error.
+pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, postcard::Error> {
+    let (msg, rest) = postcard::take_from_bytes(frame)?;
+    if rest.is_empty() {
+        Ok(msg)
+    } else {
+        Err(postcard::Error::DeserializeBadEncoding)
+    }
+}
+
+/// A path beneath the served directory: its components joined by `/`, no leading or
+/// trailing `/`, no `.` or `..`, no empty component, no NUL; the empty path is the directory
+/// itself. Bytes, not UTF-8: file names are bytes on Linux.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelPath(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+impl RelPath {
+    pub fn root() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Whether the path has the shape above (the laptop refuses any other with `EINVAL`).
+    pub fn is_valid(&self) -> bool {
+        self.0.is_empty()
+            || (self.0.len() < 4096
+                && self
+                    .0
+                    .split(|&b| b == b'/')
+                    .all(|c| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0)))
+    }
+
+    /// `self/name`; `None` when `name` is not one valid component.
+    pub fn join(&self, name: &[u8]) -> Option<Self> {
+        if name.is_empty()
+            || name == b"."
+            || name == b".."
+            || name.contains(&b'/')
+            || name.contains(&0)
+        {
+            return None;
+        }
+        let mut p = self.0.clone();
+        if !p.is_empty() {
+            p.push(b'/');
+        }
+        p.extend_from_slice(name);
+        Some(Self(p))
+    }
+}
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Time {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// What a setattr sets a timestamp to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetTime {
+    Now,
+    At(Time),
+}
+
+/// A file's attributes as `lstat(2)` gives them on the laptop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte blocks.
+    pub blocks: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+    /// Type and permission bits (`st_mode`).
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub blksize: u32,
+}
+
+/// `statfs(2)` of the served directory's file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// One directory entry; `offset` is what to pass to the next [`Op::Readdir`] to go on after
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    pub offset: u64,
+    /// `lstat` of the entry (readdirplus); `None` if it vanished meanwhile.
+    pub attr: Option<Attr>,
+}
+
+/// A request from the daemon. `fh` values are the laptop's, from [`Answer::Handle`] or
+/// [`Answer::Created`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// `lstat`. → [`Answer::Attr`]
+    Lookup { path: RelPath },
+    /// `fstat` of `fh` when given, else `lstat` of `path`. → [`Answer::Attr`]
+    Getattr { path: RelPath, fh: Option<u64> },
+    /// Each field that is `Some` is set (`size` truncates; on `fh` when given). Ownership
+    /// is not carried: files on the laptop belong to its user. → [`Answer::Attr`]
+    Setattr {
+        path: RelPath,
+        fh: Option<u64>,
+        mode: Option<u32>,
+        size: Option<u64>,
+        atime: Option<SetTime>,
+        mtime: Option<SetTime>,
+    },
+    /// → [`Answer::Bytes`]
+    Readlink { path: RelPath },
+    /// → [`Answer::Attr`]
+    Mkdir { path: RelPath, mode: u32 },
+    /// → [`Answer::Done`]
+    Unlink { path: RelPath },
+    /// → [`Answer::Done`]
+    Rmdir { path: RelPath },
+    /// `path` becomes a symlink to `target` (stored as given). → [`Answer::Attr`]
+    Symlink {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+    },
+    /// `renameat2` with its flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`). → [`Answer::Done`]
+    Rename {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
+    /// A hard link `to` of `from`. → [`Answer::Attr`]
+    Link { from: RelPath, to: RelPath },
+    /// `open` with Linux `O_*` flags (no `O_CREAT`). → [`Answer::Handle`]
+    Open { path: RelPath, flags: i32 },
+    /// `open(O_CREAT | flags, mode)`. → [`Answer::Created`]
+    Create {
+        path: RelPath,
+        flags: i32,
+        mode: u32,
+    },
+    /// At most [`MAX_IO`] bytes; fewer only at the end of the file. → [`Answer::Data`]
+    Read { fh: u64, offset: u64, size: u32 },
+    /// → [`Answer::Written`]
+    Write {
+        fh: u64,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// → [`Answer::Done`]
+    Fsync { fh: u64, datasync: bool },
+    /// The handle is closed (file or directory). → [`Answer::Done`]
+    Release { fh: u64 },
+    /// → [`Answer::Handle`]
+    Opendir { path: RelPath },
+    /// Entries after `offset` (0: from the start), at most about [`READDIR_BYTES`]; none
+    /// at the end. → [`Answer::Entries`]
+    Readdir { fh: u64, offset: u64 },
+    /// → [`Answer::Statfs`]
+    Statfs,
+}
+
+/// A successful answer; which one depends on the [`Op`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Answer {
+    Done,
+    Attr(Attr),
+    Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
+    Handle(u64),
+    Created { fh: u64, attr: Attr },
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    Written(u32),
+    Entries(Vec<DirEntry>),
+    Statfs(Statfs),
+}
+
+/// Daemon → laptop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToLaptop {
+    Welcome {
+        version: u32,
+    },
+    /// One line for the user; nothing was mounted.
+    Refused {
+        reason: String,
+    },
+    Request {
+        id: u64,
+        op: Op,
+    },
+}
+
+/// Laptop → daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToDaemon {
+    /// `path`: absolute, where the directory appears in the container (its laptop path).
+    Hello {
+        version: u32,
+        #[serde(with = "serde_bytes")]
+        path: Vec<u8>,
+    },
+    /// `Err` is an `errno`.
+    Reply {
+        id: u64,
+        result: Result<Answer, i32>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_trailing_bytes_are_refused() {
+        let msg = ToLaptop::Request {
+            id: 7,
+            op: Op::Write {
+                fh: 3,
+                offset: 1 << 33,
+                data: vec![1, 2, 3],
+            },
+        };
+        let bytes = encode(&msg).unwrap();
+        assert_eq!(decode::<ToLaptop>(&bytes).unwrap(), msg);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode::<ToLaptop>(&longer).is_err());
+        assert!(decode::<ToLaptop>(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn data_is_carried_as_bytes_not_as_a_sequence() {
+        let data = vec![0xffu8; 1000];
+        let bytes = encode(&Answer::Data(data)).unwrap();
+        // tag + varint length + the bytes themselves.
+        assert!(bytes.len() <= 1000 + 4, "{}", bytes.len());
+    }
+
+    #[test]
+    fn relative_paths_have_one_shape() {
+        for good in [&b""[..], b"a", b"a/b", b"a b/\xc3\xa9", b"...", b".a"] {
+            assert!(RelPath(good.to_vec()).is_valid(), "{good:?}");
+        }
+        for bad in [
+            &b"/"[..],
+            b"/a",
+            b"a/",
+            b"a//b",
+            b"..",
+            b"a/../b",
+            b"./a",
+            b"a\0b",
+        ] {
+            assert!(!RelPath(bad.to_vec()).is_valid(), "{bad:?}");
+        }
+        let root = RelPath::root();
+        assert_eq!(root.join(b"a").unwrap().join(b"b").unwrap().0, b"a/b");
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0"] {
+            assert!(root.join(bad).is_none());
+        }
+    }
+}
