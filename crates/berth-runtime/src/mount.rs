@@ -436,17 +436,18 @@ fn make_target(
         shown.push('/');
         shown.push_str(&name.to_string_lossy());
         // Never look up a name inside another FUSE mount: its server (a laptop) answers
-        // when it likes.
-        // (Its type is read from the mount table: `fstatfs` would ask the server.)
+        // when it likes. (Its type is read from the mount table: `fstatfs` would ask the
+        // server.) A mount that is not in the table is not entered either.
         if mounts
             .fs_type(mount_id(&dir)?)
             .is_none_or(|t| t.starts_with("fuse"))
         {
+            let parent = match shown.rsplit_once('/') {
+                Some(("", _)) | None => "/",
+                Some((p, _)) => p,
+            };
             return Err(io::Error::other(format!(
-                "{} is inside another FUSE mount",
-                shown
-                    .rsplit_once('/')
-                    .map_or("/", |(p, _)| if p.is_empty() { "/" } else { p })
+                "cannot mount beneath {parent}: it is a FUSE mount"
             )));
         }
         let next = match open_dir(&dir, name) {

@@ -428,3 +428,34 @@ async fn a_stopped_container_is_no_error_for_detach_and_an_unserved_mount_never_
     assert!(init.mount_ns().is_none());
     let _ = RootOwner { uid: 0, gid: 0 };
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_mount_is_never_looked_into() {
+    // A mount whose server never answers (not even INIT), as a stalled laptop's would be:
+    // a mount beneath it is refused at once instead of waiting on it.
+    let c = Container::start(&[]);
+    let init = open(&c).await;
+    let owner = init.root_owner().unwrap();
+    let options = |source: &str| FuseOptions {
+        owner,
+        root_perms: 0o755,
+        max_read: None,
+        source: source.to_owned(),
+    };
+    let (_dev, stalled) = mount::fuse_mount(&options(&unique("src"))).unwrap();
+    let stalled_conn = stalled.connection();
+    let first = mount::attach(&init, "alice", stalled, Path::new("/m"))
+        .await
+        .unwrap();
+    let source = unique("src");
+    let (_dev2, mnt) = mount::fuse_mount(&options(&source)).unwrap();
+    let started = Instant::now();
+    let e = mount::attach(&init, "alice", mnt, Path::new("/m/inner/deeper"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "cannot mount beneath /m: it is a FUSE mount");
+    assert!(started.elapsed() < mount::ATTACH_DEADLINE);
+    assert!(!c.sh_ok("cat /proc/mounts").contains(&source));
+    first.detach().await.unwrap();
+    stalled_conn.abort().unwrap();
+}
