@@ -456,6 +456,12 @@ async fn a_stalled_mount_is_never_looked_into() {
     assert_eq!(e.to_string(), "cannot mount beneath /m: it is a FUSE mount");
     assert!(started.elapsed() < mount::ATTACH_DEADLINE);
     assert!(!c.sh_ok("cat /proc/mounts").contains(&source));
+    // Nor is one stacked on it.
+    let (_dev3, mnt) = mount::fuse_mount(&options(&source)).unwrap();
+    let e = mount::attach(&init, "alice", mnt, Path::new("/m"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "/m is a FUSE mount in the container already");
     first.detach().await.unwrap();
     stalled_conn.abort().unwrap();
 }
