@@ -13,6 +13,7 @@ mod exec;
 #[cfg(feature = "test-util")]
 mod fake;
 mod init;
+pub mod mount;
 mod process;
 
 use std::collections::HashMap;
@@ -76,6 +77,13 @@ impl ContainerInit {
     /// the init is gone or maps no root.
     pub fn root_owner(&self) -> Option<RootOwner> {
         root_owner_of(self.init, &self.container)
+    }
+
+    /// `/proc/PID/ns/mnt`: the container's mount namespace (for [`mount::attach`]), checked
+    /// after the open to still be this init's. `None` when the init is gone.
+    pub fn mount_ns(&self) -> Option<std::fs::File> {
+        let ns = std::fs::File::open(format!("/proc/{}/ns/mnt", self.init.pid)).ok()?;
+        self.init.alive(&self.container).then_some(ns)
     }
 
     /// Local TCP ports of every socket in the container's network namespace (its
@@ -469,8 +477,9 @@ pub trait Runtime: Send + Sync + 'static {
 }
 
 /// Threads that may be inside containers' namespaces at once, daemon-wide, and for any one
-/// owner (a user): one user cannot take them all. Each such thread only makes sockets (which
-/// never waits on anything a user controls) and ends, so a slot is held for microseconds.
+/// owner (a user): one user cannot take them all. Each such thread only makes sockets or
+/// attaches and detaches a mount (none of which waits on anything a user controls) and ends,
+/// so a slot is held for microseconds.
 const NETNS_THREADS: usize = 64;
 const NETNS_THREADS_PER_OWNER: usize = 8;
 /// Sockets made in one go, at most.
@@ -502,7 +511,7 @@ pub async fn sockets_in_netns(
         return Err(std::io::Error::other("too many sockets asked for at once"));
     }
     let kinds = kinds.to_vec();
-    in_netns(ns.try_clone()?, owner, move || {
+    in_namespace(ns.try_clone()?, Namespace::Net, owner, move || {
         kinds
             .into_iter()
             .map(|(family, kind)| {
@@ -519,11 +528,24 @@ pub async fn sockets_in_netns(
     .await
 }
 
-/// Runs `f` on a thread of its own inside network namespace `ns`. A dedicated thread because
-/// `setns` moves the calling thread for good; never a pool's. At most a few such threads run
-/// at once, and fewer per owner; `f` must not wait on anything (see [`sockets_in_netns`]).
-async fn in_netns<T: Send + 'static>(
+/// Which kind of namespace [`in_namespace`] enters.
+#[derive(Debug, Clone, Copy)]
+enum Namespace {
+    Net,
+    /// A mount namespace: the thread first stops sharing its root and working directory
+    /// with the process (`unshare(CLONE_FS)`), which `setns` requires; `setns` then sets
+    /// them to the namespace's root.
+    Mount,
+}
+
+/// Runs `f` on a thread of its own inside namespace `ns` (of kind `kind`). A dedicated thread
+/// because `setns` moves the calling thread for good; never a pool's. At most a few such
+/// threads run at once, and fewer per owner; `f` must not wait on anything a user controls
+/// (see [`sockets_in_netns`]). If the caller stops waiting, what `f` returns is dropped on
+/// that thread, inside the namespace.
+async fn in_namespace<T: Send + 'static>(
     ns: std::fs::File,
+    kind: Namespace,
     owner: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
@@ -552,15 +574,26 @@ async fn in_netns<T: Send + 'static>(
         .map_err(std::io::Error::other)?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("berth-netns".into())
+        .name("berth-ns".into())
         .spawn(move || {
             let _permits = (own, any);
-            let r = nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from);
-            let _ = tx.send(r.and_then(|()| f()));
+            let _ = tx.send(enter(&ns, kind).and_then(|()| f()));
         })?;
     rx.await
         .map_err(|_| std::io::Error::other("namespace thread ended"))?
+}
+
+/// Moves the calling thread into namespace `ns` of kind `kind`.
+fn enter(ns: &std::fs::File, kind: Namespace) -> std::io::Result<()> {
+    use nix::sched::CloneFlags;
+    let flags = match kind {
+        Namespace::Net => CloneFlags::CLONE_NEWNET,
+        Namespace::Mount => {
+            nix::sched::unshare(CloneFlags::CLONE_FS)?;
+            CloneFlags::CLONE_NEWNS
+        }
+    };
+    Ok(nix::sched::setns(ns, flags)?)
 }
 
 #[cfg(test)]
