@@ -11,6 +11,7 @@ pub mod admin;
 pub mod audit;
 pub mod certs;
 pub mod config;
+pub mod connect;
 pub mod connections;
 pub mod disk;
 pub mod firewall;
