@@ -15,3 +15,4 @@
 
 pub mod client;
 pub mod proto;
+pub mod serve;
