@@ -80,7 +80,12 @@ where
 
     let writer = async move {
         while let Some(frame) = queued.recv().await {
-            tx.send(frame).await?;
+            // Whatever else is ready goes out in the same flush.
+            tx.feed(frame).await?;
+            while let Ok(frame) = queued.try_recv() {
+                tx.feed(frame).await?;
+            }
+            SinkExt::<Bytes>::flush(&mut tx).await?;
         }
         Ok::<(), std::io::Error>(())
     };

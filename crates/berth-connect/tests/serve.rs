@@ -393,12 +393,28 @@ async fn modes_and_times_are_set_and_owners_stay() {
     let (fh, before) = m.create("f", libc::O_RDWR, 0o644).await;
     let a = m.setattr("f", None, |op| mode(op, 0o600)).await;
     assert_eq!(a.mode & 0o7777, 0o600);
-    let a = m.setattr("f", Some(fh), |op| mode(op, 0o4751)).await;
-    assert_eq!(a.mode & 0o7777, 0o4751);
+    let a = m.setattr("f", Some(fh), |op| mode(op, 0o1751)).await;
+    assert_eq!(a.mode & 0o7777, 0o1751);
     assert_eq!(
         std::fs::metadata(m.root().join("f")).unwrap().mode() & 0o7777,
-        0o4751
+        0o1751
     );
+    // No set-user-ID or set-group-ID program for the laptop's other users; a directory
+    // keeps set-group-ID.
+    for (path, fh) in [("f", None), ("f", Some(fh))] {
+        let a = m.setattr(path, fh, |op| mode(op, 0o6755)).await;
+        assert_eq!(a.mode & 0o7777, 0o755);
+    }
+    let (_, created) = m.create("g", libc::O_WRONLY, 0o6777).await;
+    assert_eq!(created.mode & 0o6000, 0);
+    let mkdir = Op::Mkdir {
+        path: p("d"),
+        mode: 0o755,
+    };
+    m.ok(mkdir).await;
+    let a = m.setattr("d", None, |op| mode(op, 0o6775)).await;
+    assert_eq!(a.mode & 0o7777, 0o2775);
+    m.setattr("f", None, |op| mode(op, 0o751)).await;
     assert_eq!((a.uid, a.gid), (before.uid, before.gid));
 
     let at = |secs, nanos| SetTime::At(Time { secs, nanos });
@@ -455,7 +471,7 @@ async fn modes_and_times_are_set_and_owners_stay() {
         mtime: Some(at(5, 1_000_000_000)),
     };
     assert_eq!(m.errno(bad).await, libc::EINVAL);
-    assert_eq!(m.attr("f").await.unwrap().mode & 0o7777, 0o4751);
+    assert_eq!(m.attr("f").await.unwrap().mode & 0o7777, 0o751);
 
     // The root itself.
     let a = m.setattr("", None, |op| mode(op, 0o711)).await;

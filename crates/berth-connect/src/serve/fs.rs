@@ -180,6 +180,9 @@ impl Fs {
 
     /// Does `op`; an `Err` is the errno of the syscall that failed.
     pub fn op(&self, op: Op) -> Result<Answer, Errno> {
+        if !paths_valid(&op) {
+            return Err(Errno::EINVAL);
+        }
         match op {
             Op::Lookup { path } | Op::Getattr { path, fh: None } => {
                 self.lstat(&path).map(Answer::Attr)
@@ -203,7 +206,7 @@ impl Fs {
             }
             Op::Mkdir { path, mode } => {
                 let (dir, name) = self.parent(&path, Errno::EEXIST)?;
-                stat::mkdirat(&dir, name.as_c_str(), mode_bits(mode))?;
+                stat::mkdirat(&dir, name.as_c_str(), mode_bits(mode, true))?;
                 self.lstat_at(&dir, &name).map(Answer::Attr)
             }
             Op::Unlink { path } => {
@@ -409,7 +412,7 @@ impl Fs {
             | OFlag::O_NONBLOCK;
         let mut how = OpenHow::new().flags(flags).resolve(resolve());
         if let Some(mode) = create {
-            how = how.mode(mode_bits(mode));
+            how = how.mode(mode_bits(mode, false));
         }
         let fd = fcntl::openat2(&self.root, c_path(path)?.as_c_str(), how)?;
         let st = stat::fstat(&fd)?;
@@ -445,7 +448,7 @@ impl Fs {
             let h = self.handle(fh)?;
             let fd = h.fd();
             if let Some(mode) = mode {
-                stat::fchmod(fd, mode_bits(mode))?;
+                stat::fchmod(fd, mode_bits(mode, is_dir(&stat::fstat(fd)?)))?;
             }
             if let Some(size) = size {
                 unistd::ftruncate(fd, size)?;
@@ -457,7 +460,7 @@ impl Fs {
         }
         if path.0.is_empty() {
             if let Some(mode) = mode {
-                stat::fchmod(&self.root_dir()?, mode_bits(mode))?;
+                stat::fchmod(&self.root_dir()?, mode_bits(mode, true))?;
             }
             if size.is_some() {
                 return Err(Errno::EISDIR);
@@ -469,13 +472,14 @@ impl Fs {
         }
         let (dir, name) = self.parent(path, Errno::EINVAL)?;
         if let Some(mode) = mode {
+            let st = stat::fstatat(&dir, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
             // With NOFOLLOW, libc changes the file through an `O_PATH` descriptor of the
             // name (or `fchmodat2`), so a symlink swapped in meanwhile is never followed; on
             // a symlink it is EOPNOTSUPP, as Linux has no symlink modes.
             stat::fchmodat(
                 &dir,
                 name.as_c_str(),
-                mode_bits(mode),
+                mode_bits(mode, is_dir(&st)),
                 FchmodatFlags::NoFollowSymlink,
             )?;
         }
@@ -623,6 +627,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Whether every path of `op` has [`RelPath`]'s shape (even one an operation on a handle
+/// does not use).
+fn paths_valid(op: &Op) -> bool {
+    match op {
+        Op::Lookup { path }
+        | Op::Getattr { path, .. }
+        | Op::Setattr { path, .. }
+        | Op::Readlink { path }
+        | Op::Mkdir { path, .. }
+        | Op::Unlink { path }
+        | Op::Rmdir { path }
+        | Op::Symlink { path, .. }
+        | Op::Open { path, .. }
+        | Op::Create { path, .. }
+        | Op::Opendir { path } => path.is_valid(),
+        Op::Rename { from, to, .. } | Op::Link { from, to } => from.is_valid() && to.is_valid(),
+        Op::Read { .. }
+        | Op::Write { .. }
+        | Op::Fsync { .. }
+        | Op::Release { .. }
+        | Op::Readdir { .. }
+        | Op::Statfs => true,
+    }
+}
+
 /// `path` for `openat2` beneath the root (the root itself is `.`).
 fn c_path(path: &RelPath) -> Result<CString, Errno> {
     if !path.is_valid() {
@@ -634,8 +663,16 @@ fn c_path(path: &RelPath) -> Result<CString, Errno> {
     CString::new(path.0.clone()).map_err(|_| Errno::EINVAL)
 }
 
-fn mode_bits(mode: u32) -> Mode {
-    Mode::from_bits_truncate(mode & 0o7777)
+/// Permission bits as asked, but never set-user-ID, nor set-group-ID on anything but a
+/// directory (where it only passes the group on): a program in the container must not leave
+/// a program that runs as the laptop's user for the laptop's *other* users.
+fn mode_bits(mode: u32, dir: bool) -> Mode {
+    let keep = if dir { 0o3777 } else { 0o1777 };
+    Mode::from_bits_truncate(mode & keep)
+}
+
+fn is_dir(st: &FileStat) -> bool {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFDIR
 }
 
 fn time_spec(t: Option<SetTime>) -> Result<TimeSpec, Errno> {
