@@ -459,14 +459,17 @@ impl Fs {
             return Ok(Answer::Attr(attr(&stat::fstat(fd)?)));
         }
         if path.0.is_empty() {
-            if let Some(mode) = mode {
-                stat::fchmod(&self.root_dir()?, mode_bits(mode, true))?;
-            }
+            // `.` of the root's descriptor is the root itself (no name, no link to follow);
+            // no read permission needed, as with `chmod(2)`.
             if size.is_some() {
                 return Err(Errno::EISDIR);
             }
+            if let Some(mode) = mode {
+                let mode = mode_bits(mode, true);
+                stat::fchmodat(&self.root, ".", mode, FchmodatFlags::FollowSymlink)?;
+            }
             if let Some((a, m)) = times {
-                stat::futimens(&self.root_dir()?, &a, &m)?;
+                stat::utimensat(&self.root, ".", &a, &m, UtimensatFlags::FollowSymlink)?;
             }
             return self.lstat(path).map(Answer::Attr);
         }
@@ -510,16 +513,6 @@ impl Fs {
             )?;
         }
         self.lstat_at(&dir, &name).map(Answer::Attr)
-    }
-
-    /// The root opened for reading (an `O_PATH` descriptor cannot be `fchmod`ed).
-    fn root_dir(&self) -> Result<OwnedFd, Errno> {
-        fcntl::openat(
-            &self.root,
-            ".",
-            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
     }
 
     fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
