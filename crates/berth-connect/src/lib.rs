@@ -16,3 +16,4 @@
 pub mod client;
 pub mod proto;
 pub mod target;
+pub mod serve;
