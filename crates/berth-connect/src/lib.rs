@@ -15,5 +15,5 @@
 
 pub mod client;
 pub mod proto;
-pub mod target;
 pub mod serve;
+pub mod target;

@@ -82,6 +82,15 @@ pub enum Event {
         target: String,
         reason: String,
     },
+    /// A laptop directory mounted in a user's container (`berth connect`), and its end.
+    MountStart {
+        user: String,
+        path: String,
+    },
+    MountEnd {
+        user: String,
+        path: String,
+    },
     /// A user was refused a connection, session or forwarded connection for holding all
     /// she may (`[limits]`).
     LimitReached {
@@ -267,6 +276,8 @@ impl Event {
             | Self::ForwardOpen { user, .. }
             | Self::ForwardRefused { user, .. }
             | Self::LimitReached { user, .. }
+            | Self::MountStart { user, .. }
+            | Self::MountEnd { user, .. }
             | Self::DaemonMode { user, .. }
             | Self::ContainerStart { user, .. }
             | Self::ContainerStop { user, .. } => Some(user),

@@ -184,6 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         refusals: Default::default(),
         certs,
         connections: connections.clone(),
+        mounts: Default::default(),
     });
     let ssh_config = SshConfig {
         keepalive_interval: Duration::from_secs(config.keepalive_interval_seconds),

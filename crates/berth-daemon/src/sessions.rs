@@ -23,7 +23,15 @@ pub type SharedGuard = Arc<Mutex<ProcessGuard>>;
 
 struct Entry {
     info: SessionInfo,
-    guard: Weak<Mutex<ProcessGuard>>,
+    ender: Ender,
+}
+
+/// How `session kill` ends a session.
+enum Ender {
+    /// Signal its process tree in the container.
+    Process(Weak<Mutex<ProcessGuard>>),
+    /// Cancel it (a `berth connect` mount, which runs in the daemon).
+    Cancel(tokio_util::sync::CancellationToken),
 }
 
 pub struct Sessions {
@@ -49,6 +57,28 @@ impl Sessions {
         command: String,
         guard: &SharedGuard,
     ) -> Registration {
+        self.enter(user, peer, command, Ender::Process(Arc::downgrade(guard)))
+    }
+
+    /// Records a session served by the daemon itself (a `berth connect` mount); `session
+    /// kill` cancels `cancel`.
+    pub fn register_cancellable(
+        self: &Arc<Self>,
+        user: &str,
+        peer: Option<SocketAddr>,
+        command: String,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Registration {
+        self.enter(user, peer, command, Ender::Cancel(cancel))
+    }
+
+    fn enter(
+        self: &Arc<Self>,
+        user: &str,
+        peer: Option<SocketAddr>,
+        command: String,
+        ender: Ender,
+    ) -> Registration {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let info = SessionInfo {
             id,
@@ -65,13 +95,7 @@ impl Sessions {
         });
         metrics::gauge!("berth_sessions_open").increment(1.0);
         if let Ok(mut open) = self.open.lock() {
-            open.insert(
-                id,
-                Entry {
-                    info,
-                    guard: Arc::downgrade(guard),
-                },
-            );
+            open.insert(id, Entry { info, ender });
         }
         Registration {
             id,
@@ -91,14 +115,20 @@ impl Sessions {
     /// Ends session `id`: SIGHUP to its processes as they are now, SIGKILL two seconds
     /// later to those still there (even if the session's own process is gone by then).
     pub fn kill(&self, id: u64) -> Result<SessionInfo, KillError> {
-        let (info, guard) = {
+        let (info, signalled) = {
             let open = self.open.lock().map_err(|_| KillError::NoSuchSession)?;
             let e = open.get(&id).ok_or(KillError::NoSuchSession)?;
-            (e.info.clone(), e.guard.clone())
+            let signalled = match &e.ender {
+                Ender::Process(guard) => guard
+                    .upgrade()
+                    .is_some_and(|g| g.lock().is_ok_and(|g| g.end(Duration::from_secs(2)))),
+                Ender::Cancel(token) => {
+                    token.cancel();
+                    true
+                }
+            };
+            (e.info.clone(), signalled)
         };
-        let signalled = guard
-            .upgrade()
-            .is_some_and(|g| g.lock().is_ok_and(|g| g.end(Duration::from_secs(2))));
         if signalled {
             Ok(info)
         } else {

@@ -74,6 +74,7 @@ fn tier(images: &[&str]) -> Tier {
         refusals: Default::default(),
         certs: Arc::new(berth_daemon::certs::Certs::load(None, None).unwrap()),
         connections: berth_daemon::connections::Connections::new(),
+        mounts: Default::default(),
     });
     Tier {
         gateway,

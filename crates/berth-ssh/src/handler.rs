@@ -763,9 +763,9 @@ impl<G: Gateway> Handler for Connection<G> {
         name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        // Only sftp is served; for anything else the task sees the request and ends the
-        // channel.
-        let ok = self.start(ch) && name == "sftp";
+        // Only sftp and berth connect are served; for anything else the task sees the
+        // request and ends the channel.
+        let ok = self.start(ch) && (name == "sftp" || name == crate::CONNECT_SUBSYSTEM);
         self.reply(ch, ok, session)
     }
 

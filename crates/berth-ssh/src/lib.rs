@@ -63,7 +63,13 @@ pub enum Command {
     Exec(String),
     /// The SFTP subsystem (also what `scp` uses since OpenSSH 9.0).
     Sftp,
+    /// The `berth connect` subsystem ([`CONNECT_SUBSYSTEM`]): the client serves a directory
+    /// of its own on the channel, for the daemon to mount in the container.
+    Connect,
 }
+
+/// The name of the `berth connect` subsystem.
+pub const CONNECT_SUBSYSTEM: &str = "berth-connect@berth";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowSize {

@@ -113,6 +113,9 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             Some(ChannelMsg::RequestSubsystem { name, .. }) if name == "sftp" => {
                 break Command::Sftp;
             }
+            Some(ChannelMsg::RequestSubsystem { name, .. }) if name == crate::CONNECT_SUBSYSTEM => {
+                break Command::Connect;
+            }
             Some(ChannelMsg::RequestSubsystem { name, .. }) => {
                 debug!(subsystem = %name, "subsystem refused");
                 let _ = tokio::time::timeout(CLOSE_TIMEOUT, tx.close()).await;
@@ -132,6 +135,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         Command::Shell => "shell".to_owned(),
         Command::Exec(c) => c.clone(),
         Command::Sftp => "subsystem sftp".to_owned(),
+        Command::Connect => "berth connect".to_owned(),
     };
     // `?` quotes the command, so a newline in it cannot forge a log line. (The audit
     // record of the session is the gateway's, once its process runs.)

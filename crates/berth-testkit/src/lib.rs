@@ -388,6 +388,15 @@ impl Daemon {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The audit log's records, oldest first.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
     /// Runs the `berth` CLI against this daemon.
     pub fn berth(&self, args: &[&str]) -> Output {
         Command::new(&self.bin)

@@ -60,6 +60,9 @@ enum Command {
     Completions(commands::completions::Args),
     /// Print a manual page (roff): berth(1) or berth.toml(5)
     Man(commands::manual::Args),
+    /// On your laptop: mount local directories at the same paths in your container and run
+    /// a command there (or a login shell), over your own ssh
+    Connect(commands::connect::Args),
 }
 
 /// A failure the CLI reports: one line, an optional hint, an exit code.
@@ -95,7 +98,7 @@ impl From<berth_proto::ClientError> for Failure {
 
 fn main() -> ExitCode {
     commands::completions::answer_if_asked(Cli::command);
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(as_berth_args(std::env::args_os()));
     if !matches!(&cli.command, Command::Daemon(a) if a.serves()) {
         end_quietly_on_closed_pipe();
     }
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Purge(args) => commands::purge::run(args, state_dir),
         Command::Completions(args) => commands::completions::run(args),
         Command::Man(args) => commands::manual::run(args, Cli::command()),
+        Command::Connect(args) => return commands::connect::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +125,20 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
+}
+
+/// Run as `connect` (a link named like the original tools' `connect.sh`), `berth` is `berth
+/// connect`.
+fn as_berth_args(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = args.collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_os_string());
+    if invoked_as.is_some_and(|n| n == "connect" || n == "connect.sh") {
+        args.insert(1, "connect".into());
+    }
+    args
 }
 
 /// A command whose reader has gone (`berth user list | head -1`) ends at its next write,

@@ -17,7 +17,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -25,6 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use berth_connect::client::{CallError, Client};
 use berth_connect::proto::{self, Answer, Attr, Op, SetTime, Time};
+use berth_runtime::mount::FuseConnection;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -822,15 +823,13 @@ fn valid_name(name: &[u8]) -> bool {
 
 /// A running FUSE session; [`FuseSession::abort`] (or dropping it) ends it.
 pub struct FuseSession {
-    conn: u32,
+    conn: FuseConnection,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
-/// Runs `fs` on `dev` (an open `/dev/fuse` whose connection is mounted) on a thread of its
-/// own. `mounted`: any descriptor on the mount (the `fsmount` one, or its root opened),
-/// which names the connection to abort.
-pub fn run(fs: ConnectFs, dev: OwnedFd, mounted: impl AsFd) -> io::Result<FuseSession> {
-    let conn = connection(mounted)?;
+/// Runs `fs` on `dev` (an open `/dev/fuse` whose connection `conn` is mounted, or about to
+/// be) on a thread of its own.
+pub fn run(fs: ConnectFs, dev: OwnedFd, conn: FuseConnection) -> io::Result<FuseSession> {
     let mut config = fuser::Config::default();
     // Processes in the container are other users than the daemon's root; the kernel checks
     // their permissions (allow_other, default_permissions on the mount).
@@ -848,47 +847,11 @@ pub fn run(fs: ConnectFs, dev: OwnedFd, mounted: impl AsFd) -> io::Result<FuseSe
     })
 }
 
-/// The number of the FUSE connection behind a descriptor on its mount (the minor of its
-/// device, as the fuse control file system names it). Asked without a round trip to the
-/// file system, which may not be served yet.
-fn connection(mounted: impl AsFd) -> io::Result<u32> {
-    use rustix::fs::{AtFlags, StatxFlags, statx};
-    let st = statx(
-        mounted,
-        "",
-        AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
-        StatxFlags::BASIC_STATS,
-    )?;
-    if st.stx_dev_major != 0 {
-        return Err(io::Error::other("not a FUSE mount"));
-    }
-    Ok(st.stx_dev_minor)
-}
-
 impl FuseSession {
     /// Aborts the FUSE connection: every request waiting and every later one fails with
-    /// `ENOTCONN`, and the session's thread ends. Through the fuse control file system,
-    /// mounted detached for the moment (no host path shows it).
+    /// `ENOTCONN`, and the session's thread ends.
     pub fn abort(&self) -> io::Result<()> {
-        use rustix::fs::{Mode, OFlags, openat};
-        use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
-        let ctl = rustix::mount::fsopen("fusectl", FsOpenFlags::FSOPEN_CLOEXEC)?;
-        rustix::mount::fsconfig_create(&ctl)?;
-        let mnt =
-            rustix::mount::fsmount(&ctl, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())?;
-        let abort = match openat(
-            &mnt,
-            format!("{}/abort", self.conn),
-            OFlags::WRONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(f) => f,
-            // The connection has ended already.
-            Err(rustix::io::Errno::NOENT) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        rustix::io::write(&abort, b"1")?;
-        Ok(())
+        self.conn.abort()
     }
 
     /// Whether the session's thread has ended.
@@ -912,7 +875,7 @@ impl Drop for FuseSession {
         if self.thread.is_some()
             && let Err(e) = self.abort()
         {
-            tracing::warn!(error = %e, conn = self.conn, "connect: cannot abort a FUSE connection");
+            tracing::warn!(error = %e, conn = self.conn.0, "connect: cannot abort a FUSE connection");
         }
     }
 }
@@ -925,7 +888,7 @@ mod tests {
         clippy::panic,
         clippy::indexing_slicing
     )]
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsFd, AsRawFd};
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::path::{Path, PathBuf};
     use std::process::Command;
@@ -988,6 +951,20 @@ mod tests {
         }
     }
 
+    /// The FUSE connection behind a descriptor on its mount (the minor of its device, as the
+    /// fuse control file system names it), asked without a round trip to the file system.
+    fn connection(mounted: impl AsFd) -> io::Result<FuseConnection> {
+        use rustix::fs::{AtFlags, StatxFlags, statx};
+        let st = statx(
+            mounted,
+            "",
+            AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+            StatxFlags::BASIC_STATS,
+        )?;
+        assert_eq!(st.stx_dev_major, 0, "not a FUSE mount");
+        Ok(FuseConnection(st.stx_dev_minor))
+    }
+
     /// Mounts like the daemon does (the new mount API), but on a host directory.
     fn fuse_mount(at: &Path) -> io::Result<(OwnedFd, OwnedFd)> {
         let dev = rustix::fs::open("/dev/fuse", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())?;
@@ -1044,7 +1021,7 @@ mod tests {
                 return None;
             }
         };
-        let session = run(fs, dev, &mnt).unwrap();
+        let session = run(fs, dev, connection(&mnt).unwrap()).unwrap();
         Some(Mounted {
             laptop: laptop_dir,
             at,

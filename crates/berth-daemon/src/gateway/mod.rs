@@ -7,7 +7,9 @@
 //! - a forwarding kind (`-L`/`-R` to ports and Unix sockets, agent, X11 displays): [`forward`];
 //! - how a session's process is started in the container and driven: [`process`].
 
+mod connect;
 mod forward;
+pub use connect::Mounts;
 mod process;
 mod words;
 
@@ -41,6 +43,8 @@ pub struct BerthGateway<R> {
     pub certs: Arc<crate::certs::Certs>,
     /// Authenticated connections, for revocation.
     pub connections: Arc<crate::connections::Connections>,
+    /// `berth connect` mounts open now.
+    pub mounts: Arc<Mounts>,
 }
 
 /// A user name the SSH layer passed on; it authenticated, so it parses, but nothing is

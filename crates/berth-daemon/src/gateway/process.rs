@@ -61,6 +61,9 @@ impl<R: Runtime> BerthGateway<R> {
             let out = self.host_word(&user, word).await;
             return Ok(text_process(out, req.pty.is_some()));
         }
+        if matches!(req.command, Command::Connect) {
+            return self.open_connect(&user, &req).await;
+        }
         let lease = self.lease(&user).await?;
         let display = match &req.x11 {
             Some(x) => Some(self.x11_display(&user, lease.container(), x).await?),
@@ -79,6 +82,7 @@ impl<R: Runtime> BerthGateway<R> {
         let command = match &req.command {
             Command::Shell => "shell".to_owned(),
             Command::Sftp => "sftp".to_owned(),
+            Command::Connect => "berth connect".to_owned(),
             Command::Exec(c) => c.chars().take(200).collect(),
         };
         let guard = Arc::new(std::sync::Mutex::new(std::mem::take(&mut session.guard)));
@@ -113,6 +117,8 @@ impl<R: Runtime> BerthGateway<R> {
             ],
             Command::Exec(c) => vec!["/bin/sh".into(), "-c".into(), c.clone()],
             Command::Sftp => vec!["/bin/sh".into(), "-c".into(), SFTP_SERVER.into()],
+            // Served by the daemon (`open_connect`); never a process.
+            Command::Connect => vec!["/bin/false".into()],
         };
         let mut env = vec![
             "USER=root".to_owned(),

@@ -1,5 +1,6 @@
 pub mod completions;
 pub mod config;
+pub mod connect;
 pub mod daemon;
 pub mod image;
 pub mod manual;

@@ -1,0 +1,329 @@
+//! The daemon's side of `berth connect`: the `berth-connect@berth` subsystem. Nothing runs
+//! in the container. The client's first message names the path; the daemon makes a FUSE
+//! mount that no host path shows, attaches it at that path in the user's container (see
+//! `berth_runtime::mount`), answers, and serves the kernel's requests for it by asking the
+//! laptop ([`crate::connect`]). The mount lives exactly as long as the channel: when the
+//! laptop goes, the FUSE connection is aborted (processes on it get `ENOTCONN`) and the mount
+//! is taken out of the container.
+//!
+//! The laptop is the user's, but untrusted like any client: its hello has a deadline, every
+//! request one ([`REQUEST_DEADLINE`]), requests in flight and frames are bounded (the
+//! client's), and a user holds at most [`MOUNTS_PER_USER`] mounts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_connect::client::{Client, Wire};
+use berth_connect::proto::{self, ToDaemon, ToLaptop};
+use berth_proto::UserName;
+use berth_runtime::Runtime;
+use berth_ssh::{OpenError, OpenRequest, Output, Process, ProcessControl, WindowSize};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use tokio::io::DuplexStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::{debug, info, warn};
+
+use super::BerthGateway;
+use crate::audit::Event;
+use crate::lifecycle::Lease;
+
+/// How long the laptop has to say which directory, once the subsystem started.
+const HELLO_WAIT: Duration = Duration::from_secs(30);
+/// How long one request to the laptop may take before the process waiting on it gets `EIO`.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
+/// How long taking a mount out of the container may take.
+const DETACH_WAIT: Duration = Duration::from_secs(10);
+/// Mounts one user may hold at once (each is a FUSE connection and a thread).
+pub const MOUNTS_PER_USER: usize = 8;
+/// Bytes buffered between the channel and the mount's wire, each way.
+const PIPE: usize = 256 * 1024;
+
+/// The mounts open now, per user.
+#[derive(Default)]
+pub struct Mounts {
+    by_user: Mutex<HashMap<String, usize>>,
+}
+
+impl Mounts {
+    fn take(self: &Arc<Self>, user: &str) -> Option<MountSlot> {
+        let mut m = self.by_user.lock().ok()?;
+        let n = m.entry(user.to_owned()).or_default();
+        if *n >= MOUNTS_PER_USER {
+            return None;
+        }
+        *n += 1;
+        Some(MountSlot {
+            mounts: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+struct MountSlot {
+    mounts: Arc<Mounts>,
+    user: String,
+}
+
+impl Drop for MountSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.mounts.by_user.lock()
+            && let Some(n) = m.get_mut(&self.user)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl<R: Runtime> BerthGateway<R> {
+    /// The subsystem's "process": a task in the daemon whose stdin and stdout are the
+    /// channel.
+    pub(super) async fn open_connect(
+        &self,
+        user: &UserName,
+        req: &OpenRequest,
+    ) -> Result<Process, OpenError> {
+        let lease = self.lease(user).await?;
+        let (ours, theirs) = tokio::io::duplex(PIPE);
+        let (their_read, their_write) = tokio::io::split(theirs);
+        let cancel = CancellationToken::new();
+        let registration = self.sessions.register_cancellable(
+            user.as_str(),
+            req.peer,
+            "berth connect".into(),
+            cancel.clone(),
+        );
+        let job = Job {
+            runtime: self.runtime.clone(),
+            lifecycle: self.lifecycle.clone(),
+            mounts: self.mounts.clone(),
+            user: user.as_str().to_owned(),
+        };
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
+            tokio::select! {
+                code = job.run(ours, lease) => code,
+                () = cancel.cancelled() => 1,
+            }
+        }));
+        let output = tokio_util::io::ReaderStream::new(their_read).map(|r| r.map(Output::Stdout));
+        Ok(Process {
+            x11: None,
+            stdin: Box::pin(their_write),
+            output: Box::pin(output),
+            control: Box::new(ConnectControl {
+                task: Some(task),
+                _registration: registration,
+            }),
+        })
+    }
+}
+
+/// What a mount needs from the gateway, owned by its task.
+struct Job<R: Runtime> {
+    runtime: Arc<R>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle<R>>,
+    mounts: Arc<Mounts>,
+    user: String,
+}
+
+impl<R: Runtime> Job<R> {
+    /// Serves one mount until the laptop goes; returns the subsystem's exit code.
+    async fn run(self, pipe: DuplexStream, lease: Lease) -> u32 {
+        let (r, w) = tokio::io::split(pipe);
+        let mut wire = Wire::new(r, w);
+        let path = match tokio::time::timeout(HELLO_WAIT, wire.recv::<ToDaemon>()).await {
+            Ok(Ok(Some(ToDaemon::Hello { version, path }))) if version == proto::VERSION => path,
+            Ok(Ok(Some(ToDaemon::Hello { version, .. }))) => {
+                let reason = format!(
+                    "this server speaks berth connect version {}, yours {version}: use the same Berth release on both sides",
+                    proto::VERSION
+                );
+                return refuse(&mut wire, reason).await;
+            }
+            // Silence, nonsense or nothing: there is nobody to tell.
+            _ => return 1,
+        };
+        let at = match berth_connect::target::check(&path) {
+            Ok(p) => p,
+            Err(e) => return refuse(&mut wire, e.0).await,
+        };
+        let Some(_slot) = self.mounts.take(&self.user) else {
+            self.lifecycle.audit().record(Event::LimitReached {
+                user: self.user.clone(),
+                what: "mounts",
+            });
+            let reason = format!("you have {MOUNTS_PER_USER} directories mounted already");
+            return refuse(&mut wire, reason).await;
+        };
+        let mounted = match self.mount(lease.container(), &at).await {
+            Ok(m) => m,
+            Err(reason) => return refuse(&mut wire, reason).await,
+        };
+        if wire
+            .send(&ToLaptop::Welcome {
+                version: proto::VERSION,
+            })
+            .await
+            .is_err()
+        {
+            mounted.detach().await;
+            return 1;
+        }
+        let shown = at.display().to_string();
+        self.lifecycle.audit().record(Event::MountStart {
+            user: self.user.clone(),
+            path: shown.clone(),
+        });
+        info!(user = %self.user, path = %shown, "directory mounted");
+        let _end = Ended {
+            lifecycle: self.lifecycle.clone(),
+            user: self.user.clone(),
+            path: shown,
+        };
+        let (client, driver) = Client::start(wire, REQUEST_DEADLINE);
+        let fs = crate::connect::ConnectFs::new(
+            client,
+            tokio::runtime::Handle::current(),
+            (mounted.owner.uid, mounted.owner.gid),
+        );
+        let conn = mounted.attached.connection();
+        let serving = match crate::connect::run(fs, mounted.dev, conn) {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(user = %self.user, error = %e, "the mount's file system did not start");
+                detach(mounted.attached).await;
+                return 1;
+            }
+        };
+        // Until the laptop goes (or the session is killed, which drops this future: then
+        // `serving` aborts the connection and `Attached` takes the mount out as they drop).
+        driver.await;
+        detach(mounted.attached).await;
+        drop(serving);
+        0
+    }
+
+    /// Makes the FUSE mount and attaches it at `at` in the container; the error is one line
+    /// for the user.
+    async fn mount(&self, container: &str, at: &std::path::Path) -> Result<Mounted, String> {
+        let init = match self.runtime.open_init(container).await {
+            Ok(Some(init)) => init,
+            Ok(None) => return Err("your container is not running".into()),
+            Err(e) => {
+                warn!(user = %self.user, error = %e, "connect: cannot reach the container");
+                return Err("your container cannot be reached".into());
+            }
+        };
+        let owner = init
+            .root_owner()
+            .ok_or_else(|| "your container is not running".to_owned())?;
+        let (dev, detached) =
+            berth_runtime::mount::fuse_mount(&berth_runtime::mount::FuseOptions {
+                owner,
+                root_perms: 0o755,
+                max_read: Some(proto::MAX_IO),
+                source: format!("berth-connect:{}", self.user),
+            })
+            .map_err(|e| {
+                warn!(error = %e, "connect: no FUSE mount");
+                "this server cannot make FUSE mounts (see the daemon's log)".to_owned()
+            })?;
+        let attached = berth_runtime::mount::attach(&init, &self.user, detached, at)
+            .await
+            .map_err(|e| format!("cannot mount at {}: {e}", at.display()))?;
+        Ok(Mounted {
+            dev,
+            attached,
+            owner,
+        })
+    }
+}
+
+struct Mounted {
+    dev: std::os::fd::OwnedFd,
+    attached: berth_runtime::mount::Attached,
+    owner: berth_runtime::RootOwner,
+}
+
+impl Mounted {
+    async fn detach(self) {
+        detach(self.attached).await;
+    }
+}
+
+/// Aborts the FUSE connection (whatever waits on it gets `ENOTCONN`), then takes the mount
+/// out of the container.
+async fn detach(attached: berth_runtime::mount::Attached) {
+    if let Err(e) = attached.connection().abort() {
+        debug!(error = %e, "connect: the FUSE connection was already gone");
+    }
+    match tokio::time::timeout(DETACH_WAIT, attached.detach()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "connect: the mount was not taken out"),
+        Err(_) => warn!("connect: taking the mount out did not finish in time"),
+    }
+}
+
+async fn refuse<R, W>(wire: &mut Wire<R, W>, reason: String) -> u32
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    debug!(reason, "connect refused");
+    let _ = tokio::time::timeout(HELLO_WAIT, wire.send(&ToLaptop::Refused { reason })).await;
+    1
+}
+
+/// Records the end of a mount however it ends (the laptop went, the session was killed).
+struct Ended<R: Runtime> {
+    lifecycle: Arc<crate::lifecycle::Lifecycle<R>>,
+    user: String,
+    path: String,
+}
+
+impl<R: Runtime> Drop for Ended<R> {
+    fn drop(&mut self) {
+        self.lifecycle.audit().record(Event::MountEnd {
+            user: std::mem::take(&mut self.user),
+            path: std::mem::take(&mut self.path),
+        });
+    }
+}
+
+/// Dropping it before the end (the client went) aborts the mount's task, whose parts take
+/// the mount down as they drop.
+struct ConnectControl {
+    task: Option<AbortOnDropHandle<u32>>,
+    _registration: crate::sessions::Registration,
+}
+
+impl ProcessControl for ConnectControl {
+    fn resize(&self, _size: WindowSize) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, u32> {
+        Box::pin(async move {
+            match self.task.take() {
+                Some(t) => t.await.unwrap_or(1),
+                None => 1,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_subsystem_name_is_the_one_the_laptop_asks_for() {
+        assert_eq!(
+            berth_ssh::CONNECT_SUBSYSTEM,
+            berth_connect::proto::SUBSYSTEM
+        );
+    }
+}
