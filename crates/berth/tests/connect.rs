@@ -442,3 +442,118 @@ fn paths_that_would_shadow_the_system_are_refused_and_change_nothing() {
     }
     assert_eq!(mounts_in(&d, "alice"), before);
 }
+
+#[test]
+fn a_laptop_user_without_root_mounts_and_owns_what_the_container_writes() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    // The laptop user is nobody (65534): her own key, directory and temporary files.
+    let top = tempfile::Builder::new()
+        .prefix("laptop-")
+        .tempdir()
+        .unwrap();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let nogroup = nix::unistd::Gid::from_raw(65534);
+    let dir = top.path().join("work");
+    std::fs::create_dir(&dir).unwrap();
+    let her_key = top.path().join("id");
+    std::fs::copy(&key, &her_key).unwrap();
+    for p in [top.path(), dir.as_path(), her_key.as_path()] {
+        nix::unistd::chown(p, Some(nobody), Some(nogroup)).unwrap();
+    }
+    std::fs::set_permissions(&her_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let out = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(BIN)
+        .arg("connect")
+        .args(["-P", &d.port.to_string(), "-i"])
+        .arg(&her_key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "LogLevel=ERROR",
+            "--mount",
+        ])
+        .arg(&dir)
+        .arg("alice@127.0.0.1")
+        .arg("--")
+        .arg("echo hi > made; mkdir sub; id -u")
+        .env("HOME", top.path())
+        .env("TMPDIR", top.path()));
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "root in the container"
+    );
+    for p in ["made", "sub"] {
+        let m = std::fs::metadata(dir.join(p)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (65534, 65534),
+            "{p} is the laptop user's"
+        );
+    }
+    assert_eq!(std::fs::read_to_string(dir.join("made")).unwrap(), "hi\n");
+}
+
+#[test]
+fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
+    let d = start();
+    let key = d.add_user("deb", berth_testkit::DEBIAN);
+    let (_top, dir) = laptop_dir("shell");
+    let mut line = vec![BIN.to_owned(), "connect".into()];
+    let args = d.ssh_args(&key);
+    for pair in args.chunks(2) {
+        let flag = match pair[0].as_str() {
+            "-p" => "-P",
+            other => other,
+        };
+        line.push(flag.to_owned());
+        line.push(format!("'{}'", pair[1]));
+    }
+    line.push("--mount".into());
+    line.push(dir.display().to_string());
+    line.push("deb@127.0.0.1".into());
+    // Typed into the terminal once the shell is up; the size set before reaches it.
+    let mut term = Command::new("timeout")
+        .args(["90", "script", "-qec"])
+        .arg(format!("stty cols 97 rows 31; {}", line.join(" ")))
+        .arg("/dev/null")
+        // With a display, the shell gets X11 forwarding (no X server needed to see that).
+        .env("DISPLAY", ":77")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut typing = term.stdin.take().unwrap();
+    let mut seen = String::new();
+    let mut out = term.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let _ = out.read_to_end(&mut all);
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    std::thread::sleep(Duration::from_secs(8));
+    typing
+        .write_all(b"echo at=$(pwd) shell=$0 display=$DISPLAY; stty size; exit 3\n")
+        .unwrap();
+    let status = term.wait().unwrap();
+    drop(typing);
+    seen.push_str(&reader.join().unwrap());
+    assert!(seen.contains(&format!("at={}", dir.display())), "{seen}");
+    assert!(seen.contains("shell=/bin/bash"), "{seen}");
+    assert!(seen.contains("31 97"), "{seen}");
+    assert!(seen.contains("display=localhost:1"), "{seen}");
+    assert_eq!(status.code(), Some(3), "{seen}");
+}

@@ -126,10 +126,13 @@ fn run_inner(args: Args) -> Result<u8, Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::new(format!("cannot start the async runtime: {e}")))?;
+    // connect.sh logged in with `ssh -Y` when it ran no command.
+    let x11 = command.is_none() && std::env::var_os("DISPLAY").is_some();
     let ssh = Ssh {
         destination,
         control,
         args: &args,
+        x11,
     };
     rt.block_on(connect(ssh, locals, command))
 }
@@ -189,6 +192,8 @@ struct Ssh<'a> {
     destination: String,
     control: PathBuf,
     args: &'a Args,
+    /// The login shell gets trusted X11 forwarding (`-Y`).
+    x11: bool,
 }
 
 impl Ssh<'_> {
@@ -205,6 +210,11 @@ impl Ssh<'_> {
         }
         if master {
             c.args(["-M", "-o", "ControlPersist=no"]);
+            // The master makes the X11 request of a multiplexed session, and only if its
+            // own options allow it (the mount's subsystem ignores its own request).
+            if self.x11 {
+                c.args(["-o", "ForwardX11=yes", "-o", "ForwardX11Trusted=yes"]);
+            }
         }
         c.arg("-S").arg(&self.control);
         c
@@ -288,9 +298,9 @@ async fn connect(ssh: Ssh<'_>, locals: Vec<Local>, command: Option<String>) -> R
     let interactive = command.is_none();
     if interactive {
         c.arg("-t");
-        if std::env::var_os("DISPLAY").is_some() {
-            c.arg("-Y");
-        }
+    }
+    if ssh.x11 {
+        c.arg("-Y");
     }
     c.arg(&ssh.destination)
         .arg("--")
