@@ -557,3 +557,42 @@ fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
     assert!(seen.contains("display=localhost:1"), "{seen}");
     assert_eq!(status.code(), Some(3), "{seen}");
 }
+
+#[test]
+fn ctrl_c_ends_connect_and_takes_the_mount_away() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let (_top, dir) = laptop_dir("interrupted");
+    let mut running = Running::spawn(
+        connect(&d, "alice", &key, &[&dir])
+            .arg("--")
+            .arg("sleep 300"),
+    );
+    assert!(wait_until(Duration::from_secs(30), || in_mounts(
+        &mounts_in(&d, "alice"),
+        &dir
+    )));
+    // Ctrl-C on a terminal signals the whole foreground group: connect and its ssh.
+    nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(running.pid()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = running.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "connect did not end on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        wait_until(Duration::from_secs(15), || !in_mounts(
+            &mounts_in(&d, "alice"),
+            &dir
+        )),
+        "{}",
+        mounts_in(&d, "alice")
+    );
+}
