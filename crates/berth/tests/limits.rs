@@ -26,16 +26,8 @@ fn daemon(config: &str) -> Daemon {
     )
 }
 
-fn audit(d: &Daemon) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(d.state_dir().join("audit.log"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 fn limit_records(d: &Daemon, user: &str, what: &str) -> usize {
-    audit(d)
+    d.audit()
         .iter()
         .filter(|r| r["event"] == "limit_reached" && r["user"] == user && r["what"] == what)
         .count()
@@ -60,7 +52,7 @@ fn hold_open(d: &Daemon, user: &str, key: &Path, args: &[&str]) -> KillOnDrop {
 }
 
 fn connections_of(d: &Daemon, user: &str) -> usize {
-    audit(d)
+    d.audit()
         .iter()
         .filter(|r| r["event"] == "login_accepted" && r["user"] == user)
         .count()

@@ -44,14 +44,6 @@ fn exits_within(child: &mut Child, limit: Duration) -> Option<Duration> {
     wait_until(limit, || child.try_wait().unwrap().is_some()).then(|| start.elapsed())
 }
 
-fn audit(d: &Daemon) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(d.state_dir().join("audit.log"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn removing_a_key_or_a_user_or_a_kick_ends_their_open_connections() {
     let d = daemon();
@@ -114,7 +106,8 @@ fn removing_a_key_or_a_user_or_a_kick_ends_their_open_connections() {
     let o = d.berth(&["user", "kick", "bob"]);
     assert!(!o.status.success());
 
-    let closed: Vec<_> = audit(&d)
+    let closed: Vec<_> = d
+        .audit()
         .into_iter()
         .filter(|r| r["event"] == "connections_closed")
         .map(|r| {
@@ -201,7 +194,7 @@ fn a_flood_of_host_words_is_counted_not_written_past_the_users_budget() {
         }
     }
     let _ = ssh(&["-O", "exit"]).output();
-    let records = audit(&d);
+    let records = d.audit();
     // Everything of her own doing (logins, words) shares the budget: 20 a minute, so at
     // most two minutes' worth whatever the clock did meanwhile, of 120 words and the logins.
     let mine: Vec<&str> = records
