@@ -179,7 +179,7 @@ impl<R: Runtime> Job<R> {
             user: self.user.clone(),
             path: shown.clone(),
         });
-        info!(user = %self.user, path = %shown, "directory mounted");
+        info!(user = %self.user, path = ?shown, "directory mounted");
         let _end = Ended {
             lifecycle: self.lifecycle.clone(),
             user: self.user.clone(),

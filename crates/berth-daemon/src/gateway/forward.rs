@@ -110,7 +110,7 @@ impl<R: Runtime> BerthGateway<R> {
         let init = self.container_init(lease.container()).await?;
         let owner = root_owner(&init)?;
         let p = path.to_owned();
-        let made = off_thread(move || f(&init.root, &p, owner))
+        let made = off_thread(user.as_str(), move || f(&init.root, &p, owner))
             .await
             .map_err(|e| OpenError(format!("cannot {doing} {path} in your container: {e}")))?;
         Ok((made, lease))
@@ -228,12 +228,40 @@ fn root_owner(init: &ContainerInit) -> Result<RootOwner, OpenError> {
         .ok_or_else(|| OpenError("your container is not running".into()))
 }
 
-/// Runs file system work in a container's tree off the runtime's workers, with a deadline
-/// (a user's container decides how long its paths take to resolve).
+/// Path lookups of one user's that may be running at once. A lookup in her container can
+/// take as long as her container makes it (a path through a `berth connect` mount whose
+/// laptop stopped answering waits for that mount's deadline), and each holds a thread of the
+/// blocking pool the whole daemon shares (the store's calls run there too): past this she
+/// is refused, never anybody else slowed.
+const PATH_LOOKUPS_PER_USER: usize = 4;
+
+static PATH_LOOKUPS: std::sync::Mutex<
+    Option<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
+> = std::sync::Mutex::new(None);
+
+/// Runs file system work in `user`'s container's tree off the runtime's workers, with a
+/// deadline (a user's container decides how long its paths take to resolve). Her slot is
+/// held by the thread itself, so one given up on still counts until it really ends.
 async fn off_thread<T: Send + 'static>(
+    user: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
-    match tokio::time::timeout(PATH_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+    let busy = || std::io::Error::other("too many path lookups of yours are under way");
+    let slots = PATH_LOOKUPS.lock().map_err(|_| busy()).map(|mut m| {
+        let m = m.get_or_insert_with(Default::default);
+        m.retain(|_, s| std::sync::Arc::strong_count(s) > 1);
+        m.entry(user.to_owned())
+            .or_insert_with(|| {
+                std::sync::Arc::new(tokio::sync::Semaphore::new(PATH_LOOKUPS_PER_USER))
+            })
+            .clone()
+    })?;
+    let slot = slots.try_acquire_owned().map_err(|_| busy())?;
+    let work = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        f()
+    });
+    match tokio::time::timeout(PATH_TIMEOUT, work).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(std::io::Error::other(e)),
         Err(_) => Err(std::io::Error::new(

@@ -118,6 +118,7 @@ fn run_inner(args: Args) -> Result<u8, Failure> {
     // The control socket lives in a directory only this user can enter.
     let control_dir = tempfile::Builder::new()
         .prefix("berth-connect-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .map_err(|e| Failure::new(format!("cannot make a temporary directory: {e}")))?;
     let control = control_dir.path().join("ssh");
@@ -138,6 +139,19 @@ fn run_inner(args: Args) -> Result<u8, Failure> {
 }
 
 fn destination(args: &Args) -> Result<String, Failure> {
+    // Nothing given as the server may be taken by ssh for an option.
+    for v in [&args.destination, &args.host, &args.user]
+        .into_iter()
+        .flatten()
+    {
+        if v.starts_with('-') || v.is_empty() {
+            return Err(Failure {
+                message: format!("{v:?} is not a server or user name"),
+                hint: None,
+                code: 2,
+            });
+        }
+    }
     match (&args.destination, &args.host) {
         (Some(_), Some(_)) => Err(Failure::new(
             "give the server once: as [USER@]HOST or with -h",
@@ -208,6 +222,14 @@ impl Ssh<'_> {
         for o in &self.args.ssh_options {
             c.arg("-o").arg(o);
         }
+        // A network that drops is noticed here too (the first value of an option wins, so
+        // the user's own -o comes first).
+        c.args([
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+        ]);
         if master {
             c.args(["-M", "-o", "ControlPersist=no"]);
             // The master makes the X11 request of a multiplexed session, and only if its
@@ -306,21 +328,56 @@ async fn connect(ssh: Ssh<'_>, locals: Vec<Local>, command: Option<String>) -> R
         .arg("--")
         .arg(remote_command(&cwd, command.as_deref()));
     // Ctrl-C is the command's (ssh passes it on, or it ends ssh); this process waits to
-    // take the mounts down after it.
-    let _ignore_interrupts =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
-    let status = c
+    // take the mounts down after it. A TERM or HUP to this process alone ends the command's
+    // ssh first, so nothing is left running behind it.
+    use tokio::signal::unix::{SignalKind, signal};
+    let _ignore_interrupts = signal(SignalKind::interrupt());
+    let (mut term, mut hup) = (
+        signal(SignalKind::terminate()).map_err(|e| Failure::new(format!("signals: {e}")))?,
+        signal(SignalKind::hangup()).map_err(|e| Failure::new(format!("signals: {e}")))?,
+    );
+    let mut child = c
         .stdin(Stdio::inherit())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
-        .status()
-        .await
+        .kill_on_drop(true)
+        .spawn()
         .map_err(|e| Failure::new(format!("cannot run ssh: {e}")))?;
+    let ended_by = tokio::select! {
+        status = child.wait() => Ok(status),
+        _ = term.recv() => Err(libc_signal::TERM),
+        _ = hup.recv() => Err(libc_signal::HUP),
+    };
+    let code = match ended_by {
+        Ok(Ok(status)) => exit_code(status),
+        Ok(Err(e)) => {
+            wind_down(mounts).await;
+            return Err(Failure::new(format!("ssh: {e}")));
+        }
+        Err(sig) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            128 + sig
+        }
+    };
     wind_down(mounts).await;
-    Ok(status
-        .code()
-        .and_then(|c| u8::try_from(c).ok())
-        .unwrap_or(255))
+    Ok(code)
+}
+
+/// Signal numbers (Linux), for exit codes.
+mod libc_signal {
+    pub const HUP: u8 = 1;
+    pub const TERM: u8 = 15;
+}
+
+/// ssh's exit code, or 128 + the signal that ended it, as a shell reports it.
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(255),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(255),
+        (None, None) => 255,
+    }
 }
 
 /// Ends the mounts: the extra ones first (their channels close), the master last.
@@ -370,6 +427,45 @@ fn quote(b: &[u8]) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    fn parse(argv: &[&str]) -> Args {
+        match Cli::try_parse_from(std::iter::once("connect").chain(argv.iter().copied())) {
+            Ok(c) => c.args,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn the_original_flags_name_the_server_and_nothing_becomes_an_ssh_option() {
+        let ok = |argv: &[&str]| destination(&parse(argv)).map_err(|f| f.message);
+        assert_eq!(
+            ok(&["-u", "alice", "-h", "server"]),
+            Ok("alice@server".into())
+        );
+        assert_eq!(ok(&["alice@server"]), Ok("alice@server".into()));
+        assert_eq!(ok(&["-u", "alice", "server"]), Ok("alice@server".into()));
+        assert!(ok(&["-u=-oProxyCommand=x", "-h", "server"]).is_err());
+        assert!(ok(&["-h=-oProxyCommand=x"]).is_err());
+        assert!(ok(&["server", "-h", "other"]).is_err());
+        assert!(ok(&[]).is_err());
+        let a = parse(&["-p", "/tmp/a", "-l", "/tmp/b", "-m", "make", "s"]);
+        assert_eq!(a.mounts, [PathBuf::from("/tmp/a"), PathBuf::from("/tmp/b")]);
+        assert_eq!(a.command_line.as_deref(), Some("make"));
+    }
+
+    #[test]
+    fn a_command_ended_by_a_signal_exits_as_a_shell_says() {
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(exit_code(std::process::ExitStatus::from_raw(7 << 8)), 7);
+        assert_eq!(exit_code(std::process::ExitStatus::from_raw(2)), 130);
+    }
 
     #[test]
     fn the_remote_command_changes_to_the_directory_first() {
