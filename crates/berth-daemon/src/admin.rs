@@ -116,6 +116,7 @@ impl IntoResponse for AdminError {
                 }
             },
             Self::Lifecycle(LifecycleError::Store(StoreError::UserNotFound(_))) => (StatusCode::NOT_FOUND, None),
+            Self::Lifecycle(LifecycleError::BadSetting(_)) => (StatusCode::BAD_REQUEST, None),
             Self::Lifecycle(_) | Self::Runtime(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some("see the berth daemon log".to_owned()))
             }
@@ -188,6 +189,10 @@ pub async fn serve<R: Runtime>(
         .route(
             "/v1/users/{name}/forwarding",
             axum::routing::post(set_forwarding::<R>),
+        )
+        .route(
+            "/v1/users/{name}/settings",
+            axum::routing::post(set_settings::<R>),
         )
         .route("/v1/status", get(status::<R>))
         .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
@@ -298,6 +303,7 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
             None => None,
         },
         user_namespaces,
+        gpus: Some(st.lifecycle.gpu_support().to_string()),
     }))
 }
 
@@ -492,7 +498,24 @@ fn describe<R: Runtime>(
         daemon_mode: u.daemon_mode,
         keys: u.keys,
         forwarding: crate::gateway::effective_forwarding(st.forwarding, u.forwarding),
+        limits: None,
+        mounts: None,
     }
+}
+
+/// [`describe`] with her effective limits, GPUs and shared folders, and whether her
+/// container has them (one engine call: `user show` and `user set` only).
+async fn with_settings<R: Runtime>(st: &AdminState<R>, mut info: UserInfo) -> Result<UserInfo> {
+    let own = st.store.settings(&info.name).await?;
+    let effective = crate::user_settings::effective(st.lifecycle.server(), &own);
+    let applied = st
+        .runtime
+        .applied(&st.lifecycle.container_name(&info.name))
+        .await?;
+    let (limits, mounts) = effective.info(applied.as_ref());
+    info.limits = Some(limits);
+    info.mounts = Some(mounts);
+    Ok(info)
 }
 
 async fn list_users<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<UserInfo>>> {
@@ -510,7 +533,7 @@ async fn show_user<R: Runtime>(
     let info = infos
         .pop()
         .ok_or_else(|| AdminError::NotFound(format!("user {name} not found")))?;
-    Ok(Json(info))
+    Ok(Json(with_settings(&st, info).await?))
 }
 
 async fn add_user<R: Runtime>(
@@ -593,6 +616,95 @@ async fn set_forwarding<R: Runtime>(
         x11: user.forwarding.x11,
     });
     Ok(Json(user_info(&st, user).await?))
+}
+
+/// `berth user set NAME --memory/--cpus/--pids/--gpus/--mount/--unmount`. Every value is
+/// checked (a shared folder's source against the host, on a blocking thread) before her
+/// lifecycle owner applies the change; the first bad one is the one line of the refusal,
+/// and nothing is changed.
+async fn set_settings<R: Runtime>(
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+    req: std::result::Result<Json<berth_proto::SetSettingsRequest>, JsonRejection>,
+) -> Result<Json<UserInfo>> {
+    use berth_proto::settings::{Gpus, MountSpec, parse_cpus, parse_memory, parse_pids};
+    let name = parse_name(&name)?;
+    let req = body(req)?;
+    if req.is_empty() {
+        return Err(AdminError::BadRequest(
+            "nothing to set: give --memory, --cpus, --pids, --gpus, --mount or --unmount".into(),
+        ));
+    }
+    if req.mount.len() + req.unmount.len() > crate::mounts::MAX_USER_MOUNTS * 2 {
+        return Err(AdminError::BadRequest(
+            "too many --mount and --unmount at once".into(),
+        ));
+    }
+    st.store.user(&name).await?;
+    let bad = AdminError::BadRequest;
+    let mut change = crate::user_settings::Change {
+        memory: req
+            .memory
+            .as_deref()
+            .map(parse_memory)
+            .transpose()
+            .map_err(bad)?,
+        cpus: req
+            .cpus
+            .as_deref()
+            .map(parse_cpus)
+            .transpose()
+            .map_err(bad)?,
+        pids: req
+            .pids
+            .as_deref()
+            .map(parse_pids)
+            .transpose()
+            .map_err(bad)?,
+        gpus: req
+            .gpus
+            .as_deref()
+            .map(Gpus::parse_override)
+            .transpose()
+            .map_err(bad)?,
+        ..Default::default()
+    };
+    for t in &req.unmount {
+        let target = crate::mounts::check_target(t).map_err(bad)?;
+        change.unmount.push(target);
+    }
+    let mut wanted = Vec::new();
+    for m in &req.mount {
+        let spec = MountSpec::parse(m).map_err(bad)?;
+        let target = crate::mounts::check_target(&spec.target).map_err(bad)?;
+        if wanted
+            .iter()
+            .any(|(_, t, _): &(String, String, bool)| *t == target)
+        {
+            return Err(bad(format!("two shared folders at {target}")));
+        }
+        wanted.push((spec.source, target, spec.read_only));
+    }
+    let rules = st.lifecycle.sources().clone();
+    change.mount = tokio::task::spawn_blocking(move || {
+        wanted
+            .into_iter()
+            .map(|(source, target, read_only)| {
+                Ok(berth_runtime::BindMount {
+                    source: rules.check(std::path::Path::new(&source))?,
+                    target,
+                    read_only,
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, String>>()
+    })
+    .await
+    .map_err(|e| bad(e.to_string()))?
+    .map_err(bad)?;
+    st.lifecycle.set_settings(&name, change).await?;
+    let user = st.store.user(&name).await?;
+    let info = user_info(&st, user).await?;
+    Ok(Json(with_settings(&st, info).await?))
 }
 
 async fn list_keys<R: Runtime>(

@@ -158,6 +158,20 @@ pub enum Event {
         agent: Option<bool>,
         x11: Option<bool>,
     },
+    /// What `berth user set` stored for a user apart from the server, after the change
+    /// (absent: the server's value; 0: no limit).
+    UserSettings {
+        user: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        memory_bytes: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        nano_cpus: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pids: Option<u32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        gpus: Option<String>,
+        mounts: Vec<String>,
+    },
     KeyAdd {
         user: String,
         keys: usize,

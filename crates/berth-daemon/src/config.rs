@@ -84,6 +84,20 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub limits: LimitsConfig,
     pub isolation: IsolationConfig,
+    /// Server-wide shared folders (`[[mounts]]`), in every user's new containers.
+    pub mounts: Vec<MountConfig>,
+}
+
+/// One `[[mounts]]` entry: host `source` bind-mounted at `target` in every user's new
+/// container. The source's rules (no system tree, no Docker data, ...) are checked at start
+/// ([`crate::mounts::SourceRules`]); the target's when the config is read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MountConfig {
+    pub source: PathBuf,
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// The `[isolation]` table (see [`SETTINGS`]): each user's own network, and what the host
@@ -126,6 +140,8 @@ pub struct LimitsConfig {
     pub forwards: usize,
     pub input_buffer_mb: u64,
     pub disk_gb: f64,
+    /// `none`, `all` or device ids, parsed by [`berth_proto::settings::Gpus`].
+    pub gpus: String,
 }
 
 impl Default for Config {
@@ -164,6 +180,7 @@ impl Default for Config {
             metrics_listen: None,
             limits: LimitsConfig::default(),
             isolation: IsolationConfig::default(),
+            mounts: Vec::new(),
         }
     }
 }
@@ -180,6 +197,7 @@ impl Default for LimitsConfig {
             forwards: 256,
             input_buffer_mb: 64,
             disk_gb: 0.0,
+            gpus: "none".into(),
         }
     }
 }
@@ -367,6 +385,19 @@ more than per_source_max_startups) before its connections are closed at once; 0 
         "Audit records one user's own doing may write per minute (logins, sessions, host words,
 forwardings); past it they are counted (audit_suppressed). Admin changes are never suppressed.",
     ),
+    setting(
+        "mounts",
+        "Shared folders in every user's new container, one [[mounts]] table each (after all other
+settings), e.g.
+  [[mounts]]
+  source = \"/srv/datasets\"
+  target = \"/datasets\"
+  read_only = true
+read_only is false unless set. `berth user set NAME --mount SOURCE:TARGET[:ro]` adds one user's
+own. A source may not be /, a system tree (/etc, /usr, /bin, /sbin, /lib*, /boot, /root, /proc,
+/sys, /dev, /run), the whole of /home or /tmp, the Docker socket or data root, Berth's
+state_dir, nor hold one of them; symlinks are resolved first. A bad entry stops the daemon.",
+    ),
     unset(
         "metrics_listen",
         "Serve Prometheus metrics at http://ADDRESS/metrics; off when unset (example below).",
@@ -389,6 +420,14 @@ of half of it, the older one dropped); 0 = nothing is kept (Docker's `none` log 
 \"no space left on device\". Needs a storage driver with quotas (overlay2 on xfs mounted with\n\
 pquota; btrfs, zfs, devicemapper); elsewhere containers are made without it and `berth status`\n\
 says why. 0 = no limit. Each user's use is reported either way (`berth user list`).",
+    ),
+    setting(
+        "limits.gpus",
+        "GPUs each container gets through the NVIDIA container runtime: \"none\", \"all\", or device
+indices or UUIDs as nvidia-smi -L lists them, e.g. \"0,2\" (`berth user set NAME --gpus` sets one
+user apart). The engine needs the runtime (`docker info` lists a runtime named nvidia: install
+nvidia-container-toolkit, then `nvidia-ctk runtime configure --runtime=docker`); without it
+`berth status` says GPUs are not available and a user with GPUs is told so at login.",
     ),
     setting(
         "limits.connections",
@@ -551,6 +590,8 @@ impl Config {
                 self.limits.disk_gb
             ));
         }
+        berth_proto::settings::Gpus::parse(&self.limits.gpus).map_err(|e| format!("limits.{e}"))?;
+        self.check_mounts()?;
         if self.limits.pids < 16 {
             return Err(format!(
                 "limits.pids = {} is too low (at least 16)",
@@ -579,6 +620,32 @@ impl Config {
                 "commit_repository {:?} is not a valid image repository",
                 self.commit_repository
             ));
+        }
+        Ok(())
+    }
+
+    /// The `[[mounts]]` entries' shape: an absolute source, a target a user's could be
+    /// (`berth_connect::target::check`), no target twice. Their sources are checked against
+    /// the host at start ([`crate::mounts::SourceRules`]).
+    fn check_mounts(&self) -> Result<(), String> {
+        if self.mounts.len() > crate::mounts::MAX_SERVER_MOUNTS {
+            return Err(format!(
+                "[[mounts]]: {} entries, at most {} are allowed",
+                self.mounts.len(),
+                crate::mounts::MAX_SERVER_MOUNTS
+            ));
+        }
+        let mut targets = std::collections::HashSet::new();
+        for (i, m) in self.mounts.iter().enumerate() {
+            let entry = crate::mounts::entry_name(i, m);
+            if !m.source.is_absolute() {
+                return Err(format!("{entry}: the source must be an absolute path"));
+            }
+            let target =
+                crate::mounts::check_target(&m.target).map_err(|e| format!("{entry}: {e}"))?;
+            if !targets.insert(target) {
+                return Err(format!("{entry}: another entry has the same target"));
+            }
         }
         Ok(())
     }

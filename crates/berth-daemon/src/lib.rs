@@ -18,10 +18,12 @@ pub mod firewall;
 pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
+pub mod mounts;
 mod resolve;
 pub mod sessions;
 pub mod store;
 pub mod telemetry;
+pub mod user_settings;
 pub mod words_socket;
 
 use std::os::unix::fs::PermissionsExt;
@@ -112,6 +114,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let engine = runtime.version().await?;
     info!(docker = %engine.version, api = %engine.api_version, "connected to the Docker engine");
+    // Shared folders: a source that would hand over the host stops the daemon here, named,
+    // before anything is changed on the host.
+    let data_root = runtime.data_root().await?;
+    let sources = Arc::new(mounts::SourceRules::new(
+        state,
+        &config.docker_socket,
+        &data_root,
+    ));
+    let server_mounts = sources
+        .server_mounts(&config.mounts)
+        .map_err(|e| StartupError {
+            message: format!("invalid config: {e}"),
+            hint: None,
+        })?;
     // Each user's container joins a network of her own, made by her lifecycle owner; the
     // firewall keeps all of them from the host before any container starts.
     let network = config.network_settings().map_err(anyhow::Error::msg)?;
@@ -142,6 +158,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     let mut limits = limits(&config);
     limits.disk_bytes = quota.bytes();
+    let gpus =
+        berth_proto::settings::Gpus::parse(&config.limits.gpus).map_err(anyhow::Error::msg)?;
+    let gpu_support = gpu_support(&*runtime).await;
+    if gpus != berth_proto::settings::Gpus::None
+        && gpu_support != berth_runtime::GpuSupport::Available
+    {
+        warn!(gpus = %gpus, "limits.gpus is set but GPUs are {gpu_support}: users with GPUs cannot log in");
+    } else {
+        info!("GPUs: {gpu_support}");
+    }
 
     let lifecycle = Lifecycle::new(
         runtime.clone(),
@@ -151,7 +177,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             instance,
             network,
             guest_dir: guest_dir.clone(),
-            limits,
+            server: user_settings::Server {
+                limits,
+                gpus,
+                mounts: server_mounts,
+            },
+            gpu_support,
+            sources,
             idle_stop: Duration::from_secs(config.idle_stop_seconds),
             stop_timeout_secs: i32::try_from(config.stop_timeout_seconds).unwrap_or(i32::MAX),
             run_dir: state.join("run"),
@@ -345,6 +377,18 @@ pub async fn user_namespaces<R: Runtime>(runtime: &R) -> String {
         Ok(Ok(u)) => u.to_string(),
         Ok(Err(e)) => format!("unknown: cannot ask the engine: {e}"),
         Err(_) => "unknown: the engine did not answer in time".into(),
+    }
+}
+
+/// Whether the engine can give containers GPUs; an engine that does not answer has none.
+pub async fn gpu_support<R: Runtime>(runtime: &R) -> berth_runtime::GpuSupport {
+    match tokio::time::timeout(Duration::from_secs(10), runtime.gpu_support()).await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => {
+            warn!(error = %e, "cannot ask the engine for its runtimes; GPUs taken as not available");
+            berth_runtime::GpuSupport::NotAvailable
+        }
+        Err(_) => berth_runtime::GpuSupport::NotAvailable,
     }
 }
 

@@ -56,6 +56,15 @@ pub enum LifecycleError {
     /// The configured commit repository does not make an image name.
     #[error("bad image name {0}")]
     BadImageName(String),
+    /// The user is set to have GPUs and the engine has no NVIDIA container runtime.
+    #[error("the user is set to have GPUs but the engine has no NVIDIA container runtime")]
+    NoGpuRuntime,
+    /// A shared folder's source is refused now (checked again at every create).
+    #[error("shared folder refused: {0}")]
+    MountRefused(String),
+    /// A `berth user set` change that cannot be made; nothing was changed.
+    #[error("{0}")]
+    BadSetting(String),
 }
 
 impl LifecycleError {
@@ -70,7 +79,13 @@ impl LifecycleError {
                 "your container's image is missing on this server; ask the administrator".into()
             }
             Self::ShuttingDown => "the server is shutting down; try again later".into(),
-            Self::NoContainer(_) | Self::NoFreePort => self.to_string(),
+            Self::NoContainer(_) | Self::NoFreePort | Self::BadSetting(_) => self.to_string(),
+            Self::NoGpuRuntime => "your account is set to use GPUs, but this server has no NVIDIA \
+                                   container runtime; ask the administrator"
+                .into(),
+            Self::MountRefused(_) => "a shared folder of your account cannot be mounted; ask the \
+                                      administrator (details are in the berth log)"
+                .into(),
             Self::Runtime(_)
             | Self::Store(_)
             | Self::Foreign(_)
@@ -91,7 +106,13 @@ pub struct Settings {
     /// Each user's own network; re-ensured before a container is created or started.
     pub network: NetworkSettings,
     pub guest_dir: PathBuf,
-    pub limits: Limits,
+    /// The server's limits, GPUs and shared folders; each user's own values override them
+    /// ([`crate::user_settings`]).
+    pub server: crate::user_settings::Server,
+    /// Whether the engine can give containers GPUs (asked at start).
+    pub gpu_support: berth_runtime::GpuSupport,
+    /// What a shared folder's source may be; checked again at every create.
+    pub sources: Arc<crate::mounts::SourceRules>,
     pub idle_stop: Duration,
     pub stop_timeout_secs: i32,
     /// Host directory holding one `USER/guest.sock` per user (see [`crate::words_socket`]).
@@ -159,13 +180,23 @@ impl Settings {
                 bridge_prefix: "net-".into(),
             },
             guest_dir: PathBuf::from("/nonexistent"),
-            limits: Limits {
-                memory_bytes: None,
-                nano_cpus: None,
-                pids: 100,
-                log_bytes: None,
-                disk_bytes: None,
+            server: crate::user_settings::Server {
+                limits: Limits {
+                    memory_bytes: None,
+                    nano_cpus: None,
+                    pids: 100,
+                    log_bytes: None,
+                    disk_bytes: None,
+                },
+                gpus: berth_proto::settings::Gpus::None,
+                mounts: Vec::new(),
             },
+            gpu_support: berth_runtime::GpuSupport::NotAvailable,
+            sources: Arc::new(crate::mounts::SourceRules::new(
+                &run_dir,
+                std::path::Path::new("/var/run/docker.sock"),
+                std::path::Path::new("/var/lib/docker"),
+            )),
             idle_stop,
             stop_timeout_secs: 1,
             run_dir,
@@ -204,6 +235,11 @@ enum Request {
     },
     SetDaemonMode {
         on: bool,
+        reply: oneshot::Sender<Result<(), LifecycleError>>,
+    },
+    /// `berth user set`: stored, memory and CPUs applied to her container at once.
+    SetSettings {
+        change: crate::user_settings::Change,
         reply: oneshot::Sender<Result<(), LifecycleError>>,
     },
 }
@@ -388,6 +424,34 @@ impl<R: Runtime> Lifecycle<R> {
         let (reply, rx) = oneshot::channel();
         self.send(user, Request::SetDaemonMode { on, reply })?;
         rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    /// Changes what `user`'s containers are made with (`berth user set`); memory and CPU
+    /// limits are applied to her container at once (the engine cannot lift a limit from a
+    /// container: "no limit" waits for a new one). A change that cannot be made changes
+    /// nothing.
+    pub async fn set_settings(
+        self: &Arc<Self>,
+        user: &UserName,
+        change: crate::user_settings::Change,
+    ) -> Result<(), LifecycleError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(user, Request::SetSettings { change, reply })?;
+        rx.await.map_err(|_| LifecycleError::ShuttingDown)?
+    }
+
+    /// The server's limits, GPUs and shared folders.
+    pub fn server(&self) -> &crate::user_settings::Server {
+        &self.settings.server
+    }
+
+    pub fn gpu_support(&self) -> &berth_runtime::GpuSupport {
+        &self.settings.gpu_support
+    }
+
+    /// The rules a shared folder's source is checked by.
+    pub fn sources(&self) -> &Arc<crate::mounts::SourceRules> {
+        &self.settings.sources
     }
 
     /// The host directory whose `USER/` subdirectory is `/.berth/run` in USER's container.
@@ -598,6 +662,10 @@ impl<R: Runtime> OwnerTask<R> {
                     let r = self.set_daemon_mode(on).await;
                     let _ = reply.send(r);
                 }
+                Request::SetSettings { change, reply } => {
+                    let r = self.set_settings(change).await;
+                    let _ = reply.send(r);
+                }
                 Request::Remove { keep_image, reply } => {
                     self.finish_commit().await;
                     let r = self.remove(keep_image).await;
@@ -635,9 +703,21 @@ impl<R: Runtime> OwnerTask<R> {
         let info = match existing {
             Some(info) => info,
             None => {
-                let record = self.lc.store.user(&self.user).await?;
+                let user = self.user.clone();
+                let (record, own) = self
+                    .lc
+                    .store
+                    .run(move |s| Ok((s.user(&user)?, s.settings(&user)?)))
+                    .await?;
                 let image = record.committed_image.unwrap_or(record.image);
-                let spec = self.spec(image.as_str());
+                let effective = crate::user_settings::effective(&self.lc.settings.server, &own);
+                if effective.gpu_request().is_some()
+                    && self.lc.settings.gpu_support != berth_runtime::GpuSupport::Available
+                {
+                    return Err(LifecycleError::NoGpuRuntime);
+                }
+                let folders = self.shared_folders(&effective).await?;
+                let spec = self.spec(image.as_str(), &effective, folders);
                 let id = match rt.create(&spec).await {
                     Err(RuntimeError::NetworkNotFound(e)) => {
                         warn!(network = %network, error = %e, "the user's network is gone; making it again");
@@ -715,7 +795,39 @@ impl<R: Runtime> OwnerTask<R> {
         }
     }
 
-    fn spec(&self, image: &str) -> ContainerSpec {
+    /// The user's shared folders, each source checked again (a directory may have become a
+    /// symlink since it was set) and resolved.
+    async fn shared_folders(
+        &self,
+        effective: &crate::user_settings::Effective,
+    ) -> Result<Vec<BindMount>, LifecycleError> {
+        let rules = self.lc.settings.sources.clone();
+        let wanted: Vec<BindMount> = effective.mounts.iter().map(|(m, _)| m.clone()).collect();
+        let checked = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|m| {
+                    Ok(BindMount {
+                        source: rules.check(&m.source)?,
+                        ..m
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()
+        })
+        .await
+        .map_err(|e| LifecycleError::MountRefused(e.to_string()))?;
+        checked.map_err(|e| {
+            error!(error = %e, "a shared folder is refused; no container made");
+            LifecycleError::MountRefused(e)
+        })
+    }
+
+    fn spec(
+        &self,
+        image: &str,
+        effective: &crate::user_settings::Effective,
+        folders: Vec<BindMount>,
+    ) -> ContainerSpec {
         let s = &self.lc.settings;
         ContainerSpec {
             name: self.name.clone(),
@@ -726,7 +838,8 @@ impl<R: Runtime> OwnerTask<R> {
                 (LABEL_INSTANCE.to_owned(), s.instance.clone()),
             ]),
             guest_dir: s.guest_dir.clone(),
-            limits: s.limits.clone(),
+            limits: effective.limits(&s.server.limits),
+            gpus: effective.gpu_request(),
             network: s.network.user_network(&self.user),
             mounts: std::iter::once(BindMount {
                 source: s.run_dir.join(self.user.as_str()),
@@ -738,6 +851,7 @@ impl<R: Runtime> OwnerTask<R> {
                 target: format!("/usr/local/bin/{}", w.as_str()),
                 read_only: true,
             }))
+            .chain(folders)
             .collect(),
         }
     }
@@ -893,6 +1007,68 @@ impl<R: Runtime> OwnerTask<R> {
         if let Some(task) = self.committing.take() {
             let _ = task.await;
         }
+    }
+
+    async fn set_settings(
+        &mut self,
+        change: crate::user_settings::Change,
+    ) -> Result<(), LifecycleError> {
+        let server = &self.lc.settings.server;
+        let current = self.lc.store.settings(&self.user).await?;
+        let targets: Vec<String> = server.mounts.iter().map(|m| m.target.clone()).collect();
+        let new = crate::user_settings::apply(&self.user, &current, &change, &targets)
+            .map_err(LifecycleError::BadSetting)?;
+        if change.is_live() {
+            self.apply_live(&new).await?;
+        }
+        let (user, stored) = (self.user.clone(), new.clone());
+        self.lc
+            .store
+            .run(move |s| s.set_settings(&user, &stored))
+            .await?;
+        self.lc.settings.audit.record(Event::UserSettings {
+            user: self.user.to_string(),
+            memory_bytes: new.memory_bytes,
+            nano_cpus: new.nano_cpus,
+            pids: new.pids,
+            gpus: new.gpus.clone(),
+            mounts: new
+                .mounts
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}:{}{}",
+                        m.source,
+                        m.target,
+                        if m.read_only { ":ro" } else { "" }
+                    )
+                })
+                .collect(),
+        });
+        Ok(())
+    }
+
+    /// Sets the container's memory and CPU limits to those of `new`, where they are limits
+    /// and differ from what it has.
+    async fn apply_live(&self, new: &berth_store::UserSettings) -> Result<(), LifecycleError> {
+        let rt = &self.lc.runtime;
+        let Some(info) = rt.inspect(&self.name).await? else {
+            return Ok(());
+        };
+        self.check_ours(&info)?;
+        let Some(applied) = rt.applied(&self.name).await? else {
+            return Ok(());
+        };
+        let want = crate::user_settings::effective(&self.lc.settings.server, new)
+            .limits(&self.lc.settings.server.limits);
+        let change = |want: Option<i64>, have: Option<i64>| want.filter(|w| Some(*w) != have);
+        let memory = change(want.memory_bytes, applied.memory_bytes);
+        let cpus = change(want.nano_cpus, applied.nano_cpus);
+        if memory.is_some() || cpus.is_some() {
+            rt.update_limits(&info.id, memory, cpus).await?;
+            info!(?memory, ?cpus, "limits applied to the container");
+        }
+        Ok(())
     }
 
     async fn set_daemon_mode(&mut self, on: bool) -> Result<(), LifecycleError> {

@@ -63,6 +63,11 @@ impl AsyncStore {
             .await
     }
 
+    pub async fn settings(&self, name: &UserName) -> Result<berth_store::UserSettings, StoreError> {
+        let name = name.clone();
+        self.run(move |s| s.settings(&name)).await
+    }
+
     pub async fn keys(&self, name: &UserName) -> Result<Vec<KeyInfo>, StoreError> {
         let name = name.clone();
         self.run(move |s| s.keys(&name)).await

@@ -38,6 +38,11 @@ struct Tier {
 }
 
 fn tier(images: &[&str]) -> Tier {
+    tier_with(images, |_| {})
+}
+
+/// A tier whose lifecycle settings `change` adjusts first.
+fn tier_with(images: &[&str], change: impl FnOnce(&mut Settings)) -> Tier {
     let dir = tempfile::tempdir().unwrap();
     let audit_path = dir.path().join("audit.log");
     let audit = Arc::new(Audit::to_file(&audit_path, 1 << 20).unwrap());
@@ -50,15 +55,13 @@ fn tier(images: &[&str]) -> Tier {
         )
         .unwrap();
     let runtime = Arc::new(FakeRuntime::with_images(images));
-    let lifecycle = Lifecycle::new(
-        runtime.clone(),
-        store.clone(),
-        Settings::for_tests(
-            dir.path().join("run"),
-            Duration::from_secs(5),
-            audit.clone(),
-        ),
+    let mut settings = Settings::for_tests(
+        dir.path().join("run"),
+        Duration::from_secs(5),
+        audit.clone(),
     );
+    change(&mut settings);
+    let lifecycle = Lifecycle::new(runtime.clone(), store.clone(), settings);
     let sessions = Sessions::new(audit);
     let gateway = Arc::new(BerthGateway {
         store: AsyncStore::new(store.clone()),
@@ -377,4 +380,107 @@ async fn every_admin_route_refuses_a_peer_that_is_not_root() {
     }
     shutdown.cancel();
     let _ = server.await;
+}
+
+/// `berth user set` through the lifecycle (issue 16): memory and CPUs reach the running
+/// container at once, the rest its next one; GPUs on an engine without the NVIDIA runtime
+/// refuse the login in one line and make nothing; with it, the request is in the create.
+#[tokio::test]
+async fn user_settings_apply_live_or_at_the_next_container_and_gpus_need_the_runtime() {
+    use berth_daemon::user_settings::Change;
+    use berth_proto::settings::{Gpus, Override};
+    use berth_runtime::{GpuRequest, Runtime};
+    let alice = UserName::parse("alice").unwrap();
+    let t = tier(&["img"]);
+    assert_eq!(run(&t, "echo ok").await.unwrap().0, "ok\n");
+    let applied = t.runtime.applied("t-alice").await.unwrap().unwrap();
+    assert_eq!((applied.memory_bytes, applied.pids), (None, Some(100)));
+    t.lifecycle
+        .set_settings(
+            &alice,
+            Change {
+                memory: Some(Override::Set(1 << 30)),
+                cpus: Some(Override::Set(2_000_000_000)),
+                pids: Some(Override::Set(300)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let applied = t.runtime.applied("t-alice").await.unwrap().unwrap();
+    assert_eq!(applied.memory_bytes, Some(1 << 30));
+    assert_eq!(applied.nano_cpus, Some(2_000_000_000));
+    assert_eq!(applied.pids, Some(100), "pids wait for the next container");
+    assert_eq!(FakeRuntime::count(&t.runtime.updates), 1);
+    // A change that is refused changes nothing, nor reaches the engine.
+    let e = t
+        .lifecycle
+        .set_settings(
+            &alice,
+            Change {
+                memory: Some(Override::Set(2 << 30)),
+                unmount: vec!["/nope".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "alice has no shared folder of her own at /nope"
+    );
+    assert_eq!(FakeRuntime::count(&t.runtime.updates), 1);
+    assert_eq!(
+        t.store.settings(&alice).unwrap().memory_bytes,
+        Some(1 << 30)
+    );
+    // GPUs on an engine without the runtime: one line, no container made.
+    t.lifecycle
+        .set_settings(
+            &alice,
+            Change {
+                gpus: Some(Override::Set(Gpus::Devices(vec!["0".into(), "2".into()]))),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(t.lifecycle.remove_container(&alice).await.unwrap());
+    let creates = FakeRuntime::count(&t.runtime.creates);
+    assert_eq!(
+        run(&t, "true").await.unwrap_err(),
+        "your account is set to use GPUs, but this server has no NVIDIA container runtime; ask the administrator"
+    );
+    assert!(t.runtime.container("t-alice").is_none());
+    assert_eq!(FakeRuntime::count(&t.runtime.creates), creates);
+    let records: Vec<_> = audit(&t)
+        .into_iter()
+        .filter(|r| r["event"] == "user_settings")
+        .collect();
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(records[1]["gpus"], "0,2");
+    assert_eq!(records[1]["pids"], 300);
+
+    // With the runtime, her next container carries the request and all her values.
+    let t = tier_with(&["img"], |s| {
+        s.gpu_support = berth_runtime::GpuSupport::Available;
+    });
+    t.store
+        .set_settings(
+            &alice,
+            &berth_store::UserSettings {
+                memory_bytes: Some(1 << 30),
+                pids: Some(300),
+                gpus: Some("all".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(run(&t, "echo ok").await.unwrap().0, "ok\n");
+    let applied = t.runtime.applied("t-alice").await.unwrap().unwrap();
+    assert_eq!(applied.gpus, Some(GpuRequest::All));
+    assert_eq!(
+        (applied.memory_bytes, applied.pids),
+        (Some(1 << 30), Some(300))
+    );
 }

@@ -8,6 +8,7 @@
 //! | GET    | /users/{name}                 | → [`UserInfo`]                    |
 //! | DELETE | /users/{name}[?keep_image=true] | → [`UserInfo`] (as it was)      |
 //! | POST   | /users/{name}/forwarding      | [`SetForwardingRequest`] → [`UserInfo`] |
+//! | POST   | /users/{name}/settings        | [`SetSettingsRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
@@ -61,6 +62,104 @@ pub struct UserInfo {
     /// slow and runs apart); `None` before the first one, or with no container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// Her effective limits and GPUs, each with where it comes from; given by `user show`
+    /// and `user set` (not by `user list`, which asks the engine nothing per user).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsInfo>,
+    /// Her shared folders, the server's and her own (with `limits`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounts: Option<MountsInfo>,
+}
+
+/// Where an effective value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `berth user set`.
+    User,
+    /// `berth.toml`.
+    Server,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Server => "server",
+        }
+    }
+}
+
+/// One effective setting of a user's container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Effective<T> {
+    pub value: T,
+    /// As people read it: `8 GiB`, `4`, `no limit`, `0,2`.
+    pub shown: String,
+    pub source: Source,
+    /// Her container exists and differs: it gets the value when it is re-created.
+    #[serde(default)]
+    pub pending: bool,
+}
+
+/// A user's effective limits (`[limits]` unless `berth user set` says otherwise).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LimitsInfo {
+    /// Bytes; 0 is no limit.
+    pub memory: Effective<u64>,
+    /// Nano-CPUs; 0 is no limit.
+    pub cpus: Effective<u64>,
+    pub pids: Effective<u32>,
+    /// `none`, `all` or device ids (`0,2`).
+    pub gpus: Effective<String>,
+}
+
+/// A user's shared folders.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountsInfo {
+    pub mounts: Vec<MountInfo>,
+    /// Her container exists and its folders differ: the change waits for a new container.
+    pub pending: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+    pub origin: Source,
+}
+
+/// `berth user set NAME --memory/--cpus/--pids/--gpus/--mount/--unmount`: absent fields stay
+/// as they are; `default` returns a value to the server's. Values are the command line's
+/// text, parsed by the daemon ([`crate::settings`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SetSettingsRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
+    /// `SOURCE:TARGET[:ro]`, each added (or replacing hers at the same target).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mount: Vec<String>,
+    /// Targets of her shared folders to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmount: Vec<String>,
+}
+
+impl SetSettingsRequest {
+    pub fn is_empty(&self) -> bool {
+        self.memory.is_none()
+            && self.cpus.is_none()
+            && self.pids.is_none()
+            && self.gpus.is_none()
+            && self.mount.is_empty()
+            && self.unmount.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,6 +293,10 @@ pub struct StatusInfo {
     /// that means; `None` when the engine does not answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_namespaces: Option<String>,
+    /// Whether containers can be given GPUs: `available (NVIDIA container runtime)` or
+    /// `not available (no NVIDIA container runtime)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

@@ -9,11 +9,13 @@ mod api;
 mod client;
 mod key;
 mod name;
+pub mod settings;
 
 pub use api::{
-    AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, ForwardingInfo,
-    HealthInfo, ImageInfo, KeyInfo, KickedInfo, RemovedKeys, SessionInfo, SetForwardingRequest,
-    StatusInfo, Switch, UserInfo,
+    AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, Effective,
+    ForwardingInfo, HealthInfo, ImageInfo, KeyInfo, KickedInfo, LimitsInfo, MountInfo, MountsInfo,
+    RemovedKeys, SessionInfo, SetForwardingRequest, SetSettingsRequest, Source, StatusInfo, Switch,
+    UserInfo,
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};

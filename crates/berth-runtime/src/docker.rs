@@ -7,9 +7,9 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::exec::CreateExecOptions;
 use bollard::models::{
-    ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, HostConfig,
-    HostConfigLogConfig, Ipam, IpamConfig, Mount, MountType, NetworkConnectRequest,
-    NetworkCreateRequest, NetworkDisconnectRequest,
+    ContainerConfig, ContainerCreateBody, ContainerSummaryStateEnum, ContainerUpdateBody,
+    DeviceRequest, HostConfig, HostConfigLogConfig, Ipam, IpamConfig, Mount, MountType,
+    NetworkConnectRequest, NetworkCreateRequest, NetworkDisconnectRequest,
 };
 use bollard::query_parameters::{
     CommitContainerOptionsBuilder, CreateContainerOptionsBuilder, ListContainersOptionsBuilder,
@@ -20,13 +20,17 @@ use bollard::query_parameters::{
 use crate::exec::{demux_output, raw_output, start_attached};
 use crate::process::Identity;
 use crate::{
-    ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit, ContainerSpec, DiskQuota,
-    EngineVersion, ImageSummary, MAX_LAYERS, NetworkSpec, ProcessGuard, Runtime, RuntimeError,
-    Session, SessionHandle, SessionSpec, TtySize, UserNamespaces, init,
+    Applied, BindMount, ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit,
+    ContainerSpec, DiskQuota, EngineVersion, GpuRequest, GpuSupport, ImageSummary, MAX_LAYERS,
+    NetworkSpec, ProcessGuard, Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
+    UserNamespaces, init,
 };
 
 /// Where the guest directory is mounted in every container.
 pub const GUEST_MOUNT: &str = "/.berth";
+
+/// The device driver, and the engine's runtime, of NVIDIA GPUs.
+const NVIDIA: &str = "nvidia";
 
 #[cfg(test)]
 mod tests {
@@ -615,6 +619,18 @@ impl Runtime for DockerRuntime {
                 .limits
                 .disk_bytes
                 .map(|b| HashMap::from([("size".to_owned(), b.to_string())])),
+            device_requests: spec.gpus.as_ref().map(|g| {
+                vec![DeviceRequest {
+                    driver: Some(NVIDIA.into()),
+                    count: matches!(g, GpuRequest::All).then_some(-1),
+                    device_ids: match g {
+                        GpuRequest::All => None,
+                        GpuRequest::Devices(ids) => Some(ids.clone()),
+                    },
+                    capabilities: Some(vec![vec!["gpu".into()]]),
+                    options: None,
+                }]
+            }),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             // Raw sockets would let a user spoof ARP on a bridge (each user has her own since
             // issue 14; kept off all the same); ping still works through the unprivileged
@@ -693,6 +709,83 @@ impl Runtime for DockerRuntime {
             }) => Ok(()),
             Err(e) => Err(map_container_err(e)),
         }
+    }
+
+    async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: Option<i64>,
+        nano_cpus: Option<i64>,
+    ) -> Result<(), RuntimeError> {
+        let body = ContainerUpdateBody {
+            memory: memory_bytes,
+            // Swap included, as at create; set together so that neither is below the other.
+            memory_swap: memory_bytes,
+            nano_cpus,
+            ..Default::default()
+        };
+        self.docker
+            .update_container(id, body)
+            .await
+            .map_err(map_container_err)?;
+        Ok(())
+    }
+
+    async fn applied(&self, name: &str) -> Result<Option<Applied>, RuntimeError> {
+        let c = match self.docker.inspect_container(name, None).await {
+            Ok(c) => c,
+            Err(e) if is_404(&e) => return Ok(None),
+            Err(e) => return Err(map_err(e)),
+        };
+        let h = c.host_config.unwrap_or_default();
+        let positive = |v: Option<i64>| v.filter(|v| *v > 0);
+        let gpus = h
+            .device_requests
+            .unwrap_or_default()
+            .into_iter()
+            .find(|d| d.driver.as_deref() == Some(NVIDIA))
+            .map(|d| match d.device_ids {
+                Some(ids) if !ids.is_empty() => GpuRequest::Devices(ids),
+                _ => GpuRequest::All,
+            });
+        let mounts = h
+            .mounts
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.typ == Some(MountType::BIND))
+            .filter_map(|m| {
+                Some(BindMount {
+                    source: PathBuf::from(m.source?),
+                    target: m.target?,
+                    read_only: m.read_only.unwrap_or(false),
+                })
+            })
+            .filter(|m| m.target != GUEST_MOUNT)
+            .collect();
+        Ok(Some(Applied {
+            memory_bytes: positive(h.memory),
+            nano_cpus: positive(h.nano_cpus),
+            pids: positive(h.pids_limit),
+            gpus,
+            mounts,
+        }))
+    }
+
+    async fn gpu_support(&self) -> Result<GpuSupport, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        Ok(if info.runtimes.unwrap_or_default().contains_key(NVIDIA) {
+            GpuSupport::Available
+        } else {
+            GpuSupport::NotAvailable
+        })
+    }
+
+    async fn data_root(&self) -> Result<PathBuf, RuntimeError> {
+        let info = self.docker.info().await.map_err(map_err)?;
+        Ok(PathBuf::from(
+            info.docker_root_dir
+                .unwrap_or_else(|| "/var/lib/docker".into()),
+        ))
     }
 
     async fn stop(&self, id: &str, timeout_secs: i32) -> Result<(), RuntimeError> {

@@ -39,6 +39,11 @@ pub struct FakeRuntime {
     /// Set by [`FakeRuntime::set_engine_down`]: every call fails with
     /// [`RuntimeError::Unavailable`].
     engine_down: AtomicBool,
+    /// What each container (by name) was given, as the engine would report it.
+    applied: Mutex<HashMap<String, crate::Applied>>,
+    /// Set by [`FakeRuntime::set_gpus`]: the engine has the NVIDIA runtime.
+    gpus: AtomicBool,
+    pub updates: AtomicUsize,
 }
 
 impl FakeRuntime {
@@ -72,6 +77,22 @@ impl FakeRuntime {
             Err(RuntimeError::Unavailable("the fake engine is down".into()))
         } else {
             Ok(())
+        }
+    }
+
+    /// As if the engine had the NVIDIA container runtime (`on`) or not.
+    pub fn set_gpus(&self, on: bool) {
+        self.gpus.store(on, Ordering::SeqCst);
+    }
+
+    /// The spec's part the engine keeps, as [`Runtime::applied`] gives it.
+    fn applied_of(spec: &ContainerSpec) -> crate::Applied {
+        crate::Applied {
+            memory_bytes: spec.limits.memory_bytes,
+            nano_cpus: spec.limits.nano_cpus,
+            pids: Some(spec.limits.pids),
+            gpus: spec.gpus.clone(),
+            mounts: spec.mounts.clone(),
         }
     }
 
@@ -229,8 +250,53 @@ impl Runtime for FakeRuntime {
                 spec.name
             )));
         }
+        if let Ok(mut a) = self.applied.lock() {
+            a.insert(spec.name.clone(), Self::applied_of(spec));
+        }
         self.creates.fetch_add(1, Ordering::SeqCst);
         Ok(id)
+    }
+
+    async fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: Option<i64>,
+        nano_cpus: Option<i64>,
+    ) -> Result<(), RuntimeError> {
+        let name = self.by_id(id, |i| i.name.clone())?;
+        if let Ok(mut a) = self.applied.lock()
+            && let Some(a) = a.get_mut(&name)
+        {
+            if memory_bytes.is_some() {
+                a.memory_bytes = memory_bytes;
+            }
+            if nano_cpus.is_some() {
+                a.nano_cpus = nano_cpus;
+            }
+        }
+        self.updates.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    async fn applied(&self, name: &str) -> Result<Option<crate::Applied>, RuntimeError> {
+        if self.inspect(name).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.applied.lock().ok().and_then(|a| a.get(name).cloned()))
+    }
+
+    async fn gpu_support(&self) -> Result<crate::GpuSupport, RuntimeError> {
+        self.up()?;
+        Ok(if self.gpus.load(Ordering::SeqCst) {
+            crate::GpuSupport::Available
+        } else {
+            crate::GpuSupport::NotAvailable
+        })
+    }
+
+    async fn data_root(&self) -> Result<std::path::PathBuf, RuntimeError> {
+        self.up()?;
+        Ok("/var/lib/docker".into())
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -466,6 +532,7 @@ mod tests {
             },
             network: "n".into(),
             mounts: vec![],
+            gpus: None,
         };
         let id = rt.create(&spec).await.unwrap();
         assert!(

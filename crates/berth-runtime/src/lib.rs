@@ -190,6 +190,46 @@ pub struct ContainerSpec {
     pub network: String,
     /// Further bind mounts.
     pub mounts: Vec<BindMount>,
+    /// GPUs asked of the NVIDIA container runtime (a device request); `None`: none.
+    pub gpus: Option<GpuRequest>,
+}
+
+/// GPUs for a container: a device request of driver `nvidia` with capability `gpu`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuRequest {
+    All,
+    /// Device indices or UUIDs.
+    Devices(Vec<String>),
+}
+
+/// What a container was given, as the engine says ([`Runtime::applied`]): the limits in
+/// force now (memory and CPUs change under a running container, [`Runtime::update_limits`]),
+/// its GPUs and its bind mounts (as made).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub pids: Option<i64>,
+    pub gpus: Option<GpuRequest>,
+    /// Every bind mount but the guest directory at `/.berth`.
+    pub mounts: Vec<BindMount>,
+}
+
+/// Whether the engine can give containers GPUs ([`Runtime::gpu_support`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GpuSupport {
+    /// The engine has the NVIDIA container runtime (`docker info`'s runtimes name `nvidia`).
+    Available,
+    NotAvailable,
+}
+
+impl std::fmt::Display for GpuSupport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Available => f.write_str("available (NVIDIA container runtime)"),
+            Self::NotAvailable => f.write_str("not available (no NVIDIA container runtime)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,6 +439,25 @@ pub trait Runtime: Send + Sync + 'static {
         spec: &ContainerSpec,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Sets container `id`'s memory (swap included) and CPU limits, running or not; `None`
+    /// leaves that one as it is (the engine cannot lift a limit from a container: that
+    /// takes a new one).
+    fn update_limits(
+        &self,
+        id: &str,
+        memory_bytes: Option<i64>,
+        nano_cpus: Option<i64>,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// What container `name` was given ([`Applied`]); `None` when there is no such container.
+    fn applied(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Applied>, RuntimeError>> + Send;
+    /// Whether containers can be given GPUs.
+    fn gpu_support(&self) -> impl Future<Output = Result<GpuSupport, RuntimeError>> + Send;
+    /// The engine's data root (`docker info`'s `DockerRootDir`), never to be shared with a
+    /// container.
+    fn data_root(&self) -> impl Future<Output = Result<PathBuf, RuntimeError>> + Send;
     fn stop(
         &self,
         id: &str,

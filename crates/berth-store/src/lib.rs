@@ -16,7 +16,30 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/001_init.sql"),
     include_str!("../migrations/002_forwarding.sql"),
+    include_str!("../migrations/003_user_settings.sql"),
 ];
+
+/// What an admin set for one user apart from the server (`berth user set`); `None` follows
+/// the server's `[limits]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserSettings {
+    /// Bytes; `Some(0)`: no limit.
+    pub memory_bytes: Option<u64>,
+    /// Nano-CPUs; `Some(0)`: no limit.
+    pub nano_cpus: Option<u64>,
+    pub pids: Option<u32>,
+    /// `none`, `all` or device ids, as `berth_proto::settings::Gpus` writes them.
+    pub gpus: Option<String>,
+    /// Her own shared folders, by target.
+    pub mounts: Vec<UserMount>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserMount {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
 
 /// Per-user switches; `None` follows the server-wide setting.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -199,6 +222,82 @@ impl Store {
         if n == 0 {
             return Err(StoreError::UserNotFound(name.clone()));
         }
+        Ok(())
+    }
+
+    /// What `berth user set` gave `name` apart from the server.
+    pub fn settings(&self, name: &UserName) -> Result<UserSettings, StoreError> {
+        let conn = self.conn()?;
+        let row = conn
+            .query_row(
+                "SELECT memory_bytes, nano_cpus, pids, gpus FROM users WHERE name = ?1",
+                [name.as_str()],
+                |r| {
+                    Ok((
+                        r.get::<_, Option<i64>>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .optional()?
+            .ok_or_else(|| StoreError::UserNotFound(name.clone()))?;
+        let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of user {name}"));
+        let unsigned = |v: Option<i64>, what: &str| {
+            v.map(|v| u64::try_from(v).map_err(|_| corrupt(what)))
+                .transpose()
+        };
+        let mut stmt = conn.prepare(
+            "SELECT source, target, read_only FROM mounts WHERE user = ?1 ORDER BY target",
+        )?;
+        let mounts = stmt
+            .query_map([name.as_str()], |r| {
+                Ok(UserMount {
+                    source: r.get(0)?,
+                    target: r.get(1)?,
+                    read_only: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(UserSettings {
+            memory_bytes: unsigned(row.0, "memory_bytes")?,
+            nano_cpus: unsigned(row.1, "nano_cpus")?,
+            pids: row
+                .2
+                .map(|v| u32::try_from(v).map_err(|_| corrupt("pids")))
+                .transpose()?,
+            gpus: row.3,
+            mounts,
+        })
+    }
+
+    /// Replaces what `berth user set` gave `name`, all of it in one transaction.
+    pub fn set_settings(&self, name: &UserName, s: &UserSettings) -> Result<(), StoreError> {
+        let mut conn = self.conn()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let signed = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+        let n = tx.execute(
+            "UPDATE users SET memory_bytes = ?2, nano_cpus = ?3, pids = ?4, gpus = ?5 WHERE name = ?1",
+            params![
+                name.as_str(),
+                signed(s.memory_bytes),
+                signed(s.nano_cpus),
+                s.pids,
+                s.gpus
+            ],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        tx.execute("DELETE FROM mounts WHERE user = ?1", [name.as_str()])?;
+        for m in &s.mounts {
+            tx.execute(
+                "INSERT INTO mounts (user, target, source, read_only) VALUES (?1, ?2, ?3, ?4)",
+                params![name.as_str(), m.target, m.source, m.read_only],
+            )?;
+        }
+        tx.commit()?;
         Ok(())
     }
 
@@ -435,6 +534,47 @@ mod tests {
             s.remove_user(&user("alice")),
             Err(StoreError::UserNotFound(_))
         ));
+    }
+
+    #[test]
+    fn settings_round_trip_and_go_with_the_user() {
+        let s = Store::open_in_memory().unwrap();
+        let img = ImageName::parse("busybox").unwrap();
+        s.add_user(&user("erin"), &img, &[key(K1)]).unwrap();
+        assert_eq!(s.settings(&user("erin")).unwrap(), UserSettings::default());
+        let set = UserSettings {
+            memory_bytes: Some(8 << 30),
+            nano_cpus: Some(0),
+            pids: Some(4096),
+            gpus: Some("0,2".into()),
+            mounts: vec![
+                UserMount {
+                    source: "/srv/a".into(),
+                    target: "/project".into(),
+                    read_only: true,
+                },
+                UserMount {
+                    source: "/srv/b".into(),
+                    target: "/data".into(),
+                    read_only: false,
+                },
+            ],
+        };
+        s.set_settings(&user("erin"), &set).unwrap();
+        let mut want = set.clone();
+        want.mounts.sort_by(|a, b| a.target.cmp(&b.target));
+        assert_eq!(s.settings(&user("erin")).unwrap(), want);
+        s.set_settings(&user("erin"), &UserSettings::default())
+            .unwrap();
+        assert_eq!(s.settings(&user("erin")).unwrap(), UserSettings::default());
+        assert!(matches!(
+            s.set_settings(&user("zed"), &set),
+            Err(StoreError::UserNotFound(_))
+        ));
+        s.set_settings(&user("erin"), &set).unwrap();
+        s.remove_user(&user("erin")).unwrap();
+        s.add_user(&user("erin"), &img, &[key(K1)]).unwrap();
+        assert_eq!(s.settings(&user("erin")).unwrap(), UserSettings::default());
     }
 
     #[test]

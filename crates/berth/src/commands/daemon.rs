@@ -60,7 +60,15 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
-        check_engine(&config);
+        let data_root = check_engine(&config);
+        // The shared folders' sources, as the daemon checks them at start.
+        berth_daemon::mounts::SourceRules::new(
+            &config.state_dir,
+            &config.docker_socket,
+            &data_root.unwrap_or_else(|| PathBuf::from("/var/lib/docker")),
+        )
+        .server_mounts(&config.mounts)
+        .map_err(|e| Failure::new(format!("invalid config: {e}")))?;
         if args.json {
             println!(
                 "{}",
@@ -112,16 +120,16 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
 
 /// Says on stderr what the engine does for isolation: whether it runs containers in user
 /// namespaces, and with `limits.disk_gb` set, whether it enforces that (the settings
-/// themselves are valid either way: containers are then made without the cap).
-fn check_engine(config: &Config) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+/// themselves are valid either way: containers are then made without the cap); and
+/// whether it can give containers GPUs. Returns the engine's data root, when it answers.
+fn check_engine(config: &Config) -> Option<PathBuf> {
+    use berth_runtime::Runtime;
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    else {
-        return;
-    };
+        .ok()?;
     let bytes = berth_daemon::disk_bytes(config);
-    let (quota, userns) = rt.block_on(async {
+    let (quota, userns, gpus, root) = rt.block_on(async {
         let connect = berth_runtime::DockerRuntime::connect(config.docker_socket.clone());
         let engine = match tokio::time::timeout(std::time::Duration::from_secs(10), connect).await {
             Ok(Ok(engine)) => engine,
@@ -134,7 +142,7 @@ fn check_engine(config: &Config) {
                     "unknown: cannot reach the Docker engine at {}: {why}",
                     config.docker_socket.display()
                 );
-                return (bytes.map(|_| line.clone()), line);
+                return (bytes.map(|_| line.clone()), line.clone(), line, None);
             }
         };
         let quota = match bytes {
@@ -145,12 +153,23 @@ fn check_engine(config: &Config) {
             ),
             None => None,
         };
-        (quota, berth_daemon::user_namespaces(&engine).await)
+        let root = tokio::time::timeout(std::time::Duration::from_secs(10), engine.data_root())
+            .await
+            .ok()
+            .and_then(Result::ok);
+        (
+            quota,
+            berth_daemon::user_namespaces(&engine).await,
+            berth_daemon::gpu_support(&engine).await.to_string(),
+            root,
+        )
     });
     if let Some(q) = quota {
         eprintln!("disk quota: {q}");
     }
     eprintln!("user namespaces: {userns}");
+    eprintln!("GPUs: {gpus}");
+    root
 }
 
 /// The helper where a package puts it, with the programs that are not commands:

@@ -69,6 +69,9 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
     if let Some(u) = &st.user_namespaces {
         println!("user namespaces: {u}");
     }
+    if let Some(g) = &st.gpus {
+        println!("GPUs: {g}");
+    }
     if !st.containers.is_empty() {
         let mut t = Table::new();
         t.load_style(NOTHING)

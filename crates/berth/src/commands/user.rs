@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use berth_proto::{
-    AddKeysRequest, AddUserRequest, AuthorizedKey, ImageName, KeyInfo, RemovedKeys,
-    SetForwardingRequest, Switch, UserInfo, UserName, parse_authorized_keys,
+    AddKeysRequest, AddUserRequest, AuthorizedKey, Effective, ImageName, KeyInfo, RemovedKeys,
+    SetForwardingRequest, SetSettingsRequest, Switch, UserInfo, UserName, parse_authorized_keys,
 };
 use comfy_table::{Table, presets::NOTHING};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
@@ -49,9 +49,30 @@ pub enum UserCommand {
     /// Manage a user's keys
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Set a user's forwarding switches (default: follow the server's config)
+    /// Set what a user gets apart from the server's config: forwarding switches, limits, GPUs
+    /// and shared folders (`default` returns a value to the server's). Memory and CPUs apply
+    /// to her running container at once; pids, GPUs and folders from her next new container
     Set {
         name: String,
+        /// Memory, swap included: e.g. 8G or 512M, none, or default
+        #[arg(long, value_name = "SIZE|none|default")]
+        memory: Option<String>,
+        /// CPUs: e.g. 4 or 0.5, none, or default
+        #[arg(long, value_name = "N|none|default")]
+        cpus: Option<String>,
+        /// Processes in her container (16 to 4194304), or default
+        #[arg(long, value_name = "N|default")]
+        pids: Option<String>,
+        /// GPUs through the NVIDIA container runtime: all, none, device ids (0,2), or default
+        #[arg(long, value_name = "all|none|IDS|default")]
+        gpus: Option<String>,
+        /// Share a host directory (or file) with her: SOURCE:TARGET, or SOURCE:TARGET:ro for
+        /// read-only (repeatable)
+        #[arg(long, value_name = "SOURCE:TARGET[:ro]")]
+        mount: Vec<String>,
+        /// Stop sharing the folder at TARGET with her (repeatable)
+        #[arg(long, value_name = "TARGET")]
+        unmount: Vec<String>,
         /// ssh -L and -R
         #[arg(long, value_name = "on|off|default")]
         tcp_forwarding: Option<SwitchArg>,
@@ -181,6 +202,7 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                     onoff(user.forwarding.agent),
                     onoff(user.forwarding.x11)
                 );
+                print_settings(&user);
                 Ok(())
             }
         }
@@ -190,14 +212,45 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             tcp_forwarding,
             agent_forwarding,
             x11_forwarding,
+            memory,
+            cpus,
+            pids,
+            gpus,
+            mount,
+            unmount,
         } => {
             let name = user_name(&name)?;
-            if tcp_forwarding.is_none() && agent_forwarding.is_none() && x11_forwarding.is_none() {
+            let settings = SetSettingsRequest {
+                memory,
+                cpus,
+                pids,
+                gpus,
+                mount,
+                unmount,
+            };
+            let switches =
+                tcp_forwarding.is_some() || agent_forwarding.is_some() || x11_forwarding.is_some();
+            if !switches && settings.is_empty() {
                 let mut f = Failure::new("nothing to set");
-                f.hint =
-                    Some("give --tcp-forwarding, --agent-forwarding or --x11-forwarding".into());
+                f.hint = Some(
+                    "give --memory, --cpus, --pids, --gpus, --mount, --unmount, \
+                     --tcp-forwarding, --agent-forwarding or --x11-forwarding"
+                        .into(),
+                );
                 f.code = 2;
                 return Err(f);
+            }
+            // Settings first: they are the ones a value can be refused for, and a refusal
+            // changes nothing.
+            if !settings.is_empty() {
+                let u: UserInfo = block_on(async {
+                    Ok(c.post(&format!("/users/{name}/settings"), &settings)
+                        .await?)
+                })?;
+                print_changed(&u, &settings);
+            }
+            if !switches {
+                return Ok(());
             }
             let req = SetForwardingRequest {
                 tcp: tcp_forwarding.map(Into::into),
@@ -215,6 +268,108 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             );
             Ok(())
         }
+    }
+}
+
+/// One effective value as `user show` prints it: `8 GiB (user)`, and whether her container
+/// waits for it.
+fn shown<T>(e: &Effective<T>) -> String {
+    let pending = if e.pending {
+        ", pending until the container is re-created"
+    } else {
+        ""
+    };
+    format!("{} ({}){pending}", e.shown, e.source.as_str())
+}
+
+fn print_settings(user: &UserInfo) {
+    if let Some(l) = &user.limits {
+        println!("memory:     {}", shown(&l.memory));
+        println!("cpus:       {}", shown(&l.cpus));
+        println!("pids:       {}", shown(&l.pids));
+        println!("gpus:       {}", shown(&l.gpus));
+    }
+    if let Some(m) = &user.mounts {
+        if m.mounts.is_empty() {
+            println!("mounts:     none");
+        }
+        for (i, f) in m.mounts.iter().enumerate() {
+            println!(
+                "{}{} -> {} ({}, {})",
+                if i == 0 {
+                    "mounts:     "
+                } else {
+                    "            "
+                },
+                f.source,
+                f.target,
+                if f.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                f.origin.as_str()
+            );
+        }
+        if m.pending {
+            println!("            pending until the container is re-created");
+        }
+    }
+}
+
+/// What `user set` changed, one line each, on stderr.
+fn print_changed(u: &UserInfo, req: &SetSettingsRequest) {
+    let name = &u.name;
+    let live = |e: &Effective<u64>| {
+        if e.pending || u.container == berth_proto::ContainerState::Absent {
+            String::new()
+        } else {
+            ", applied to the container now".to_owned()
+        }
+    };
+    if let Some(l) = &u.limits {
+        if req.memory.is_some() {
+            eprintln!("{name}: memory {}{}", shown(&l.memory), live(&l.memory));
+        }
+        if req.cpus.is_some() {
+            eprintln!("{name}: cpus {}{}", shown(&l.cpus), live(&l.cpus));
+        }
+        if req.pids.is_some() {
+            eprintln!("{name}: pids {}", shown(&l.pids));
+        }
+        if req.gpus.is_some() {
+            eprintln!("{name}: gpus {}", shown(&l.gpus));
+        }
+    }
+    if let Some(m) = &u.mounts
+        && (!req.mount.is_empty() || !req.unmount.is_empty())
+    {
+        let own: Vec<String> = m
+            .mounts
+            .iter()
+            .filter(|f| f.origin == berth_proto::Source::User)
+            .map(|f| {
+                format!(
+                    "{}:{}{}",
+                    f.source,
+                    f.target,
+                    if f.read_only { ":ro" } else { "" }
+                )
+            })
+            .collect();
+        eprintln!(
+            "{name}: shared folders of her own: {}{}",
+            if own.is_empty() {
+                "none".to_owned()
+            } else {
+                own.join(", ")
+            },
+            if m.pending {
+                " (pending until the container is re-created)"
+            } else {
+                ""
+            }
+        );
     }
 }
 
