@@ -669,6 +669,19 @@ async fn set_settings<R: Runtime>(
             .map_err(bad)?,
         ..Default::default()
     };
+    // The engine refuses more CPUs than the host has (and the live update would fail).
+    if let Some(berth_proto::settings::Override::Set(nano)) = change.cpus
+        && let Ok(n) = std::thread::available_parallelism()
+        && nano
+            > u64::try_from(n.get())
+                .unwrap_or(u64::MAX)
+                .saturating_mul(1_000_000_000)
+    {
+        return Err(bad(format!(
+            "cpus {} is more than the {n} CPUs of this host",
+            req.cpus.as_deref().unwrap_or_default()
+        )));
+    }
     for t in &req.unmount {
         let target = crate::mounts::check_target(t).map_err(bad)?;
         change.unmount.push(target);

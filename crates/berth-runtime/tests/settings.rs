@@ -109,7 +109,7 @@ async fn gpu_requests_limits_and_mounts_reach_the_container_and_read_back() {
         let applied = rt.applied(&name).await.unwrap().unwrap();
         assert_eq!(applied.memory_bytes, Some(128 << 20));
         assert_eq!(applied.nano_cpus, Some(1_000_000_000));
-        rt.update_limits(&id, None, Some(2_500_000_000))
+        rt.update_limits(&id, None, Some(1_500_000_000))
             .await
             .unwrap();
         let h = docker(&[
@@ -118,7 +118,7 @@ async fn gpu_requests_limits_and_mounts_reach_the_container_and_read_back() {
             "{{.HostConfig.Memory}} {{.HostConfig.MemorySwap}} {{.HostConfig.NanoCpus}}",
             &name,
         ]);
-        assert_eq!(h.trim(), format!("{} {} 2500000000", 128 << 20, 128 << 20));
+        assert_eq!(h.trim(), format!("{} {} 1500000000", 128 << 20, 128 << 20));
         if n == 0 {
             // Without the runtime the engine refuses to start it: what the lifecycle
             // spares a user by refusing before the create.

@@ -270,6 +270,10 @@ fn sources_that_would_hand_over_the_host_and_bad_values_change_nothing() {
             "error: pids \"5\" is not a number of processes".into(),
         ),
         (
+            vec!["--cpus".into(), "1000".into()],
+            "error: cpus 1000 is more than the".into(),
+        ),
+        (
             vec!["--gpus".into(), "0,0".into()],
             "error: gpus \"0,0\" names GPU 0 twice".into(),
         ),

@@ -60,7 +60,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
             .guest_source()
             .map_err(|e| Failure::new(format!("cannot locate the berth-guest helper: {e}")))?;
         berth_daemon::guest_binary::check(&guest).map_err(Failure::new)?;
-        let data_root = check_engine(&config);
+        let (data_root, gpus) = check_engine(&config);
         // The shared folders' sources, as the daemon checks them at start.
         berth_daemon::mounts::SourceRules::new(
             &config.state_dir,
@@ -82,6 +82,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
         let rules = config.firewall_rules().map_err(Failure::new)?;
         let isolation = super::block_on(async { Ok(rules.state().await) })?;
         eprintln!("isolation: {isolation}");
+        eprintln!("GPUs: {gpus}");
         return Ok(());
     }
     let filter = EnvFilter::try_from_env("BERTH_LOG")
@@ -121,13 +122,16 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
 /// Says on stderr what the engine does for isolation: whether it runs containers in user
 /// namespaces, and with `limits.disk_gb` set, whether it enforces that (the settings
 /// themselves are valid either way: containers are then made without the cap); and
-/// whether it can give containers GPUs. Returns the engine's data root, when it answers.
-fn check_engine(config: &Config) -> Option<PathBuf> {
+/// whether it can give containers GPUs. Returns the engine's data root, when it answers, and
+/// the GPUs line (printed after the settings, as the isolation line).
+fn check_engine(config: &Config) -> (Option<PathBuf>, String) {
     use berth_runtime::Runtime;
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .ok()?;
+    else {
+        return (None, "unknown: cannot start the async runtime".into());
+    };
     let bytes = berth_daemon::disk_bytes(config);
     let (quota, userns, gpus, root) = rt.block_on(async {
         let connect = berth_runtime::DockerRuntime::connect(config.docker_socket.clone());
@@ -168,8 +172,7 @@ fn check_engine(config: &Config) -> Option<PathBuf> {
         eprintln!("disk quota: {q}");
     }
     eprintln!("user namespaces: {userns}");
-    eprintln!("GPUs: {gpus}");
-    root
+    (root, gpus)
 }
 
 /// The helper where a package puts it, with the programs that are not commands:
