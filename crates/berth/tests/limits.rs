@@ -87,12 +87,24 @@ fn each_users_connections_sessions_and_forwards_are_capped_and_refusals_audited(
         }
     }
     std::thread::sleep(Duration::from_millis(500));
-    let o = d.ssh_run("alice", &ka, "echo in", b"");
-    assert!(!o.status.success(), "a fourth connection got in: {o:?}");
+    // Every fourth connection is refused; it is told why (on a loaded machine ssh may be cut
+    // before it prints the server's words: then another try must show them).
+    let mut told = Vec::new();
+    for _ in 0..3 {
+        let o = d.ssh_run("alice", &ka, "echo in", b"");
+        assert!(!o.status.success(), "a fourth connection got in: {o:?}");
+        told.push(format!(
+            "{:?}: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr)
+        ));
+        if String::from_utf8_lossy(&o.stderr).contains("too many connections") {
+            break;
+        }
+    }
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("too many connections"),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
+        told.last().unwrap().contains("too many connections"),
+        "{told:?}"
     );
     assert!(limit_records(&d, "alice", "too many connections for this user") >= 1);
     // Bob is not affected.
