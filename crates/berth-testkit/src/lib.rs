@@ -44,23 +44,26 @@ pub fn ssh_command(port: u16, key: &Path, user: &str) -> Command {
     let mut c = Command::new("ssh");
     c.args(["-p", &port.to_string(), "-i"])
         .arg(key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "ConnectTimeout=20",
-        ])
+        .args(THROWAWAY_SSH_OPTIONS)
         .arg(format!("{user}@127.0.0.1"));
     c
 }
+
+/// The `-o` options of [`ssh_command`]: no host key kept, no agent, no prompts.
+pub const THROWAWAY_SSH_OPTIONS: &[&str] = &[
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "IdentitiesOnly=yes",
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "LogLevel=ERROR",
+    "-o",
+    "ConnectTimeout=20",
+];
 
 /// The static guest helper: `$BERTH_GUEST_BIN`, or built once by `scripts/build-guest`.
 pub fn guest_binary() -> PathBuf {

@@ -470,19 +470,8 @@ fn a_laptop_user_without_root_mounts_and_owns_what_the_container_writes() {
         .arg("connect")
         .args(["-P", &d.port.to_string(), "-i"])
         .arg(&her_key)
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-            "--mount",
-        ])
+        .args(berth_testkit::THROWAWAY_SSH_OPTIONS)
+        .arg("--mount")
         .arg(&dir)
         .arg("alice@127.0.0.1")
         .arg("--")
