@@ -28,6 +28,26 @@ impl Endpoint {
         }
     }
 
+    /// The `-o` options every client here gets (without the `-o`s), for tools that take
+    /// them one by one (`berth connect -o`, `sshfs -o`).
+    pub fn ssh_options() -> Vec<String> {
+        [
+            "IdentitiesOnly=yes".to_owned(),
+            "BatchMode=yes".into(),
+            "StrictHostKeyChecking=no".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "GlobalKnownHostsFile=/dev/null".into(),
+            "LogLevel=ERROR".into(),
+            format!("Ciphers={CIPHER}"),
+            format!("KexAlgorithms={KEX}"),
+            "HostKeyAlgorithms=ssh-ed25519".into(),
+            "Compression=no".into(),
+            "ConnectTimeout=60".into(),
+            "ServerAliveInterval=0".into(),
+        ]
+        .into()
+    }
+
     fn options(&self) -> Vec<String> {
         let mut v: Vec<String> = vec!["-F".into(), "/dev/null".into()];
         v.extend(

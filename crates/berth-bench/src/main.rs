@@ -13,6 +13,7 @@
 //! Ctrl-C included. `scripts/bench` installs what is missing, builds, and runs it.
 
 mod client;
+mod connect;
 mod crowd;
 mod echo;
 mod engine;
@@ -59,6 +60,8 @@ enum Part {
     Flood,
     /// Memory and descriptors while clients push stdin that is never read.
     Hoard,
+    /// `berth connect` against sshfs: throughput, untar, find, git, make.
+    Connect,
 }
 
 #[derive(Parser)]
@@ -97,6 +100,12 @@ struct Args {
     /// Rounds of the throughput cases [default: 5; --quick: 2]
     #[arg(long)]
     data_rounds: Option<usize>,
+    /// Rounds of the connect part [default: 3; --quick: 1]
+    #[arg(long)]
+    connect_rounds: Option<usize>,
+    /// MiB written and read through connect and sshfs [default: 256; --quick: 64]
+    #[arg(long, value_name = "MIB")]
+    connect_mib: Option<u64>,
     /// Users logging in at once
     #[arg(long, default_value_t = 100)]
     crowd: usize,
@@ -136,6 +145,8 @@ impl Args {
             keystrokes: self.keystrokes.unwrap_or(10 * runs),
             data_mib: self.data_mib.unwrap_or(if q { 100 } else { 1024 }),
             data_rounds: self.data_rounds.unwrap_or(if q { 2 } else { 5 }),
+            connect_rounds: self.connect_rounds.unwrap_or(if q { 1 } else { 3 }),
+            connect_mib: self.connect_mib.unwrap_or(if q { 64 } else { 256 }),
             crowd: self.crowd,
             crowd_rounds: self.crowd_rounds.unwrap_or(if q { 1 } else { 3 }),
             idle_sessions: self.idle_sessions,
@@ -221,6 +232,15 @@ fn run(args: &Args) -> Result<bool> {
             &rig,
             settings.data_mib,
             settings.data_rounds,
+        ));
+    }
+    if args.wants(Part::Connect) {
+        interrupt::check()?;
+        step("berth connect against sshfs");
+        figures.extend(connect::figures(
+            &rig,
+            settings.connect_mib,
+            settings.connect_rounds,
         ));
     }
     // Idle sessions before the bursts: the daemon's heap has not yet grown for 100

@@ -18,6 +18,8 @@ pub struct Settings {
     pub keystrokes: usize,
     pub data_mib: u64,
     pub data_rounds: usize,
+    pub connect_rounds: usize,
+    pub connect_mib: u64,
     pub crowd: usize,
     pub crowd_rounds: usize,
     pub idle_sessions: usize,
@@ -164,6 +166,18 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
             });
         }
     }
+    for f in figures.iter().filter(|f| is_connect(f)) {
+        let (what, met) = if f.higher_is_better {
+            ("throughput at least sshfs's", f.ratio.map(|r| r >= 1.0))
+        } else {
+            ("time at most sshfs's (≤ 1.0×)", f.ratio.map(|r| r <= 1.0))
+        };
+        out.push(Target {
+            what: format!("{}: {what}", f.id),
+            met: met.filter(|_| f.error.is_none()),
+            detail: format!("median ratio {}", ratio(f)),
+        });
+    }
     if let Some(f) = find(figures, "login_under_flood") {
         let all = f.error.is_none() && f.note.contains("logins refused: Berth 0,");
         let p99 = f.berth.as_ref().map_or(f64::INFINITY, |b| b.p99);
@@ -178,6 +192,11 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
         });
     }
     out
+}
+
+/// A figure of the `connect` part (reported in its own block of the page).
+fn is_connect(f: &Figure) -> bool {
+    f.id.starts_with("connect_")
 }
 
 fn targets_text(targets: &[Target]) -> String {
@@ -211,6 +230,13 @@ fn machine_text(m: &Machine) -> String {
     )
 }
 
+fn connect_settings_text(s: &Settings) -> String {
+    format!(
+        "{} rounds (alternating which side goes first), {} MiB written and read; sshfs with its default options; every ssh (Berth's connect, sshfs's, the bench's) uses `-o Ciphers={} -o KexAlgorithms={}`, {} keys.",
+        s.connect_rounds, s.connect_mib, s.cipher, s.kex, s.key
+    )
+}
+
 fn settings_text(s: &Settings) -> String {
     format!(
         "N = {} per latency figure (alternating Berth and baseline), {} keystrokes, {} rounds of {} MiB, {} users at once × {} rounds, {} idle sessions over a {} s rest window; every client uses `-o Ciphers={} -o KexAlgorithms={}`, {} keys.",
@@ -234,6 +260,10 @@ pub fn print(r: &Results) {
     println!("{}", table(&r.figures));
     println!();
     println!("{}", settings_text(&r.settings));
+    if r.figures.iter().any(is_connect) {
+        println!();
+        println!("{}", connect_settings_text(&r.settings));
+    }
     println!();
     print!("{}", targets_text(&r.targets));
 }
@@ -248,33 +278,75 @@ pub fn write_json(r: &Results, path: &Path) -> Result<()> {
 
 const BEGIN: &str = "<!-- berth-bench:begin -->";
 const END: &str = "<!-- berth-bench:end -->";
+const CONNECT_BEGIN: &str = "<!-- berth-bench:connect:begin -->";
+const CONNECT_END: &str = "<!-- berth-bench:connect:end -->";
 
-fn generated(r: &Results) -> String {
+fn generated(
+    r: &Results,
+    (begin, end): (&str, &str),
+    figures: &[Figure],
+    settings: &str,
+    targets: &[Target],
+) -> String {
     format!(
-        "{BEGIN}\n<!-- written by `{}`; edits between these markers are replaced by the next run -->\n\n\
-         Last run: {} to {}, `{}`.\n\n{}\n\n{}\n\n### The machine\n\n{}\n### Targets\n\n{}{END}",
+        "{begin}\n<!-- written by `{}`; edits between these markers are replaced by the next run -->\n\n\
+         Last run: {} to {}, `{}`.\n\n{}\n\n{settings}\n\n### The machine\n\n{}\n### Targets\n\n{}{end}",
         r.command,
         r.started,
         r.finished,
         r.command,
-        table(&r.figures),
-        settings_text(&r.settings),
+        table(figures),
         machine_text(&r.machine),
-        targets_text(&r.targets),
+        targets_text(targets),
     )
 }
 
-/// Replaces the generated block of `path` (or writes a new page with one).
-pub fn write_doc(r: &Results, path: &Path) -> Result<()> {
-    let block = generated(r);
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let text = match (old.find(BEGIN), old.find(END)) {
-        (Some(a), Some(b)) if a < b => format!(
+/// `old` with the block between `begin` and `end` replaced, or `None` without one.
+fn replace_block(old: &str, (begin, end): (&str, &str), block: &str) -> Option<String> {
+    match (old.find(begin), old.find(end)) {
+        (Some(a), Some(b)) if a < b => Some(format!(
             "{}{block}{}",
             old.get(..a).unwrap_or_default(),
-            old.get(b + END.len()..).unwrap_or_default()
-        ),
-        _ => format!("# Benchmarks: Berth against OpenSSH\n\n## Results\n\n{block}\n"),
-    };
+            old.get(b + end.len()..).unwrap_or_default()
+        )),
+        _ => None,
+    }
+}
+
+/// Replaces the generated blocks of `path` (or writes a new page with them): the connect
+/// part's figures go to their own block, the rest to the main one; a block with no figure
+/// in this run is left as it was.
+pub fn write_doc(r: &Results, path: &Path) -> Result<()> {
+    let (connect, main): (Vec<Figure>, Vec<Figure>) =
+        r.figures.iter().cloned().partition(is_connect);
+    let (connect_targets, main_targets): (Vec<Target>, Vec<Target>) = r
+        .targets
+        .iter()
+        .cloned()
+        .partition(|t| t.what.starts_with("connect_"));
+    let mut text = std::fs::read_to_string(path).unwrap_or_default();
+    if !main.is_empty() {
+        let block = generated(
+            r,
+            (BEGIN, END),
+            &main,
+            &settings_text(&r.settings),
+            &main_targets,
+        );
+        text = replace_block(&text, (BEGIN, END), &block).unwrap_or_else(|| {
+            format!("{text}# Benchmarks: Berth against OpenSSH\n\n## Results\n\n{block}\n")
+        });
+    }
+    if !connect.is_empty() {
+        let block = generated(
+            r,
+            (CONNECT_BEGIN, CONNECT_END),
+            &connect,
+            &connect_settings_text(&r.settings),
+            &connect_targets,
+        );
+        text = replace_block(&text, (CONNECT_BEGIN, CONNECT_END), &block)
+            .unwrap_or_else(|| format!("{text}\n## berth connect against sshfs\n\n{block}\n"));
+    }
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }

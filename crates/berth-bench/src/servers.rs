@@ -293,6 +293,11 @@ impl Berth {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The `berth` binary (its `connect` is the laptop's side).
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
     /// Removes what the (stopped) daemon made: its containers, per-user networks, host
     /// firewall chains and committed images (`berth purge`).
     pub fn purge(&self) -> Result<String> {

@@ -36,9 +36,14 @@ use tokio::runtime::Handle;
 
 use super::inodes::Inodes;
 
-/// How long the kernel may trust names and attributes: short, as the laptop's user edits
-/// the same files (`make` and `git` compare mtimes).
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust names and attributes (and, through them, the file contents
+/// it cached: see `FUSE_AUTO_INVAL_DATA` in `init`). What processes in the container do
+/// through the mount the kernel sees at once; a change made on the laptop beside the mount
+/// shows within this window, as with sshfs's 20 s cache. 1 s made every `stat` of `make`,
+/// `git status` and `find` a round trip to the laptop once a second had passed
+/// (docs/benchmarks.md, "berth connect against sshfs"); each `berth connect` is a new mount
+/// with nothing cached.
+const TTL: Duration = Duration::from_secs(20);
 
 /// Inodes the kernel may hold at once on one mount, and the bytes of their names.
 pub const MAX_NODES: usize = 200_000;
@@ -266,6 +271,9 @@ impl Filesystem for ConnectFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
+            // Cached pages are kept across opens (FOPEN_KEEP_CACHE) and dropped when the
+            // attributes show the file changed (mtime or size).
+            InitFlags::FUSE_AUTO_INVAL_DATA,
         ] {
             let _ = config.add_capabilities(flag);
         }
@@ -490,7 +498,9 @@ impl Filesystem for ConnectFs {
                 })
                 .await
             {
-                Ok(Answer::Handle(fh)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(Answer::Handle(fh)) => {
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+                }
                 Ok(_) => reply.error(Errno::EIO),
                 Err(e) => reply.error(e),
             }
@@ -522,7 +532,8 @@ impl Filesystem for ConnectFs {
             };
             match s.entry(parent.0, &name, &attr) {
                 Ok(a) => {
-                    reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::empty())
+                    let keep = FopenFlags::FOPEN_KEEP_CACHE;
+                    reply.created(&TTL, &a, Generation(0), FileHandle(fh), keep)
                 }
                 Err(e) => {
                     // The kernel never learns the handle: close it on the laptop.
