@@ -15,8 +15,10 @@
 //! run ──► handshake ──► serving ──(abort(), the laptop gone, or the mount's last user gone)──► ended
 //! ```
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,6 +35,7 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 use tokio::runtime::Handle;
+use tokio::sync::{OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
 
 use super::inodes::Inodes;
 
@@ -52,23 +55,173 @@ pub const MAX_NAME_BYTES: usize = 16 << 20;
 /// Readahead and writes of up to one wire I/O.
 const MAX_READAHEAD: u32 = 1 << 20;
 
-/// Background requests (readahead) the kernel keeps in flight: as many as the wire takes.
+/// Background requests (readahead, cached writes) the kernel keeps in flight: as many as
+/// the wire takes.
 const MAX_BACKGROUND: u16 = berth_connect::client::MAX_IN_FLIGHT as u16;
+
+/// Requests of one mount being answered at once (each holds at most one wire I/O of data:
+/// 16 MiB a mount); as many as the wire takes, the rest wait in the kernel.
+const MAX_TASKS: usize = berth_connect::client::MAX_IN_FLIGHT;
 
 struct Shared {
     client: Client,
     owner: (u32, u32),
     inodes: Mutex<Inodes>,
+    /// Places for requests being answered: [`ConnectFs::place`].
+    tasks: Arc<Semaphore>,
+    /// Writes behind (answered to the kernel, not yet by the laptop) hold it shared; every
+    /// other call takes it alone for a moment before it goes ([`Shared::call`]).
+    order: Arc<RwLock<()>>,
+    /// The inodes and ranges of the writes behind.
+    flying: Mutex<Vec<(u64, Range<u64>)>>,
+    /// The first failure of a write behind, by handle, until a flush or fsync reports it.
+    failures: Mutex<HashMap<u64, Errno>>,
+    /// What the laptop listed beyond what the kernel took, by directory handle: the
+    /// kernel asks a page of entries at a time, the laptop answers up to
+    /// [`proto::READDIR_BYTES`].
+    listings: Mutex<Listings>,
 }
 
+/// A write behind in flight: see [`Shared::behind`].
+struct Behind {
+    _order: OwnedRwLockReadGuard<()>,
+    shared: Arc<Shared>,
+    ino: u64,
+    range: Range<u64>,
+}
+
+impl Drop for Behind {
+    fn drop(&mut self) {
+        let mut flying = lock(&self.shared.flying);
+        if let Some(i) = flying
+            .iter()
+            .position(|(ino, r)| *ino == self.ino && *r == self.range)
+        {
+            flying.swap_remove(i);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Listings {
+    kept: HashMap<u64, Kept>,
+    bytes: usize,
+}
+
+struct Kept {
+    /// The offset the kernel asks next for these.
+    from: u64,
+    entries: Vec<proto::DirEntry>,
+    bytes: usize,
+}
+
+/// The bytes of listings kept at once on one mount; past it, a listing is asked again.
+const MAX_KEPT_BYTES: usize = 4 << 20;
+
+impl Shared {
+    /// The entries from `offset` (past the dots), with the listing's offsets: kept from the
+    /// last answer, or asked.
+    async fn listing(&self, fh: u64, offset: u64) -> Result<Vec<proto::DirEntry>, Errno> {
+        if let Some(kept) = self.take_listing(fh)
+            && kept.from == offset.max(DOTS)
+        {
+            return Ok(kept.entries);
+        }
+        let op = Op::Readdir {
+            fh,
+            offset: offset.saturating_sub(DOTS),
+        };
+        match self.call(op).await? {
+            Answer::Entries(mut entries) => {
+                for e in &mut entries {
+                    e.offset = e.offset.checked_add(DOTS).ok_or(Errno::EIO)?;
+                }
+                Ok(entries)
+            }
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    /// Keeps what the kernel did not take, to be asked from `from`, within the mount's bound.
+    fn keep(&self, fh: u64, from: u64, entries: Vec<proto::DirEntry>) {
+        let bytes = entries.iter().map(|e| e.name.len() + 128).sum();
+        let mut l = lock(&self.listings);
+        if l.bytes + bytes <= MAX_KEPT_BYTES {
+            l.bytes += bytes;
+            let old = l.kept.insert(
+                fh,
+                Kept {
+                    from,
+                    entries,
+                    bytes,
+                },
+            );
+            if let Some(old) = old {
+                l.bytes -= old.bytes;
+            }
+        }
+    }
+
+    fn take_listing(&self, fh: u64) -> Option<Kept> {
+        let mut l = lock(&self.listings);
+        let kept = l.kept.remove(&fh)?;
+        l.bytes -= kept.bytes;
+        Some(kept)
+    }
+
+    fn forget_listing(&self, fh: u64) {
+        let _ = self.take_listing(fh);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
 impl Shared {
     fn inodes(&self) -> MutexGuard<'_, Inodes> {
         self.inodes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The call, its failure as the errno the process sees.
+    /// Every call but a write behind first waits for the writes in flight (answered to the
+    /// kernel already), so that it sees them on the laptop.
     async fn call(&self, op: Op) -> Result<Answer, Errno> {
+        drop(self.order.write().await);
         self.client.call(op).await.map_err(|e| errno(&e))
+    }
+
+    /// A place for a write behind to `ino` over `range`, held until the laptop answers it;
+    /// one over a range in flight waits for that first (the laptop's workers may write in
+    /// any order).
+    async fn behind(self: &Arc<Self>, ino: u64, range: Range<u64>) -> Behind {
+        loop {
+            {
+                let mut flying = lock(&self.flying);
+                let over = flying
+                    .iter()
+                    .any(|(i, r)| *i == ino && r.start < range.end && range.start < r.end);
+                if !over {
+                    flying.push((ino, range.clone()));
+                    break;
+                }
+            }
+            drop(self.order.write().await);
+        }
+        Behind {
+            _order: self.order.clone().read_owned().await,
+            shared: self.clone(),
+            ino,
+            range,
+        }
+    }
+
+    /// A write behind on `fh` failed: its next flush or fsync says so.
+    fn failed(&self, fh: u64, e: Errno) {
+        lock(&self.failures).entry(fh).or_insert(e);
+    }
+
+    fn failure(&self, fh: u64) -> Option<Errno> {
+        lock(&self.failures).remove(&fh)
     }
 
     async fn attr(&self, ino: u64, op: Op) -> Result<FileAttr, Errno> {
@@ -190,18 +343,49 @@ impl ConnectFs {
                 client,
                 owner,
                 inodes: Mutex::new(Inodes::new(max_nodes, max_name_bytes)),
+                tasks: Arc::new(Semaphore::new(MAX_TASKS)),
+                listings: Mutex::default(),
+                order: Arc::default(),
+                flying: Mutex::default(),
+                failures: Mutex::default(),
             }),
             rt,
         }
     }
 
-    /// Runs `answer` on the runtime with the shared state: the FUSE loop goes on at once.
+    /// A place among the mount's [`MAX_TASKS`], waited for on the FUSE loop: while all are
+    /// taken the loop reads no more requests and the kernel holds them (with their
+    /// processes), so nothing more is copied or spawned however many processes call in.
+    /// `None` only when the runtime is gone.
+    fn place(&self) -> Option<OwnedSemaphorePermit> {
+        self.rt
+            .block_on(self.shared.tasks.clone().acquire_owned())
+            .ok()
+    }
+
+    /// Runs `answer` on the runtime with the shared state, in a place taken first: the
+    /// FUSE loop goes on once it has one.
     fn answer<F, Fut>(&self, answer: F)
     where
         F: FnOnce(Arc<Shared>) -> Fut,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        self.rt.spawn(answer(self.shared.clone()));
+        // Without a place the reply is dropped unsent: fuser answers EIO for it.
+        if let Some(place) = self.place() {
+            self.answer_in(place, answer);
+        }
+    }
+
+    fn answer_in<F, Fut>(&self, place: OwnedSemaphorePermit, answer: F)
+    where
+        F: FnOnce(Arc<Shared>) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let fut = answer(self.shared.clone());
+        self.rt.spawn(async move {
+            fut.await;
+            drop(place);
+        });
     }
 
     fn path(&self, ino: INodeNo) -> Result<proto::RelPath, Errno> {
@@ -491,13 +675,13 @@ impl Filesystem for ConnectFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = resolve!(reply, self.path(ino));
         self.answer(move |s| async move {
-            match s
+            let answer = s
                 .call(Op::Open {
                     path,
                     flags: flags.0,
                 })
-                .await
-            {
+                .await;
+            match answer {
                 Ok(Answer::Handle(fh)) => {
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
                 }
@@ -589,17 +773,21 @@ impl Filesystem for ConnectFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         // max_write is MAX_IO: the kernel never sends more.
         let Some(chunk) = data.get(..data.len().min(proto::MAX_IO as usize)) else {
+            return reply.error(Errno::EIO);
+        };
+        // The place before the copy: writers waiting for one hold no copy.
+        let Some(place) = self.place() else {
             return reply.error(Errno::EIO);
         };
         let op = Op::Write {
@@ -608,12 +796,35 @@ impl Filesystem for ConnectFs {
             data: chunk.to_vec(),
         };
         let len = chunk.len();
-        self.answer(move |s| async move {
-            match s.call(op).await {
-                Ok(Answer::Written(n)) if n as usize <= len => reply.written(n),
-                Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(e),
+        let Some(end) = offset.checked_add(len as u64) else {
+            return reply.error(Errno::EFBIG);
+        };
+        // Appends are placed by the laptop, and O_SYNC/O_DSYNC writes are to be on its
+        // disk when they return: those wait for the laptop's answer.
+        let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
+        self.answer_in(place, move |s| async move {
+            if !behind {
+                return match s.call(op).await {
+                    Ok(Answer::Written(n)) if n as usize <= len => reply.written(n),
+                    Ok(_) => reply.error(Errno::EIO),
+                    Err(e) => reply.error(e),
+                };
             }
+            // Answered now, as sshfs does: the next write goes out while this one is on
+            // its way, and a failure is told at the next flush (close) or fsync.
+            let flying = s.behind(ino.0, offset..end).await;
+            reply.written(len as u32);
+            let failed = match s.client.call(op).await {
+                Ok(Answer::Written(n)) if n as usize == len => None,
+                // The laptop's disk is full (a regular file takes what fits).
+                Ok(Answer::Written(_)) => Some(Errno::ENOSPC),
+                Ok(_) => Some(Errno::EIO),
+                Err(e) => Some(errno(&e)),
+            };
+            if let Some(e) = failed {
+                s.failed(fh.0, e);
+            }
+            drop(flying);
         });
     }
 
@@ -621,12 +832,18 @@ impl Filesystem for ConnectFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Writes are on the laptop when answered: nothing is held here.
-        reply.ok();
+        // close(2): the writes behind are on the laptop, or their failure is told.
+        self.answer(move |s| async move {
+            drop(s.order.write().await);
+            match s.failure(fh.0) {
+                Some(e) => reply.error(e),
+                None => reply.ok(),
+            }
+        });
     }
 
     fn release(
@@ -643,6 +860,7 @@ impl Filesystem for ConnectFs {
         reply.ok();
         self.answer(move |s| async move {
             let _ = s.call(Op::Release { fh: fh.0 }).await;
+            let _ = s.failure(fh.0);
         });
     }
 
@@ -654,7 +872,16 @@ impl Filesystem for ConnectFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        self.done(Op::Fsync { fh: fh.0, datasync }, reply, |_| {});
+        self.answer(move |s| async move {
+            match s.call(Op::Fsync { fh: fh.0, datasync }).await {
+                Ok(Answer::Done) => match s.failure(fh.0) {
+                    Some(e) => reply.error(e),
+                    None => reply.ok(),
+                },
+                Ok(_) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -677,28 +904,39 @@ impl Filesystem for ConnectFs {
         mut reply: ReplyDirectory,
     ) {
         self.answer(move |s| async move {
-            let entries = match s.call(Op::Readdir { fh: fh.0, offset }).await {
-                Ok(Answer::Entries(e)) => e,
-                Ok(_) => return reply.error(Errno::EIO),
+            for (name, off) in dots(offset) {
+                let shown = match name {
+                    b"." => ino.0,
+                    _ => s.inodes().parent(ino.0).unwrap_or(ino.0),
+                };
+                if reply.add(
+                    INodeNo(shown),
+                    off,
+                    FileType::Directory,
+                    OsStr::from_bytes(name),
+                ) {
+                    return reply.ok();
+                }
+            }
+            let entries = match s.listing(fh.0, offset).await {
+                Ok(e) => e,
                 Err(e) => return reply.error(e),
             };
-            for e in entries {
-                let Some(kind) = e.attr.and_then(|a| s.file_attr(0, &a).ok()).map(|a| a.kind)
-                else {
+            let mut next = offset.max(DOTS);
+            let mut rest = entries.into_iter();
+            while let Some(e) = rest.next() {
+                let kind = e.attr.and_then(|a| s.file_attr(0, &a).ok()).map(|a| a.kind);
+                let Some(kind) = kind.filter(|_| valid_name(&e.name)) else {
+                    next = e.offset;
                     continue;
                 };
-                if !valid_name(&e.name) {
-                    continue;
-                }
                 // The number the kernel knows, if it knows one; any other is only shown.
-                let known = match e.name.as_slice() {
-                    b"." | b".." => Some(ino.0),
-                    name => s.inodes().find(ino.0, name),
-                };
-                let shown = known.unwrap_or(u64::MAX);
+                let shown = s.inodes().find(ino.0, &e.name).unwrap_or(u64::MAX);
                 if reply.add(INodeNo(shown), e.offset, kind, OsStr::from_bytes(&e.name)) {
+                    s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
                     break;
                 }
+                next = e.offset;
             }
             reply.ok()
         });
@@ -713,37 +951,58 @@ impl Filesystem for ConnectFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.answer(move |s| async move {
-            let entries = match s.call(Op::Readdir { fh: fh.0, offset }).await {
-                Ok(Answer::Entries(e)) => e,
-                Ok(_) => return reply.error(Errno::EIO),
+            for (name, off) in dots(offset) {
+                // The kernel takes no lookup on these, and only the number and the kind
+                // from their attributes.
+                let shown = match name {
+                    b"." => ino.0,
+                    _ => s.inodes().parent(ino.0).unwrap_or(ino.0),
+                };
+                let a = dot_attr(shown);
+                if reply.add(
+                    INodeNo(shown),
+                    off,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &a,
+                    Generation(0),
+                ) {
+                    return reply.ok();
+                }
+            }
+            let entries = match s.listing(fh.0, offset).await {
+                Ok(e) => e,
                 Err(e) => return reply.error(e),
             };
-            for e in entries {
-                let Some(attr) = e.attr else { continue };
-                if !valid_name(&e.name) {
+            let mut next = offset.max(DOTS);
+            let mut sent = false;
+            let mut rest = entries.into_iter();
+            while let Some(e) = rest.next() {
+                let Some(attr) = e.attr.filter(|_| valid_name(&e.name)) else {
+                    next = e.offset;
                     continue;
-                }
-                let name = OsStr::from_bytes(&e.name);
-                if matches!(e.name.as_slice(), b"." | b"..") {
-                    // The kernel takes no lookup on these.
-                    let Ok(a) = s.file_attr(ino.0, &attr) else {
-                        continue;
-                    };
-                    if reply.add(INodeNo(ino.0), e.offset, name, &TTL, &a, Generation(0)) {
-                        break;
-                    }
-                    continue;
-                }
+                };
                 let a = match s.entry(ino.0, &e.name, &attr) {
                     Ok(a) => a,
-                    // Past the table's bound the listing ends here; the next call goes on.
-                    Err(_) => break,
+                    // The inode table is full: what is listed so far goes out, and a call
+                    // with nothing to give fails rather than end the listing early.
+                    Err(err) => {
+                        s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                        if sent || offset < DOTS {
+                            return reply.ok();
+                        }
+                        return reply.error(err);
+                    }
                 };
+                let name = OsStr::from_bytes(&e.name);
                 if reply.add(a.ino, e.offset, name, &TTL, &a, Generation(0)) {
                     // Not sent: the kernel takes no lookup on it.
                     s.inodes().forget(a.ino.0, 1);
+                    s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
                     break;
                 }
+                sent = true;
+                next = e.offset;
             }
             reply.ok()
         });
@@ -758,6 +1017,7 @@ impl Filesystem for ConnectFs {
         reply: ReplyEmpty,
     ) {
         reply.ok();
+        self.shared.forget_listing(fh.0);
         self.answer(move |s| async move {
             let _ = s.call(Op::Release { fh: fh.0 }).await;
         });
@@ -827,9 +1087,47 @@ impl Filesystem for ConnectFs {
     }
 }
 
-/// A name the kernel may be given: one component (or a dot entry).
+/// A name from the laptop the kernel may be given: one component, not a dot entry (those
+/// are the daemon's own: [`dots`]).
 fn valid_name(name: &[u8]) -> bool {
-    !name.is_empty() && name.len() <= 255 && !name.contains(&b'/') && !name.contains(&0)
+    !name.is_empty()
+        && name.len() <= 255
+        && name != b"."
+        && name != b".."
+        && !name.contains(&b'/')
+        && !name.contains(&0)
+}
+
+/// A listing's offsets: `.` is 0 → 1, `..` 1 → 2, and the laptop's entry n (it leaves out
+/// the dots) n + 2.
+const DOTS: u64 = 2;
+
+/// The dot entries a listing from `offset` starts with, and the offset after each.
+fn dots(offset: u64) -> impl Iterator<Item = (&'static [u8], u64)> {
+    [(&b"."[..], 1), (&b".."[..], DOTS)]
+        .into_iter()
+        .filter(move |(_, off)| *off > offset)
+}
+
+/// What a dot entry of readdirplus carries: the kernel reads its number and kind only.
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: proto::MAX_IO,
+        flags: 0,
+    }
 }
 
 /// A running FUSE session; [`FuseSession::abort`] (or dropping it) ends it.
@@ -910,7 +1208,15 @@ mod tests {
     use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags};
 
     use super::*;
-    use crate::connect::laptop::{Laptop, Tamper};
+    use crate::connect::laptop::{Laptop as FakeLaptop, Tamper};
+
+    /// Who answers the mount's requests (the fake when none is given).
+    enum Laptop {
+        /// The fake, its answers passed through a function.
+        Tampered(Tamper),
+        /// The fake, doing writes in any order (`FakeLaptop::reorder`).
+        Reordering,
+    }
 
     /// What every file is shown as in these tests (the laptop's files are root's).
     const OWNER: (u32, u32) = (1234, 5678);
@@ -1002,7 +1308,7 @@ mod tests {
         owner: (u32, u32),
         deadline: Duration,
         max_nodes: usize,
-        tamper: Option<Tamper>,
+        tamper: Option<Laptop>,
     ) -> Option<Mounted> {
         if !nix::unistd::geteuid().is_root() {
             println!("skipped: FUSE mounts need root");
@@ -1015,10 +1321,14 @@ mod tests {
             .unwrap();
         let laptop_dir = tempfile::tempdir().unwrap();
         let at = tempfile::tempdir().unwrap();
-        let mut laptop = Laptop::new(laptop_dir.path());
-        laptop.tamper = tamper;
-        let silent = laptop.silent.clone();
         let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let mut laptop = FakeLaptop::new(laptop_dir.path());
+        laptop.reorder = matches!(tamper, Some(Laptop::Reordering));
+        laptop.tamper = match tamper {
+            Some(Laptop::Tampered(t)) => Some(t),
+            _ => None,
+        };
+        let silent = laptop.silent.clone();
         let serving = rt.spawn(laptop.serve(theirs));
         let (r, w) = tokio::io::split(ours);
         let (client, driver) = Client::start(Wire::new(r, w), deadline);
@@ -1291,10 +1601,153 @@ mod tests {
             .collect();
         assert!(results.contains(&Some(libc::ENOMEM)), "{results:?}");
         assert!(m.shared.inodes().len() <= 20);
-        // Listing with attributes stops at the bound too, and the mount still answers.
-        let _ = std::fs::read_dir(m.dir()).unwrap().count();
+        // A listing past the bound is whole, or fails: it never ends early as if the
+        // directory had no more.
+        let listed: Vec<_> = std::fs::read_dir(m.dir()).unwrap().collect();
+        let failed = listed.iter().any(|e| e.is_err());
+        assert!(failed || listed.len() == 40, "{} listed", listed.len());
+        if failed {
+            let e = listed.into_iter().find_map(Result::err).unwrap();
+            assert_eq!(e.raw_os_error(), Some(libc::ENOMEM));
+        }
         assert!(m.shared.inodes().len() <= 20);
         assert!(std::fs::metadata(m.dir()).is_ok());
+    }
+
+    #[test]
+    fn a_big_listing_is_whole_with_its_dots_and_asked_once() {
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = asked.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            if matches!(op, Op::Readdir { .. }) {
+                count.fetch_add(1, Ordering::SeqCst);
+            }
+            result
+        });
+        let Some(m) = mount_with(
+            OWNER,
+            Duration::from_secs(30),
+            MAX_NODES,
+            Some(Laptop::Tampered(tamper)),
+        ) else {
+            return;
+        };
+        let names: std::collections::BTreeSet<String> = (0..3000)
+            .map(|i| format!("a-file-with-a-name-of-some-length-{i:05}"))
+            .collect();
+        std::fs::create_dir(m.laptop().join("many")).unwrap();
+        for n in &names {
+            std::fs::write(m.laptop().join("many").join(n), "").unwrap();
+        }
+        // With attributes (the first listing), then names only (nothing looked up since),
+        // each through getdents with one page of room, as some programs ask.
+        for _ in 0..2 {
+            let before = asked.load(Ordering::SeqCst);
+            let mut listed = getdents_by_page(&m.dir().join("many"));
+            assert_eq!(listed.len(), 3002, "each entry once");
+            let mut want: Vec<String> = names.iter().cloned().collect();
+            want.extend([".".into(), "..".into()]);
+            want.sort_unstable();
+            listed.sort_unstable();
+            assert_eq!(listed, want);
+            // The laptop answers ~64 KiB a call (11 calls for these names); asked again
+            // for each page the kernel takes, it would be ~60 to ~140 calls.
+            let calls = asked.load(Ordering::SeqCst) - before;
+            assert!(calls <= 16, "{calls} listing calls");
+        }
+        assert_eq!(m.sh("ls -ia many | head -2 | wc -l").trim(), "2");
+    }
+
+    /// The names in `dir`, read with getdents64 into a buffer of 4 KiB.
+    fn getdents_by_page(dir: &Path) -> Vec<String> {
+        let d = std::fs::File::open(dir).unwrap();
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut raw = rustix::fs::RawDir::new(&d, &mut buf);
+        let mut names = Vec::new();
+        while let Some(e) = raw.next() {
+            let e = e.unwrap();
+            names.push(e.file_name().to_str().unwrap().to_owned());
+        }
+        names
+    }
+
+    #[test]
+    fn writes_behind_keep_their_order_and_what_follows_sees_them() {
+        use std::os::unix::fs::FileExt;
+        let Some(m) = mount_with(
+            OWNER,
+            Duration::from_secs(30),
+            MAX_NODES,
+            Some(Laptop::Reordering),
+        ) else {
+            return;
+        };
+        // Eight 64 KiB blocks overwritten in turns from one descriptor, to a laptop that
+        // does writes in any order: it would put an older block over a newer one if writes
+        // in flight over the same range were not held back.
+        let path = m.dir().join("f");
+        let f = std::fs::File::create(&path).unwrap();
+        let mut want = vec![0u8; 8 << 16];
+        for i in 0..200u32 {
+            let at = (i as usize % 8) << 16;
+            let block = vec![(i % 251) as u8; 1 << 16];
+            // Half a block on from time to time: ranges that overlap two blocks.
+            let at = if i % 7 == 0 {
+                at.saturating_sub(1 << 15)
+            } else {
+                at
+            };
+            f.write_at(&block, at as u64).unwrap();
+            want[at..at + block.len()].copy_from_slice(&block);
+        }
+        // A read that asks the laptop (not the kernel's cache: another name is another
+        // inode here), a stat and a read from another descriptor, before any close, see
+        // all of it.
+        std::fs::hard_link(&path, m.dir().join("g")).unwrap();
+        let got = std::fs::read(m.dir().join("g")).unwrap();
+        assert!(got == want, "read from the laptop");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), want.len() as u64);
+        assert!(
+            std::fs::read(&path).unwrap() == want,
+            "read through the mount"
+        );
+        drop(f);
+        assert!(
+            std::fs::read(m.laptop().join("f")).unwrap() == want,
+            "on the laptop"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_behind_is_told_at_close_and_at_fsync() {
+        use std::io::Write;
+        let tamper: Tamper = Box::new(|op, result| match op {
+            Op::Write { .. } => Err(libc::ENOSPC),
+            _ => result,
+        });
+        let Some(m) = mount_with(
+            OWNER,
+            Duration::from_secs(30),
+            MAX_NODES,
+            Some(Laptop::Tampered(tamper)),
+        ) else {
+            return;
+        };
+        let mut f = std::fs::File::create(m.dir().join("a")).unwrap();
+        // The write itself is answered at once, its failure comes with fsync.
+        f.write_all(b"data").unwrap();
+        assert_eq!(errno_of(f.sync_all()), Some(libc::ENOSPC));
+        // ... or with close.
+        let mut f = std::fs::File::create(m.dir().join("b")).unwrap();
+        f.write_all(b"data").unwrap();
+        let fd = std::os::fd::IntoRawFd::into_raw_fd(f);
+        assert_eq!(nix::unistd::close(fd), Err(nix::errno::Errno::ENOSPC));
+        // An append waits for the laptop: its failure is the write's own.
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.dir().join("a"))
+            .unwrap();
+        assert_eq!(errno_of(f.write_all(b"more")), Some(libc::ENOSPC));
     }
 
     #[test]
@@ -1307,7 +1760,12 @@ mod tests {
             Op::Readlink { .. } => Ok(Answer::Bytes(vec![b'a'; 5000])),
             _ => result,
         });
-        let Some(m) = mount_with(OWNER, Duration::from_secs(30), MAX_NODES, Some(tamper)) else {
+        let Some(m) = mount_with(
+            OWNER,
+            Duration::from_secs(30),
+            MAX_NODES,
+            Some(Laptop::Tampered(tamper)),
+        ) else {
             return;
         };
         std::fs::write(m.laptop().join("file"), "x").unwrap();

@@ -63,6 +63,11 @@ impl Inodes {
         }
     }
 
+    /// The directory `ino` is in (the root's is the root), if the table holds `ino`.
+    pub fn parent(&self, ino: u64) -> Option<u64> {
+        self.nodes.get(&ino).map(|n| n.parent)
+    }
+
     /// How many nodes the table holds (the root included).
     #[cfg(test)]
     pub fn len(&self) -> usize {

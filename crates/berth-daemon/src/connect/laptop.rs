@@ -31,6 +31,10 @@ pub struct Laptop {
     pub silent: Arc<AtomicBool>,
     /// Changes an answer before it is sent (a hostile laptop).
     pub tamper: Option<Tamper>,
+    /// Holds writes back (until 16 are held, or 20 ms pass with nothing new), answering
+    /// whatever else comes meanwhile, then does them last first: a laptop whose workers
+    /// finish in any order.
+    pub reorder: bool,
 }
 
 pub type Tamper = Box<dyn Fn(&Op, Result<Answer, i32>) -> Result<Answer, i32> + Send>;
@@ -85,6 +89,7 @@ impl Laptop {
             next: 1,
             silent: Arc::new(AtomicBool::new(false)),
             tamper: None,
+            reorder: false,
         }
     }
 
@@ -264,11 +269,12 @@ impl Laptop {
                 };
                 let mut out = Vec::new();
                 let mut bytes = 0;
+                // As much as the real laptop answers at once.
                 for (name, off) in listing.iter().filter(|(_, o)| *o > offset) {
-                    if bytes > 8 * 1024 {
+                    bytes += name.len() + 200;
+                    if bytes > berth_connect::proto::READDIR_BYTES {
                         break;
                     }
-                    bytes += name.len() + 100;
                     let a = std::fs::symlink_metadata(dir.join(std::ffi::OsStr::from_bytes(name)))
                         .ok()
                         .map(|m| attr(&m));
@@ -300,19 +306,62 @@ impl Laptop {
     pub async fn serve(mut self, stream: tokio::io::DuplexStream) {
         let (r, w) = tokio::io::split(stream);
         let mut wire = Wire::new(r, w);
-        while let Ok(Some(ToLaptop::Request { id, op })) = wire.recv::<ToLaptop>().await {
+        let mut held: Vec<(u64, Op)> = Vec::new();
+        loop {
+            let next = if held.is_empty() {
+                wire.recv::<ToLaptop>().await
+            } else {
+                let wait = std::time::Duration::from_millis(20);
+                match tokio::time::timeout(wait, wire.recv::<ToLaptop>()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if !self.answer_held(&mut wire, &mut held).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            };
+            let Ok(Some(ToLaptop::Request { id, op })) = next else {
+                return;
+            };
             if self.silent.load(Ordering::SeqCst) {
                 continue;
             }
-            let asked = op.clone();
-            let result = self.answer(op);
-            let result = match &self.tamper {
-                Some(tamper) => tamper(&asked, result),
-                None => result,
-            };
-            if wire.send(&ToDaemon::Reply { id, result }).await.is_err() {
+            if self.reorder && matches!(op, Op::Write { .. }) && held.len() < 16 {
+                held.push((id, op));
+                continue;
+            }
+            if !self.reply(&mut wire, id, op).await {
                 return;
             }
         }
+    }
+
+    async fn answer_held<R, W>(&mut self, wire: &mut Wire<R, W>, held: &mut Vec<(u64, Op)>) -> bool
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        while let Some((id, op)) = held.pop() {
+            if !self.reply(wire, id, op).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn reply<R, W>(&mut self, wire: &mut Wire<R, W>, id: u64, op: Op) -> bool
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let asked = op.clone();
+        let result = self.answer(op);
+        let result = match &self.tamper {
+            Some(tamper) => tamper(&asked, result),
+            None => result,
+        };
+        wire.send(&ToDaemon::Reply { id, result }).await.is_ok()
     }
 }
