@@ -156,6 +156,31 @@ impl Registration {
     pub fn set_exit(&mut self, code: u32) {
         self.exit = Some(code);
     }
+
+    /// What shows for the session from now on (a mount's path, once known).
+    pub fn describer(&self) -> Describer {
+        Describer {
+            id: self.id,
+            sessions: Arc::downgrade(&self.sessions),
+        }
+    }
+}
+
+/// Changes what `session list` shows for one session while it is open.
+pub struct Describer {
+    id: u64,
+    sessions: Weak<Sessions>,
+}
+
+impl Describer {
+    pub fn describe(&self, command: String) {
+        if let Some(sessions) = self.sessions.upgrade()
+            && let Ok(mut open) = sessions.open.lock()
+            && let Some(e) = open.get_mut(&self.id)
+        {
+            e.info.command = command;
+        }
+    }
 }
 
 impl Drop for Registration {

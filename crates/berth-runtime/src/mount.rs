@@ -306,12 +306,15 @@ fn host_proc() -> io::Result<OwnedFd> {
 /// Attaches `mount` at `at` (absolute) in the mount namespace of container init `init`, for
 /// `owner` (the user: the namespace threads are counted against her). Missing directories
 /// on the way, `at` included, are made. One deadline, [`ATTACH_DEADLINE`], for all of it.
+/// A mount of ours already at `at` whose connection `live` does not know (its daemon ended
+/// without taking it out) is taken out first; any other FUSE mount there refuses.
 /// Errors are one line saying what failed.
 pub async fn attach(
     init: &ContainerInit,
     owner: &str,
     mount: DetachedMount,
     at: &Path,
+    live: Live,
 ) -> io::Result<Attached> {
     let deadline = Instant::now() + ATTACH_DEADLINE;
     let components = components(at)?;
@@ -336,7 +339,7 @@ pub async fn attach(
     let at_buf = at.to_path_buf();
     let owner_name = owner.to_owned();
     let work = in_namespace(ns, Namespace::Mount, owner, move || {
-        let target = make_target(&root, &proc, &components, root_owner, deadline)?;
+        let target = make_target(&root, &proc, &components, root_owner, deadline, &live)?;
         if Instant::now() > deadline {
             return Err(timed_out());
         }
@@ -408,6 +411,7 @@ fn make_target(
     components: &[CString],
     owner: RootOwner,
     deadline: Instant,
+    live: &Live,
 ) -> io::Result<OwnedFd> {
     let mounts = Mountinfo::read(proc)?;
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
@@ -429,6 +433,7 @@ fn make_target(
     )
     .map_err(|e| err("cannot open the container's root", e))?;
     let mut shown = String::new();
+    let mut parent = None;
     for name in components {
         if Instant::now() > deadline {
             return Err(timed_out());
@@ -479,7 +484,7 @@ fn make_target(
             }
             r => r,
         };
-        dir = next.map_err(|e| match e {
+        let next = next.map_err(|e| match e {
             rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => {
                 io::Error::other(format!("{shown} is a symlink in the container"))
             }
@@ -488,10 +493,22 @@ fn make_target(
             }
             e => err(&format!("cannot open {shown} in the container"), e),
         })?;
+        parent = Some((std::mem::replace(&mut dir, next), name));
     }
     // A mount below a shared mount appears in all its peers (the host's, maybe): refused.
-    // So is one on top of another FUSE mount (another `berth connect` at the same path).
-    let id = mount_id(&dir)?;
+    // So is one on top of another FUSE mount (another `berth connect` at the same path),
+    // unless it is one of ours whose server is gone (the daemon that served it ended
+    // without taking it out): then it is taken out first.
+    let mut id = mount_id(&dir)?;
+    if mounts.fs_type(id) == Some(SUBTYPE_TYPE)
+        && let Some((up, name)) = &parent
+        && !live(connection_of(&dir)?)
+    {
+        unmount(proc, &dir)?;
+        dir = open_dir(up, name).map_err(|e| err(&format!("cannot open {shown} again"), e))?;
+        id = mount_id(&dir)?;
+        tracing::info!(path = %shown, "a berth connect mount left by an earlier daemon taken out");
+    }
     if mounts.fs_type(id).is_some_and(|t| t.starts_with("fuse")) {
         return Err(io::Error::other(format!(
             "{shown} is a FUSE mount in the container already"
@@ -506,6 +523,24 @@ fn make_target(
             "{shown}: its mount is not in the container's mount table"
         ))),
     }
+}
+
+/// Whether a FUSE connection is one the caller serves.
+pub type Live = std::sync::Arc<dyn Fn(FuseConnection) -> bool + Send + Sync>;
+
+/// The type of our mounts in the mount table.
+const SUBTYPE_TYPE: &str = "fuse.berth-connect";
+
+/// The FUSE connection of the mount `fd` is the root of, without asking its server.
+fn connection_of(fd: &impl AsFd) -> io::Result<FuseConnection> {
+    let st = rustix::fs::statx(
+        fd,
+        "",
+        AtFlags::EMPTY_PATH | AtFlags::STATX_DONT_SYNC,
+        StatxFlags::BASIC_STATS,
+    )
+    .map_err(|e| err("cannot stat a mount in the container", e))?;
+    Ok(FuseConnection(st.stx_dev_minor))
 }
 
 /// The id of the mount `fd` is on, without asking its file system anything.

@@ -255,7 +255,9 @@ async fn a_mount_shows_in_the_container_only_at_its_path_and_goes_away() {
     let (mnt, server) = served(&init, &source);
     let conn = mnt.connection();
     let at = Path::new("/a b/é/deep");
-    let attached: Attached = mount::attach(&init, "alice", mnt, at).await.unwrap();
+    let attached: Attached = mount::attach(&init, "alice", mnt, at, all_live())
+        .await
+        .unwrap();
     assert_eq!(attached.path(), at);
 
     // In the container, at that path (parents made), with the file the server has.
@@ -304,7 +306,7 @@ async fn an_aborted_connection_fails_reads_in_the_container_instead_of_hanging()
     let source = unique("src");
     let (mnt, server) = served(&init, &source);
     let conn = mnt.connection();
-    let attached = mount::attach(&init, "alice", mnt, Path::new("/work"))
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/work"), all_live())
         .await
         .unwrap();
     assert_eq!(c.sh_ok("cat /work/hello").as_bytes(), CONTENT);
@@ -337,7 +339,7 @@ async fn symlinks_in_the_container_never_redirect_the_mount() {
         let source = unique("src");
         let (mnt, server) = served(&init, &source);
         let conn = mnt.connection();
-        let e = mount::attach(&init, "alice", mnt, Path::new(at))
+        let e = mount::attach(&init, "alice", mnt, Path::new(at), all_live())
             .await
             .unwrap_err();
         assert_eq!(e.to_string(), why, "{at}");
@@ -382,7 +384,7 @@ async fn a_mount_that_would_propagate_to_the_host_is_refused() {
     let source = unique("src");
     let (mnt, server) = served(&init, &source);
     let conn = mnt.connection();
-    let e = mount::attach(&init, "alice", mnt, Path::new("/shared/in"))
+    let e = mount::attach(&init, "alice", mnt, Path::new("/shared/in"), all_live())
         .await
         .unwrap_err();
     assert_eq!(
@@ -408,7 +410,7 @@ async fn a_stopped_container_is_no_error_for_detach_and_an_unserved_mount_never_
     })
     .unwrap();
     let conn = mnt.connection();
-    let attached = mount::attach(&init, "alice", mnt, Path::new("/m"))
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/m"), all_live())
         .await
         .unwrap();
     assert!(c.sh_ok("cat /proc/mounts").contains(&source));
@@ -429,6 +431,52 @@ async fn a_stopped_container_is_no_error_for_detach_and_an_unserved_mount_never_
     let _ = RootOwner { uid: 0, gid: 0 };
 }
 
+/// Every connection taken as served (a mount there is never taken for one left behind).
+fn all_live() -> mount::Live {
+    std::sync::Arc::new(|_| true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_an_earlier_daemon_left_is_taken_out_for_the_new_one() {
+    let c = Container::start(&[]);
+    let init = open(&c).await;
+    let options = |source: &str| FuseOptions {
+        owner: init.root_owner().unwrap(),
+        root_perms: 0o755,
+        max_read: None,
+        source: source.to_owned(),
+    };
+    // The earlier daemon's: its server gone (connection aborted, descriptor closed), the
+    // mount left in the container as a killed daemon leaves it.
+    let old = unique("old");
+    let (dev, mnt) = mount::fuse_mount(&options(&old)).unwrap();
+    let conn = mnt.connection();
+    let left = mount::attach(&init, "alice", mnt, Path::new("/w"), all_live())
+        .await
+        .unwrap();
+    std::mem::forget(left);
+    conn.abort().unwrap();
+    drop(dev);
+    assert!(c.sh_ok("cat /proc/mounts").contains(&old));
+    // The new daemon serves only its own connection.
+    let new = unique("new");
+    let (_dev, mnt) = mount::fuse_mount(&options(&new)).unwrap();
+    let mine = mnt.connection();
+    let live: mount::Live = std::sync::Arc::new(move |c| c == mine);
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/w"), live.clone())
+        .await
+        .unwrap();
+    let mounts = c.sh_ok("cat /proc/mounts");
+    assert!(mounts.contains(&new) && !mounts.contains(&old), "{mounts}");
+    // A mount that is served (its connection live) is never taken out.
+    let (_dev2, mnt) = mount::fuse_mount(&options(&unique("third"))).unwrap();
+    let e = mount::attach(&init, "alice", mnt, Path::new("/w"), live)
+        .await
+        .unwrap_err();
+    assert_eq!(e.to_string(), "/w is a FUSE mount in the container already");
+    attached.detach().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_mount_is_never_looked_into() {
     // A mount whose server never answers (not even INIT), as a stalled laptop's would be:
@@ -444,21 +492,27 @@ async fn a_stalled_mount_is_never_looked_into() {
     };
     let (_dev, stalled) = mount::fuse_mount(&options(&unique("src"))).unwrap();
     let stalled_conn = stalled.connection();
-    let first = mount::attach(&init, "alice", stalled, Path::new("/m"))
+    let first = mount::attach(&init, "alice", stalled, Path::new("/m"), all_live())
         .await
         .unwrap();
     let source = unique("src");
     let (_dev2, mnt) = mount::fuse_mount(&options(&source)).unwrap();
     let started = Instant::now();
-    let e = mount::attach(&init, "alice", mnt, Path::new("/m/inner/deeper"))
-        .await
-        .unwrap_err();
+    let e = mount::attach(
+        &init,
+        "alice",
+        mnt,
+        Path::new("/m/inner/deeper"),
+        all_live(),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.to_string(), "cannot mount beneath /m: it is a FUSE mount");
     assert!(started.elapsed() < mount::ATTACH_DEADLINE);
     assert!(!c.sh_ok("cat /proc/mounts").contains(&source));
     // Nor is one stacked on it.
     let (_dev3, mnt) = mount::fuse_mount(&options(&source)).unwrap();
-    let e = mount::attach(&init, "alice", mnt, Path::new("/m"))
+    let e = mount::attach(&init, "alice", mnt, Path::new("/m"), all_live())
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "/m is a FUSE mount in the container already");

@@ -306,8 +306,12 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         !host.contains(&*one.to_string_lossy()) && !host.contains("berth-connect"),
         "{host}"
     );
-    let sessions = d.berth_ok(&["session", "list", "--json"]);
-    assert!(sessions.contains("berth connect"), "{sessions}");
+    // Each mount is a session, shown with its path.
+    let sessions = d.berth_ok(&["session", "list"]);
+    for dir in [&one, &two] {
+        let shown = format!("berth connect {:?}", dir.display().to_string());
+        assert!(sessions.contains(&shown), "{shown} in {sessions}");
+    }
 
     // The first laptop stops answering: a reader in the container waits on it, bob does not.
     nix::sys::signal::kill(

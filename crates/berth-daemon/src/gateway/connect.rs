@@ -41,13 +41,45 @@ pub const MOUNTS_PER_USER: usize = 8;
 /// Bytes buffered between the channel and the mount's wire, each way.
 const PIPE: usize = 256 * 1024;
 
-/// The mounts open now, per user.
+/// The mounts open now, per user, and their FUSE connections.
 #[derive(Default)]
 pub struct Mounts {
     by_user: Mutex<HashMap<String, usize>>,
+    /// Every connection this daemon serves, from its making to its end: a mount of ours
+    /// found in a container with another is one an earlier daemon left.
+    live: Arc<Mutex<std::collections::HashSet<u32>>>,
+}
+
+/// Keeps a connection among the live ones while it lives.
+struct Serving {
+    live: Arc<Mutex<std::collections::HashSet<u32>>>,
+    connection: u32,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        if let Ok(mut live) = self.live.lock() {
+            live.remove(&self.connection);
+        }
+    }
 }
 
 impl Mounts {
+    fn serving(&self, c: berth_runtime::mount::FuseConnection) -> Serving {
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(c.0);
+        }
+        Serving {
+            live: self.live.clone(),
+            connection: c.0,
+        }
+    }
+
+    fn is_live(&self) -> berth_runtime::mount::Live {
+        let live = self.live.clone();
+        Arc::new(move |c| live.lock().map_or(true, |l| l.contains(&c.0)))
+    }
+
     fn take(self: &Arc<Self>, user: &str) -> Option<MountSlot> {
         let mut m = self.by_user.lock().ok()?;
         let n = m.entry(user.to_owned()).or_default();
@@ -103,6 +135,7 @@ impl<R: Runtime> BerthGateway<R> {
             lifecycle: self.lifecycle.clone(),
             mounts: self.mounts.clone(),
             user: user.as_str().to_owned(),
+            describer: registration.describer(),
         };
         let task = AbortOnDropHandle::new(tokio::spawn(async move {
             tokio::select! {
@@ -129,6 +162,8 @@ struct Job<R: Runtime> {
     lifecycle: Arc<crate::lifecycle::Lifecycle<R>>,
     mounts: Arc<Mounts>,
     user: String,
+    /// Shows the mount's path in `session list` once it is known.
+    describer: crate::sessions::Describer,
 }
 
 impl<R: Runtime> Job<R> {
@@ -180,6 +215,7 @@ impl<R: Runtime> Job<R> {
             path: shown.clone(),
         });
         info!(user = %self.user, path = ?shown, "directory mounted");
+        self.describer.describe(format!("berth connect {shown:?}"));
         let _end = Ended {
             lifecycle: self.lifecycle.clone(),
             user: self.user.clone(),
@@ -233,13 +269,16 @@ impl<R: Runtime> Job<R> {
                 warn!(error = %e, "connect: no FUSE mount");
                 "this server cannot make FUSE mounts (see the daemon's log)".to_owned()
             })?;
-        let attached = berth_runtime::mount::attach(&init, &self.user, detached, at)
+        let serving = self.mounts.serving(detached.connection());
+        let live = self.mounts.is_live();
+        let attached = berth_runtime::mount::attach(&init, &self.user, detached, at, live)
             .await
             .map_err(|e| format!("cannot mount at {}: {e}", at.display()))?;
         Ok(Mounted {
             dev,
             attached,
             owner,
+            _serving: serving,
         })
     }
 }
@@ -248,6 +287,7 @@ struct Mounted {
     dev: std::os::fd::OwnedFd,
     attached: berth_runtime::mount::Attached,
     owner: berth_runtime::RootOwner,
+    _serving: Serving,
 }
 
 impl Mounted {
