@@ -216,6 +216,7 @@ echo old > o
 mv n o
 mkdir -p d/e
 rmdir d/e
+[ "$(ls -a d | tr '\n' ' ')" = ". .. " ]
 ln -s f link
 [ "$(readlink link)" = f ]
 [ "$(cat link)" = "one
