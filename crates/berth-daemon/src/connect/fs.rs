@@ -402,10 +402,16 @@ impl ConnectFs {
     /// A request whose answer is a new entry `name` in `parent`.
     fn new_entry(&self, parent: INodeNo, name: &OsStr, op: Op, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
+        let lookup = matches!(op, Op::Lookup { .. });
         self.answer(move |s| async move {
             let attr = match s.call(op).await {
                 Ok(Answer::Attr(a)) => a,
                 Ok(_) => return reply.error(Errno::EIO),
+                // A name that is not there is remembered as such for as long as one that
+                // is (`make` asks for GNUmakefile and makefile each time it runs).
+                Err(Errno::ENOENT) if lookup => {
+                    return reply.entry(&TTL, &dot_attr(0), Generation(0));
+                }
                 Err(e) => return reply.error(e),
             };
             match s.entry(parent.0, &name, &attr) {
@@ -888,7 +894,13 @@ impl Filesystem for ConnectFs {
         let path = resolve!(reply, self.path(ino));
         self.answer(move |s| async move {
             match s.call(Op::Opendir { path }).await {
-                Ok(Answer::Handle(fh)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                // The kernel keeps the listing (and across opens) until the directory
+                // changes: through the mount at once, on the laptop once its attributes
+                // (20 s) show another mtime.
+                Ok(Answer::Handle(fh)) => reply.opened(
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                ),
                 Ok(_) => reply.error(Errno::EIO),
                 Err(e) => reply.error(e),
             }
@@ -1110,6 +1122,7 @@ fn dots(offset: u64) -> impl Iterator<Item = (&'static [u8], u64)> {
 }
 
 /// What a dot entry of readdirplus carries: the kernel reads its number and kind only.
+/// With number 0, a name that is not there (a negative entry).
 fn dot_attr(ino: u64) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
@@ -1669,6 +1682,51 @@ mod tests {
             names.push(e.file_name().to_str().unwrap().to_owned());
         }
         names
+    }
+
+    #[test]
+    fn absent_names_and_listings_are_cached_until_changed_through_the_mount() {
+        let asked: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let seen = asked.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            let what = match op {
+                Op::Lookup { .. } => "lookup",
+                Op::Readdir { .. } => "readdir",
+                _ => "other",
+            };
+            seen.lock().unwrap().push(what);
+            result
+        });
+        let Some(m) = mount_with(
+            OWNER,
+            Duration::from_secs(30),
+            MAX_NODES,
+            Some(Laptop::Tampered(tamper)),
+        ) else {
+            return;
+        };
+        let count = |what| asked.lock().unwrap().iter().filter(|w| **w == what).count();
+        std::fs::create_dir(m.laptop().join("d")).unwrap();
+        std::fs::write(m.laptop().join("d/a"), "").unwrap();
+        // An absent name is asked once.
+        for _ in 0..3 {
+            assert!(!m.dir().join("d/missing").exists());
+        }
+        let lookups = count("lookup");
+        assert!(!m.dir().join("d/missing").exists());
+        assert_eq!(count("lookup"), lookups, "asked again for an absent name");
+        // A listing is asked once, then kept.
+        let list = || m.sh("ls d").lines().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(list(), ["a"]);
+        let listings = count("readdir");
+        assert_eq!(list(), ["a"]);
+        assert_eq!(count("readdir"), listings, "listed again");
+        // What is made through the mount shows at once, in both.
+        std::fs::write(m.dir().join("d/missing"), "here").unwrap();
+        assert_eq!(std::fs::read(m.dir().join("d/missing")).unwrap(), b"here");
+        assert_eq!(list(), ["a", "missing"]);
+        std::fs::remove_file(m.dir().join("d/a")).unwrap();
+        assert_eq!(list(), ["missing"]);
     }
 
     #[test]
