@@ -218,6 +218,51 @@ struct Inner {
     /// The mount itself (its root); `umount2` goes through it, not through a path the user
     /// can rename.
     mount: OwnedFd,
+    /// The directories made for it, taken away with it.
+    made: Option<Made>,
+}
+
+/// Directories `attach` made on the way to a mount: `components[from..]` beneath `root`
+/// (the container's root).
+#[derive(Debug)]
+struct Made {
+    root: File,
+    components: Vec<CString>,
+    from: usize,
+}
+
+impl Made {
+    /// Removes the made directories that are empty, deepest first, resolving each parent
+    /// again beneath the container's root without following a symlink; stops at the first
+    /// that cannot go (not empty, in use, replaced).
+    fn remove(&self) {
+        let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+        for depth in (self.from..self.components.len()).rev() {
+            let Some((name, above)) = self
+                .components
+                .get(..=depth)
+                .and_then(<[CString]>::split_last)
+            else {
+                return;
+            };
+            let mut parent = std::path::PathBuf::from(".");
+            for c in above {
+                parent.push(std::ffi::OsStr::from_bytes(c.as_bytes()));
+            }
+            let Ok(dir) = rustix::fs::openat2(
+                &self.root,
+                &parent,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                how,
+            ) else {
+                return;
+            };
+            if rustix::fs::unlinkat(&dir, name.as_c_str(), AtFlags::REMOVEDIR).is_err() {
+                return;
+            }
+        }
+    }
 }
 
 impl Attached {
@@ -238,7 +283,11 @@ impl Attached {
         };
         let ns = inner.ns.try_clone()?;
         let work = in_namespace(ns, Namespace::Mount, &self.owner, move || {
-            unmount(&inner.proc, &inner.mount)
+            unmount(&inner.proc, &inner.mount)?;
+            if let Some(made) = &inner.made {
+                made.remove();
+            }
+            Ok(())
         });
         tokio::time::timeout(DETACH_DEADLINE, work)
             .await
@@ -264,6 +313,11 @@ impl Drop for Attached {
             .spawn(move || {
                 let r = crate::enter(&inner.ns, Namespace::Mount)
                     .and_then(|()| unmount(&inner.proc, &inner.mount));
+                if r.is_ok()
+                    && let Some(made) = &inner.made
+                {
+                    made.remove();
+                }
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cannot remove a mount from a container");
                 }
@@ -339,7 +393,7 @@ pub async fn attach(
     let at_buf = at.to_path_buf();
     let owner_name = owner.to_owned();
     let work = in_namespace(ns, Namespace::Mount, owner, move || {
-        let target = make_target(&root, &proc, &components, root_owner, deadline, &live)?;
+        let (target, made) = make_target(&root, &proc, &components, root_owner, deadline, &live)?;
         if Instant::now() > deadline {
             return Err(timed_out());
         }
@@ -357,6 +411,11 @@ pub async fn attach(
                 ns: ns_kept,
                 proc,
                 mount: mount.fd,
+                made: made.map(|from| Made {
+                    root,
+                    components,
+                    from,
+                }),
             }),
             at: at_buf,
             connection,
@@ -412,7 +471,7 @@ fn make_target(
     owner: RootOwner,
     deadline: Instant,
     live: &Live,
-) -> io::Result<OwnedFd> {
+) -> io::Result<(OwnedFd, Option<usize>)> {
     let mounts = Mountinfo::read(proc)?;
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let open_dir = |dir: &OwnedFd, name: &CString| {
@@ -434,7 +493,8 @@ fn make_target(
     .map_err(|e| err("cannot open the container's root", e))?;
     let mut shown = String::new();
     let mut parent = None;
-    for name in components {
+    let mut made = None;
+    for (depth, name) in components.iter().enumerate() {
         if Instant::now() > deadline {
             return Err(timed_out());
         }
@@ -459,13 +519,13 @@ fn make_target(
             Err(rustix::io::Errno::NOENT) => {
                 match rustix::fs::mkdirat(&dir, name.as_c_str(), Mode::from_raw_mode(0o755)) {
                     Ok(()) => {
-                        let made = open_dir(&dir, name).map_err(|e| {
+                        let dir_made = open_dir(&dir, name).map_err(|e| {
                             err(&format!("cannot open {shown} in the container"), e)
                         })?;
                         // Made by the host's root: given to the container's root, or under a
                         // user namespace she could not use it.
                         rustix::fs::chownat(
-                            &made,
+                            &dir_made,
                             "",
                             Some(rustix::fs::Uid::from_raw(owner.uid)),
                             Some(rustix::fs::Gid::from_raw(owner.gid)),
@@ -474,7 +534,8 @@ fn make_target(
                         .map_err(|e| {
                             err(&format!("cannot give {shown} to the container's root"), e)
                         })?;
-                        Ok(made)
+                        made.get_or_insert(depth);
+                        Ok(dir_made)
                     }
                     Err(rustix::io::Errno::EXIST) => open_dir(&dir, name),
                     Err(e) => {
@@ -515,7 +576,7 @@ fn make_target(
         )));
     }
     match mounts.shared(id) {
-        Some(false) => Ok(dir),
+        Some(false) => Ok((dir, made)),
         Some(true) => Err(io::Error::other(format!(
             "{shown} is on a shared mount in the container (it would show outside it)"
         ))),

@@ -431,6 +431,45 @@ async fn a_stopped_container_is_no_error_for_detach_and_an_unserved_mount_never_
     let _ = RootOwner { uid: 0, gid: 0 };
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_directories_made_for_a_mount_go_with_it_when_empty() {
+    let c = Container::start(&[]);
+    let init = open(&c).await;
+    c.sh_ok("mkdir /keep && touch /keep/file");
+    let options = |source: &str| FuseOptions {
+        owner: init.root_owner().unwrap(),
+        root_perms: 0o755,
+        max_read: None,
+        source: source.to_owned(),
+    };
+    // Made /keep/n and /keep/n/m: both go; /keep was there before and stays.
+    let (_dev, mnt) = mount::fuse_mount(&options(&unique("a"))).unwrap();
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/keep/n/m"), all_live())
+        .await
+        .unwrap();
+    attached.detach().await.unwrap();
+    assert_eq!(c.sh_ok("ls -A /keep"), "file\n");
+    // One she put something in stays, with what she put there; the empty one below goes.
+    let (_dev, mnt) = mount::fuse_mount(&options(&unique("b"))).unwrap();
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/keep/x/y"), all_live())
+        .await
+        .unwrap();
+    c.sh_ok("touch /keep/x/mine");
+    attached.detach().await.unwrap();
+    assert_eq!(c.sh_ok("ls -A /keep/x"), "mine\n");
+    // Dropped rather than detached, the same.
+    let (_dev, mnt) = mount::fuse_mount(&options(&unique("c"))).unwrap();
+    let attached = mount::attach(&init, "alice", mnt, Path::new("/keep/d/e"), all_live())
+        .await
+        .unwrap();
+    drop(attached);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.sh_ok("ls -A /keep") != "file\nx\n" {
+        assert!(Instant::now() < deadline, "{}", c.sh_ok("ls -A /keep"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Every connection taken as served (a mount there is never taken for one left behind).
 fn all_live() -> mount::Live {
     std::sync::Arc::new(|_| true)
