@@ -8,11 +8,13 @@
 //!   timed), in DIR, which is the mount.
 //! - **sshfs**: `sshfs root@127.0.0.1:DIR2 MNT` on the host, against the baseline sshd (its
 //!   `sftp-server` serving DIR2, "the laptop"), with sshfs's default options and the same ssh
-//!   options as every client of the bench; each step runs here (`bash -s`) in MNT.
+//!   options as every client of the bench. As connect.sh had it, the steps run on the
+//!   container side: in a container of bob's image with bob's container's CPU, memory and
+//!   pids limits, MNT bind-mounted at the same path (`docker exec -i ... bash -s`, not timed).
 //!
-//! Both sides run the same steps with the same tools: Debian 12's bash, coreutils, tar and
-//! findutils (the container's image and this host are both Debian 12), and the host's own
-//! `git` and `make` binaries, copied into bob's container. Each step is timed inside the
+//! Both sides run the same steps with the same tools in the same kind of container: Debian
+//! 12's bash, coreutils, tar and findutils, and the host's own `git` and `make` binaries,
+//! copied into both containers. Each step is timed inside the
 //! shell that runs it (`$EPOCHREALTIME` around it), so the login that carries it is not
 //! counted. Rounds alternate which side goes first. Before each round the directory is
 //! emptied through the mount itself (not timed), so each side's caches stay coherent.
@@ -394,7 +396,7 @@ pub fn figures(rig: &Rig, mib: u64, rounds: usize) -> Vec<Figure> {
     let tarball_host = rig.path("tree.tar");
     let tarball_container = "/root/tree.tar";
     let berth_steps = steps(tarball_container, mib);
-    let sshfs_steps = steps(&tarball_host.to_string_lossy(), mib);
+    let sshfs_steps = steps(tarball_container, mib);
     let figures: Vec<Figure> = berth_steps
         .iter()
         .map(|s| {
@@ -463,6 +465,7 @@ fn measure(
     }
     bob.run("chmod 755 /usr/local/bin/git /usr/local/bin/make && git --version && make --version >/dev/null")
         .context("git and make in the container")?;
+    let tools = [tool("git")?, tool("make")?];
 
     let berth_laptop = rig.path("connect-laptop");
     let sshfs_laptop = rig.path("sshfs-laptop");
@@ -473,6 +476,8 @@ fn measure(
     let connected = Connected::start(rig, &berth_laptop, &rig.path("connect.log"))?;
     eprintln!("  berth connect is pid {}", connected.pid());
     let mounted = Sshfs::mount(&rig.root, &sshfs_laptop, &rig.path("sshfs-mount"))?;
+    let side = Baseline::start(rig, &mounted.at, &tools, tarball_host, tarball_container)
+        .context("the sshfs side's container")?;
     let berth = Side {
         laptop: berth_laptop.clone(),
         dir: berth_laptop.clone(),
@@ -482,7 +487,12 @@ fn measure(
         laptop: sshfs_laptop.clone(),
         dir: mounted.at.clone(),
         run: Box::new(|script: &str| {
-            run_with_input(Command::new("sh").arg("-c").arg(SHELL), script)
+            run_with_input(
+                Command::new("docker")
+                    .args(["exec", "-i", &side.name, "sh", "-c"])
+                    .arg(SHELL),
+                script,
+            )
         }),
     };
     for round in 0..rounds {
@@ -500,7 +510,83 @@ fn measure(
         }
         eprintln!("  connect round {}/{rounds} done", round + 1);
     }
+    drop(sshfs);
+    drop(side);
     drop(mounted);
     drop(connected);
     Ok(())
+}
+
+/// The sshfs side's container: bob's image and limits, the sshfs mount at its own path, the
+/// same tarball, git and make. Removed when dropped.
+struct Baseline {
+    name: String,
+}
+
+impl Baseline {
+    fn start(
+        rig: &Rig,
+        mnt: &Path,
+        tools: &[PathBuf],
+        tarball_host: &Path,
+        tarball_container: &str,
+    ) -> Result<Self> {
+        let bob = rig.tag.container("bob");
+        let limits = run(Command::new("docker").args([
+            "inspect",
+            "-f",
+            "{{.Config.Image}} {{.HostConfig.NanoCpus}} {{.HostConfig.Memory}} {{.HostConfig.PidsLimit}}",
+            &bob,
+        ]))
+        .context("bob's container")?;
+        let fields: Vec<&str> = limits.split_whitespace().collect();
+        let [image, cpus, memory, pids] = fields[..] else {
+            bail!("bob's container: {limits:?}");
+        };
+        let name = format!("{}_sshfs", rig.tag.network());
+        let mut c = Command::new("docker");
+        c.args(["run", "-d", "--rm", "--network", "none", "--name", &name]);
+        if let Ok(n) = cpus.parse::<u64>()
+            && n > 0
+        {
+            c.arg(format!("--cpus={}", n as f64 / 1e9));
+        }
+        if let Ok(m) = memory.parse::<u64>()
+            && m > 0
+        {
+            c.arg(format!("--memory={m}b"));
+        }
+        if let Ok(p) = pids.parse::<i64>()
+            && p > 0
+        {
+            c.arg(format!("--pids-limit={p}"));
+        }
+        c.arg("-v")
+            .arg(format!("{}:{}", mnt.display(), mnt.display()))
+            .args([image, "sleep", "infinity"]);
+        run(&mut c)?;
+        let baseline = Self { name };
+        let cp = |from: &Path, to: &str| {
+            run(Command::new("docker")
+                .arg("cp")
+                .arg(from)
+                .arg(format!("{}:{to}", baseline.name)))
+        };
+        cp(tarball_host, tarball_container)?;
+        for t in tools {
+            let file = t.file_name().map(|f| f.to_string_lossy().into_owned());
+            cp(t, &format!("/usr/local/bin/{}", file.unwrap_or_default()))?;
+        }
+        Ok(baseline)
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
