@@ -103,7 +103,7 @@ impl IntoResponse for AdminError {
                 StatusCode::BAD_REQUEST,
                 Some(
                     "no registry may be reachable: import one with `berth image import ROOTFS.tar NAME` \
-                     or `berth image bootstrap NAME` (see the README), then add the user again"
+                     or `berth image bootstrap NAME` (see the README), then try again"
                         .to_owned(),
                 ),
             ),
@@ -304,7 +304,18 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         },
         user_namespaces,
         gpus: Some(st.lifecycle.gpu_support().to_string()),
+        disk_bytes: disk_total(&st).await,
     }))
+}
+
+/// Every user's disk use together, as last measured (waited for briefly when old; see
+/// [`crate::disk`]); `None` before the first measurement.
+async fn disk_total<R: Runtime>(st: &AdminState<R>) -> Option<u64> {
+    let usage = st.lifecycle.disk_usage().await;
+    st.lifecycle
+        .disk()
+        .measured()
+        .then(|| crate::disk::total(&usage))
 }
 
 async fn kill_session<R: Runtime>(
@@ -472,9 +483,10 @@ async fn user_infos_measured<R: Runtime>(
 fn describe<R: Runtime>(
     st: &AdminState<R>,
     containers: &[berth_runtime::ContainerInfo],
-    disk: &std::collections::HashMap<String, u64>,
+    disk: &std::collections::HashMap<String, crate::disk::UserDisk>,
     u: UserRecord,
 ) -> UserInfo {
+    let used = disk.get(u.name.as_str()).copied();
     let state = containers
         .iter()
         .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
@@ -488,9 +500,13 @@ fn describe<R: Runtime>(
     UserInfo {
         container_name: st.lifecycle.container_name(&u.name),
         sessions: st.lifecycle.sessions(&u.name),
-        disk_bytes: (state != ContainerState::Absent)
-            .then(|| disk.get(u.name.as_str()).copied())
-            .flatten(),
+        disk_bytes: used.map(|d| d.total()),
+        disk: used.map(|d| berth_proto::DiskInfo {
+            container: d.container,
+            home: d.home,
+            image: d.image,
+        }),
+        home: None,
         name: u.name,
         image: u.image,
         committed_image: u.committed_image,
@@ -515,7 +531,28 @@ async fn with_settings<R: Runtime>(st: &AdminState<R>, mut info: UserInfo) -> Re
     let (limits, mounts) = effective.info(applied.as_ref());
     info.limits = Some(limits);
     info.mounts = Some(mounts);
+    info.home = home_info(st, &info, applied.as_ref()).await?;
     Ok(info)
+}
+
+/// Her home volume, if she has one: where her container has it and its size.
+async fn home_info<R: Runtime>(
+    st: &AdminState<R>,
+    info: &UserInfo,
+    applied: Option<&berth_runtime::Applied>,
+) -> Result<Option<berth_proto::HomeInfo>> {
+    let Some(volume) = st.lifecycle.home_volume_of(&info.name).await? else {
+        return Ok(None);
+    };
+    let target = applied
+        .and_then(|a| a.volumes.iter().find(|v| v.name == volume))
+        .map(|v| v.target.clone());
+    Ok(Some(berth_proto::HomeInfo {
+        volume,
+        target,
+        bytes: info.disk.map(|d| d.home),
+        removed: false,
+    }))
 }
 
 async fn list_users<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<UserInfo>>> {
@@ -566,6 +603,9 @@ async fn add_user<R: Runtime>(
 struct RemoveQuery {
     #[serde(default)]
     keep_image: bool,
+    /// Her home volume goes too.
+    #[serde(default)]
+    purge_data: bool,
 }
 
 async fn remove_user<R: Runtime>(
@@ -575,10 +615,27 @@ async fn remove_user<R: Runtime>(
 ) -> Result<Json<UserInfo>> {
     let name = parse_name(&name)?;
     let user = st.store.user(&name).await?;
-    let before = user_info(&st, user).await?;
-    st.lifecycle.remove(&name, q.keep_image).await?;
+    let mut before = user_info(&st, user).await?;
+    let removed = st
+        .lifecycle
+        .remove(&name, q.keep_image, q.purge_data)
+        .await?;
     st.lifecycle.audit().record(Event::UserRemove {
         user: name.to_string(),
+    });
+    if let Some(volume) = &removed.home
+        && removed.home_removed
+    {
+        st.lifecycle.audit().record(Event::HomeRemove {
+            user: name.to_string(),
+            volume: volume.clone(),
+        });
+    }
+    before.home = removed.home.map(|volume| berth_proto::HomeInfo {
+        volume,
+        target: None,
+        bytes: before.disk.map(|d| d.home),
+        removed: removed.home_removed,
     });
     revoke(&st, &name, None, "user_removed");
     Ok(Json(before))
@@ -632,7 +689,9 @@ async fn set_settings<R: Runtime>(
     let req = body(req)?;
     if req.is_empty() {
         return Err(AdminError::BadRequest(
-            "nothing to set: give --memory, --cpus, --pids, --gpus, --mount or --unmount".into(),
+            "nothing to set: give --memory, --cpus, --pids, --gpus, --mount, --unmount, --image \
+             or --drop-commit"
+                .into(),
         ));
     }
     if req.mount.len() + req.unmount.len() > crate::mounts::MAX_USER_MOUNTS * 2 {
@@ -714,10 +773,37 @@ async fn set_settings<R: Runtime>(
     .await
     .map_err(|e| bad(e.to_string()))?
     .map_err(bad)?;
+    // The images lock is held from the check to the change, so the image cannot be removed
+    // (`berth image rm`) in between.
+    let _images = st.images.lock().await;
+    if let Some(image) = &req.image {
+        change.image = Some(check_image(&st, &name, image).await?);
+    }
+    change.drop_commit = req.drop_commit;
     st.lifecycle.set_settings(&name, change).await?;
     let user = st.store.user(&name).await?;
     let info = user_info(&st, user).await?;
     Ok(Json(with_settings(&st, info).await?))
+}
+
+/// `image` as a user's base image: a name, not a user's own saved image, present in the
+/// engine.
+async fn check_image<R: Runtime>(
+    st: &AdminState<R>,
+    user: &UserName,
+    image: &str,
+) -> Result<ImageName> {
+    let image = ImageName::parse(image).map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    if st.lifecycle.is_commit_image(&image) {
+        return Err(AdminError::BadRequest(format!(
+            "image {image} is a user's own saved image (her next commit replaces it); give {user} \
+             an image of their own (berth image ls lists them)"
+        )));
+    }
+    if !st.runtime.image_exists(image.as_str()).await? {
+        return Err(AdminError::ImageMissing(image.to_string()));
+    }
+    Ok(image)
 }
 
 async fn list_keys<R: Runtime>(

@@ -152,6 +152,19 @@ pub enum Event {
     UserRemove {
         user: String,
     },
+    /// A user's home volume removed with her (`berth user rm --purge-data`).
+    HomeRemove {
+        user: String,
+        volume: String,
+    },
+    /// `berth user set --image`/`--drop-commit`: her base image now, and the committed
+    /// image she no longer has, if any.
+    UserImage {
+        user: String,
+        image: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dropped_commit: Option<String>,
+    },
     UserForwarding {
         user: String,
         tcp: Option<bool>,

@@ -189,6 +189,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             run_dir: state.join("run"),
             guest_binary: guest_dir.join("berth-guest"),
             commit_repository: config.commit_repository.clone(),
+            home_volume: config.home_volume,
             audit: audit.clone(),
         },
     );

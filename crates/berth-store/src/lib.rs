@@ -225,6 +225,19 @@ impl Store {
         Ok(())
     }
 
+    /// The image the user's next new container is made from when she has no committed
+    /// image (`berth user set --image`).
+    pub fn set_image(&self, name: &UserName, image: &ImageName) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE users SET image = ?2 WHERE name = ?1",
+            params![name.as_str(), image.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
     /// What `berth user set` gave `name` apart from the server.
     pub fn settings(&self, name: &UserName) -> Result<UserSettings, StoreError> {
         let conn = self.conn()?;
@@ -524,6 +537,13 @@ mod tests {
         assert_eq!(s.user(&user("alice")).unwrap().forwarding, f);
         s.set_daemon_mode(&user("alice"), true).unwrap();
         assert!(s.user(&user("alice")).unwrap().daemon_mode);
+        let debian = ImageName::parse("debian:12").unwrap();
+        s.set_image(&user("alice"), &debian).unwrap();
+        assert_eq!(s.user(&user("alice")).unwrap().image, debian);
+        assert!(matches!(
+            s.set_image(&user("zed"), &debian),
+            Err(StoreError::UserNotFound(_))
+        ));
         assert!(matches!(
             s.set_daemon_mode(&user("zed"), true),
             Err(StoreError::UserNotFound(_))
