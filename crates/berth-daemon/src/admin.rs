@@ -65,6 +65,22 @@ pub enum AdminError {
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::moving::MoveError> for AdminError {
+    fn from(e: crate::moving::MoveError) -> Self {
+        use crate::moving::MoveError as M;
+        match e {
+            M::Bad(s) => Self::BadRequest(s),
+            M::Conflict(s) => Self::Conflict(s),
+            M::Lifecycle(e) => Self::Lifecycle(e),
+            M::Store(e) => Self::Store(e),
+            M::Runtime(e) => Self::Runtime(e),
+            M::Io(e) => Self::Internal(e.to_string()),
+        }
+    }
 }
 
 impl AdminError {
@@ -117,6 +133,10 @@ impl IntoResponse for AdminError {
             },
             Self::Lifecycle(LifecycleError::Store(StoreError::UserNotFound(_))) => (StatusCode::NOT_FOUND, None),
             Self::Lifecycle(LifecycleError::BadSetting(_)) => (StatusCode::BAD_REQUEST, None),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("see the berth daemon log".to_owned()),
+            ),
             Self::Lifecycle(_) | Self::Runtime(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some("see the berth daemon log".to_owned()))
             }
@@ -198,6 +218,8 @@ pub async fn serve<R: Runtime>(
         .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
         .route("/v1/images/{name}", delete(remove_image::<R>))
         .route("/v1/users/{name}/kick", axum::routing::post(kick_user::<R>))
+        .route("/v1/users/{name}/export", get(export_user::<R>))
+        .route("/v1/users/import", axum::routing::post(import_user::<R>))
         .route("/v1/sessions/{id}", delete(kill_session::<R>))
         .route_layer(axum::middleware::from_fn(require_root))
         .with_state(state);
@@ -879,6 +901,92 @@ fn revoke<R: Runtime>(
         });
     }
     connections
+}
+
+/// `berth user export NAME FILE`: her archive, made in a scratch directory of the state
+/// directory (removed once it is sent).
+async fn export_user<R: Runtime>(
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Response> {
+    use futures_util::StreamExt;
+    let name = parse_name(&name)?;
+    st.store.user(&name).await?;
+    let dir =
+        crate::moving::scratch(&st.lifecycle).map_err(|e| AdminError::Internal(e.to_string()))?;
+    let path =
+        crate::moving::export(&st.lifecycle, &*st.runtime, &st.store, &name, dir.path()).await?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| AdminError::Internal(e.to_string()))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    st.lifecycle.audit().record(Event::UserExport {
+        user: name.to_string(),
+        bytes: len,
+    });
+    // The scratch directory goes when the body has been sent (or dropped).
+    let stream = tokio_util::io::ReaderStream::new(file).map(move |c| {
+        let _keep = &dir;
+        c
+    });
+    Ok((
+        [
+            ("content-type", "application/x-tar".to_owned()),
+            ("content-length", len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `berth user import FILE`: the request body is a user's archive ([`crate::moving`]).
+async fn import_user<R: Runtime>(
+    State(st): AppState<R>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<UserInfo>)> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let internal = |e: std::io::Error| AdminError::Internal(e.to_string());
+    let dir = crate::moving::scratch(&st.lifecycle).map_err(internal)?;
+    let archive = dir.path().join("user.tar");
+    let mut out = tokio::fs::File::create(&archive).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut n = 0_u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| AdminError::BadRequest(format!("reading the archive: {e}")))?;
+        n = n.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+        if n > crate::moving::ARCHIVE_MAX {
+            return Err(AdminError::BadRequest(format!(
+                "the archive is over {} bytes",
+                crate::moving::ARCHIVE_MAX
+            )));
+        }
+        out.write_all(&chunk).await.map_err(internal)?;
+    }
+    out.sync_all().await.map_err(internal)?;
+    drop(out);
+    let (path, scratch) = (archive.clone(), dir.path().to_owned());
+    let rules = st.lifecycle.sources().clone();
+    let (unpacked, checked) = tokio::task::spawn_blocking(move || {
+        let u = crate::moving::unpack(&path, &scratch)?;
+        std::fs::remove_file(&path)?;
+        let c = crate::moving::check(&u.manifest, &rules)?;
+        Ok::<_, crate::moving::MoveError>((u, c))
+    })
+    .await
+    .map_err(|e| AdminError::Internal(e.to_string()))??;
+    let _images = st.images.lock().await;
+    let name =
+        crate::moving::import(&st.lifecycle, &*st.runtime, &st.store, unpacked, checked).await?;
+    drop(dir);
+    st.lifecycle.audit().record(Event::UserImport {
+        user: name.to_string(),
+        bytes: n,
+    });
+    let user = st.store.user(&name).await?;
+    let info = user_info(&st, user).await?;
+    Ok((StatusCode::CREATED, Json(with_settings(&st, info).await?)))
 }
 
 /// `berth user kick NAME`: ends every SSH connection of the user now.

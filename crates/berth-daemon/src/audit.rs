@@ -152,6 +152,16 @@ pub enum Event {
     UserRemove {
         user: String,
     },
+    /// `berth user export`: her archive was made (`bytes` long).
+    UserExport {
+        user: String,
+        bytes: u64,
+    },
+    /// `berth user import`: she was recreated from an archive of `bytes`.
+    UserImport {
+        user: String,
+        bytes: u64,
+    },
     /// A user's home volume removed with her (`berth user rm --purge-data`).
     HomeRemove {
         user: String,

@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
 pub mod mounts;
+pub mod moving;
 mod resolve;
 pub mod sessions;
 pub mod store;

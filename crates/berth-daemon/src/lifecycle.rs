@@ -371,6 +371,26 @@ impl<R: Runtime> Lifecycle<R> {
         format!("{}home-{user}", self.settings.prefix)
     }
 
+    /// The volume `user`'s home is made as: labelled hers, this instance's and a home; as
+    /// big as `disk_gb` where that is enforced.
+    pub fn home_volume_spec(&self, user: &UserName) -> VolumeSpec {
+        VolumeSpec {
+            name: self.home_volume(user),
+            labels: HashMap::from([
+                (LABEL_USER.to_owned(), user.to_string()),
+                (LABEL_INSTANCE.to_owned(), self.settings.instance.clone()),
+                (LABEL_HOME.to_owned(), "1".to_owned()),
+            ]),
+            // Where `disk_gb` is enforced, her home is capped alike (only a new volume).
+            size_bytes: self.disk.quota().bytes(),
+        }
+    }
+
+    /// The image `user`'s `commit` makes: `REPOSITORY:USER`.
+    pub fn commit_image_name(&self, user: &UserName) -> String {
+        format!("{}:{user}", self.settings.commit_repository)
+    }
+
     /// Whether users' homes are volumes of their own (`home_volume`).
     pub fn home_volume_on(&self) -> bool {
         self.settings.home_volume
@@ -946,17 +966,8 @@ impl<R: Runtime> OwnerTask<R> {
                 f.source.display()
             )));
         }
-        let name = self.lc.home_volume(&self.user);
-        let spec = VolumeSpec {
-            name: name.clone(),
-            labels: HashMap::from([
-                (LABEL_USER.to_owned(), self.user.to_string()),
-                (LABEL_INSTANCE.to_owned(), self.lc.settings.instance.clone()),
-                (LABEL_HOME.to_owned(), "1".to_owned()),
-            ]),
-            // Where `disk_gb` is enforced, her home is capped alike (only a new volume).
-            size_bytes: self.lc.disk.quota().bytes(),
-        };
+        let spec = self.lc.home_volume_spec(&self.user);
+        let name = spec.name.clone();
         let labels = rt.ensure_volume(&spec).await?;
         if labels.get(LABEL_USER).map(String::as_str) != Some(self.user.as_str()) {
             return Err(LifecycleError::Foreign(name));

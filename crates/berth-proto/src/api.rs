@@ -13,6 +13,8 @@
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
 //! | POST   | /users/{name}/kick            | → [`KickedInfo`]                  |
+//! | GET    | /users/{name}/export          | → her archive (a tar: settings, keys, committed image, home) |
+//! | POST   | /users/import                 | a user's archive → [`UserInfo`]   |
 //! | GET    | /status                       | → [`StatusInfo`]                  |
 //! | DELETE | /sessions/{id}                | → [`SessionInfo`] (killed)        |
 //! | GET    | /images                       | → `[ImageInfo]`                   |

@@ -28,6 +28,8 @@ use crate::{
 
 /// `/etc/passwd` of an image, read at most this far ([`Runtime::root_home`]).
 const PASSWD_MAX: usize = 1 << 20;
+/// Where a volume is mounted in the helper container that reads or fills it.
+const VOLUME_HELPER_MOUNT: &str = "/berth-volume";
 /// The engine's `system df` answer, read at most this far.
 const DF_MAX: usize = 64 << 20;
 
@@ -293,6 +295,43 @@ impl DockerRuntime {
 
     /// The host PID of a just-started exec. The engine answers the attach (101) before the
     /// process exists, so this waits (bounded) until it has a PID or has already ended.
+    /// A container made from `image`, never started, with volume `volume` at
+    /// [`VOLUME_HELPER_MOUNT`]; returns its name. The caller removes it.
+    async fn volume_helper(&self, volume: &str, image: &str) -> Result<String, RuntimeError> {
+        static HELPERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = HELPERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("berth-volume-helper-{}-{n}", std::process::id());
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(vec!["/nonexistent".into()]),
+            entrypoint: Some(vec![]),
+            labels: Some(HashMap::from([("berth.probe".to_owned(), "1".to_owned())])),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                mounts: Some(vec![Mount {
+                    typ: Some(MountType::VOLUME),
+                    source: Some(volume.to_owned()),
+                    target: Some(VOLUME_HELPER_MOUNT.into()),
+                    read_only: Some(false),
+                    volume_options: Some(bollard::models::MountVolumeOptions {
+                        no_copy: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        self.docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(map_container_err)?;
+        Ok(name)
+    }
+
     /// GETs `path` of the engine's API and parses the answer as JSON, read at most `limit`
     /// bytes far. For answers whose shape bollard's models no longer know: `system df`
     /// changed its shape in API 1.52, so it is asked in 1.51 at most.
@@ -1406,6 +1445,115 @@ impl Runtime for DockerRuntime {
             Err(e) => return Err(map_err(e)),
         };
         Ok(made.labels)
+    }
+
+    async fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let mut stream = docker.export_image(image);
+        let mut n = 0_u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(map_err)?;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| RuntimeError::Docker(format!("saving {image}: {e}")))?;
+            n += u64::try_from(chunk.len()).unwrap_or(0);
+        }
+        out.flush()
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("saving {image}: {e}")))?;
+        Ok(n)
+    }
+
+    async fn load_image(&self, tar: ByteStream) -> Result<(), RuntimeError> {
+        use futures_util::TryStreamExt;
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let opts = bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build();
+        let mut progress = docker.import_image(opts, bollard::body_try_stream(tar), None);
+        while let Some(p) = progress.try_next().await.map_err(map_err)? {
+            if let Some(message) = p.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Docker(format!("loading an image: {message}")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(repo)
+            .tag(tag)
+            .build();
+        self.docker
+            .tag_image(image, Some(opts))
+            .await
+            .map_err(map_err)
+    }
+
+    async fn export_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let helper = self.volume_helper(volume, image).await?;
+        let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path(&format!("{VOLUME_HELPER_MOUNT}/."))
+            .build();
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let mut stream = docker.download_from_container(&helper, Some(opts));
+        let mut n = 0_u64;
+        let mut result = Ok(());
+        while let Some(chunk) = stream.next().await {
+            let written = match chunk {
+                Ok(c) => out.write_all(&c).await.map(|()| c.len()),
+                Err(e) => {
+                    result = Err(map_err(e));
+                    break;
+                }
+            };
+            match written {
+                Ok(len) => n += u64::try_from(len).unwrap_or(0),
+                Err(e) => {
+                    result = Err(RuntimeError::Docker(format!("exporting {volume}: {e}")));
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        let _ = self.remove(&helper).await;
+        result?;
+        out.flush()
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("exporting {volume}: {e}")))?;
+        Ok(n)
+    }
+
+    async fn import_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        tar: ByteStream,
+    ) -> Result<(), RuntimeError> {
+        let helper = self.volume_helper(volume, image).await?;
+        let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
+            .path(VOLUME_HELPER_MOUNT)
+            .build();
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let r = docker
+            .upload_to_container(&helper, Some(opts), bollard::body_try_stream(tar))
+            .await
+            .map_err(map_err);
+        let _ = self.remove(&helper).await;
+        r
     }
 
     async fn list_volumes(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {

@@ -571,6 +571,65 @@ impl Runtime for FakeRuntime {
             .clone())
     }
 
+    async fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        out.write_all(image.as_bytes())
+            .await
+            .map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        Ok(u64::try_from(image.len()).unwrap_or(0))
+    }
+
+    async fn load_image(&self, mut tar: crate::ByteStream) -> Result<(), RuntimeError> {
+        use futures_util::StreamExt;
+        while let Some(chunk) = tar.next().await {
+            chunk.map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        self.add_image(&format!("{repo}:{tag}"));
+        Ok(())
+    }
+
+    async fn export_volume(
+        &self,
+        volume: &str,
+        _image: &str,
+        _out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        match self.volume_labels(volume).await? {
+            Some(_) => Ok(0),
+            None => Err(RuntimeError::Docker(format!("no such volume: {volume}"))),
+        }
+    }
+
+    async fn import_volume(
+        &self,
+        volume: &str,
+        _image: &str,
+        mut tar: crate::ByteStream,
+    ) -> Result<(), RuntimeError> {
+        use futures_util::StreamExt;
+        if self.volume_labels(volume).await?.is_none() {
+            return Err(RuntimeError::Docker(format!("no such volume: {volume}")));
+        }
+        while let Some(chunk) = tar.next().await {
+            chunk.map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     async fn list_volumes(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
         self.up()?;
         Ok(self

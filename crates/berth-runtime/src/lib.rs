@@ -574,6 +574,40 @@ pub trait Runtime: Send + Sync + 'static {
         key: &str,
         value: &str,
     ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+    /// Writes image `image` as `docker save` does (a tar holding `manifest.json`) to `out`;
+    /// returns the bytes written.
+    fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
+    /// Loads the images of a `docker save` tar (`docker load`).
+    fn load_image(&self, tar: ByteStream) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Tags image `image` as `repo:tag`.
+    fn tag_image(
+        &self,
+        image: &str,
+        repo: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Writes volume `volume`'s content as a tar (names relative to its root) to `out`,
+    /// read through a container made from `image` and never started; returns the bytes
+    /// written.
+    fn export_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
+    /// Extracts `tar` into volume `volume`, through a container made from `image` and never
+    /// started. The engine extracts inside that container's root: no entry, whatever its
+    /// name or links, lands outside it.
+    fn import_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        tar: ByteStream,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Volume `name`'s labels, if it exists.
     fn volume_labels(
         &self,

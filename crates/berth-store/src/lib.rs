@@ -364,6 +364,26 @@ impl Store {
         Ok(keys)
     }
 
+    /// `name`'s keys as they were added (`berth user export`).
+    pub fn authorized_keys(&self, name: &UserName) -> Result<Vec<AuthorizedKey>, StoreError> {
+        let conn = self.conn()?;
+        ensure_user(&conn, name)?;
+        let mut stmt = conn.prepare(
+            "SELECT fingerprint, algorithm, openssh, comment FROM keys WHERE user = ?1 ORDER BY rowid",
+        )?;
+        let keys = stmt
+            .query_map([name.as_str()], |r| {
+                Ok(AuthorizedKey {
+                    fingerprint: r.get(0)?,
+                    algorithm: r.get(1)?,
+                    openssh: r.get(2)?,
+                    comment: r.get(3)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
     pub fn add_keys(&self, name: &UserName, keys: &[AuthorizedKey]) -> Result<(), StoreError> {
         let mut conn = self.conn()?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

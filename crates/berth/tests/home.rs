@@ -292,3 +292,77 @@ fn disk_use_is_in_user_list_status_and_the_metrics_and_adds_up() {
         "{status}"
     );
 }
+
+#[test]
+fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
+    let a = daemon("");
+    let key = a.add_user("alice", BUSYBOX);
+    a.ssh_ok(
+        "alice",
+        &key,
+        "echo notes > /root/notes && echo installed > /pkg",
+    );
+    a.ssh_ok("alice", &key, "commit");
+    a.berth_ok(&["user", "set", "alice", "--memory", "256M", "--pids", "300"]);
+    let file = a.dir.path().join("alice.tar");
+    let f = file.to_str().unwrap();
+    let (ok, err) = berth(&a, &["user", "export", "alice", f]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!("exported alice to {f} ("))
+            && err.contains("settings and keys ")
+            && err.contains("committed image ")
+            && err.contains("home "),
+        "{err}"
+    );
+    // Never over an existing file.
+    let (ok, err) = berth(&a, &["user", "export", "alice", f]);
+    assert!(!ok);
+    assert!(err.contains("it exists already"), "{err}");
+
+    // A second host (its own state, prefix and repository) on the same engine.
+    let b = daemon("");
+    // A hostile archive: refused, nothing made.
+    let bad = b.dir.path().join("bad.tar");
+    {
+        let mut t = tar::Builder::new(std::fs::File::create(&bad).unwrap());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_cksum();
+        t.append_data(&mut h, "etc/passwd", &b"x\n"[..]).unwrap();
+        t.into_inner().unwrap();
+    }
+    let (ok, err) = berth(&b, &["user", "import", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.starts_with("error: not a berth user archive: unexpected entry \"etc/passwd\""),
+        "{err}"
+    );
+    assert!(b.users().is_empty());
+    assert!(!volume_exists(&volume(&b, "alice")));
+
+    let (ok, err) = berth(&b, &["user", "import", f]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("imported user alice from ")
+            && err.contains(&format!("committed image {}", b.commit_image("alice")))
+            && err.contains(&format!("home volume {}", volume(&b, "alice"))),
+        "{err}"
+    );
+    // She logs in with her key and finds her files, her packages and her limits.
+    assert_eq!(
+        b.ssh_ok("alice", &key, "cat /root/notes /pkg"),
+        "notes\ninstalled\n"
+    );
+    let v = show(&b, "alice");
+    assert_eq!(v["limits"]["memory"]["value"], 256 << 20, "{v}");
+    assert_eq!(v["limits"]["pids"]["value"], 300, "{v}");
+    assert_eq!(v["committed_image"], b.commit_image("alice").as_str());
+    // Once is enough.
+    let (ok, err) = berth(&b, &["user", "import", f]);
+    assert!(!ok);
+    assert!(err.contains("user alice already exists"), "{err}");
+    // The first host is untouched: her commit there is still hers.
+    assert!(image_exists(&a.commit_image("alice")));
+}

@@ -39,6 +39,16 @@ pub enum UserCommand {
     /// End every SSH connection of a user now (her sessions, forwards and agent sockets);
     /// her keys stay, so she can log in again
     Kick { name: String },
+    /// Write one archive (a tar) with everything of a user: settings, keys, her committed
+    /// image and her home volume's files; `berth user import` on another host recreates her
+    Export {
+        name: String,
+        /// The archive to write (must not exist)
+        file: PathBuf,
+    },
+    /// Recreate a user from an archive `berth user export` wrote (her base image must be
+    /// present on this host)
+    Import { file: PathBuf },
     /// List users
     List {
         /// Print JSON instead of a table
@@ -178,6 +188,8 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             }
             Ok(())
         }
+        UserCommand::Export { name, file } => export(&c, &user_name(&name)?, &file),
+        UserCommand::Import { file } => import(&c, &file),
         UserCommand::Kick { name } => {
             let name = user_name(&name)?;
             let info: berth_proto::KickedInfo =
@@ -493,6 +505,130 @@ fn run_key(cmd: KeyCommand, c: &berth_proto::AdminClient) -> Result<(), Failure>
             Ok(())
         }
     }
+}
+
+fn bytes_bar(len: u64, msg: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// What an archive holds, by entry: `settings and keys 1.2 KiB, image 10.0 MiB, home 2.0 MiB`.
+fn archive_parts(file: &Path) -> String {
+    let h = berth_daemon::disk::human_bytes;
+    let Ok(f) = std::fs::File::open(file) else {
+        return String::new();
+    };
+    let mut a = tar::Archive::new(f);
+    let Ok(entries) = a.entries() else {
+        return String::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let size = e.header().size().ok()?;
+            let name = e.path().ok()?.to_string_lossy().into_owned();
+            let what = match name.as_str() {
+                berth_daemon::moving::MANIFEST => "settings and keys",
+                berth_daemon::moving::IMAGE => "committed image",
+                berth_daemon::moving::HOME => "home",
+                _ => return None,
+            };
+            Some(format!("{what} {}", h(size)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn export(c: &berth_proto::AdminClient, name: &UserName, file: &Path) -> Result<(), Failure> {
+    let out = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| {
+            Failure::new(format!(
+                "cannot write {}: {}",
+                file.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "it exists already".to_owned()
+                } else {
+                    io_reason(&e)
+                }
+            ))
+        })?;
+    eprintln!("exporting {name}: saving her image and home on the server first...");
+    let bar = bytes_bar(0, format!("exporting {name}"));
+    let r = block_on(async {
+        let mut f =
+            tokio::fs::File::from_std(out.try_clone().map_err(|e| Failure::new(e.to_string()))?);
+        Ok(
+            c.download(&format!("/users/{name}/export"), &mut f, |n, len| {
+                if let Some(l) = len {
+                    bar.set_length(l);
+                }
+                bar.set_position(n);
+            })
+            .await?,
+        )
+    });
+    bar.finish_and_clear();
+    let n = match r.and_then(|n| {
+        out.sync_all()
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", file.display())))?;
+        Ok(n)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            drop(out);
+            let _ = std::fs::remove_file(file);
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "exported {name} to {} ({}: {})",
+        file.display(),
+        berth_daemon::disk::human_bytes(n),
+        archive_parts(file)
+    );
+    Ok(())
+}
+
+fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
+    let f = std::fs::File::open(file)
+        .map_err(|e| Failure::new(format!("cannot read {}: {}", file.display(), io_reason(&e))))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let parts = archive_parts(file);
+    let bar = bytes_bar(len, format!("importing {}", file.display()));
+    let info: Result<UserInfo, Failure> = block_on(async {
+        let reader = bar.wrap_async_read(tokio::fs::File::from_std(f));
+        let stream = tokio_util::io::ReaderStream::new(reader);
+        Ok(c.post_stream("/users/import", stream).await?)
+    });
+    bar.finish_and_clear();
+    let u = info?;
+    eprintln!(
+        "imported user {} from {} ({}: {}); image {}{}{}",
+        u.name,
+        file.display(),
+        berth_daemon::disk::human_bytes(len),
+        parts,
+        u.image,
+        u.committed_image
+            .as_ref()
+            .map(|c| format!(", committed image {c}"))
+            .unwrap_or_default(),
+        u.home
+            .as_ref()
+            .map(|h| format!(", home volume {}", h.volume))
+            .unwrap_or_default(),
+    );
+    Ok(())
 }
 
 fn user_name(s: &str) -> Result<UserName, Failure> {
