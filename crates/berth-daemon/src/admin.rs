@@ -65,6 +65,22 @@ pub enum AdminError {
     Lifecycle(#[from] LifecycleError),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::moving::MoveError> for AdminError {
+    fn from(e: crate::moving::MoveError) -> Self {
+        use crate::moving::MoveError as M;
+        match e {
+            M::Bad(s) => Self::BadRequest(s),
+            M::Conflict(s) => Self::Conflict(s),
+            M::Lifecycle(e) => Self::Lifecycle(e),
+            M::Store(e) => Self::Store(e),
+            M::Runtime(e) => Self::Runtime(e),
+            M::Io(e) => Self::Internal(e.to_string()),
+        }
+    }
 }
 
 impl AdminError {
@@ -103,7 +119,7 @@ impl IntoResponse for AdminError {
                 StatusCode::BAD_REQUEST,
                 Some(
                     "no registry may be reachable: import one with `berth image import ROOTFS.tar NAME` \
-                     or `berth image bootstrap NAME` (see the README), then add the user again"
+                     or `berth image bootstrap NAME` (see the README), then try again"
                         .to_owned(),
                 ),
             ),
@@ -117,6 +133,10 @@ impl IntoResponse for AdminError {
             },
             Self::Lifecycle(LifecycleError::Store(StoreError::UserNotFound(_))) => (StatusCode::NOT_FOUND, None),
             Self::Lifecycle(LifecycleError::BadSetting(_)) => (StatusCode::BAD_REQUEST, None),
+            Self::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Some("see the berth daemon log".to_owned()),
+            ),
             Self::Lifecycle(_) | Self::Runtime(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some("see the berth daemon log".to_owned()))
             }
@@ -198,6 +218,8 @@ pub async fn serve<R: Runtime>(
         .route("/v1/images", get(list_images::<R>).post(import_image::<R>))
         .route("/v1/images/{name}", delete(remove_image::<R>))
         .route("/v1/users/{name}/kick", axum::routing::post(kick_user::<R>))
+        .route("/v1/users/{name}/export", get(export_user::<R>))
+        .route("/v1/users/import", axum::routing::post(import_user::<R>))
         .route("/v1/sessions/{id}", delete(kill_session::<R>))
         .route_layer(axum::middleware::from_fn(require_root))
         .with_state(state);
@@ -304,7 +326,18 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         },
         user_namespaces,
         gpus: Some(st.lifecycle.gpu_support().to_string()),
+        disk_bytes: disk_total(&st).await,
     }))
+}
+
+/// Every user's disk use together, as last measured (waited for briefly when old; see
+/// [`crate::disk`]); `None` before the first measurement.
+async fn disk_total<R: Runtime>(st: &AdminState<R>) -> Option<u64> {
+    let usage = st.lifecycle.disk_usage().await;
+    st.lifecycle
+        .disk()
+        .measured()
+        .then(|| crate::disk::total(&usage))
 }
 
 async fn kill_session<R: Runtime>(
@@ -472,9 +505,10 @@ async fn user_infos_measured<R: Runtime>(
 fn describe<R: Runtime>(
     st: &AdminState<R>,
     containers: &[berth_runtime::ContainerInfo],
-    disk: &std::collections::HashMap<String, u64>,
+    disk: &std::collections::HashMap<String, crate::disk::UserDisk>,
     u: UserRecord,
 ) -> UserInfo {
+    let used = disk.get(u.name.as_str()).copied();
     let state = containers
         .iter()
         .find(|c| c.labels.get(LABEL_USER).map(String::as_str) == Some(u.name.as_str()))
@@ -488,9 +522,13 @@ fn describe<R: Runtime>(
     UserInfo {
         container_name: st.lifecycle.container_name(&u.name),
         sessions: st.lifecycle.sessions(&u.name),
-        disk_bytes: (state != ContainerState::Absent)
-            .then(|| disk.get(u.name.as_str()).copied())
-            .flatten(),
+        disk_bytes: used.map(|d| d.total()),
+        disk: used.map(|d| berth_proto::DiskInfo {
+            container: d.container,
+            home: d.home,
+            image: d.image,
+        }),
+        home: None,
         name: u.name,
         image: u.image,
         committed_image: u.committed_image,
@@ -515,7 +553,28 @@ async fn with_settings<R: Runtime>(st: &AdminState<R>, mut info: UserInfo) -> Re
     let (limits, mounts) = effective.info(applied.as_ref());
     info.limits = Some(limits);
     info.mounts = Some(mounts);
+    info.home = home_info(st, &info, applied.as_ref()).await?;
     Ok(info)
+}
+
+/// Her home volume, if she has one: where her container has it and its size.
+async fn home_info<R: Runtime>(
+    st: &AdminState<R>,
+    info: &UserInfo,
+    applied: Option<&berth_runtime::Applied>,
+) -> Result<Option<berth_proto::HomeInfo>> {
+    let Some(volume) = st.lifecycle.home_volume_of(&info.name).await? else {
+        return Ok(None);
+    };
+    let target = applied
+        .and_then(|a| a.volumes.iter().find(|v| v.name == volume))
+        .map(|v| v.target.clone());
+    Ok(Some(berth_proto::HomeInfo {
+        volume,
+        target,
+        bytes: info.disk.map(|d| d.home),
+        removed: false,
+    }))
 }
 
 async fn list_users<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<UserInfo>>> {
@@ -566,6 +625,9 @@ async fn add_user<R: Runtime>(
 struct RemoveQuery {
     #[serde(default)]
     keep_image: bool,
+    /// Her home volume goes too.
+    #[serde(default)]
+    purge_data: bool,
 }
 
 async fn remove_user<R: Runtime>(
@@ -575,10 +637,27 @@ async fn remove_user<R: Runtime>(
 ) -> Result<Json<UserInfo>> {
     let name = parse_name(&name)?;
     let user = st.store.user(&name).await?;
-    let before = user_info(&st, user).await?;
-    st.lifecycle.remove(&name, q.keep_image).await?;
+    let mut before = user_info(&st, user).await?;
+    let removed = st
+        .lifecycle
+        .remove(&name, q.keep_image, q.purge_data)
+        .await?;
     st.lifecycle.audit().record(Event::UserRemove {
         user: name.to_string(),
+    });
+    if let Some(volume) = &removed.home
+        && removed.home_removed
+    {
+        st.lifecycle.audit().record(Event::HomeRemove {
+            user: name.to_string(),
+            volume: volume.clone(),
+        });
+    }
+    before.home = removed.home.map(|volume| berth_proto::HomeInfo {
+        volume,
+        target: None,
+        bytes: before.disk.map(|d| d.home),
+        removed: removed.home_removed,
     });
     revoke(&st, &name, None, "user_removed");
     Ok(Json(before))
@@ -632,7 +711,9 @@ async fn set_settings<R: Runtime>(
     let req = body(req)?;
     if req.is_empty() {
         return Err(AdminError::BadRequest(
-            "nothing to set: give --memory, --cpus, --pids, --gpus, --mount or --unmount".into(),
+            "nothing to set: give --memory, --cpus, --pids, --gpus, --mount, --unmount, --image \
+             or --drop-commit"
+                .into(),
         ));
     }
     if req.mount.len() + req.unmount.len() > crate::mounts::MAX_USER_MOUNTS * 2 {
@@ -714,10 +795,37 @@ async fn set_settings<R: Runtime>(
     .await
     .map_err(|e| bad(e.to_string()))?
     .map_err(bad)?;
+    // The images lock is held from the check to the change, so the image cannot be removed
+    // (`berth image rm`) in between.
+    let _images = st.images.lock().await;
+    if let Some(image) = &req.image {
+        change.image = Some(check_image(&st, &name, image).await?);
+    }
+    change.drop_commit = req.drop_commit;
     st.lifecycle.set_settings(&name, change).await?;
     let user = st.store.user(&name).await?;
     let info = user_info(&st, user).await?;
     Ok(Json(with_settings(&st, info).await?))
+}
+
+/// `image` as a user's base image: a name, not a user's own saved image, present in the
+/// engine.
+async fn check_image<R: Runtime>(
+    st: &AdminState<R>,
+    user: &UserName,
+    image: &str,
+) -> Result<ImageName> {
+    let image = ImageName::parse(image).map_err(|e| AdminError::BadRequest(e.to_string()))?;
+    if st.lifecycle.is_commit_image(&image) {
+        return Err(AdminError::BadRequest(format!(
+            "image {image} is a user's own saved image (her next commit replaces it); give {user} \
+             an image of their own (berth image ls lists them)"
+        )));
+    }
+    if !st.runtime.image_exists(image.as_str()).await? {
+        return Err(AdminError::ImageMissing(image.to_string()));
+    }
+    Ok(image)
 }
 
 async fn list_keys<R: Runtime>(
@@ -793,6 +901,92 @@ fn revoke<R: Runtime>(
         });
     }
     connections
+}
+
+/// `berth user export NAME FILE`: her archive, made in a scratch directory of the state
+/// directory (removed once it is sent).
+async fn export_user<R: Runtime>(
+    State(st): AppState<R>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Response> {
+    use futures_util::StreamExt;
+    let name = parse_name(&name)?;
+    st.store.user(&name).await?;
+    let dir =
+        crate::moving::scratch(&st.lifecycle).map_err(|e| AdminError::Internal(e.to_string()))?;
+    let path =
+        crate::moving::export(&st.lifecycle, &*st.runtime, &st.store, &name, dir.path()).await?;
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| AdminError::Internal(e.to_string()))?;
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    st.lifecycle.audit().record(Event::UserExport {
+        user: name.to_string(),
+        bytes: len,
+    });
+    // The scratch directory goes when the body has been sent (or dropped).
+    let stream = tokio_util::io::ReaderStream::new(file).map(move |c| {
+        let _keep = &dir;
+        c
+    });
+    Ok((
+        [
+            ("content-type", "application/x-tar".to_owned()),
+            ("content-length", len.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// `berth user import FILE`: the request body is a user's archive ([`crate::moving`]).
+async fn import_user<R: Runtime>(
+    State(st): AppState<R>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<UserInfo>)> {
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    let internal = |e: std::io::Error| AdminError::Internal(e.to_string());
+    let dir = crate::moving::scratch(&st.lifecycle).map_err(internal)?;
+    let archive = dir.path().join("user.tar");
+    let mut out = tokio::fs::File::create(&archive).await.map_err(internal)?;
+    let mut stream = body.into_data_stream();
+    let mut n = 0_u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| AdminError::BadRequest(format!("reading the archive: {e}")))?;
+        n = n.saturating_add(u64::try_from(chunk.len()).unwrap_or(u64::MAX));
+        if n > crate::moving::ARCHIVE_MAX {
+            return Err(AdminError::BadRequest(format!(
+                "the archive is over {} bytes",
+                crate::moving::ARCHIVE_MAX
+            )));
+        }
+        out.write_all(&chunk).await.map_err(internal)?;
+    }
+    out.sync_all().await.map_err(internal)?;
+    drop(out);
+    let (path, scratch) = (archive.clone(), dir.path().to_owned());
+    let rules = st.lifecycle.sources().clone();
+    let (unpacked, checked) = tokio::task::spawn_blocking(move || {
+        let u = crate::moving::unpack(&path, &scratch)?;
+        std::fs::remove_file(&path)?;
+        let c = crate::moving::check(&u.manifest, &rules)?;
+        Ok::<_, crate::moving::MoveError>((u, c))
+    })
+    .await
+    .map_err(|e| AdminError::Internal(e.to_string()))??;
+    let _images = st.images.lock().await;
+    let name =
+        crate::moving::import(&st.lifecycle, &*st.runtime, &st.store, unpacked, checked).await?;
+    drop(dir);
+    st.lifecycle.audit().record(Event::UserImport {
+        user: name.to_string(),
+        bytes: n,
+    });
+    let user = st.store.user(&name).await?;
+    let info = user_info(&st, user).await?;
+    Ok((StatusCode::CREATED, Json(with_settings(&st, info).await?)))
 }
 
 /// `berth user kick NAME`: ends every SSH connection of the user now.

@@ -152,6 +152,29 @@ pub enum Event {
     UserRemove {
         user: String,
     },
+    /// `berth user export`: her archive was made (`bytes` long).
+    UserExport {
+        user: String,
+        bytes: u64,
+    },
+    /// `berth user import`: she was recreated from an archive of `bytes`.
+    UserImport {
+        user: String,
+        bytes: u64,
+    },
+    /// A user's home volume removed with her (`berth user rm --purge-data`).
+    HomeRemove {
+        user: String,
+        volume: String,
+    },
+    /// `berth user set --image`/`--drop-commit`: her base image now, and the committed
+    /// image she no longer has, if any.
+    UserImage {
+        user: String,
+        image: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dropped_commit: Option<String>,
+    },
     UserForwarding {
         user: String,
         tcp: Option<bool>,

@@ -56,6 +56,8 @@ pub struct Config {
     pub stop_timeout_seconds: u32,
     pub container_prefix: String,
     pub commit_repository: String,
+    /// Each user's home is a Docker volume of her own (issue 16).
+    pub home_volume: bool,
     pub network: String,
     /// Unset: `berth-guest` next to the running `berth` binary ([`Config::guest_source`]).
     pub guest_binary: Option<PathBuf>,
@@ -154,6 +156,7 @@ impl Default for Config {
             stop_timeout_seconds: 10,
             container_prefix: "berth-".into(),
             commit_repository: "berth/users".into(),
+            home_volume: true,
             network: "berth".into(),
             guest_binary: None,
             allow_tcp_forwarding: true,
@@ -281,6 +284,10 @@ pub const SETTINGS: &[Setting] = &[
     setting(
         "commit_repository",
         "`commit` saves a user's container as the image REPOSITORY:USER.",
+    ),
+    setting(
+        "home_volume",
+        "Each user's home (root's home in her image, usually /root) is a Docker volume of her own,\nPREFIXhome-USER: it starts with the image's files there and outlives her container (`remove`,\na new image, a daemon restart; `berth user rm` keeps it unless --purge-data). `commit` saves\nthe container without it. false: the home lives in the container, as everything else.",
     ),
     setting(
         "network",

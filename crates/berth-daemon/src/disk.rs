@@ -1,10 +1,12 @@
 //! Per-user disk: the cap each container is created with where the engine can enforce one
 //! (`[limits] disk_gb`), what the admin is told where it cannot, and each user's disk use
-//! (her container's writable layer), measured off every login's path.
+//! (her container's writable layer, her home volume and her committed image), measured
+//! off every login's path.
 //!
-//! Measuring asks the engine to walk every writable layer, which takes long on a big
-//! server: it runs in a task of its own, one at a time, at most every [`FRESH`], under a
-//! deadline; a reader waits briefly for a due measurement and otherwise gets the last one.
+//! Measuring asks the engine for `docker system df -v`, which walks every writable layer
+//! and volume and takes long on a big server: it runs in a task of its own, one at a time,
+//! at most every [`FRESH`], under a deadline; a reader waits briefly for a due measurement
+//! and otherwise gets the last one.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,7 +16,7 @@ use berth_runtime::{DiskQuota, Runtime};
 use tokio::sync::watch;
 
 /// A measurement younger than this is served as it is.
-const FRESH: Duration = Duration::from_secs(15);
+pub const FRESH: Duration = Duration::from_secs(30);
 /// How long one measurement may take before it is given up.
 const MEASURE_DEADLINE: Duration = Duration::from_secs(120);
 /// How long a reader waits for a measurement it started.
@@ -104,11 +106,45 @@ pub struct Disk {
     measuring: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
+/// One user's disk use, in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UserDisk {
+    /// Her container's writable layer.
+    pub container: u64,
+    /// Her home volume.
+    pub home: u64,
+    /// What only her committed image holds (its layers shared with other images are not
+    /// counted: they are her base image's).
+    pub image: u64,
+}
+
+impl UserDisk {
+    pub fn total(&self) -> u64 {
+        self.container
+            .saturating_add(self.home)
+            .saturating_add(self.image)
+    }
+}
+
+/// Every user's disk use together.
+pub fn total(usage: &HashMap<String, UserDisk>) -> u64 {
+    usage.values().fold(0, |n, u| n.saturating_add(u.total()))
+}
+
 #[derive(Default)]
 struct Usage {
-    /// Bytes by user name.
-    by_user: HashMap<String, u64>,
+    by_user: HashMap<String, UserDisk>,
     at: Option<Instant>,
+}
+
+/// What [`Disk::usage`] measures: this instance's containers and volumes, and the images
+/// of its commit repository.
+#[derive(Debug, Clone)]
+pub struct Scope {
+    /// `(key, value)` of the label on this instance's containers and volumes.
+    pub label: (&'static str, String),
+    /// Users' commits are `REPOSITORY:USER`.
+    pub commit_repository: String,
 }
 
 impl Default for Disk {
@@ -133,22 +169,26 @@ impl Disk {
         self.quota.lock().map_or_else(|_| Quota::Off, |q| q.clone())
     }
 
-    /// Each user's disk use in bytes, as last measured, without waiting.
-    pub fn last(&self) -> HashMap<String, u64> {
+    /// Whether a measurement has been made yet.
+    pub fn measured(&self) -> bool {
+        self.usage.lock().is_ok_and(|u| u.at.is_some())
+    }
+
+    /// Each user's disk use, as last measured, without waiting.
+    pub fn last(&self) -> HashMap<String, UserDisk> {
         self.usage
             .lock()
             .map(|u| u.by_user.clone())
             .unwrap_or_default()
     }
 
-    /// Each user's disk use in bytes, as last measured. Starts a measurement when the last
-    /// is older than [`FRESH`] and waits a little for it; never longer than
-    /// [`READER_WAIT`].
+    /// Each user's disk use, as last measured. Starts a measurement when the last is older
+    /// than [`FRESH`] and waits a little for it; never longer than [`READER_WAIT`].
     pub async fn usage<R: Runtime>(
         self: &std::sync::Arc<Self>,
         runtime: &std::sync::Arc<R>,
-        label: (&'static str, String),
-    ) -> HashMap<String, u64> {
+        scope: Scope,
+    ) -> HashMap<String, UserDisk> {
         let stale = self
             .usage
             .lock()
@@ -160,7 +200,7 @@ impl Disk {
                 let runtime = runtime.clone();
                 tokio::spawn(async move {
                     let _guard = guard;
-                    me.measure(&*runtime, label).await;
+                    me.measure(&*runtime, scope).await;
                 });
             }
             let _ = tokio::time::timeout(READER_WAIT, rx.changed()).await;
@@ -171,10 +211,11 @@ impl Disk {
             .unwrap_or_default()
     }
 
-    async fn measure<R: Runtime>(&self, runtime: &R, (key, value): (&'static str, String)) {
-        let found = tokio::time::timeout(MEASURE_DEADLINE, runtime.disk_usage(key, &value)).await;
-        let list = match found {
-            Ok(Ok(list)) => list,
+    async fn measure<R: Runtime>(&self, runtime: &R, scope: Scope) {
+        let (key, value) = &scope.label;
+        let found = tokio::time::timeout(MEASURE_DEADLINE, runtime.disk_usage(key, value)).await;
+        let found = match found {
+            Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot measure the containers' disk use");
                 return;
@@ -187,12 +228,7 @@ impl Disk {
                 return;
             }
         };
-        let mut by_user: HashMap<String, u64> = HashMap::new();
-        for c in list {
-            if let Some(u) = c.labels.get(crate::lifecycle::LABEL_USER) {
-                *by_user.entry(u.clone()).or_default() += c.bytes;
-            }
-        }
+        let by_user = by_user(&found, &scope.commit_repository);
         if let Ok(mut u) = self.usage.lock() {
             *u = Usage {
                 by_user,
@@ -203,9 +239,99 @@ impl Disk {
     }
 }
 
+/// Each user's share of what the engine measured.
+fn by_user(found: &berth_runtime::DiskUsage, commit_repository: &str) -> HashMap<String, UserDisk> {
+    use crate::lifecycle::{LABEL_HOME, LABEL_USER};
+    let mut by_user: HashMap<String, UserDisk> = HashMap::new();
+    for c in &found.containers {
+        if let Some(u) = c.labels.get(LABEL_USER) {
+            let e = by_user.entry(u.clone()).or_default();
+            e.container = e.container.saturating_add(c.bytes);
+        }
+    }
+    for v in &found.volumes {
+        if let (Some(u), Some(_)) = (v.labels.get(LABEL_USER), v.labels.get(LABEL_HOME)) {
+            let e = by_user.entry(u.clone()).or_default();
+            e.home = e.home.saturating_add(v.bytes);
+        }
+    }
+    // The engine names images as they were tagged: `REPOSITORY:USER`.
+    let prefix = format!("{commit_repository}:");
+    for i in &found.images {
+        let user = i
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix(&prefix).map(str::to_owned));
+        if let Some(u) = user {
+            let e = by_user.entry(u).or_default();
+            e.image = e.image.saturating_add(i.bytes);
+        }
+    }
+    by_user
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_user_is_given_her_layer_home_and_commit() {
+        let labels = |u: &str, home: bool| {
+            let mut l = HashMap::from([("berth.user".to_owned(), u.to_owned())]);
+            if home {
+                l.insert("berth.home".into(), "1".into());
+            }
+            l
+        };
+        let found = berth_runtime::DiskUsage {
+            containers: vec![berth_runtime::ContainerDisk {
+                name: "b-alice".into(),
+                labels: labels("alice", false),
+                bytes: 1,
+            }],
+            volumes: vec![
+                berth_runtime::VolumeDisk {
+                    name: "b-home-alice".into(),
+                    labels: labels("alice", true),
+                    bytes: 20,
+                },
+                berth_runtime::VolumeDisk {
+                    name: "b-home-bob".into(),
+                    labels: labels("bob", true),
+                    bytes: 5,
+                },
+                berth_runtime::VolumeDisk {
+                    name: "not-a-home".into(),
+                    labels: labels("bob", false),
+                    bytes: 1000,
+                },
+            ],
+            images: vec![
+                berth_runtime::ImageDisk {
+                    id: "sha256:a".into(),
+                    tags: vec!["b/users:alice".into()],
+                    bytes: 300,
+                },
+                berth_runtime::ImageDisk {
+                    id: "sha256:d".into(),
+                    tags: vec!["debian:12".into(), "b/usersx:carol".into()],
+                    bytes: 4000,
+                },
+            ],
+        };
+        let u = by_user(&found, "b/users");
+        assert_eq!(
+            u["alice"],
+            UserDisk {
+                container: 1,
+                home: 20,
+                image: 300
+            }
+        );
+        assert_eq!(u["bob"].total(), 5);
+        assert_eq!(u.len(), 2);
+        assert_eq!(total(&u), 326);
+    }
 
     #[test]
     fn sizes_read_in_binary_units() {

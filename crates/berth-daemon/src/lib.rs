@@ -19,6 +19,7 @@ pub mod gateway;
 pub mod guest_binary;
 pub mod lifecycle;
 pub mod mounts;
+pub mod moving;
 mod resolve;
 pub mod sessions;
 pub mod store;
@@ -189,6 +190,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             run_dir: state.join("run"),
             guest_binary: guest_dir.join("berth-guest"),
             commit_repository: config.commit_repository.clone(),
+            home_volume: config.home_volume,
             audit: audit.clone(),
         },
     );

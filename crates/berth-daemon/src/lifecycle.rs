@@ -23,6 +23,7 @@ use berth_guest_proto::words::{RUN_DIR, Word};
 use berth_proto::{ImageName, UserName};
 use berth_runtime::{
     BindMount, ContainerInfo, ContainerSpec, Limits, NetworkSpec, Runtime, RuntimeError,
+    VolumeMount, VolumeSpec,
 };
 use berth_store::{Store, StoreError};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -36,6 +37,13 @@ use crate::audit::Event;
 /// Container label keys.
 pub const LABEL_USER: &str = "berth.user";
 pub const LABEL_INSTANCE: &str = "berth.instance";
+/// On a user's home volume (with [`LABEL_USER`] and [`LABEL_INSTANCE`]).
+pub const LABEL_HOME: &str = "berth.home";
+
+/// Where a home goes when the image's `/etc/passwd` names none that can be mounted over.
+pub const DEFAULT_HOME: &str = "/root";
+/// How long reading an image's `/etc/passwd` may take.
+const HOME_PROBE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -121,6 +129,8 @@ pub struct Settings {
     pub guest_binary: PathBuf,
     /// Commits are saved as `REPOSITORY/USER:latest`.
     pub commit_repository: String,
+    /// Each user's home is a volume of her own (`home_volume`, on by default).
+    pub home_volume: bool,
     /// Where container changes are recorded.
     pub audit: Arc<crate::audit::Audit>,
 }
@@ -202,6 +212,7 @@ impl Settings {
             run_dir,
             guest_binary: PathBuf::from("/nonexistent/berth-guest"),
             commit_repository: "berth/users".into(),
+            home_volume: true,
             audit,
         }
     }
@@ -220,7 +231,8 @@ enum Request {
     Adopt,
     Remove {
         keep_image: bool,
-        reply: oneshot::Sender<Result<(), LifecycleError>>,
+        purge_data: bool,
+        reply: oneshot::Sender<Result<Removed, LifecycleError>>,
     },
     /// Stop the container now; open sessions end with it.
     Stop {
@@ -242,6 +254,15 @@ enum Request {
         change: crate::user_settings::Change,
         reply: oneshot::Sender<Result<(), LifecycleError>>,
     },
+}
+
+/// What removing a user did with her home volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// Her home volume, if she had one.
+    pub home: Option<String>,
+    /// It was removed (`--purge-data`); otherwise it is kept, for a user of the same name.
+    pub home_removed: bool,
 }
 
 /// The image a commit made.
@@ -304,13 +325,17 @@ impl<R: Runtime> Lifecycle<R> {
         &self.disk
     }
 
-    /// Each user's disk use in bytes (her container's writable layer), as last measured;
-    /// waits briefly for a new measurement when the last is old (see [`crate::disk`]).
-    pub async fn disk_usage(&self) -> HashMap<String, u64> {
+    /// Each user's disk use (her container's writable layer, home volume and committed
+    /// image), as last measured; waits briefly for a new measurement when the last is old
+    /// (see [`crate::disk`]).
+    pub async fn disk_usage(&self) -> HashMap<String, crate::disk::UserDisk> {
         self.disk
             .usage(
                 &self.runtime,
-                (LABEL_INSTANCE, self.settings.instance.clone()),
+                crate::disk::Scope {
+                    label: (LABEL_INSTANCE, self.settings.instance.clone()),
+                    commit_repository: self.settings.commit_repository.clone(),
+                },
             )
             .await
     }
@@ -340,6 +365,46 @@ impl<R: Runtime> Lifecycle<R> {
         &self.settings.instance
     }
 
+    /// `user`'s home volume: `PREFIX` `home-` `USER` (the container prefix keeps two Berth
+    /// instances on one engine apart).
+    pub fn home_volume(&self, user: &UserName) -> String {
+        format!("{}home-{user}", self.settings.prefix)
+    }
+
+    /// The volume `user`'s home is made as: labelled hers, this instance's and a home; as
+    /// big as `disk_gb` where that is enforced.
+    pub fn home_volume_spec(&self, user: &UserName) -> VolumeSpec {
+        VolumeSpec {
+            name: self.home_volume(user),
+            labels: HashMap::from([
+                (LABEL_USER.to_owned(), user.to_string()),
+                (LABEL_INSTANCE.to_owned(), self.settings.instance.clone()),
+                (LABEL_HOME.to_owned(), "1".to_owned()),
+            ]),
+            // Where `disk_gb` is enforced, her home is capped alike (only a new volume).
+            size_bytes: self.disk.quota().bytes(),
+        }
+    }
+
+    /// The image `user`'s `commit` makes: `REPOSITORY:USER`.
+    pub fn commit_image_name(&self, user: &UserName) -> String {
+        format!("{}:{user}", self.settings.commit_repository)
+    }
+
+    /// Whether users' homes are volumes of their own (`home_volume`).
+    pub fn home_volume_on(&self) -> bool {
+        self.settings.home_volume
+    }
+
+    /// `user`'s home volume if it exists and is hers.
+    pub async fn home_volume_of(&self, user: &UserName) -> Result<Option<String>, LifecycleError> {
+        let name = self.home_volume(user);
+        let labels = self.runtime.volume_labels(&name).await?;
+        Ok(labels
+            .filter(|l| l.get(LABEL_USER).map(String::as_str) == Some(user.as_str()))
+            .map(|_| name))
+    }
+
     /// Whether `image` is one of the images users' `commit` makes (`REPOSITORY:USER`): those
     /// belong to the user who made them, and her next commit moves the tag.
     pub fn is_commit_image(&self, image: &ImageName) -> bool {
@@ -364,14 +429,22 @@ impl<R: Runtime> Lifecycle<R> {
     }
 
     /// Stops and removes `user`'s container, then deletes the user from the store, and her
-    /// committed image unless `keep_image`.
+    /// committed image unless `keep_image`. Her home volume is kept unless `purge_data`.
     pub async fn remove(
         self: &Arc<Self>,
         user: &UserName,
         keep_image: bool,
-    ) -> Result<(), LifecycleError> {
+        purge_data: bool,
+    ) -> Result<Removed, LifecycleError> {
         let (reply, rx) = oneshot::channel();
-        self.send(user, Request::Remove { keep_image, reply })?;
+        self.send(
+            user,
+            Request::Remove {
+                keep_image,
+                purge_data,
+                reply,
+            },
+        )?;
         let r = rx.await.map_err(|_| LifecycleError::ShuttingDown)?;
         if r.is_ok()
             && let Ok(mut owners) = self.owners.lock()
@@ -666,9 +739,13 @@ impl<R: Runtime> OwnerTask<R> {
                     let r = self.set_settings(change).await;
                     let _ = reply.send(r);
                 }
-                Request::Remove { keep_image, reply } => {
+                Request::Remove {
+                    keep_image,
+                    purge_data,
+                    reply,
+                } => {
                     self.finish_commit().await;
-                    let r = self.remove(keep_image).await;
+                    let r = self.remove(keep_image, purge_data).await;
                     let removed = r.is_ok();
                     let _ = reply.send(r);
                     if removed {
@@ -717,7 +794,13 @@ impl<R: Runtime> OwnerTask<R> {
                     return Err(LifecycleError::NoGpuRuntime);
                 }
                 let folders = self.shared_folders(&effective).await?;
-                let spec = self.spec(image.as_str(), &effective, folders);
+                let volumes = if self.lc.settings.home_volume {
+                    vec![self.home(image.as_str(), &folders).await?]
+                } else {
+                    Vec::new()
+                };
+                let mut spec = self.spec(image.as_str(), &effective, folders);
+                spec.volumes = volumes;
                 let id = match rt.create(&spec).await {
                     Err(RuntimeError::NetworkNotFound(e)) => {
                         warn!(network = %network, error = %e, "the user's network is gone; making it again");
@@ -853,7 +936,43 @@ impl<R: Runtime> OwnerTask<R> {
             }))
             .chain(folders)
             .collect(),
+            volumes: Vec::new(),
         }
+    }
+
+    /// The user's home volume (made when missing) and where it goes: root's home in
+    /// `image`'s `/etc/passwd` where that can be mounted over, else [`DEFAULT_HOME`]. A
+    /// volume of that name that is not hers is never used.
+    async fn home(
+        &self,
+        image: &str,
+        folders: &[BindMount],
+    ) -> Result<VolumeMount, LifecycleError> {
+        let rt = &self.lc.runtime;
+        let target = match tokio::time::timeout(HOME_PROBE_DEADLINE, rt.root_home(image)).await {
+            Ok(Ok(home)) => home_target(home.as_deref()),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                warn!(
+                    image,
+                    "reading the image's /etc/passwd took too long; home at {DEFAULT_HOME}"
+                );
+                DEFAULT_HOME.to_owned()
+            }
+        };
+        if let Some(f) = folders.iter().find(|f| f.target == target) {
+            return Err(LifecycleError::MountRefused(format!(
+                "the shared folder {} is at {target}, where the home volume goes",
+                f.source.display()
+            )));
+        }
+        let spec = self.lc.home_volume_spec(&self.user);
+        let name = spec.name.clone();
+        let labels = rt.ensure_volume(&spec).await?;
+        if labels.get(LABEL_USER).map(String::as_str) != Some(self.user.as_str()) {
+            return Err(LifecycleError::Foreign(name));
+        }
+        Ok(VolumeMount { name, target })
     }
 
     async fn idle_stop(&mut self) {
@@ -892,12 +1011,24 @@ impl<R: Runtime> OwnerTask<R> {
         }
     }
 
-    async fn remove(&mut self, keep_image: bool) -> Result<(), LifecycleError> {
+    async fn remove(
+        &mut self,
+        keep_image: bool,
+        purge_data: bool,
+    ) -> Result<Removed, LifecycleError> {
         self.stop_at = None;
         self.remove_container().await?;
         let network = self.lc.settings.network.user_network(&self.user);
         if let Err(e) = self.lc.runtime.remove_network(&network).await {
             warn!(network = %network, error = %e, "the user's network is left behind");
+        }
+        let home = self.lc.home_volume_of(&self.user).await?;
+        let home_removed = match &home {
+            Some(name) if purge_data => self.lc.runtime.remove_volume(name).await?,
+            _ => false,
+        };
+        if let Some(name) = &home {
+            info!(volume = %name, removed = home_removed, "home volume");
         }
         let record = self.lc.store.user(&self.user).await?;
         if !keep_image
@@ -914,7 +1045,7 @@ impl<R: Runtime> OwnerTask<R> {
         self.lc.store.remove_user(&self.user).await?;
         self.guest = None;
         let _ = std::fs::remove_dir_all(self.lc.settings.run_dir.join(self.user.as_str()));
-        Ok(())
+        Ok(Removed { home, home_removed })
     }
 
     /// Whether a user other than this one is set to `image` (as her image or her commit).
@@ -948,7 +1079,36 @@ impl<R: Runtime> OwnerTask<R> {
             user: self.user.to_string(),
             container: self.name.clone(),
         });
+        self.remove_dropped_commit().await;
         Ok(true)
+    }
+
+    /// Her commit's image once she no longer has it (`--drop-commit` while her container,
+    /// made from it, kept it): removed with the container it was kept for.
+    async fn remove_dropped_commit(&self) {
+        let image = format!("{}:{}", self.lc.settings.commit_repository, self.user);
+        let Ok(record) = self.lc.store.user(&self.user).await else {
+            return;
+        };
+        if record.committed_image.is_some()
+            || !self.lc.runtime.image_exists(&image).await.unwrap_or(false)
+        {
+            return;
+        }
+        let Ok(parsed) = ImageName::parse(&image) else {
+            return;
+        };
+        if self.named_by_another_user(&parsed).await.unwrap_or(true) {
+            return;
+        }
+        match self.lc.runtime.remove_image(&image).await {
+            Ok(()) => self.lc.settings.audit.record(Event::ImageRemove {
+                user: Some(self.user.to_string()),
+                image,
+                id: None,
+            }),
+            Err(e) => tracing::debug!(image = %image, error = %e, "dropped commit kept"),
+        }
     }
 
     /// Stops the container if it runs; `reason` goes to the audit log.
@@ -1013,10 +1173,72 @@ impl<R: Runtime> OwnerTask<R> {
         &mut self,
         change: crate::user_settings::Change,
     ) -> Result<(), LifecycleError> {
+        if change.touches_settings() {
+            self.set_limits_and_folders(&change).await?;
+        }
+        if change.image.is_some() || change.drop_commit {
+            self.set_image(change.image.as_ref(), change.drop_commit)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// `berth user set --image IMG [--drop-commit]`: her base image for her next new
+    /// container; her committed image is kept (her next container is still made from it)
+    /// unless `drop_commit`, which removes it unless another user is set to it or a
+    /// container still uses it.
+    async fn set_image(
+        &mut self,
+        image: Option<&ImageName>,
+        drop_commit: bool,
+    ) -> Result<(), LifecycleError> {
+        let (user, new) = (self.user.clone(), image.cloned());
+        let (record, dropped) = self
+            .lc
+            .store
+            .run(move |s| {
+                let before = s.user(&user)?;
+                if let Some(image) = &new {
+                    s.set_image(&user, image)?;
+                }
+                let dropped = if drop_commit {
+                    s.set_committed_image(&user, None)?;
+                    before.committed_image
+                } else {
+                    None
+                };
+                Ok((s.user(&user)?, dropped))
+            })
+            .await?;
+        self.lc.settings.audit.record(Event::UserImage {
+            user: self.user.to_string(),
+            image: record.image.to_string(),
+            dropped_commit: dropped.as_ref().map(ToString::to_string),
+        });
+        if let Some(old) = &dropped
+            && !self.named_by_another_user(old).await?
+        {
+            match self.lc.runtime.remove_image(old.as_str()).await {
+                Ok(()) => self.lc.settings.audit.record(Event::ImageRemove {
+                    user: Some(self.user.to_string()),
+                    image: old.to_string(),
+                    id: None,
+                }),
+                // Her container was made from it: it goes with the container.
+                Err(e) => info!(image = %old, error = %e, "dropped commit kept: still in use"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn set_limits_and_folders(
+        &mut self,
+        change: &crate::user_settings::Change,
+    ) -> Result<(), LifecycleError> {
         let server = &self.lc.settings.server;
         let current = self.lc.store.settings(&self.user).await?;
         let targets: Vec<String> = server.mounts.iter().map(|m| m.target.clone()).collect();
-        let new = crate::user_settings::apply(&self.user, &current, &change, &targets)
+        let new = crate::user_settings::apply(&self.user, &current, change, &targets)
             .map_err(LifecycleError::BadSetting)?;
         if change.is_live() {
             self.apply_live(&new).await?;
@@ -1154,6 +1376,19 @@ async fn commit<R: Runtime>(
         id: new_id,
         info,
     })
+}
+
+/// Where a home volume goes, given root's home in the image's `/etc/passwd`: there when
+/// it is a directory that may be mounted over (see [`crate::mounts::check_target`]; `/root`
+/// itself may), else [`DEFAULT_HOME`].
+fn home_target(home: Option<&str>) -> String {
+    match home {
+        Some(DEFAULT_HOME) | None => DEFAULT_HOME.to_owned(),
+        Some(h) => crate::mounts::check_target(h).unwrap_or_else(|e| {
+            warn!(home = %h.escape_debug(), error = %e, "root's home in the image cannot take a volume; home at {DEFAULT_HOME}");
+            DEFAULT_HOME.to_owned()
+        }),
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -1295,7 +1530,7 @@ mod tests {
         settle(&lc, &alice(), 0).await;
         assert!(wait_stopped(&rt, "t-alice").await);
         // Her network goes with her.
-        lc.remove(&alice(), false).await.unwrap();
+        lc.remove(&alice(), false, false).await.unwrap();
         assert!(
             rt.list_networks(LABEL_USER, "alice")
                 .await
@@ -1393,7 +1628,7 @@ mod tests {
     async fn remove_with_sessions_open_and_after() {
         let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
         let lease = lc.acquire(&alice()).await.unwrap();
-        lc.remove(&alice(), false).await.unwrap();
+        lc.remove(&alice(), false, false).await.unwrap();
         assert!(rt.container("t-alice").is_none());
         assert!(matches!(
             store.user(&alice()),
@@ -1425,7 +1660,7 @@ mod tests {
             Err(LifecycleError::Foreign(_))
         ));
         assert!(matches!(
-            lc.remove(&alice(), false).await,
+            lc.remove(&alice(), false, false).await,
             Err(LifecycleError::Foreign(_))
         ));
         assert_eq!(running(&rt, "t-alice"), Some(true));
@@ -1445,6 +1680,156 @@ mod tests {
         );
         assert!(rt.container("t-alice").is_none());
         assert_eq!(lc.sessions(&alice()), 0);
+    }
+
+    fn volumes_of(rt: &FakeRuntime, name: &str) -> Vec<VolumeMount> {
+        rt.applied_volumes(name)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_home_volume_is_made_once_and_outlives_container_and_user() {
+        let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
+        drop(lc.acquire(&alice()).await.unwrap());
+        let home = VolumeMount {
+            name: "t-home-alice".into(),
+            target: "/root".into(),
+        };
+        assert_eq!(volumes_of(&rt, "t-alice"), std::slice::from_ref(&home));
+        let labels = rt.volume_labels("t-home-alice").await.unwrap().unwrap();
+        assert_eq!(labels.get(LABEL_USER).map(String::as_str), Some("alice"));
+        assert_eq!(labels.get(LABEL_INSTANCE).map(String::as_str), Some("inst"));
+        assert!(labels.contains_key(LABEL_HOME));
+        // A new container gets the same volume.
+        assert!(lc.remove_container(&alice()).await.unwrap());
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(volumes_of(&rt, "t-alice"), std::slice::from_ref(&home));
+        assert_eq!(rt.volume_names(), ["t-home-alice"]);
+        // `user rm` keeps it; she gets it back when she is added again.
+        let removed = lc.remove(&alice(), false, false).await.unwrap();
+        assert_eq!(
+            removed,
+            Removed {
+                home: Some("t-home-alice".into()),
+                home_removed: false
+            }
+        );
+        assert_eq!(rt.volume_names(), ["t-home-alice"]);
+        store
+            .add_user(
+                &alice(),
+                &ImageName::parse("img").unwrap(),
+                &[AuthorizedKey::parse_line(KEY).unwrap()],
+            )
+            .unwrap();
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(volumes_of(&rt, "t-alice"), [home]);
+        // --purge-data: gone with her.
+        let removed = lc.remove(&alice(), false, true).await.unwrap();
+        assert!(removed.home_removed);
+        assert!(rt.volume_names().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_home_goes_where_the_images_passwd_says_when_it_may() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        rt.set_root_home("img", Some("/home/admin"));
+        let (lc, rt, _) = setup(50, rt, &["alice"]);
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(volumes_of(&rt, "t-alice")[0].target, "/home/admin");
+        // A home that would shadow the system, or none at all: /root.
+        for home in [
+            Some("/etc"),
+            Some("/"),
+            Some("../x"),
+            Some("/usr/lib"),
+            None,
+        ] {
+            rt.set_root_home("img", home);
+            lc.remove_container(&alice()).await.unwrap();
+            drop(lc.acquire(&alice()).await.unwrap());
+            assert_eq!(volumes_of(&rt, "t-alice")[0].target, "/root", "{home:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_volume_of_that_name_that_is_not_hers_is_never_used() {
+        let rt = FakeRuntime::with_images(&["img"]);
+        rt.ensure_volume(&VolumeSpec {
+            name: "t-home-alice".into(),
+            labels: HashMap::from([(LABEL_USER.to_owned(), "bob".to_owned())]),
+            size_bytes: None,
+        })
+        .await
+        .unwrap();
+        let (lc, rt, _) = setup(50, rt, &["alice"]);
+        let err = lc.acquire(&alice()).await.err().unwrap();
+        assert!(matches!(err, LifecycleError::Foreign(_)), "{err}");
+        assert!(rt.container("t-alice").is_none());
+        // Nor removed with her.
+        let removed = lc.remove(&alice(), false, true).await.unwrap();
+        assert_eq!(removed.home, None);
+        assert_eq!(rt.volume_names(), ["t-home-alice"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_home_volumes_the_home_is_the_containers() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .add_user(
+                &alice(),
+                &ImageName::parse("img").unwrap(),
+                &[AuthorizedKey::parse_line(KEY).unwrap()],
+            )
+            .unwrap();
+        let rt = Arc::new(FakeRuntime::with_images(&["img"]));
+        let mut settings = Settings::for_tests(
+            std::env::temp_dir().join(format!("berth-lc-nohome-{}", std::process::id())),
+            Duration::from_millis(50),
+            Arc::new(crate::audit::Audit::log_only()),
+        );
+        settings.home_volume = false;
+        let lc = Lifecycle::new(rt.clone(), store, settings);
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert!(volumes_of(&rt, "t-alice").is_empty());
+        assert!(rt.volume_names().is_empty());
+        assert_eq!(
+            lc.remove(&alice(), false, true).await.unwrap(),
+            Removed {
+                home: None,
+                home_removed: false
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_image_keeps_the_commit_until_it_is_dropped() {
+        let (lc, rt, store) = setup(50, FakeRuntime::with_images(&["img", "img2"]), &["alice"]);
+        drop(lc.acquire(&alice()).await.unwrap());
+        let c = lc.commit(&alice()).await.unwrap();
+        assert_eq!(c.image, "berth/users:alice");
+        let change = |image: Option<&str>, drop_commit| crate::user_settings::Change {
+            image: image.map(|i| ImageName::parse(i).unwrap()),
+            drop_commit,
+            ..Default::default()
+        };
+        lc.set_settings(&alice(), change(Some("img2"), false))
+            .await
+            .unwrap();
+        let u = store.user(&alice()).unwrap();
+        assert_eq!(u.image.as_str(), "img2");
+        assert_eq!(
+            u.committed_image.as_ref().map(ImageName::as_str),
+            Some("berth/users:alice")
+        );
+        assert!(rt.image_exists("berth/users:alice").await.unwrap());
+        // Her next new container is still made from her commit, with her home.
+        lc.remove_container(&alice()).await.unwrap();
+        drop(lc.acquire(&alice()).await.unwrap());
+        assert_eq!(volumes_of(&rt, "t-alice")[0].name, "t-home-alice");
+        lc.set_settings(&alice(), change(None, true)).await.unwrap();
+        let u = store.user(&alice()).unwrap();
+        assert_eq!((u.image.as_str(), u.committed_image), ("img2", None));
+        assert!(!rt.image_exists("berth/users:alice").await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

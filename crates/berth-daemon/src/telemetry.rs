@@ -88,7 +88,12 @@ fn describe() {
     describe_gauge!(
         "berth_user_disk_bytes",
         Unit::Bytes,
-        "a user's container's writable layer, as last measured (measured apart, at most every 15 s)"
+        "a user's disk use: her container's writable layer, home volume and committed image, as last measured (measured apart, at most every 30 s)"
+    );
+    describe_gauge!(
+        "berth_disk_bytes",
+        Unit::Bytes,
+        "every user's disk use together (containers' writable layers, home volumes, committed images), as last measured"
     );
     describe_histogram!(
         "berth_login_duration_seconds",
@@ -138,9 +143,14 @@ async fn render<R: Runtime>(
         metrics::gauge!("berth_containers_running").set(running);
     }
     if due {
-        for (user, bytes) in state.lifecycle.disk_usage().await {
+        let usage = state.lifecycle.disk_usage().await;
+        if state.lifecycle.disk().measured() {
             #[allow(clippy::cast_precision_loss, reason = "a gauge")]
-            metrics::gauge!("berth_user_disk_bytes", "user" => user).set(bytes as f64);
+            metrics::gauge!("berth_disk_bytes").set(crate::disk::total(&usage) as f64);
+        }
+        for (user, used) in usage {
+            #[allow(clippy::cast_precision_loss, reason = "a gauge")]
+            metrics::gauge!("berth_user_disk_bytes", "user" => user).set(used.total() as f64);
         }
     }
     handle.run_upkeep();

@@ -180,9 +180,23 @@ pub struct Change {
     pub mount: Vec<BindMount>,
     /// Targets, normalised.
     pub unmount: Vec<String>,
+    /// Her base image, checked to be present in the engine.
+    pub image: Option<berth_proto::ImageName>,
+    /// Forget her committed image.
+    pub drop_commit: bool,
 }
 
 impl Change {
+    /// Whether it touches what [`apply`] changes (limits, GPUs, folders).
+    pub fn touches_settings(&self) -> bool {
+        self.memory.is_some()
+            || self.cpus.is_some()
+            || self.pids.is_some()
+            || self.gpus.is_some()
+            || !self.mount.is_empty()
+            || !self.unmount.is_empty()
+    }
+
     /// Whether it touches memory or CPUs, which apply to a running container at once.
     pub fn is_live(&self) -> bool {
         self.memory.is_some() || self.cpus.is_some()
@@ -320,6 +334,7 @@ mod tests {
                     read_only: true,
                 },
             ],
+            volumes: vec![],
         };
         let (l, m) = e.info(Some(&old));
         assert!(l.memory.pending && l.pids.pending && l.gpus.pending && m.pending);

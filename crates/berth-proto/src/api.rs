@@ -6,13 +6,15 @@
 //! | GET    | /users                        | → `[UserInfo]`                    |
 //! | POST   | /users                        | [`AddUserRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}                 | → [`UserInfo`]                    |
-//! | DELETE | /users/{name}[?keep_image=true] | → [`UserInfo`] (as it was)      |
+//! | DELETE | /users/{name}[?keep_image=true][&purge_data=true] | → [`UserInfo`] (as it was; `home.removed` says what became of her home volume) |
 //! | POST   | /users/{name}/forwarding      | [`SetForwardingRequest`] → [`UserInfo`] |
 //! | POST   | /users/{name}/settings        | [`SetSettingsRequest`] → [`UserInfo`] |
 //! | GET    | /users/{name}/keys            | → `[KeyInfo]`                     |
 //! | POST   | /users/{name}/keys            | [`AddKeysRequest`] → `[KeyInfo]`  |
 //! | DELETE | /users/{name}/keys/{fp}       | → [`RemovedKeys`]                 |
 //! | POST   | /users/{name}/kick            | → [`KickedInfo`]                  |
+//! | GET    | /users/{name}/export          | → her archive (a tar: settings, keys, committed image, home) |
+//! | POST   | /users/import                 | a user's archive → [`UserInfo`]   |
 //! | GET    | /status                       | → [`StatusInfo`]                  |
 //! | DELETE | /sessions/{id}                | → [`SessionInfo`] (killed)        |
 //! | GET    | /images                       | → `[ImageInfo]`                   |
@@ -58,10 +60,17 @@ pub struct UserInfo {
     /// Effective forwarding switches (the user's own, or the server-wide default).
     #[serde(default)]
     pub forwarding: ForwardingInfo,
-    /// Her container's writable layer in bytes, as last measured (the measurement is
-    /// slow and runs apart); `None` before the first one, or with no container.
+    /// Her disk use in bytes, as last measured (the measurement is slow and runs apart):
+    /// her container's writable layer, her home volume and her committed image; `None`
+    /// before the first measurement, or when she has none of them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_bytes: Option<u64>,
+    /// [`Self::disk_bytes`], part by part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskInfo>,
+    /// Her home volume, when she has one (given by `user show`, `user set` and `user rm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<HomeInfo>,
     /// Her effective limits and GPUs, each with where it comes from; given by `user show`
     /// and `user set` (not by `user list`, which asks the engine nothing per user).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +78,35 @@ pub struct UserInfo {
     /// Her shared folders, the server's and her own (with `limits`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mounts: Option<MountsInfo>,
+}
+
+/// One user's disk use in bytes, part by part.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Her container's writable layer.
+    pub container: u64,
+    /// Her home volume.
+    pub home: u64,
+    /// What only her committed image holds (not the layers it shares with her base image).
+    pub image: u64,
+}
+
+/// A user's home volume: a Docker volume of her own mounted at root's home in her
+/// container, kept across `remove`, a new image and `user rm` (unless `--purge-data`), and
+/// not part of what `commit` saves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HomeInfo {
+    pub volume: String,
+    /// Where her container has it; `None` with no container (or one made without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Its size as last measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// In the reply to `DELETE /users/{name}`: it was removed (`purge_data`); otherwise it
+    /// is kept, and a user added again under the same name gets it back.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 /// Where an effective value comes from.
@@ -149,6 +187,13 @@ pub struct SetSettingsRequest {
     /// Targets of her shared folders to remove.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unmount: Vec<String>,
+    /// Her base image, for her next new container (it must be present in the engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Forget her committed image: her next new container is made from her base image;
+    /// the committed image is removed unless something still uses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drop_commit: bool,
 }
 
 impl SetSettingsRequest {
@@ -159,6 +204,8 @@ impl SetSettingsRequest {
             && self.gpus.is_none()
             && self.mount.is_empty()
             && self.unmount.is_empty()
+            && self.image.is_none()
+            && !self.drop_commit
     }
 }
 
@@ -297,6 +344,10 @@ pub struct StatusInfo {
     /// `not available (no NVIDIA container runtime)`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpus: Option<String>,
+    /// Every user's disk use together (containers' writable layers, home volumes and
+    /// committed images), as last measured; `None` before the first measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
 }
 
 /// A local image (`berth image list`) and the users whose containers are made from it.

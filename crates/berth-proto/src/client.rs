@@ -101,6 +101,74 @@ impl AdminClient {
         .await
     }
 
+    /// GETs `path` and writes the reply's body to `out` as it comes (a user's archive),
+    /// calling `progress` with the bytes written so far and the whole length when known;
+    /// returns the bytes written.
+    pub async fn download<W: tokio::io::AsyncWrite + Unpin>(
+        &self,
+        path: &str,
+        out: &mut W,
+        mut progress: impl FnMut(u64, Option<u64>),
+    ) -> Result<u64, ClientError> {
+        use tokio::io::AsyncWriteExt;
+        let resp = self
+            .open(
+                Method::GET,
+                path,
+                "application/json",
+                Full::new(Bytes::new()),
+            )
+            .await?;
+        let status = resp.status();
+        if status != StatusCode::OK {
+            return Err(Self::error(status, resp).await);
+        }
+        let len = resp
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let mut body = resp.into_body();
+        let mut n = 0_u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Protocol(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data)
+                    .await
+                    .map_err(|e| ClientError::Protocol(format!("writing: {e}")))?;
+                n += u64::try_from(data.len()).unwrap_or(0);
+                progress(n, len);
+            }
+        }
+        out.flush()
+            .await
+            .map_err(|e| ClientError::Protocol(format!("writing: {e}")))?;
+        if len.is_some_and(|l| l != n) {
+            return Err(ClientError::Protocol(format!(
+                "the daemon sent {n} of {} bytes",
+                len.unwrap_or(0)
+            )));
+        }
+        Ok(n)
+    }
+
+    async fn error(
+        status: StatusCode,
+        resp: hyper::Response<hyper::body::Incoming>,
+    ) -> ClientError {
+        let body = match resp.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return ClientError::Protocol(e.to_string()),
+        };
+        match serde_json::from_slice::<ApiError>(&body) {
+            Ok(e) => ClientError::Api(e),
+            Err(_) => ClientError::Protocol(format!(
+                "status {status}: {}",
+                String::from_utf8_lossy(&body)
+            )),
+        }
+    }
+
     async fn send<Bd, T>(
         &self,
         method: Method,
@@ -112,6 +180,31 @@ impl AdminClient {
         Bd: hyper::body::Body<Data = Bytes> + Send + 'static,
         Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         T: DeserializeOwned,
+    {
+        let resp = self.open(method, path, content_type, body).await?;
+        let status = resp.status();
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            return Err(Self::error(status, resp).await);
+        }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+            .to_bytes();
+        serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    async fn open<Bd>(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        body: Bd,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        Bd: hyper::body::Body<Data = Bytes> + Send + 'static,
+        Bd::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let stream = UnixStream::connect(&self.socket).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::PermissionDenied {
@@ -135,27 +228,8 @@ impl AdminClient {
             .header("content-type", content_type)
             .body(body)
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let resp = tx
-            .send_request(req)
+        tx.send_request(req)
             .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-            .to_bytes();
-        if status == StatusCode::OK || status == StatusCode::CREATED {
-            serde_json::from_slice(&body).map_err(|e| ClientError::Protocol(e.to_string()))
-        } else {
-            match serde_json::from_slice::<ApiError>(&body) {
-                Ok(e) => Err(ClientError::Api(e)),
-                Err(_) => Err(ClientError::Protocol(format!(
-                    "status {status}: {}",
-                    String::from_utf8_lossy(&body)
-                ))),
-            }
-        }
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 }

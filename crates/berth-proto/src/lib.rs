@@ -12,10 +12,10 @@ mod name;
 pub mod settings;
 
 pub use api::{
-    AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, Effective,
-    ForwardingInfo, HealthInfo, ImageInfo, KeyInfo, KickedInfo, LimitsInfo, MountInfo, MountsInfo,
-    RemovedKeys, SessionInfo, SetForwardingRequest, SetSettingsRequest, Source, StatusInfo, Switch,
-    UserInfo,
+    AddKeysRequest, AddUserRequest, ApiError, ContainerInfo, ContainerState, DiskInfo, Effective,
+    ForwardingInfo, HealthInfo, HomeInfo, ImageInfo, KeyInfo, KickedInfo, LimitsInfo, MountInfo,
+    MountsInfo, RemovedKeys, SessionInfo, SetForwardingRequest, SetSettingsRequest, Source,
+    StatusInfo, Switch, UserInfo,
 };
 pub use client::{AdminClient, ClientError};
 pub use key::{AuthorizedKey, KeyError, fingerprint, parse_authorized_keys};

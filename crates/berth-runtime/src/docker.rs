@@ -21,10 +21,17 @@ use crate::exec::{demux_output, raw_output, start_attached};
 use crate::process::Identity;
 use crate::{
     Applied, BindMount, ByteStream, CommitInfo, ContainerDisk, ContainerInfo, ContainerInit,
-    ContainerSpec, DiskQuota, EngineVersion, GpuRequest, GpuSupport, ImageSummary, MAX_LAYERS,
-    NetworkSpec, ProcessGuard, Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
-    UserNamespaces, init,
+    ContainerSpec, DiskQuota, DiskUsage, EngineVersion, GpuRequest, GpuSupport, ImageDisk,
+    ImageSummary, MAX_LAYERS, NetworkSpec, ProcessGuard, Runtime, RuntimeError, Session,
+    SessionHandle, SessionSpec, TtySize, UserNamespaces, VolumeDisk, VolumeMount, VolumeSpec, init,
 };
+
+/// `/etc/passwd` of an image, read at most this far ([`Runtime::root_home`]).
+const PASSWD_MAX: usize = 1 << 20;
+/// Where a volume is mounted in the helper container that reads or fills it.
+const VOLUME_HELPER_MOUNT: &str = "/berth-volume";
+/// The engine's `system df` answer, read at most this far.
+const DF_MAX: usize = 64 << 20;
 
 /// Where the guest directory is mounted in every container.
 pub const GUEST_MOUNT: &str = "/.berth";
@@ -74,6 +81,74 @@ mod tests {
             ]
         );
         assert!(changes.iter().all(|c| !c.contains('\n')));
+    }
+
+    #[test]
+    fn roots_home_is_read_from_the_images_passwd() {
+        let home = super::root_home_in_passwd;
+        assert_eq!(
+            home("root:x:0:0:root:/root:/bin/sh\nbin:x:1:1::/bin:\n").as_deref(),
+            Some("/root")
+        );
+        assert_eq!(
+            home("daemon:x:1:1::/x:\nroot:x:0:0::/home/root:/bin/sh").as_deref(),
+            Some("/home/root")
+        );
+        assert_eq!(home("rootish:x:0:0::/r:/bin/sh\nroot:x"), None);
+        assert_eq!(home(""), None);
+        let mut header = ::tar::Header::new_gnu();
+        header.set_size(30);
+        header.set_mode(0o644);
+        header.set_cksum();
+        let mut b = ::tar::Builder::new(Vec::new());
+        b.append_data(
+            &mut header,
+            "passwd",
+            &b"root:x:0:0:root:/root:/bin/sh\n"[..],
+        )
+        .unwrap();
+        let tar = b.into_inner().unwrap();
+        assert_eq!(
+            super::passwd_from_tar(&tar).as_deref(),
+            Some("root:x:0:0:root:/root:/bin/sh\n")
+        );
+        assert_eq!(super::passwd_from_tar(b"not a tar"), None);
+    }
+
+    #[test]
+    fn disk_use_is_read_from_the_engines_df() {
+        let df = serde_json::json!({
+            "Containers": [
+                {"Names": ["/b-alice"], "Labels": {"i": "x", "berth.user": "alice"}, "SizeRw": 10},
+                {"Names": ["/other"], "Labels": {}, "SizeRw": 99}
+            ],
+            "Volumes": [
+                {"Name": "b-home-alice", "Labels": {"i": "x"}, "UsageData": {"Size": 20, "RefCount": 1}},
+                {"Name": "new", "Labels": {"i": "x"}, "UsageData": {"Size": -1, "RefCount": 0}},
+                {"Name": "theirs", "Labels": null, "UsageData": {"Size": 5}}
+            ],
+            "Images": [
+                {"Id": "sha256:a", "RepoTags": ["b/users:alice"], "Size": 100, "SharedSize": 70}
+            ]
+        });
+        let u = super::usage_from_df(&df, "i", "x");
+        assert_eq!(u.containers.len(), 1);
+        assert_eq!(
+            (u.containers[0].name.as_str(), u.containers[0].bytes),
+            ("b-alice", 10)
+        );
+        let v: Vec<(&str, u64)> = u
+            .volumes
+            .iter()
+            .map(|v| (v.name.as_str(), v.bytes))
+            .collect();
+        assert_eq!(v, [("b-home-alice", 20), ("new", 0)]);
+        assert_eq!(u.images[0].bytes, 30);
+        assert_eq!(u.images[0].tags, ["b/users:alice"]);
+        assert_eq!(
+            super::usage_from_df(&serde_json::json!({}), "i", "x"),
+            Default::default()
+        );
     }
 
     #[test]
@@ -220,6 +295,86 @@ impl DockerRuntime {
 
     /// The host PID of a just-started exec. The engine answers the attach (101) before the
     /// process exists, so this waits (bounded) until it has a PID or has already ended.
+    /// A container made from `image`, never started, with volume `volume` at
+    /// [`VOLUME_HELPER_MOUNT`]; returns its name. The caller removes it.
+    async fn volume_helper(&self, volume: &str, image: &str) -> Result<String, RuntimeError> {
+        static HELPERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = HELPERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("berth-volume-helper-{}-{n}", std::process::id());
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(vec!["/nonexistent".into()]),
+            entrypoint: Some(vec![]),
+            labels: Some(HashMap::from([("berth.probe".to_owned(), "1".to_owned())])),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                mounts: Some(vec![Mount {
+                    typ: Some(MountType::VOLUME),
+                    source: Some(volume.to_owned()),
+                    target: Some(VOLUME_HELPER_MOUNT.into()),
+                    read_only: Some(false),
+                    volume_options: Some(bollard::models::MountVolumeOptions {
+                        no_copy: Some(true),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        self.docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(map_container_err)?;
+        Ok(name)
+    }
+
+    /// GETs `path` of the engine's API and parses the answer as JSON, read at most `limit`
+    /// bytes far. For answers whose shape bollard's models no longer know: `system df`
+    /// changed its shape in API 1.52, so it is asked in 1.51 at most.
+    async fn get_json(&self, path: &str, limit: usize) -> Result<serde_json::Value, RuntimeError> {
+        use http_body_util::{BodyExt, Empty, Limited};
+        let version = match self.api_version.split_once('.') {
+            Some(("1", minor)) if minor.parse::<u32>().is_ok_and(|m| m > 51) => "1.51",
+            _ => self.api_version.as_str(),
+        };
+        let unavailable = |e: std::io::Error| RuntimeError::Unavailable(e.to_string());
+        let io = hyper_util::rt::TokioIo::new(
+            tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .map_err(unavailable)?,
+        );
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("{path}: {e}")))?;
+        let conn = tokio::spawn(conn);
+        let req = hyper::Request::get(format!("/v{version}{path}"))
+            .header("host", "docker")
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("{path}: {e}")))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), limit)
+            .collect()
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("{path}: {e}")))?
+            .to_bytes();
+        conn.abort();
+        if !status.is_success() {
+            return Err(RuntimeError::Docker(format!(
+                "{path}: {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )));
+        }
+        serde_json::from_slice(&body).map_err(|e| RuntimeError::Docker(format!("{path}: {e}")))
+    }
+
     async fn exec_pid(&self, exec_id: &str) -> Result<Option<i32>, RuntimeError> {
         for _ in 0..1000 {
             let st = self.docker.inspect_exec(exec_id).await.map_err(map_err)?;
@@ -239,6 +394,120 @@ impl DockerRuntime {
             "exec {exec_id} did not start"
         )))
     }
+}
+
+/// What `system df` (API 1.51 and older: `Containers`, `Volumes`, `Images`) says of the
+/// containers and volumes labelled `key=value`, and of every image.
+fn usage_from_df(df: &serde_json::Value, key: &str, value: &str) -> DiskUsage {
+    use serde_json::Value;
+    let items = |k: &str| {
+        df.get(k)
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let labels = |v: &Value, k: &str| -> HashMap<String, String> {
+        v.get(k)
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let bytes = |v: Option<&Value>| {
+        v.and_then(Value::as_i64)
+            .and_then(|n| u64::try_from(n).ok())
+    };
+    let labelled = |l: &HashMap<String, String>| l.get(key).map(String::as_str) == Some(value);
+    let containers = items("Containers")
+        .iter()
+        .map(|c| ContainerDisk {
+            name: c
+                .get("Names")
+                .and_then(|n| n.get(0))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_owned(),
+            labels: labels(c, "Labels"),
+            bytes: bytes(c.get("SizeRw")).unwrap_or(0),
+        })
+        .filter(|c| labelled(&c.labels))
+        .collect();
+    let volumes = items("Volumes")
+        .iter()
+        .map(|v| VolumeDisk {
+            name: v
+                .get("Name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            labels: labels(v, "Labels"),
+            // -1 while the engine has not measured it.
+            bytes: bytes(v.get("UsageData").and_then(|u| u.get("Size"))).unwrap_or(0),
+        })
+        .filter(|v| labelled(&v.labels))
+        .collect();
+    let images = items("Images")
+        .iter()
+        .map(|i| {
+            let size = bytes(i.get("Size")).unwrap_or(0);
+            let shared = bytes(i.get("SharedSize")).unwrap_or(0);
+            ImageDisk {
+                id: i
+                    .get("Id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                tags: i
+                    .get("RepoTags")
+                    .and_then(Value::as_array)
+                    .map(|t| {
+                        t.iter()
+                            .filter_map(|t| Some(t.as_str()?.to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                bytes: size.saturating_sub(shared),
+            }
+        })
+        .collect();
+    DiskUsage {
+        containers,
+        volumes,
+        images,
+    }
+}
+
+/// The text of the first file in `tar` (what the engine's archive API gives for one file),
+/// if it is a regular file of at most [`PASSWD_MAX`] bytes.
+fn passwd_from_tar(tar: &[u8]) -> Option<String> {
+    use std::io::Read;
+    let mut archive = ::tar::Archive::new(tar);
+    let entry = archive.entries().ok()?.next()?.ok()?;
+    if !entry.header().entry_type().is_file() {
+        return None;
+    }
+    let mut text = String::new();
+    entry
+        .take(u64::try_from(PASSWD_MAX).unwrap_or(u64::MAX))
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// Root's home in text of the `/etc/passwd` format: the sixth field of the first line of
+/// user `root`.
+fn root_home_in_passwd(passwd: &str) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        match f.as_slice() {
+            ["root", _, _, _, _, home, ..] => Some((*home).to_owned()),
+            _ => None,
+        }
+    })
 }
 
 fn overlaps(a: &ipnet::Ipv4Net, b: &ipnet::Ipv4Net) -> bool {
@@ -653,6 +922,15 @@ impl Runtime for DockerRuntime {
                     read_only: Some(m.read_only),
                     ..Default::default()
                 }))
+                // The engine copies the image's content of the target into an empty volume
+                // at its first mount (no `nocopy`).
+                .chain(spec.volumes.iter().map(|v| Mount {
+                    typ: Some(MountType::VOLUME),
+                    source: Some(v.name.clone()),
+                    target: Some(v.target.clone()),
+                    read_only: Some(false),
+                    ..Default::default()
+                }))
                 .collect(),
             ),
             ..Default::default()
@@ -748,9 +1026,18 @@ impl Runtime for DockerRuntime {
                 Some(ids) if !ids.is_empty() => GpuRequest::Devices(ids),
                 _ => GpuRequest::All,
             });
-        let mounts = h
-            .mounts
-            .unwrap_or_default()
+        let all = h.mounts.unwrap_or_default();
+        let volumes = all
+            .iter()
+            .filter(|m| m.typ == Some(MountType::VOLUME))
+            .filter_map(|m| {
+                Some(VolumeMount {
+                    name: m.source.clone()?,
+                    target: m.target.clone()?,
+                })
+            })
+            .collect();
+        let mounts = all
             .into_iter()
             .filter(|m| m.typ == Some(MountType::BIND))
             .filter_map(|m| {
@@ -768,6 +1055,7 @@ impl Runtime for DockerRuntime {
             pids: positive(h.pids_limit),
             gpus,
             mounts,
+            volumes,
         }))
     }
 
@@ -1068,31 +1356,245 @@ impl Runtime for DockerRuntime {
         Ok(UserNamespaces::On { root_uid })
     }
 
-    async fn disk_usage(&self, key: &str, value: &str) -> Result<Vec<ContainerDisk>, RuntimeError> {
+    async fn disk_usage(&self, key: &str, value: &str) -> Result<DiskUsage, RuntimeError> {
+        let df = self.get_json("/system/df", DF_MAX).await?;
+        Ok(usage_from_df(&df, key, value))
+    }
+
+    async fn root_home(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        use futures_util::StreamExt;
+        static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        // A container made from the image and never started: its files are the image's.
+        let body = ContainerCreateBody {
+            image: Some(image.to_owned()),
+            cmd: Some(vec!["/nonexistent".into()]),
+            entrypoint: Some(vec![]),
+            labels: Some(HashMap::from([("berth.probe".to_owned(), "1".to_owned())])),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("berth-home-probe-{}-{n}", std::process::id());
+        let opts = CreateContainerOptionsBuilder::default().name(&name).build();
+        self.docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(map_err)?;
+        let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path("/etc/passwd")
+            .build();
+        let mut stream = self.docker.download_from_container(&name, Some(opts));
+        let mut tar = Vec::new();
+        let mut read = Ok(());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) if tar.len() + c.len() <= PASSWD_MAX + 64 * 1024 => tar.extend_from_slice(&c),
+                Ok(_) => {
+                    read = Err(RuntimeError::Docker(format!(
+                        "{image}: /etc/passwd is over {PASSWD_MAX} bytes"
+                    )));
+                    break;
+                }
+                Err(e) if is_404(&e) => break,
+                Err(e) => {
+                    read = Err(map_err(e));
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        let _ = self.remove(&name).await;
+        read?;
+        if tar.is_empty() {
+            return Ok(None);
+        }
+        Ok(passwd_from_tar(&tar).and_then(|p| root_home_in_passwd(&p)))
+    }
+
+    async fn ensure_volume(
+        &self,
+        spec: &VolumeSpec,
+    ) -> Result<HashMap<String, String>, RuntimeError> {
+        if let Some(labels) = self.volume_labels(&spec.name).await? {
+            return Ok(labels);
+        }
+        let request = |size: Option<u64>| bollard::models::VolumeCreateRequest {
+            name: Some(spec.name.clone()),
+            labels: Some(spec.labels.clone()),
+            driver_opts: size.map(|b| HashMap::from([("size".to_owned(), b.to_string())])),
+            ..Default::default()
+        };
+        let made = match self.docker.create_volume(request(spec.size_bytes)).await {
+            Ok(made) => made,
+            // Only xfs with project quotas takes a size: elsewhere the volume is made
+            // without one, as a container is without its storage option.
+            Err(e) if spec.size_bytes.is_some() && !is_404(&e) => {
+                tracing::warn!(volume = %spec.name, error = %e, "the engine refuses a size for the volume; made without it");
+                self.docker
+                    .create_volume(request(None))
+                    .await
+                    .map_err(map_err)?
+            }
+            Err(e) => return Err(map_err(e)),
+        };
+        Ok(made.labels)
+    }
+
+    async fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let mut stream = docker.export_image(image);
+        let mut n = 0_u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(map_err)?;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| RuntimeError::Docker(format!("saving {image}: {e}")))?;
+            n += u64::try_from(chunk.len()).unwrap_or(0);
+        }
+        out.flush()
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("saving {image}: {e}")))?;
+        Ok(n)
+    }
+
+    async fn load_image(&self, tar: ByteStream) -> Result<(), RuntimeError> {
+        use futures_util::TryStreamExt;
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let opts = bollard::query_parameters::ImportImageOptionsBuilder::default()
+            .quiet(true)
+            .build();
+        let mut progress = docker.import_image(opts, bollard::body_try_stream(tar), None);
+        while let Some(p) = progress.try_next().await.map_err(map_err)? {
+            if let Some(message) = p.error_detail.and_then(|d| d.message) {
+                return Err(RuntimeError::Docker(format!("loading an image: {message}")));
+            }
+        }
+        Ok(())
+    }
+
+    async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
+        let opts = bollard::query_parameters::TagImageOptionsBuilder::default()
+            .repo(repo)
+            .tag(tag)
+            .build();
+        self.docker
+            .tag_image(image, Some(opts))
+            .await
+            .map_err(map_err)
+    }
+
+    async fn export_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncWriteExt;
+        let helper = self.volume_helper(volume, image).await?;
+        let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
+            .path(&format!("{VOLUME_HELPER_MOUNT}/."))
+            .build();
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let mut stream = docker.download_from_container(&helper, Some(opts));
+        let mut n = 0_u64;
+        let mut result = Ok(());
+        while let Some(chunk) = stream.next().await {
+            let written = match chunk {
+                Ok(c) => out.write_all(&c).await.map(|()| c.len()),
+                Err(e) => {
+                    result = Err(map_err(e));
+                    break;
+                }
+            };
+            match written {
+                Ok(len) => n += u64::try_from(len).unwrap_or(0),
+                Err(e) => {
+                    result = Err(RuntimeError::Docker(format!("exporting {volume}: {e}")));
+                    break;
+                }
+            }
+        }
+        drop(stream);
+        let _ = self.remove(&helper).await;
+        result?;
+        out.flush()
+            .await
+            .map_err(|e| RuntimeError::Docker(format!("exporting {volume}: {e}")))?;
+        Ok(n)
+    }
+
+    async fn import_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        tar: ByteStream,
+    ) -> Result<(), RuntimeError> {
+        let helper = self.volume_helper(volume, image).await?;
+        let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
+            .path(VOLUME_HELPER_MOUNT)
+            .build();
+        let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
+        let r = docker
+            .upload_to_container(&helper, Some(opts), bollard::body_try_stream(tar))
+            .await
+            .map_err(map_err);
+        let _ = self.remove(&helper).await;
+        r
+    }
+
+    async fn list_volumes(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
         let filters = HashMap::from([("label".to_owned(), vec![format!("{key}={value}")])]);
-        let opts = ListContainersOptionsBuilder::default()
-            .all(true)
-            .size(true)
+        let opts = bollard::query_parameters::ListVolumesOptionsBuilder::default()
             .filters(&filters)
             .build();
         let list = self
             .docker
-            .list_containers(Some(opts))
+            .list_volumes(Some(opts))
             .await
             .map_err(map_err)?;
         Ok(list
+            .volumes
+            .unwrap_or_default()
             .into_iter()
-            .map(|c| ContainerDisk {
-                name: c
-                    .names
-                    .and_then(|n| n.into_iter().next())
-                    .unwrap_or_default()
-                    .trim_start_matches('/')
-                    .to_owned(),
-                labels: c.labels.unwrap_or_default(),
-                bytes: c.size_rw.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
-            })
+            .map(|v| v.name)
             .collect())
+    }
+
+    async fn volume_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        match self.docker.inspect_volume(name).await {
+            Ok(v) => Ok(Some(v.labels)),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError> {
+        match self
+            .docker
+            .remove_volume(name, None::<bollard::query_parameters::RemoveVolumeOptions>)
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if is_404(&e) => Ok(false),
+            Err(e) => Err(map_err(e)),
+        }
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {

@@ -17,6 +17,9 @@ use crate::{
     Runtime, RuntimeError, Session, SessionHandle, SessionSpec, TtySize,
 };
 
+/// A volume's labels and how many bytes it holds.
+type FakeVolume = (HashMap<String, String>, u64);
+
 #[derive(Default)]
 pub struct FakeRuntime {
     containers: Mutex<HashMap<String, ContainerInfo>>,
@@ -44,6 +47,14 @@ pub struct FakeRuntime {
     /// Set by [`FakeRuntime::set_gpus`]: the engine has the NVIDIA runtime.
     gpus: AtomicBool,
     pub updates: AtomicUsize,
+    /// Volumes by name, with their labels and what they hold ([`FakeRuntime::set_volume_bytes`]).
+    volumes: Mutex<HashMap<String, FakeVolume>>,
+    /// Root's home in each image, by image name ([`FakeRuntime::set_root_home`]); `/root`
+    /// for an image not named.
+    homes: Mutex<HashMap<String, Option<String>>>,
+    /// What each container's writable layer and each image holds, for `disk_usage`.
+    layer_bytes: Mutex<HashMap<String, u64>>,
+    image_bytes: Mutex<HashMap<String, u64>>,
 }
 
 impl FakeRuntime {
@@ -85,6 +96,63 @@ impl FakeRuntime {
         self.gpus.store(on, Ordering::SeqCst);
     }
 
+    /// Root's home in `image`'s `/etc/passwd` (`None`: no such file).
+    pub fn set_root_home(&self, image: &str, home: Option<&str>) {
+        if let Ok(mut h) = self.homes.lock() {
+            h.insert(image.to_owned(), home.map(str::to_owned));
+        }
+    }
+
+    /// As if volume `name` held `bytes`.
+    pub fn set_volume_bytes(&self, name: &str, bytes: u64) {
+        if let Ok(mut v) = self.volumes.lock()
+            && let Some(v) = v.get_mut(name)
+        {
+            v.1 = bytes;
+        }
+    }
+
+    /// As if container `name`'s writable layer held `bytes`.
+    pub fn set_layer_bytes(&self, name: &str, bytes: u64) {
+        if let Ok(mut l) = self.layer_bytes.lock() {
+            l.insert(name.to_owned(), bytes);
+        }
+    }
+
+    /// As if image `name` held `bytes` of its own.
+    pub fn set_image_bytes(&self, name: &str, bytes: u64) {
+        if let Ok(mut i) = self.image_bytes.lock() {
+            i.insert(name.to_owned(), bytes);
+        }
+    }
+
+    /// The named volumes container `name` was made with.
+    pub fn applied_volumes(&self, name: &str) -> Vec<crate::VolumeMount> {
+        self.applied
+            .lock()
+            .ok()
+            .and_then(|a| a.get(name).map(|a| a.volumes.clone()))
+            .unwrap_or_default()
+    }
+
+    /// The volumes there are, by name.
+    pub fn volume_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .volumes
+            .lock()
+            .map(|v| v.keys().cloned().collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Adds image `name`, as a commit or a pull would.
+    pub fn add_image(&self, name: &str) {
+        if let Ok(mut i) = self.images.lock() {
+            i.insert(name.to_owned());
+        }
+    }
+
     /// The spec's part the engine keeps, as [`Runtime::applied`] gives it.
     fn applied_of(spec: &ContainerSpec) -> crate::Applied {
         crate::Applied {
@@ -93,6 +161,7 @@ impl FakeRuntime {
             pids: Some(spec.limits.pids),
             gpus: spec.gpus.clone(),
             mounts: spec.mounts.clone(),
+            volumes: spec.volumes.clone(),
         }
     }
 
@@ -228,6 +297,13 @@ impl Runtime for FakeRuntime {
             return Err(RuntimeError::ImageNotFound(spec.image.clone()));
         }
         self.network_present(&spec.network)?;
+        if let Some(v) = spec.volumes.iter().find(|v| {
+            self.volumes
+                .lock()
+                .map_or(true, |vols| !vols.contains_key(&v.name))
+        }) {
+            return Err(RuntimeError::Docker(format!("no such volume: {}", v.name)));
+        }
         let id = format!("fake{:060}", self.next_id.fetch_add(1, Ordering::SeqCst));
         let info = ContainerInfo {
             id: id.clone(),
@@ -413,21 +489,188 @@ impl Runtime for FakeRuntime {
         })
     }
 
-    async fn disk_usage(
-        &self,
-        key: &str,
-        value: &str,
-    ) -> Result<Vec<crate::ContainerDisk>, RuntimeError> {
-        Ok(self
+    async fn disk_usage(&self, key: &str, value: &str) -> Result<crate::DiskUsage, RuntimeError> {
+        let layers = self
+            .layer_bytes
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or_default();
+        let containers = self
             .list(key, value)
             .await?
             .into_iter()
             .map(|c| crate::ContainerDisk {
+                bytes: layers.get(&c.name).copied().unwrap_or(0),
                 name: c.name,
                 labels: c.labels,
-                bytes: 0,
             })
-            .collect())
+            .collect();
+        let volumes = self
+            .volumes
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, (l, _))| l.get(key).map(String::as_str) == Some(value))
+                    .map(|(name, (labels, bytes))| crate::VolumeDisk {
+                        name: name.clone(),
+                        labels: labels.clone(),
+                        bytes: *bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let sizes = self
+            .image_bytes
+            .lock()
+            .map(|i| i.clone())
+            .unwrap_or_default();
+        let images = self
+            .images
+            .lock()
+            .map(|i| {
+                i.iter()
+                    .map(|name| crate::ImageDisk {
+                        id: format!("sha256:{name}"),
+                        tags: vec![name.clone()],
+                        bytes: sizes.get(name).copied().unwrap_or(0),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(crate::DiskUsage {
+            containers,
+            volumes,
+            images,
+        })
+    }
+
+    async fn root_home(&self, image: &str) -> Result<Option<String>, RuntimeError> {
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        Ok(self
+            .homes
+            .lock()
+            .ok()
+            .and_then(|h| h.get(image).cloned())
+            .unwrap_or_else(|| Some("/root".into())))
+    }
+
+    async fn ensure_volume(
+        &self,
+        spec: &crate::VolumeSpec,
+    ) -> Result<HashMap<String, String>, RuntimeError> {
+        self.up()?;
+        let mut v = self
+            .volumes
+            .lock()
+            .map_err(|_| RuntimeError::Docker("fake poisoned".into()))?;
+        Ok(v.entry(spec.name.clone())
+            .or_insert_with(|| (spec.labels.clone(), 0))
+            .0
+            .clone())
+    }
+
+    async fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        use tokio::io::AsyncWriteExt;
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        out.write_all(image.as_bytes())
+            .await
+            .map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        Ok(u64::try_from(image.len()).unwrap_or(0))
+    }
+
+    async fn load_image(&self, mut tar: crate::ByteStream) -> Result<(), RuntimeError> {
+        use futures_util::StreamExt;
+        while let Some(chunk) = tar.next().await {
+            chunk.map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn tag_image(&self, image: &str, repo: &str, tag: &str) -> Result<(), RuntimeError> {
+        if !self.image_exists(image).await? {
+            return Err(RuntimeError::ImageNotFound(image.to_owned()));
+        }
+        self.add_image(&format!("{repo}:{tag}"));
+        Ok(())
+    }
+
+    async fn export_volume(
+        &self,
+        volume: &str,
+        _image: &str,
+        _out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<u64, RuntimeError> {
+        match self.volume_labels(volume).await? {
+            Some(_) => Ok(0),
+            None => Err(RuntimeError::Docker(format!("no such volume: {volume}"))),
+        }
+    }
+
+    async fn import_volume(
+        &self,
+        volume: &str,
+        _image: &str,
+        mut tar: crate::ByteStream,
+    ) -> Result<(), RuntimeError> {
+        use futures_util::StreamExt;
+        if self.volume_labels(volume).await?.is_none() {
+            return Err(RuntimeError::Docker(format!("no such volume: {volume}")));
+        }
+        while let Some(chunk) = tar.next().await {
+            chunk.map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn list_volumes(&self, key: &str, value: &str) -> Result<Vec<String>, RuntimeError> {
+        self.up()?;
+        Ok(self
+            .volumes
+            .lock()
+            .map(|v| {
+                v.iter()
+                    .filter(|(_, (l, _))| l.get(key).map(String::as_str) == Some(value))
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    async fn volume_labels(
+        &self,
+        name: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        self.up()?;
+        Ok(self
+            .volumes
+            .lock()
+            .ok()
+            .and_then(|v| v.get(name).map(|(l, _)| l.clone())))
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<bool, RuntimeError> {
+        self.up()?;
+        let in_use = self.applied.lock().is_ok_and(|a| {
+            a.iter().any(|(c, a)| {
+                a.volumes.iter().any(|v| v.name == name)
+                    && self.containers.lock().is_ok_and(|cs| cs.contains_key(c))
+            })
+        });
+        if in_use {
+            return Err(RuntimeError::Docker(format!("volume {name} is in use")));
+        }
+        Ok(self
+            .volumes
+            .lock()
+            .is_ok_and(|mut v| v.remove(name).is_some()))
     }
 
     async fn image_id(&self, image: &str) -> Result<Option<String>, RuntimeError> {
@@ -533,6 +776,7 @@ mod tests {
             network: "n".into(),
             mounts: vec![],
             gpus: None,
+            volumes: vec![],
         };
         let id = rt.create(&spec).await.unwrap();
         assert!(

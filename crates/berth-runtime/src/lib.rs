@@ -192,6 +192,26 @@ pub struct ContainerSpec {
     pub mounts: Vec<BindMount>,
     /// GPUs asked of the NVIDIA container runtime (a device request); `None`: none.
     pub gpus: Option<GpuRequest>,
+    /// Named volumes (made beforehand with [`Runtime::ensure_volume`]). An empty volume
+    /// gets the image's content of its target at the first mount (the engine copies it).
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A named volume mounted in a container, read-write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub name: String,
+    pub target: String,
+}
+
+/// A named volume to make ([`Runtime::ensure_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    /// At most this many bytes (the local driver's `size` option, which the engine enforces
+    /// with xfs project quotas); a volume is made without it where the engine refuses it.
+    pub size_bytes: Option<u64>,
 }
 
 /// GPUs for a container: a device request of driver `nvidia` with capability `gpu`.
@@ -213,6 +233,8 @@ pub struct Applied {
     pub gpus: Option<GpuRequest>,
     /// Every bind mount but the guest directory at `/.berth`.
     pub mounts: Vec<BindMount>,
+    /// Its named volumes.
+    pub volumes: Vec<VolumeMount>,
 }
 
 /// Whether the engine can give containers GPUs ([`Runtime::gpu_support`]).
@@ -287,6 +309,34 @@ pub struct ContainerDisk {
     pub name: String,
     pub labels: HashMap<String, String>,
     pub bytes: u64,
+}
+
+/// One named volume's disk use (`docker system df -v`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    pub bytes: u64,
+}
+
+/// One image's disk use: what only it holds (its size less the layers it shares with
+/// other images), by its `repo:tag` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageDisk {
+    pub id: String,
+    pub tags: Vec<String>,
+    pub bytes: u64,
+}
+
+/// What [`Runtime::disk_usage`] measured.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// The containers carrying the label asked for.
+    pub containers: Vec<ContainerDisk>,
+    /// The volumes carrying the label asked for.
+    pub volumes: Vec<VolumeDisk>,
+    /// Every local image.
+    pub images: Vec<ImageDisk>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -497,13 +547,74 @@ pub trait Runtime: Send + Sync + 'static {
     fn user_namespaces(&self) -> impl Future<Output = Result<UserNamespaces, RuntimeError>> + Send {
         async { Ok(UserNamespaces::Off) }
     }
-    /// The disk use of every container carrying label `key=value`. Slow (the engine walks
-    /// each writable layer): never on a login's path.
+    /// The disk use of every container and volume carrying label `key=value`, and of
+    /// every image (`docker system df -v`). Slow (the engine walks each writable layer and
+    /// volume): never on a login's path.
     fn disk_usage(
         &self,
         key: &str,
         value: &str,
-    ) -> impl Future<Output = Result<Vec<ContainerDisk>, RuntimeError>> + Send;
+    ) -> impl Future<Output = Result<DiskUsage, RuntimeError>> + Send;
+    /// Root's home directory in image `image`, as the image's `/etc/passwd` says (read from
+    /// a container made from it and never started); `None` when the image has no such
+    /// file or no root in it. The text is the image's: hostile until checked.
+    fn root_home(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    /// Makes volume `spec.name` unless it exists; returns the labels it has (those of
+    /// `spec` when it was made now).
+    fn ensure_volume(
+        &self,
+        spec: &VolumeSpec,
+    ) -> impl Future<Output = Result<HashMap<String, String>, RuntimeError>> + Send;
+    /// The names of the volumes carrying label `key=value`.
+    fn list_volumes(
+        &self,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
+    /// Writes image `image` as `docker save` does (a tar holding `manifest.json`) to `out`;
+    /// returns the bytes written.
+    fn save_image(
+        &self,
+        image: &str,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
+    /// Loads the images of a `docker save` tar (`docker load`).
+    fn load_image(&self, tar: ByteStream) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Tags image `image` as `repo:tag`.
+    fn tag_image(
+        &self,
+        image: &str,
+        repo: &str,
+        tag: &str,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Writes volume `volume`'s content as a tar (names relative to its root) to `out`,
+    /// read through a container made from `image` and never started; returns the bytes
+    /// written.
+    fn export_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        out: &mut (dyn AsyncWrite + Unpin + Send),
+    ) -> impl Future<Output = Result<u64, RuntimeError>> + Send;
+    /// Extracts `tar` into volume `volume`, through a container made from `image` and never
+    /// started. The engine extracts inside that container's root: no entry, whatever its
+    /// name or links, lands outside it.
+    fn import_volume(
+        &self,
+        volume: &str,
+        image: &str,
+        tar: ByteStream,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Volume `name`'s labels, if it exists.
+    fn volume_labels(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<HashMap<String, String>>, RuntimeError>> + Send;
+    /// Removes volume `name`; `Ok(false)`: there was none. One still in use is an error.
+    fn remove_volume(&self, name: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
     /// The id of image `image`, if present.
     fn image_id(
         &self,

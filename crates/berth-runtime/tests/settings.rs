@@ -49,6 +49,7 @@ fn spec(name: &str, guest: PathBuf, gpus: Option<GpuRequest>, shared: PathBuf) -
             read_only: true,
         }],
         gpus,
+        volumes: vec![],
     }
 }
 
@@ -143,4 +144,107 @@ async fn gpu_requests_limits_and_mounts_reach_the_container_and_read_back() {
         rt.data_root().await.unwrap(),
         PathBuf::from(docker(&["info", "-f", "{{.DockerRootDir}}"]).trim())
     );
+}
+
+/// Removes the volume when dropped, whatever the test did.
+struct RemoveVolume(String);
+
+impl Drop for RemoveVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["volume", "rm", "-f", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn a_home_volume_gets_the_images_content_and_its_size_is_measured() {
+    ensure_images();
+    let rt = DockerRuntime::connect("/var/run/docker.sock".into())
+        .await
+        .unwrap();
+    // Root's home, from the images' own /etc/passwd.
+    assert_eq!(
+        rt.root_home(BUSYBOX).await.unwrap().as_deref(),
+        Some("/root")
+    );
+    assert_eq!(
+        rt.root_home(berth_testkit::DEBIAN)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("/root")
+    );
+    assert!(matches!(
+        rt.root_home("berth-test/nonexistent:x").await,
+        Err(RuntimeError::ImageNotFound(_))
+    ));
+    let probes = docker(&["ps", "-aq", "--filter", "label=berth.probe"]);
+    assert!(probes.trim().is_empty(), "probe containers left: {probes}");
+
+    let tag = format!("berth-home-test-{}", std::process::id());
+    let _v = RemoveVolume(tag.clone());
+    let labels = HashMap::from([("berth.test".to_owned(), tag.clone())]);
+    let spec = berth_runtime::VolumeSpec {
+        name: tag.clone(),
+        labels: labels.clone(),
+        // Refused on most file systems (not xfs with pquota): made without it.
+        size_bytes: Some(64 << 20),
+    };
+    assert_eq!(rt.ensure_volume(&spec).await.unwrap(), labels);
+    assert_eq!(rt.ensure_volume(&spec).await.unwrap(), labels);
+    assert_eq!(rt.volume_labels(&tag).await.unwrap(), Some(labels));
+    // Made from debian, whose /root has .bashrc: an empty volume gets it at the first mount.
+    let guest = tempfile::tempdir().unwrap();
+    let mut s = spec_for_home(&tag, guest.path().to_owned());
+    s.volumes = vec![berth_runtime::VolumeMount {
+        name: tag.clone(),
+        target: "/root".into(),
+    }];
+    let _c = Remove(tag.clone());
+    rt.create(&s).await.unwrap();
+    assert_eq!(rt.applied(&tag).await.unwrap().unwrap().volumes, s.volumes);
+    let out = docker(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{tag}:/h"),
+        BUSYBOX,
+        "ls",
+        "-a",
+        "/h",
+    ]);
+    assert!(out.contains(".bashrc"), "{out}");
+    let usage = rt.disk_usage("berth.test", &tag).await.unwrap();
+    assert_eq!(usage.volumes.len(), 1, "{usage:?}");
+    assert!(usage.volumes[0].bytes > 0, "{usage:?}");
+    assert_eq!(usage.containers.len(), 1, "{usage:?}");
+    assert!(!usage.images.is_empty());
+    // In use: refused; then gone, and a second remove finds none.
+    assert!(rt.remove_volume(&tag).await.is_err());
+    rt.remove(&tag).await.unwrap();
+    assert!(rt.remove_volume(&tag).await.unwrap());
+    assert!(!rt.remove_volume(&tag).await.unwrap());
+    assert_eq!(rt.volume_labels(&tag).await.unwrap(), None);
+}
+
+fn spec_for_home(name: &str, guest: PathBuf) -> ContainerSpec {
+    ContainerSpec {
+        name: name.to_owned(),
+        image: berth_testkit::DEBIAN.to_owned(),
+        hostname: "t".into(),
+        labels: HashMap::from([("berth.test".to_owned(), name.to_owned())]),
+        guest_dir: guest,
+        limits: Limits {
+            memory_bytes: None,
+            nano_cpus: None,
+            pids: 100,
+            log_bytes: None,
+            disk_bytes: None,
+        },
+        network: "none".into(),
+        mounts: vec![],
+        gpus: None,
+        volumes: vec![],
+    }
 }

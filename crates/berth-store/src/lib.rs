@@ -225,6 +225,19 @@ impl Store {
         Ok(())
     }
 
+    /// The image the user's next new container is made from when she has no committed
+    /// image (`berth user set --image`).
+    pub fn set_image(&self, name: &UserName, image: &ImageName) -> Result<(), StoreError> {
+        let n = self.conn()?.execute(
+            "UPDATE users SET image = ?2 WHERE name = ?1",
+            params![name.as_str(), image.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::UserNotFound(name.clone()));
+        }
+        Ok(())
+    }
+
     /// What `berth user set` gave `name` apart from the server.
     pub fn settings(&self, name: &UserName) -> Result<UserSettings, StoreError> {
         let conn = self.conn()?;
@@ -345,6 +358,26 @@ impl Store {
                     fingerprint: r.get(0)?,
                     algorithm: r.get(1)?,
                     comment: r.get(2)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(keys)
+    }
+
+    /// `name`'s keys as they were added (`berth user export`).
+    pub fn authorized_keys(&self, name: &UserName) -> Result<Vec<AuthorizedKey>, StoreError> {
+        let conn = self.conn()?;
+        ensure_user(&conn, name)?;
+        let mut stmt = conn.prepare(
+            "SELECT fingerprint, algorithm, openssh, comment FROM keys WHERE user = ?1 ORDER BY rowid",
+        )?;
+        let keys = stmt
+            .query_map([name.as_str()], |r| {
+                Ok(AuthorizedKey {
+                    fingerprint: r.get(0)?,
+                    algorithm: r.get(1)?,
+                    openssh: r.get(2)?,
+                    comment: r.get(3)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -524,6 +557,13 @@ mod tests {
         assert_eq!(s.user(&user("alice")).unwrap().forwarding, f);
         s.set_daemon_mode(&user("alice"), true).unwrap();
         assert!(s.user(&user("alice")).unwrap().daemon_mode);
+        let debian = ImageName::parse("debian:12").unwrap();
+        s.set_image(&user("alice"), &debian).unwrap();
+        assert_eq!(s.user(&user("alice")).unwrap().image, debian);
+        assert!(matches!(
+            s.set_image(&user("zed"), &debian),
+            Err(StoreError::UserNotFound(_))
+        ));
         assert!(matches!(
             s.set_daemon_mode(&user("zed"), true),
             Err(StoreError::UserNotFound(_))

@@ -581,6 +581,18 @@ impl Drop for Daemon {
                 let _ = docker_output(&["network", "rm", &net]);
             }
         }
+        // Users' home volumes (kept by `user rm` without --purge-data).
+        for v in docker_lines(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("name={}", self.prefix),
+        ]) {
+            if v.starts_with(&self.prefix) {
+                let _ = docker_output(&["volume", "rm", "-f", &v]);
+            }
+        }
         let repo = format!("reference={}/*", self.prefix.trim_end_matches('-'));
         let images = docker_output(&["images", "-q", "--filter", &repo]);
         for id in String::from_utf8_lossy(&images.stdout).split_whitespace() {

@@ -170,7 +170,16 @@ fn user_list_table_show_and_rm() {
 
     let o = d.berth(&["user", "rm", "carol"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stderr(&o), "removed user carol and their container\n");
+    // Her home volume is kept (issue 16), and the line says how to get rid of it.
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "removed user carol and their container\n\
+             kept their home volume {p}home-carol (berth user add carol gives it back; \
+             docker volume rm {p}home-carol deletes it)\n",
+            p = d.prefix
+        )
+    );
     assert!(
         d.container_state("carol").is_none(),
         "container still there"
@@ -511,7 +520,7 @@ fn purge_asks_for_yes_and_refuses_while_the_daemon_runs() {
     assert_refused(
         &o,
         &format!(
-            "error: purge deletes this installation's containers, its users' committed images ({}/users:*) and Berth's files in {}; nothing was changed\nhint: confirm with --yes\n",
+            "error: purge deletes this installation's containers, its users' home volumes and committed images ({}/users:*) and Berth's files in {}; nothing was changed\nhint: confirm with --yes\n",
             d.prefix.trim_end_matches('-'),
             d.state_dir().display()
         ),

@@ -245,7 +245,7 @@ fn container_defaults_are_confined() {
     let mounts = f("{{range .Mounts}}{{.Source}}->{{.Destination}}:{{.RW}} {{end}}");
     assert!(!mounts.contains("docker.sock"), "{mounts}");
     // Exactly Berth's own read-only mounts: the guest dir, this user's socket dir, and the
-    // helper under the three names on PATH.
+    // helper under the three names on PATH; and her home volume, read-write (issue 16).
     let st = d.state_dir();
     let guest = st.join("guest");
     let mut got: Vec<&str> = mounts.split_whitespace().collect();
@@ -260,6 +260,11 @@ fn container_defaults_are_confined() {
             guest.join("berth-guest").display()
         ));
     }
+    let home = format!("{}home-alice", d.prefix);
+    want.push(format!(
+        "{}->/root:true",
+        docker(&["volume", "inspect", "-f", "{{.Mountpoint}}", &home])
+    ));
     want.sort_unstable();
     assert_eq!(got, want);
     // Inside: PID 1 is the guest init, no Docker socket, and the guest dir is read-only.

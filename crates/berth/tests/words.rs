@@ -134,8 +134,11 @@ fn user_rm_keep_image_keeps_it() {
     assert_eq!(
         err(&o),
         format!(
-            "removed user bob and their container; kept image {}\n",
-            d.commit_image("bob")
+            "removed user bob and their container; kept image {}\n\
+             kept their home volume {p}home-bob (berth user add bob gives it back; \
+             docker volume rm {p}home-bob deletes it)\n",
+            d.commit_image("bob"),
+            p = d.prefix
         )
     );
     assert!(

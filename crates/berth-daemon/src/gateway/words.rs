@@ -54,8 +54,10 @@ impl HostWord {
 pub const HELP: &str = "\
 commands run by berth itself (the whole command line is the word):
   commit    save your container as your own image; new containers are made from it
+            (your home, when it is a volume of its own, is not in the image: it stays as it is)
   stop      stop your container now (your open sessions end)
-  remove    remove your container (your image stays); the next login makes a fresh one
+  remove    remove your container (your image and your home volume stay); the next login
+            makes a fresh one
   port      the port this server's SSH listens on (also $SSH_PORT in every session)
   freeport  a TCP port free right now in your container, for ssh -R PORT:...
   status    your container's state, sessions, daemon mode and image

@@ -1,6 +1,6 @@
 //! `berth purge`: removes one installation's traces with the daemon stopped (install.sh
-//! `--uninstall --purge` runs it): the containers and networks labelled with its instance
-//! id, its host firewall chains, its users' committed images, then the entries Berth makes in the state directory, then that directory
+//! `--uninstall --purge` runs it): the containers, networks and users' home volumes
+//! labelled with its instance id, its host firewall chains, its users' committed images, then the entries Berth makes in the state directory, then that directory
 //! if nothing else is left in it. Other containers and images, the default image among them,
 //! and any file Berth did not make are left alone.
 //!
@@ -43,7 +43,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
     if !args.yes {
         return Err(Failure {
             message: format!(
-                "purge deletes this installation's containers, its users' committed images ({}:*) and Berth's files in {}; nothing was changed",
+                "purge deletes this installation's containers, its users' home volumes and committed images ({}:*) and Berth's files in {}; nothing was changed",
                 config.commit_repository,
                 state.display()
             ),
@@ -71,6 +71,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
                 code: 1,
             })?;
         remove_containers(&engine, &state).await?;
+        remove_volumes(&engine, &state).await?;
         remove_networks(&engine, &state, &config.network).await?;
         remove_firewall(&config).await;
         remove_images(&engine, &config.commit_repository).await
@@ -126,6 +127,28 @@ async fn remove_containers(engine: &DockerRuntime, state: &Path) -> Result<(), F
         }
     }
     println!("containers: removed {n} of this installation ({LABEL_INSTANCE}={instance})");
+    Ok(())
+}
+
+/// The users' home volumes of this installation (after its containers, which use them).
+async fn remove_volumes(engine: &DockerRuntime, state: &Path) -> Result<(), Failure> {
+    let instance = std::fs::read_to_string(state.join("instance")).unwrap_or_default();
+    let instance = instance.trim();
+    if instance.is_empty() {
+        return Ok(());
+    }
+    let found = engine
+        .list_volumes(LABEL_INSTANCE, instance)
+        .await
+        .map_err(|e| Failure::new(format!("cannot list volumes: {e}")))?;
+    let mut n = 0;
+    for name in found {
+        match engine.remove_volume(&name).await {
+            Ok(_) => n += 1,
+            Err(e) => eprintln!("warning: cannot remove volume {name}: {e}"),
+        }
+    }
+    println!("home volumes: removed {n} of this installation");
     Ok(())
 }
 

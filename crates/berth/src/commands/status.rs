@@ -60,6 +60,14 @@ pub fn status(args: StatusArgs, state_dir: Option<PathBuf>) -> Result<(), Failur
         "load:       {} tasks, {} descriptors",
         st.tasks, st.descriptors
     );
+    if let Some(b) = st.disk_bytes {
+        println!(
+            "disk use:   {} (containers, home volumes and committed images; measured at most \
+             every {} s)",
+            berth_daemon::disk::human_bytes(b),
+            berth_daemon::disk::FRESH.as_secs()
+        );
+    }
     if let Some(q) = &st.disk_quota {
         println!("disk quota: {q}");
     }

@@ -24,16 +24,31 @@ pub enum UserCommand {
         #[arg(long = "key", value_name = "FILE", required = true)]
         keys: Vec<PathBuf>,
     },
-    /// Remove a user: stops and removes the container, then the user and her committed image
+    /// Remove a user: stops and removes the container, then the user and her committed image;
+    /// her home volume is kept (a user added again under the same name gets it back) unless
+    /// --purge-data
     Rm {
         name: String,
         /// Keep the image her `commit` made
         #[arg(long)]
         keep_image: bool,
+        /// Remove her home volume too (her files in it are gone for good)
+        #[arg(long)]
+        purge_data: bool,
     },
     /// End every SSH connection of a user now (her sessions, forwards and agent sockets);
     /// her keys stay, so she can log in again
     Kick { name: String },
+    /// Write one archive (a tar) with everything of a user: settings, keys, her committed
+    /// image and her home volume's files; `berth user import` on another host recreates her
+    Export {
+        name: String,
+        /// The archive to write (must not exist)
+        file: PathBuf,
+    },
+    /// Recreate a user from an archive `berth user export` wrote (her base image must be
+    /// present on this host)
+    Import { file: PathBuf },
     /// List users
     List {
         /// Print JSON instead of a table
@@ -49,11 +64,21 @@ pub enum UserCommand {
     /// Manage a user's keys
     #[command(subcommand)]
     Key(KeyCommand),
-    /// Set what a user gets apart from the server's config: forwarding switches, limits, GPUs
-    /// and shared folders (`default` returns a value to the server's). Memory and CPUs apply
-    /// to her running container at once; pids, GPUs and folders from her next new container
+    /// Set what a user gets apart from the server's config: forwarding switches, limits, GPUs,
+    /// shared folders and her image (`default` returns a value to the server's). Memory and
+    /// CPUs apply to her running container at once; pids, GPUs, folders and the image from her
+    /// next new container
     Set {
         name: String,
+        /// Her base image, for her next new container (must be present locally). Her
+        /// committed image, if any, is kept and still used until --drop-commit; her home
+        /// volume comes along either way
+        #[arg(long, value_name = "IMAGE")]
+        image: Option<String>,
+        /// Forget her committed image (removed unless still in use): her next new container
+        /// is made from her base image
+        #[arg(long)]
+        drop_commit: bool,
         /// Memory, swap included: e.g. 8G or 512M, none, or default
         #[arg(long, value_name = "SIZE|none|default")]
         memory: Option<String>,
@@ -135,12 +160,13 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             );
             Ok(())
         }
-        UserCommand::Rm { name, keep_image } => {
+        UserCommand::Rm {
+            name,
+            keep_image,
+            purge_data,
+        } => {
             let name = user_name(&name)?;
-            let path = format!(
-                "/users/{name}{}",
-                if keep_image { "?keep_image=true" } else { "" }
-            );
+            let path = format!("/users/{name}?keep_image={keep_image}&purge_data={purge_data}");
             let info: UserInfo = block_on(async { Ok(c.delete(&path).await?) })?;
             match (&info.committed_image, keep_image) {
                 (Some(img), true) => {
@@ -151,8 +177,19 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 }
                 (None, _) => eprintln!("removed user {name} and their container"),
             }
+            match &info.home {
+                Some(h) if h.removed => eprintln!("removed their home volume {}", h.volume),
+                Some(h) => eprintln!(
+                    "kept their home volume {} (berth user add {name} gives it back; \
+                     docker volume rm {} deletes it)",
+                    h.volume, h.volume
+                ),
+                None => {}
+            }
             Ok(())
         }
+        UserCommand::Export { name, file } => export(&c, &user_name(&name)?, &file),
+        UserCommand::Import { file } => import(&c, &file),
         UserCommand::Kick { name } => {
             let name = user_name(&name)?;
             let info: berth_proto::KickedInfo =
@@ -181,7 +218,11 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 println!("name:       {}", user.name);
                 println!("image:      {}", user.image);
                 if let Some(img) = &user.committed_image {
-                    println!("committed:  {img} (her next new container is made from it)");
+                    println!(
+                        "committed:  {img} (her next new container is made from it; \
+                         berth user set {} --drop-commit forgets it)",
+                        user.name
+                    );
                 }
                 println!(
                     "container:  {} ({})",
@@ -189,7 +230,20 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                     user.container.as_str()
                 );
                 println!("sessions:   {}", user.sessions);
-                println!("disk:       {}", disk(user.disk_bytes));
+                println!("disk:       {}", disk_parts(&user));
+                match &user.home {
+                    Some(h) => println!(
+                        "home:       volume {}{}, {} (kept across remove, a new image and \
+                         user rm; not in commits)",
+                        h.volume,
+                        h.target
+                            .as_deref()
+                            .map(|t| format!(" at {t}"))
+                            .unwrap_or_default(),
+                        disk(h.bytes)
+                    ),
+                    None => println!("home:       in the container (no home volume)"),
+                }
                 println!(
                     "daemon:     {}",
                     if user.daemon_mode { "on" } else { "off" }
@@ -218,6 +272,8 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
             gpus,
             mount,
             unmount,
+            image,
+            drop_commit,
         } => {
             let name = user_name(&name)?;
             let settings = SetSettingsRequest {
@@ -227,14 +283,16 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 gpus,
                 mount,
                 unmount,
+                image,
+                drop_commit,
             };
             let switches =
                 tcp_forwarding.is_some() || agent_forwarding.is_some() || x11_forwarding.is_some();
             if !switches && settings.is_empty() {
                 let mut f = Failure::new("nothing to set");
                 f.hint = Some(
-                    "give --memory, --cpus, --pids, --gpus, --mount, --unmount, \
-                     --tcp-forwarding, --agent-forwarding or --x11-forwarding"
+                    "give --memory, --cpus, --pids, --gpus, --mount, --unmount, --image, \
+                     --drop-commit, --tcp-forwarding, --agent-forwarding or --x11-forwarding"
                         .into(),
                 );
                 f.code = 2;
@@ -320,6 +378,26 @@ fn print_settings(user: &UserInfo) {
 /// What `user set` changed, one line each, on stderr.
 fn print_changed(u: &UserInfo, req: &SetSettingsRequest) {
     let name = &u.name;
+    if req.image.is_some() {
+        eprintln!("{name}: image {} for her next new container", u.image);
+    }
+    match (&u.committed_image, req.drop_commit) {
+        (None, true) => eprintln!(
+            "{name}: committed image forgotten; her next new container is made from {}",
+            u.image
+        ),
+        (Some(c), _) if req.image.is_some() => eprintln!(
+            "{name}: her committed image {c} is kept and still used (--drop-commit forgets it)"
+        ),
+        _ => {}
+    }
+    if (req.image.is_some() || req.drop_commit)
+        && u.container != berth_proto::ContainerState::Absent
+    {
+        eprintln!(
+            "{name}: her container was made from the old image: it is used until it is re-created"
+        );
+    }
     let live = |e: &Effective<u64>| {
         if e.pending || u.container == berth_proto::ContainerState::Absent {
             String::new()
@@ -429,6 +507,130 @@ fn run_key(cmd: KeyCommand, c: &berth_proto::AdminClient) -> Result<(), Failure>
     }
 }
 
+fn bytes_bar(len: u64, msg: String) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_message(msg);
+    bar
+}
+
+/// What an archive holds, by entry: `settings and keys 1.2 KiB, image 10.0 MiB, home 2.0 MiB`.
+fn archive_parts(file: &Path) -> String {
+    let h = berth_daemon::disk::human_bytes;
+    let Ok(f) = std::fs::File::open(file) else {
+        return String::new();
+    };
+    let mut a = tar::Archive::new(f);
+    let Ok(entries) = a.entries() else {
+        return String::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let size = e.header().size().ok()?;
+            let name = e.path().ok()?.to_string_lossy().into_owned();
+            let what = match name.as_str() {
+                berth_daemon::moving::MANIFEST => "settings and keys",
+                berth_daemon::moving::IMAGE => "committed image",
+                berth_daemon::moving::HOME => "home",
+                _ => return None,
+            };
+            Some(format!("{what} {}", h(size)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn export(c: &berth_proto::AdminClient, name: &UserName, file: &Path) -> Result<(), Failure> {
+    let out = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(file)
+        .map_err(|e| {
+            Failure::new(format!(
+                "cannot write {}: {}",
+                file.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    "it exists already".to_owned()
+                } else {
+                    io_reason(&e)
+                }
+            ))
+        })?;
+    eprintln!("exporting {name}: saving her image and home on the server first...");
+    let bar = bytes_bar(0, format!("exporting {name}"));
+    let r = block_on(async {
+        let mut f =
+            tokio::fs::File::from_std(out.try_clone().map_err(|e| Failure::new(e.to_string()))?);
+        Ok(
+            c.download(&format!("/users/{name}/export"), &mut f, |n, len| {
+                if let Some(l) = len {
+                    bar.set_length(l);
+                }
+                bar.set_position(n);
+            })
+            .await?,
+        )
+    });
+    bar.finish_and_clear();
+    let n = match r.and_then(|n| {
+        out.sync_all()
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", file.display())))?;
+        Ok(n)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            drop(out);
+            let _ = std::fs::remove_file(file);
+            return Err(e);
+        }
+    };
+    eprintln!(
+        "exported {name} to {} ({}: {})",
+        file.display(),
+        berth_daemon::disk::human_bytes(n),
+        archive_parts(file)
+    );
+    Ok(())
+}
+
+fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
+    let f = std::fs::File::open(file)
+        .map_err(|e| Failure::new(format!("cannot read {}: {}", file.display(), io_reason(&e))))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let parts = archive_parts(file);
+    let bar = bytes_bar(len, format!("importing {}", file.display()));
+    let info: Result<UserInfo, Failure> = block_on(async {
+        let reader = bar.wrap_async_read(tokio::fs::File::from_std(f));
+        let stream = tokio_util::io::ReaderStream::new(reader);
+        Ok(c.post_stream("/users/import", stream).await?)
+    });
+    bar.finish_and_clear();
+    let u = info?;
+    eprintln!(
+        "imported user {} from {} ({}: {}); image {}{}{}",
+        u.name,
+        file.display(),
+        berth_daemon::disk::human_bytes(len),
+        parts,
+        u.image,
+        u.committed_image
+            .as_ref()
+            .map(|c| format!(", committed image {c}"))
+            .unwrap_or_default(),
+        u.home
+            .as_ref()
+            .map(|h| format!(", home volume {}", h.volume))
+            .unwrap_or_default(),
+    );
+    Ok(())
+}
+
 fn user_name(s: &str) -> Result<UserName, Failure> {
     UserName::parse(s).map_err(|e| Failure::new(e.to_string()))
 }
@@ -500,7 +702,23 @@ fn print_users(users: &[UserInfo]) {
     println!("{}", t.trim_fmt());
 }
 
-/// A container's disk use as the tables show it: `-` before it is measured.
+/// A disk use as the tables show it: `-` before it is measured.
 fn disk(bytes: Option<u64>) -> String {
     bytes.map_or_else(|| "-".to_owned(), berth_daemon::disk::human_bytes)
+}
+
+/// Her disk use and its parts: `12.0 MiB (container 1.0 MiB, home 10.0 MiB, saved image
+/// 1.0 MiB)`.
+fn disk_parts(u: &UserInfo) -> String {
+    let h = berth_daemon::disk::human_bytes;
+    match u.disk {
+        Some(d) => format!(
+            "{} (container {}, home {}, saved image {})",
+            disk(u.disk_bytes),
+            h(d.container),
+            h(d.home),
+            h(d.image)
+        ),
+        None => disk(u.disk_bytes),
+    }
 }
