@@ -23,7 +23,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_connect::client::{CallError, Client};
 use berth_connect::proto::{self, Answer, Attr, Op, SetTime, Time};
@@ -37,6 +37,7 @@ use fuser::{
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedRwLockReadGuard, OwnedSemaphorePermit, RwLock, Semaphore};
 
+use super::dircache::{self, DirCache};
 use super::inodes::Inodes;
 
 /// How long the kernel may trust names and attributes (and, through them, the file contents
@@ -76,10 +77,24 @@ struct Shared {
     flying: Mutex<Vec<(u64, Range<u64>)>>,
     /// The first failure of a write behind, by handle, until a flush or fsync reports it.
     failures: Mutex<HashMap<u64, Errno>>,
+    /// Whole listings kept for the window ([`super::dircache`]).
+    dirs: Mutex<DirCache>,
     /// What the laptop listed beyond what the kernel took, by directory handle: the
     /// kernel asks a page of entries at a time, the laptop answers up to
     /// [`proto::READDIR_BYTES`].
     listings: Mutex<Listings>,
+}
+
+/// Drops the kept listings of `dirs` when dropped (a write's, once the laptop answered).
+struct Changed {
+    shared: Arc<Shared>,
+    dirs: Vec<u64>,
+}
+
+impl Drop for Changed {
+    fn drop(&mut self) {
+        self.shared.changed(&self.dirs);
+    }
 }
 
 /// A write behind in flight: see [`Shared::behind`].
@@ -118,6 +133,10 @@ struct Kept {
 /// The bytes of listings kept at once on one mount; past it, a listing is asked again.
 const MAX_KEPT_BYTES: usize = 4 << 20;
 
+/// Whole listings kept for the window on one mount, and handles open on them.
+const MAX_DIR_BYTES: usize = 16 << 20;
+const MAX_LOCAL_DIRS: usize = 4096;
+
 impl Shared {
     /// The entries from `offset` (past the dots), with the listing's offsets: kept from the
     /// last answer, or asked.
@@ -136,10 +155,23 @@ impl Shared {
                 for e in &mut entries {
                     e.offset = e.offset.checked_add(DOTS).ok_or(Errno::EIO)?;
                 }
+                lock(&self.dirs).fetched(fh, offset.max(DOTS), &entries, Instant::now());
                 Ok(entries)
             }
             _ => Err(Errno::EIO),
         }
+    }
+
+    /// The entries from `offset` on handle `fh`: from a kept listing (a local handle) or
+    /// the laptop; true for the laptop's.
+    async fn entries(&self, fh: u64, offset: u64) -> Result<(Vec<proto::DirEntry>, bool), Errno> {
+        if fh & dircache::LOCAL == 0 {
+            return Ok((self.listing(fh, offset).await?, true));
+        }
+        let all = lock(&self.dirs).local(fh).ok_or(Errno::EBADF)?;
+        let from = offset.max(DOTS);
+        let start = all.partition_point(|e| e.offset <= from);
+        Ok((all.get(start..).unwrap_or_default().to_vec(), false))
     }
 
     /// Keeps what the kernel did not take, to be asked from `from`, within the mount's bound.
@@ -171,6 +203,20 @@ impl Shared {
 
     fn forget_listing(&self, fh: u64) {
         let _ = self.take_listing(fh);
+        lock(&self.dirs).close(fh);
+    }
+
+    /// Directories whose kept listings a change makes stale.
+    fn changed(&self, dirs: &[u64]) {
+        let mut kept = lock(&self.dirs);
+        for d in dirs {
+            kept.changed(*d);
+        }
+    }
+
+    /// The directory `ino` is in, whose listing carries its attributes.
+    fn parent_of(&self, ino: u64) -> Vec<u64> {
+        self.inodes().parent(ino).into_iter().collect()
     }
 }
 
@@ -348,6 +394,7 @@ impl ConnectFs {
                 order: Arc::default(),
                 flying: Mutex::default(),
                 failures: Mutex::default(),
+                dirs: Mutex::new(DirCache::new(TTL, MAX_DIR_BYTES, MAX_LOCAL_DIRS)),
             }),
             rt,
         }
@@ -399,11 +446,28 @@ impl ConnectFs {
             .map_err(Errno::from_i32)
     }
 
+    /// Like [`Self::answer`], for a request that changes `dirs` (or files in them): their
+    /// kept listings go now, and again once it is answered (a listing read meanwhile may
+    /// have missed the change).
+    fn answer_touching<F, Fut>(&self, dirs: Vec<u64>, answer: F)
+    where
+        F: FnOnce(Arc<Shared>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.shared.changed(&dirs);
+        self.answer(move |s| async move {
+            let shared = s.clone();
+            answer(s).await;
+            shared.changed(&dirs);
+        });
+    }
+
     /// A request whose answer is a new entry `name` in `parent`.
     fn new_entry(&self, parent: INodeNo, name: &OsStr, op: Op, reply: ReplyEntry) {
         let name = name.as_bytes().to_vec();
         let lookup = matches!(op, Op::Lookup { .. });
-        self.answer(move |s| async move {
+        let touched = if lookup { Vec::new() } else { vec![parent.0] };
+        self.answer_touching(touched, move |s| async move {
             let attr = match s.call(op).await {
                 Ok(Answer::Attr(a)) => a,
                 Ok(_) => return reply.error(Errno::EIO),
@@ -421,9 +485,15 @@ impl ConnectFs {
         });
     }
 
-    /// A request answered with nothing but success.
-    fn done(&self, op: Op, reply: ReplyEmpty, then: impl FnOnce(&Shared) + Send + 'static) {
-        self.answer(move |s| async move {
+    /// A request changing `dirs`, answered with nothing but success.
+    fn done(
+        &self,
+        dirs: Vec<u64>,
+        op: Op,
+        reply: ReplyEmpty,
+        then: impl FnOnce(&Shared) + Send + 'static,
+    ) {
+        self.answer_touching(dirs, move |s| async move {
             match s.call(op).await {
                 Ok(Answer::Done) => {
                     then(&s);
@@ -537,7 +607,11 @@ impl Filesystem for ConnectFs {
                 mtime,
             }
         };
-        self.answer(move |s| async move {
+        let touched = match op {
+            Op::Setattr { .. } => self.shared.parent_of(ino.0),
+            _ => Vec::new(),
+        };
+        self.answer_touching(touched, move |s| async move {
             match s.attr(ino.0, op).await {
                 Ok(a) => reply.attr(&TTL, &a),
                 Err(e) => reply.error(e),
@@ -572,7 +646,7 @@ impl Filesystem for ConnectFs {
         }
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
-        self.answer(move |s| async move {
+        self.answer_touching(vec![parent.0], move |s| async move {
             let op = Op::Create {
                 path,
                 flags: libc::O_WRONLY | libc::O_EXCL,
@@ -611,7 +685,7 @@ impl Filesystem for ConnectFs {
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
-        self.done(Op::Unlink { path }, reply, move |s| {
+        self.done(vec![parent.0], Op::Unlink { path }, reply, move |s| {
             s.inodes().unlinked(parent.0, &name)
         });
     }
@@ -619,7 +693,7 @@ impl Filesystem for ConnectFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
-        self.done(Op::Rmdir { path }, reply, move |s| {
+        self.done(vec![parent.0], Op::Rmdir { path }, reply, move |s| {
             s.inodes().unlinked(parent.0, &name)
         });
     }
@@ -659,7 +733,7 @@ impl Filesystem for ConnectFs {
             to,
             flags: flags.bits(),
         };
-        self.done(op, reply, move |s| {
+        self.done(vec![parent.0, newparent.0], op, reply, move |s| {
             s.inodes()
                 .renamed(parent.0, &name, newparent.0, &newname, exchange)
         });
@@ -714,7 +788,7 @@ impl Filesystem for ConnectFs {
             flags: flags & !libc::O_CREAT,
             mode: mode & 0o7777,
         };
-        self.answer(move |s| async move {
+        self.answer_touching(vec![parent.0], move |s| async move {
             let (fh, attr) = match s.call(op).await {
                 Ok(Answer::Created { fh, attr }) => (fh, attr),
                 Ok(_) => return reply.error(Errno::EIO),
@@ -808,7 +882,14 @@ impl Filesystem for ConnectFs {
         // Appends are placed by the laptop, and O_SYNC/O_DSYNC writes are to be on its
         // disk when they return: those wait for the laptop's answer.
         let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
+        // The file's size and times change: its directory's kept listing goes.
+        let touched = self.shared.parent_of(ino.0);
+        self.shared.changed(&touched);
         self.answer_in(place, move |s| async move {
+            let _after = Changed {
+                shared: s.clone(),
+                dirs: touched,
+            };
             if !behind {
                 return match s.call(op).await {
                     Ok(Answer::Written(n)) if n as usize <= len => reply.written(n),
@@ -891,14 +972,21 @@ impl Filesystem for ConnectFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // A listing kept from less than the window ago: no round trip.
+        if let Some(fh) = lock(&self.shared.dirs).open(ino.0, Instant::now()) {
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
+        }
         let path = resolve!(reply, self.path(ino));
         self.answer(move |s| async move {
             match s.call(Op::Opendir { path }).await {
                 // Listings are not cached by the kernel (FOPEN_CACHE_DIR): each one, with
                 // attributes, refreshes the entries' (20 s) for the stats that follow, as
                 // `git status` does; served from a cache, every stat after the 20 s was a
-                // round trip (docs/benchmarks.md).
-                Ok(Answer::Handle(fh)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                // round trip (docs/benchmarks.md). The daemon keeps them instead.
+                Ok(Answer::Handle(fh)) if fh & dircache::LOCAL == 0 => {
+                    lock(&s.dirs).start(fh, ino.0);
+                    reply.opened(FileHandle(fh), FopenFlags::empty())
+                }
                 Ok(_) => reply.error(Errno::EIO),
                 Err(e) => reply.error(e),
             }
@@ -928,7 +1016,7 @@ impl Filesystem for ConnectFs {
                     return reply.ok();
                 }
             }
-            let entries = match s.listing(fh.0, offset).await {
+            let (entries, laptop) = match s.entries(fh.0, offset).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(e),
             };
@@ -943,7 +1031,9 @@ impl Filesystem for ConnectFs {
                 // The number the kernel knows, if it knows one; any other is only shown.
                 let shown = s.inodes().find(ino.0, &e.name).unwrap_or(u64::MAX);
                 if reply.add(INodeNo(shown), e.offset, kind, OsStr::from_bytes(&e.name)) {
-                    s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                    if laptop {
+                        s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                    }
                     break;
                 }
                 next = e.offset;
@@ -980,7 +1070,7 @@ impl Filesystem for ConnectFs {
                     return reply.ok();
                 }
             }
-            let entries = match s.listing(fh.0, offset).await {
+            let (entries, laptop) = match s.entries(fh.0, offset).await {
                 Ok(e) => e,
                 Err(e) => return reply.error(e),
             };
@@ -997,7 +1087,9 @@ impl Filesystem for ConnectFs {
                     // The inode table is full: what is listed so far goes out, and a call
                     // with nothing to give fails rather than end the listing early.
                     Err(err) => {
-                        s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                        if laptop {
+                            s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                        }
                         if sent || offset < DOTS {
                             return reply.ok();
                         }
@@ -1008,7 +1100,9 @@ impl Filesystem for ConnectFs {
                 if reply.add(a.ino, e.offset, name, &TTL, &a, Generation(0)) {
                     // Not sent: the kernel takes no lookup on it.
                     s.inodes().forget(a.ino.0, 1);
-                    s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                    if laptop {
+                        s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
+                    }
                     break;
                 }
                 sent = true;
@@ -1028,6 +1122,9 @@ impl Filesystem for ConnectFs {
     ) {
         reply.ok();
         self.shared.forget_listing(fh.0);
+        if fh.0 & dircache::LOCAL != 0 {
+            return;
+        }
         self.answer(move |s| async move {
             let _ = s.call(Op::Release { fh: fh.0 }).await;
         });
@@ -1110,7 +1207,7 @@ fn valid_name(name: &[u8]) -> bool {
 
 /// A listing's offsets: `.` is 0 → 1, `..` 1 → 2, and the laptop's entry n (it leaves out
 /// the dots) n + 2.
-const DOTS: u64 = 2;
+pub(super) const DOTS: u64 = 2;
 
 /// The dot entries a listing from `offset` starts with, and the offset after each.
 fn dots(offset: u64) -> impl Iterator<Item = (&'static [u8], u64)> {
@@ -1683,12 +1780,13 @@ mod tests {
     }
 
     #[test]
-    fn absent_names_are_cached_until_made_through_the_mount() {
+    fn absent_names_and_whole_listings_are_kept_until_changed_through_the_mount() {
         let asked: Arc<Mutex<Vec<&'static str>>> = Arc::default();
         let seen = asked.clone();
         let tamper: Tamper = Box::new(move |op, result| {
             let what = match op {
                 Op::Lookup { .. } => "lookup",
+                Op::Opendir { .. } | Op::Readdir { .. } => "listing",
                 _ => "other",
             };
             seen.lock().unwrap().push(what);
@@ -1714,6 +1812,14 @@ mod tests {
         assert_eq!(count("lookup"), lookups, "asked again for an absent name");
         let list = || m.sh("ls d").lines().map(str::to_owned).collect::<Vec<_>>();
         assert_eq!(list(), ["a"]);
+        // A whole listing is kept: listed again, nothing is asked.
+        let listings = count("listing");
+        assert_eq!(list(), ["a"]);
+        assert_eq!(count("listing"), listings, "listed again");
+        // A write to a file in it drops it (the listing carries the file's size).
+        std::fs::write(m.dir().join("d/a"), "0123456789").unwrap();
+        assert_eq!(m.sh("ls -l d | grep -c ' 10 '").trim(), "1");
+        assert!(count("listing") > listings, "a listing kept over a write");
         // What is made through the mount shows at once, in lookups and listings.
         std::fs::write(m.dir().join("d/missing"), "here").unwrap();
         assert_eq!(std::fs::read(m.dir().join("d/missing")).unwrap(), b"here");

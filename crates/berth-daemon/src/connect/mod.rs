@@ -3,8 +3,10 @@
 //! ([`berth_connect::proto`]) to the laptop.
 //!
 //! [`fs`] is the FUSE file system (the kernel's requests turned into calls of a
-//! [`berth_connect::client::Client`]); [`inodes`] is its table of inode numbers and paths.
+//! [`berth_connect::client::Client`]); [`inodes`] is its table of inode numbers and paths,
+//! [`dircache`] the listings it keeps.
 
+mod dircache;
 pub mod fs;
 mod inodes;
 #[cfg(test)]
