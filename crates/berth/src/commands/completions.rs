@@ -122,7 +122,7 @@ fn ask_daemon(names: Names) -> Vec<CompletionCandidate> {
     let ask = async {
         let found: Vec<CompletionCandidate> = match names {
             Names::Users => client
-                .get::<Vec<UserInfo>>("/users")
+                .get::<Vec<UserInfo>>("/users?measured=false")
                 .await
                 .ok()?
                 .into_iter()
