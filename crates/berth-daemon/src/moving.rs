@@ -168,7 +168,8 @@ pub async fn export<R: Runtime>(
 #[derive(Debug)]
 pub struct Unpacked {
     pub manifest: Manifest,
-    pub image: Option<PathBuf>,
+    /// The saved image, rewritten to load untagged ([`untagged_image`]), and its ID.
+    pub image: Option<(PathBuf, String)>,
     pub home: Option<PathBuf>,
 }
 
@@ -231,11 +232,30 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, MoveError> {
             manifest.version
         )));
     }
-    match (&manifest.committed_image, &image) {
-        (Some(tag), Some(path)) => check_saved_image(path, tag)?,
-        (None, None) => {}
+    let image = match (&manifest.committed_image, image) {
+        (Some(tag), Some(path)) => {
+            // Her commit on the old host is `REPOSITORY:NAME`, hers alone.
+            let own = ImageName::parse(tag).ok().is_some_and(|i| {
+                let full = i.full();
+                !full.contains('@')
+                    && full.rsplit_once(':').is_some_and(|(r, t)| {
+                        t == manifest.name && !r.is_empty() && !t.contains('/')
+                    })
+            });
+            if !own {
+                return Err(bad(format!(
+                    "the committed image {tag:?} is not {}'s own commit",
+                    manifest.name
+                )));
+            }
+            let clean = dir.join("image-untagged.tar");
+            let id = untagged_image(&path, &clean)?;
+            std::fs::remove_file(&path)?;
+            Some((clean, id))
+        }
+        (None, None) => None,
         _ => return Err(bad(format!("{IMAGE} and the committed image disagree"))),
-    }
+    };
     if manifest.home != home.is_some() {
         return Err(bad(format!("{HOME} and the manifest disagree")));
     }
@@ -246,45 +266,213 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, MoveError> {
     })
 }
 
-/// A `docker save` tar must hold exactly one image, tagged `tag` and nothing else: loading
-/// it can then only add that tag.
-fn check_saved_image(path: &Path, tag: &str) -> Result<(), MoveError> {
+/// `path` with `.` components dropped, or `None` when it is empty, absolute or climbs
+/// (`..`): the name the engine would take it as.
+fn normalise(path: &Path) -> Option<String> {
+    use std::path::Component;
+    let mut parts = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(p) => parts.push(p.to_str()?.to_owned()),
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+/// Link target `target` of an entry in directory `dir`, resolved (`..` climbs within the
+/// tar only), or `None` when it leaves the tar.
+fn resolve(dir: &Path, target: &Path) -> Option<String> {
+    use std::path::Component;
+    let mut parts: Vec<String> = Vec::new();
+    for c in dir.components().chain(target.components()) {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(p) => parts.push(p.to_str()?.to_owned()),
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    (!parts.is_empty()).then(|| parts.join("/"))
+}
+
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// What a name in a `docker save` tar may be: its own files, and the blobs of the legacy
+/// (`HEX/layer.tar`, `HEX.json`) and the OCI layout (`blobs/sha256/HEX`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SavedName {
+    Dir,
+    File,
+    /// Dropped: the tags of the legacy format.
+    Repositories,
+    Manifest,
+    Index,
+}
+
+fn saved_name(name: &str) -> Option<SavedName> {
+    let parts: Vec<&str> = name.split('/').collect();
+    Some(match parts.as_slice() {
+        ["manifest.json"] => SavedName::Manifest,
+        ["index.json"] => SavedName::Index,
+        ["repositories"] => SavedName::Repositories,
+        ["oci-layout"] => SavedName::File,
+        [f] if f.strip_suffix(".json").is_some_and(is_hex64) => SavedName::File,
+        [d] if is_hex64(d) => SavedName::Dir,
+        [d, "VERSION" | "json" | "layer.tar"] if is_hex64(d) => SavedName::File,
+        ["blobs"] | ["blobs", "sha256"] => SavedName::Dir,
+        ["blobs", "sha256", b] if is_hex64(b) => SavedName::File,
+        _ => return None,
+    })
+}
+
+/// Reads a small JSON file of the saved image.
+fn small_json(entry: &mut impl Read, name: &str) -> Result<serde_json::Value, MoveError> {
+    let bad = |s: String| MoveError::Bad(format!("{IMAGE}: {name}: {s}"));
+    let mut text = String::new();
+    entry
+        .take(IMAGE_MANIFEST_MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if u64::try_from(text.len()).unwrap_or(u64::MAX) > IMAGE_MANIFEST_MAX {
+        return Err(bad(format!("over {IMAGE_MANIFEST_MAX} bytes")));
+    }
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
+/// The saved image `saved`, written again to `out` so that loading it tags nothing:
+/// every name normalised and known, each once; `repositories` left out; `manifest.json`
+/// holding exactly one image, rewritten with its config and layers only (no `RepoTags`);
+/// the name annotations of `index.json` dropped. Returns the image's ID (its config's
+/// digest), by which Berth tags it itself.
+pub fn untagged_image(saved: &Path, out: &Path) -> Result<String, MoveError> {
     let bad = |s: String| MoveError::Bad(format!("{IMAGE}: {s}"));
-    let mut a = tar::Archive::new(std::fs::File::open(path)?);
-    let mut found = None;
+    let mut a = tar::Archive::new(std::fs::File::open(saved)?);
+    let mut b = tar::Builder::new(std::fs::File::create(out)?);
+    let mut seen = std::collections::HashSet::new();
+    let mut files = std::collections::HashSet::new();
+    let mut config = None;
+    let mut layers = Vec::new();
     for entry in a.entries().map_err(|e| bad(e.to_string()))? {
         let mut entry = entry.map_err(|e| bad(e.to_string()))?;
-        let name = entry.path().map_err(|e| bad(e.to_string()))?;
-        // The engine loads by `manifest.json` when there is one (its legacy `repositories`
-        // file is then not read), so that is the one to check.
-        if name != Path::new("manifest.json") {
-            continue;
+        let raw = entry.path().map_err(|e| bad(e.to_string()))?.into_owned();
+        let name = normalise(&raw).ok_or_else(|| bad(format!("entry {raw:?}")))?;
+        let kind = saved_name(&name).ok_or_else(|| bad(format!("unexpected entry {raw:?}")))?;
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!("{name:?} twice")));
         }
-        let mut text = String::new();
-        entry
-            .by_ref()
-            .take(IMAGE_MANIFEST_MAX)
-            .read_to_string(&mut text)
-            .map_err(|e| bad(e.to_string()))?;
-        if found.is_some() {
-            return Err(bad("manifest.json twice".into()));
+        let t = entry.header().entry_type();
+        let mut h = tar::Header::new_gnu();
+        h.set_mtime(0);
+        match kind {
+            SavedName::Dir => {
+                if !t.is_dir() {
+                    return Err(bad(format!("{name:?} is not a directory")));
+                }
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                h.set_cksum();
+                b.append_data(&mut h, format!("{name}/"), std::io::empty())?;
+            }
+            _ if t.is_symlink() && name.ends_with("/layer.tar") => {
+                // The legacy format links a layer saved once already.
+                let target = entry
+                    .link_name()
+                    .map_err(|e| bad(e.to_string()))?
+                    .ok_or_else(|| bad(format!("{name:?}: a link to nothing")))?;
+                let dir = Path::new(&name).parent().unwrap_or(Path::new(""));
+                let to = resolve(dir, &target)
+                    .filter(|t| t.ends_with("/layer.tar") && saved_name(t).is_some())
+                    .ok_or_else(|| bad(format!("{name:?} links to {target:?}")))?;
+                let rel = format!("../{to}");
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, &name, &rel)?;
+                files.insert(name);
+            }
+            _ if !t.is_file() => return Err(bad(format!("{name:?} is not a regular file"))),
+            SavedName::Repositories => {}
+            SavedName::Manifest => {
+                let v = small_json(&mut entry, &name)?;
+                let one = match v.as_array().map(Vec::as_slice) {
+                    Some([one]) => one,
+                    _ => return Err(bad("it must hold exactly one image".into())),
+                };
+                let c = one
+                    .get("Config")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|c| normalise(Path::new(c)))
+                    .ok_or_else(|| bad("manifest.json: no Config".into()))?;
+                let l: Vec<String> = one
+                    .get("Layers")
+                    .and_then(serde_json::Value::as_array)
+                    .ok_or_else(|| bad("manifest.json: no Layers".into()))?
+                    .iter()
+                    .map(|l| l.as_str().and_then(|l| normalise(Path::new(l))))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| bad("manifest.json: a bad layer".into()))?;
+                let clean = serde_json::json!([{"Config": c, "RepoTags": [], "Layers": l}]);
+                config = Some(c);
+                layers = l;
+                let data = serde_json::to_vec(&clean).map_err(std::io::Error::other)?;
+                h.set_size(u64::try_from(data.len()).unwrap_or(0));
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, &name, data.as_slice())?;
+            }
+            SavedName::Index => {
+                let mut v = small_json(&mut entry, &name)?;
+                for m in v
+                    .get_mut("manifests")
+                    .and_then(serde_json::Value::as_array_mut)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(a) = m
+                        .get_mut("annotations")
+                        .and_then(serde_json::Value::as_object_mut)
+                    {
+                        a.remove("io.containerd.image.name");
+                        a.remove("org.opencontainers.image.ref.name");
+                    }
+                }
+                let data = serde_json::to_vec(&v).map_err(std::io::Error::other)?;
+                h.set_size(u64::try_from(data.len()).unwrap_or(0));
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, &name, data.as_slice())?;
+            }
+            SavedName::File => {
+                h.set_size(entry.header().size().map_err(|e| bad(e.to_string()))?);
+                h.set_mode(0o644);
+                h.set_cksum();
+                b.append_data(&mut h, &name, &mut entry)?;
+                files.insert(name);
+            }
         }
-        found = Some(text);
     }
-    let text = found.ok_or_else(|| bad("no manifest.json".into()))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let tags: Vec<&str> = match v.as_array().map(Vec::as_slice) {
-        Some([one]) => one
-            .get("RepoTags")
-            .and_then(serde_json::Value::as_array)
-            .map(|t| t.iter().filter_map(serde_json::Value::as_str).collect())
-            .unwrap_or_default(),
-        _ => return Err(bad("it must hold exactly one image".into())),
-    };
-    if tags != [tag] {
-        return Err(bad(format!("it is tagged {tags:?}, not [{tag:?}]")));
+    b.into_inner()?.sync_all()?;
+    let config = config.ok_or_else(|| bad("no manifest.json".into()))?;
+    for f in std::iter::once(&config).chain(&layers) {
+        if !files.contains(f) {
+            return Err(bad(format!(
+                "manifest.json names {f:?}, which it does not hold"
+            )));
+        }
     }
-    Ok(())
+    let id = config
+        .strip_prefix("blobs/sha256/")
+        .or_else(|| config.strip_suffix(".json"))
+        .filter(|h| is_hex64(h))
+        .ok_or_else(|| bad(format!("config {config:?}")))?;
+    Ok(format!("sha256:{id}"))
 }
 
 /// The manifest's values, each checked as `berth user add` and `set` check theirs.
@@ -413,16 +601,23 @@ pub async fn import<R: Runtime>(
     let mut undo = Undo::default();
     let r = async {
         let mut committed = None;
-        if let (Some(path), Some(tag)) = (&u.image, &u.manifest.committed_image) {
-            let foreign_existed = runtime.image_exists(tag).await?;
+        if let Some((path, id)) = &u.image {
+            // The tar loads untagged; Berth tags it by its ID, as hers only.
+            let existed = runtime.image_exists(id).await?;
+            if !existed {
+                undo.images.push(id.clone());
+            }
             runtime
                 .load_image(stream_of(tokio::fs::File::open(path).await?))
                 .await?;
+            if runtime.image_id(&local).await?.is_some() {
+                return Err(MoveError::Conflict(format!("image {local} exists already")));
+            }
+            undo.images.insert(0, local.clone());
             let (repo, t) = local.rsplit_once(':').unwrap_or((&local, "latest"));
-            runtime.tag_image(tag, repo, t).await?;
-            undo.images.push(local.clone());
-            if !foreign_existed && *tag != local {
-                runtime.remove_image(tag).await?;
+            runtime.tag_image(id, repo, t).await?;
+            if runtime.image_id(&local).await?.as_deref() != Some(id.as_str()) {
+                return Err(MoveError::Bad(format!("{IMAGE}: it did not load as {id}")));
             }
             committed = Some(ImageName::parse(&local).map_err(|e| MoveError::Bad(e.to_string()))?);
         }
@@ -558,14 +753,118 @@ mod tests {
         refused(&[(MANIFEST, &json2)], "disagree");
         let big = vec![b' '; (MANIFEST_MAX + 10) as usize];
         refused(&[(MANIFEST, &big)], "over");
-        // A saved image that would tag something else.
+        // A committed image that is not hers.
         let inner_dir = tempfile::tempdir().unwrap();
-        let inner = archive(
-            inner_dir.path(),
-            &[("manifest.json", b"[{\"RepoTags\": [\"debian:12\"]}]")],
+        let saved = saved_image(inner_dir.path(), &[]);
+        let mut m = manifest();
+        m.committed_image = Some("debian:12".into());
+        let json3 = serde_json::to_vec(&m).unwrap();
+        refused(
+            &[(MANIFEST, &json3), (IMAGE, &saved)],
+            "not alice's own commit",
         );
-        let inner = std::fs::read(inner).unwrap();
-        refused(&[(MANIFEST, &json2), (IMAGE, &inner)], "not [");
+        m.committed_image = Some("berth/users:bob".into());
+        let json3 = serde_json::to_vec(&m).unwrap();
+        refused(
+            &[(MANIFEST, &json3), (IMAGE, &saved)],
+            "not alice's own commit",
+        );
+        // A second manifest under another spelling, names that climb, unknown names.
+        for (extra, want) in [
+            ("./manifest.json", "twice"),
+            ("x/../manifest.json", "entry"),
+            ("/etc/passwd", "entry"),
+            ("etc/passwd", "unexpected entry"),
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let saved = saved_image(d.path(), &[(extra, b"[{}]")]);
+            refused(&[(MANIFEST, &json2), (IMAGE, &saved)], want);
+        }
+        // A good one is taken.
+        let d = tempfile::tempdir().unwrap();
+        let a = archive(d.path(), &[(MANIFEST, &json2), (IMAGE, &saved)]);
+        let u = unpack(&a, d.path()).unwrap();
+        assert_eq!(u.image.unwrap().1, format!("sha256:{}", HEX));
+    }
+
+    const HEX: &str = "9a2f90d21f0e414452d7db9b0498bab0f2f5e281469ae2288d5096b78a33cb50";
+    const LAYER: &str = "05177fda5c91a1cf46f30cba2f0b94433ab986b15690350b24d3c02b8866a72d";
+
+    /// A legacy `docker save` tar tagged `debian:12`, with `extra` entries last.
+    fn saved_image(dir: &Path, extra: &[(&str, &[u8])]) -> Vec<u8> {
+        let manifest = format!(
+            "[{{\"Config\":\"{HEX}.json\",\"RepoTags\":[\"debian:12\"],\
+             \"Layers\":[\"{LAYER}/layer.tar\"],\"Parent\":\"sha256:{LAYER}\"}}]"
+        );
+        let repositories = format!("{{\"debian\":{{\"12\":\"{LAYER}\"}}}}");
+        let (config, layer) = (format!("{HEX}.json"), format!("{LAYER}/layer.tar"));
+        let mut entries: Vec<(&str, &[u8])> = vec![
+            (&config, b"{}"),
+            (&layer, b"layer"),
+            ("manifest.json", manifest.as_bytes()),
+            ("repositories", repositories.as_bytes()),
+        ];
+        entries.extend_from_slice(extra);
+        let path = dir.join("raw.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&path).unwrap());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            // Set by hand: the builder refuses names that climb.
+            h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_cksum();
+            b.append(&h, data).unwrap();
+        }
+        b.into_inner().unwrap();
+        std::fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn a_saved_image_loads_untagged() {
+        let d = tempfile::tempdir().unwrap();
+        let raw = d.path().join("in.tar");
+        std::fs::write(&raw, saved_image(d.path(), &[])).unwrap();
+        let out = d.path().join("out.tar");
+        assert_eq!(untagged_image(&raw, &out).unwrap(), format!("sha256:{HEX}"));
+        let mut a = tar::Archive::new(std::fs::File::open(&out).unwrap());
+        let mut names = Vec::new();
+        for e in a.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            if name == "manifest.json" {
+                let mut t = String::new();
+                e.read_to_string(&mut t).unwrap();
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                assert_eq!(v[0]["RepoTags"], serde_json::json!([]), "{t}");
+                assert!(v[0].get("Parent").is_none(), "{t}");
+            }
+            names.push(name);
+        }
+        assert!(!names.contains(&"repositories".to_owned()), "{names:?}");
+        assert!(names.contains(&"manifest.json".to_owned()), "{names:?}");
+        // A manifest naming a layer it does not hold.
+        let d2 = tempfile::tempdir().unwrap();
+        let bad = d2.path().join("in.tar");
+        let m = format!(
+            "[{{\"Config\":\"{HEX}.json\",\"RepoTags\":[],\"Layers\":[\"{HEX}/layer.tar\"]}}]"
+        );
+        let mut b = tar::Builder::new(std::fs::File::create(&bad).unwrap());
+        for (name, data) in [
+            (format!("{HEX}.json"), &b"{}"[..]),
+            ("manifest.json".into(), m.as_bytes()),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o600);
+            h.set_cksum();
+            b.append_data(&mut h, name, data).unwrap();
+        }
+        b.into_inner().unwrap();
+        let e = untagged_image(&bad, &d2.path().join("o.tar"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not hold"), "{e}");
     }
 
     #[test]

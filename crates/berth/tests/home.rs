@@ -365,4 +365,95 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
     assert!(err.contains("user alice already exists"), "{err}");
     // The first host is untouched: her commit there is still hers.
     assert!(image_exists(&a.commit_image("alice")));
+
+    // A hostile archive whose saved image is tagged as an image of this host: loading it
+    // must not move that tag.
+    let victim = format!("{}victim:latest", b.prefix);
+    docker(&["tag", BUSYBOX, &victim]);
+    let victim_id = image_id(&victim);
+    let entries = read_tar(&std::fs::read(&file).unwrap());
+    let hostile = |committed: &str, name: &str| {
+        let mut out = Vec::new();
+        for (n, data) in &entries {
+            let data = match n.as_str() {
+                "berth-user.json" => {
+                    let mut m: serde_json::Value = serde_json::from_slice(data).unwrap();
+                    m["name"] = name.into();
+                    m["committed_image"] = committed.into();
+                    m["home"] = false.into();
+                    serde_json::to_vec(&m).unwrap()
+                }
+                "image.tar" => {
+                    let inner = read_tar(data)
+                        .into_iter()
+                        .map(|(n, d)| match n.as_str() {
+                            "manifest.json" => {
+                                let mut m: serde_json::Value = serde_json::from_slice(&d).unwrap();
+                                m[0]["RepoTags"] = serde_json::json!([victim]);
+                                (n, serde_json::to_vec(&m).unwrap())
+                            }
+                            _ => (n, d),
+                        })
+                        .collect::<Vec<_>>();
+                    write_tar(&inner)
+                }
+                _ => continue,
+            };
+            out.push((n.clone(), data));
+        }
+        let path = b.dir.path().join(format!("{name}.tar"));
+        std::fs::write(&path, write_tar(&out)).unwrap();
+        path
+    };
+    // Named as the victim: refused.
+    let h = hostile(&victim, "carol");
+    let (ok, err) = berth(&b, &["user", "import", h.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("is not carol's own commit"), "{err}");
+    assert_eq!(image_id(&victim), victim_id);
+    // Named as hers but tagged as the victim inside: imported, tagged as hers only.
+    let h = hostile("other/users:dave", "dave");
+    let (ok, err) = berth(&b, &["user", "import", h.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(image_id(&victim), victim_id, "the import moved {victim}");
+    assert_eq!(
+        image_id(&b.commit_image("dave")),
+        image_id(&a.commit_image("alice"))
+    );
+    docker_output(&["rmi", &victim]);
+}
+
+fn image_id(image: &str) -> String {
+    docker(&["image", "inspect", "--format", "{{.Id}}", image])
+        .trim()
+        .to_owned()
+}
+
+fn read_tar(data: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(data);
+    let mut out = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let n = e.path().unwrap().to_string_lossy().into_owned();
+        let mut d = Vec::new();
+        e.read_to_end(&mut d).unwrap();
+        out.push((n, d));
+    }
+    out
+}
+
+fn write_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (n, d) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(d.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, n, d.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
 }
