@@ -943,7 +943,7 @@ async fn export_user<R: Runtime>(
 async fn import_user<R: Runtime>(
     State(st): AppState<R>,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<UserInfo>)> {
+) -> Result<(StatusCode, Json<crate::moving::Imported>)> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let internal = |e: std::io::Error| AdminError::Internal(e.to_string());
@@ -967,16 +967,17 @@ async fn import_user<R: Runtime>(
     out.sync_all().await.map_err(internal)?;
     drop(out);
     let (path, scratch) = (archive.clone(), dir.path().to_owned());
-    let rules = st.lifecycle.sources().clone();
+    let server = st.lifecycle.server().clone();
     let (unpacked, checked) = tokio::task::spawn_blocking(move || {
         let u = crate::moving::unpack(&path, &scratch)?;
         std::fs::remove_file(&path)?;
-        let c = crate::moving::check(&u.manifest, &rules)?;
+        let c = crate::moving::check(&u.manifest, &server)?;
         Ok::<_, crate::moving::MoveError>((u, c))
     })
     .await
     .map_err(|e| AdminError::Internal(e.to_string()))??;
     let _images = st.images.lock().await;
+    let not_carried_over = checked.left_out.clone();
     let name =
         crate::moving::import(&st.lifecycle, &*st.runtime, &st.store, unpacked, checked).await?;
     drop(dir);
@@ -986,7 +987,13 @@ async fn import_user<R: Runtime>(
     });
     let user = st.store.user(&name).await?;
     let info = user_info(&st, user).await?;
-    Ok((StatusCode::CREATED, Json(with_settings(&st, info).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::moving::Imported {
+            user: with_settings(&st, info).await?,
+            not_carried_over,
+        }),
+    ))
 }
 
 /// `berth user kick NAME`: ends every SSH connection of the user now.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use berth_proto::settings::{Gpus, MAX_CPUS, MAX_MEMORY, MAX_PIDS, MIN_MEMORY, MIN_PIDS};
 use berth_proto::{AuthorizedKey, ImageName, UserName};
 use berth_runtime::Runtime;
-use berth_store::{Forwarding, UserMount, UserSettings};
+use berth_store::{Forwarding, UserSettings};
 use serde::{Deserialize, Serialize};
 
 use crate::lifecycle::Lifecycle;
@@ -483,10 +483,29 @@ pub struct Checked {
     pub settings: UserSettings,
     pub forwarding: Forwarding,
     pub daemon_mode: bool,
+    /// What the archive held and this host does not take from it, one line each.
+    pub left_out: Vec<String>,
 }
 
-/// Checks every value of `m` (blocking: shared folders' sources are resolved).
-pub fn check(m: &Manifest, sources: &crate::mounts::SourceRules) -> Result<Checked, MoveError> {
+/// What `berth user import` answers: the user as made, and what was not carried over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Imported {
+    #[serde(flatten)]
+    pub user: berth_proto::UserInfo,
+    #[serde(default)]
+    pub not_carried_over: Vec<String>,
+}
+
+/// A hostile string, printable on one line.
+fn shown(s: &str) -> String {
+    s.escape_debug().to_string()
+}
+
+/// Checks every value of `m`. What the archive cannot choose on this host is left out and
+/// said in [`Checked::left_out`]: her shared folders and GPUs (host paths and devices are
+/// the admin's to give here), limits above `server`'s (the server's apply), and
+/// forwarding she was allowed beyond the server's default (only refusals are kept).
+pub fn check(m: &Manifest, server: &crate::user_settings::Server) -> Result<Checked, MoveError> {
     let bad = |s: String| MoveError::Bad(format!("{MANIFEST}: {s}"));
     let name = UserName::parse(&m.name).map_err(|e| bad(e.to_string()))?;
     let image = ImageName::parse(&m.image).map_err(|e| bad(e.to_string()))?;
@@ -530,35 +549,109 @@ pub fn check(m: &Manifest, sources: &crate::mounts::SourceRules) -> Result<Check
     if m.mounts.len() > crate::mounts::MAX_USER_MOUNTS {
         return Err(bad(format!("{} shared folders", m.mounts.len())));
     }
-    let mut mounts = Vec::new();
-    for (source, target, read_only) in &m.mounts {
-        let target = crate::mounts::check_target(target).map_err(bad)?;
-        let source = sources
-            .check(Path::new(source))
-            .map_err(|e| MoveError::Conflict(format!("shared folder {target}: {e}")))?;
-        mounts.push(UserMount {
-            source: source.display().to_string(),
-            target,
-            read_only: *read_only,
-        });
+    let mut left_out = Vec::new();
+    if !m.mounts.is_empty() {
+        let list: Vec<String> = m
+            .mounts
+            .iter()
+            .map(|(source, target, ro)| {
+                format!(
+                    "{}:{}{}",
+                    shown(source),
+                    shown(target),
+                    if *ro { ":ro" } else { "" }
+                )
+            })
+            .collect();
+        left_out.push(format!(
+            "mounts {} (set them again with berth user set)",
+            list.join(", ")
+        ));
     }
+    if let Some(g) = &m.gpus {
+        left_out.push(format!(
+            "gpus {} (set them again with berth user set)",
+            shown(g)
+        ));
+    }
+    // A limit of hers above the server's (0 is none) is not taken: the server's applies.
+    let above = |hers: u64, server: Option<i64>| match server.and_then(|s| u64::try_from(s).ok()) {
+        Some(s) if s > 0 => hers == 0 || hers > s,
+        _ => false,
+    };
+    let mut memory_bytes = m.memory_bytes;
+    if let Some(b) = memory_bytes
+        && above(b, server.limits.memory_bytes)
+    {
+        left_out.push(format!(
+            "memory {} (above this server's limit, which applies)",
+            if b == 0 {
+                "unlimited".to_owned()
+            } else {
+                format!("{b} bytes")
+            }
+        ));
+        memory_bytes = None;
+    }
+    let mut nano_cpus = m.nano_cpus;
+    if let Some(n) = nano_cpus
+        && above(n, server.limits.nano_cpus)
+    {
+        left_out.push(format!(
+            "cpus {} (above this server's limit, which applies)",
+            if n == 0 {
+                "unlimited".to_owned()
+            } else {
+                format!("{}", n as f64 / 1e9)
+            }
+        ));
+        nano_cpus = None;
+    }
+    let mut pids = m.pids;
+    if let Some(p) = pids
+        && above(u64::from(p), Some(server.limits.pids))
+    {
+        left_out.push(format!(
+            "pids {p} (above this server's limit, which applies)"
+        ));
+        pids = None;
+    }
+    // Forwarding: her refusals are kept; what she was allowed apart is the admin's to give.
+    let allowed: Vec<&str> = [
+        ("tcp", m.tcp_forwarding),
+        ("agent", m.agent_forwarding),
+        ("x11", m.x11_forwarding),
+    ]
+    .iter()
+    .filter(|(_, v)| *v == Some(true))
+    .map(|(k, _)| *k)
+    .collect();
+    if !allowed.is_empty() {
+        left_out.push(format!(
+            "{} forwarding allowed for her alone (the server's default applies; set it again \
+             with berth user set)",
+            allowed.join(", ")
+        ));
+    }
+    let refusal = |v: Option<bool>| v.filter(|v| !v);
     Ok(Checked {
         name,
         image,
         keys,
         settings: UserSettings {
-            memory_bytes: m.memory_bytes,
-            nano_cpus: m.nano_cpus,
-            pids: m.pids,
-            gpus: m.gpus.clone(),
-            mounts,
+            memory_bytes,
+            nano_cpus,
+            pids,
+            gpus: None,
+            mounts: Vec::new(),
         },
         forwarding: Forwarding {
-            tcp: m.tcp_forwarding,
-            agent: m.agent_forwarding,
-            x11: m.x11_forwarding,
+            tcp: refusal(m.tcp_forwarding),
+            agent: refusal(m.agent_forwarding),
+            x11: refusal(m.x11_forwarding),
         },
         daemon_mode: m.daemon_mode,
+        left_out,
     })
 }
 
@@ -867,28 +960,70 @@ mod tests {
         assert!(e.contains("does not hold"), "{e}");
     }
 
+    fn server() -> crate::user_settings::Server {
+        crate::user_settings::Server {
+            limits: berth_runtime::Limits {
+                memory_bytes: Some(1 << 30),
+                nano_cpus: Some(2_000_000_000),
+                pids: 500,
+                log_bytes: None,
+                disk_bytes: None,
+            },
+            gpus: Gpus::None,
+            mounts: Vec::new(),
+        }
+    }
+
     #[test]
     fn manifest_values_are_checked() {
-        let rules = crate::mounts::SourceRules::new(
-            Path::new("/var/lib/berth"),
-            Path::new("/var/run/docker.sock"),
-            Path::new("/var/lib/docker"),
-        );
-        assert!(check(&manifest(), &rules).is_ok());
+        let s = server();
+        let c = check(&manifest(), &s).unwrap();
+        assert!(c.left_out.is_empty());
         let mut m = manifest();
         m.name = "../x".into();
-        assert!(check(&m, &rules).is_err());
+        assert!(check(&m, &s).is_err());
         let mut m = manifest();
         m.keys = vec![];
-        assert!(check(&m, &rules).is_err());
+        assert!(check(&m, &s).is_err());
         let mut m = manifest();
         m.pids = Some(1);
-        assert!(check(&m, &rules).is_err());
-        let mut m = manifest();
-        m.mounts = vec![("/etc".into(), "/x".into(), false)];
-        assert!(check(&m, &rules).is_err());
+        assert!(check(&m, &s).is_err());
         let mut m = manifest();
         m.gpus = Some("$(x)".into());
-        assert!(check(&m, &rules).is_err());
+        assert!(check(&m, &s).is_err());
+    }
+
+    #[test]
+    fn the_archive_chooses_no_host_paths_devices_or_more_than_the_server_gives() {
+        let mut m = manifest();
+        m.mounts = vec![
+            ("/srv/x".into(), "/p".into(), false),
+            ("/etc".into(), "/e".into(), true),
+        ];
+        m.gpus = Some("all".into());
+        m.memory_bytes = Some(4 << 30);
+        m.nano_cpus = Some(0);
+        m.pids = Some(400);
+        m.tcp_forwarding = Some(true);
+        m.x11_forwarding = Some(false);
+        let c = check(&m, &server()).unwrap();
+        assert!(c.settings.mounts.is_empty());
+        assert_eq!(c.settings.gpus, None);
+        assert_eq!(c.settings.memory_bytes, None);
+        assert_eq!(c.settings.nano_cpus, None);
+        assert_eq!(c.settings.pids, Some(400));
+        assert_eq!(c.forwarding.tcp, None);
+        assert_eq!(c.forwarding.x11, Some(false));
+        let said = c.left_out.join("\n");
+        for want in [
+            "mounts /srv/x:/p, /etc:/e:ro (set them again with berth user set)",
+            "gpus all",
+            "memory 4294967296 bytes",
+            "cpus unlimited",
+            "tcp forwarding",
+        ] {
+            assert!(said.contains(want), "{said}");
+        }
+        assert!(!said.contains("pids"), "{said}");
     }
 }

@@ -381,6 +381,9 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
                     m["name"] = name.into();
                     m["committed_image"] = committed.into();
                     m["home"] = false.into();
+                    m["mounts"] = serde_json::json!([["/etc", "/hostetc", false]]);
+                    m["gpus"] = "all".into();
+                    m["pids"] = 4_000_000.into();
                     serde_json::to_vec(&m).unwrap()
                 }
                 "image.tar" => {
@@ -416,6 +419,16 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
     let (ok, err) = berth(&b, &["user", "import", h.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert_eq!(image_id(&victim), victim_id, "the import moved {victim}");
+    // The archive chose a host path, GPUs and more processes than this server gives.
+    assert!(
+        err.contains("not carried over: mounts /etc:/hostetc (set them again with berth user set)")
+            && err.contains("not carried over: gpus all")
+            && err.contains("not carried over: pids 4000000"),
+        "{err}"
+    );
+    let v = show(&b, "dave");
+    assert!(!v.to_string().contains("/hostetc"), "{v}");
+    assert_ne!(v["limits"]["pids"]["value"], 4_000_000, "{v}");
     assert_eq!(
         image_id(&b.commit_image("dave")),
         image_id(&a.commit_image("alice"))

@@ -605,13 +605,14 @@ fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let parts = archive_parts(file);
     let bar = bytes_bar(len, format!("importing {}", file.display()));
-    let info: Result<UserInfo, Failure> = block_on(async {
+    let info: Result<berth_daemon::moving::Imported, Failure> = block_on(async {
         let reader = bar.wrap_async_read(tokio::fs::File::from_std(f));
         let stream = tokio_util::io::ReaderStream::new(reader);
         Ok(c.post_stream("/users/import", stream).await?)
     });
     bar.finish_and_clear();
-    let u = info?;
+    let imported = info?;
+    let u = imported.user;
     eprintln!(
         "imported user {} from {} ({}: {}); image {}{}{}",
         u.name,
@@ -628,6 +629,9 @@ fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
             .map(|h| format!(", home volume {}", h.volume))
             .unwrap_or_default(),
     );
+    for line in &imported.not_carried_over {
+        eprintln!("not carried over: {line}");
+    }
     Ok(())
 }
 
