@@ -618,7 +618,12 @@ async fn add_user<R: Runtime>(
         image: record.image.to_string(),
         keys: record.keys,
     });
-    Ok((StatusCode::CREATED, Json(user_info(&st, record).await?)))
+    let mut info = user_info(&st, record).await?;
+    // A home volume kept from an earlier user of that name is hers now: said by the client.
+    if st.lifecycle.home_volume_on() {
+        info.home = home_info(&st, &info, None).await?;
+    }
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 #[derive(serde::Deserialize)]

@@ -684,11 +684,17 @@ pub async fn import<R: Runtime>(
             "image {local} exists already; remove it first (berth image rm {local})"
         )));
     }
+    // A home kept from an earlier user of that name is never handed to an archive, with
+    // or without a home of its own: her container would mount it.
     let volume = lc.home_volume(&name);
-    if u.home.is_some() && runtime.volume_labels(&volume).await?.is_some() {
+    if let Some(labels) = runtime.volume_labels(&volume).await? {
+        let whose = labels
+            .get(crate::lifecycle::LABEL_USER)
+            .map(|u| format!(", kept from an earlier user {}", shown(u)))
+            .unwrap_or_default();
         return Err(MoveError::Conflict(format!(
-            "volume {volume} exists already (a removed user's home?); remove it first \
-             (docker volume rm {volume})"
+            "volume {volume} exists already{whose}; remove it (docker volume rm {volume}) and \
+             import again, or give it to a new {name} with berth user add"
         )));
     }
     let mut undo = Undo::default();

@@ -434,6 +434,43 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
         image_id(&a.commit_image("alice"))
     );
     docker_output(&["rmi", &victim]);
+
+    // Her home kept after she is removed is not for an archive to take over, even one
+    // without a home.
+    b.berth_ok(&["user", "rm", "alice"]);
+    let vol = volume(&b, "alice");
+    assert!(volume_exists(&vol));
+    let (ok, err) = berth(&b, &["user", "import", f]);
+    assert!(!ok);
+    assert!(
+        err.starts_with(&format!(
+            "error: volume {vol} exists already, kept from an earlier user alice"
+        )) && err.contains(&format!("docker volume rm {vol}"))
+            && err.contains("berth user add")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert!(b.users().iter().all(|u| u["name"] != "alice"));
+    let pubkey = key.with_extension("pub");
+    let (ok, err) = berth(
+        &b,
+        &[
+            "user",
+            "add",
+            "alice",
+            "--image",
+            BUSYBOX,
+            "--key",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "reusing the home volume {vol} kept from an earlier user alice"
+        )),
+        "{err}"
+    );
 }
 
 fn image_id(image: &str) -> String {

@@ -158,6 +158,12 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 "added user {} (image {}, {} key(s))",
                 info.name, info.image, info.keys
             );
+            if let Some(home) = &info.home {
+                eprintln!(
+                    "reusing the home volume {} kept from an earlier user {}",
+                    home.volume, info.name
+                );
+            }
             Ok(())
         }
         UserCommand::Rm {
