@@ -315,6 +315,11 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
             && err.contains("home "),
         "{err}"
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the archive is {mode:o}");
+    }
     // Never over an existing file.
     let (ok, err) = berth(&a, &["user", "export", "alice", f]);
     assert!(!ok);
@@ -451,6 +456,7 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
         "{err}"
     );
     assert!(b.users().iter().all(|u| u["name"] != "alice"));
+    assert!(volume_exists(&vol));
     let pubkey = key.with_extension("pub");
     let (ok, err) = berth(
         &b,
@@ -506,4 +512,21 @@ fn write_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
         b.append_data(&mut h, n, d.as_slice()).unwrap();
     }
     b.into_inner().unwrap()
+}
+
+#[test]
+fn purge_data_removes_only_a_volume_labelled_this_instances_home_of_hers() {
+    let d = daemon("");
+    // A volume of her name, hers by its user label, but not this instance's home.
+    let vol = volume(&d, "eve");
+    docker(&["volume", "create", "--label", "berth.user=eve", &vol]);
+    d.add_user("eve", BUSYBOX);
+    let (ok, err) = berth(&d, &["user", "rm", "eve", "--purge-data"]);
+    assert!(ok, "{err}");
+    let kept = volume_exists(&vol);
+    docker_output(&["volume", "rm", &vol]);
+    assert!(
+        kept,
+        "--purge-data removed a volume that is not this instance's home"
+    );
 }

@@ -553,9 +553,12 @@ fn archive_parts(file: &Path) -> String {
 }
 
 fn export(c: &berth_proto::AdminClient, name: &UserName, file: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Her keys, image and files: for the admin's eyes only.
     let out = std::fs::File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(file)
         .map_err(|e| {
             Failure::new(format!(
