@@ -220,7 +220,7 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, MoveError> {
                 }
                 let path = dir.join(file);
                 let mut out = std::fs::File::create(&path)?;
-                std::io::copy(&mut entry, &mut out)?;
+                std::io::copy(&mut entry, &mut out).map_err(|e| cut(e, file))?;
                 *slot = Some(path);
             }
         }
@@ -259,11 +259,45 @@ pub fn unpack(archive: &Path, dir: &Path) -> Result<Unpacked, MoveError> {
     if manifest.home != home.is_some() {
         return Err(bad(format!("{HOME} and the manifest disagree")));
     }
+    if let Some(h) = &home {
+        check_home(h)?;
+    }
     Ok(Unpacked {
         manifest,
         image,
         home,
     })
+}
+
+/// An archive that ends early (or is not a tar) is a bad archive; other I/O errors are
+/// this host's.
+fn cut(e: std::io::Error, what: &str) -> MoveError {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::UnexpectedEof | ErrorKind::InvalidData | ErrorKind::Other => {
+            MoveError::Bad(format!("not a berth user archive: {what}: {e}"))
+        }
+        _ => MoveError::Io(e),
+    }
+}
+
+/// The home's tar holds files, directories and links only: no device nodes or FIFOs
+/// (read from the headers, before the engine unpacks anything).
+fn check_home(path: &Path) -> Result<(), MoveError> {
+    let bad = |s: String| MoveError::Bad(format!("not a berth user archive: {HOME}: {s}"));
+    let mut a = tar::Archive::new(std::fs::File::open(path)?);
+    for entry in a.entries().map_err(|e| bad(e.to_string()))? {
+        let entry = entry.map_err(|e| bad(e.to_string()))?;
+        let t = entry.header().entry_type();
+        if t.is_character_special() || t.is_block_special() || t.is_fifo() {
+            let name = entry
+                .path()
+                .map(|p| shown(&p.to_string_lossy()))
+                .unwrap_or_default();
+            return Err(bad(format!("{name:?} is a device node or FIFO")));
+        }
+    }
+    Ok(())
 }
 
 /// `path` with `.` components dropped, or `None` when it is empty, absolute or climbs
@@ -453,7 +487,8 @@ pub fn untagged_image(saved: &Path, out: &Path) -> Result<String, MoveError> {
                 h.set_size(entry.header().size().map_err(|e| bad(e.to_string()))?);
                 h.set_mode(0o644);
                 h.set_cksum();
-                b.append_data(&mut h, &name, &mut entry)?;
+                b.append_data(&mut h, &name, &mut entry)
+                    .map_err(|e| cut(e, IMAGE))?;
                 files.insert(name);
             }
         }
@@ -884,6 +919,40 @@ mod tests {
         let a = archive(d.path(), &[(MANIFEST, &json2), (IMAGE, &saved)]);
         let u = unpack(&a, d.path()).unwrap();
         assert_eq!(u.image.unwrap().1, format!("sha256:{}", HEX));
+    }
+
+    #[test]
+    fn a_truncated_archive_or_a_home_with_devices_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mut m = manifest();
+        m.home = true;
+        let json = serde_json::to_vec(&m).unwrap();
+        let home = vec![7_u8; 10_000];
+        let a = archive(d.path(), &[(MANIFEST, &json), (HOME, &home)]);
+        let full = std::fs::read(&a).unwrap();
+        std::fs::write(&a, &full[..full.len() / 2]).unwrap();
+        let e = unpack(&a, d.path()).unwrap_err();
+        assert!(matches!(e, MoveError::Bad(_)), "{e:?}");
+        assert!(e.to_string().starts_with("not a berth user archive"), "{e}");
+        // A home holding a device node, a FIFO.
+        for t in [
+            tar::EntryType::Char,
+            tar::EntryType::Block,
+            tar::EntryType::Fifo,
+        ] {
+            let d = tempfile::tempdir().unwrap();
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(t);
+            h.set_size(0);
+            h.set_mode(0o666);
+            h.set_cksum();
+            b.append_data(&mut h, "dev/x", std::io::empty()).unwrap();
+            let home = b.into_inner().unwrap();
+            let a = archive(d.path(), &[(MANIFEST, &json), (HOME, &home)]);
+            let e = unpack(&a, d.path()).unwrap_err().to_string();
+            assert!(e.contains("device node or FIFO"), "{e}");
+        }
     }
 
     const HEX: &str = "9a2f90d21f0e414452d7db9b0498bab0f2f5e281469ae2288d5096b78a33cb50";
