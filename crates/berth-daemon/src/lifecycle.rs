@@ -565,6 +565,12 @@ impl<R: Runtime> Lifecycle<R> {
     /// are adopted (their grace timer starts); containers whose user is unknown are left
     /// alone and reported.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), LifecycleError> {
+        // Helper containers a killed daemon left (an export or import cut short).
+        match berth_runtime::remove_leftover_helpers(&*self.runtime).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "left-over helper containers removed"),
+            Err(e) => warn!(error = %e, "cannot remove left-over helper containers"),
+        }
         let found = self
             .runtime
             .list(LABEL_INSTANCE, &self.settings.instance)

@@ -530,3 +530,27 @@ fn purge_data_removes_only_a_volume_labelled_this_instances_home_of_hers() {
         "--purge-data removed a volume that is not this instance's home"
     );
 }
+
+#[test]
+fn a_helper_container_left_by_a_killed_daemon_is_removed_at_start() {
+    // Named as a helper of a daemon whose PID cannot exist (over any pid_max).
+    let name = format!("berth-volume-helper-99999999-{}", std::process::id());
+    docker(&[
+        "create",
+        "--label",
+        "berth.probe=1",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        BUSYBOX,
+        "true",
+    ]);
+    let d = daemon("");
+    let gone = !docker_output(&["container", "inspect", &name])
+        .status
+        .success();
+    docker_output(&["rm", "-f", &name]);
+    assert!(gone, "{name} is still there after a daemon start");
+    drop(d);
+}
