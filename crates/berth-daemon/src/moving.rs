@@ -7,9 +7,11 @@
 //! directory, at most [`ARCHIVE_MAX`] bytes; only those three names are taken, each once, as
 //! regular files, each copied to a file whose name Berth chooses (no name in the archive
 //! ever becomes a path); the manifest is at most [`MANIFEST_MAX`] bytes and every value in it
-//! is checked as `berth user add`/`set` check theirs; the saved image must hold exactly the
-//! one image the manifest names (its `manifest.json`, read first); the home's tar is
-//! extracted by the engine inside a helper container's root, so no entry lands outside it.
+//! is checked as `berth user add`/`set` check theirs, and what is the new host's admin's to
+//! give (shared folders, GPUs, more than the server's limits, forwarding) is left out; the
+//! saved image is rewritten to load untagged ([`untagged_image`]) and tagged by its ID as
+//! hers only; the home's tar holds no device node or FIFO, and is extracted by the engine
+//! inside a helper container's root, so no entry lands outside it.
 //! Everything is checked before anything is made, and what was made is taken back when a
 //! later step fails: a bad archive changes nothing.
 
