@@ -101,6 +101,30 @@ pub async fn export<R: Runtime>(
     let (record, settings, keys) = store
         .run(move |s| Ok((s.user(&u)?, s.settings(&u)?, s.authorized_keys(&u)?)))
         .await?;
+    // Room for the parts and the archive made of them (each part is removed once in it):
+    // about twice her image and her home, as last measured.
+    let measured = lc
+        .disk()
+        .last()
+        .get(user.as_str())
+        .copied()
+        .unwrap_or_default();
+    let image_bytes = match &record.committed_image {
+        Some(c) => {
+            let id = runtime.image_id(c.as_str()).await?;
+            runtime
+                .list_images()
+                .await?
+                .into_iter()
+                .find(|i| Some(&i.id) == id.as_ref())
+                .map_or(0, |i| i.size)
+        }
+        None => 0,
+    };
+    check_room(
+        dir,
+        image_bytes.saturating_add(measured.home).saturating_mul(2),
+    )?;
     let image_path = dir.join(IMAGE);
     if let Some(committed) = &record.committed_image {
         let mut f = tokio::fs::File::create(&image_path).await?;
@@ -164,6 +188,22 @@ pub async fn export<R: Runtime>(
     .await
     .map_err(std::io::Error::other)??;
     Ok(out)
+}
+
+/// Refuses when the file system of `dir` has less than `need` bytes free for Berth.
+fn check_room(dir: &Path, need: u64) -> Result<(), MoveError> {
+    let st = rustix::fs::statvfs(dir).map_err(std::io::Error::from)?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    if free < need {
+        return Err(MoveError::Conflict(format!(
+            "not enough room to make the archive in {}: it needs about {}, {} are free; free \
+             space on that file system first",
+            dir.display(),
+            crate::disk::human_bytes(need),
+            crate::disk::human_bytes(free)
+        )));
+    }
+    Ok(())
 }
 
 /// The parts of an archive, taken apart in `dir` ([`unpack`]).
@@ -955,6 +995,17 @@ mod tests {
             let e = unpack(&a, d.path()).unwrap_err().to_string();
             assert!(e.contains("device node or FIFO"), "{e}");
         }
+    }
+
+    #[test]
+    fn an_export_without_room_is_refused_before_it_starts() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(check_room(d.path(), 1).is_ok());
+        let e = check_room(d.path(), u64::MAX).unwrap_err().to_string();
+        assert!(
+            e.starts_with("not enough room to make the archive in "),
+            "{e}"
+        );
     }
 
     const HEX: &str = "9a2f90d21f0e414452d7db9b0498bab0f2f5e281469ae2288d5096b78a33cb50";
