@@ -641,7 +641,12 @@ async fn add_user<R: Runtime>(
         image: record.image.to_string(),
         keys: record.keys,
     });
-    Ok((StatusCode::CREATED, Json(user_info(&st, record).await?)))
+    let mut info = user_info(&st, record).await?;
+    // A home volume kept from an earlier user of that name is hers now: said by the client.
+    if st.lifecycle.home_volume_on() {
+        info.home = home_info(&st, &info, None).await?;
+    }
+    Ok((StatusCode::CREATED, Json(info)))
 }
 
 #[derive(serde::Deserialize)]
@@ -937,8 +942,20 @@ async fn export_user<R: Runtime>(
     st.store.user(&name).await?;
     let dir =
         crate::moving::scratch(&st.lifecycle).map_err(|e| AdminError::Internal(e.to_string()))?;
-    let path =
-        crate::moving::export(&st.lifecycle, &*st.runtime, &st.store, &name, dir.path()).await?;
+    // Its own task: a client that goes away mid-way leaves no helper container or scratch
+    // directory behind (the task ends, and drops them).
+    let task = {
+        let (st, name) = (st.clone(), name.clone());
+        tokio::spawn(async move {
+            let r =
+                crate::moving::export(&st.lifecycle, &*st.runtime, &st.store, &name, dir.path())
+                    .await;
+            r.map(|path| (dir, path))
+        })
+    };
+    let (dir, path) = task
+        .await
+        .map_err(|e| AdminError::Internal(e.to_string()))??;
     let file = tokio::fs::File::open(&path)
         .await
         .map_err(|e| AdminError::Internal(e.to_string()))?;
@@ -966,7 +983,7 @@ async fn export_user<R: Runtime>(
 async fn import_user<R: Runtime>(
     State(st): AppState<R>,
     body: axum::body::Body,
-) -> Result<(StatusCode, Json<UserInfo>)> {
+) -> Result<(StatusCode, Json<crate::moving::Imported>)> {
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     let internal = |e: std::io::Error| AdminError::Internal(e.to_string());
@@ -989,27 +1006,46 @@ async fn import_user<R: Runtime>(
     }
     out.sync_all().await.map_err(internal)?;
     drop(out);
-    let (path, scratch) = (archive.clone(), dir.path().to_owned());
-    let rules = st.lifecycle.sources().clone();
-    let (unpacked, checked) = tokio::task::spawn_blocking(move || {
-        let u = crate::moving::unpack(&path, &scratch)?;
-        std::fs::remove_file(&path)?;
-        let c = crate::moving::check(&u.manifest, &rules)?;
-        Ok::<_, crate::moving::MoveError>((u, c))
-    })
-    .await
-    .map_err(|e| AdminError::Internal(e.to_string()))??;
-    let _images = st.images.lock().await;
-    let name =
-        crate::moving::import(&st.lifecycle, &*st.runtime, &st.store, unpacked, checked).await?;
-    drop(dir);
-    st.lifecycle.audit().record(Event::UserImport {
-        user: name.to_string(),
-        bytes: n,
-    });
+    // Its own task from here: a client that goes away mid-way does not cut the import
+    // short; it completes, or takes back what it made.
+    let task = {
+        let st = st.clone();
+        tokio::spawn(async move {
+            let (path, scratch) = (archive.clone(), dir.path().to_owned());
+            let server = st.lifecycle.server().clone();
+            let (unpacked, checked) = tokio::task::spawn_blocking(move || {
+                let u = crate::moving::unpack(&path, &scratch)?;
+                std::fs::remove_file(&path)?;
+                let c = crate::moving::check(&u.manifest, &server)?;
+                Ok::<_, crate::moving::MoveError>((u, c))
+            })
+            .await
+            .map_err(|e| AdminError::Internal(e.to_string()))??;
+            let _images = st.images.lock().await;
+            let not_carried_over = checked.left_out.clone();
+            let name =
+                crate::moving::import(&st.lifecycle, &*st.runtime, &st.store, unpacked, checked)
+                    .await?;
+            drop(dir);
+            st.lifecycle.audit().record(Event::UserImport {
+                user: name.to_string(),
+                bytes: n,
+            });
+            Ok::<_, AdminError>((name, not_carried_over))
+        })
+    };
+    let (name, not_carried_over) = task
+        .await
+        .map_err(|e| AdminError::Internal(e.to_string()))??;
     let user = st.store.user(&name).await?;
     let info = user_info(&st, user).await?;
-    Ok((StatusCode::CREATED, Json(with_settings(&st, info).await?)))
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::moving::Imported {
+            user: with_settings(&st, info).await?,
+            not_carried_over,
+        }),
+    ))
 }
 
 /// `berth user kick NAME`: ends every SSH connection of the user now.

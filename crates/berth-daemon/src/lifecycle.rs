@@ -405,6 +405,18 @@ impl<R: Runtime> Lifecycle<R> {
             .map(|_| name))
     }
 
+    /// Whether volume `name` is `user`'s home made by this instance: its labels
+    /// [`LABEL_USER`], [`LABEL_INSTANCE`] and [`LABEL_HOME`] all say so.
+    pub async fn is_own_home(&self, name: &str, user: &UserName) -> Result<bool, LifecycleError> {
+        let Some(labels) = self.runtime.volume_labels(name).await? else {
+            return Ok(false);
+        };
+        let is = |k: &str, v: &str| labels.get(k).map(String::as_str) == Some(v);
+        Ok(is(LABEL_USER, user.as_str())
+            && is(LABEL_INSTANCE, &self.settings.instance)
+            && is(LABEL_HOME, "1"))
+    }
+
     /// Whether `image` is one of the images users' `commit` makes (`REPOSITORY:USER`): those
     /// belong to the user who made them, and her next commit moves the tag.
     pub fn is_commit_image(&self, image: &ImageName) -> bool {
@@ -553,6 +565,12 @@ impl<R: Runtime> Lifecycle<R> {
     /// are adopted (their grace timer starts); containers whose user is unknown are left
     /// alone and reported.
     pub async fn reconcile(self: &Arc<Self>) -> Result<(), LifecycleError> {
+        // Helper containers a killed daemon left (an export or import cut short).
+        match berth_runtime::remove_leftover_helpers(&*self.runtime).await {
+            Ok(0) => {}
+            Ok(n) => info!(removed = n, "left-over helper containers removed"),
+            Err(e) => warn!(error = %e, "cannot remove left-over helper containers"),
+        }
         let found = self
             .runtime
             .list(LABEL_INSTANCE, &self.settings.instance)
@@ -1023,13 +1041,6 @@ impl<R: Runtime> OwnerTask<R> {
             warn!(network = %network, error = %e, "the user's network is left behind");
         }
         let home = self.lc.home_volume_of(&self.user).await?;
-        let home_removed = match &home {
-            Some(name) if purge_data => self.lc.runtime.remove_volume(name).await?,
-            _ => false,
-        };
-        if let Some(name) = &home {
-            info!(volume = %name, removed = home_removed, "home volume");
-        }
         let record = self.lc.store.user(&self.user).await?;
         if !keep_image
             && let Some(image) = &record.committed_image
@@ -1045,6 +1056,22 @@ impl<R: Runtime> OwnerTask<R> {
         self.lc.store.remove_user(&self.user).await?;
         self.guest = None;
         let _ = std::fs::remove_dir_all(self.lc.settings.run_dir.join(self.user.as_str()));
+        // Her data goes last, once nothing else of hers can fail, and only a volume that is
+        // this instance's home of hers by every label.
+        let mut home_removed = false;
+        if let Some(name) = &home {
+            if purge_data {
+                if self.lc.is_own_home(name, &self.user).await? {
+                    match self.lc.runtime.remove_volume(name).await {
+                        Ok(r) => home_removed = r,
+                        Err(e) => warn!(volume = %name, error = %e, "her home volume is kept"),
+                    }
+                } else {
+                    warn!(volume = %name, "not this instance's home volume: kept");
+                }
+            }
+            info!(volume = %name, removed = home_removed, "home volume");
+        }
         Ok(Removed { home, home_removed })
     }
 

@@ -498,6 +498,47 @@ fn passwd_from_tar(tar: &[u8]) -> Option<String> {
     Some(text)
 }
 
+/// A helper container (never started) that is removed when this is dropped without
+/// [`HelperGuard::done`]: a request cut short, or a deadline, leaves none behind.
+struct HelperGuard {
+    docker: Docker,
+    name: Option<String>,
+}
+
+impl HelperGuard {
+    fn new(docker: &Docker, name: &str) -> Self {
+        Self {
+            docker: docker.clone(),
+            name: Some(name.to_owned()),
+        }
+    }
+
+    /// The caller removed it.
+    fn done(mut self) {
+        self.name = None;
+    }
+}
+
+impl Drop for HelperGuard {
+    fn drop(&mut self) {
+        let Some(name) = self.name.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let docker = self.docker.clone();
+        handle.spawn(async move {
+            let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+            if let Err(e) = docker.remove_container(&name, Some(opts)).await
+                && !is_404(&e)
+            {
+                tracing::warn!(container = %name, error = %e, "a helper container is left behind");
+            }
+        });
+    }
+}
+
 /// Root's home in text of the `/etc/passwd` format: the sixth field of the first line of
 /// user `root`.
 fn root_home_in_passwd(passwd: &str) -> Option<String> {
@@ -1387,6 +1428,7 @@ impl Runtime for DockerRuntime {
             .create_container(Some(opts), body)
             .await
             .map_err(map_err)?;
+        let guard = HelperGuard::new(&self.docker, &name);
         let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
             .path("/etc/passwd")
             .build();
@@ -1411,6 +1453,7 @@ impl Runtime for DockerRuntime {
         }
         drop(stream);
         let _ = self.remove(&name).await;
+        guard.done();
         read?;
         if tar.is_empty() {
             return Ok(None);
@@ -1505,6 +1548,7 @@ impl Runtime for DockerRuntime {
         use futures_util::StreamExt;
         use tokio::io::AsyncWriteExt;
         let helper = self.volume_helper(volume, image).await?;
+        let guard = HelperGuard::new(&self.docker, &helper);
         let opts = bollard::query_parameters::DownloadFromContainerOptionsBuilder::default()
             .path(&format!("{VOLUME_HELPER_MOUNT}/."))
             .build();
@@ -1530,6 +1574,7 @@ impl Runtime for DockerRuntime {
         }
         drop(stream);
         let _ = self.remove(&helper).await;
+        guard.done();
         result?;
         out.flush()
             .await
@@ -1544,6 +1589,7 @@ impl Runtime for DockerRuntime {
         tar: ByteStream,
     ) -> Result<(), RuntimeError> {
         let helper = self.volume_helper(volume, image).await?;
+        let guard = HelperGuard::new(&self.docker, &helper);
         let opts = bollard::query_parameters::UploadToContainerOptionsBuilder::default()
             .path(VOLUME_HELPER_MOUNT)
             .build();
@@ -1553,6 +1599,7 @@ impl Runtime for DockerRuntime {
             .await
             .map_err(map_err);
         let _ = self.remove(&helper).await;
+        guard.done();
         r
     }
 

@@ -815,3 +815,31 @@ mod network_tests {
         assert_eq!(spec.block(4096), None);
     }
 }
+
+/// The label of the short-lived containers Berth makes to read an image or a volume (never
+/// started): `berth-volume-helper-PID-N`, `berth-home-probe-PID-N`, `berth-quota-probe-PID`.
+pub const LABEL_PROBE: &str = "berth.probe";
+
+/// Removes the helper containers ([`LABEL_PROBE`]) whose daemon (the PID in their name) is
+/// gone: what a killed daemon left. Returns how many were removed.
+pub async fn remove_leftover_helpers<R: Runtime>(rt: &R) -> Result<usize, RuntimeError> {
+    let mut n = 0;
+    for c in rt.list(LABEL_PROBE, "1").await? {
+        let pid = [
+            "berth-volume-helper-",
+            "berth-home-probe-",
+            "berth-quota-probe-",
+        ]
+        .iter()
+        .find_map(|p| c.name.strip_prefix(p))
+        .and_then(|rest| rest.split('-').next())
+        .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        rt.remove(&c.id).await?;
+        n += 1;
+    }
+    Ok(n)
+}

@@ -315,6 +315,11 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
             && err.contains("home "),
         "{err}"
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the archive is {mode:o}");
+    }
     // Never over an existing file.
     let (ok, err) = berth(&a, &["user", "export", "alice", f]);
     assert!(!ok);
@@ -365,4 +370,187 @@ fn a_user_moves_to_another_host_with_her_image_home_and_settings() {
     assert!(err.contains("user alice already exists"), "{err}");
     // The first host is untouched: her commit there is still hers.
     assert!(image_exists(&a.commit_image("alice")));
+
+    // A hostile archive whose saved image is tagged as an image of this host: loading it
+    // must not move that tag.
+    let victim = format!("{}victim:latest", b.prefix);
+    docker(&["tag", BUSYBOX, &victim]);
+    let victim_id = image_id(&victim);
+    let entries = read_tar(&std::fs::read(&file).unwrap());
+    let hostile = |committed: &str, name: &str| {
+        let mut out = Vec::new();
+        for (n, data) in &entries {
+            let data = match n.as_str() {
+                "berth-user.json" => {
+                    let mut m: serde_json::Value = serde_json::from_slice(data).unwrap();
+                    m["name"] = name.into();
+                    m["committed_image"] = committed.into();
+                    m["home"] = false.into();
+                    m["mounts"] = serde_json::json!([["/etc", "/hostetc", false]]);
+                    m["gpus"] = "all".into();
+                    m["pids"] = 4_000_000.into();
+                    serde_json::to_vec(&m).unwrap()
+                }
+                "image.tar" => {
+                    let inner = read_tar(data)
+                        .into_iter()
+                        .map(|(n, d)| match n.as_str() {
+                            "manifest.json" => {
+                                let mut m: serde_json::Value = serde_json::from_slice(&d).unwrap();
+                                m[0]["RepoTags"] = serde_json::json!([victim]);
+                                (n, serde_json::to_vec(&m).unwrap())
+                            }
+                            _ => (n, d),
+                        })
+                        .collect::<Vec<_>>();
+                    write_tar(&inner)
+                }
+                _ => continue,
+            };
+            out.push((n.clone(), data));
+        }
+        let path = b.dir.path().join(format!("{name}.tar"));
+        std::fs::write(&path, write_tar(&out)).unwrap();
+        path
+    };
+    // Named as the victim: refused.
+    let h = hostile(&victim, "carol");
+    let (ok, err) = berth(&b, &["user", "import", h.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("is not carol's own commit"), "{err}");
+    assert_eq!(image_id(&victim), victim_id);
+    // Named as hers but tagged as the victim inside: imported, tagged as hers only.
+    let h = hostile("other/users:dave", "dave");
+    let (ok, err) = berth(&b, &["user", "import", h.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(image_id(&victim), victim_id, "the import moved {victim}");
+    // The archive chose a host path, GPUs and more processes than this server gives.
+    assert!(
+        err.contains("not carried over: mounts /etc:/hostetc (set them again with berth user set)")
+            && err.contains("not carried over: gpus all")
+            && err.contains("not carried over: pids 4000000"),
+        "{err}"
+    );
+    let v = show(&b, "dave");
+    assert!(!v.to_string().contains("/hostetc"), "{v}");
+    assert_ne!(v["limits"]["pids"]["value"], 4_000_000, "{v}");
+    assert_eq!(
+        image_id(&b.commit_image("dave")),
+        image_id(&a.commit_image("alice"))
+    );
+    docker_output(&["rmi", &victim]);
+
+    // Her home kept after she is removed is not for an archive to take over, even one
+    // without a home.
+    b.berth_ok(&["user", "rm", "alice"]);
+    let vol = volume(&b, "alice");
+    assert!(volume_exists(&vol));
+    let (ok, err) = berth(&b, &["user", "import", f]);
+    assert!(!ok);
+    assert!(
+        err.starts_with(&format!(
+            "error: volume {vol} exists already, kept from an earlier user alice"
+        )) && err.contains(&format!("docker volume rm {vol}"))
+            && err.contains("berth user add")
+            && err.trim_end().lines().count() == 1,
+        "{err}"
+    );
+    assert!(b.users().iter().all(|u| u["name"] != "alice"));
+    assert!(volume_exists(&vol));
+    let pubkey = key.with_extension("pub");
+    let (ok, err) = berth(
+        &b,
+        &[
+            "user",
+            "add",
+            "alice",
+            "--image",
+            BUSYBOX,
+            "--key",
+            pubkey.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains(&format!(
+            "reusing the home volume {vol} kept from an earlier user alice"
+        )),
+        "{err}"
+    );
+}
+
+fn image_id(image: &str) -> String {
+    docker(&["image", "inspect", "--format", "{{.Id}}", image])
+        .trim()
+        .to_owned()
+}
+
+fn read_tar(data: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(data);
+    let mut out = Vec::new();
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        if !e.header().entry_type().is_file() {
+            continue;
+        }
+        let n = e.path().unwrap().to_string_lossy().into_owned();
+        let mut d = Vec::new();
+        e.read_to_end(&mut d).unwrap();
+        out.push((n, d));
+    }
+    out
+}
+
+fn write_tar(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (n, d) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(d.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, n, d.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn purge_data_removes_only_a_volume_labelled_this_instances_home_of_hers() {
+    let d = daemon("");
+    // A volume of her name, hers by its user label, but not this instance's home.
+    let vol = volume(&d, "eve");
+    docker(&["volume", "create", "--label", "berth.user=eve", &vol]);
+    d.add_user("eve", BUSYBOX);
+    let (ok, err) = berth(&d, &["user", "rm", "eve", "--purge-data"]);
+    assert!(ok, "{err}");
+    let kept = volume_exists(&vol);
+    docker_output(&["volume", "rm", &vol]);
+    assert!(
+        kept,
+        "--purge-data removed a volume that is not this instance's home"
+    );
+}
+
+#[test]
+fn a_helper_container_left_by_a_killed_daemon_is_removed_at_start() {
+    // Named as a helper of a daemon whose PID cannot exist (over any pid_max).
+    let name = format!("berth-volume-helper-99999999-{}", std::process::id());
+    docker(&[
+        "create",
+        "--label",
+        "berth.probe=1",
+        "--name",
+        &name,
+        "--network",
+        "none",
+        BUSYBOX,
+        "true",
+    ]);
+    let d = daemon("");
+    let gone = !docker_output(&["container", "inspect", &name])
+        .status
+        .success();
+    docker_output(&["rm", "-f", &name]);
+    assert!(gone, "{name} is still there after a daemon start");
+    drop(d);
 }

@@ -71,6 +71,10 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
                 code: 1,
             })?;
         remove_containers(&engine, &state).await?;
+        match berth_runtime::remove_leftover_helpers(&engine).await {
+            Ok(n) => println!("helper containers: removed {n} left by a stopped daemon"),
+            Err(e) => eprintln!("warning: cannot remove left-over helper containers: {e}"),
+        }
         remove_volumes(&engine, &state).await?;
         remove_networks(&engine, &state, &config.network).await?;
         remove_firewall(&config).await;

@@ -158,6 +158,12 @@ pub fn run(cmd: UserCommand, state_dir: Option<PathBuf>) -> Result<(), Failure> 
                 "added user {} (image {}, {} key(s))",
                 info.name, info.image, info.keys
             );
+            if let Some(home) = &info.home {
+                eprintln!(
+                    "reusing the home volume {} kept from an earlier user {}",
+                    home.volume, info.name
+                );
+            }
             Ok(())
         }
         UserCommand::Rm {
@@ -547,9 +553,12 @@ fn archive_parts(file: &Path) -> String {
 }
 
 fn export(c: &berth_proto::AdminClient, name: &UserName, file: &Path) -> Result<(), Failure> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Her keys, image and files: for the admin's eyes only.
     let out = std::fs::File::options()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(file)
         .map_err(|e| {
             Failure::new(format!(
@@ -605,13 +614,14 @@ fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     let parts = archive_parts(file);
     let bar = bytes_bar(len, format!("importing {}", file.display()));
-    let info: Result<UserInfo, Failure> = block_on(async {
+    let info: Result<berth_daemon::moving::Imported, Failure> = block_on(async {
         let reader = bar.wrap_async_read(tokio::fs::File::from_std(f));
         let stream = tokio_util::io::ReaderStream::new(reader);
         Ok(c.post_stream("/users/import", stream).await?)
     });
     bar.finish_and_clear();
-    let u = info?;
+    let imported = info?;
+    let u = imported.user;
     eprintln!(
         "imported user {} from {} ({}: {}); image {}{}{}",
         u.name,
@@ -628,6 +638,9 @@ fn import(c: &berth_proto::AdminClient, file: &Path) -> Result<(), Failure> {
             .map(|h| format!(", home volume {}", h.volume))
             .unwrap_or_default(),
     );
+    for line in &imported.not_carried_over {
+        eprintln!("not carried over: {line}");
+    }
     Ok(())
 }
 
