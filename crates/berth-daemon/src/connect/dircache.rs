@@ -50,6 +50,9 @@ pub struct DirCache {
     order: VecDeque<(u64, Instant)>,
     bytes: usize,
     building: HashMap<u64, Building>,
+    /// The bytes of every listing being read, together bounded by `max_bytes` too (each
+    /// open handle of the laptop's could be reading one).
+    building_bytes: usize,
     local: HashMap<u64, Arc<[DirEntry]>>,
     next_local: u64,
 }
@@ -71,6 +74,7 @@ impl DirCache {
             order: VecDeque::new(),
             bytes: 0,
             building: HashMap::new(),
+            building_bytes: 0,
             local: HashMap::new(),
             next_local: 0,
         }
@@ -120,22 +124,30 @@ impl DirCache {
             return;
         };
         if b.spoiled || b.next != from {
-            self.building.remove(&fh);
+            self.stop_building(fh);
             return;
         }
         if let Some(last) = entries.last() {
-            b.bytes += entries.iter().map(cost).sum::<usize>();
-            if b.bytes > self.max_bytes / 4 {
-                self.building.remove(&fh);
+            let more = entries.iter().map(cost).sum::<usize>();
+            if b.bytes + more > self.max_bytes / 4 || self.building_bytes + more > self.max_bytes {
+                self.stop_building(fh);
                 return;
             }
+            b.bytes += more;
             b.next = last.offset;
             b.entries.extend_from_slice(entries);
+            self.building_bytes += more;
             return;
         }
-        if let Some(b) = self.building.remove(&fh) {
+        if let Some(b) = self.stop_building(fh) {
             self.keep(b.ino, b.entries, b.bytes, now);
         }
+    }
+
+    fn stop_building(&mut self, fh: u64) -> Option<Building> {
+        let b = self.building.remove(&fh)?;
+        self.building_bytes -= b.bytes;
+        Some(b)
     }
 
     fn keep(&mut self, ino: u64, entries: Vec<DirEntry>, bytes: usize, now: Instant) {
@@ -176,7 +188,7 @@ impl DirCache {
     /// A handle was released (local or the laptop's).
     pub fn close(&mut self, fh: u64) {
         self.local.remove(&fh);
-        self.building.remove(&fh);
+        let _ = self.stop_building(fh);
     }
 
     /// Directory `ino` changed (or a file in it did): its listing goes, and one being read
@@ -287,5 +299,16 @@ mod tests {
         assert_eq!(c.open(0, now), None);
         // Two handles at most: a third is refused (the laptop is asked instead).
         assert_eq!(c.open(9, now), None);
+        // Listings being read on many handles at once are bounded together: past the
+        // bound, the one growing is not kept.
+        for fh in 0..10 {
+            c.start(200 + fh, 50 + fh);
+            c.fetched(200 + fh, DOTS, &entries(&["a", "b"], DOTS), now);
+            assert!(c.building_bytes <= one * 4 + 1);
+        }
+        for fh in 0..10 {
+            c.close(200 + fh);
+        }
+        assert_eq!(c.building_bytes, 0);
     }
 }

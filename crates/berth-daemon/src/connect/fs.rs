@@ -1466,6 +1466,11 @@ mod tests {
         mount_with(OWNER, Duration::from_secs(30), MAX_NODES, None)
     }
 
+    /// A mount served by `laptop`, otherwise as [`mount`].
+    fn mount_by(laptop: Laptop) -> Option<Mounted> {
+        mount_with(OWNER, Duration::from_secs(30), MAX_NODES, Some(laptop))
+    }
+
     /// Runs `f` on a thread of its own, failing the test if it has not ended in a minute.
     fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1732,12 +1737,7 @@ mod tests {
             }
             result
         });
-        let Some(m) = mount_with(
-            OWNER,
-            Duration::from_secs(30),
-            MAX_NODES,
-            Some(Laptop::Tampered(tamper)),
-        ) else {
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
             return;
         };
         let names: std::collections::BTreeSet<String> = (0..3000)
@@ -1792,12 +1792,7 @@ mod tests {
             seen.lock().unwrap().push(what);
             result
         });
-        let Some(m) = mount_with(
-            OWNER,
-            Duration::from_secs(30),
-            MAX_NODES,
-            Some(Laptop::Tampered(tamper)),
-        ) else {
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
             return;
         };
         let count = |what| asked.lock().unwrap().iter().filter(|w| **w == what).count();
@@ -1831,12 +1826,7 @@ mod tests {
     #[test]
     fn writes_behind_keep_their_order_and_what_follows_sees_them() {
         use std::os::unix::fs::FileExt;
-        let Some(m) = mount_with(
-            OWNER,
-            Duration::from_secs(30),
-            MAX_NODES,
-            Some(Laptop::Reordering),
-        ) else {
+        let Some(m) = mount_by(Laptop::Reordering) else {
             return;
         };
         // Eight 64 KiB blocks overwritten in turns from one descriptor, to a laptop that
@@ -1882,12 +1872,7 @@ mod tests {
             Op::Write { .. } => Err(libc::ENOSPC),
             _ => result,
         });
-        let Some(m) = mount_with(
-            OWNER,
-            Duration::from_secs(30),
-            MAX_NODES,
-            Some(Laptop::Tampered(tamper)),
-        ) else {
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
             return;
         };
         let mut f = std::fs::File::create(m.dir().join("a")).unwrap();
@@ -1917,12 +1902,7 @@ mod tests {
             Op::Readlink { .. } => Ok(Answer::Bytes(vec![b'a'; 5000])),
             _ => result,
         });
-        let Some(m) = mount_with(
-            OWNER,
-            Duration::from_secs(30),
-            MAX_NODES,
-            Some(Laptop::Tampered(tamper)),
-        ) else {
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
             return;
         };
         std::fs::write(m.laptop().join("file"), "x").unwrap();
