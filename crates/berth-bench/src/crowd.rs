@@ -128,16 +128,33 @@ pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize) -> Vec<Figure> {
     let baseline = o.clone();
     let warm = warm.with(b, o, outcome);
 
-    let (mut b, mut failed) = (Vec::new(), Vec::new());
+    let docker = Figure::new(
+        "crowd_cold_docker",
+        format!("{n} logins at once, containers stopped, vs the same {n} containers started at once through the engine's API"),
+        "ms",
+        "Docker floor",
+    )
+    .percentiles()
+    .note("floor: POST /containers/{id}/start of the same stopped containers, all at once, each timed until the engine answers; Berth's part is what its logins take beyond that");
+    let containers: Vec<String> = users.iter().map(|u| rig.tag.container(&u.user)).collect();
+    let stopped = |rig: &Rig| -> Result<()> {
+        for c in &containers {
+            if rig.engine.running(c)? != Some(false) {
+                bail!("{c} did not stop");
+            }
+        }
+        Ok(())
+    };
+    let (mut b, mut floor, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     let outcome = (|| -> Result<()> {
         for _ in 0..rounds {
             interrupt::check()?;
             in_parallel(&users, 10, |u| u.run("stop").map(drop))?;
-            for u in &users {
-                if rig.engine.running(&rig.tag.container(&u.user))? != Some(false) {
-                    bail!("{}'s container did not stop", u.user);
-                }
-            }
+            stopped(rig)?;
+            std::thread::sleep(Duration::from_secs(1));
+            floor.extend(start_at_once(rig, &containers)?);
+            in_parallel(&containers, 10, |c| rig.engine.stop(c))?;
+            stopped(rig)?;
             std::thread::sleep(Duration::from_secs(1));
             let (t, f) = burst(&users)?;
             b.extend(t);
@@ -145,7 +162,78 @@ pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize) -> Vec<Figure> {
         }
         check_failures(&failed)
     })();
-    vec![warm, cold.with(b, baseline, outcome)]
+    let docker_outcome = match &outcome {
+        Ok(()) => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("{e:#}")),
+    };
+    let cold = cold.with(b.clone(), baseline, outcome);
+    let docker = docker.with(b, floor, docker_outcome);
+    let mut figures = vec![warm, cold, docker];
+    figures.extend(memory_after_load(rig));
+    figures
+}
+
+/// Starts every container in `names` at the same moment through the engine's API; each
+/// one's time from that moment until the engine answered.
+fn start_at_once(rig: &Rig, names: &[String]) -> Result<Vec<f64>> {
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = names
+            .iter()
+            .map(|c| {
+                s.spawn(move || {
+                    rig.engine.start(c)?;
+                    Ok(ms(t0.elapsed()))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("thread died")))
+            })
+            .collect()
+    })
+}
+
+/// How long the daemon may take to hand back what a load freed: its allocator's trim runs
+/// every 10 s.
+const SETTLE: Duration = Duration::from_secs(15);
+
+/// The daemon's memory once the idle sessions and the crowds have ended and it has been quiet
+/// for [`SETTLE`], against the same at rest after start: its RSS, and its own memory alone
+/// (anonymous: heap and stacks, without the pages of code it maps).
+fn memory_after_load(rig: &Rig) -> Vec<Figure> {
+    let rss = Figure::new(
+        "daemon_memory_after_load",
+        "daemon memory after 500 idle sessions and the crowds ended (RSS) vs at rest after start",
+        "MiB",
+        "at rest",
+    )
+    .note(format!(
+        "read {} s after the last session ended; the same daemon served the idle sessions and every crowd",
+        SETTLE.as_secs()
+    ));
+    let anon = Figure::new(
+        "daemon_heap_after_load",
+        "the same, its own memory only (anonymous: heap and stacks, no code)",
+        "MiB",
+        "at rest",
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    while rig.berth.sessions().unwrap_or(0) > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(SETTLE);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let at_start = rig.berth_at_start;
+    match rig.berth_pid().and_then(procfs::memory) {
+        Ok(m) => vec![
+            rss.with(vec![mib(m.rss_kib)], vec![mib(at_start.rss_kib)], Ok(())),
+            anon.with(vec![mib(m.anon_kib)], vec![mib(at_start.anon_kib)], Ok(())),
+        ],
+        Err(e) => vec![rss.failed(&e), anon.failed(&e)],
+    }
 }
 
 fn check_failures(failed: &[String]) -> Result<()> {

@@ -10,6 +10,9 @@ pub struct Memory {
     /// `Pss` from `smaps_rollup`: shared pages divided among their sharers; summing it over
     /// many forked processes (sshd) does not count the shared text many times.
     pub pss_kib: u64,
+    /// `Anonymous` from `smaps_rollup`: the heap, stacks and other memory of its own, without
+    /// the pages of code and files it maps.
+    pub anon_kib: u64,
 }
 
 impl std::ops::Add for Memory {
@@ -18,6 +21,7 @@ impl std::ops::Add for Memory {
         Self {
             rss_kib: self.rss_kib + o.rss_kib,
             pss_kib: self.pss_kib + o.pss_kib,
+            anon_kib: self.anon_kib + o.anon_kib,
         }
     }
 }
@@ -29,6 +33,7 @@ pub fn memory(pid: u32) -> Result<Memory> {
     Ok(Memory {
         rss_kib: field_kib(&status, "VmRSS:").unwrap_or(0),
         pss_kib: field_kib(&rollup, "Pss:").unwrap_or(0),
+        anon_kib: field_kib(&rollup, "Anonymous:").unwrap_or(0),
     })
 }
 

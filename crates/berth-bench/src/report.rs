@@ -143,7 +143,7 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
             detail: format!("median ratio {}", ratio(f)),
         });
     }
-    for id in ["scp_busybox", "scp_debian", "ssh_cat"] {
+    for id in ["scp_busybox", "scp_debian"] {
         if let Some(f) = find(figures, id) {
             out.push(Target {
                 what: format!("{id}: throughput at least 90% of OpenSSH's"),
@@ -151,6 +151,75 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
                 detail: format!("median ratio {}", ratio(f)),
             });
         }
+    }
+    // Issue 18: no figure behind OpenSSH.
+    let at_most = |id: &str, what: &str, limit: f64, out: &mut Vec<Target>| {
+        if let Some(f) = find(figures, id) {
+            out.push(Target {
+                what: format!("{id}: {what}"),
+                met: f.ratio.filter(|_| f.error.is_none()).map(|r| r <= limit),
+                detail: format!("median ratio {}", ratio(f)),
+            });
+        }
+    };
+    if let Some(f) = find(figures, "ssh_cat") {
+        out.push(Target {
+            what: "ssh_cat: throughput at least OpenSSH's".into(),
+            met: f.ratio.filter(|_| f.error.is_none()).map(|r| r >= 1.0),
+            detail: format!("median ratio {}", ratio(f)),
+        });
+    }
+    at_most(
+        "keystroke_echo",
+        "echo at most OpenSSH's (≤ 1.0×)",
+        1.0,
+        &mut out,
+    );
+    at_most(
+        "daemon_memory_at_rest",
+        "RSS at rest at most the listening sshd's (≤ 1.0×)",
+        1.0,
+        &mut out,
+    );
+    at_most(
+        "daemon_memory_after_load",
+        "RSS after the load at most 1.5× the RSS at rest",
+        1.5,
+        &mut out,
+    );
+    if let Some(f) = find(figures, "crowd_warm") {
+        let p99 = match (&f.berth, &f.baseline) {
+            (Some(b), Some(o)) if o.p99 > 0.0 => Some(b.p99 / o.p99),
+            _ => None,
+        };
+        out.push(Target {
+            what: "crowd_warm: p50 and p99 at most OpenSSH's (≤ 1.0×)".into(),
+            met: f
+                .ratio
+                .zip(p99)
+                .filter(|_| f.error.is_none())
+                .map(|(r, p)| r <= 1.0 && p <= 1.0),
+            detail: format!(
+                "p50 ratio {}, p99 ratio {}",
+                ratio(f),
+                p99.map_or_else(|| "—".into(), |p| format!("{p:.2}×"))
+            ),
+        });
+    }
+    if let Some(f) = find(figures, "crowd_cold_docker") {
+        // Berth's part of a cold login in the crowd: what it takes beyond Docker's start.
+        let part = match (&f.berth, &f.baseline) {
+            (Some(b), Some(o)) if b.median > 0.0 => Some((b.median - o.median) / b.median),
+            _ => None,
+        };
+        out.push(Target {
+            what: "crowd_cold: Berth's part at most 10% of a cold login in the crowd".into(),
+            met: part.filter(|_| f.error.is_none()).map(|p| p <= 0.10),
+            detail: part.map_or_else(
+                || "—".into(),
+                |p| format!("Berth's part {:.0}% (p50 {})", p * 100.0, ratio(f)),
+            ),
+        });
     }
     for id in ["crowd_warm", "crowd_cold"] {
         if let Some(f) = find(figures, id) {

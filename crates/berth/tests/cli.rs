@@ -582,7 +582,7 @@ fn completion_asks_the_daemon_and_never_waits_for_one_that_is_silent() {
     let (o, took) = complete(dir.path(), &["berth", "user", "rm", ""]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        took < std::time::Duration::from_secs(3),
+        took < std::time::Duration::from_secs(5),
         "a Tab took {took:?}"
     );
     let got = candidates(&o);
@@ -591,7 +591,7 @@ fn completion_asks_the_daemon_and_never_waits_for_one_that_is_silent() {
     // No daemon at all.
     let none = tempfile::tempdir().unwrap();
     let (o, took) = complete(none.path(), &["berth", "user", "rm", ""]);
-    assert!(o.status.success() && took < std::time::Duration::from_secs(3));
+    assert!(o.status.success() && took < std::time::Duration::from_secs(5));
 }
 
 /// The completion scripts and man pages print; an unknown shell or page is a usage error.

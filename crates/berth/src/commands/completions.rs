@@ -19,8 +19,9 @@ use crate::Failure;
 /// The variable that makes `berth` answer a completion request instead of running.
 pub const VAR: &str = "BERTH_COMPLETE";
 
-/// How long a Tab may wait for the daemon's names.
-const DEADLINE: Duration = Duration::from_millis(700);
+/// How long a Tab may wait for the daemon's names. Image names come from the engine, which a
+/// busy machine (builds, many containers starting) can keep past a second.
+const DEADLINE: Duration = Duration::from_millis(2000);
 
 #[derive(clap::Args)]
 pub struct Args {
