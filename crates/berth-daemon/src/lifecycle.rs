@@ -654,6 +654,7 @@ impl<R: Runtime> Lifecycle<R> {
             stop_at: None,
             guest: None,
             committing: None,
+            running: None,
         };
         self.tracker
             .spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
@@ -676,6 +677,9 @@ struct OwnerTask<R> {
     guest: Option<AbortOnDropHandle<()>>,
     /// A commit running beside the queue.
     committing: Option<tokio::task::JoinHandle<()>>,
+    /// The id of the container last found running (and checked as ours): while the runtime
+    /// knows it still runs, a login needs no inspect.
+    running: Option<String>,
 }
 
 impl<R: Runtime> OwnerTask<R> {
@@ -786,10 +790,20 @@ impl<R: Runtime> OwnerTask<R> {
         // The guest socket's directory is a bind source: it must exist before create.
         self.serve_guest()?;
         let rt = self.lc.runtime.clone();
+        // A warm login asks the engine nothing: the container this owner last found running
+        // (checked as ours then) still runs while its init does. 100 logins at once were 100
+        // inspects for dockerd to answer on the same two cores.
+        if let Some(id) = &self.running
+            && rt.known_running(id)
+        {
+            return Ok(id.clone());
+        }
+        self.running = None;
         let existing = rt.inspect(&self.name).await?;
         if let Some(info) = &existing {
             self.check_ours(info)?;
             if info.running {
+                self.running = Some(info.id.clone());
                 return Ok(info.id.clone());
             }
         }
@@ -864,6 +878,7 @@ impl<R: Runtime> OwnerTask<R> {
                 container: self.name.clone(),
             });
         }
+        self.running = Some(info.id.clone());
         Ok(info.id)
     }
 
@@ -1533,6 +1548,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(running(&rt, "t-alice"), Some(false));
         assert_eq!(FakeRuntime::count(&rt.stops), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_login_asks_the_engine_nothing_until_the_container_stops() {
+        let (lc, rt, _) = setup(50, FakeRuntime::with_images(&["img"]), &["alice"]);
+        let first = lc.acquire(&alice()).await.unwrap();
+        let asked = FakeRuntime::count(&rt.inspects);
+        for _ in 0..5 {
+            drop(lc.acquire(&alice()).await.unwrap());
+        }
+        assert_eq!(
+            FakeRuntime::count(&rt.inspects),
+            asked,
+            "a warm login inspected"
+        );
+        drop(first);
+        settle(&lc, &alice(), 0).await;
+        // Stopped behind the owner's back: the next login asks, and starts it again.
+        let mut info = rt.container("t-alice").unwrap();
+        info.running = false;
+        rt.insert(info);
+        let lease = lc.acquire(&alice()).await.unwrap();
+        assert!(FakeRuntime::count(&rt.inspects) > asked);
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        assert_eq!(FakeRuntime::count(&rt.starts), 2);
+        drop(lease);
     }
 
     #[tokio::test(start_paused = true)]

@@ -848,6 +848,11 @@ impl Runtime for DockerRuntime {
         Ok(nets.into_iter().filter_map(|n| n.name).collect())
     }
 
+    fn known_running(&self, id: &str) -> bool {
+        let cached = self.inits.lock().ok().and_then(|m| m.get(id).copied());
+        cached.is_some_and(|init| init.alive(id))
+    }
+
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
         match self.docker.inspect_container(name, None).await {
             Ok(c) => Ok(Some(ContainerInfo {

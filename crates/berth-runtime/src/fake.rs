@@ -47,6 +47,7 @@ pub struct FakeRuntime {
     /// Set by [`FakeRuntime::set_gpus`]: the engine has the NVIDIA runtime.
     gpus: AtomicBool,
     pub updates: AtomicUsize,
+    pub inspects: AtomicUsize,
     /// Volumes by name, with their labels and what they hold ([`FakeRuntime::set_volume_bytes`]).
     volumes: Mutex<HashMap<String, FakeVolume>>,
     /// Root's home in each image, by image name ([`FakeRuntime::set_root_home`]); `/root`
@@ -278,7 +279,15 @@ impl Runtime for FakeRuntime {
             .unwrap_or_default())
     }
 
+    /// A running container's init counts as reached and alive (the fake has no processes).
+    fn known_running(&self, id: &str) -> bool {
+        self.containers
+            .lock()
+            .is_ok_and(|c| c.values().any(|i| i.id == id && i.running))
+    }
+
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
+        self.inspects.fetch_add(1, Ordering::SeqCst);
         self.with(|c| c.get(name).cloned())
     }
 

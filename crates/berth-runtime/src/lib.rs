@@ -478,6 +478,12 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<ContainerInfo>, RuntimeError>> + Send;
+    /// Whether container `id` is known to run without asking the engine: a session was
+    /// started in it through its init, and that init is still the same live process in it.
+    /// `false` means "ask the engine", not "stopped".
+    fn known_running(&self, _id: &str) -> bool {
+        false
+    }
     /// All containers carrying label `key=value`, running or not.
     fn list(
         &self,

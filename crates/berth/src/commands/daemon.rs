@@ -92,6 +92,8 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
         .with_writer(std::io::stderr)
         .init();
 
+    // Before any thread of the runtime allocates.
+    berth_daemon::tune_allocator();
     let rt = tokio::runtime::Runtime::new()
         .map_err(|e| Failure::new(format!("cannot start the async runtime: {e}")))?;
     rt.block_on(async {
