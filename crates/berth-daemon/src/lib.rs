@@ -497,10 +497,7 @@ const TRIM_EVERY: Duration = Duration::from_secs(10);
 /// so the daemon's RSS would stay at its peak for good; every few seconds the free pages
 /// go back to the kernel (`malloc_trim`, which walks only the allocator's own free lists:
 /// a few milliseconds at most).
-///
-/// The pages of code that starting up mapped in go back once, at start ([`give_back_code`]).
 async fn return_free_memory() {
-    give_back_code();
     let mut tick = tokio::time::interval(TRIM_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -511,126 +508,5 @@ async fn return_free_memory() {
         unsafe {
             libc::malloc_trim(0);
         }
-    }
-}
-
-/// The kernel maps a program's code in around each page it runs: it reads ahead from the file
-/// and maps every cached page of the 64 KiB around a fault. Starting up (the configuration,
-/// the engine's probes, the store's migrations, the command line) so left about 11 MiB of the
-/// daemon's 16 MiB of code resident for good, and a login mapped in as much again, of which
-/// it runs a fraction; its RSS at rest was 14 MiB, of which 1 MiB its own data. Once started,
-/// the daemon drops those clean pages (`MADV_PAGEOUT` on its own read-only mappings of its
-/// executable) and asks the kernel to read its code page by page from then on
-/// (`MADV_RANDOM`), so that what is resident is what runs. The first login after a start
-/// pays for reading its code in (about 0.1 s here). Returns how many mappings were given
-/// back.
-fn give_back_code() -> usize {
-    let (Ok(exe), Ok(maps)) = (
-        std::fs::read_link("/proc/self/exe"),
-        std::fs::read_to_string("/proc/self/maps"),
-    ) else {
-        return 0;
-    };
-    let mut given = 0;
-    for (start, end) in code_mappings(&maps, &exe) {
-        // SAFETY: the range is one of this process's own mappings, read-only, of its
-        // executable file: the advice only changes how the kernel reads it in, and paging it
-        // out drops clean pages that it reads in again on the next access. No memory the
-        // process owns is freed or changed.
-        #[allow(unsafe_code)]
-        let r = unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_RANDOM);
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT)
-        };
-        if r == 0 {
-            given += 1;
-        }
-    }
-    given
-}
-
-/// The read-only mappings of `exe` in a `/proc/PID/maps` text, as (start, end).
-fn code_mappings(maps: &str, exe: &Path) -> Vec<(usize, usize)> {
-    let exe = exe.as_os_str().as_encoded_bytes();
-    maps.lines()
-        .filter_map(|line| {
-            // address perms offset dev inode path (the path may hold spaces)
-            let mut f = line.splitn(6, ' ');
-            let (range, perms) = (f.next()?, f.next()?);
-            let path = f.nth(3)?.trim_start();
-            if path.as_bytes() != exe || perms.contains('w') {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            let (a, b) = (
-                usize::from_str_radix(a, 16).ok()?,
-                usize::from_str_radix(b, 16).ok()?,
-            );
-            (a < b).then_some((a, b))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_the_executables_read_only_mappings_are_taken() {
-        let maps = "55a0-55b0 r--p 00000000 fd:01 123                 /usr/bin/berth\n\
-                    55b0-55c0 r-xp 00010000 fd:01 123                 /usr/bin/berth\n\
-                    55c0-55d0 rw-p 00020000 fd:01 123                 /usr/bin/berth\n\
-                    7f00-7f10 r-xp 00000000 fd:01 9                   /usr/lib/libc.so.6\n\
-                    7f20-7f30 r-xp 00000000 fd:01 77                  /opt/my berth/berth\n\
-                    7f40-7f50 rw-p 00000000 00:00 0 \n\
-                    7f60-7f70 rw-p 00000000 00:00 0\n";
-        assert_eq!(
-            code_mappings(maps, Path::new("/usr/bin/berth")),
-            vec![(0x55a0, 0x55b0), (0x55b0, 0x55c0)]
-        );
-        assert_eq!(
-            code_mappings(maps, Path::new("/opt/my berth/berth")),
-            vec![(0x7f20, 0x7f30)]
-        );
-        assert!(code_mappings(maps, Path::new("/usr/bin/ber")).is_empty());
-    }
-
-    /// KiB of this process's executable resident, from `/proc/self/smaps`.
-    fn code_resident_kib() -> u64 {
-        let exe = std::fs::read_link("/proc/self/exe").unwrap();
-        let exe = exe.to_str().unwrap();
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let mut ours = false;
-        let mut kib = 0;
-        for line in smaps.lines() {
-            let mut f = line.split_whitespace();
-            let first = f.next().unwrap_or_default();
-            if first.contains('-') && !first.ends_with(':') {
-                ours = line.ends_with(exe);
-            } else if ours && first == "Rss:" {
-                kib += f.next().unwrap().parse::<u64>().unwrap();
-            }
-        }
-        kib
-    }
-
-    #[test]
-    fn the_code_starting_mapped_in_is_given_back() {
-        let before = code_resident_kib();
-        assert!(
-            before > 256,
-            "only {before} KiB of code resident: nothing to show"
-        );
-        assert!(
-            give_back_code() >= 2,
-            "no mapping of the executable given back"
-        );
-        let after = code_resident_kib();
-        // Other tests run meanwhile and map code in again; what was given back is most of it.
-        assert!(
-            after < before,
-            "{before} KiB of code resident before, {after} KiB after"
-        );
     }
 }

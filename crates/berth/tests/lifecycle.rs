@@ -134,20 +134,25 @@ fn idle_stop_after_grace_and_login_cancels_it() {
 fn an_open_session_keeps_the_container_running() {
     let d = start(1, "");
     let key = d.add_user("alice", BUSYBOX);
+    // Runs until told to end (a file appears), at most a minute: however slow the machine,
+    // it outlives the checks below.
     let long = d
         .ssh("alice", &key)
-        .arg("sleep 6; echo done")
+        .arg(
+            "i=0; while [ ! -e /tmp/go ] && [ $i -lt 60 ]; do sleep 1; i=$((i+1)); done; echo done",
+        )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     assert!(wait_until(Duration::from_secs(20), || sessions(
         &d, "alice"
     ) == 1));
-    // Short sessions come and go; the long one holds the container.
+    // Short sessions come and go (past the 1 s grace); the long one holds the container.
     d.ssh_ok("alice", &key, "true");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(d.container_state("alice").as_deref(), Some("running"));
     assert_eq!(sessions(&d, "alice"), 1);
+    d.ssh_ok("alice", &key, "touch /tmp/go");
     let out = long.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "done\n");
     assert!(wait_until(Duration::from_secs(20), || d
