@@ -565,14 +565,20 @@ fn candidates(o: &Output) -> Vec<String> {
 fn completion_asks_the_daemon_and_never_waits_for_one_that_is_silent() {
     let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
     d.add_user("alice", BUSYBOX);
-    let (o, _) = complete(&d.state_dir(), &["berth", "user", "rm", ""]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(candidates(&o).contains(&"alice".to_owned()), "{o:?}");
-    let (o, _) = complete(
-        &d.state_dir(),
+    // A Tab gets nothing when the daemon (or the engine behind it) is slower than the Tab's
+    // deadline, as on a machine busy with the rest of the suite; the user presses Tab again.
+    let completes = |words: &[&str], want: &str| {
+        (0..5).any(|_| {
+            let (o, _) = complete(&d.state_dir(), words);
+            assert!(o.status.success(), "{}", stderr(&o));
+            candidates(&o).contains(&want.to_owned())
+        })
+    };
+    assert!(completes(&["berth", "user", "rm", ""], "alice"));
+    assert!(completes(
         &["berth", "user", "add", "bob", "--image", ""],
-    );
-    assert!(candidates(&o).contains(&BUSYBOX.to_owned()), "{o:?}");
+        BUSYBOX
+    ));
     let (o, _) = complete(&d.state_dir(), &["berth", "user", "l"]);
     assert_eq!(candidates(&o), ["list"]);
 

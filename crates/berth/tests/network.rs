@@ -187,7 +187,7 @@ fn forward_from(d: &Daemon, user: &str, key: &Path, targets: &[(Ipv4Addr, u16)])
     );
     let listening = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
     assert!(
-        wait_until(Duration::from_secs(20), || locals
+        wait_until(Duration::from_secs(60), || locals
             .iter()
             .all(|p| listening(*p))),
         "the forwards did not listen\n{}",
