@@ -575,10 +575,16 @@ fn install_login_upgrade_with_a_session_open_remove_purge_on_this_machine() {
             &format!("127.0.0.1:{port}"),
         ]),
     );
-    let config = config.replace(
-        "# network = \"berth\"\n",
-        &format!("network = \"{}\"\n", guard.network),
-    );
+    // A grace longer than the test: after the upgrade the new daemon adopts her container and
+    // starts its grace, and apt (its triggers) can take longer than the default 10 s on a busy
+    // machine, so the checks below would see an idle stop, not the upgrade's doing.
+    let config = config
+        .replace(
+            "# network = \"berth\"\n",
+            &format!("network = \"{}\"\n", guard.network),
+        )
+        .replace("# idle_stop_seconds = 10\n", "idle_stop_seconds = 600\n");
+    assert!(config.contains("\nidle_stop_seconds = 600\n"), "{config}");
     std::fs::write("/etc/berth/berth.toml", &config).unwrap();
 
     let confold = "Dpkg::Options::=--force-confold";
