@@ -259,13 +259,18 @@ impl DockerRuntime {
 
     /// The init of running container `container` (its id), from the cache when it is still
     /// that process.
-    async fn init(&self, container: &str) -> Result<Option<Identity>, RuntimeError> {
+    /// Container `container`'s init as last reached, while it is still that live process.
+    fn cached_init(&self, container: &str) -> Option<Identity> {
         let cached = self
             .inits
             .lock()
             .ok()
             .and_then(|m| m.get(container).copied());
-        if let Some(init) = cached.filter(|i| i.alive(container)) {
+        cached.filter(|i| i.alive(container))
+    }
+
+    async fn init(&self, container: &str) -> Result<Option<Identity>, RuntimeError> {
+        if let Some(init) = self.cached_init(container) {
             return Ok(Some(init));
         }
         let Some(pid) = self.init_pid(container).await? else {
@@ -849,8 +854,7 @@ impl Runtime for DockerRuntime {
     }
 
     fn known_running(&self, id: &str) -> bool {
-        let cached = self.inits.lock().ok().and_then(|m| m.get(id).copied());
-        cached.is_some_and(|init| init.alive(id))
+        self.cached_init(id).is_some()
     }
 
     async fn inspect(&self, name: &str) -> Result<Option<ContainerInfo>, RuntimeError> {
