@@ -212,7 +212,15 @@ fn run(args: &Args) -> Result<bool> {
     })?;
     let mut machine = Machine::describe(&rig.engine, &args.berth, &args.sshd);
     let mut figures: Vec<Figure> = Vec::new();
-    let step = |name: &str| eprintln!("berth-bench: {name}");
+    // Each step says when it starts, and how long the run has taken so far: where a run's
+    // minutes go.
+    let run_started = std::time::Instant::now();
+    let step = |name: &str| {
+        eprintln!(
+            "berth-bench: {name} (at {:.0} s)",
+            run_started.elapsed().as_secs_f64()
+        );
+    };
 
     if args.wants(Part::Login) {
         step("warm logins");
@@ -316,7 +324,11 @@ fn run(args: &Args) -> Result<bool> {
     report::print(&results);
     let json = args.out.join("results.json");
     report::write_json(&results, &json)?;
-    eprintln!("\nberth-bench: wrote {}", json.display());
+    eprintln!(
+        "\nberth-bench: wrote {} (the run took {:.0} s)",
+        json.display(),
+        run_started.elapsed().as_secs_f64()
+    );
     if let Some(doc) = &args.doc {
         report::write_doc(&results, doc)?;
         eprintln!("berth-bench: refreshed {}", doc.display());

@@ -552,9 +552,31 @@ impl AsyncRead for Pty {
     ) -> Poll<std::io::Result<()>> {
         loop {
             let mut ready = ready!(self.0.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match ready.try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(Into::into)) {
+            // Read into the buffer's spare room as it is: zeroing 32 KiB first, for every
+            // keystroke echoed, is work for nothing.
+            // SAFETY: nothing here de-initialises what the buffer holds; read(2) only writes.
+            #[allow(unsafe_code)]
+            let spare = unsafe { buf.unfilled_mut() };
+            let read = ready.try_io(|fd| {
+                // SAFETY: `spare` is writable memory of `spare.len()` bytes that lives for
+                // this call; read(2) writes at most that many bytes into it.
+                #[allow(unsafe_code)]
+                let n = unsafe {
+                    libc::read(
+                        fd.get_ref().as_raw_fd(),
+                        spare.as_mut_ptr().cast::<libc::c_void>(),
+                        spare.len(),
+                    )
+                };
+                usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+            });
+            match read {
                 Ok(Ok(n)) => {
+                    // SAFETY: read(2) initialised the first `n` bytes of the spare room.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        buf.assume_init(n);
+                    }
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }

@@ -19,9 +19,15 @@ use tokio::sync::Notify;
 
 use crate::quota::Reserved;
 
-/// The most a consumer takes before it grants the client the window back (it also grants
-/// whatever it took before it waits for more).
+/// The most a consumer takes before it grants the client the window back.
 const GRANT_STEP: usize = 64 * 1024;
+
+/// What a consumer that has written everything and waits for more grants back at once: at
+/// least half the smallest window, as OpenSSH does (`channel_check_window`). A client can
+/// only be stopped by its window when all of it is outstanding, which is then granted; below
+/// this, a keystroke is not answered by a window adjustment of its own (one packet more, and
+/// one more wake of the connection, per byte typed).
+const IDLE_GRANT: usize = crate::server::INITIAL_WINDOW as usize / 2;
 
 /// The most pieces one write hands the kernel (`writev`).
 const WRITE_SLICES: usize = 64;
@@ -201,8 +207,10 @@ impl InboxRx {
             if let Some(got) = got {
                 return got;
             }
-            // Nothing to write: whatever was written may be sent again before we sleep.
-            self.shared.grant(std::mem::take(&mut self.ungranted));
+            // Nothing to write: much that was written may be sent again before we sleep.
+            if self.ungranted >= IDLE_GRANT {
+                self.shared.grant(std::mem::take(&mut self.ungranted));
+            }
             woken.await;
         }
     }

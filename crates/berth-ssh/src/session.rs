@@ -325,9 +325,10 @@ fn take_input(msg: Option<ChannelMsg>, input: &InboxTx, tty: bool) -> Taken {
 /// Runs the process to its end. Returns its exit code, or `None` when the client went
 /// away first (the process is then ended by dropping its control).
 ///
-/// The channel is read all the time: stdin is written by its own task, so a process that
-/// is not reading stdin never stops window changes, EOF or a close from arriving, nor its
-/// own output from flowing.
+/// The channel is read all the time: stdin is written by a future of its own, polled beside
+/// the channel and the output (in this task: a keystroke reaches the terminal without a
+/// wake of another task), so a process that is not reading stdin never stops window
+/// changes, EOF or a close from arriving, nor its own output from flowing.
 async fn pump(
     process: Process,
     resized: Option<WindowSize>,
@@ -342,7 +343,9 @@ async fn pump(
         output,
         mut control,
     } = process;
-    let _writer = AbortOnDropHandle::new(tokio::spawn(write_stdin(stdin, stdin_rx)));
+    let writer = write_stdin(stdin, stdin_rx);
+    tokio::pin!(writer);
+    let mut writing = true;
     if let Some(size) = resized {
         control.resize(size).await;
     }
@@ -351,6 +354,7 @@ async fn pump(
     loop {
         tokio::select! {
             () = &mut out => break,
+            () = &mut writer, if writing => writing = false,
             m = rx.wait() => match take_input(m, &input, tty) {
                 Taken::Nothing => {}
                 Taken::Resize(size) => control.resize(size).await,
@@ -367,6 +371,7 @@ async fn pump(
     let code = loop {
         tokio::select! {
             code = &mut wait => break code,
+            () = &mut writer, if writing => writing = false,
             // Window changes: no output is left, so no terminal to size.
             m = rx.wait() => if let Taken::End = take_input(m, &input, tty) {
                 return None;
