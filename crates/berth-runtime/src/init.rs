@@ -31,7 +31,6 @@ use nix::fcntl::OFlag;
 use nix::sys::socket::sockopt::PeerCredentials;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::io::ReaderStream;
 
 use crate::exec::raw_output;
 use crate::process::Identity;
@@ -287,11 +286,11 @@ pub(crate) async fn spawn(
             let stdin = tokio::net::unix::pipe::Sender::from_owned_fd(in_w).map_err(io_err)?;
             let out = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r).map_err(io_err)?;
             let err = tokio::net::unix::pipe::Receiver::from_owned_fd(err_r).map_err(io_err)?;
-            let out = ReaderStream::with_capacity(out, 64 * 1024).map(|r| {
+            let out = pipe_output(out, 64 * 1024).map(|r| {
                 r.map(Output::Stdout)
                     .map_err(|e| RuntimeError::Session(format!("session output: {e}")))
             });
-            let err = ReaderStream::with_capacity(err, 16 * 1024).map(|r| {
+            let err = pipe_output(err, 16 * 1024).map(|r| {
                 r.map(Output::Stderr)
                     .map_err(|e| RuntimeError::Session(format!("session output: {e}")))
             });
@@ -533,6 +532,39 @@ fn discard(fds: Vec<OwnedFd>) {
     fds::dispose(fds);
 }
 
+/// A process's output pipe as a stream of what it wrote, read `capacity` bytes at most at a
+/// time. The buffer is taken only once the pipe has something to read: an idle session (a
+/// `sleep`, a server waiting for input) holds no output buffer, where reserving it up front
+/// cost 80 KiB per session (see docs/benchmarks.md, "Where an idle session's memory goes").
+fn pipe_output(
+    pipe: tokio::net::unix::pipe::Receiver,
+    capacity: usize,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    futures_util::stream::unfold(
+        Some((pipe, bytes::BytesMut::new())),
+        move |state| async move {
+            let (pipe, mut buf) = state?;
+            loop {
+                if let Err(e) = pipe.readable().await {
+                    return Some((Err(e), None));
+                }
+                if buf.capacity() == 0 {
+                    buf.reserve(capacity);
+                }
+                match pipe.try_read_buf(&mut buf) {
+                    Ok(0) => return None,
+                    Ok(_) => {
+                        let chunk = buf.split().freeze();
+                        return Some((Ok(chunk), Some((pipe, buf))));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Some((Err(e), None)),
+                }
+            }
+        },
+    )
+}
+
 /// Registers our (non-blocking, private) pty master with the reactor.
 fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, RuntimeError> {
     // SAFETY: an OwnedFd is valid and open for as long as it is owned, and the AsyncFd owns it.
@@ -645,6 +677,33 @@ mod tests {
 
     fn pair() -> (tokio::net::UnixStream, tokio::net::UnixStream) {
         tokio::net::UnixStream::pair().unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipe_output_is_whole_in_order_and_ends_with_the_writer() {
+        use tokio::io::AsyncWriteExt;
+        let (tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let mut stream = Box::pin(pipe_output(rx, 1024));
+        // Nothing written yet: nothing to read, and the stream waits.
+        let idle = tokio::time::timeout(Duration::from_millis(50), stream.next()).await;
+        assert!(idle.is_err(), "a silent pipe must not end the stream");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let writer = tokio::spawn({
+            let data = data.clone();
+            async move {
+                let mut tx = tx;
+                tx.write_all(&data).await.unwrap();
+                // Dropping the writer is the process's end of output.
+            }
+        });
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.unwrap();
+            assert!(!chunk.is_empty() && chunk.len() <= 1024);
+            got.extend_from_slice(&chunk);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
     }
 
     #[tokio::test]
