@@ -261,11 +261,20 @@ impl Shared {
         }
     }
 
-    /// A write behind on `fh` failed: its next flush or fsync says so.
+    /// A write behind on `fh` failed: every flush and the next fsync say so.
     fn failed(&self, fh: u64, e: Errno) {
         lock(&self.failures).entry(fh).or_insert(e);
     }
 
+    /// The failure for a flush, kept: a flush comes with every close(2) of a descriptor of
+    /// the open file, including the copy a child forked meanwhile closes at its exec, and
+    /// that close must not take the error from the process's own close or fsync.
+    fn failure_seen(&self, fh: u64) -> Option<Errno> {
+        lock(&self.failures).get(&fh).copied()
+    }
+
+    /// The failure for an fsync (told once, as the kernel's own write-back errors are) or
+    /// for the release of the handle.
     fn failure(&self, fh: u64) -> Option<Errno> {
         lock(&self.failures).remove(&fh)
     }
@@ -926,7 +935,7 @@ impl Filesystem for ConnectFs {
         // close(2): the writes behind are on the laptop, or their failure is told.
         self.answer(move |s| async move {
             drop(s.order.write().await);
-            match s.failure(fh.0) {
+            match s.failure_seen(fh.0) {
                 Some(e) => reply.error(e),
                 None => reply.ok(),
             }
@@ -1878,6 +1887,10 @@ mod tests {
         let mut f = std::fs::File::create(m.dir().join("a")).unwrap();
         // The write itself is answered at once, its failure comes with fsync.
         f.write_all(b"data").unwrap();
+        // A copy of the descriptor closed meanwhile (as a child forked by another thread
+        // closes its copy at exec) is told, and leaves the failure for the fsync.
+        let copy = std::os::fd::IntoRawFd::into_raw_fd(f.try_clone().unwrap());
+        assert_eq!(nix::unistd::close(copy), Err(nix::errno::Errno::ENOSPC));
         assert_eq!(errno_of(f.sync_all()), Some(libc::ENOSPC));
         // ... or with close.
         let mut f = std::fs::File::create(m.dir().join("b")).unwrap();
