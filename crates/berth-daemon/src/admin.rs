@@ -363,8 +363,21 @@ async fn kill_session<R: Runtime>(
 }
 
 async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
+    image_infos_for(st, true).await
+}
+
+/// The engine's images; with `with_users`, each with the users who need it (one inspection
+/// per distinct image the users name), else with none (one engine call, for a Tab).
+async fn image_infos_for<R: Runtime>(
+    st: &AdminState<R>,
+    with_users: bool,
+) -> Result<Vec<ImageInfo>> {
     let images = st.runtime.list_images().await?;
-    let users = st.store.users().await?;
+    let users = if with_users {
+        st.store.users().await?
+    } else {
+        Vec::new()
+    };
     // Each user's images (hers and her commit's) by the id they name now, so a user who
     // wrote `docker.io/library/debian:12` is found on `debian:12`.
     let mut needs: Vec<(String, String, String)> = Vec::new(); // (user, full name, id)
@@ -405,8 +418,19 @@ async fn image_infos<R: Runtime>(st: &AdminState<R>) -> Result<Vec<ImageInfo>> {
     Ok(out)
 }
 
-async fn list_images<R: Runtime>(State(st): AppState<R>) -> Result<Json<Vec<ImageInfo>>> {
-    Ok(Json(image_infos(&st).await?))
+/// `GET /images?users=false`: the names alone, without finding who needs each image (shell
+/// completion asks so: a Tab has a short deadline, and a server with many users' commits
+/// would make it one engine inspection per image).
+#[derive(serde::Deserialize)]
+struct ImagesQuery {
+    users: Option<bool>,
+}
+
+async fn list_images<R: Runtime>(
+    State(st): AppState<R>,
+    Query(q): Query<ImagesQuery>,
+) -> Result<Json<Vec<ImageInfo>>> {
+    Ok(Json(image_infos_for(&st, q.users != Some(false)).await?))
 }
 
 #[derive(serde::Deserialize)]
@@ -578,7 +602,7 @@ async fn home_info<R: Runtime>(
 }
 
 /// `GET /users?measured=false`: the disk use as last measured, without waiting for a new
-/// measurement (shell completion asks so, and has 700 ms for its answer).
+/// measurement (shell completion asks so, and has two seconds for its answer).
 #[derive(serde::Deserialize)]
 struct ListQuery {
     measured: Option<bool>,

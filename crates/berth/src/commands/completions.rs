@@ -133,7 +133,7 @@ fn ask_daemon(names: Names) -> Vec<CompletionCandidate> {
                 })
                 .collect(),
             Names::Images => client
-                .get::<Vec<ImageInfo>>("/images")
+                .get::<Vec<ImageInfo>>("/images?users=false")
                 .await
                 .ok()?
                 .into_iter()
