@@ -16,6 +16,7 @@ use nix::pty::{Winsize, openpty};
 
 use crate::client::{Endpoint, ms};
 use crate::figure::{Figure, interleave};
+use crate::procfs;
 use crate::rig::Rig;
 
 /// An interactive `ssh -tt` session on a terminal of ours.
@@ -142,40 +143,84 @@ impl Drop for Terminal {
     }
 }
 
-pub fn keystrokes(rig: &Rig, n: usize) -> Figure {
+/// The echo figure, and what serving the keystrokes cost each server: CPU time and context
+/// switches per keystroke, from the scheduler's own counters (repeatable where the latency's
+/// spread between runs is larger than most changes). Berth: every thread of the daemon;
+/// OpenSSH: the sshd processes of the session (its listener, monitor and session process).
+/// Neither counts the shell, the client or the terminal.
+pub fn keystrokes(rig: &Rig, n: usize) -> Vec<Figure> {
     let f = Figure::new(
         "keystroke_echo",
         "keystroke echo in a PTY (bash): Debian container vs the host",
         "ms",
         "OpenSSH",
     );
+    let cpu = Figure::new(
+        "keystroke_cpu",
+        "CPU time of the server per keystroke (echo and erase)",
+        "µs",
+        "OpenSSH",
+    )
+    .note("scheduler run time of the daemon's threads; OpenSSH: its session's sshd processes");
+    let switches = Figure::new(
+        "keystroke_switches",
+        "context switches of the server per keystroke (echo and erase)",
+        "switches",
+        "OpenSSH",
+    );
     let (mut b, mut o) = (Vec::new(), Vec::new());
+    let (mut bw, mut ow) = (Vec::new(), Vec::new());
     let outcome = (|| {
+        let berth_pids = vec![rig.berth_pid()?];
         let mut berth = Terminal::open(&rig.bob)?;
         let mut openssh = Terminal::open(&rig.root)?;
-        // A few untimed strokes first, then the measured ones, with a pause between.
+        let sshd_pids: Vec<u32> = procfs::tree(rig.openssh.pid())
+            .into_iter()
+            .filter(|(_, comm)| comm.starts_with("sshd"))
+            .map(|(pid, _)| pid)
+            .collect();
+        // A few untimed strokes first, then the measured ones, with a pause between. The
+        // work is counted per keystroke, around the keystroke alone (not the pauses).
         for _ in 0..5 {
             berth.keystroke()?;
             openssh.keystroke()?;
         }
+        let counted = |pids: &[u32], t: &mut Terminal, work: &mut Vec<procfs::Work>| {
+            let before = procfs::work_of(pids);
+            let took = t.keystroke()?;
+            work.push(before.until(procfs::work_of(pids)));
+            Ok::<f64, anyhow::Error>(took)
+        };
         let r = interleave(
             n,
             &mut b,
             &mut o,
             || {
                 pause();
-                berth.keystroke()
+                counted(&berth_pids, &mut berth, &mut bw)
             },
             || {
                 pause();
-                openssh.keystroke()
+                counted(&sshd_pids, &mut openssh, &mut ow)
             },
         );
         berth.close();
         openssh.close();
         r
     })();
-    f.with(b, o, outcome)
+    let us = |w: &[procfs::Work]| w.iter().map(|w| w.cpu_ns as f64 / 1000.0).collect();
+    let sw = |w: &[procfs::Work]| w.iter().map(|w| w.switches as f64).collect();
+    let failed = outcome.as_ref().err().map(|e| anyhow::anyhow!("{e:#}"));
+    let again = || {
+        failed
+            .as_ref()
+            .map_or(Ok(()), |e| Err(anyhow::anyhow!("{e:#}")))
+    };
+    vec![
+        f.with(b, o, outcome),
+        cpu.with(us(&bw), us(&ow), again()),
+        switches.with(sw(&bw), sw(&ow), again()),
+    ]
 }
 
 /// A typist's pause, so that no keystroke rides on the previous one's packets.

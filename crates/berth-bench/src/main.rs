@@ -231,7 +231,7 @@ fn run(args: &Args) -> Result<bool> {
     if args.wants(Part::Echo) {
         interrupt::check()?;
         step("keystroke echo");
-        figures.push(echo::keystrokes(&rig, settings.keystrokes));
+        figures.extend(echo::keystrokes(&rig, settings.keystrokes));
     }
     if args.wants(Part::Transfer) {
         interrupt::check()?;

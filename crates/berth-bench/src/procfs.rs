@@ -31,13 +31,13 @@ pub fn memory(pid: u32) -> Result<Memory> {
         .with_context(|| format!("process {pid} is gone"))?;
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
     Ok(Memory {
-        rss_kib: field_kib(&status, "VmRSS:").unwrap_or(0),
-        pss_kib: field_kib(&rollup, "Pss:").unwrap_or(0),
-        anon_kib: field_kib(&rollup, "Anonymous:").unwrap_or(0),
+        rss_kib: field_number(&status, "VmRSS:").unwrap_or(0),
+        pss_kib: field_number(&rollup, "Pss:").unwrap_or(0),
+        anon_kib: field_number(&rollup, "Anonymous:").unwrap_or(0),
     })
 }
 
-fn field_kib(text: &str, name: &str) -> Option<u64> {
+fn field_number(text: &str, name: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name))
         .and_then(|rest| rest.split_whitespace().next())
@@ -129,6 +129,47 @@ pub fn memory_of(pids: &[u32]) -> Memory {
         .fold(Memory::default(), |a, b| a + b)
 }
 
+/// What the threads of some processes have done so far: CPU time from the scheduler's own
+/// accounting (`/proc/PID/task/TID/schedstat`, nanoseconds, not 10 ms ticks) and context
+/// switches (each one a sleep and a wake-up, or a preemption).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Work {
+    pub cpu_ns: u64,
+    pub switches: u64,
+}
+
+impl Work {
+    /// What was done between `self` and `later`.
+    pub fn until(self, later: Work) -> Work {
+        Work {
+            cpu_ns: later.cpu_ns.saturating_sub(self.cpu_ns),
+            switches: later.switches.saturating_sub(self.switches),
+        }
+    }
+}
+
+/// The [`Work`] of every thread of `pids` now (threads that ended are not counted).
+pub fn work_of(pids: &[u32]) -> Work {
+    let mut w = Work::default();
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            w.cpu_ns += sched
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            w.switches += field_number(&status, "voluntary_ctxt_switches:").unwrap_or(0)
+                + field_number(&status, "nonvoluntary_ctxt_switches:").unwrap_or(0);
+        }
+    }
+    w
+}
+
 /// Sum of the CPU ticks of `pids` (processes that vanished count as nothing).
 pub fn ticks_of(pids: &[u32]) -> u64 {
     pids.iter().filter_map(|p| cpu_ticks(*p).ok()).sum()
@@ -142,6 +183,15 @@ mod tests {
     fn reads_own_process() {
         let me = std::process::id();
         assert!(memory(me).unwrap().rss_kib > 0);
+        let before = work_of(&[me]);
+        let mut x = 0u64;
+        for i in 0..2_000_000u64 {
+            x = x.wrapping_add(std::hint::black_box(i));
+        }
+        std::hint::black_box(x);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let done = before.until(work_of(&[me]));
+        assert!(done.cpu_ns > 0 && done.switches >= 1, "{done:?}");
         assert!(comm(me).is_some());
         assert_eq!(tree(me).first().map(|p| p.0), Some(me));
     }

@@ -174,12 +174,28 @@ pub fn keygen_at(path: &Path, comment: &str) -> PathBuf {
     path.to_owned()
 }
 
+/// A loopback port nobody listens on, for a listener the test starts next (a daemon, an
+/// `ssh -L`). Taken below the kernel's ephemeral range (32768 and up here), where outgoing
+/// connections, which the suite makes by the thousand, take their ports: a port the kernel
+/// handed out for a moment (bind to 0) was found taken again by the time `ssh -L` bound it.
+/// Each port is handed out once per test binary; binaries run at once start at different
+/// random places.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    let next = NEXT.get_or_init(|| {
+        let seed = RandomState::new().hash_one(std::process::id());
+        AtomicU32::new(u32::try_from(seed % u64::from(SPAN)).unwrap_or(0))
+    });
+    for _ in 0..SPAN {
+        let port = u16::try_from(LOW + next.fetch_add(1, Ordering::Relaxed) % SPAN).unwrap();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {}", LOW + SPAN);
 }
 
 /// Polls `f` every 100 ms until it returns true or `timeout` passes.
@@ -333,7 +349,7 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let ready = wait_until(Duration::from_secs(30), || {
+        let ready = wait_until(Duration::from_secs(120), || {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
                 panic!("daemon exited early ({st}): {}", self.log());
             }
@@ -350,7 +366,7 @@ impl Daemon {
             Signal::SIGTERM,
         )
         .unwrap();
-        let end = Instant::now() + Duration::from_secs(20);
+        let end = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 return st;

@@ -140,7 +140,14 @@ fn user_add_refusals_create_nothing() {
 
 #[test]
 fn user_list_table_show_and_rm() {
-    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    // Her container stays running between the checks below, however slow they are.
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            idle_stop_seconds: 600,
+            ..DaemonOptions::default()
+        },
+    );
     let key = d.add_user("carol", BUSYBOX);
     let table = d.berth_ok(&["user", "list"]);
     let mut lines = table.lines();

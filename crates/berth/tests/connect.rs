@@ -332,8 +332,9 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
     for _ in 0..3 {
         let t = Instant::now();
         d.ssh_ok("bob", &kb, "true");
+        // Stuck behind alice's mount he would wait until her laptop is killed: forever.
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            t.elapsed() < Duration::from_secs(10),
             "bob waited {:?}",
             t.elapsed()
         );

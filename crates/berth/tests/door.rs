@@ -275,9 +275,12 @@ fn a_flood_from_other_addresses_does_not_keep_a_user_out() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let held: usize = idlers.into_iter().map(|t| t.join().unwrap()).sum();
     eprintln!("alice's logins during the flood: {times:?}; idle connections connected: {held}");
+    // The fault this guards against kept her out until the flood's connections timed out
+    // (10 s and more); a login on two cores busy with the flood and the rest of the suite may
+    // take a few seconds.
     assert!(
-        times.iter().all(|t| *t < Duration::from_secs(2)),
-        "a login took 2 s or more: {times:?}"
+        times.iter().all(|t| *t < Duration::from_secs(8)),
+        "a login took 8 s or more: {times:?}"
     );
     // No group exchange got through (each client was refused or found no match).
     assert_eq!(outcomes.len(), 200);
@@ -318,7 +321,8 @@ fn out_of_descriptors_the_admin_socket_answers_and_logins_resume() {
         Path::new(BIN),
         DaemonOptions {
             config: "max_startups = \"1000:30:1000\"\nper_source_max_startups = 10\nlogin_grace_seconds = 120\n".into(),
-            ..DaemonOptions::default()
+            // Her container stays up: the logins below time the door, not a container start.
+            idle_stop_seconds: 600,
         },
         Some(256),
     );
@@ -369,8 +373,8 @@ fn out_of_descriptors_the_admin_socket_answers_and_logins_resume() {
     drop(held);
     // No restart: once the flood's descriptors are closed, logins work again.
     // (At once: without the reserve, connections wait in the backlog on EMFILE until the
-    // flood's accepted ones time out, 10 s later.)
-    let back = berth_testkit::wait_until(Duration::from_secs(5), || {
+    // flood's accepted ones time out, 10 s later; 9 s tells the two apart on a busy machine.)
+    let back = berth_testkit::wait_until(Duration::from_secs(9), || {
         d.ssh_run("alice", &key, "true", b"").status.success()
     });
     assert!(back, "logins did not resume: {}", d.log());

@@ -47,7 +47,7 @@ fn rss(d: &Daemon) -> u64 {
 fn bob_is_fine(d: &Daemon, kb: &Path) {
     let bob = d.ssh("bob", kb);
     let st = Command::new("timeout")
-        .arg("10")
+        .arg("60")
         .arg(bob.get_program())
         .args(bob.get_args())
         .arg("true")
@@ -56,7 +56,7 @@ fn bob_is_fine(d: &Daemon, kb: &Path) {
         .unwrap();
     assert!(st.success(), "bob could not log in");
     let status = Command::new("timeout")
-        .args(["10", BIN, "--state-dir"])
+        .args(["60", BIN, "--state-dir"])
         .arg(d.state_dir())
         .arg("status")
         .output()

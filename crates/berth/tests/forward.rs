@@ -499,8 +499,25 @@ fn a_connection_with_only_forwardings_keeps_the_container_running() {
         },
     );
     let key = d.add_user("alice", BUSYBOX);
-    d.ssh_ok("alice", &key, "true");
+    // A session holds the container running until the forwarding connection is up (a login
+    // on a busy machine can take longer than the 1 s grace), then ends.
+    let long = d
+        .ssh("alice", &key)
+        .arg("i=0; until [ -e /tmp/go ] || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done")
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _long = KillOnDrop(long);
+    assert!(wait_until(
+        Duration::from_secs(60),
+        || d.user("alice")["sessions"] == 1
+    ));
     let (fwd, _local) = forward(&d, &key, "localhost:9");
+    d.ssh_ok("alice", &key, "touch /tmp/go");
+    assert!(wait_until(
+        Duration::from_secs(60),
+        || d.user("alice")["sessions"] == 0
+    ));
     // Well past the grace period, with no session: still running, and no session counted.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(d.container_state("alice").as_deref(), Some("running"));

@@ -167,13 +167,16 @@ fn tty_size_term_and_resize_reach_the_program() {
     assert!(out.contains("33 91"), "{out}");
     assert!(out.contains("term=xterm-test"), "{out}");
     assert!(out.contains("/dev/pts/"), "{out}");
-    // A resize during the session reaches the program.
+    // A resize during the session reaches the program: the terminal is resized once the
+    // session has printed its first size (a login that starts her container can take a
+    // while on a busy machine).
     let script = format!(
-        "stty cols 80 rows 24; {ssh} -t alice@127.0.0.1 \
-         'stty size; i=0; while [ \"$(stty size)\" != \"40 120\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; echo now $(stty size)' </dev/tty & \
-         sleep 2; stty cols 120 rows 40; kill -WINCH $!; wait $!"
+        "f=$(mktemp); stty cols 80 rows 24; {ssh} -t alice@127.0.0.1 \
+         'stty size; i=0; while [ \"$(stty size)\" != \"40 120\" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo now $(stty size)' </dev/tty >$f 2>&1 & p=$!; \
+         i=0; until grep -q '24 80' $f || [ $i -ge 600 ]; do sleep 0.1; i=$((i+1)); done; \
+         stty cols 120 rows 40; kill -WINCH $p; wait $p; cat $f; rm -f $f"
     );
-    let out = in_terminal(&script, Duration::from_secs(30));
+    let out = in_terminal(&script, Duration::from_secs(90));
     assert!(out.contains("24 80"), "{out}");
     assert!(out.contains("now 40 120"), "{out}");
 }

@@ -172,27 +172,39 @@ fn reach_from(d: &Daemon, user: &str, key: &Path, targets: &[(Ipv4Addr, u16)]) -
 /// What a local port forward of `user` to each target reads (empty when the daemon could
 /// not connect: the client closes the forwarded connection).
 fn forward_from(d: &Daemon, user: &str, key: &Path, targets: &[(Ipv4Addr, u16)]) -> Vec<String> {
-    let locals: Vec<u16> = targets.iter().map(|_| free_port()).collect();
-    let mut ssh = d.ssh(user, key);
-    ssh.args(["-N", "-o", "ExitOnForwardFailure=yes"]);
-    for ((a, p), l) in targets.iter().zip(&locals) {
-        ssh.args(["-L", &format!("127.0.0.1:{l}:{a}:{p}")]);
-    }
-    let _ssh = KillOnDrop(
-        ssh.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
     let listening = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
-    assert!(
-        wait_until(Duration::from_secs(60), || locals
-            .iter()
-            .all(|p| listening(*p))),
-        "the forwards did not listen\n{}",
-        d.log()
-    );
+    // A local port taken by another test between choosing and binding makes `ssh` exit
+    // (ExitOnForwardFailure): then it is tried again with other ports.
+    let mut tries = 0;
+    let (locals, _ssh) = loop {
+        tries += 1;
+        let locals: Vec<u16> = targets.iter().map(|_| free_port()).collect();
+        let mut ssh = d.ssh(user, key);
+        ssh.args(["-N", "-o", "ExitOnForwardFailure=yes"]);
+        for ((a, p), l) in targets.iter().zip(&locals) {
+            ssh.args(["-L", &format!("127.0.0.1:{l}:{a}:{p}")]);
+        }
+        let mut child = KillOnDrop(
+            ssh.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let mut exited = false;
+        let up = wait_until(Duration::from_secs(60), || {
+            exited = child.0.try_wait().unwrap().is_some();
+            exited || locals.iter().all(|p| listening(*p))
+        });
+        if up && !exited {
+            break (locals, child);
+        }
+        assert!(
+            exited && tries < 5,
+            "the forwards did not listen\n{}",
+            d.log()
+        );
+    };
     targets
         .iter()
         .zip(&locals)

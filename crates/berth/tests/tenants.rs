@@ -25,6 +25,27 @@ fn daemon() -> Daemon {
 }
 
 /// `ssh -N` with `args` as `user`, kept open.
+/// `user`'s accepted logins so far, from the audit log.
+fn logins_of(d: &Daemon, user: &str) -> usize {
+    d.audit()
+        .iter()
+        .filter(|r| r["event"] == "login_accepted" && r["user"] == user)
+        .count()
+}
+
+/// [`hold_open`], returned once the daemon has accepted the login (a machine busy with the
+/// rest of the suite can take seconds for it).
+fn hold_logged_in(d: &Daemon, user: &str, key: &Path) -> KillOnDrop {
+    let before = logins_of(d, user);
+    let mut held = hold_open(d, user, key, &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || logins_of(d, user) > before),
+        "{user}'s connection was never accepted"
+    );
+    assert!(held.0.try_wait().unwrap().is_none());
+    held
+}
+
 fn hold_open(d: &Daemon, user: &str, key: &Path, args: &[&str]) -> KillOnDrop {
     KillOnDrop(
         d.ssh(user, key)
@@ -61,9 +82,7 @@ fn removing_a_key_or_a_user_or_a_kick_ends_their_open_connections() {
     // second.
     let mut fwd = hold_open(&d, "bob", &k1, &["-R", "9000:localhost:22"]);
     assert!(wait_until(Duration::from_secs(20), || d.listening("bob", &k2, 9000)));
-    let mut plain = hold_open(&d, "bob", &k2, &[]);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(plain.0.try_wait().unwrap().is_none());
+    let mut plain = hold_logged_in(&d, "bob", &k2);
 
     // The first key removed: its connection ends, with its forward; the other stays.
     d.berth_ok(&[
@@ -75,8 +94,8 @@ fn removing_a_key_or_a_user_or_a_kick_ends_their_open_connections() {
     ]);
     let took = exits_within(&mut fwd.0, Duration::from_secs(10))
         .expect("the removed key's connection stayed open");
+    // Within 10 s: the only other way it closes is the minutely re-check of keys.
     eprintln!("key rm closed the connection in {took:?}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
     assert!(wait_until(Duration::from_secs(10), || !d.listening("bob", &k2, 9000)));
     assert!(
         plain.0.try_wait().unwrap().is_none(),
@@ -91,17 +110,15 @@ fn removing_a_key_or_a_user_or_a_kick_ends_their_open_connections() {
         "kicked bob: 1 connection(s) closed\n"
     );
     let took = exits_within(&mut plain.0, Duration::from_secs(10)).expect("kick left it open");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    eprintln!("the kick closed the connection in {took:?}");
     // The keys stay: bob logs in again.
     assert_eq!(d.ssh_ok("bob", &k2, "echo back"), "back\n");
 
     // The user removed: her connection ends too.
-    let mut last = hold_open(&d, "bob", &k2, &[]);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(last.0.try_wait().unwrap().is_none());
+    let mut last = hold_logged_in(&d, "bob", &k2);
     d.berth_ok(&["user", "rm", "bob"]);
     let took = exits_within(&mut last.0, Duration::from_secs(10)).expect("user rm left it open");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    eprintln!("user rm closed the connection in {took:?}");
     // A kick of nobody is an error that changes nothing.
     let o = d.berth(&["user", "kick", "bob"]);
     assert!(!o.status.success());
@@ -628,8 +645,9 @@ fn connects_to_a_silent_target_hold_no_namespace_thread_and_bob_is_fine() {
             "cycle {cycle}: bob could not log in: {}",
             String::from_utf8_lossy(&o.stderr)
         );
+        // Held behind her connects he would wait for them to time out (the `timeout 10`).
         assert!(
-            took < Duration::from_secs(2),
+            took < Duration::from_secs(8),
             "cycle {cycle}: bob took {took:?}"
         );
         let status = std::process::Command::new("timeout")

@@ -49,13 +49,17 @@ fn commit_then_remove_then_login_finds_the_file() {
         err(&o),
         "berth: commit failed: there is no container to commit yet; log in once to create it\n"
     );
-    // A long session stays open across the commit.
+    // A long session stays open across the commit: it ends when told to (a file appears),
+    // however long the commit takes on a busy engine.
     let long = d
         .ssh("alice", &key)
-        .arg("sleep 4; echo survived")
+        .arg("i=0; until [ -e /tmp/go ] || [ $i -ge 1200 ]; do sleep 0.1; i=$((i+1)); done; echo survived")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    assert!(wait_until(Duration::from_secs(60), || sessions(
+        &d, "alice"
+    ) == 1));
     d.ssh_ok("alice", &key, "echo kept > /root/kept.txt");
     let o = d.ssh_run("alice", &key, "commit", b"");
     assert!(o.status.success(), "{}", err(&o));
@@ -84,6 +88,7 @@ fn commit_then_remove_then_login_finds_the_file() {
     assert_eq!(d.user("alice")["committed_image"], d.commit_image("alice"));
     // The commit left the session count alone: the long session is still the one.
     assert_eq!(sessions(&d, "alice"), 1);
+    d.ssh_ok("alice", &key, "touch /tmp/go");
     assert_eq!(
         String::from_utf8_lossy(&long.wait_with_output().unwrap().stdout),
         "survived\n"
