@@ -30,6 +30,10 @@ use crate::{
 const PASSWD_MAX: usize = 1 << 20;
 /// Where a volume is mounted in the helper container that reads or fills it.
 const VOLUME_HELPER_MOUNT: &str = "/berth-volume";
+/// What the engine answers to a `system df` while another one runs.
+const DF_BUSY: &str = "a disk usage operation is already running";
+/// How long a `system df` is asked again while another one runs.
+const DF_BUSY_FOR: Duration = Duration::from_secs(60);
 /// The engine's `system df` answer, read at most this far.
 const DF_MAX: usize = 64 << 20;
 
@@ -1407,8 +1411,21 @@ impl Runtime for DockerRuntime {
     }
 
     async fn disk_usage(&self, key: &str, value: &str) -> Result<DiskUsage, RuntimeError> {
-        let df = self.get_json("/system/df", DF_MAX).await?;
-        Ok(usage_from_df(&df, key, value))
+        // The engine runs one `system df` at a time and refuses the others ("a disk usage
+        // operation is already running"): someone's `docker system df`, another tool's.
+        // Asked again until the one running has ended, for a while.
+        let until = tokio::time::Instant::now() + DF_BUSY_FOR;
+        loop {
+            match self.get_json("/system/df", DF_MAX).await {
+                Ok(df) => return Ok(usage_from_df(&df, key, value)),
+                Err(RuntimeError::Docker(e))
+                    if e.contains(DF_BUSY) && tokio::time::Instant::now() < until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn root_home(&self, image: &str) -> Result<Option<String>, RuntimeError> {

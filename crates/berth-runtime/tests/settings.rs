@@ -220,6 +220,13 @@ async fn a_home_volume_gets_the_images_content_and_its_size_is_measured() {
     assert!(usage.volumes[0].bytes > 0, "{usage:?}");
     assert_eq!(usage.containers.len(), 1, "{usage:?}");
     assert!(!usage.images.is_empty());
+    // The engine runs one `system df` at a time and refuses the others; asked at once, each
+    // still gets its answer.
+    let all =
+        futures_util::future::join_all((0..6).map(|_| rt.disk_usage("berth.test", &tag))).await;
+    for u in all {
+        assert_eq!(u.unwrap().volumes.len(), 1);
+    }
     // In use: refused; then gone, and a second remove finds none.
     assert!(rt.remove_volume(&tag).await.is_err());
     rt.remove(&tag).await.unwrap();
