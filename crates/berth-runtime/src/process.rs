@@ -7,7 +7,7 @@
 //! and must sit in the container's cgroup (its path names the container id), so nothing
 //! outside the container is ever signalled.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
@@ -114,41 +114,53 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
 }
 
 /// `(pid, start time)` of `root` and every live descendant, `root` first. Empty when
-/// `root` is gone or was recycled.
+/// `root` is gone or was recycled. Found through each process's children lists, so the cost
+/// is the tree's size, not the host's process count.
 fn tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
     if start_time(root.0) != Some(root.1) || !in_scope(root.0, scope) {
         return Vec::new();
     }
-    let mut children: HashMap<i32, Vec<(i32, u64)>> = HashMap::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|s| s.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            if let Some(stat) = read_stat(pid).filter(|s| !s.zombie) {
-                children
-                    .entry(stat.ppid)
-                    .or_default()
-                    .push((pid, stat.start_time));
-            }
-        }
-    }
     let mut out = vec![root];
+    let mut seen = HashSet::from([root.0]);
     let mut queue = VecDeque::from([root.0]);
     while let Some(p) = queue.pop_front() {
-        for &child in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
-            if in_scope(child.0, scope) {
-                out.push(child);
-                queue.push_back(child.0);
+        for child in children_of(p) {
+            if !seen.insert(child) {
+                continue;
+            }
+            let Some(stat) = read_stat(child).filter(|s| !s.zombie && s.ppid == p) else {
+                continue;
+            };
+            if in_scope(child, scope) {
+                out.push((child, stat.start_time));
+                queue.push_back(child);
             }
         }
     }
     out
 }
+
+/// The children of every thread of process `pid` (a thread that forks is its child's
+/// parent task), each thread's newest first.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        out.extend(
+            list.split_whitespace()
+                .rev()
+                .filter_map(|c| c.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+/// Passes over a process's children lists before a child is taken to be gone (see
+/// [`Identity::child_with_ns_pid`]).
+const CHILD_PASSES: usize = 3;
 
 /// A process known by PID and start time: a process that took the PID since is not it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,8 +180,15 @@ impl Identity {
     }
 
     /// The host PID of this process's child whose PID in its own PID namespace is
-    /// `ns_pid` (children of every thread are looked at: a thread that forks is the
-    /// child's parent task).
+    /// `ns_pid`, or `None` when it has already ended and been reaped.
+    ///
+    /// A child's parent is the thread that forked it. When that thread ends, the child moves
+    /// to the thread group's leader (the first live thread), so one pass that read the
+    /// leader's list before the move and the forking thread's after it misses the child;
+    /// the move happens once, and the next pass finds it under the leader. (This used to
+    /// fall back to reading every process's `stat` on the host: 3–4 ms a login with a few
+    /// hundred processes, and most of the daemon's CPU in a crowd of short logins, whose
+    /// process has often been reaped by then.)
     pub(crate) fn child_with_ns_pid(&self, ns_pid: i32) -> Option<i32> {
         let inner_pid = |child: i32| {
             std::fs::read_to_string(format!("/proc/{child}/status"))
@@ -179,25 +198,17 @@ impl Identity {
                 .and_then(|l| l.split_whitespace().last())
                 .and_then(|p| p.parse::<i32>().ok())
         };
-        // Quick: the children lists of this process's threads.
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) {
-            for task in tasks.flatten() {
-                let children =
-                    std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
-                    if inner_pid(child) == Some(ns_pid) {
-                        return Some(child);
-                    }
+        let mut looked_at = HashSet::new();
+        for _ in 0..CHILD_PASSES {
+            for child in children_of(self.pid) {
+                // A PID read once and not it is not it the next time either (unless
+                // recycled, which takes the whole PID space).
+                if looked_at.insert(child) && inner_pid(child) == Some(ns_pid) {
+                    return Some(child);
                 }
             }
         }
-        // Those lists can miss a child while the thread that forked it exits and the child
-        // moves to another thread: then every process whose parent this is.
-        let all = std::fs::read_dir("/proc").ok()?;
-        all.flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&p| read_stat(p).is_some_and(|s| s.ppid == self.pid))
-            .find(|&p| inner_pid(p) == Some(ns_pid))
+        None
     }
 }
 
@@ -265,6 +276,26 @@ mod tests {
         child.wait().unwrap();
         let gone = Identity { pid, start: 0 };
         assert!(!gone.alive(""));
+    }
+
+    #[test]
+    fn finds_a_child_whose_forking_thread_has_ended() {
+        // The child moves to the leader when its parent thread ends; it must still be found
+        // (and a child that is gone must not be).
+        let mut child = std::thread::spawn(|| {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        })
+        .join()
+        .unwrap();
+        let pid = i32::try_from(child.id()).unwrap();
+        let me = Identity::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        assert_eq!(me.child_with_ns_pid(pid), Some(pid));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(me.child_with_ns_pid(pid), None);
     }
 
     #[test]

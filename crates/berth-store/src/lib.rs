@@ -242,18 +242,17 @@ impl Store {
     pub fn settings(&self, name: &UserName) -> Result<UserSettings, StoreError> {
         let conn = self.conn()?;
         let row = conn
-            .query_row(
+            .prepare_cached(
                 "SELECT memory_bytes, nano_cpus, pids, gpus FROM users WHERE name = ?1",
-                [name.as_str()],
-                |r| {
-                    Ok((
-                        r.get::<_, Option<i64>>(0)?,
-                        r.get::<_, Option<i64>>(1)?,
-                        r.get::<_, Option<i64>>(2)?,
-                        r.get::<_, Option<String>>(3)?,
-                    ))
-                },
-            )
+            )?
+            .query_row([name.as_str()], |r| {
+                Ok((
+                    r.get::<_, Option<i64>>(0)?,
+                    r.get::<_, Option<i64>>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })
             .optional()?
             .ok_or_else(|| StoreError::UserNotFound(name.clone()))?;
         let corrupt = |what: &str| StoreError::Corrupt(format!("{what} of user {name}"));
@@ -261,7 +260,7 @@ impl Store {
             v.map(|v| u64::try_from(v).map_err(|_| corrupt(what)))
                 .transpose()
         };
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT source, target, read_only FROM mounts WHERE user = ?1 ORDER BY target",
         )?;
         let mounts = stmt
@@ -317,14 +316,13 @@ impl Store {
     pub fn user(&self, name: &UserName) -> Result<UserRecord, StoreError> {
         let conn = self.conn()?;
         let row = conn
-            .query_row(
+            .prepare_cached(
                 "SELECT name, image, daemon_mode, committed_image,
                         (SELECT count(*) FROM keys WHERE keys.user = users.name),
                         tcp_forwarding, agent_forwarding, x11_forwarding
                  FROM users WHERE name = ?1",
-                [name.as_str()],
-                raw_user,
-            )
+            )?
+            .query_row([name.as_str()], raw_user)
             .optional()?;
         match row {
             Some(raw) => user_from_raw(raw),
@@ -429,11 +427,13 @@ impl Store {
     /// Whether `fingerprint` is one of `name`'s keys. An unknown user is simply `false`, so
     /// the caller cannot tell the two refusals apart (nor can the client).
     pub fn key_authorized(&self, name: &str, fingerprint: &str) -> Result<bool, StoreError> {
-        Ok(self.conn()?.query_row(
-            "SELECT EXISTS(SELECT 1 FROM keys WHERE user = ?1 AND fingerprint = ?2)",
-            params![name, fingerprint],
-            |r| r.get(0),
-        )?)
+        // Asked on every login (twice: the key's offer, then its signature): prepared once.
+        Ok(self
+            .conn()?
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM keys WHERE user = ?1 AND fingerprint = ?2)",
+            )?
+            .query_row(params![name, fingerprint], |r| r.get(0))?)
     }
 }
 
