@@ -604,6 +604,16 @@ impl AsyncRead for Pty {
             });
             match read {
                 Ok(Ok(n)) => {
+                    // A read that did not fill the room took all there was: the next one
+                    // waits for the reactor, as tokio's own streams do, instead of asking
+                    // the terminal again. That read would only say "nothing", after
+                    // waiting for the kernel's worker to finish moving the terminal's
+                    // input (a sleep in the kernel, for every echoed keystroke). What
+                    // comes later is a new edge, which this clear never loses (it clears
+                    // only the readiness this read saw).
+                    if n > 0 && n < spare.len() {
+                        ready.clear_ready();
+                    }
                     // SAFETY: read(2) initialised the first `n` bytes of the spare room.
                     #[allow(unsafe_code)]
                     unsafe {

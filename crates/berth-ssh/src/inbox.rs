@@ -11,11 +11,12 @@
 use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
 use bytes::{Buf, Bytes};
+use futures_util::task::AtomicWaker;
 use russh::ChannelId;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
 
 use crate::quota::Reserved;
 
@@ -54,7 +55,8 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
-    wake: Notify,
+    /// The consumer, while it waits for input.
+    waker: AtomicWaker,
     handle: russh::server::Handle,
     id: ChannelId,
     /// The input buffer set aside for this channel, given back when both ends are gone (a
@@ -117,7 +119,7 @@ pub(crate) fn inbox(
     let limit = crate::server::INITIAL_WINDOW as usize + extra + crate::server::MAX_PACKET as usize;
     let shared = Arc::new(Shared {
         state: Mutex::new(State::default()),
-        wake: Notify::new(),
+        waker: AtomicWaker::new(),
         handle,
         id,
         _reserved: reserved,
@@ -139,6 +141,21 @@ impl InboxTx {
     /// Holds `data` for the consumer. With no consumer left it is dropped and its window
     /// given back at once (as sshd does for a process that closed its stdin).
     pub(crate) fn push(&self, data: Bytes) -> Result<(), Overrun> {
+        self.hold(data)?;
+        self.shared.waker.wake();
+        Ok(())
+    }
+
+    /// As [`push`](Self::push), without waking the consumer: for a consumer that the
+    /// calling task itself polls before it next sleeps (a session's stdin writer, polled
+    /// beside the channel in [`crate::session`]). Waking it would wake the very task that is
+    /// running, and tokio hands a task woken while it runs to another worker thread (a
+    /// futex wake and a context switch more for every keystroke).
+    pub(crate) fn push_here(&self, data: Bytes) -> Result<(), Overrun> {
+        self.hold(data)
+    }
+
+    fn hold(&self, data: Bytes) -> Result<(), Overrun> {
         let len = data.len();
         let discarded = self.shared.with(|s| {
             if s.outstanding.saturating_add(len) > self.limit {
@@ -154,8 +171,6 @@ impl InboxTx {
         })?;
         if discarded {
             self.shared.grant(len);
-        } else {
-            self.shared.wake.notify_one();
         }
         Ok(())
     }
@@ -171,7 +186,7 @@ impl InboxTx {
     /// The client's EOF: the consumer gets what is held, then the end.
     pub(crate) fn eof(&self) {
         self.shared.with(|s| s.eof = true);
-        self.shared.wake.notify_one();
+        self.shared.waker.wake();
     }
 
     /// Bytes held and not yet taken.
@@ -183,7 +198,7 @@ impl InboxTx {
 impl Drop for InboxTx {
     fn drop(&mut self) {
         self.shared.with(|s| s.closed = true);
-        self.shared.wake.notify_one();
+        self.shared.waker.wake();
     }
 }
 
@@ -191,28 +206,35 @@ impl InboxRx {
     /// Everything held so far, waiting for some (after granting what was written); `false`
     /// once the client sent EOF or the channel closed and all was taken.
     async fn take(&mut self, into: &mut VecDeque<Bytes>) -> bool {
-        loop {
-            let woken = self.shared.wake.notified();
-            let got = self.shared.with(|s| {
-                if !s.queue.is_empty() {
-                    s.held = 0;
-                    std::mem::swap(into, &mut s.queue);
-                    Some(true)
-                } else if s.eof || s.closed {
-                    Some(false)
-                } else {
-                    None
-                }
-            });
-            if let Some(got) = got {
-                return got;
+        let mut look = |s: &mut State| {
+            if !s.queue.is_empty() {
+                s.held = 0;
+                std::mem::swap(into, &mut s.queue);
+                Some(true)
+            } else if s.eof || s.closed {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        // Looked at on every poll, not only when woken: input pushed without a wake
+        // ([`InboxTx::push_here`]) is found the next time the task polls this.
+        std::future::poll_fn(|cx| {
+            if let Some(got) = self.shared.with(&mut look) {
+                return Poll::Ready(got);
             }
             // Nothing to write: much that was written may be sent again before we sleep.
             if self.ungranted >= IDLE_GRANT {
                 self.shared.grant(std::mem::take(&mut self.ungranted));
             }
-            woken.await;
-        }
+            self.shared.waker.register(cx.waker());
+            // Input pushed between the look and the registration woke nobody.
+            match self.shared.with(&mut look) {
+                Some(got) => Poll::Ready(got),
+                None => Poll::Pending,
+            }
+        })
+        .await
     }
 
     fn flush_grant(&mut self) {

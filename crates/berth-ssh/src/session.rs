@@ -290,7 +290,8 @@ enum Taken {
 /// `ssh -tt host cmd </dev/null`), window changes to the caller.
 fn take_input(msg: Option<ChannelMsg>, input: &InboxTx, tty: bool) -> Taken {
     match msg {
-        Some(ChannelMsg::Data { data }) => match input.push(data) {
+        // The stdin writer is polled by this same task (`pump`), right after this.
+        Some(ChannelMsg::Data { data }) => match input.push_here(data) {
             Ok(()) => Taken::Nothing,
             Err(Overrun) => {
                 debug!(
