@@ -125,13 +125,15 @@ fn tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
     let mut queue = VecDeque::from([root.0]);
     while let Some(p) = queue.pop_front() {
         for child in children_of(p) {
-            if !seen.insert(child) {
+            if seen.contains(&child) {
                 continue;
             }
+            // One caught moving to another parent is taken there, if that one is ours.
             let Some(stat) = read_stat(child).filter(|s| !s.zombie && s.ppid == p) else {
                 continue;
             };
             if in_scope(child, scope) {
+                seen.insert(child);
                 out.push((child, stat.start_time));
                 queue.push_back(child);
             }
@@ -188,7 +190,9 @@ impl Identity {
     /// the move happens once, and the next pass finds it under the leader. (This used to
     /// fall back to reading every process's `stat` on the host: 3–4 ms a login with a few
     /// hundred processes, and most of the daemon's CPU in a crowd of short logins, whose
-    /// process has often been reaped by then.)
+    /// process has often been reaped by then.) The kernel's lists can also leave out a live
+    /// child while a sibling exits mid-read; a session missed so has no guard here, and is
+    /// still hung up by the init when its connection closes.
     pub(crate) fn child_with_ns_pid(&self, ns_pid: i32) -> Option<i32> {
         let inner_pid = |child: i32| {
             std::fs::read_to_string(format!("/proc/{child}/status"))
