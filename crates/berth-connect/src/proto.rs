@@ -12,10 +12,11 @@
 //! them beneath it. Errors are Linux `errno` values, as both ends run Linux.
 
 use serde::{Deserialize, Serialize};
+pub use serde_bytes::ByteBuf;
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; both ends refuse another.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The SSH subsystem the daemon serves mounts on.
 pub const SUBSYSTEM: &str = "berth-connect@berth";
@@ -29,6 +30,9 @@ pub const MAX_FRAME: usize = MAX_IO as usize + 16 * 1024;
 
 /// The most bytes of entries one readdir answer carries (names and attributes, roughly).
 pub const READDIR_BYTES: usize = 64 * 1024;
+
+/// The most bytes of a file's start an [`Op::Open`] may ask for with its handle.
+pub const MAX_HEAD: u32 = 64 * 1024;
 
 /// The codec both ends use.
 pub fn codec() -> LengthDelimitedCodec {
@@ -190,8 +194,15 @@ pub enum Op {
     },
     /// A hard link `to` of `from`. → [`Answer::Attr`]
     Link { from: RelPath, to: RelPath },
-    /// `open` with Linux `O_*` flags (no `O_CREAT`). → [`Answer::Handle`]
-    Open { path: RelPath, flags: i32 },
+    /// `open` with Linux `O_*` flags (no `O_CREAT`). With `head` > 0, a regular file opened
+    /// for reading comes with its first bytes: at most `head` (and [`MAX_HEAD`]), fewer only
+    /// when the file is shorter (a file read whole in the same round trip as its opening).
+    /// → [`Answer::Opened`]
+    Open {
+        path: RelPath,
+        flags: i32,
+        head: u32,
+    },
     /// `open(O_CREAT | flags, mode)`. → [`Answer::Created`]
     Create {
         path: RelPath,
@@ -227,7 +238,16 @@ pub enum Answer {
     Attr(Attr),
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     Handle(u64),
-    Created { fh: u64, attr: Attr },
+    /// `head`: the file's first bytes, when asked for and the file is a regular one opened
+    /// for reading, as [`Op::Open`] says.
+    Opened {
+        fh: u64,
+        head: Option<ByteBuf>,
+    },
+    Created {
+        fh: u64,
+        attr: Attr,
+    },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written(u32),
     Entries(Vec<DirEntry>),

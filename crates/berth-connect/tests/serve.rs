@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use berth_connect::client::{CallError, Client, Wire};
 use berth_connect::proto::{
-    self, Answer, Attr, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Time, ToLaptop,
+    self, Answer, Attr, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Time, ToLaptop,
 };
 use berth_connect::serve::{self, MAX_HANDLES, ServeError, WORKERS};
 use tokio::task::JoinHandle;
@@ -126,10 +126,11 @@ impl Mount {
             .ok(Op::Open {
                 path: p(path),
                 flags,
+                head: 0,
             })
             .await
         {
-            Answer::Handle(fh) => fh,
+            Answer::Opened { fh, head: None } => fh,
             other => panic!("{other:?}"),
         }
     }
@@ -260,6 +261,7 @@ async fn files_are_created_written_read_appended_truncated_and_synced() {
     let open_creat = Op::Open {
         path: p("new"),
         flags: libc::O_WRONLY | libc::O_CREAT,
+        head: 0,
     };
     assert_eq!(m.errno(open_creat).await, libc::ENOENT);
     assert!(!m.root().join("new").exists());
@@ -630,6 +632,7 @@ async fn nothing_outside_the_directory_is_reached() {
             let open = Op::Open {
                 path: p(link),
                 flags,
+                head: 0,
             };
             assert_eq!(m.errno(open).await, libc::ELOOP, "{link}");
             let create = Op::Create {
@@ -702,6 +705,7 @@ async fn nothing_outside_the_directory_is_reached() {
             Op::Open {
                 path: at("secret"),
                 flags: libc::O_RDONLY,
+                head: 0,
             },
             Op::Create {
                 path: at("new"),
@@ -782,6 +786,7 @@ async fn nothing_outside_the_directory_is_reached() {
             Op::Open {
                 path: p(bad),
                 flags: libc::O_RDONLY,
+                head: 0,
             },
             Op::Create {
                 path: p(bad),
@@ -964,6 +969,7 @@ async fn fifos_nobody_writes() {
     let wr = Op::Open {
         path: p("fifo"),
         flags: libc::O_WRONLY,
+        head: 0,
     };
     assert_eq!(m.errno(wr).await, libc::ENXIO);
     m.close().await.unwrap();
@@ -998,6 +1004,64 @@ async fn serving_ends() {
 }
 
 #[tokio::test]
+async fn an_opening_for_reading_carries_the_head_of_a_regular_file_only() {
+    let m = Mount::new();
+    let long: Vec<u8> = (0..MAX_HEAD * 2).map(|i| (i % 251) as u8).collect();
+    std::fs::write(m.root().join("short"), "0123456789").unwrap();
+    std::fs::write(m.root().join("long"), &long).unwrap();
+    nix::unistd::mkfifo(&m.root().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::create_dir(m.root().join("dir")).unwrap();
+    let head = |path: &str, flags: i32, head: u32| {
+        let op = Op::Open {
+            path: p(path),
+            flags,
+            head,
+        };
+        let c = m.client.clone();
+        async move {
+            match c.call(op).await {
+                Ok(Answer::Opened { fh, head }) => {
+                    c.call(Op::Release { fh }).await.unwrap();
+                    Ok(head.map(|h| h.into_vec()))
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    };
+    // Whole when shorter than asked, cut at what was asked, never past MAX_HEAD.
+    assert_eq!(
+        head("short", libc::O_RDONLY, 100).await.unwrap().unwrap(),
+        b"0123456789"
+    );
+    assert_eq!(
+        head("short", libc::O_RDWR, 4).await.unwrap().unwrap(),
+        b"0123"
+    );
+    let got = head("long", libc::O_RDONLY, u32::MAX)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(got == long[..MAX_HEAD as usize]);
+    // Not asked, opened for writing only, or not a regular file: none (and a FIFO with
+    // no writer is not waited on).
+    assert_eq!(head("short", libc::O_RDONLY, 0).await, Ok(None));
+    assert_eq!(head("short", libc::O_WRONLY, 100).await, Ok(None));
+    let fifo = tokio::time::timeout(BOUND, head("fifo", libc::O_RDONLY | libc::O_NONBLOCK, 100));
+    assert_eq!(fifo.await.unwrap(), Ok(None));
+    assert_eq!(head("dir", libc::O_RDONLY, 100).await, Ok(None));
+    // Truncated on opening: empty, and the file is.
+    assert_eq!(
+        head("short", libc::O_RDWR | libc::O_TRUNC, 100)
+            .await
+            .unwrap()
+            .unwrap(),
+        b""
+    );
+    assert_eq!(std::fs::metadata(m.root().join("short")).unwrap().len(), 0);
+    m.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn handles_and_reads_are_bounded() {
     let m = Mount::new();
     std::fs::write(m.root().join("f"), vec![7u8; MAX_IO as usize * 2]).unwrap();
@@ -1008,6 +1072,7 @@ async fn handles_and_reads_are_bounded() {
     let more = Op::Open {
         path: p("f"),
         flags: libc::O_RDONLY,
+        head: 0,
     };
     assert_eq!(m.errno(more.clone()).await, libc::EMFILE);
     assert_eq!(m.errno(Op::Opendir { path: p("") }).await, libc::EMFILE);
@@ -1018,7 +1083,7 @@ async fn handles_and_reads_are_bounded() {
     };
     assert_eq!(m.errno(create).await, libc::EMFILE);
     m.ok(Op::Release { fh: open[0] }).await;
-    assert!(matches!(m.ok(more).await, Answer::Handle(_)));
+    assert!(matches!(m.ok(more).await, Answer::Opened { .. }));
 
     let data = m.read(open[1], 0, u32::MAX).await;
     assert_eq!(data.len(), MAX_IO as usize);

@@ -27,7 +27,7 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{self, UnlinkatFlags};
 
 use crate::proto::{
-    Answer, Attr, DirEntry, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Statfs, Time,
+    Answer, Attr, DirEntry, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Statfs, Time,
 };
 
 /// Handles (files and directories) open at once; one more is `EMFILE`.
@@ -259,9 +259,20 @@ impl Fs {
                 )?;
                 self.lstat_at(&to_dir, &to_name).map(Answer::Attr)
             }
-            Op::Open { path, flags } => {
-                let (_, fh) = self.open(&path, flags & OPEN_FLAGS, None)?;
-                Ok(Answer::Handle(fh))
+            Op::Open { path, flags, head } => {
+                let flags = flags & OPEN_FLAGS;
+                let (st, fh) = self.open(&path, flags, None)?;
+                let regular =
+                    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
+                let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
+                // A head that cannot be read is left untold: the daemon's read asks again
+                // and gets the error then.
+                let head = (head > 0 && regular && readable)
+                    .then(|| self.handle(fh).ok())
+                    .flatten()
+                    .and_then(|h| self.read(&h, 0, head.min(MAX_HEAD)).ok())
+                    .map(crate::proto::ByteBuf::from);
+                Ok(Answer::Opened { fh, head })
             }
             Op::Create { path, flags, mode } => {
                 let flags = (flags & (OPEN_FLAGS | libc::O_EXCL)) | libc::O_CREAT;

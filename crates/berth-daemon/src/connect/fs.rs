@@ -83,6 +83,102 @@ struct Shared {
     /// kernel asks a page of entries at a time, the laptop answers up to
     /// [`proto::READDIR_BYTES`].
     listings: Mutex<Listings>,
+    /// Files' first bytes, given with their opening ([`Heads`]).
+    heads: Mutex<Heads>,
+}
+
+/// The first bytes of files opened for reading, by handle, as the laptop gave them with the
+/// handle ([`Op::Open`]'s `head`): a small file is opened and read in one round trip, not
+/// two (`git status` reading every file of a tree, `make` reading its sources). A head
+/// answers only reads that come within [`HEAD_FRESH`] of the opening, and goes at the
+/// handle's release or at any change of its file through the mount; what the laptop changes
+/// meanwhile is seen from the next opening on (close-to-open, as NFS has it).
+#[derive(Default)]
+struct Heads {
+    by_handle: HashMap<u64, Head>,
+    /// Counts the changes through the mount: a head read by the laptop while one was under
+    /// way (its workers run in any order) may be older than it, and is not kept.
+    changes: u64,
+}
+
+struct Head {
+    ino: u64,
+    at: Instant,
+    data: Vec<u8>,
+    /// `data` is the whole file as it was opened.
+    whole: bool,
+}
+
+/// Heads kept at once on one mount (each at most [`proto::MAX_HEAD`]: 4 MiB); an opening
+/// past it asks for none.
+const MAX_HEADS: usize = 64;
+
+/// How long after its opening a head answers reads.
+const HEAD_FRESH: Duration = Duration::from_secs(1);
+
+impl Heads {
+    /// Whether a head may be asked for (with the count of changes to give [`Heads::keep`]);
+    /// drops the stale ones first.
+    fn room(&mut self, now: Instant) -> Option<u64> {
+        self.by_handle
+            .retain(|_, h| now.saturating_duration_since(h.at) < HEAD_FRESH);
+        (self.by_handle.len() < MAX_HEADS).then_some(self.changes)
+    }
+
+    /// Keeps `data`, `fh`'s head asked for at `at` (up to `asked` bytes), when nothing
+    /// changed through the mount since `changes` was counted.
+    fn keep(
+        &mut self,
+        fh: u64,
+        ino: u64,
+        (at, changes): (Instant, u64),
+        data: Vec<u8>,
+        asked: u32,
+    ) {
+        // More than asked for is not the file's head.
+        if data.len() <= asked as usize
+            && changes == self.changes
+            && self.by_handle.len() < MAX_HEADS
+        {
+            let whole = data.len() < asked as usize;
+            self.by_handle.insert(
+                fh,
+                Head {
+                    ino,
+                    at,
+                    data,
+                    whole,
+                },
+            );
+        }
+    }
+
+    /// The bytes a read of `size` at `offset` on `fh` gets, when its head holds them
+    /// (fewer only at the end of a whole file).
+    fn read(&mut self, fh: u64, offset: u64, size: u32, now: Instant) -> Option<Vec<u8>> {
+        let head = self.by_handle.get(&fh)?;
+        if now.saturating_duration_since(head.at) >= HEAD_FRESH {
+            self.by_handle.remove(&fh);
+            return None;
+        }
+        let len = head.data.len() as u64;
+        let end = offset.checked_add(u64::from(size))?;
+        if end > len && !head.whole {
+            return None;
+        }
+        let (from, to) = (offset.min(len) as usize, end.min(len) as usize);
+        head.data.get(from..to).map(<[u8]>::to_vec)
+    }
+
+    /// `ino` changed through the mount: its heads are no longer its contents.
+    fn changed(&mut self, ino: u64) {
+        self.changes = self.changes.wrapping_add(1);
+        self.by_handle.retain(|_, h| h.ino != ino);
+    }
+
+    fn release(&mut self, fh: u64) {
+        self.by_handle.remove(&fh);
+    }
 }
 
 /// Drops the kept listings of `dirs` when dropped (a write's, once the laptop answered).
@@ -404,6 +500,7 @@ impl ConnectFs {
                 flying: Mutex::default(),
                 failures: Mutex::default(),
                 dirs: Mutex::new(DirCache::new(TTL, MAX_DIR_BYTES, MAX_LOCAL_DIRS)),
+                heads: Mutex::default(),
             }),
             rt,
         }
@@ -617,7 +714,10 @@ impl Filesystem for ConnectFs {
             }
         };
         let touched = match op {
-            Op::Setattr { .. } => self.shared.parent_of(ino.0),
+            Op::Setattr { .. } => {
+                lock(&self.shared.heads).changed(ino.0);
+                self.shared.parent_of(ino.0)
+            }
             _ => Vec::new(),
         };
         self.answer_touching(touched, move |s| async move {
@@ -763,15 +863,34 @@ impl Filesystem for ConnectFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = resolve!(reply, self.path(ino));
+        let reading = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
+        if flags.0 & libc::O_TRUNC != 0 {
+            lock(&self.shared.heads).changed(ino.0);
+        }
         self.answer(move |s| async move {
+            let at = Instant::now();
+            let changes = if reading {
+                lock(&s.heads).room(at)
+            } else {
+                None
+            };
+            let head = if changes.is_some() {
+                proto::MAX_HEAD
+            } else {
+                0
+            };
             let answer = s
                 .call(Op::Open {
                     path,
                     flags: flags.0,
+                    head,
                 })
                 .await;
             match answer {
-                Ok(Answer::Handle(fh)) => {
+                Ok(Answer::Opened { fh, head: data }) => {
+                    if let (Some(data), Some(changes)) = (data, changes) {
+                        lock(&s.heads).keep(fh, ino.0, (at, changes), data.into_vec(), head);
+                    }
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
                 }
                 Ok(_) => reply.error(Errno::EIO),
@@ -828,18 +947,27 @@ impl Filesystem for ConnectFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if let Some(data) = lock(&self.shared.heads).read(fh.0, offset, size, Instant::now()) {
+            return reply.data(&data);
+        }
         self.answer(move |s| async move {
-            // The kernel asks at most max_pages at once; the wire carries MAX_IO a frame. A
-            // short answer is the end of the file.
-            let mut data: Vec<u8> = Vec::new();
-            while data.len() < size as usize {
-                let want = (size - data.len() as u32).min(proto::MAX_IO);
+            // The kernel asks at most max_pages at once; the wire carries MAX_IO a frame, and
+            // the frames of one read are in flight together. A short answer is the end of
+            // the file.
+            let parts = (0..size.div_ceil(proto::MAX_IO)).map(|i| {
+                let at = i * proto::MAX_IO;
+                let want = (size - at).min(proto::MAX_IO);
                 let op = Op::Read {
                     fh: fh.0,
-                    offset: offset.saturating_add(data.len() as u64),
+                    offset: offset.saturating_add(u64::from(at)),
                     size: want,
                 };
-                match s.call(op).await {
+                let s = s.clone();
+                async move { (want, s.call(op).await) }
+            });
+            let mut data: Vec<u8> = Vec::new();
+            for (want, answer) in futures_util::future::join_all(parts).await {
+                match answer {
                     Ok(Answer::Data(d)) if d.len() <= want as usize => {
                         let short = d.len() < want as usize;
                         if data.is_empty() {
@@ -891,7 +1019,9 @@ impl Filesystem for ConnectFs {
         // Appends are placed by the laptop, and O_SYNC/O_DSYNC writes are to be on its
         // disk when they return: those wait for the laptop's answer.
         let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
-        // The file's size and times change: its directory's kept listing goes.
+        // The file's size and times change: its directory's kept listing goes, and so do
+        // the heads of its contents.
+        lock(&self.shared.heads).changed(ino.0);
         let touched = self.shared.parent_of(ino.0);
         self.shared.changed(&touched);
         self.answer_in(place, move |s| async move {
@@ -954,6 +1084,7 @@ impl Filesystem for ConnectFs {
     ) {
         // close(2) has returned already; the handle is closed on the laptop meanwhile.
         reply.ok();
+        lock(&self.shared.heads).release(fh.0);
         self.answer(move |s| async move {
             let _ = s.call(Op::Release { fh: fh.0 }).await;
             let _ = s.failure(fh.0);
@@ -1906,12 +2037,106 @@ mod tests {
     }
 
     #[test]
+    fn a_small_file_is_opened_and_read_in_one_round_trip() {
+        let asked: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+        let seen = asked.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            seen.lock().unwrap().push(match op {
+                Op::Open { .. } => "open",
+                Op::Read { .. } => "read",
+                _ => "other",
+            });
+            result
+        });
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
+            return;
+        };
+        let count = |what| asked.lock().unwrap().iter().filter(|w| **w == what).count();
+        let small: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        std::fs::write(m.laptop().join("small"), &small).unwrap();
+        std::fs::write(m.laptop().join("big"), &big).unwrap();
+        assert_eq!(std::fs::read(m.dir().join("small")).unwrap(), small);
+        assert_eq!((count("open"), count("read")), (1, 0), "{:?}", asked.lock());
+        // A longer file: its head, then the rest from the laptop.
+        assert!(std::fs::read(m.dir().join("big")).unwrap() == big);
+        assert_eq!(count("open"), 2);
+        assert!(count("read") > 0);
+
+        // A head is not the file once the file is changed through the mount: a reader
+        // that opened it before the change reads the change.
+        use std::os::unix::fs::FileExt;
+        std::fs::write(m.laptop().join("edited"), &small).unwrap();
+        let reader = std::fs::File::open(m.dir().join("edited")).unwrap();
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.dir().join("edited"))
+            .unwrap();
+        // Part of a page: the kernel's cache does not hold the page whole, so the read asks.
+        writer.write_all_at(b"CHANGED", 10).unwrap();
+        let mut got = vec![0u8; small.len()];
+        reader.read_exact_at(&mut got, 0).unwrap();
+        let mut want = small.clone();
+        want[10..17].copy_from_slice(b"CHANGED");
+        assert!(got == want, "a head read after a change through the mount");
+    }
+
+    #[test]
+    fn heads_answer_only_what_they_hold_fresh_and_unchanged() {
+        let t0 = Instant::now();
+        let mut h = Heads::default();
+        let c = h.room(t0).unwrap();
+        h.keep(1, 10, (t0, c), b"0123456789".to_vec(), 64);
+        let c = h.room(t0).unwrap();
+        h.keep(2, 20, (t0, c), vec![7; 64], 64);
+        // A whole file: reads past its end are short.
+        assert_eq!(h.read(1, 2, 3, t0).as_deref(), Some(&b"234"[..]));
+        assert_eq!(h.read(1, 8, 100, t0).as_deref(), Some(&b"89"[..]));
+        assert_eq!(h.read(1, 50, 10, t0).as_deref(), Some(&b""[..]));
+        // Part of a longer file: only what it holds.
+        assert_eq!(h.read(2, 0, 64, t0), Some(vec![7; 64]));
+        assert_eq!(h.read(2, 60, 8, t0), None);
+        assert_eq!(h.read(3, 0, 1, t0), None);
+        // Stale after the window.
+        assert_eq!(h.read(1, 0, 1, t0 + HEAD_FRESH), None);
+        // A change to one file drops its heads, and heads asked for before it are not kept.
+        let c = h.room(t0).unwrap();
+        h.changed(20);
+        assert_eq!(h.read(2, 0, 1, t0), None);
+        h.keep(3, 30, (t0, c), b"old".to_vec(), 64);
+        assert_eq!(h.read(3, 0, 3, t0), None);
+        // More than asked for is refused; a release drops it; the count is bounded.
+        let c = h.room(t0).unwrap();
+        h.keep(4, 40, (t0, c), vec![0; 65], 64);
+        assert_eq!(h.read(4, 0, 1, t0), None);
+        for fh in 0..2 * MAX_HEADS as u64 {
+            if let Some(c) = h.room(t0) {
+                h.keep(100 + fh, 100 + fh, (t0, c), vec![1], 64);
+            }
+        }
+        assert_eq!(h.by_handle.len(), MAX_HEADS);
+        assert_eq!(h.room(t0), None);
+        h.release(100);
+        assert!(h.room(t0).is_some());
+        assert!(h.room(t0 + HEAD_FRESH).is_some());
+        assert!(h.by_handle.is_empty(), "stale heads dropped");
+    }
+
+    #[test]
     fn nonsense_answers_are_errors_not_hangs() {
         let tamper: Tamper = Box::new(|op, result| match op {
             Op::Lookup { path } if path.0 == b"weird" => Err(100_000),
             Op::Lookup { path } if path.0 == b"nosys" => Err(libc::ENOSYS),
             Op::Lookup { path } if path.0 == b"kind" => Ok(Answer::Done),
             Op::Read { size, .. } => Ok(Answer::Data(vec![0; *size as usize + 1])),
+            // A head longer than asked for is not kept: the read goes to the laptop.
+            Op::Open { head, .. } => match result {
+                Ok(Answer::Opened { fh, .. }) => Ok(Answer::Opened {
+                    fh,
+                    head: Some(proto::ByteBuf::from(vec![0; *head as usize + 1])),
+                }),
+                r => r,
+            },
             Op::Readlink { .. } => Ok(Answer::Bytes(vec![b'a'; 5000])),
             _ => result,
         });

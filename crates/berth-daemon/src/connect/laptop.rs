@@ -212,9 +212,25 @@ impl Laptop {
                 std::fs::hard_link(self.full(&from)?, &t).map_err(errno)?;
                 self.lstat(&t)
             }
-            Op::Open { path, flags } => {
+            Op::Open { path, flags, head } => {
                 let f = self.open(&self.full(&path)?, flags & !libc::O_CREAT, 0)?;
-                Ok(Answer::Handle(self.handle(Handle::File(f))))
+                let head = (head > 0
+                    && flags & libc::O_ACCMODE != libc::O_WRONLY
+                    && f.metadata().map_err(errno)?.is_file())
+                .then(|| {
+                    let mut buf = vec![0; head.min(berth_connect::proto::MAX_HEAD) as usize];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match f.read_at(&mut buf[got..], got as u64) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => got += n,
+                        }
+                    }
+                    buf.truncate(got);
+                    berth_connect::proto::ByteBuf::from(buf)
+                });
+                let fh = self.handle(Handle::File(f));
+                Ok(Answer::Opened { fh, head })
             }
             Op::Create { path, flags, mode } => {
                 let f = self.open(&self.full(&path)?, flags | libc::O_CREAT, mode)?;
