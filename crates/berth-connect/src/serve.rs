@@ -2,17 +2,14 @@
 //! which the CLI does).
 //!
 //! ```text
-//!  wire ──► loop ── Request, nothing else in flight ──► fs::Fs::op, here ──────────► wire
-//!             ├──── Request ──► blocking thread: fs::Fs::op ──► reply queue ──► loop ──► wire
+//!  wire ──► reader ── Request ──► blocking thread: fs::Fs::op ──► reply queue ──► writer ──► wire
 //!             │  (a place among WORKERS, or among WAITERS for a FIFO read/write)
 //!             └─ end of stream / malformed frame ─► cancel FIFO waits, let the rest finish,
 //!                                                   flush the replies (bounded), return
 //! ```
 //!
 //! Requests are served concurrently and answered as they finish, so one slow file does not
-//! hold the rest (a request that comes while none is being served is done by the loop
-//! itself: the common case of one process's calls one after another, without two hops
-//! between threads; an `fsync` or a FIFO's read or write never is); what is in flight is bounded by the places, what is open by
+//! hold the rest; what is in flight is bounded by the places, what is open by
 //! [`fs::MAX_HANDLES`], what is read at once by [`crate::proto::MAX_IO`]. Confinement to the
 //! directory is [`fs`]'s.
 
@@ -30,10 +27,9 @@ use nix::errno::Errno;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedWrite, LengthDelimitedCodec};
 
 use crate::client::{Wire, WireError};
-use crate::proto::{self, Op, ToDaemon, ToLaptop};
+use crate::proto::{self, ToDaemon, ToLaptop};
 
 /// Ordinary requests (each a few syscalls on a blocking thread) served at once.
 pub const WORKERS: usize = 16;
@@ -81,110 +77,78 @@ where
     let fs = Arc::new(fs::Fs::new(OwnedFd::from(root), hangup_rx).map_err(ServeError::Root)?);
     let Wire { mut rx, mut tx } = wire;
     let (replies, mut queued) = mpsc::channel::<Bytes>(WORKERS + WAITERS);
-    let workers = Arc::new(Semaphore::new(WORKERS));
-    let waiters = Arc::new(Semaphore::new(WAITERS));
-    let mut tasks = JoinSet::new();
-    let end = loop {
-        let frame = tokio::select! {
-            // Answers from the blocking threads go out as they come.
-            Some(first) = queued.recv() => match send(&mut tx, first, &mut queued).await {
-                Ok(()) => continue,
-                Err(e) => break Err(ServeError::Wire(WireError::Io(e))),
-            },
-            // Reaps finished requests so the set stays as small as what is in flight.
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
-            frame = rx.next() => frame,
-        };
-        let msg = frame.map(|f| -> Result<ToLaptop, WireError> { Ok(proto::decode(&f?)?) });
-        let (id, op) = match msg {
-            None => break Ok(()),
-            Some(Err(e)) => break Err(ServeError::Wire(e)),
-            Some(Ok(ToLaptop::Request { id, op })) => (id, op),
-            Some(Ok(ToLaptop::Welcome { .. })) => break Err(ServeError::Unexpected("Welcome")),
-            Some(Ok(ToLaptop::Refused { .. })) => break Err(ServeError::Unexpected("Refused")),
-        };
-        let may_wait = fs.may_wait(&op);
-        if tasks.is_empty() && !may_wait && !matches!(op, Op::Fsync { .. }) {
-            // Nothing else is being served: done here, without two hops between threads
-            // (to a blocking thread and back), as one request after another (`git status`,
-            // `make`) comes. Requests that overlap go to the blocking threads.
-            let reply = answer(&fs, id, op);
-            match send(&mut tx, reply, &mut queued).await {
-                Ok(()) => continue,
-                Err(e) => break Err(ServeError::Wire(WireError::Io(e))),
+
+    let writer = async move {
+        while let Some(frame) = queued.recv().await {
+            // Whatever else is ready goes out in the same flush.
+            tx.feed(frame).await?;
+            while let Ok(frame) = queued.try_recv() {
+                tx.feed(frame).await?;
             }
-        }
-        let places = if may_wait { &waiters } else { &workers };
-        // While every place is taken, answers still go out (the queue holds one per place).
-        let place = loop {
-            tokio::select! {
-                place = places.clone().acquire_owned() => break Ok(place),
-                Some(first) = queued.recv() => {
-                    if let Err(e) = send(&mut tx, first, &mut queued).await {
-                        break Err(e);
-                    }
-                }
-            }
-        };
-        let place = match place {
-            Ok(Ok(place)) => place,
-            // The places are never closed.
-            Ok(Err(_)) => break Ok(()),
-            Err(e) => break Err(ServeError::Wire(WireError::Io(e))),
-        };
-        let fs = fs.clone();
-        let replies = replies.clone();
-        tasks.spawn_blocking(move || {
-            let reply = answer(&fs, id, op);
-            // Fails only once serving has ended; the reply has nowhere to go then.
-            let _ = replies.blocking_send(reply);
-            drop(place);
-        });
-    };
-    // Every FIFO wait ends (closing the write end hangs up the read end they poll); the
-    // queue ends once the last request has replied. What is still due is written, within a
-    // bound (a daemon that stopped reading does not keep us).
-    drop(replies);
-    drop(hangup_tx);
-    let flush = async {
-        while let Some(first) = queued.recv().await {
-            send(&mut tx, first, &mut queued).await?;
+            SinkExt::<Bytes>::flush(&mut tx).await?;
         }
         Ok::<(), std::io::Error>(())
     };
-    let flushed = tokio::time::timeout(FLUSH_LIMIT, flush).await;
-    drop(tasks);
-    match flushed {
-        Ok(Err(e)) if end.is_ok() => Err(ServeError::Wire(WireError::Io(e))),
-        _ => end,
-    }
-}
+    let reader = async move {
+        let workers = Arc::new(Semaphore::new(WORKERS));
+        let waiters = Arc::new(Semaphore::new(WAITERS));
+        let mut tasks = JoinSet::new();
+        let end = loop {
+            let frame = tokio::select! {
+                frame = rx.next() => frame,
+                // Reaps finished requests so the set stays as small as what is in flight.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let msg = frame.map(|f| -> Result<ToLaptop, WireError> { Ok(proto::decode(&f?)?) });
+            let (id, op) = match msg {
+                None => break Ok(()),
+                Some(Err(e)) => break Err(ServeError::Wire(e)),
+                Some(Ok(ToLaptop::Request { id, op })) => (id, op),
+                Some(Ok(ToLaptop::Welcome { .. })) => break Err(ServeError::Unexpected("Welcome")),
+                Some(Ok(ToLaptop::Refused { .. })) => break Err(ServeError::Unexpected("Refused")),
+            };
+            let places = if fs.may_wait(&op) { &waiters } else { &workers };
+            let Ok(place) = places.clone().acquire_owned().await else {
+                break Ok(());
+            };
+            let fs = fs.clone();
+            let replies = replies.clone();
+            tasks.spawn_blocking(move || {
+                let result = fs.op(op).map_err(|e| e as i32);
+                let reply = proto::encode(&ToDaemon::Reply { id, result }).unwrap_or_else(|_| {
+                    proto::encode(&ToDaemon::Reply {
+                        id,
+                        result: Err(libc::EIO),
+                    })
+                    .unwrap_or_default()
+                });
+                // Fails only once serving has ended; the reply has nowhere to go then.
+                let _ = replies.blocking_send(Bytes::from(reply));
+                drop(place);
+            });
+        };
+        // The queue ends (and the writer with it) once the last request has replied.
+        drop(replies);
+        drop(hangup_tx);
+        while tasks.join_next().await.is_some() {}
+        end
+    };
 
-/// The reply frame to request `id`.
-fn answer(fs: &fs::Fs, id: u64, op: Op) -> Bytes {
-    let result = fs.op(op).map_err(|e| e as i32);
-    let reply = proto::encode(&ToDaemon::Reply { id, result }).unwrap_or_else(|_| {
-        proto::encode(&ToDaemon::Reply {
-            id,
-            result: Err(libc::EIO),
-        })
-        .unwrap_or_default()
-    });
-    Bytes::from(reply)
-}
-
-/// Writes `first` and whatever else is queued already, in one flush.
-async fn send<W>(
-    tx: &mut FramedWrite<W, LengthDelimitedCodec>,
-    first: Bytes,
-    queued: &mut mpsc::Receiver<Bytes>,
-) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
-    tx.feed(first).await?;
-    while let Ok(frame) = queued.try_recv() {
-        tx.feed(frame).await?;
+    let mut writer = std::pin::pin!(writer);
+    let mut reader = std::pin::pin!(reader);
+    tokio::select! {
+        end = &mut reader => {
+            // Replies still due are written, within a bound (a daemon that stopped reading
+            // does not keep us).
+            match tokio::time::timeout(FLUSH_LIMIT, &mut writer).await {
+                Ok(Err(e)) if end.is_ok() => Err(ServeError::Wire(WireError::Io(e))),
+                _ => end,
+            }
+        }
+        written = &mut writer => match written {
+            Err(e) => Err(ServeError::Wire(WireError::Io(e))),
+            // The queue cannot end while the reader holds its sender.
+            Ok(()) => reader.await,
+        },
     }
-    SinkExt::<Bytes>::flush(tx).await
 }
