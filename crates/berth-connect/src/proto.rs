@@ -31,7 +31,7 @@ pub const MAX_FRAME: usize = MAX_IO as usize + 16 * 1024;
 /// The most bytes of entries one readdir answer carries (names and attributes, roughly).
 pub const READDIR_BYTES: usize = 64 * 1024;
 
-/// The most bytes of a file's start an [`Op::Open`] may ask for with its handle.
+/// The longest file an [`Op::Open`] may ask to have whole with its handle.
 pub const MAX_HEAD: u32 = 64 * 1024;
 
 /// The codec both ends use.
@@ -195,8 +195,8 @@ pub enum Op {
     /// A hard link `to` of `from`. → [`Answer::Attr`]
     Link { from: RelPath, to: RelPath },
     /// `open` with Linux `O_*` flags (no `O_CREAT`). With `head` > 0, a regular file opened
-    /// for reading comes with its first bytes: at most `head` (and [`MAX_HEAD`]), fewer only
-    /// when the file is shorter (a file read whole in the same round trip as its opening).
+    /// for reading of at most `head` bytes (and [`MAX_HEAD`]) comes whole with its handle:
+    /// opened and read in one round trip.
     /// → [`Answer::Opened`]
     Open {
         path: RelPath,
@@ -238,8 +238,8 @@ pub enum Answer {
     Attr(Attr),
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     Handle(u64),
-    /// `head`: the file's first bytes, when asked for and the file is a regular one opened
-    /// for reading, as [`Op::Open`] says.
+    /// `head`: the whole file, when asked for and it is a regular file opened for reading
+    /// and no longer than asked, as [`Op::Open`] says.
     Opened {
         fh: u64,
         head: Option<ByteBuf>,

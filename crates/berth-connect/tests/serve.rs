@@ -1004,13 +1004,12 @@ async fn serving_ends() {
 }
 
 #[tokio::test]
-async fn an_opening_for_reading_carries_the_head_of_a_regular_file_only() {
+async fn an_opening_for_reading_carries_a_small_regular_file_whole() {
     let m = Mount::new();
     let long: Vec<u8> = (0..MAX_HEAD * 2).map(|i| (i % 251) as u8).collect();
     std::fs::write(m.root().join("short"), "0123456789").unwrap();
     std::fs::write(m.root().join("long"), &long).unwrap();
     nix::unistd::mkfifo(&m.root().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
-    std::fs::create_dir(m.root().join("dir")).unwrap();
     let head = |path: &str, flags: i32, head: u32| {
         let op = Op::Open {
             path: p(path),
@@ -1028,27 +1027,45 @@ async fn an_opening_for_reading_carries_the_head_of_a_regular_file_only() {
             }
         }
     };
-    // Whole when shorter than asked, cut at what was asked, never past MAX_HEAD.
+    // Whole when no longer than asked (and MAX_HEAD); a longer file has none.
     assert_eq!(
         head("short", libc::O_RDONLY, 100).await.unwrap().unwrap(),
         b"0123456789"
     );
     assert_eq!(
-        head("short", libc::O_RDWR, 4).await.unwrap().unwrap(),
-        b"0123"
+        head("short", libc::O_RDWR, 10).await.unwrap().unwrap(),
+        b"0123456789"
     );
+    assert_eq!(head("short", libc::O_RDONLY, 9).await, Ok(None));
+    let got = head("long", libc::O_RDONLY, u32::MAX).await.unwrap();
+    assert_eq!(got, None);
+    std::fs::write(m.root().join("long"), &long[..MAX_HEAD as usize]).unwrap();
     let got = head("long", libc::O_RDONLY, u32::MAX)
         .await
         .unwrap()
         .unwrap();
     assert!(got == long[..MAX_HEAD as usize]);
-    // Not asked, opened for writing only, or not a regular file: none (and a FIFO with
-    // no writer is not waited on).
+    // Not asked, or opened for writing only: none.
     assert_eq!(head("short", libc::O_RDONLY, 0).await, Ok(None));
     assert_eq!(head("short", libc::O_WRONLY, 100).await, Ok(None));
-    let fifo = tokio::time::timeout(BOUND, head("fifo", libc::O_RDONLY | libc::O_NONBLOCK, 100));
-    assert_eq!(fifo.await.unwrap(), Ok(None));
-    assert_eq!(head("dir", libc::O_RDONLY, 100).await, Ok(None));
+    // Not a regular file: none, and a FIFO's data stay for its reader.
+    let fifo = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.root().join("fifo"))
+        .unwrap();
+    std::io::Write::write_all(&mut &fifo, b"abc").unwrap();
+    // Taken data would fail the read below, not hang it.
+    nix::fcntl::fcntl(
+        &fifo,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .unwrap();
+    let opened = tokio::time::timeout(BOUND, head("fifo", libc::O_RDONLY, 100));
+    assert_eq!(opened.await.unwrap(), Ok(None));
+    let mut buf = [0u8; 3];
+    std::io::Read::read_exact(&mut &fifo, &mut buf).unwrap();
+    assert_eq!(&buf, b"abc");
     // Truncated on opening: empty, and the file is.
     assert_eq!(
         head("short", libc::O_RDWR | libc::O_TRUNC, 100)

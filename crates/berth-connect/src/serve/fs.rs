@@ -265,13 +265,17 @@ impl Fs {
                 let regular =
                     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
                 let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
-                // A head that cannot be read is left untold: the daemon's read asks again
-                // and gets the error then.
-                let head = (head > 0 && regular && readable)
-                    .then(|| self.handle(fh).ok())
-                    .flatten()
-                    .and_then(|h| self.read(&h, 0, head.min(MAX_HEAD)).ok())
-                    .map(crate::proto::ByteBuf::from);
+                // Only a whole file, read whole: a longer one would be sent again by the
+                // reads that follow, and a read that fails or finds the file changed size is
+                // left untold (the daemon's read asks again, and gets any error then).
+                let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
+                let head =
+                    (head > 0 && regular && readable && size <= u64::from(head.min(MAX_HEAD)))
+                        .then(|| self.handle(fh).ok())
+                        .flatten()
+                        .and_then(|h| self.read(&h, 0, head.min(MAX_HEAD)).ok())
+                        .filter(|data| data.len() as u64 == size)
+                        .map(crate::proto::ByteBuf::from);
                 Ok(Answer::Opened { fh, head })
             }
             Op::Create { path, flags, mode } => {

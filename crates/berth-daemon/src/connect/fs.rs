@@ -60,8 +60,9 @@ const MAX_READAHEAD: u32 = 1 << 20;
 /// the wire takes.
 const MAX_BACKGROUND: u16 = berth_connect::client::MAX_IN_FLIGHT as u16;
 
-/// Requests of one mount being answered at once (each holds at most one wire I/O of data:
-/// 16 MiB a mount); as many as the wire takes, the rest wait in the kernel.
+/// Requests of one mount being answered at once; as many as the wire takes, the rest wait in
+/// the kernel. A write holds one wire I/O (256 KiB), a read at most the kernel's 1 MiB asked
+/// plus its parts in flight: 128 MiB a mount at the very most, 16 MiB for writes.
 const MAX_TASKS: usize = berth_connect::client::MAX_IN_FLIGHT;
 
 struct Shared {
@@ -87,26 +88,27 @@ struct Shared {
     heads: Mutex<Heads>,
 }
 
-/// The first bytes of files opened for reading, by handle, as the laptop gave them with the
-/// handle ([`Op::Open`]'s `head`): a small file is opened and read in one round trip, not
-/// two (`git status` reading every file of a tree, `make` reading its sources). A head
-/// answers only reads that come within [`HEAD_FRESH`] of the opening, and goes at the
-/// handle's release or at any change of its file through the mount; what the laptop changes
-/// meanwhile is seen from the next opening on (close-to-open, as NFS has it).
+/// Small files read whole with their opening, by handle, as the laptop gave them
+/// ([`Op::Open`]'s `head`): a small file is opened and read in one round trip, not two (`git
+/// status` reading every file of a tree, `make` reading its sources). A head answers only reads
+/// that come within [`HEAD_FRESH`] of the opening, and goes at the handle's release. Every
+/// change through the mount drops them all (one file may have several names, and so several
+/// inodes here), and none is kept while a change is in flight or if one began or ended while it
+/// was asked for (the laptop's workers run in any order). What the laptop changes itself is
+/// seen from the next opening on (close-to-open, as NFS has it).
 #[derive(Default)]
 struct Heads {
     by_handle: HashMap<u64, Head>,
-    /// Counts the changes through the mount: a head read by the laptop while one was under
-    /// way (its workers run in any order) may be older than it, and is not kept.
+    /// Counts the starts and ends of changes through the mount.
     changes: u64,
+    /// Changes through the mount not yet answered by the laptop.
+    in_flight: usize,
 }
 
 struct Head {
-    ino: u64,
     at: Instant,
+    /// The whole file as it was opened.
     data: Vec<u8>,
-    /// `data` is the whole file as it was opened.
-    whole: bool,
 }
 
 /// Heads kept at once on one mount (each at most [`proto::MAX_HEAD`]: 4 MiB); an opening
@@ -117,44 +119,29 @@ const MAX_HEADS: usize = 64;
 const HEAD_FRESH: Duration = Duration::from_secs(1);
 
 impl Heads {
-    /// Whether a head may be asked for (with the count of changes to give [`Heads::keep`]);
+    /// Whether a head may be asked for, with the count of changes to give [`Heads::keep`];
     /// drops the stale ones first.
     fn room(&mut self, now: Instant) -> Option<u64> {
         self.by_handle
             .retain(|_, h| now.saturating_duration_since(h.at) < HEAD_FRESH);
-        (self.by_handle.len() < MAX_HEADS).then_some(self.changes)
+        (self.by_handle.len() < MAX_HEADS && self.in_flight == 0).then_some(self.changes)
     }
 
-    /// Keeps `data`, `fh`'s head asked for at `at` (up to `asked` bytes), when nothing
-    /// changed through the mount since `changes` was counted.
-    fn keep(
-        &mut self,
-        fh: u64,
-        ino: u64,
-        (at, changes): (Instant, u64),
-        data: Vec<u8>,
-        asked: u32,
-    ) {
-        // More than asked for is not the file's head.
+    /// Keeps `data`, `fh`'s file asked for at `at` (at most `asked` bytes), when no change
+    /// through the mount began or ended since `changes` was counted.
+    fn keep(&mut self, fh: u64, (at, changes): (Instant, u64), data: Vec<u8>, asked: u32) {
+        // More than asked for is not the file.
         if data.len() <= asked as usize
             && changes == self.changes
+            && self.in_flight == 0
             && self.by_handle.len() < MAX_HEADS
         {
-            let whole = data.len() < asked as usize;
-            self.by_handle.insert(
-                fh,
-                Head {
-                    ino,
-                    at,
-                    data,
-                    whole,
-                },
-            );
+            self.by_handle.insert(fh, Head { at, data });
         }
     }
 
-    /// The bytes a read of `size` at `offset` on `fh` gets, when its head holds them
-    /// (fewer only at the end of a whole file).
+    /// The bytes a read of `size` at `offset` on `fh` gets from its head (fewer at the end
+    /// of the file).
     fn read(&mut self, fh: u64, offset: u64, size: u32, now: Instant) -> Option<Vec<u8>> {
         let head = self.by_handle.get(&fh)?;
         if now.saturating_duration_since(head.at) >= HEAD_FRESH {
@@ -162,22 +149,43 @@ impl Heads {
             return None;
         }
         let len = head.data.len() as u64;
-        let end = offset.checked_add(u64::from(size))?;
-        if end > len && !head.whole {
-            return None;
-        }
+        let end = offset.saturating_add(u64::from(size));
         let (from, to) = (offset.min(len) as usize, end.min(len) as usize);
         head.data.get(from..to).map(<[u8]>::to_vec)
     }
 
-    /// `ino` changed through the mount: its heads are no longer its contents.
-    fn changed(&mut self, ino: u64) {
+    /// A change through the mount begins: no head is the file any more.
+    fn begin(&mut self) {
         self.changes = self.changes.wrapping_add(1);
-        self.by_handle.retain(|_, h| h.ino != ino);
+        self.in_flight += 1;
+        self.by_handle.clear();
+    }
+
+    /// The laptop has answered a change (or it was given up).
+    fn end(&mut self) {
+        self.changes = self.changes.wrapping_add(1);
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     fn release(&mut self, fh: u64) {
         self.by_handle.remove(&fh);
+    }
+}
+
+/// A change through the mount in flight, for [`Heads`]: begun when made, ended when dropped
+/// (once the laptop has answered, or the request is given up).
+struct Changing(Arc<Shared>);
+
+impl Changing {
+    fn begin(shared: &Arc<Shared>) -> Self {
+        lock(&shared.heads).begin();
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        lock(&self.0.heads).end();
     }
 }
 
@@ -713,14 +721,15 @@ impl Filesystem for ConnectFs {
                 mtime,
             }
         };
-        let touched = match op {
-            Op::Setattr { .. } => {
-                lock(&self.shared.heads).changed(ino.0);
-                self.shared.parent_of(ino.0)
-            }
-            _ => Vec::new(),
+        let (touched, changing) = match op {
+            Op::Setattr { .. } => (
+                self.shared.parent_of(ino.0),
+                Some(Changing::begin(&self.shared)),
+            ),
+            _ => (Vec::new(), None),
         };
         self.answer_touching(touched, move |s| async move {
+            let _changing = changing;
             match s.attr(ino.0, op).await {
                 Ok(a) => reply.attr(&TTL, &a),
                 Err(e) => reply.error(e),
@@ -864,10 +873,9 @@ impl Filesystem for ConnectFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = resolve!(reply, self.path(ino));
         let reading = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
-        if flags.0 & libc::O_TRUNC != 0 {
-            lock(&self.shared.heads).changed(ino.0);
-        }
+        let truncating = (flags.0 & libc::O_TRUNC != 0).then(|| Changing::begin(&self.shared));
         self.answer(move |s| async move {
+            let _truncating = truncating;
             let at = Instant::now();
             let changes = if reading {
                 lock(&s.heads).room(at)
@@ -889,7 +897,7 @@ impl Filesystem for ConnectFs {
             match answer {
                 Ok(Answer::Opened { fh, head: data }) => {
                     if let (Some(data), Some(changes)) = (data, changes) {
-                        lock(&s.heads).keep(fh, ino.0, (at, changes), data.into_vec(), head);
+                        lock(&s.heads).keep(fh, (at, changes), data.into_vec(), head);
                     }
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
                 }
@@ -916,7 +924,10 @@ impl Filesystem for ConnectFs {
             flags: flags & !libc::O_CREAT,
             mode: mode & 0o7777,
         };
+        // An existing file (one the kernel took for absent) is emptied.
+        let truncating = (flags & libc::O_TRUNC != 0).then(|| Changing::begin(&self.shared));
         self.answer_touching(vec![parent.0], move |s| async move {
+            let _truncating = truncating;
             let (fh, attr) = match s.call(op).await {
                 Ok(Answer::Created { fh, attr }) => (fh, attr),
                 Ok(_) => return reply.error(Errno::EIO),
@@ -1020,11 +1031,13 @@ impl Filesystem for ConnectFs {
         // disk when they return: those wait for the laptop's answer.
         let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
         // The file's size and times change: its directory's kept listing goes, and so do
-        // the heads of its contents.
-        lock(&self.shared.heads).changed(ino.0);
+        // the heads of file contents.
+        let changing = Changing::begin(&self.shared);
         let touched = self.shared.parent_of(ino.0);
         self.shared.changed(&touched);
         self.answer_in(place, move |s| async move {
+            // Held until the laptop has answered.
+            let _changing = changing;
             let _after = Changed {
                 shared: s.clone(),
                 dirs: touched,
@@ -2058,7 +2071,7 @@ mod tests {
         std::fs::write(m.laptop().join("big"), &big).unwrap();
         assert_eq!(std::fs::read(m.dir().join("small")).unwrap(), small);
         assert_eq!((count("open"), count("read")), (1, 0), "{:?}", asked.lock());
-        // A longer file: its head, then the rest from the laptop.
+        // A longer file: read from the laptop.
         assert!(std::fs::read(m.dir().join("big")).unwrap() == big);
         assert_eq!(count("open"), 2);
         assert!(count("read") > 0);
@@ -2079,39 +2092,57 @@ mod tests {
         let mut want = small.clone();
         want[10..17].copy_from_slice(b"CHANGED");
         assert!(got == want, "a head read after a change through the mount");
+        // ... through another name of the same file, too (another inode here).
+        std::fs::write(m.laptop().join("one"), &small).unwrap();
+        std::fs::hard_link(m.laptop().join("one"), m.laptop().join("two")).unwrap();
+        let reader = std::fs::File::open(m.dir().join("one")).unwrap();
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.dir().join("two"))
+            .unwrap();
+        writer.write_all_at(b"CHANGED", 10).unwrap();
+        reader.read_exact_at(&mut got, 0).unwrap();
+        assert!(
+            got == want,
+            "a head read after a change through another name"
+        );
     }
 
     #[test]
-    fn heads_answer_only_what_they_hold_fresh_and_unchanged() {
+    fn heads_answer_only_fresh_and_never_across_a_change() {
         let t0 = Instant::now();
         let mut h = Heads::default();
         let c = h.room(t0).unwrap();
-        h.keep(1, 10, (t0, c), b"0123456789".to_vec(), 64);
-        let c = h.room(t0).unwrap();
-        h.keep(2, 20, (t0, c), vec![7; 64], 64);
-        // A whole file: reads past its end are short.
+        h.keep(1, (t0, c), b"0123456789".to_vec(), 64);
+        // The file: reads past its end are short.
         assert_eq!(h.read(1, 2, 3, t0).as_deref(), Some(&b"234"[..]));
         assert_eq!(h.read(1, 8, 100, t0).as_deref(), Some(&b"89"[..]));
         assert_eq!(h.read(1, 50, 10, t0).as_deref(), Some(&b""[..]));
-        // Part of a longer file: only what it holds.
-        assert_eq!(h.read(2, 0, 64, t0), Some(vec![7; 64]));
-        assert_eq!(h.read(2, 60, 8, t0), None);
+        assert_eq!(h.read(1, u64::MAX, u32::MAX, t0).as_deref(), Some(&b""[..]));
         assert_eq!(h.read(3, 0, 1, t0), None);
         // Stale after the window.
         assert_eq!(h.read(1, 0, 1, t0 + HEAD_FRESH), None);
-        // A change to one file drops its heads, and heads asked for before it are not kept.
-        let c = h.room(t0).unwrap();
-        h.changed(20);
+        // A change drops every head; while one is in flight none is asked for or kept, nor
+        // one asked for before it began or while it was in flight.
+        let before = h.room(t0).unwrap();
+        h.keep(2, (t0, before), b"x".to_vec(), 64);
+        h.begin();
         assert_eq!(h.read(2, 0, 1, t0), None);
-        h.keep(3, 30, (t0, c), b"old".to_vec(), 64);
-        assert_eq!(h.read(3, 0, 3, t0), None);
+        assert_eq!(h.room(t0), None);
+        h.keep(3, (t0, before), b"old".to_vec(), 64);
+        h.end();
+        h.keep(4, (t0, before), b"old".to_vec(), 64);
+        assert_eq!((h.read(3, 0, 3, t0), h.read(4, 0, 3, t0)), (None, None));
+        let after = h.room(t0).unwrap();
+        h.keep(5, (t0, after), b"new".to_vec(), 64);
+        assert_eq!(h.read(5, 0, 3, t0).as_deref(), Some(&b"new"[..]));
         // More than asked for is refused; a release drops it; the count is bounded.
         let c = h.room(t0).unwrap();
-        h.keep(4, 40, (t0, c), vec![0; 65], 64);
-        assert_eq!(h.read(4, 0, 1, t0), None);
+        h.keep(6, (t0, c), vec![0; 65], 64);
+        assert_eq!(h.read(6, 0, 1, t0), None);
         for fh in 0..2 * MAX_HEADS as u64 {
             if let Some(c) = h.room(t0) {
-                h.keep(100 + fh, 100 + fh, (t0, c), vec![1], 64);
+                h.keep(100 + fh, (t0, c), vec![1], 64);
             }
         }
         assert_eq!(h.by_handle.len(), MAX_HEADS);

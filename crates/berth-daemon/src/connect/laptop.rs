@@ -214,9 +214,11 @@ impl Laptop {
             }
             Op::Open { path, flags, head } => {
                 let f = self.open(&self.full(&path)?, flags & !libc::O_CREAT, 0)?;
+                let meta = f.metadata().map_err(errno)?;
                 let head = (head > 0
                     && flags & libc::O_ACCMODE != libc::O_WRONLY
-                    && f.metadata().map_err(errno)?.is_file())
+                    && meta.is_file()
+                    && meta.len() <= u64::from(head.min(berth_connect::proto::MAX_HEAD)))
                 .then(|| {
                     let mut buf = vec![0; head.min(berth_connect::proto::MAX_HEAD) as usize];
                     let mut got = 0;
