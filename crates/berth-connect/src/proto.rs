@@ -16,7 +16,7 @@ pub use serde_bytes::ByteBuf;
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; both ends refuse another.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The SSH subsystem the daemon serves mounts on.
 pub const SUBSYSTEM: &str = "berth-connect@berth";

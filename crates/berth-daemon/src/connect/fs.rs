@@ -2100,12 +2100,34 @@ mod tests {
             .write(true)
             .open(m.dir().join("two"))
             .unwrap();
+        let reads = count("read");
         writer.write_all_at(b"CHANGED", 10).unwrap();
         reader.read_exact_at(&mut got, 0).unwrap();
         assert!(
             got == want,
             "a head read after a change through another name"
         );
+        assert!(count("read") > reads, "not asked again");
+        // ... and by a truncation (setattr) or an opening with O_TRUNC.
+        for how in ["ftruncate", "O_TRUNC"] {
+            std::fs::write(m.laptop().join(how), &small).unwrap();
+            let other = m.laptop().join(format!("{how}-other"));
+            std::fs::hard_link(m.laptop().join(how), &other).unwrap();
+            let reader = std::fs::File::open(m.dir().join(how)).unwrap();
+            let other = m.dir().join(format!("{how}-other"));
+            let mut open = std::fs::OpenOptions::new();
+            open.write(true);
+            if how == "O_TRUNC" {
+                drop(open.truncate(true).open(&other).unwrap());
+            } else {
+                open.open(&other).unwrap().set_len(0).unwrap();
+            }
+            let n = reader.read_at(&mut got, 0).unwrap();
+            assert!(
+                got[..n].iter().all(|b| *b == 0),
+                "{how}: a head read after the file was emptied"
+            );
+        }
     }
 
     #[test]

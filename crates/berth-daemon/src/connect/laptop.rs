@@ -230,7 +230,8 @@ impl Laptop {
                     }
                     buf.truncate(got);
                     berth_connect::proto::ByteBuf::from(buf)
-                });
+                })
+                .filter(|h| h.len() as u64 == meta.len());
                 let fh = self.handle(Handle::File(f));
                 Ok(Answer::Opened { fh, head })
             }
