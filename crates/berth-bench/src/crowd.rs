@@ -81,7 +81,7 @@ fn in_parallel<T: Sync>(
 
 /// `n` users logging in at the same moment: warm (containers running) against as many
 /// OpenSSH logins at once, then cold (containers stopped).
-pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize) -> Vec<Figure> {
+pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize, cold_rounds: usize) -> Vec<Figure> {
     let warm = Figure::new(
         "crowd_warm",
         format!("{n} logins at once (`ssh USER true`), containers running"),
@@ -147,7 +147,7 @@ pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize) -> Vec<Figure> {
     };
     let (mut b, mut floor, mut failed) = (Vec::new(), Vec::new(), Vec::new());
     let outcome = (|| -> Result<()> {
-        for _ in 0..rounds {
+        for _ in 0..cold_rounds {
             interrupt::check()?;
             in_parallel(&users, 10, |u| u.run("stop").map(drop))?;
             stopped(rig)?;
@@ -391,7 +391,10 @@ pub fn idle(rig: &mut Rig, users: usize, n: usize, window: Duration) -> Vec<Figu
     };
     std::thread::sleep(Duration::from_secs(3));
     let berth_pids = || vec![berth_pid];
-    let b0 = at_rest(berth_pids, window);
+    // Without sessions a server does next to nothing: a third of the window (at least 10 s)
+    // reads its rate well enough, and keeps the full run short.
+    let before = (window / 3).max(Duration::from_secs(10)).min(window);
+    let b0 = at_rest(berth_pids, before);
     let e0 = procfs::memory_of(&engine_pids());
     let berth = (|| -> Result<(Rest, Memory)> {
         let _idle = Idle::open(&eps, "sleep 3600", || rig.berth.sessions(), n)?;
@@ -417,7 +420,7 @@ pub fn idle(rig: &mut Rig, users: usize, n: usize, window: Duration) -> Vec<Figu
             .map(|(pid, _)| pid)
             .collect()
     };
-    let o0 = at_rest(sshds, window);
+    let o0 = at_rest(sshds, before);
     let sleeps = || -> Result<usize> {
         Ok(procfs::tree(sshd_pid)
             .iter()

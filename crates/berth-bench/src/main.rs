@@ -97,10 +97,10 @@ struct Args {
     /// Size of the throughput file in MiB [default: 1024; --quick: 100]
     #[arg(long, value_name = "MIB")]
     data_mib: Option<u64>,
-    /// Rounds of the throughput cases [default: 5; --quick: 2]
+    /// Rounds of the throughput cases [default: 4; --quick: 2]
     #[arg(long)]
     data_rounds: Option<usize>,
-    /// Rounds of the connect part [default: 3; --quick: 1]
+    /// Rounds of the connect part [default: 2; --quick: 1]
     #[arg(long)]
     connect_rounds: Option<usize>,
     /// MiB written and read through connect and sshfs [default: 256; --quick: 64]
@@ -109,9 +109,13 @@ struct Args {
     /// Users logging in at once
     #[arg(long, default_value_t = 100)]
     crowd: usize,
-    /// Rounds of the simultaneous logins [default: 3; --quick: 1]
+    /// Rounds of the simultaneous logins, containers running [default: 3; --quick: 1]
     #[arg(long)]
     crowd_rounds: Option<usize>,
+    /// Rounds of the simultaneous logins with the containers stopped (each also starts them
+    /// all through the engine's API) [default: 2; --quick: 1]
+    #[arg(long)]
+    cold_rounds: Option<usize>,
     /// Idle sessions held open
     #[arg(long, default_value_t = 500)]
     idle_sessions: usize,
@@ -144,11 +148,12 @@ impl Args {
             runs,
             keystrokes: self.keystrokes.unwrap_or(10 * runs),
             data_mib: self.data_mib.unwrap_or(if q { 100 } else { 1024 }),
-            data_rounds: self.data_rounds.unwrap_or(if q { 2 } else { 5 }),
-            connect_rounds: self.connect_rounds.unwrap_or(if q { 1 } else { 3 }),
+            data_rounds: self.data_rounds.unwrap_or(if q { 2 } else { 4 }),
+            connect_rounds: self.connect_rounds.unwrap_or(if q { 1 } else { 2 }),
             connect_mib: self.connect_mib.unwrap_or(if q { 64 } else { 256 }),
             crowd: self.crowd,
             crowd_rounds: self.crowd_rounds.unwrap_or(if q { 1 } else { 3 }),
+            cold_rounds: self.cold_rounds.unwrap_or(if q { 1 } else { 2 }),
             idle_sessions: self.idle_sessions,
             rest_seconds: self.rest_seconds.unwrap_or(if q { 10 } else { 30 }),
             cipher: client::CIPHER,
@@ -270,6 +275,7 @@ fn run(args: &Args) -> Result<bool> {
             &mut rig,
             settings.crowd,
             settings.crowd_rounds,
+            settings.cold_rounds,
         ));
     }
     if args.wants(Part::Flood) {

@@ -22,6 +22,7 @@ pub struct Settings {
     pub connect_mib: u64,
     pub crowd: usize,
     pub crowd_rounds: usize,
+    pub cold_rounds: usize,
     pub idle_sessions: usize,
     pub rest_seconds: u64,
     pub cipher: &'static str,
@@ -308,13 +309,14 @@ fn connect_settings_text(s: &Settings) -> String {
 
 fn settings_text(s: &Settings) -> String {
     format!(
-        "N = {} per latency figure (alternating Berth and baseline), {} keystrokes, {} rounds of {} MiB, {} users at once × {} rounds, {} idle sessions over a {} s rest window; every client uses `-o Ciphers={} -o KexAlgorithms={}`, {} keys.",
+        "N = {} per latency figure (alternating Berth and baseline), {} keystrokes, {} rounds of {} MiB, {} users at once × {} rounds ({} with the containers stopped), {} idle sessions over a {} s rest window; every client uses `-o Ciphers={} -o KexAlgorithms={}`, {} keys.",
         s.runs,
         s.keystrokes,
         s.data_rounds,
         s.data_mib,
         s.crowd,
         s.crowd_rounds,
+        s.cold_rounds,
         s.idle_sessions,
         s.rest_seconds,
         s.cipher,
