@@ -5,11 +5,14 @@
 //! codegen units, generics where they are used) kept ~12 MiB of it mapped in a daemon at
 //! rest; together it is a few MiB (docs/benchmarks.md, issue 18).
 //!
-//! Only where the linker is known to be rustc's own lld (x86_64 Linux, no linker chosen by
-//! the user): another linker may not know `--symbol-ordering-file`. Names the file holds that
-//! a build no longer has are skipped, so a stale file costs locality, never a build.
+//! Only where the linker is rustc's own lld: x86_64 Linux, Rust 1.90 or later (its default
+//! there), the toolchain ships it, and no linker or linker flavour is chosen by the user.
+//! GNU ld does not know `--symbol-ordering-file`. Names the file holds that a build does not
+//! have are skipped, so a stale file costs locality, never a build.
 
 use std::env;
+use std::path::Path;
+use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=code-order.txt");
@@ -17,13 +20,45 @@ fn main() {
     println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
     let var = |k: &str| env::var(k).unwrap_or_default();
     let target = var("TARGET");
-    let own_linker = !var("RUSTC_LINKER").is_empty()
-        || env::vars().any(|(k, _)| k.starts_with("CARGO_TARGET_") && k.ends_with("_LINKER"))
-        || var("CARGO_ENCODED_RUSTFLAGS").contains("link");
-    if target != "x86_64-unknown-linux-gnu" || var("PROFILE") != "release" || own_linker {
+    if target != "x86_64-unknown-linux-gnu" || var("PROFILE") != "release" {
         return;
     }
-    let order = format!("{}/code-order.txt", var("CARGO_MANIFEST_DIR"));
+    // Cargo sets RUSTC_LINKER for build scripts when a linker is configured for the target.
+    let flags = var("CARGO_ENCODED_RUSTFLAGS");
+    let chosen = ["linker", "link-self-contained", "fuse-ld"];
+    if env::var_os("RUSTC_LINKER").is_some() || chosen.iter().any(|c| flags.contains(c)) {
+        return;
+    }
+    if !rustc_links_with_lld(&target) {
+        return;
+    }
+    let order = concat!(env!("CARGO_MANIFEST_DIR"), "/code-order.txt");
+    // `-Wl,` splits at commas.
+    if order.contains(',') {
+        return;
+    }
     println!("cargo:rustc-link-arg-bin=berth=-Wl,--symbol-ordering-file={order}");
     println!("cargo:rustc-link-arg-bin=berth=-Wl,--no-warn-symbol-ordering");
+}
+
+/// Rust 1.90 and later link x86_64 Linux with the lld they ship (`gcc-ld/ld.lld` in the
+/// sysroot); a toolchain built without it (some distributions') uses the system's ld.
+fn rustc_links_with_lld(target: &str) -> bool {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = |arg: &str| {
+        Command::new(&rustc)
+            .arg(arg)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let minor = out("-vV")
+        .lines()
+        .find_map(|l| l.strip_prefix("release: 1."))
+        .and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    let sysroot = out("--print=sysroot");
+    let lld = Path::new(sysroot.trim()).join(format!("lib/rustlib/{target}/bin/gcc-ld/ld.lld"));
+    minor.is_some_and(|m| m >= 90) && lld.exists()
 }
