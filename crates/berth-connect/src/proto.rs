@@ -16,7 +16,7 @@ pub use serde_bytes::ByteBuf;
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; both ends refuse another.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// The SSH subsystem the daemon serves mounts on.
 pub const SUBSYSTEM: &str = "berth-connect@berth";
@@ -220,8 +220,10 @@ pub enum Op {
     },
     /// → [`Answer::Done`]
     Fsync { fh: u64, datasync: bool },
-    /// The handle is closed (file or directory). → [`Answer::Done`]
-    Release { fh: u64 },
+    /// The handle is closed (file or directory). → [`Answer::Done`], or with `attr`
+    /// [`Answer::Attr`]: the file's attributes just before it closed (`fstat`), when they
+    /// could be read.
+    Release { fh: u64, attr: bool },
     /// → [`Answer::Handle`]
     Opendir { path: RelPath },
     /// Entries after `offset` (0: from the start), at most about [`READDIR_BYTES`]; none

@@ -243,9 +243,16 @@ async fn files_are_created_written_read_appended_truncated_and_synced() {
     for (h, datasync) in [(fh, true), (app, false)] {
         assert_eq!(m.ok(Op::Fsync { fh: h, datasync }).await, Answer::Done);
     }
-    for h in [fh, app, t] {
-        assert_eq!(m.ok(Op::Release { fh: h }).await, Answer::Done);
+    for h in [fh, app] {
+        assert_eq!(m.ok(Op::Release { fh: h, attr: false }).await, Answer::Done);
     }
+    // A release may bring the file's attributes as it closes.
+    assert_eq!(m.write(t, 0, b"abc").await, 3);
+    let closed = m.ok(Op::Release { fh: t, attr: true }).await;
+    assert!(
+        matches!(closed, Answer::Attr(a) if a.size == 3 && a.nlink == 1),
+        "{closed:?}"
+    );
     assert_eq!(
         m.errno(Op::Read {
             fh,
@@ -255,7 +262,7 @@ async fn files_are_created_written_read_appended_truncated_and_synced() {
         .await,
         libc::EBADF
     );
-    assert_eq!(m.errno(Op::Release { fh }).await, libc::EBADF);
+    assert_eq!(m.errno(Op::Release { fh, attr: false }).await, libc::EBADF);
 
     // Open never creates, whatever flags it is given.
     let open_creat = Op::Open {
@@ -570,7 +577,7 @@ async fn a_listing_comes_in_batches_and_resumes_from_any_offset() {
     let name = want.iter().next().unwrap().clone();
     assert_eq!(m.errno(Op::Opendir { path: p(&name) }).await, libc::ENOTDIR);
     for h in [fh, sub] {
-        assert_eq!(m.ok(Op::Release { fh: h }).await, Answer::Done);
+        assert_eq!(m.ok(Op::Release { fh: h, attr: false }).await, Answer::Done);
     }
     m.close().await.unwrap();
 }
@@ -682,7 +689,7 @@ async fn nothing_outside_the_directory_is_reached() {
             .await
             .0;
         assert!(root.join("new").is_file());
-        m.ok(Op::Release { fh }).await;
+        m.ok(Op::Release { fh, attr: false }).await;
         m.ok(Op::Unlink {
             path: p(&format!("{dir}/new")),
         })
@@ -942,7 +949,7 @@ async fn fifos_nobody_writes() {
         assert_eq!(m.attr("f").await.unwrap().size, 4);
         let fh = m.open("f", libc::O_RDONLY).await;
         assert_eq!(m.read(fh, 0, 10).await, b"fast");
-        m.ok(Op::Release { fh }).await;
+        m.ok(Op::Release { fh, attr: false }).await;
     }
     assert!(reads.iter().all(|r| !r.is_finished()));
 
@@ -964,7 +971,7 @@ async fn fifos_nobody_writes() {
 
     // A FIFO opened for writing with no reader says so instead of waiting.
     for fh in handles {
-        m.ok(Op::Release { fh }).await;
+        m.ok(Op::Release { fh, attr: false }).await;
     }
     let wr = Op::Open {
         path: p("fifo"),
@@ -1020,7 +1027,7 @@ async fn an_opening_for_reading_carries_a_small_regular_file_whole() {
         async move {
             match c.call(op).await {
                 Ok(Answer::Opened { fh, head }) => {
-                    c.call(Op::Release { fh }).await.unwrap();
+                    c.call(Op::Release { fh, attr: false }).await.unwrap();
                     Ok(head.map(|h| h.into_vec()))
                 }
                 other => Err(format!("{other:?}")),
@@ -1099,7 +1106,11 @@ async fn handles_and_reads_are_bounded() {
         mode: 0o644,
     };
     assert_eq!(m.errno(create).await, libc::EMFILE);
-    m.ok(Op::Release { fh: open[0] }).await;
+    m.ok(Op::Release {
+        fh: open[0],
+        attr: false,
+    })
+    .await;
     assert!(matches!(m.ok(more).await, Answer::Opened { .. }));
 
     let data = m.read(open[1], 0, u32::MAX).await;

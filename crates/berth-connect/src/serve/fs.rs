@@ -304,10 +304,15 @@ impl Fs {
                 }
                 Ok(Answer::Done)
             }
-            Op::Release { fh } => {
+            Op::Release { fh, attr: with } => {
                 // The descriptor closes when the last call using it ends.
-                self.handles().remove(&fh).ok_or(Errno::EBADF)?;
-                Ok(Answer::Done)
+                let h = self.handles().remove(&fh).ok_or(Errno::EBADF)?;
+                Ok(
+                    match with.then(|| stat::fstat(h.fd())).and_then(Result::ok) {
+                        Some(st) => Answer::Attr(attr(&st)),
+                        None => Answer::Done,
+                    },
+                )
             }
             Op::Opendir { path } => {
                 self.room()?;

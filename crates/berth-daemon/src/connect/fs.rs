@@ -86,6 +86,8 @@ struct Shared {
     listings: Mutex<Listings>,
     /// Files' first bytes, given with their opening ([`Heads`]).
     heads: Mutex<Heads>,
+    /// Attributes of files written, given with their release ([`Settled`]).
+    settled: Mutex<Settled>,
 }
 
 /// Small files read whole with their opening, by handle, as the laptop gave them
@@ -172,20 +174,142 @@ impl Heads {
     }
 }
 
-/// A change through the mount in flight, for [`Heads`]: begun when made, ended when dropped
-/// (once the laptop has answered, or the request is given up).
-struct Changing(Arc<Shared>);
+/// Attributes of files written through the mount, as the laptop gave them when a handle open
+/// for writing was released ([`Op::Release`]'s `attr`), by inode. A write makes the kernel drop
+/// what it knew of the file's size and times, so without them every `stat` of a file just built
+/// is a round trip to the laptop (`make` with nothing left to do, right after a build); sshfs
+/// answers those from a cache of its own.
+///
+/// They answer `getattr` for [`TTL`] after the laptop gave them, as long as nothing changed the
+/// file through the mount meanwhile: a change of the file (a write, a setattr, a truncation)
+/// drops its own, one of names (unlink, rename, link) drops them all. None is asked for while a
+/// change of the file or of names is in flight, none is kept if one began while it was asked
+/// for, and only a file with a single name is kept (another name would be another inode here).
+/// What the laptop changes itself shows after the window, as with the kernel's own cache.
+#[derive(Default)]
+struct Settled {
+    attrs: HashMap<u64, (FileAttr, Instant)>,
+    /// Releases that asked for the attributes, not yet answered: inode → token.
+    asked: HashMap<u64, u64>,
+    /// Changes of a file in flight, by inode.
+    busy: HashMap<u64, usize>,
+    /// Changes of names in flight.
+    names_busy: usize,
+    next: u64,
+}
+
+/// Files whose attributes are kept (or asked for) at once on one mount.
+const MAX_SETTLED: usize = 4096;
+
+/// What a change through the mount touches.
+#[derive(Clone, Copy)]
+enum Scope {
+    /// One file's contents or attributes.
+    File(u64),
+    /// Names: any file's link count or place.
+    Names,
+    /// Nothing known here (a file the mount has no inode for).
+    Unknown,
+}
+
+impl Settled {
+    fn begin(&mut self, scope: Scope) {
+        match scope {
+            Scope::File(ino) => {
+                self.attrs.remove(&ino);
+                self.asked.remove(&ino);
+                *self.busy.entry(ino).or_default() += 1;
+            }
+            Scope::Names => {
+                self.attrs.clear();
+                self.asked.clear();
+                self.names_busy += 1;
+            }
+            Scope::Unknown => {}
+        }
+    }
+
+    fn end(&mut self, scope: Scope) {
+        match scope {
+            Scope::File(ino) => {
+                if let Some(n) = self.busy.get_mut(&ino) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.busy.remove(&ino);
+                    }
+                }
+            }
+            Scope::Names => self.names_busy = self.names_busy.saturating_sub(1),
+            Scope::Unknown => {}
+        }
+    }
+
+    /// A token to ask for `ino`'s attributes with its release, when they could be kept.
+    fn ask(&mut self, ino: u64, now: Instant) -> Option<u64> {
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED {
+            self.attrs
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < TTL);
+        }
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED
+            || self.names_busy > 0
+            || self.busy.contains_key(&ino)
+        {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1);
+        self.asked.insert(ino, self.next);
+        Some(self.next)
+    }
+
+    /// The release asked with `token` was answered: `attr`, when the laptop gave them.
+    fn answered(&mut self, ino: u64, token: u64, attr: Option<FileAttr>, now: Instant) {
+        if self.asked.get(&ino) != Some(&token) {
+            return;
+        }
+        self.asked.remove(&ino);
+        if let Some(attr) = attr
+            && attr.nlink == 1
+            && attr.kind == FileType::RegularFile
+            && self.names_busy == 0
+            && !self.busy.contains_key(&ino)
+        {
+            self.attrs.insert(ino, (attr, now));
+        }
+    }
+
+    /// `ino`'s kept attributes, with how long they remain good.
+    fn get(&mut self, ino: u64, now: Instant) -> Option<(FileAttr, Duration)> {
+        let (attr, at) = self.attrs.get(&ino)?;
+        let left = TTL.saturating_sub(now.saturating_duration_since(*at));
+        if left.is_zero() {
+            self.attrs.remove(&ino);
+            return None;
+        }
+        Some((*attr, left))
+    }
+
+    fn forget(&mut self, ino: u64) {
+        self.attrs.remove(&ino);
+        self.asked.remove(&ino);
+    }
+}
+
+/// A change through the mount in flight, for [`Heads`] and [`Settled`]: begun when made,
+/// ended when dropped (once the laptop has answered, or the request is given up).
+struct Changing(Arc<Shared>, Scope);
 
 impl Changing {
-    fn begin(shared: &Arc<Shared>) -> Self {
+    fn begin(shared: &Arc<Shared>, scope: Scope) -> Self {
         lock(&shared.heads).begin();
-        Self(shared.clone())
+        lock(&shared.settled).begin(scope);
+        Self(shared.clone(), scope)
     }
 }
 
 impl Drop for Changing {
     fn drop(&mut self) {
         lock(&self.0.heads).end();
+        lock(&self.0.settled).end(self.1);
     }
 }
 
@@ -509,6 +633,7 @@ impl ConnectFs {
                 failures: Mutex::default(),
                 dirs: Mutex::new(DirCache::new(TTL, MAX_DIR_BYTES, MAX_LOCAL_DIRS)),
                 heads: Mutex::default(),
+                settled: Mutex::default(),
             }),
             rt,
         }
@@ -581,7 +706,10 @@ impl ConnectFs {
         let name = name.as_bytes().to_vec();
         let lookup = matches!(op, Op::Lookup { .. });
         let touched = if lookup { Vec::new() } else { vec![parent.0] };
+        let linking =
+            matches!(op, Op::Link { .. }).then(|| Changing::begin(&self.shared, Scope::Names));
         self.answer_touching(touched, move |s| async move {
+            let _linking = linking;
             let attr = match s.call(op).await {
                 Ok(Answer::Attr(a)) => a,
                 Ok(_) => return reply.error(Errno::EIO),
@@ -607,7 +735,10 @@ impl ConnectFs {
         reply: ReplyEmpty,
         then: impl FnOnce(&Shared) + Send + 'static,
     ) {
+        // Unlink, rmdir, rename: a file's link count or place changes.
+        let changing = Changing::begin(&self.shared, Scope::Names);
         self.answer_touching(dirs, move |s| async move {
+            let _changing = changing;
             match s.call(op).await {
                 Ok(Answer::Done) => {
                     then(&s);
@@ -660,10 +791,15 @@ impl Filesystem for ConnectFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.shared.settled).forget(ino.0);
         self.shared.inodes().forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        // A file written through the mount and closed since: as the laptop gave it then.
+        if let Some((attr, left)) = lock(&self.shared.settled).get(ino.0, Instant::now()) {
+            return reply.attr(&left, &attr);
+        }
         let path = match (self.path(ino), fh) {
             (Ok(p), _) => p,
             // An unlinked file still open is asked by its handle.
@@ -724,7 +860,7 @@ impl Filesystem for ConnectFs {
         let (touched, changing) = match op {
             Op::Setattr { .. } => (
                 self.shared.parent_of(ino.0),
-                Some(Changing::begin(&self.shared)),
+                Some(Changing::begin(&self.shared, Scope::File(ino.0))),
             ),
             _ => (Vec::new(), None),
         };
@@ -775,7 +911,7 @@ impl Filesystem for ConnectFs {
                 Ok(_) => return reply.error(Errno::EIO),
                 Err(e) => return reply.error(e),
             };
-            let _ = s.call(Op::Release { fh }).await;
+            let _ = s.call(Op::Release { fh, attr: false }).await;
             match s.entry(parent.0, &name, &attr) {
                 Ok(a) => reply.entry(&TTL, &a, Generation(0)),
                 Err(e) => reply.error(e),
@@ -873,7 +1009,8 @@ impl Filesystem for ConnectFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = resolve!(reply, self.path(ino));
         let reading = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
-        let truncating = (flags.0 & libc::O_TRUNC != 0).then(|| Changing::begin(&self.shared));
+        let truncating = (flags.0 & libc::O_TRUNC != 0)
+            .then(|| Changing::begin(&self.shared, Scope::File(ino.0)));
         self.answer(move |s| async move {
             let _truncating = truncating;
             let at = Instant::now();
@@ -918,6 +1055,7 @@ impl Filesystem for ConnectFs {
         reply: ReplyCreate,
     ) {
         let path = resolve!(reply, self.child(parent, name));
+        let existing = self.shared.inodes().find(parent.0, name.as_bytes());
         let name = name.as_bytes().to_vec();
         let op = Op::Create {
             path,
@@ -925,7 +1063,10 @@ impl Filesystem for ConnectFs {
             mode: mode & 0o7777,
         };
         // An existing file (one the kernel took for absent) is emptied.
-        let truncating = (flags & libc::O_TRUNC != 0).then(|| Changing::begin(&self.shared));
+        let truncating = (flags & libc::O_TRUNC != 0).then(|| {
+            let scope = existing.map_or(Scope::Unknown, Scope::File);
+            Changing::begin(&self.shared, scope)
+        });
         self.answer_touching(vec![parent.0], move |s| async move {
             let _truncating = truncating;
             let (fh, attr) = match s.call(op).await {
@@ -940,7 +1081,7 @@ impl Filesystem for ConnectFs {
                 }
                 Err(e) => {
                     // The kernel never learns the handle: close it on the laptop.
-                    let _ = s.call(Op::Release { fh }).await;
+                    let _ = s.call(Op::Release { fh, attr: false }).await;
                     reply.error(e)
                 }
             }
@@ -1032,12 +1173,12 @@ impl Filesystem for ConnectFs {
         let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
         // The file's size and times change: its directory's kept listing goes, and so do
         // the heads of file contents.
-        let changing = Changing::begin(&self.shared);
+        let changing = Changing::begin(&self.shared, Scope::File(ino.0));
         let touched = self.shared.parent_of(ino.0);
         self.shared.changed(&touched);
         self.answer_in(place, move |s| async move {
             // Held until the laptop has answered.
-            let _changing = changing;
+            let changing = changing;
             let _after = Changed {
                 shared: s.clone(),
                 dirs: touched,
@@ -1063,6 +1204,9 @@ impl Filesystem for ConnectFs {
             if let Some(e) = failed {
                 s.failed(fh.0, e);
             }
+            // The change ends before the write leaves the order: a release that waited for
+            // the writes behind finds none of them in flight ([`Settled::ask`]).
+            drop(changing);
             drop(flying);
         });
     }
@@ -1088,9 +1232,9 @@ impl Filesystem for ConnectFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
@@ -1098,8 +1242,21 @@ impl Filesystem for ConnectFs {
         // close(2) has returned already; the handle is closed on the laptop meanwhile.
         reply.ok();
         lock(&self.shared.heads).release(fh.0);
+        // A handle that may have written: its file's attributes come back with it.
+        let writable = flags.0 & libc::O_ACCMODE != libc::O_RDONLY;
+        let token = writable
+            .then(|| lock(&self.shared.settled).ask(ino.0, Instant::now()))
+            .flatten();
         self.answer(move |s| async move {
-            let _ = s.call(Op::Release { fh: fh.0 }).await;
+            let attr = token.is_some();
+            let answer = s.call(Op::Release { fh: fh.0, attr }).await;
+            if let Some(token) = token {
+                let attr = match answer {
+                    Ok(Answer::Attr(a)) => s.file_attr(ino.0, &a).ok(),
+                    _ => None,
+                };
+                lock(&s.settled).answered(ino.0, token, attr, Instant::now());
+            }
             let _ = s.failure(fh.0);
         });
     }
@@ -1279,7 +1436,12 @@ impl Filesystem for ConnectFs {
             return;
         }
         self.answer(move |s| async move {
-            let _ = s.call(Op::Release { fh: fh.0 }).await;
+            let _ = s
+                .call(Op::Release {
+                    fh: fh.0,
+                    attr: false,
+                })
+                .await;
         });
     }
 
@@ -2173,6 +2335,167 @@ mod tests {
         assert!(h.room(t0).is_some());
         assert!(h.room(t0 + HEAD_FRESH).is_some());
         assert!(h.by_handle.is_empty(), "stale heads dropped");
+    }
+
+    fn file(ino: u64, size: u64, nlink: u32) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: FileType::RegularFile,
+            perm: 0o644,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    #[test]
+    fn settled_attributes_answer_only_while_nothing_changed_the_file() {
+        let t0 = Instant::now();
+        let size = |s: &mut Settled, ino| s.get(ino, t0).map(|(a, _)| a.size);
+        let mut s = Settled::default();
+        let k = s.ask(1, t0).unwrap();
+        s.answered(1, k, Some(file(1, 10, 1)), t0);
+        assert_eq!(size(&mut s, 1), Some(10));
+        assert_eq!(s.get(1, t0 + TTL), None, "past the window");
+
+        // A change of the file between the asking and the answer: not kept.
+        let k = s.ask(2, t0).unwrap();
+        s.begin(Scope::File(2));
+        s.end(Scope::File(2));
+        s.answered(2, k, Some(file(2, 1, 1)), t0);
+        assert_eq!(size(&mut s, 2), None);
+        // Nor asked while one is in flight, of the file or of names.
+        s.begin(Scope::File(2));
+        assert_eq!(s.ask(2, t0), None);
+        assert!(s.ask(3, t0).is_some(), "another file is asked");
+        s.end(Scope::File(2));
+        s.begin(Scope::Names);
+        assert_eq!(s.ask(2, t0), None);
+        s.end(Scope::Names);
+
+        // A change of names drops them all, and what was being asked.
+        let (k4, k5) = (s.ask(4, t0).unwrap(), s.ask(5, t0).unwrap());
+        s.answered(4, k4, Some(file(4, 4, 1)), t0);
+        s.begin(Scope::Names);
+        s.end(Scope::Names);
+        s.answered(5, k5, Some(file(5, 5, 1)), t0);
+        assert_eq!((size(&mut s, 4), size(&mut s, 5)), (None, None));
+
+        // A change of the file drops its own only.
+        for ino in [6, 7] {
+            let k = s.ask(ino, t0).unwrap();
+            s.answered(ino, k, Some(file(ino, ino, 1)), t0);
+        }
+        s.begin(Scope::File(6));
+        assert_eq!((size(&mut s, 6), size(&mut s, 7)), (None, Some(7)));
+        s.end(Scope::File(6));
+
+        // A file with two names is never kept; nor is a forgotten inode.
+        let k = s.ask(8, t0).unwrap();
+        s.answered(8, k, Some(file(8, 8, 2)), t0);
+        assert_eq!(size(&mut s, 8), None);
+        s.forget(7);
+        assert_eq!(size(&mut s, 7), None);
+
+        // Bounded.
+        let mut s = Settled::default();
+        for ino in 0..MAX_SETTLED as u64 {
+            assert!(s.ask(ino, t0).is_some());
+        }
+        assert_eq!(s.ask(u64::MAX, t0), None);
+    }
+
+    #[test]
+    fn a_file_written_and_closed_is_stated_without_asking_the_laptop() {
+        // The getattrs of files by name (the directory's own are asked: a new entry changed
+        // it), and the releases that bring attributes.
+        let asked: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let seen = asked.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            match op {
+                Op::Getattr { path, .. } => seen.lock().unwrap().push(path.0.clone()),
+                Op::Release { attr: true, .. } => seen.lock().unwrap().push(b"/release".to_vec()),
+                _ => {}
+            }
+            result
+        });
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
+            return;
+        };
+        let count = |what: &str| {
+            let asked = asked.lock().unwrap();
+            asked
+                .iter()
+                .filter(|w| w.as_slice() == what.as_bytes())
+                .count()
+        };
+        // Writes `name` through the mount, waits `settle` past the release that brings its
+        // attributes (answered after close(2) returns), and stats it: its metadata, and
+        // whether the laptop was asked.
+        let write_and_stat = |name: &str, data: &[u8], settle: Duration| {
+            let releases = count("/release");
+            std::fs::write(m.dir().join(name), data).unwrap();
+            let end = Instant::now() + Duration::from_secs(10);
+            while count("/release") == releases && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(settle);
+            let before = count(name);
+            let md = std::fs::metadata(m.dir().join(name)).unwrap();
+            (md, count(name) > before)
+        };
+        use std::os::unix::fs::MetadataExt;
+        // The release's answer is taken a moment after the laptop gave it: a stat in that
+        // moment asks; tries with a longer wait each time.
+        let mut hit = None;
+        for i in 0..20u64 {
+            let name = format!("built{i}");
+            let data = vec![b'x'; 1000 + i as usize];
+            let (md, asked) = write_and_stat(&name, &data, Duration::from_millis(10 * i));
+            if !asked {
+                hit = Some((name, md, data.len()));
+                break;
+            }
+        }
+        let (name, md, len) = hit.expect("every stat after a write asked the laptop");
+        let on_laptop = std::fs::metadata(m.laptop().join(&name)).unwrap();
+        assert_eq!(md.len(), len as u64);
+        assert_eq!(
+            (md.mtime(), md.mtime_nsec()),
+            (on_laptop.mtime(), on_laptop.mtime_nsec())
+        );
+
+        // A write drops them: a stat that follows asks, and sees the new size.
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(m.dir().join(&name))
+            .unwrap();
+        f.write_all(b"more").unwrap();
+        assert_eq!(
+            std::fs::metadata(m.dir().join(&name)).unwrap().len(),
+            len as u64 + 4
+        );
+        drop(f);
+
+        // A file with a second name (made on the laptop) is asked each time.
+        std::fs::write(m.laptop().join("twice"), b"").unwrap();
+        std::fs::hard_link(m.laptop().join("twice"), m.laptop().join("again")).unwrap();
+        let (md, asked) = write_and_stat("twice", b"data", Duration::from_millis(300));
+        assert!(
+            asked,
+            "a file with two names answered from what its release gave"
+        );
+        assert_eq!(md.len(), 4);
     }
 
     #[test]

@@ -264,11 +264,14 @@ impl Laptop {
                 .sync_all()
                 .map(|()| Answer::Done)
                 .map_err(errno),
-            Op::Release { fh } => self
-                .handles
-                .remove(&fh)
-                .map(|_| Answer::Done)
-                .ok_or(libc::EBADF),
+            Op::Release { fh, attr: with } => {
+                let h = self.handles.remove(&fh).ok_or(libc::EBADF)?;
+                let meta = match h {
+                    Handle::File(f) if with => f.metadata().ok(),
+                    _ => None,
+                };
+                Ok(meta.map_or(Answer::Done, |m| Answer::Attr(attr(&m))))
+            }
             Op::Opendir { path } => {
                 let p = self.full(&path)?;
                 let mut names: Vec<Vec<u8>> = vec![b".".to_vec(), b"..".to_vec()];
