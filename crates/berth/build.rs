@@ -5,6 +5,9 @@
 //! codegen units, generics where they are used) kept ~12 MiB of it mapped in a daemon at
 //! rest; together it is a few MiB (docs/benchmarks.md, issue 18).
 //!
+//! Relative relocations are packed too (`-z pack-relative-relocs`): the loader reads all of
+//! them at start, and unpacked they were 580 KiB of the executable.
+//!
 //! Only where the linker is rustc's own lld: x86_64 Linux, Rust 1.90 or later (its default
 //! there), the toolchain ships it, and no linker or linker flavour is chosen by the user.
 //! GNU ld does not know `--symbol-ordering-file`. Names the file holds that a build does not
@@ -39,6 +42,9 @@ fn main() {
     }
     println!("cargo:rustc-link-arg-bin=berth=-Wl,--symbol-ordering-file={order}");
     println!("cargo:rustc-link-arg-bin=berth=-Wl,--no-warn-symbol-ordering");
+    // Relative relocations packed (DT_RELR, glibc 2.36+): the loader reads ~10 KiB of them
+    // at start instead of 580 KiB.
+    println!("cargo:rustc-link-arg-bin=berth=-Wl,-z,pack-relative-relocs");
 }
 
 /// Rust 1.90 and later link x86_64 Linux with the lld they ship (`gcc-ld/ld.lld` in the

@@ -185,7 +185,10 @@ impl Heads {
 /// drops its own, one of names (unlink, rename, link) drops them all. None is asked for while a
 /// change of the file or of names is in flight, none is kept if one began while it was asked
 /// for, and only a file with a single name is kept (another name would be another inode here).
-/// What the laptop changes itself shows after the window, as with the kernel's own cache.
+/// What the laptop changes itself shows after the window, as with the kernel's own cache,
+/// and never older than what the kernel was given another way since (a lookup, a listing). The
+/// access time shown is the one at the release: reads do not drop them (a build reads what it
+/// just wrote: `cat *.o > prog`).
 #[derive(Default)]
 struct Settled {
     attrs: HashMap<u64, (FileAttr, Instant)>,
@@ -291,6 +294,12 @@ impl Settled {
     fn forget(&mut self, ino: u64) {
         self.attrs.remove(&ino);
         self.asked.remove(&ino);
+    }
+
+    /// The laptop gave `ino`'s attributes to the kernel another way (a lookup, a listing, a
+    /// getattr): the kept ones may be older, and must not take their place.
+    fn superseded(&mut self, ino: u64) {
+        self.attrs.remove(&ino);
     }
 }
 
@@ -509,7 +518,10 @@ impl Shared {
 
     async fn attr(&self, ino: u64, op: Op) -> Result<FileAttr, Errno> {
         match self.call(op).await? {
-            Answer::Attr(a) => self.file_attr(ino, &a),
+            Answer::Attr(a) => {
+                lock(&self.settled).superseded(ino);
+                self.file_attr(ino, &a)
+            }
             _ => Err(Errno::EIO),
         }
     }
@@ -551,6 +563,7 @@ impl Shared {
             .inodes()
             .remember(parent, name)
             .map_err(Errno::from_i32)?;
+        lock(&self.settled).superseded(ino);
         self.file_attr(ino, attr)
             .inspect_err(|_| self.inodes().forget(ino, 1))
     }
@@ -797,7 +810,8 @@ impl Filesystem for ConnectFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         // A file written through the mount and closed since: as the laptop gave it then.
-        if let Some((attr, left)) = lock(&self.shared.settled).get(ino.0, Instant::now()) {
+        let kept = lock(&self.shared.settled).get(ino.0, Instant::now());
+        if let Some((attr, left)) = kept {
             return reply.attr(&left, &attr);
         }
         let path = match (self.path(ino), fh) {
@@ -1204,8 +1218,8 @@ impl Filesystem for ConnectFs {
             if let Some(e) = failed {
                 s.failed(fh.0, e);
             }
-            // The change ends before the write leaves the order: a release that waited for
-            // the writes behind finds none of them in flight ([`Settled::ask`]).
+            // Ended once the laptop has answered: until then a release of the file asks for
+            // no attributes ([`Settled::ask`]).
             drop(changing);
             drop(flying);
         });
@@ -1251,8 +1265,11 @@ impl Filesystem for ConnectFs {
             let attr = token.is_some();
             let answer = s.call(Op::Release { fh: fh.0, attr }).await;
             if let Some(token) = token {
+                // An inode left without a name (unlinked, renamed over) is not kept: another
+                // name of the same file is another inode here, whose writes it would not see.
+                let named = s.inodes().path(ino.0).is_ok();
                 let attr = match answer {
-                    Ok(Answer::Attr(a)) => s.file_attr(ino.0, &a).ok(),
+                    Ok(Answer::Attr(a)) if named => s.file_attr(ino.0, &a).ok(),
                     _ => None,
                 };
                 lock(&s.settled).answered(ino.0, token, attr, Instant::now());
@@ -2405,6 +2422,11 @@ mod tests {
         assert_eq!(size(&mut s, 8), None);
         s.forget(7);
         assert_eq!(size(&mut s, 7), None);
+        // Attributes the kernel was given another way since (a lookup, a listing) win.
+        let k = s.ask(9, t0).unwrap();
+        s.answered(9, k, Some(file(9, 9, 1)), t0);
+        s.superseded(9);
+        assert_eq!(size(&mut s, 9), None);
 
         // Bounded.
         let mut s = Settled::default();
