@@ -97,7 +97,7 @@ struct Args {
     /// Size of the throughput file in MiB [default: 1024; --quick: 100]
     #[arg(long, value_name = "MIB")]
     data_mib: Option<u64>,
-    /// Rounds of the throughput cases [default: 4; --quick: 2]
+    /// Rounds of the throughput cases [default: 5; --quick: 2]
     #[arg(long)]
     data_rounds: Option<usize>,
     /// Rounds of the connect part [default: 2; --quick: 1]
@@ -148,7 +148,7 @@ impl Args {
             runs,
             keystrokes: self.keystrokes.unwrap_or(10 * runs),
             data_mib: self.data_mib.unwrap_or(if q { 100 } else { 1024 }),
-            data_rounds: self.data_rounds.unwrap_or(if q { 2 } else { 4 }),
+            data_rounds: self.data_rounds.unwrap_or(if q { 2 } else { 5 }),
             connect_rounds: self.connect_rounds.unwrap_or(if q { 1 } else { 2 }),
             connect_mib: self.connect_mib.unwrap_or(if q { 64 } else { 256 }),
             crowd: self.crowd,
