@@ -569,6 +569,14 @@ impl Shared {
     }
 }
 
+/// A name the kernel holds (for up to [`TTL`]) that the laptop no longer has: `ESTALE`, on
+/// which the kernel walks the path again asking the laptop (`LOOKUP_REVAL`), as with NFS. Then
+/// an `open(O_CREAT)` of a file removed on the laptop creates it, and a `stat` says `ENOENT`;
+/// without it both said `ENOENT` until the name's 20 s were over.
+fn gone(e: Errno) -> Errno {
+    if e == Errno::ENOENT { Errno::ESTALE } else { e }
+}
+
 /// The errno a process in the container sees: the laptop's own when it is one a process
 /// may see, `EIO` otherwise (the kernel refuses a reply with an errno out of its range and
 /// leaves the request waiting; `ENOSYS` would switch the operation off for the mount).
@@ -827,7 +835,7 @@ impl Filesystem for ConnectFs {
         self.answer(move |s| async move {
             match s.attr(ino.0, op).await {
                 Ok(a) => reply.attr(&TTL, &a),
-                Err(e) => reply.error(e),
+                Err(e) => reply.error(gone(e)),
             }
         });
     }
@@ -1053,7 +1061,7 @@ impl Filesystem for ConnectFs {
                     reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
                 }
                 Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(e),
+                Err(e) => reply.error(gone(e)),
             }
         });
     }
@@ -1315,7 +1323,7 @@ impl Filesystem for ConnectFs {
                     reply.opened(FileHandle(fh), FopenFlags::empty())
                 }
                 Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(e),
+                Err(e) => reply.error(gone(e)),
             }
         });
     }
@@ -2518,6 +2526,37 @@ mod tests {
             "a file with two names answered from what its release gave"
         );
         assert_eq!(md.len(), 4);
+    }
+
+    #[test]
+    fn a_name_removed_on_the_laptop_is_not_held_against_the_container() {
+        let Some(m) = mount() else {
+            return;
+        };
+        // Names the kernel holds (for 20 s) of what the laptop then removes.
+        std::fs::write(m.laptop().join("again.bin"), b"x").unwrap();
+        let again = m.dir().join("again.bin");
+        assert!(std::fs::metadata(&again).is_ok());
+        std::fs::remove_file(m.laptop().join("again.bin")).unwrap();
+        assert_eq!(
+            errno_of(std::fs::File::open(&again)),
+            Some(libc::ENOENT),
+            "an open without O_CREAT"
+        );
+        // Written again from the container: created, not refused.
+        std::fs::write(&again, b"second").unwrap();
+        assert_eq!(
+            std::fs::read(m.laptop().join("again.bin")).unwrap(),
+            b"second"
+        );
+        // A directory likewise.
+        std::fs::create_dir(m.laptop().join("d")).unwrap();
+        assert!(std::fs::read_dir(m.dir().join("d")).is_ok());
+        std::fs::remove_dir(m.laptop().join("d")).unwrap();
+        assert_eq!(
+            errno_of(std::fs::read_dir(m.dir().join("d"))),
+            Some(libc::ENOENT)
+        );
     }
 
     #[test]
