@@ -569,10 +569,12 @@ impl Shared {
     }
 }
 
-/// A name the kernel holds (for up to [`TTL`]) that the laptop no longer has: `ESTALE`, on
-/// which the kernel walks the path again asking the laptop (`LOOKUP_REVAL`), as with NFS. Then
-/// an `open(O_CREAT)` of a file removed on the laptop creates it, and a `stat` says `ENOENT`;
-/// without it both said `ENOENT` until the name's 20 s were over.
+/// An opening of a file the kernel holds a name of (for up to [`TTL`]) that the laptop no
+/// longer has: `ESTALE`, on which the kernel walks the path again asking the laptop
+/// (`LOOKUP_REVAL`), as with NFS. The kernel strips `O_CREAT` from an opening of a name it
+/// holds, so without it writing a file removed on the laptop failed with `ENOENT` until the
+/// name's 20 s were over. Only openings: `stat`s and listings say `ENOENT` as they are (the
+/// kernel retries no call on a descriptor, and `ESTALE` would reach the program there).
 fn gone(e: Errno) -> Errno {
     if e == Errno::ENOENT { Errno::ESTALE } else { e }
 }
@@ -835,7 +837,7 @@ impl Filesystem for ConnectFs {
         self.answer(move |s| async move {
             match s.attr(ino.0, op).await {
                 Ok(a) => reply.attr(&TTL, &a),
-                Err(e) => reply.error(gone(e)),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -1323,7 +1325,7 @@ impl Filesystem for ConnectFs {
                     reply.opened(FileHandle(fh), FopenFlags::empty())
                 }
                 Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(gone(e)),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -2534,22 +2536,23 @@ mod tests {
             return;
         };
         // Names the kernel holds (for 20 s) of what the laptop then removes.
-        std::fs::write(m.laptop().join("again.bin"), b"x").unwrap();
-        let again = m.dir().join("again.bin");
-        assert!(std::fs::metadata(&again).is_ok());
-        std::fs::remove_file(m.laptop().join("again.bin")).unwrap();
+        for name in ["written.bin", "opened.bin"] {
+            std::fs::write(m.laptop().join(name), b"x").unwrap();
+            assert!(std::fs::metadata(m.dir().join(name)).is_ok());
+            std::fs::remove_file(m.laptop().join(name)).unwrap();
+        }
+        // Written again from the container at once: created, not refused.
+        std::fs::write(m.dir().join("written.bin"), b"second").unwrap();
         assert_eq!(
-            errno_of(std::fs::File::open(&again)),
-            Some(libc::ENOENT),
-            "an open without O_CREAT"
-        );
-        // Written again from the container: created, not refused.
-        std::fs::write(&again, b"second").unwrap();
-        assert_eq!(
-            std::fs::read(m.laptop().join("again.bin")).unwrap(),
+            std::fs::read(m.laptop().join("written.bin")).unwrap(),
             b"second"
         );
-        // A directory likewise.
+        // Opened without O_CREAT: gone, said as such.
+        assert_eq!(
+            errno_of(std::fs::File::open(m.dir().join("opened.bin"))),
+            Some(libc::ENOENT)
+        );
+        // A directory: ENOENT as it was (no ESTALE reaches the program).
         std::fs::create_dir(m.laptop().join("d")).unwrap();
         assert!(std::fs::read_dir(m.dir().join("d")).is_ok());
         std::fs::remove_dir(m.laptop().join("d")).unwrap();
