@@ -181,10 +181,11 @@ impl Heads {
 /// answers those from a cache of its own.
 ///
 /// They answer `getattr` for [`TTL`] after the laptop gave them, as long as nothing changed the
-/// file through the mount meanwhile: a change of the file (a write, a setattr, a truncation)
-/// drops its own, one of names (unlink, rename, link) drops them all. None is asked for while a
-/// change of the file or of names is in flight, none is kept if one began while it was asked
-/// for, and only a file with a single name is kept (another name would be another inode here).
+/// file through the mount meanwhile: a change of the file (a write, a setattr, a truncation, an
+/// unlink, a rename of it or over it, a link to it) drops its own. None is asked for while a
+/// change of the file is in flight, none is kept if one began while it was asked for, and only a
+/// file with a single name is kept (another name would be another inode here, whose changes
+/// would not drop this one's; a second name made through the mount is a change of the file).
 /// What the laptop changes itself shows after the window, as with the kernel's own cache,
 /// and never older than what the kernel was given another way since (a lookup, a listing). The
 /// access time shown is the one at the release: reads do not drop them (a build reads what it
@@ -196,54 +197,45 @@ struct Settled {
     asked: HashMap<u64, u64>,
     /// Changes of a file in flight, by inode.
     busy: HashMap<u64, usize>,
-    /// Changes of names in flight.
-    names_busy: usize,
     next: u64,
 }
 
 /// Files whose attributes are kept (or asked for) at once on one mount.
 const MAX_SETTLED: usize = 4096;
 
-/// What a change through the mount touches.
+/// The files a change through the mount touches, by inode: one, or two for a rename (what is
+/// renamed, and what it replaces or is exchanged with); `None` for a name the mount has no
+/// inode for (nothing is kept for it).
 #[derive(Clone, Copy)]
-enum Scope {
-    /// One file's contents or attributes.
-    File(u64),
-    /// Names: any file's link count or place.
-    Names,
-    /// Nothing known here (a file the mount has no inode for).
-    Unknown,
+struct Scope(Option<u64>, Option<u64>);
+
+impl Scope {
+    fn file(ino: u64) -> Self {
+        Self(Some(ino), None)
+    }
+
+    fn inos(self) -> impl Iterator<Item = u64> {
+        self.0.into_iter().chain(self.1)
+    }
 }
 
 impl Settled {
     fn begin(&mut self, scope: Scope) {
-        match scope {
-            Scope::File(ino) => {
-                self.attrs.remove(&ino);
-                self.asked.remove(&ino);
-                *self.busy.entry(ino).or_default() += 1;
-            }
-            Scope::Names => {
-                self.attrs.clear();
-                self.asked.clear();
-                self.names_busy += 1;
-            }
-            Scope::Unknown => {}
+        for ino in scope.inos() {
+            self.attrs.remove(&ino);
+            self.asked.remove(&ino);
+            *self.busy.entry(ino).or_default() += 1;
         }
     }
 
     fn end(&mut self, scope: Scope) {
-        match scope {
-            Scope::File(ino) => {
-                if let Some(n) = self.busy.get_mut(&ino) {
-                    *n = n.saturating_sub(1);
-                    if *n == 0 {
-                        self.busy.remove(&ino);
-                    }
+        for ino in scope.inos() {
+            if let Some(n) = self.busy.get_mut(&ino) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.busy.remove(&ino);
                 }
             }
-            Scope::Names => self.names_busy = self.names_busy.saturating_sub(1),
-            Scope::Unknown => {}
         }
     }
 
@@ -253,10 +245,7 @@ impl Settled {
             self.attrs
                 .retain(|_, (_, at)| now.saturating_duration_since(*at) < TTL);
         }
-        if self.attrs.len() + self.asked.len() >= MAX_SETTLED
-            || self.names_busy > 0
-            || self.busy.contains_key(&ino)
-        {
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED || self.busy.contains_key(&ino) {
             return None;
         }
         self.next = self.next.wrapping_add(1);
@@ -273,7 +262,6 @@ impl Settled {
         if let Some(attr) = attr
             && attr.nlink == 1
             && attr.kind == FileType::RegularFile
-            && self.names_busy == 0
             && !self.busy.contains_key(&ino)
         {
             self.attrs.insert(ino, (attr, now));
@@ -724,15 +712,21 @@ impl ConnectFs {
         });
     }
 
-    /// A request whose answer is a new entry `name` in `parent`.
-    fn new_entry(&self, parent: INodeNo, name: &OsStr, op: Op, reply: ReplyEntry) {
+    /// A request whose answer is a new entry `name` in `parent`; `changing`, held until the
+    /// laptop answers, when it changes a file there is (a link).
+    fn new_entry(
+        &self,
+        parent: INodeNo,
+        name: &OsStr,
+        op: Op,
+        changing: Option<Changing>,
+        reply: ReplyEntry,
+    ) {
         let name = name.as_bytes().to_vec();
         let lookup = matches!(op, Op::Lookup { .. });
         let touched = if lookup { Vec::new() } else { vec![parent.0] };
-        let linking =
-            matches!(op, Op::Link { .. }).then(|| Changing::begin(&self.shared, Scope::Names));
         self.answer_touching(touched, move |s| async move {
-            let _linking = linking;
+            let _changing = changing;
             let attr = match s.call(op).await {
                 Ok(Answer::Attr(a)) => a,
                 Ok(_) => return reply.error(Errno::EIO),
@@ -750,16 +744,17 @@ impl ConnectFs {
         });
     }
 
-    /// A request changing `dirs`, answered with nothing but success.
+    /// A request changing `dirs`, and the files of `scope` (their link count or place),
+    /// answered with nothing but success.
     fn done(
         &self,
         dirs: Vec<u64>,
+        scope: Scope,
         op: Op,
         reply: ReplyEmpty,
         then: impl FnOnce(&Shared) + Send + 'static,
     ) {
-        // Unlink, rmdir, rename: a file's link count or place changes.
-        let changing = Changing::begin(&self.shared, Scope::Names);
+        let changing = Changing::begin(&self.shared, scope);
         self.answer_touching(dirs, move |s| async move {
             let _changing = changing;
             match s.call(op).await {
@@ -810,7 +805,7 @@ impl Filesystem for ConnectFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let path = resolve!(reply, self.child(parent, name));
-        self.new_entry(parent, name, Op::Lookup { path }, reply);
+        self.new_entry(parent, name, Op::Lookup { path }, None, reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -884,7 +879,7 @@ impl Filesystem for ConnectFs {
         let (touched, changing) = match op {
             Op::Setattr { .. } => (
                 self.shared.parent_of(ino.0),
-                Some(Changing::begin(&self.shared, Scope::File(ino.0))),
+                Some(Changing::begin(&self.shared, Scope::file(ino.0))),
             ),
             _ => (Vec::new(), None),
         };
@@ -957,21 +952,28 @@ impl Filesystem for ConnectFs {
             path,
             mode: mode & 0o7777,
         };
-        self.new_entry(parent, name, op, reply);
+        self.new_entry(parent, name, op, None, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
+        let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
-        self.done(vec![parent.0], Op::Unlink { path }, reply, move |s| {
-            s.inodes().unlinked(parent.0, &name)
-        });
+        self.done(
+            vec![parent.0],
+            scope,
+            Op::Unlink { path },
+            reply,
+            move |s| s.inodes().unlinked(parent.0, &name),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
-        self.done(vec![parent.0], Op::Rmdir { path }, reply, move |s| {
+        // A directory's attributes are never kept.
+        let scope = Scope(None, None);
+        self.done(vec![parent.0], scope, Op::Rmdir { path }, reply, move |s| {
             s.inodes().unlinked(parent.0, &name)
         });
     }
@@ -986,7 +988,7 @@ impl Filesystem for ConnectFs {
     ) {
         let path = resolve!(reply, self.child(parent, link_name));
         let target = target.as_os_str().as_bytes().to_vec();
-        self.new_entry(parent, link_name, Op::Symlink { path, target }, reply);
+        self.new_entry(parent, link_name, Op::Symlink { path, target }, None, reply);
     }
 
     fn rename(
@@ -1006,12 +1008,20 @@ impl Filesystem for ConnectFs {
         let to = resolve!(reply, self.child(newparent, newname));
         let exchange = flags.contains(RenameFlags::RENAME_EXCHANGE);
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        // What is renamed, and what it replaces (or is exchanged with).
+        let scope = {
+            let inodes = self.shared.inodes();
+            Scope(
+                inodes.find(parent.0, &name),
+                inodes.find(newparent.0, &newname),
+            )
+        };
         let op = Op::Rename {
             from,
             to,
             flags: flags.bits(),
         };
-        self.done(vec![parent.0, newparent.0], op, reply, move |s| {
+        self.done(vec![parent.0, newparent.0], scope, op, reply, move |s| {
             s.inodes()
                 .renamed(parent.0, &name, newparent.0, &newname, exchange)
         });
@@ -1027,14 +1037,17 @@ impl Filesystem for ConnectFs {
     ) {
         let from = resolve!(reply, self.path(ino));
         let to = resolve!(reply, self.child(newparent, newname));
-        self.new_entry(newparent, newname, Op::Link { from, to }, reply);
+        // The file gets a second name (another inode here).
+        let changing = Changing::begin(&self.shared, Scope::file(ino.0));
+        let op = Op::Link { from, to };
+        self.new_entry(newparent, newname, op, Some(changing), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let path = resolve!(reply, self.path(ino));
         let reading = flags.0 & libc::O_ACCMODE != libc::O_WRONLY;
         let truncating = (flags.0 & libc::O_TRUNC != 0)
-            .then(|| Changing::begin(&self.shared, Scope::File(ino.0)));
+            .then(|| Changing::begin(&self.shared, Scope::file(ino.0)));
         self.answer(move |s| async move {
             let _truncating = truncating;
             let at = Instant::now();
@@ -1088,7 +1101,7 @@ impl Filesystem for ConnectFs {
         };
         // An existing file (one the kernel took for absent) is emptied.
         let truncating = (flags & libc::O_TRUNC != 0).then(|| {
-            let scope = existing.map_or(Scope::Unknown, Scope::File);
+            let scope = Scope(existing, None);
             Changing::begin(&self.shared, scope)
         });
         self.answer_touching(vec![parent.0], move |s| async move {
@@ -1197,7 +1210,7 @@ impl Filesystem for ConnectFs {
         let behind = flags.0 & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) == 0;
         // The file's size and times change: its directory's kept listing goes, and so do
         // the heads of file contents.
-        let changing = Changing::begin(&self.shared, Scope::File(ino.0));
+        let changing = Changing::begin(&self.shared, Scope::file(ino.0));
         let touched = self.shared.parent_of(ino.0);
         self.shared.changed(&touched);
         self.answer_in(place, move |s| async move {
@@ -2396,35 +2409,43 @@ mod tests {
 
         // A change of the file between the asking and the answer: not kept.
         let k = s.ask(2, t0).unwrap();
-        s.begin(Scope::File(2));
-        s.end(Scope::File(2));
+        s.begin(Scope::file(2));
+        s.end(Scope::file(2));
         s.answered(2, k, Some(file(2, 1, 1)), t0);
         assert_eq!(size(&mut s, 2), None);
-        // Nor asked while one is in flight, of the file or of names.
-        s.begin(Scope::File(2));
+        // Nor asked while one is in flight.
+        s.begin(Scope::file(2));
         assert_eq!(s.ask(2, t0), None);
         assert!(s.ask(3, t0).is_some(), "another file is asked");
-        s.end(Scope::File(2));
-        s.begin(Scope::Names);
-        assert_eq!(s.ask(2, t0), None);
-        s.end(Scope::Names);
+        s.end(Scope::file(2));
 
-        // A change of names drops them all, and what was being asked.
-        let (k4, k5) = (s.ask(4, t0).unwrap(), s.ask(5, t0).unwrap());
+        // A rename drops both files it touches (kept, and being asked), and no other.
+        let (k4, k5, k10) = (
+            s.ask(4, t0).unwrap(),
+            s.ask(5, t0).unwrap(),
+            s.ask(10, t0).unwrap(),
+        );
         s.answered(4, k4, Some(file(4, 4, 1)), t0);
-        s.begin(Scope::Names);
-        s.end(Scope::Names);
+        s.answered(10, k10, Some(file(10, 10, 1)), t0);
+        s.begin(Scope(Some(4), Some(5)));
+        assert_eq!(s.ask(5, t0), None, "while the rename is in flight");
+        s.end(Scope(Some(4), Some(5)));
         s.answered(5, k5, Some(file(5, 5, 1)), t0);
         assert_eq!((size(&mut s, 4), size(&mut s, 5)), (None, None));
+        assert_eq!(size(&mut s, 10), Some(10));
+        // A name without an inode here touches nothing.
+        s.begin(Scope(None, None));
+        s.end(Scope(None, None));
+        assert_eq!(size(&mut s, 10), Some(10));
 
         // A change of the file drops its own only.
         for ino in [6, 7] {
             let k = s.ask(ino, t0).unwrap();
             s.answered(ino, k, Some(file(ino, ino, 1)), t0);
         }
-        s.begin(Scope::File(6));
+        s.begin(Scope::file(6));
         assert_eq!((size(&mut s, 6), size(&mut s, 7)), (None, Some(7)));
-        s.end(Scope::File(6));
+        s.end(Scope::file(6));
 
         // A file with two names is never kept; nor is a forgotten inode.
         let k = s.ask(8, t0).unwrap();
@@ -2481,6 +2502,10 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             std::thread::sleep(settle);
+            // A rename of another file meanwhile touches nothing kept for this one.
+            let other = m.dir().join(format!("{name}.other"));
+            std::fs::write(&other, b"").unwrap();
+            std::fs::rename(&other, m.dir().join(format!("{name}.moved"))).unwrap();
             let before = count(name);
             let md = std::fs::metadata(m.dir().join(name)).unwrap();
             (md, count(name) > before)
