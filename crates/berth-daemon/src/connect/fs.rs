@@ -197,6 +197,10 @@ struct Settled {
     asked: HashMap<u64, u64>,
     /// Changes of a file in flight, by inode.
     busy: HashMap<u64, usize>,
+    /// The laptop's inode number (`st_ino`) last given to the kernel for each inode here:
+    /// numbers here are by name, and a name can come to stand for another file (renamed on the
+    /// laptop over it) while a handle of the old one is still open.
+    seen: HashMap<u64, u64>,
     next: u64,
 }
 
@@ -253,13 +257,22 @@ impl Settled {
         Some(self.next)
     }
 
-    /// The release asked with `token` was answered: `attr`, when the laptop gave them.
-    fn answered(&mut self, ino: u64, token: u64, attr: Option<FileAttr>, now: Instant) {
+    /// The release asked with `token` was answered: `attr`, when the laptop gave them, of its
+    /// file `laptop` (`st_ino`), kept only if that is still the file the kernel knows there.
+    fn answered(
+        &mut self,
+        ino: u64,
+        token: u64,
+        attr: Option<FileAttr>,
+        laptop: u64,
+        now: Instant,
+    ) {
         if self.asked.get(&ino) != Some(&token) {
             return;
         }
         self.asked.remove(&ino);
         if let Some(attr) = attr
+            && self.seen.get(&ino) == Some(&laptop)
             && attr.nlink == 1
             && attr.kind == FileType::RegularFile
             && !self.busy.contains_key(&ino)
@@ -282,12 +295,19 @@ impl Settled {
     fn forget(&mut self, ino: u64) {
         self.attrs.remove(&ino);
         self.asked.remove(&ino);
+        self.seen.remove(&ino);
     }
 
     /// The laptop gave `ino`'s attributes to the kernel another way (a lookup, a listing, a
     /// getattr): the kept ones may be older, and must not take their place.
-    fn superseded(&mut self, ino: u64) {
+    fn superseded(&mut self, ino: u64, laptop: u64) {
         self.attrs.remove(&ino);
+        // As many as the inodes the kernel knows; past the mount's bound, none is known (and
+        // nothing kept until seen again).
+        if self.seen.len() >= MAX_NODES && !self.seen.contains_key(&ino) {
+            self.seen.clear();
+        }
+        self.seen.insert(ino, laptop);
     }
 }
 
@@ -507,7 +527,7 @@ impl Shared {
     async fn attr(&self, ino: u64, op: Op) -> Result<FileAttr, Errno> {
         match self.call(op).await? {
             Answer::Attr(a) => {
-                lock(&self.settled).superseded(ino);
+                lock(&self.settled).superseded(ino, a.ino);
                 self.file_attr(ino, &a)
             }
             _ => Err(Errno::EIO),
@@ -551,7 +571,7 @@ impl Shared {
             .inodes()
             .remember(parent, name)
             .map_err(Errno::from_i32)?;
-        lock(&self.settled).superseded(ino);
+        lock(&self.settled).superseded(ino, attr.ino);
         self.file_attr(ino, attr)
             .inspect_err(|_| self.inodes().forget(ino, 1))
     }
@@ -1291,11 +1311,11 @@ impl Filesystem for ConnectFs {
                 // An inode left without a name (unlinked, renamed over) is not kept: another
                 // name of the same file is another inode here, whose writes it would not see.
                 let named = s.inodes().path(ino.0).is_ok();
-                let attr = match answer {
-                    Ok(Answer::Attr(a)) if named => s.file_attr(ino.0, &a).ok(),
-                    _ => None,
+                let (attr, laptop) = match answer {
+                    Ok(Answer::Attr(a)) if named => (s.file_attr(ino.0, &a).ok(), a.ino),
+                    _ => (None, 0),
                 };
-                lock(&s.settled).answered(ino.0, token, attr, Instant::now());
+                lock(&s.settled).answered(ino.0, token, attr, laptop, Instant::now());
             }
             let _ = s.failure(fh.0);
         });
@@ -2402,8 +2422,12 @@ mod tests {
         let t0 = Instant::now();
         let size = |s: &mut Settled, ino| s.get(ino, t0).map(|(a, _)| a.size);
         let mut s = Settled::default();
+        // The kernel was given laptop file N for inode N.
+        for ino in 0..20 {
+            s.superseded(ino, ino);
+        }
         let k = s.ask(1, t0).unwrap();
-        s.answered(1, k, Some(file(1, 10, 1)), t0);
+        s.answered(1, k, Some(file(1, 10, 1)), 1, t0);
         assert_eq!(size(&mut s, 1), Some(10));
         assert_eq!(s.get(1, t0 + TTL), None, "past the window");
 
@@ -2411,7 +2435,7 @@ mod tests {
         let k = s.ask(2, t0).unwrap();
         s.begin(Scope::file(2));
         s.end(Scope::file(2));
-        s.answered(2, k, Some(file(2, 1, 1)), t0);
+        s.answered(2, k, Some(file(2, 1, 1)), 2, t0);
         assert_eq!(size(&mut s, 2), None);
         // Nor asked while one is in flight.
         s.begin(Scope::file(2));
@@ -2425,12 +2449,12 @@ mod tests {
             s.ask(5, t0).unwrap(),
             s.ask(10, t0).unwrap(),
         );
-        s.answered(4, k4, Some(file(4, 4, 1)), t0);
-        s.answered(10, k10, Some(file(10, 10, 1)), t0);
+        s.answered(4, k4, Some(file(4, 4, 1)), 4, t0);
+        s.answered(10, k10, Some(file(10, 10, 1)), 10, t0);
         s.begin(Scope(Some(4), Some(5)));
         assert_eq!(s.ask(5, t0), None, "while the rename is in flight");
         s.end(Scope(Some(4), Some(5)));
-        s.answered(5, k5, Some(file(5, 5, 1)), t0);
+        s.answered(5, k5, Some(file(5, 5, 1)), 5, t0);
         assert_eq!((size(&mut s, 4), size(&mut s, 5)), (None, None));
         assert_eq!(size(&mut s, 10), Some(10));
         // A name without an inode here touches nothing.
@@ -2441,7 +2465,7 @@ mod tests {
         // A change of the file drops its own only.
         for ino in [6, 7] {
             let k = s.ask(ino, t0).unwrap();
-            s.answered(ino, k, Some(file(ino, ino, 1)), t0);
+            s.answered(ino, k, Some(file(ino, ino, 1)), ino, t0);
         }
         s.begin(Scope::file(6));
         assert_eq!((size(&mut s, 6), size(&mut s, 7)), (None, Some(7)));
@@ -2449,14 +2473,19 @@ mod tests {
 
         // A file with two names is never kept; nor is a forgotten inode.
         let k = s.ask(8, t0).unwrap();
-        s.answered(8, k, Some(file(8, 8, 2)), t0);
+        s.answered(8, k, Some(file(8, 8, 2)), 8, t0);
         assert_eq!(size(&mut s, 8), None);
         s.forget(7);
         assert_eq!(size(&mut s, 7), None);
+        // A release of a handle on another laptop file than the one the kernel knows there (the
+        // name now stands for another file): not kept.
+        let k = s.ask(11, t0).unwrap();
+        s.answered(11, k, Some(file(11, 11, 1)), 99, t0);
+        assert_eq!(size(&mut s, 11), None);
         // Attributes the kernel was given another way since (a lookup, a listing) win.
         let k = s.ask(9, t0).unwrap();
-        s.answered(9, k, Some(file(9, 9, 1)), t0);
-        s.superseded(9);
+        s.answered(9, k, Some(file(9, 9, 1)), 9, t0);
+        s.superseded(9, 9);
         assert_eq!(size(&mut s, 9), None);
 
         // Bounded.
