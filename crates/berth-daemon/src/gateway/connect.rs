@@ -40,6 +40,8 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 pub const MOUNTS_PER_USER: usize = 8;
 /// Bytes buffered between the channel and the mount's wire, each way.
 const PIPE: usize = 256 * 1024;
+/// The most of the mount's output one read of the pipe takes, to go out as channel data.
+const OUTPUT_READ: usize = 256 * 1024;
 
 /// The mounts open now, per user, and their FUSE connections.
 #[derive(Default)]
@@ -143,7 +145,8 @@ impl<R: Runtime> BerthGateway<R> {
                 () = cancel.cancelled() => 1,
             }
         }));
-        let output = tokio_util::io::ReaderStream::new(their_read).map(|r| r.map(Output::Stdout));
+        let output = tokio_util::io::ReaderStream::with_capacity(their_read, OUTPUT_READ)
+            .map(|r| r.map(Output::Stdout));
         Ok(Process {
             x11: None,
             stdin: Box::pin(their_write),
