@@ -122,6 +122,8 @@ fn run_inner(args: Args) -> Result<u8, Failure> {
         .tempdir()
         .map_err(|e| Failure::new(format!("cannot make a temporary directory: {e}")))?;
     let control = control_dir.path().join("ssh");
+    // Before any thread of the runtime allocates.
+    berth_connect::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
