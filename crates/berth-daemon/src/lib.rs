@@ -482,11 +482,12 @@ fn mib(n: u64) -> usize {
 /// 1.3 MB in use, but the memory resident was the same 3.4 MB, and the workers would share
 /// one lock; not kept.)
 ///
-/// The top of a heap is given back only once 8 MiB of it are free (glibc gives back any
-/// 128 KiB): a bulk copy through `berth connect` grew and shrank the workers' heaps for
-/// every request, and the page faults that refilled them were a fifth of the daemon's CPU
-/// (1 GiB read: 2.3–2.5 s of CPU before, 1.8 s after). What the top holds meanwhile goes
-/// back at the next periodic trim ([`TRIM_EVERY`]).
+/// The top of a heap is given back once 8 MiB of it are free (with the threshold above fixed,
+/// glibc would give it back at 128 KiB): a bulk copy through `berth connect` grew and shrank
+/// the workers' heaps for every request, and the page faults that refilled them were a fifth
+/// of the daemon's CPU (1 GiB written: 2.7 s of CPU before, 2.0 s after; 2 MiB gave 2.1–2.25
+/// s). What the tops hold meanwhile (at most 8 MiB an arena, a few arenas) goes back at the
+/// next periodic trim ([`TRIM_EVERY`]).
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; thread-safe in glibc.

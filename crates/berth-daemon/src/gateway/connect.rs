@@ -40,8 +40,10 @@ const DETACH_WAIT: Duration = Duration::from_secs(10);
 pub const MOUNTS_PER_USER: usize = 8;
 /// Bytes buffered between the channel and the mount's wire, each way.
 const PIPE: usize = 256 * 1024;
-/// The most of the mount's output one read of the pipe takes, to go out as channel data.
-const OUTPUT_READ: usize = 256 * 1024;
+/// The most of the mount's output one read of the pipe takes: 32 KiB, one packet of OpenSSH's
+/// size. Reads of 4 KiB made eight packets where one would do; larger reads would only let
+/// each message queued for a client that stops reading hold more.
+const OUTPUT_READ: usize = 32 * 1024;
 
 /// The mounts open now, per user, and their FUSE connections.
 #[derive(Default)]
