@@ -477,10 +477,12 @@ fn alive(pid: i32) -> bool {
 }
 
 /// Undoes whatever of the machine test is left when it ends, passed or not: the package
-/// purged, a daemon that outlived it stopped, its files, the user's container and the
-/// network removed. Runs only for a machine that had no Berth before.
+/// purged, a daemon that outlived it stopped, its files, the user's container, her home
+/// volume and the network removed. Runs only for a machine that had no Berth before.
 struct MachineGuard {
     container: String,
+    /// Her home volume, which the package's purge (rightly) keeps.
+    volume: String,
     network: String,
     pids: Vec<i32>,
     session: Option<Child>,
@@ -506,6 +508,7 @@ impl Drop for MachineGuard {
             let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
         }
         let _ = docker_output(&["rm", "-f", &self.container]);
+        let _ = docker_output(&["volume", "rm", "-f", &self.volume]);
         // The host firewall chains and the per-user networks of the installed daemon (its
         // own purge needs its config, which the package's purge removed): this build's
         // `berth purge` with a config naming the same network.
@@ -559,6 +562,7 @@ fn install_login_upgrade_with_a_session_open_remove_purge_on_this_machine() {
     let user = format!("pkg{pid}");
     let mut guard = MachineGuard {
         container: format!("berth-{user}"),
+        volume: format!("berth-home-{user}"),
         network: format!("bt{pid}xpkg-net"),
         pids: Vec::new(),
         session: None,
