@@ -249,9 +249,11 @@ enum Request {
         on: bool,
         reply: oneshot::Sender<Result<(), LifecycleError>>,
     },
-    /// `berth user set`: stored, memory and CPUs applied to her container at once.
+    /// `berth user set`: stored, memory and CPUs applied to her container at once. (Boxed:
+    /// every message of the queue is as large as its largest kind, and the queue's blocks of
+    /// 32 live as long as the user.)
     SetSettings {
-        change: crate::user_settings::Change,
+        change: Box<crate::user_settings::Change>,
         reply: oneshot::Sender<Result<(), LifecycleError>>,
     },
 }
@@ -521,7 +523,13 @@ impl<R: Runtime> Lifecycle<R> {
         change: crate::user_settings::Change,
     ) -> Result<(), LifecycleError> {
         let (reply, rx) = oneshot::channel();
-        self.send(user, Request::SetSettings { change, reply })?;
+        self.send(
+            user,
+            Request::SetSettings {
+                change: Box::new(change),
+                reply,
+            },
+        )?;
         rx.await.map_err(|_| LifecycleError::ShuttingDown)?
     }
 
@@ -682,7 +690,20 @@ struct OwnerTask<R> {
     running: Option<String>,
 }
 
+/// Whether an owner goes on after a request.
+#[derive(PartialEq)]
+enum Served {
+    GoOn,
+    /// The user is gone; requests still queued fail with a dropped reply.
+    Removed,
+}
+
 impl<R: Runtime> OwnerTask<R> {
+    /// Every user's owner waits here for as long as the daemon runs, so what it holds while
+    /// waiting is kept small: each step (a create, a start, a stop, a commit: the engine's
+    /// futures, 9.4 KiB inline) is boxed, allocated only while it runs. Inline, every
+    /// owner's task held those 9.4 KiB for good, allocated at the user's first login among
+    /// the buffers of the logins around it.
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         loop {
             let deadline = self.stop_at;
@@ -691,93 +712,99 @@ impl<R: Runtime> OwnerTask<R> {
                 req = rx.recv() => req,
                 () = sleep_until(deadline), if deadline.is_some() => {
                     self.stop_at = None;
-                    self.idle_stop().await;
+                    Box::pin(self.idle_stop()).await;
                     continue;
                 }
             };
             let Some(req) = req else { return };
-            match req {
-                Request::Acquire { reply } => {
-                    self.stop_at = None;
-                    match self.ensure_running().await {
-                        Ok(id) => {
-                            self.sessions += 1;
-                            let lease = Lease {
-                                container: id,
-                                tx: self.tx.clone(),
-                            };
-                            // A requester that gave up drops the lease, which releases it.
-                            let _ = reply.send(Ok(lease));
-                        }
-                        Err(e) => {
-                            error!(error = %e, "cannot provide a running container");
-                            let _ = reply.send(Err(e));
-                            self.arm_if_idle();
-                        }
-                    }
-                }
-                Request::Release => {
-                    self.sessions = self.sessions.saturating_sub(1);
-                    self.arm_if_idle();
-                }
-                Request::Hold => {
-                    self.holds += 1;
-                    self.stop_at = None;
-                }
-                Request::Unhold => {
-                    self.holds = self.holds.saturating_sub(1);
-                    self.arm_if_idle();
-                }
-                Request::Adopt => {
-                    if let Err(e) = self.serve_guest() {
-                        error!(error = %e, "adopted container has no guest socket");
-                    }
-                    self.arm_if_idle();
-                }
-                Request::Stop { reply } => {
-                    self.stop_at = None;
-                    self.finish_commit().await;
-                    let r = self.stop_now("stop").await;
-                    if r.is_err() {
-                        self.arm_if_idle();
-                    }
-                    let _ = reply.send(r);
-                }
-                Request::RemoveContainer { reply } => {
-                    self.stop_at = None;
-                    self.finish_commit().await;
-                    let r = self.remove_container().await;
-                    if r.is_err() {
-                        self.arm_if_idle();
-                    }
-                    let _ = reply.send(r);
-                }
-                Request::Commit { reply } => self.start_commit(reply).await,
-                Request::SetDaemonMode { on, reply } => {
-                    let r = self.set_daemon_mode(on).await;
-                    let _ = reply.send(r);
-                }
-                Request::SetSettings { change, reply } => {
-                    let r = self.set_settings(change).await;
-                    let _ = reply.send(r);
-                }
-                Request::Remove {
-                    keep_image,
-                    purge_data,
-                    reply,
-                } => {
-                    self.finish_commit().await;
-                    let r = self.remove(keep_image, purge_data).await;
-                    let removed = r.is_ok();
-                    let _ = reply.send(r);
-                    if removed {
-                        // The user is gone; requests still queued fail with a dropped reply.
-                        return;
-                    }
-                }
+            if Box::pin(self.serve(req)).await == Served::Removed {
+                return;
             }
             self.sessions_tx.send_replace(self.sessions);
         }
+    }
+
+    async fn serve(&mut self, req: Request) -> Served {
+        match req {
+            Request::Acquire { reply } => {
+                self.stop_at = None;
+                match self.ensure_running().await {
+                    Ok(id) => {
+                        self.sessions += 1;
+                        let lease = Lease {
+                            container: id,
+                            tx: self.tx.clone(),
+                        };
+                        // A requester that gave up drops the lease, which releases it.
+                        let _ = reply.send(Ok(lease));
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot provide a running container");
+                        let _ = reply.send(Err(e));
+                        self.arm_if_idle();
+                    }
+                }
+            }
+            Request::Release => {
+                self.sessions = self.sessions.saturating_sub(1);
+                self.arm_if_idle();
+            }
+            Request::Hold => {
+                self.holds += 1;
+                self.stop_at = None;
+            }
+            Request::Unhold => {
+                self.holds = self.holds.saturating_sub(1);
+                self.arm_if_idle();
+            }
+            Request::Adopt => {
+                if let Err(e) = self.serve_guest() {
+                    error!(error = %e, "adopted container has no guest socket");
+                }
+                self.arm_if_idle();
+            }
+            Request::Stop { reply } => {
+                self.stop_at = None;
+                self.finish_commit().await;
+                let r = self.stop_now("stop").await;
+                if r.is_err() {
+                    self.arm_if_idle();
+                }
+                let _ = reply.send(r);
+            }
+            Request::RemoveContainer { reply } => {
+                self.stop_at = None;
+                self.finish_commit().await;
+                let r = self.remove_container().await;
+                if r.is_err() {
+                    self.arm_if_idle();
+                }
+                let _ = reply.send(r);
+            }
+            Request::Commit { reply } => self.start_commit(reply).await,
+            Request::SetDaemonMode { on, reply } => {
+                let r = self.set_daemon_mode(on).await;
+                let _ = reply.send(r);
+            }
+            Request::SetSettings { change, reply } => {
+                let r = self.set_settings(*change).await;
+                let _ = reply.send(r);
+            }
+            Request::Remove {
+                keep_image,
+                purge_data,
+                reply,
+            } => {
+                self.finish_commit().await;
+                let r = self.remove(keep_image, purge_data).await;
+                let removed = r.is_ok();
+                let _ = reply.send(r);
+                if removed {
+                    return Served::Removed;
+                }
+            }
+        }
+        Served::GoOn
     }
 
     fn arm_if_idle(&mut self) {
@@ -1520,6 +1547,26 @@ mod tests {
         assert!(!is("berth/users-x:alice"));
         assert!(!is("debian:12"));
         assert!(!is("berth/usersalice"));
+    }
+
+    /// Bytes of the future `f` returns.
+    fn future_size<A, B, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(A, B) -> Fut,
+    {
+        std::mem::size_of::<Fut>()
+    }
+
+    /// What every user's owner holds for as long as the daemon runs: its task's future while
+    /// it waits, and its queue, whose blocks hold 32 requests each.
+    #[test]
+    fn an_owner_waiting_holds_little() {
+        let docker = future_size(OwnerTask::<berth_runtime::DockerRuntime>::run);
+        let fake = future_size(OwnerTask::<FakeRuntime>::run);
+        assert!(docker <= 1024, "an owner's task holds {docker} bytes");
+        assert!(fake <= 1024, "an owner's task holds {fake} bytes");
+        let request = std::mem::size_of::<Request>();
+        assert!(request <= 32, "a request is {request} bytes");
     }
 
     #[tokio::test(start_paused = true)]
