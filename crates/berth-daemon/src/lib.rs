@@ -482,19 +482,20 @@ fn mib(n: u64) -> usize {
 /// 1.3 MB in use, but the memory resident was the same 3.4 MB, and the workers would share
 /// one lock; not kept.)
 ///
-/// The top of a heap is given back once 8 MiB of it are free (with the threshold above fixed,
+/// The top of a heap is given back once 2 MiB of it are free (with the threshold above fixed,
 /// glibc would give it back at 128 KiB): a bulk copy through `berth connect` grew and shrank
 /// the workers' heaps for every request, and the page faults that refilled them were a fifth
-/// of the daemon's CPU (1 GiB written: 2.7 s of CPU before, 2.0 s after; 2 MiB gave 2.1–2.25
-/// s). What the tops hold meanwhile (at most 8 MiB an arena, a few arenas) goes back at the
-/// next periodic trim ([`TRIM_EVERY`]).
+/// of the daemon's CPU (1 GiB written: 2.7 s of CPU before, 2.1–2.25 s after; 8 MiB gave
+/// 2.0 s). The periodic trim ([`TRIM_EVERY`]) does not shrink the top of a thread's heap
+/// (glibc's `malloc_trim` trims only the main heap's top), so up to 2 MiB per thread arena
+/// can stay resident until that arena frees a large block; 8 MiB would have let it keep 8.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; thread-safe in glibc.
     #[allow(unsafe_code)]
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 20);
     }
 }
 
