@@ -487,8 +487,9 @@ fn mib(n: u64) -> usize {
 /// the workers' heaps for every request, and the page faults that refilled them were a fifth
 /// of the daemon's CPU (1 GiB written: 2.7 s of CPU before, 2.1–2.25 s after; 8 MiB gave
 /// 2.0 s). The periodic trim ([`TRIM_EVERY`]) does not shrink the top of a thread's heap
-/// (glibc's `malloc_trim` trims only the main heap's top), so up to 2 MiB per thread arena
-/// can stay resident until that arena frees a large block; 8 MiB would have let it keep 8.
+/// (glibc's `malloc_trim` trims only the main heap's top, and a thread's heap shrinks only
+/// once its free top reaches the threshold), so up to 2 MiB per thread arena can stay
+/// resident for good; 8 MiB would have let each keep 8.
 pub fn tune_allocator() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; thread-safe in glibc.

@@ -700,10 +700,9 @@ enum Served {
 
 impl<R: Runtime> OwnerTask<R> {
     /// Every user's owner waits here for as long as the daemon runs, so what it holds while
-    /// waiting is kept small: each step (a create, a start, a stop, a commit: the engine's
-    /// futures, 9.4 KiB inline) is boxed, allocated only while it runs. Inline, every
-    /// owner's task held those 9.4 KiB for good, allocated at the user's first login among
-    /// the buffers of the logins around it.
+    /// waiting is kept small: each step that waits on the engine is boxed, allocated only
+    /// while it runs. Inline, the largest (several KiB) was held by every owner for good,
+    /// allocated at the user's first login among the buffers of the logins around it.
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Request>) {
         loop {
             let deadline = self.stop_at;
