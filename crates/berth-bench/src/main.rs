@@ -83,7 +83,7 @@ struct Args {
     docker_socket: PathBuf,
     #[arg(long, default_value = "berth-test/busybox:latest")]
     busybox_image: String,
-    #[arg(long, default_value = "berth-test/debian:bookworm-tools")]
+    #[arg(long, default_value = "berth-test/debian:bookworm-tools-git")]
     debian_image: String,
     /// Small N and 100 MiB instead of 1 GiB, for development
     #[arg(long)]

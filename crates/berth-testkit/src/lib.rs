@@ -27,7 +27,7 @@ use tempfile::TempDir;
 
 /// The images `scripts/make-test-images` builds.
 pub const BUSYBOX: &str = "berth-test/busybox:latest";
-pub const DEBIAN: &str = "berth-test/debian:bookworm-tools";
+pub const DEBIAN: &str = "berth-test/debian:bookworm-tools-git";
 
 /// The checkout's root directory.
 pub fn workspace_root() -> PathBuf {

@@ -11,120 +11,14 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_testkit::{BUSYBOX, Daemon, DaemonOptions, wait_until};
+use berth_testkit::{BUSYBOX, wait_until};
 
-const BIN: &str = env!("CARGO_BIN_EXE_berth");
-
-fn start() -> Daemon {
-    Daemon::start(
-        Path::new(BIN),
-        DaemonOptions {
-            idle_stop_seconds: 30,
-            config: String::new(),
-        },
-    )
-}
-
-/// `berth connect` to `user` on `d` with `key`, mounting `dirs`; the command goes after.
-fn connect(d: &Daemon, user: &str, key: &Path, dirs: &[&Path]) -> Command {
-    let mut c = Command::new(BIN);
-    c.arg("connect");
-    let args = d.ssh_args(key);
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "-p" => {
-                c.arg("-P").arg(it.next().unwrap());
-            }
-            "-i" => {
-                c.arg("-i").arg(it.next().unwrap());
-            }
-            "-o" => {
-                c.arg("-o").arg(it.next().unwrap());
-            }
-            other => panic!("unexpected ssh argument {other}"),
-        }
-    }
-    for dir in dirs {
-        c.arg("--mount").arg(dir);
-    }
-    c.arg(format!("{user}@127.0.0.1"));
-    c
-}
-
-/// The mount points of the user's container, as its kernel lists them.
-fn mounts_in(d: &Daemon, user: &str) -> String {
-    let out = Command::new("docker")
-        .args(["exec", &d.container_name(user), "cat", "/proc/mounts"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `/proc/mounts` escapes a space as `\040`.
-fn in_mounts(mounts: &str, path: &Path) -> bool {
-    let escaped = path.to_string_lossy().replace(' ', "\\040");
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some(&escaped))
-}
-
-fn laptop_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
-    let top = tempfile::Builder::new()
-        .prefix("laptop-")
-        .tempdir()
-        .unwrap();
-    let dir = top.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    (top, dir)
-}
-
-fn run(c: &mut Command) -> Output {
-    let out = c.stdin(Stdio::null()).output().unwrap();
-    eprintln!(
-        "connect: {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A `berth connect` left running; killed (its whole process group) when dropped.
-struct Running(Child);
-
-impl Running {
-    fn spawn(c: &mut Command) -> Self {
-        Self(
-            c.stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .process_group(0)
-                .spawn()
-                .unwrap(),
-        )
-    }
-
-    fn pid(&self) -> i32 {
-        i32::try_from(self.0.id()).unwrap()
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        // The group is the one this test made (process_group(0) above).
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.0.wait();
-    }
-}
+mod common;
+use common::*;
 
 #[test]
 fn a_laptop_directory_appears_at_its_own_path_and_the_command_runs_there() {
@@ -334,12 +228,16 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         d.ssh_ok("bob", &kb, "true");
         // Stuck behind alice's mount he would wait until her laptop is killed: forever.
         assert!(
-            t.elapsed() < Duration::from_secs(10),
+            t.elapsed() < Duration::from_secs(2),
             "bob waited {:?}",
             t.elapsed()
         );
     }
-    d.berth_ok(&["status"]);
+    // `berth status` answers meanwhile, and lists both mounts.
+    let status = d.berth_ok(&["status"]);
+    for dir in [&one, &two] {
+        assert!(status.contains(&*dir.to_string_lossy()), "{status}");
+    }
 
     // Killed for good: the mount leaves the container, the reader gets an error, the other
     // mount stays.
@@ -381,6 +279,13 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         .unwrap();
     assert!(status.success(), "{said}");
     assert!(said.contains("status 1"), "the read did not fail: {said}");
+    let shown = one.display().to_string();
+    assert!(
+        d.audit().iter().any(|r| r["event"] == "mount_end"
+            && r["user"] == "alice"
+            && r["path"] == shown.as_str()),
+        "no mount_end for the killed laptop's {shown}"
+    );
     assert!(in_mounts(&mounts_in(&d, "alice"), &two));
     drop(second);
     drop(first);
@@ -408,6 +313,11 @@ fn paths_that_would_shadow_the_system_are_refused_and_change_nothing() {
         .arg("--")
         .arg("true"));
     assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: /no/such/dir") && err.contains("No such file or directory"),
+        "{err}"
+    );
     assert!(
         !d.audit().iter().any(|r| r["event"] == "login_accepted"),
         "a refused path still connected"
@@ -522,7 +432,12 @@ fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
     // Typed into the terminal once the shell is up; the size set before reaches it.
     let mut term = Command::new("timeout")
         .args(["90", "script", "-qec"])
-        .arg(format!("stty cols 97 rows 31; {}", line.join(" ")))
+        // The terminal is made larger while the shell runs (`stty` on it, as a resized
+        // window does: the kernel signals the foreground, connect's ssh among it).
+        .arg(format!(
+            "stty cols 97 rows 31; (sleep 12; stty cols 120 rows 40) </dev/tty & {}",
+            line.join(" ")
+        ))
         .arg("/dev/null")
         // With a display, the shell gets X11 forwarding (no X server needed to see that).
         .env("DISPLAY", ":77")
@@ -541,14 +456,20 @@ fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
     });
     std::thread::sleep(Duration::from_secs(8));
     typing
-        .write_all(b"echo at=$(pwd) shell=$0 display=$DISPLAY; stty size; exit 3\n")
+        .write_all(b"echo at=$(pwd) shell=$0 display=$DISPLAY; stty size\n")
         .unwrap();
+    std::thread::sleep(Duration::from_secs(8));
+    typing.write_all(b"stty size; exit 3\n").unwrap();
     let status = term.wait().unwrap();
     drop(typing);
     seen.push_str(&reader.join().unwrap());
     assert!(seen.contains(&format!("at={}", dir.display())), "{seen}");
     assert!(seen.contains("shell=/bin/bash"), "{seen}");
     assert!(seen.contains("31 97"), "{seen}");
+    assert!(
+        seen.contains("40 120"),
+        "the resize did not reach the shell: {seen}"
+    );
     assert!(seen.contains("display=localhost:1"), "{seen}");
     assert_eq!(status.code(), Some(3), "{seen}");
 }
@@ -589,5 +510,232 @@ fn ctrl_c_ends_connect_and_takes_the_mount_away() {
         )),
         "{}",
         mounts_in(&d, "alice")
+    );
+}
+
+#[test]
+fn output_streams_while_the_command_runs_and_the_container_stops_after_grace() {
+    // Idle containers stop 3 s after their last session.
+    let d = start_with(3, "");
+    let key = d.add_user("alice", BUSYBOX);
+    let (_top, dir) = laptop_dir("stream");
+    let mut c = connect(&d, "alice", &key, &[&dir]);
+    let mut running = c
+        .arg("--")
+        .arg("echo first; echo to-stderr >&2; sleep 4; echo second; exit 4")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(running.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert_eq!(line, "first\n");
+    assert!(
+        running.try_wait().unwrap().is_none(),
+        "the first line came only at the end"
+    );
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let mut err = String::new();
+    running
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(running.wait().unwrap().code(), Some(4));
+    assert_eq!(rest, "second\n");
+    assert!(err.contains("to-stderr\n"), "{err}");
+
+    // The mount went with connect; with no session left the container stops, as after a
+    // logout.
+    assert!(wait_until(Duration::from_secs(15), || !in_mounts(
+        &mounts_in(&d, "alice"),
+        &dir
+    )));
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .container_state("alice")
+            .as_deref()
+            != Some("running")),
+        "{:?}",
+        d.container_state("alice")
+    );
+}
+
+#[test]
+fn git_and_make_work_in_the_mounted_tree_and_the_laptop_sees_their_work() {
+    let d = start();
+    let key = d.add_user("deb", berth_testkit::DEBIAN);
+    let (_top, dir) = laptop_dir("project");
+    std::fs::write(dir.join("in.txt"), "source\n").unwrap();
+    std::fs::write(dir.join("Makefile"), "out: in.txt\n\tcp in.txt out\n").unwrap();
+    std::fs::write(dir.join(".gitignore"), "out\n").unwrap();
+    let script = r#"set -e
+git init -q
+git add -A
+git -c user.name=Alice -c user.email=alice@example.org commit -qm first
+make
+make
+echo changed >> in.txt
+git status --porcelain
+make
+git -c user.name=Alice -c user.email=alice@example.org commit -qam second
+git status --porcelain
+echo ok"#;
+    let out = run(connect(&d, "deb", &key, &[&dir]).arg("--").arg(script));
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("'out' is up to date"), "{stdout}");
+    assert!(stdout.contains(" M in.txt\n"), "{stdout}");
+    assert!(stdout.ends_with("ok\n"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("out")).unwrap(),
+        "source\nchanged\n"
+    );
+    // The repository is the laptop's: its own git reads both commits, and nothing is
+    // left to commit.
+    let git = |args: &[&str]| {
+        let o = Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert_eq!(git(&["log", "--format=%s"]), "second\nfirst\n");
+    assert_eq!(git(&["status", "--porcelain"]), "");
+}
+
+/// An OpenSSH `sshd` on loopback for root with `authorized` keys: a jump host.
+struct JumpHost {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl JumpHost {
+    fn start(dir: &Path, authorized: &Path) -> Self {
+        let host_key = berth_testkit::keygen_at(&dir.join("host_key"), "jump");
+        let port = berth_testkit::free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile none\n\
+                 AuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nUsePAM no\n\
+                 StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 AllowTcpForwarding yes\nLogLevel VERBOSE\n",
+                host_key.display(),
+                authorized.display()
+            ),
+        )
+        .unwrap();
+        // sshd insists on its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let log = dir.join("sshd.log");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "sshd did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self { child, port, log }
+    }
+}
+
+impl Drop for JumpHost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn the_users_own_ssh_applies_config_agent_and_jump_host_with_the_original_flags() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let (top, dir) = laptop_dir("via jump");
+    let home = top.path().join("home");
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    // The key is in an agent only: no -i, no key file where ssh looks by itself.
+    let agent_sock = top.path().join("agent.sock");
+    let mut agent = berth_testkit::KillOnDrop(
+        Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&agent_sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(wait_until(Duration::from_secs(10), || agent_sock.exists()));
+    let added = Command::new("ssh-add")
+        .arg("-q")
+        .arg(&key)
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .status()
+        .unwrap();
+    assert!(added.success());
+    let jump = JumpHost::start(top.path(), &key.with_extension("pub"));
+    // The server's port and the jump host come from ~/.ssh/config, under a name of its own.
+    let quiet = format!(
+        "  StrictHostKeyChecking no\n  UserKnownHostsFile {}\n  LogLevel ERROR\n  BatchMode yes\n",
+        top.path().join("known_hosts").display()
+    );
+    std::fs::write(
+        home.join(".ssh/config"),
+        format!(
+            "Host berth-box\n  HostName 127.0.0.1\n  Port {}\n  ProxyJump jumper\n{quiet}\
+             Host jumper\n  HostName 127.0.0.1\n  Port {}\n  User root\n{quiet}",
+            d.port, jump.port
+        ),
+    )
+    .unwrap();
+    // Run as `connect` (a link named like the original tool) with its flags.
+    let link = top.path().join("connect");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    // ssh reads the config of the user's home from the password database (/root here):
+    // this connect alone sees the test's home there, in a mount namespace of its own.
+    let out = run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg("mount --bind \"$0\" /root && exec \"$@\"")
+        .arg(&home)
+        .arg(&link)
+        .args(["-u", "alice", "-h", "berth-box", "-p"])
+        .arg(&dir)
+        .args(["-m", "echo jumped > proof; pwd"])
+        .env("SSH_AUTH_SOCK", &agent_sock)
+        .env_remove("DISPLAY"));
+    let _ = agent.0.kill();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&*dir.to_string_lossy()),
+        "{out:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("proof")).unwrap(),
+        "jumped\n"
+    );
+    let log = std::fs::read_to_string(&jump.log).unwrap();
+    assert!(
+        log.contains("Accepted publickey for root"),
+        "the jump host was not used: {log}"
     );
 }

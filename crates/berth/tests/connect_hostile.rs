@@ -1,0 +1,440 @@
+//! End-to-end: `berth connect`'s server end against laptops that misbehave or vanish: a
+//! network that drops without a word, a peer that never says hello, frames larger than the
+//! wire allows, more mounts than a user may have, and a laptop that takes requests and never
+//! answers. The daemon, Docker, the container and `ssh` are real; the misbehaving laptop is
+//! this process speaking the wire (`berth_connect::proto`) on `ssh -s berth-connect@berth`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_connect::client::Wire;
+use berth_connect::proto::{self, Op, ToDaemon, ToLaptop};
+use berth_testkit::{BUSYBOX, Daemon, wait_until};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+
+/// A TCP relay in front of the daemon that can go silent: from then on what either side
+/// sends is dropped on the floor and nothing is closed, as when a network drops.
+struct Relay {
+    port: u16,
+    silent: Arc<AtomicBool>,
+    streams: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn to(port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay = Self {
+            port: listener.local_addr().unwrap().port(),
+            silent: Arc::new(AtomicBool::new(false)),
+            streams: Arc::new(Mutex::new(Vec::new())),
+        };
+        let (silent, streams) = (relay.silent.clone(), relay.streams.clone());
+        // Accepts for the test's life (the thread ends with the test binary).
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { return };
+                let up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let mut held = streams.lock().unwrap();
+                held.push(down.try_clone().unwrap());
+                held.push(up.try_clone().unwrap());
+                for (from, to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up.try_clone().unwrap(), down.try_clone().unwrap()),
+                ] {
+                    let silent = silent.clone();
+                    std::thread::spawn(move || pump(from, to, &silent));
+                }
+            }
+        });
+        relay
+    }
+
+    fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, silent: &AtomicBool) {
+    let mut buf = vec![0; 64 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) if !silent.load(Ordering::SeqCst) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    if !silent.load(Ordering::SeqCst) {
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_dropped_network_takes_the_mount_away_fails_its_readers_and_the_container_stops() {
+    // Keepalives every second, three missed: the window is a few seconds.
+    let d = start_with(3, "keepalive_interval_seconds = 1\nkeepalive_max = 3\n");
+    let key = d.add_user("alice", BUSYBOX);
+    let (_top, dir) = laptop_dir("far away");
+    std::fs::write(dir.join("x"), "laptop\n").unwrap();
+    let relay = Relay::to(d.port);
+    let mut laptop = Running::spawn(
+        connect_via(relay.port, &d, "alice", &key, &[&dir])
+            // The laptop's ssh notices too (the user's options come first).
+            .args(["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=3"])
+            .arg("--")
+            .arg("sleep 300"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || in_mounts(
+            &mounts_in(&d, "alice"),
+            &dir
+        )),
+        "{}",
+        mounts_in(&d, "alice")
+    );
+
+    relay.go_silent();
+    // A reader in the container, on a connection of its own, waits on the silent laptop.
+    let reader = d
+        .ssh("alice", &key)
+        .arg(format!("cat '{}/x'; echo \"status $?\"", dir.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = reader.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("status 1"),
+        "the read did not fail: {said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || !in_mounts(
+            &mounts_in(&d, "alice"),
+            &dir
+        )),
+        "the mount outlived the network: {}",
+        mounts_in(&d, "alice")
+    );
+    let shown = dir.display().to_string();
+    assert!(
+        d.audit().iter().any(|r| r["event"] == "mount_end"
+            && r["user"] == "alice"
+            && r["path"] == shown.as_str()),
+        "no mount_end for {shown}"
+    );
+    // No session left: the container stops after its grace period, as after any logout.
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .container_state("alice")
+            .as_deref()
+            != Some("running")),
+        "the container kept running: {:?}",
+        d.container_state("alice")
+    );
+    // The laptop's end gives up by itself too, with ssh's failure.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = laptop.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "connect hangs on a dead network");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success(), "{status:?}");
+}
+
+/// The laptop's end spoken by this process, on `ssh -s berth-connect@berth`.
+struct Peer {
+    child: tokio::process::Child,
+    wire: Wire<tokio::process::ChildStdout, tokio::process::ChildStdin>,
+}
+
+impl Peer {
+    fn open(d: &Daemon, user: &str, key: &Path) -> Self {
+        let mut c = tokio::process::Command::from(d.ssh(user, key));
+        let mut child = c
+            .arg("-s")
+            .arg(proto::SUBSYSTEM)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let wire = Wire::new(child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        Self { child, wire }
+    }
+
+    /// Says hello for `path`; the daemon's answer.
+    async fn hello(&mut self, path: &Path) -> ToLaptop {
+        use std::os::unix::ffi::OsStrExt;
+        self.wire
+            .send(&ToDaemon::Hello {
+                version: proto::VERSION,
+                path: path.as_os_str().as_bytes().to_vec(),
+            })
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(60), self.wire.recv())
+            .await
+            .expect("no answer to hello")
+            .unwrap()
+            .expect("the daemon closed instead of answering")
+    }
+
+    /// Writes `bytes` as they are (frames of the test's own making).
+    async fn raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let w = self.wire.tx.get_mut();
+        let _ = w.write_all(bytes).await;
+        let _ = w.flush().await;
+    }
+
+    /// Whether the daemon ends the subsystem (ssh exits) within `limit`.
+    async fn closed_within(&mut self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.child.wait()).await.is_ok()
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn peers_that_stay_silent_or_send_too_much_are_cut_off_and_mount_nothing() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    d.ssh_ok("alice", &key, "true");
+    let before = mounts_in(&d, "alice");
+    let rt = runtime();
+    rt.block_on(async {
+        // Silent: the hello has a deadline (30 s).
+        let mut silent = Peer::open(&d, "alice", &key);
+        let opened = Instant::now();
+
+        // A first frame of 16 MiB, far past the largest the wire allows.
+        let mut huge = Peer::open(&d, "alice", &key);
+        let mut frame = (16u32 << 20).to_be_bytes().to_vec();
+        frame.extend(std::iter::repeat_n(0x5a, 256 * 1024));
+        huge.raw(&frame).await;
+        assert!(huge.closed_within(Duration::from_secs(15)).await);
+
+        // A hello that does not decode.
+        let mut junk = Peer::open(&d, "alice", &key);
+        junk.raw(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]).await;
+        assert!(junk.closed_within(Duration::from_secs(15)).await);
+
+        // Welcomed, then a reply far too large: the mount is taken away.
+        let (_top, dir) = laptop_dir("too much");
+        let mut late = Peer::open(&d, "alice", &key);
+        assert!(matches!(late.hello(&dir).await, ToLaptop::Welcome { .. }));
+        assert!(in_mounts(&mounts_in(&d, "alice"), &dir));
+        late.raw(&frame).await;
+        assert!(late.closed_within(Duration::from_secs(15)).await);
+        assert!(
+            wait_until(Duration::from_secs(15), || !in_mounts(
+                &mounts_in(&d, "alice"),
+                &dir
+            )),
+            "{}",
+            mounts_in(&d, "alice")
+        );
+
+        assert!(
+            silent.closed_within(Duration::from_secs(60)).await,
+            "a peer that never says hello holds its session"
+        );
+        assert!(
+            opened.elapsed() > Duration::from_secs(20),
+            "cut off before the hello's 30 s: {:?}",
+            opened.elapsed()
+        );
+    });
+    assert_eq!(mounts_in(&d, "alice"), before);
+    // The daemon is whole: a login works, and nothing of the mounts is left as a session.
+    assert_eq!(d.ssh_ok("alice", &key, "echo fine").trim(), "fine");
+    let sessions = d.berth_ok(&["session", "list"]);
+    assert!(!sessions.contains("berth connect"), "{sessions}");
+}
+
+#[test]
+fn a_user_has_at_most_eight_mounts_and_a_ninth_is_refused_with_a_reason() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let top = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        let mut peers = Vec::new();
+        for i in 0..8 {
+            let mut p = Peer::open(&d, "alice", &key);
+            let answer = p.hello(&top.path().join(format!("m{i}"))).await;
+            assert!(
+                matches!(answer, ToLaptop::Welcome { .. }),
+                "{i}: {answer:?}"
+            );
+            peers.push(p);
+        }
+        let ninth = top.path().join("m8");
+        let mut p = Peer::open(&d, "alice", &key);
+        match p.hello(&ninth).await {
+            ToLaptop::Refused { reason } => assert!(reason.contains('8'), "{reason}"),
+            other => panic!("a ninth mount: {other:?}"),
+        }
+        assert!(!in_mounts(&mounts_in(&d, "alice"), &ninth));
+        // One ends; its place is free again.
+        let gone = peers.remove(0);
+        drop(gone);
+        let mut again = None;
+        for _ in 0..50 {
+            let mut p = Peer::open(&d, "alice", &key);
+            match p.hello(&ninth).await {
+                ToLaptop::Welcome { .. } => {
+                    again = Some(p);
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
+        }
+        assert!(again.is_some(), "the freed place was not given again");
+        assert!(in_mounts(&mounts_in(&d, "alice"), &ninth));
+    });
+}
+
+#[test]
+fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    let (_top, dir) = laptop_dir("slow");
+    // Larger than what an open brings along (`MAX_HEAD`), so reading them asks the laptop.
+    for i in 0..100 {
+        std::fs::write(dir.join(format!("f{i}")), vec![b'x'; 200 * 1024]).unwrap();
+    }
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let rt = runtime();
+    // The real laptop's end (`berth_connect::serve`), but every read of a file is held back
+    // here and never answered.
+    let mut laptop = rt.block_on(async {
+        let mut peer = Peer::open(&d, "alice", &key);
+        assert!(matches!(peer.hello(&dir).await, ToLaptop::Welcome { .. }));
+        let Peer { child, wire } = peer;
+        let Wire { mut rx, tx } = wire;
+        let (to_serve, from_filter) = tokio::io::duplex(1 << 20);
+        let mut forward = tokio_util::codec::FramedWrite::new(to_serve, proto::codec());
+        let root = berth_connect::serve::open_root(&dir).unwrap();
+        tokio::spawn(berth_connect::serve::serve(
+            root,
+            Wire::new(from_filter, tx.into_inner()),
+        ));
+        let held = held.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = rx.next().await {
+                match proto::decode::<ToLaptop>(&frame) {
+                    Ok(ToLaptop::Request {
+                        id,
+                        op: Op::Read { .. },
+                    }) => held.lock().unwrap().push(id),
+                    _ => {
+                        if forward.send(frame.freeze()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        child
+    });
+
+    // A hundred readers at once, each saying how it ended, as it ends.
+    let started = Instant::now();
+    let mut readers = d
+        .ssh("alice", &key)
+        .arg(format!(
+            "cd '{}' && for i in $(seq 0 99); do (cat f$i >/dev/null 2>&1; echo \"$i $?\") & done; wait",
+            dir.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(25), || held.lock().unwrap().len() >= 64),
+        "only {} reads reached the laptop",
+        held.lock().unwrap().len()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        held.lock().unwrap().len(),
+        64,
+        "more requests in flight than the bound"
+    );
+    // Bob's logins do not wait on alice's laptop.
+    let t = Instant::now();
+    d.ssh_ok("bob", &kb, "true");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "bob waited {:?}",
+        t.elapsed()
+    );
+
+    // Each request has a deadline (30 s): given up, it frees its place for the next (its
+    // process gets EIO; busybox's cat then tries again, by read after sendfile, each a
+    // request with a deadline of its own).
+    assert!(
+        wait_until(Duration::from_secs(50), || held.lock().unwrap().len() > 64),
+        "requests without an answer were never given up"
+    );
+
+    // The laptop goes: every reader, waiting on the laptop or for a place, fails at once.
+    laptop.start_kill().unwrap();
+    let out = readers.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..100 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a reader of a gone laptop hangs");
+        assert!(line.ends_with(" 1"), "a reader without an answer: {line}");
+    }
+    let _ = readers.wait();
+    eprintln!("all readers ended {:?} after the start", started.elapsed());
+}
