@@ -194,6 +194,19 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         ),
         "12"
     );
+    // Having opened a file, each mount reads ahead 4 MiB, not the kernel's 128 KiB for FUSE
+    // (its backing device, named by the mount's device number).
+    for dir in [&one, &two] {
+        let dev: u64 = d
+            .ssh_ok("alice", &key, &format!("stat -c %d '{}'", dir.display()))
+            .trim()
+            .parse()
+            .unwrap();
+        let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+        let kb = std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+            .unwrap();
+        assert_eq!(kb.trim(), "4096", "{}", dir.display());
+    }
     // Another user sees neither; the host has no trace of either.
     assert!(!in_mounts(&mounts_in(&d, "bob"), &one));
     let host = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
