@@ -655,12 +655,11 @@ struct ReadAhead {
 
 impl ReadAhead {
     fn raise(&self) {
-        if let Some(conn) = self.conn {
-            if !self.done.swap(true, std::sync::atomic::Ordering::Relaxed)
-                && let Err(e) = conn.set_read_ahead(MAX_READAHEAD)
-            {
-                tracing::debug!(error = %e, "connect: the kernel's readahead stays");
-            }
+        if let Some(conn) = self.conn
+            && !self.done.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && let Err(e) = conn.set_read_ahead(MAX_READAHEAD)
+        {
+            tracing::debug!(error = %e, "connect: the kernel's readahead stays");
         }
     }
 }
