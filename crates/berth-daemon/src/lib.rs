@@ -475,9 +475,12 @@ fn mib(n: u64) -> usize {
 /// Sets up glibc's allocator for a daemon whose load comes and goes; called before the
 /// runtime starts its threads.
 ///
-/// Buffers of 256 KiB and more (a channel's input, up to its 2 MiB window) get pages of their
+/// Buffers of 320 KiB and more (a channel's input, up to its 2 MiB window) get pages of their
 /// own, given back the moment they are freed; glibc would otherwise raise this threshold as
-/// such buffers come and go, and serve them from the heap. (Fewer arenas, `M_ARENA_MAX` 2,
+/// such buffers come and go, and serve them from the heap. The threshold lies just above a
+/// frame of `berth connect` (`berth_connect::proto::MAX_FRAME`, 272 KiB): at 256 KiB each
+/// frame of a bulk copy was a mapping of its own, faulted in page by page and unmapped (1 GiB
+/// written through a mount: 2.3 s of the daemon's CPU, 1.5 s from the heap). (Fewer arenas, `M_ARENA_MAX` 2,
 /// was tried: after 30 users' logins the arenas held 5.4 MB instead of 7.7 MB for the same
 /// 1.3 MB in use, but the memory resident was the same 3.4 MB, and the workers would share
 /// one lock; not kept.)
@@ -491,11 +494,14 @@ fn mib(n: u64) -> usize {
 /// once its free top reaches the threshold), so up to 2 MiB per thread arena can stay
 /// resident for good; 8 MiB would have let each keep 8.
 pub fn tune_allocator() {
+    /// A frame of `berth connect` (and the allocator's header) stays below it.
+    const MMAP_THRESHOLD: i32 = 320 * 1024;
+    const _: () = assert!(berth_connect::proto::MAX_FRAME + 64 <= MMAP_THRESHOLD as usize);
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only sets an allocator parameter; thread-safe in glibc.
     #[allow(unsafe_code)]
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 20);
     }
 }
