@@ -6,7 +6,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,7 +35,10 @@ impl Terminal {
         };
         let pty = openpty(&ws, None)?;
         // setsid -c: a session of its own with the pty as controlling terminal, as a
-        // terminal emulator would give it.
+        // terminal emulator would give it. Not made a process group leader first: setsid
+        // would then fork, its parent exit at once, and the ssh under it be left behind
+        // (one per run) where `Drop` cannot reach it; as it is, setsid becomes ssh, the pid
+        // spawned.
         let cmd = e.ssh(&["-tt"]);
         let args: Vec<_> = cmd.get_args().map(ToOwned::to_owned).collect();
         let mut cmd = std::process::Command::new("setsid");
@@ -46,8 +48,7 @@ impl Terminal {
             .env("TERM", "xterm")
             .stdin(Stdio::from(pty.slave.try_clone()?))
             .stdout(Stdio::from(pty.slave.try_clone()?))
-            .stderr(Stdio::from(pty.slave))
-            .process_group(0);
+            .stderr(Stdio::from(pty.slave));
         let child = cmd.spawn().context("cannot run setsid ssh")?;
         let mut t = Self {
             child,
