@@ -52,14 +52,11 @@ fn a_laptop_directory_appears_at_its_own_path_and_the_command_runs_there() {
         "the mount outlived connect: {}",
         mounts_in(&d, "alice")
     );
-    let audit = d.audit();
-    let shown = dir.display().to_string();
     for event in ["mount_start", "mount_end"] {
         assert!(
-            audit.iter().any(|r| r["event"] == event
-                && r["user"] == "alice"
-                && r["path"] == shown.as_str()),
-            "no {event} for {shown}"
+            audited(&d, event, "alice", &dir),
+            "no {event} for {}",
+            dir.display()
         );
     }
     // The container was given nothing to mount with.
@@ -272,17 +269,11 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         "{}",
         mounts_in(&d, "alice")
     );
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let status = loop {
-        if let Some(s) = stuck.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "a reader of the gone mount hangs"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = ends_within(
+        &mut stuck,
+        Duration::from_secs(40),
+        "a reader of the gone mount hangs",
+    );
     let mut said = String::new();
     stuck
         .stdout
@@ -292,12 +283,10 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         .unwrap();
     assert!(status.success(), "{said}");
     assert!(said.contains("status 1"), "the read did not fail: {said}");
-    let shown = one.display().to_string();
     assert!(
-        d.audit().iter().any(|r| r["event"] == "mount_end"
-            && r["user"] == "alice"
-            && r["path"] == shown.as_str()),
-        "no mount_end for the killed laptop's {shown}"
+        audited(&d, "mount_end", "alice", &one),
+        "no mount_end for the killed laptop's {}",
+        one.display()
     );
     assert!(in_mounts(&mounts_in(&d, "alice"), &two));
     drop(second);
@@ -507,14 +496,7 @@ fn ctrl_c_ends_connect_and_takes_the_mount_away() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = running.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "connect did not end on Ctrl-C");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = running.ends_within(Duration::from_secs(20), "connect did not end on Ctrl-C");
     assert!(!status.success(), "{status:?}");
     assert!(
         wait_until(Duration::from_secs(15), || !in_mounts(
@@ -568,14 +550,7 @@ fn output_streams_while_the_command_runs_and_the_container_stops_after_grace() {
         &mounts_in(&d, "alice"),
         &dir
     )));
-    assert!(
-        wait_until(Duration::from_secs(30), || d
-            .container_state("alice")
-            .as_deref()
-            != Some("running")),
-        "{:?}",
-        d.container_state("alice")
-    );
+    stops_by_itself(&d, "alice");
 }
 
 #[test]

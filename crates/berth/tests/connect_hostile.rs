@@ -143,31 +143,15 @@ fn a_dropped_network_takes_the_mount_away_fails_its_readers_and_the_container_st
         "the mount outlived the network: {}",
         mounts_in(&d, "alice")
     );
-    let shown = dir.display().to_string();
     assert!(
-        d.audit().iter().any(|r| r["event"] == "mount_end"
-            && r["user"] == "alice"
-            && r["path"] == shown.as_str()),
-        "no mount_end for {shown}"
+        audited(&d, "mount_end", "alice", &dir),
+        "no mount_end for {}",
+        dir.display()
     );
     // No session left: the container stops after its grace period, as after any logout.
-    assert!(
-        wait_until(Duration::from_secs(30), || d
-            .container_state("alice")
-            .as_deref()
-            != Some("running")),
-        "the container kept running: {:?}",
-        d.container_state("alice")
-    );
+    stops_by_itself(&d, "alice");
     // The laptop's end gives up by itself too, with ssh's failure.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = laptop.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "connect hangs on a dead network");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = laptop.ends_within(Duration::from_secs(30), "connect hangs on a dead network");
     assert!(!status.success(), "{status:?}");
 }
 

@@ -10,9 +10,10 @@
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
-use berth_testkit::{Daemon, DaemonOptions};
+use berth_testkit::{Daemon, DaemonOptions, wait_until};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_berth");
 
@@ -120,6 +121,11 @@ impl Running {
     pub fn pid(&self) -> i32 {
         i32::try_from(self.0.id()).unwrap()
     }
+
+    /// Its exit status once it ends; the test fails, saying `what`, if that takes past `limit`.
+    pub fn ends_within(&mut self, limit: Duration, what: &str) -> ExitStatus {
+        ends_within(&mut self.0, limit, what)
+    }
 }
 
 impl Drop for Running {
@@ -131,4 +137,38 @@ impl Drop for Running {
         );
         let _ = self.0.wait();
     }
+}
+
+/// `child`'s exit status once it ends; the test fails, saying `what`, if that takes past
+/// `limit`.
+pub fn ends_within(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether the audit log has `event` (`mount_start`, `mount_end`) of `user` for `dir`.
+pub fn audited(d: &Daemon, event: &str, user: &str, dir: &Path) -> bool {
+    let shown = dir.display().to_string();
+    d.audit()
+        .iter()
+        .any(|r| r["event"] == event && r["user"] == user && r["path"] == shown.as_str())
+}
+
+/// Waits for `user`'s container to stop (its grace period once no session is left); the
+/// test fails if it is still running after 30 s.
+pub fn stops_by_itself(d: &Daemon, user: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .container_state(user)
+            .as_deref()
+            != Some("running")),
+        "the container kept running: {:?}",
+        d.container_state(user)
+    );
 }
