@@ -140,23 +140,36 @@ impl FuseConnection {
 }
 
 impl FuseConnection {
-    /// Sets how far the kernel reads ahead of a process reading a file of this mount in
-    /// order, in bytes (rounded down to KiB). Every FUSE mount starts with the kernel's 128
-    /// KiB, and the server's answer to `FUSE_INIT` can only lower it (`max_readahead`, which
-    /// may not exceed what the kernel offered): so this is for after INIT is answered. It is
-    /// the mount's backing device info, which the kernel names by the superblock's number
-    /// (`/sys/class/bdi/MAJOR:MINOR`), made with the superblock and gone with it. On a host
-    /// whose `/sys` is read-only this fails and the kernel's value stays.
-    pub fn set_read_ahead(self, bytes: u32) -> io::Result<()> {
+    /// The setting of how far the kernel reads ahead of a process reading a file of this
+    /// mount in order: the mount's backing device info, which the kernel names by the
+    /// superblock's number (`/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`), made with the
+    /// superblock and gone with it. Open it while the mount is certainly there (its
+    /// descriptor held): the open file stays this mount's, and once the superblock is gone a
+    /// write fails (`ENODEV`) instead of reaching a mount that took the number since. On a
+    /// host whose `/sys` is read-only this fails.
+    pub fn read_ahead(self) -> io::Result<ReadAhead> {
         let (major, minor) = (self.0 >> 20, self.0 & 0xf_ffff);
         let file = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-        let f = rustix::fs::open(
+        let fd = rustix::fs::open(
             file.as_str(),
             OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::empty(),
         )
         .map_err(|e| err("cannot open the mount's read_ahead_kb", e))?;
-        rustix::io::write(&f, (bytes / 1024).to_string().as_bytes())
+        Ok(ReadAhead(fd))
+    }
+}
+
+/// A FUSE mount's readahead setting ([`FuseConnection::read_ahead`]).
+#[derive(Debug)]
+pub struct ReadAhead(OwnedFd);
+
+impl ReadAhead {
+    /// Sets it to `bytes` (rounded down to KiB). Every FUSE mount starts with the kernel's
+    /// 128 KiB, and the server's answer to `FUSE_INIT` can only lower it (`max_readahead`,
+    /// which may not exceed what the kernel offered): so this is for after INIT is answered.
+    pub fn set(&self, bytes: u32) -> io::Result<()> {
+        rustix::io::write(&self.0, (bytes / 1024).to_string().as_bytes())
             .map_err(|e| err("cannot set the mount's readahead", e))?;
         Ok(())
     }

@@ -13,6 +13,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_testkit::{BUSYBOX, wait_until};
@@ -417,7 +418,9 @@ fn a_laptop_user_without_root_mounts_and_owns_what_the_container_writes() {
 fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
     let d = start();
     let key = d.add_user("deb", berth_testkit::DEBIAN);
-    let (_top, dir) = laptop_dir("shell");
+    let (top, dir) = laptop_dir("shell");
+    // Made by the test once the first size is seen: the terminal is resized then.
+    let resize = top.path().join("resize");
     let mut line = vec![BIN.to_owned(), "connect".into()];
     let args = d.ssh_args(&key);
     for pair in args.chunks(2) {
@@ -437,8 +440,10 @@ fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
         // The terminal is made larger while the shell runs (`stty` on it, as a resized
         // window does: the kernel signals the foreground, connect's ssh among it).
         .arg(format!(
-            "stty cols 97 rows 31; (sleep 12; stty cols 120 rows 40) </dev/tty & {}",
-            line.join(" ")
+            "stty cols 97 rows 31; (while [ ! -e {flag} ]; do sleep 0.2; done; \
+             stty cols 120 rows 40; touch {flag}.done) </dev/tty & {}",
+            line.join(" "),
+            flag = resize.display()
         ))
         .arg("/dev/null")
         // With a display, the shell gets X11 forwarding (no X server needed to see that).
@@ -449,22 +454,37 @@ fn without_a_command_a_login_shell_opens_in_the_directory_on_a_terminal() {
         .spawn()
         .unwrap();
     let mut typing = term.stdin.take().unwrap();
-    let mut seen = String::new();
     let mut out = term.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = out.read_to_end(&mut all);
-        String::from_utf8_lossy(&all).into_owned()
-    });
+    let seen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0; 4096];
+            while let Ok(n @ 1..) = out.read(&mut buf) {
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let shown = |what: &str| seen.lock().unwrap().contains(what);
     std::thread::sleep(Duration::from_secs(8));
     typing
         .write_all(b"echo at=$(pwd) shell=$0 display=$DISPLAY; stty size\n")
         .unwrap();
-    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        wait_until(Duration::from_secs(60), || shown("31 97")),
+        "{}",
+        seen.lock().unwrap()
+    );
+    std::fs::write(&resize, "").unwrap();
+    let resized = top.path().join("resize.done");
+    assert!(wait_until(Duration::from_secs(20), || resized.exists()));
     typing.write_all(b"stty size; exit 3\n").unwrap();
     let status = term.wait().unwrap();
     drop(typing);
-    seen.push_str(&reader.join().unwrap());
+    reader.join().unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert!(seen.contains(&format!("at={}", dir.display())), "{seen}");
     assert!(seen.contains("shell=/bin/bash"), "{seen}");
     assert!(seen.contains("31 97"), "{seen}");
@@ -517,19 +537,22 @@ fn output_streams_while_the_command_runs_and_the_container_stops_after_grace() {
     let mut c = connect(&d, "alice", &key, &[&dir]);
     let mut running = c
         .arg("--")
-        .arg("echo first; echo to-stderr >&2; sleep 4; echo second; exit 4")
+        .arg("echo first; echo to-stderr >&2; sleep 20; echo second; exit 4")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let spawned = Instant::now();
     let mut out = std::io::BufReader::new(running.stdout.take().unwrap());
     let mut line = String::new();
     std::io::BufRead::read_line(&mut out, &mut line).unwrap();
     assert_eq!(line, "first\n");
+    // The command sleeps 20 s after it: the line came while it ran.
     assert!(
-        running.try_wait().unwrap().is_none(),
-        "the first line came only at the end"
+        spawned.elapsed() < Duration::from_secs(15) && running.try_wait().unwrap().is_none(),
+        "the first line came only at the end ({:?})",
+        spawned.elapsed()
     );
     let mut rest = String::new();
     out.read_to_string(&mut rest).unwrap();
@@ -567,6 +590,9 @@ git add -A
 git -c user.name=Alice -c user.email=alice@example.org commit -qm first
 make
 make
+# The laptop's clock for file times moves by ticks: a change within the tick of `out`'s
+# making would leave both the same time, and make rightly sees nothing to do.
+sleep 1
 echo changed >> in.txt
 git status --porcelain
 make
@@ -634,16 +660,17 @@ impl JumpHost {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
+        let mut me = Self { child, port, log };
+        // Its own "listening" line, and still running (not another's listener on the port).
         assert!(
-            wait_until(Duration::from_secs(20), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
+            wait_until(Duration::from_secs(20), || std::fs::read_to_string(&me.log)
+                .unwrap_or_default()
+                .contains(&format!("Server listening on 127.0.0.1 port {port}"))),
             "sshd did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+            std::fs::read_to_string(&me.log).unwrap_or_default()
         );
-        Self { child, port, log }
+        assert!(me.child.try_wait().unwrap().is_none());
+        me
     }
 }
 
@@ -721,9 +748,21 @@ fn the_users_own_ssh_applies_config_agent_and_jump_host_with_the_original_flags(
         std::fs::read_to_string(dir.join("proof")).unwrap(),
         "jumped\n"
     );
+    // The jump host let the agent's key in: the one alice's own.
+    let fingerprint = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .to_owned();
     let log = std::fs::read_to_string(&jump.log).unwrap();
     assert!(
-        log.contains("Accepted publickey for root"),
-        "the jump host was not used: {log}"
+        log.lines()
+            .any(|l| l.contains("Accepted publickey for root") && l.contains(&fingerprint)),
+        "the jump host was not used with the agent's key {fingerprint}: {log}"
     );
 }

@@ -224,9 +224,16 @@ fn peers_that_stay_silent_or_send_too_much_are_cut_off_and_mount_nothing() {
     let before = mounts_in(&d, "alice");
     let rt = runtime();
     rt.block_on(async {
-        // Silent: the hello has a deadline (30 s).
-        let mut silent = Peer::open(&d, "alice", &key);
+        // Silent: the hello has a deadline (30 s). Its wire stays open (an EOF would end it).
         let opened = Instant::now();
+        let Peer {
+            child: mut silent,
+            wire: _silent_wire,
+        } = Peer::open(&d, "alice", &key);
+        let silent_ended = tokio::spawn(async move {
+            let _ = silent.wait().await;
+            opened.elapsed()
+        });
 
         // A first frame of 16 MiB, far past the largest the wire allows.
         let mut huge = Peer::open(&d, "alice", &key);
@@ -256,14 +263,13 @@ fn peers_that_stay_silent_or_send_too_much_are_cut_off_and_mount_nothing() {
             mounts_in(&d, "alice")
         );
 
+        let took = tokio::time::timeout(Duration::from_secs(60), silent_ended)
+            .await
+            .expect("a peer that never says hello holds its session")
+            .unwrap();
         assert!(
-            silent.closed_within(Duration::from_secs(60)).await,
-            "a peer that never says hello holds its session"
-        );
-        assert!(
-            opened.elapsed() > Duration::from_secs(20),
-            "cut off before the hello's 30 s: {:?}",
-            opened.elapsed()
+            took > Duration::from_secs(25) && took < Duration::from_secs(50),
+            "a silent peer was cut off after {took:?}, not the hello's 30 s"
         );
     });
     assert_eq!(mounts_in(&d, "alice"), before);
@@ -293,7 +299,9 @@ fn a_user_has_at_most_eight_mounts_and_a_ninth_is_refused_with_a_reason() {
         let ninth = top.path().join("m8");
         let mut p = Peer::open(&d, "alice", &key);
         match p.hello(&ninth).await {
-            ToLaptop::Refused { reason } => assert!(reason.contains('8'), "{reason}"),
+            ToLaptop::Refused { reason } => {
+                assert!(reason.contains("8 directories mounted"), "{reason}");
+            }
             other => panic!("a ninth mount: {other:?}"),
         }
         assert!(!in_mounts(&mounts_in(&d, "alice"), &ninth));
@@ -322,14 +330,13 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
     let key = d.add_user("alice", BUSYBOX);
     let kb = d.add_user("bob", BUSYBOX);
     let (_top, dir) = laptop_dir("slow");
-    // Larger than what an open brings along (`MAX_HEAD`), so reading them asks the laptop.
-    for i in 0..100 {
-        std::fs::write(dir.join(format!("f{i}")), vec![b'x'; 200 * 1024]).unwrap();
-    }
+    // Bob's container runs: his logins are warm, as a user's usually are.
+    d.ssh_ok("bob", &kb, "true");
     let held = Arc::new(Mutex::new(Vec::new()));
     let rt = runtime();
-    // The real laptop's end (`berth_connect::serve`), but every read of a file is held back
-    // here and never answered.
+    // The real laptop's end (`berth_connect::serve`), but every lookup of a name is held
+    // back here and never answered. (Lookups, not reads: the kernel itself keeps reads ahead
+    // to 64 in flight, so only requests it does not bound test the daemon's bounds.)
     let mut laptop = rt.block_on(async {
         let mut peer = Peer::open(&d, "alice", &key);
         assert!(matches!(peer.hello(&dir).await, ToLaptop::Welcome { .. }));
@@ -348,7 +355,7 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
                 match proto::decode::<ToLaptop>(&frame) {
                     Ok(ToLaptop::Request {
                         id,
-                        op: Op::Read { .. },
+                        op: Op::Lookup { .. },
                     }) => held.lock().unwrap().push(id),
                     _ => {
                         if forward.send(frame.freeze()).await.is_err() {
@@ -361,12 +368,13 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
         child
     });
 
-    // A hundred readers at once, each saying how it ended, as it ends.
+    // A hundred processes at once, each asking for a name of its own and saying how it
+    // ended, as it ends.
     let started = Instant::now();
     let mut readers = d
         .ssh("alice", &key)
         .arg(format!(
-            "cd '{}' && for i in $(seq 0 99); do (cat f$i >/dev/null 2>&1; echo \"$i $?\") & done; wait",
+            "cd '{}' && for i in $(seq 0 99); do (stat n$i >/dev/null 2>&1; echo \"$i $?\") & done; wait",
             dir.display()
         ))
         .stdin(Stdio::null())
@@ -376,7 +384,7 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(25), || held.lock().unwrap().len() >= 64),
-        "only {} reads reached the laptop",
+        "only {} lookups reached the laptop",
         held.lock().unwrap().len()
     );
     std::thread::sleep(Duration::from_secs(2));
@@ -394,15 +402,14 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
         t.elapsed()
     );
 
-    // Each request has a deadline (30 s): given up, it frees its place for the next (its
-    // process gets EIO; busybox's cat then tries again, by read after sendfile, each a
-    // request with a deadline of its own).
+    // Each request has a deadline (30 s): given up, its process gets EIO and its place goes
+    // to the next.
     assert!(
         wait_until(Duration::from_secs(50), || held.lock().unwrap().len() > 64),
         "requests without an answer were never given up"
     );
 
-    // The laptop goes: every reader, waiting on the laptop or for a place, fails at once.
+    // The laptop goes: every process, waiting on the laptop or for a place, fails at once.
     laptop.start_kill().unwrap();
     let out = readers.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -416,9 +423,9 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
     for _ in 0..100 {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
-            .expect("a reader of a gone laptop hangs");
-        assert!(line.ends_with(" 1"), "a reader without an answer: {line}");
+            .expect("a process waiting on a gone laptop hangs");
+        assert!(line.ends_with(" 1"), "a lookup without an answer: {line}");
     }
     let _ = readers.wait();
-    eprintln!("all readers ended {:?} after the start", started.elapsed());
+    eprintln!("all lookups ended {:?} after the start", started.elapsed());
 }

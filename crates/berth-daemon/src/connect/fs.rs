@@ -646,18 +646,19 @@ pub struct ConnectFs {
 
 /// The mount's readahead, raised to [`MAX_READAHEAD`] once the kernel has INIT's answer
 /// (which would lower it again): on the loop's first open, the first request that may read a
-/// file, answered after INIT's. Unset for a file system not run by [`run`].
+/// file, answered after INIT's. The setting is opened by [`run`], while the mount is held;
+/// unset for a file system not run by it, or where `/sys` is read-only.
 #[derive(Default)]
 struct ReadAhead {
-    conn: Option<FuseConnection>,
+    setting: Option<berth_runtime::mount::ReadAhead>,
     done: std::sync::atomic::AtomicBool,
 }
 
 impl ReadAhead {
     fn raise(&self) {
-        if let Some(conn) = self.conn
+        if let Some(setting) = &self.setting
             && !self.done.swap(true, std::sync::atomic::Ordering::Relaxed)
-            && let Err(e) = conn.set_read_ahead(MAX_READAHEAD)
+            && let Err(e) = setting.set(MAX_READAHEAD)
         {
             tracing::debug!(error = %e, "connect: the kernel's readahead stays");
         }
@@ -1646,10 +1647,13 @@ pub struct FuseSession {
     thread: Option<JoinHandle<io::Result<()>>>,
 }
 
-/// Runs `fs` on `dev` (an open `/dev/fuse` whose connection `conn` is mounted, or about to
-/// be) on a thread of its own.
+/// Runs `fs` on `dev` (an open `/dev/fuse` whose connection `conn` is mounted, its mount
+/// held by the caller) on a thread of its own.
 pub fn run(mut fs: ConnectFs, dev: OwnedFd, conn: FuseConnection) -> io::Result<FuseSession> {
-    fs.read_ahead.conn = Some(conn);
+    match conn.read_ahead() {
+        Ok(setting) => fs.read_ahead.setting = Some(setting),
+        Err(e) => tracing::debug!(error = %e, "connect: the kernel's readahead stays"),
+    }
     let mut config = fuser::Config::default();
     // Processes in the container are other users than the daemon's root; the kernel checks
     // their permissions (allow_other, default_permissions on the mount).
