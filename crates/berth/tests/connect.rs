@@ -45,14 +45,7 @@ fn a_laptop_directory_appears_at_its_own_path_and_the_command_runs_there() {
     );
 
     // Gone with connect; the audit log has both ends.
-    assert!(
-        wait_until(Duration::from_secs(15), || !in_mounts(
-            &mounts_in(&d, "alice"),
-            &dir
-        )),
-        "the mount outlived connect: {}",
-        mounts_in(&d, "alice")
-    );
+    expect_mounted(&d, "alice", &dir, false, Duration::from_secs(15));
     for event in ["mount_start", "mount_end"] {
         assert!(
             audited(&d, event, "alice", &dir),
@@ -225,14 +218,7 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         nix::sys::signal::Signal::SIGSTOP,
     )
     .unwrap();
-    let mut stuck = d
-        .ssh("alice", &key)
-        .arg(format!("cat '{}/x'; echo \"status $?\"", one.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut stuck = reader(&d, "alice", &key, &one.join("x"));
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..3 {
         let t = Instant::now();
@@ -262,14 +248,7 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
         nix::sys::signal::Signal::SIGCONT,
     )
     .ok();
-    assert!(
-        wait_until(Duration::from_secs(30), || !in_mounts(
-            &mounts_in(&d, "alice"),
-            &one
-        )),
-        "{}",
-        mounts_in(&d, "alice")
-    );
+    expect_mounted(&d, "alice", &one, false, Duration::from_secs(30));
     let status = ends_within(
         &mut stuck,
         Duration::from_secs(40),
@@ -292,10 +271,7 @@ fn the_mount_goes_when_the_laptop_process_is_killed_and_bob_is_fine_meanwhile() 
     assert!(in_mounts(&mounts_in(&d, "alice"), &two));
     drop(second);
     drop(first);
-    assert!(wait_until(Duration::from_secs(30), || !in_mounts(
-        &mounts_in(&d, "alice"),
-        &two
-    )));
+    expect_mounted(&d, "alice", &two, false, Duration::from_secs(30));
 }
 
 #[test]
@@ -506,10 +482,7 @@ fn ctrl_c_ends_connect_and_takes_the_mount_away() {
             .arg("--")
             .arg("sleep 300"),
     );
-    assert!(wait_until(Duration::from_secs(30), || in_mounts(
-        &mounts_in(&d, "alice"),
-        &dir
-    )));
+    expect_mounted(&d, "alice", &dir, true, Duration::from_secs(30));
     // Ctrl-C on a terminal signals the whole foreground group: connect and its ssh.
     nix::sys::signal::killpg(
         nix::unistd::Pid::from_raw(running.pid()),
@@ -518,14 +491,7 @@ fn ctrl_c_ends_connect_and_takes_the_mount_away() {
     .unwrap();
     let status = running.ends_within(Duration::from_secs(20), "connect did not end on Ctrl-C");
     assert!(!status.success(), "{status:?}");
-    assert!(
-        wait_until(Duration::from_secs(15), || !in_mounts(
-            &mounts_in(&d, "alice"),
-            &dir
-        )),
-        "{}",
-        mounts_in(&d, "alice")
-    );
+    expect_mounted(&d, "alice", &dir, false, Duration::from_secs(15));
 }
 
 #[test]
@@ -569,10 +535,7 @@ fn output_streams_while_the_command_runs_and_the_container_stops_after_grace() {
 
     // The mount went with connect; with no session left the container stops, as after a
     // logout.
-    assert!(wait_until(Duration::from_secs(15), || !in_mounts(
-        &mounts_in(&d, "alice"),
-        &dir
-    )));
+    expect_mounted(&d, "alice", &dir, false, Duration::from_secs(15));
     stops_by_itself(&d, "alice");
 }
 

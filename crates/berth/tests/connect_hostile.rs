@@ -109,25 +109,11 @@ fn a_dropped_network_takes_the_mount_away_fails_its_readers_and_the_container_st
             .arg("--")
             .arg("sleep 300"),
     );
-    assert!(
-        wait_until(Duration::from_secs(30), || in_mounts(
-            &mounts_in(&d, "alice"),
-            &dir
-        )),
-        "{}",
-        mounts_in(&d, "alice")
-    );
+    expect_mounted(&d, "alice", &dir, true, Duration::from_secs(30));
 
     relay.go_silent();
     // A reader in the container, on a connection of its own, waits on the silent laptop.
-    let reader = d
-        .ssh("alice", &key)
-        .arg(format!("cat '{}/x'; echo \"status $?\"", dir.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let reader = reader(&d, "alice", &key, &dir.join("x"));
     let out = reader.wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -135,14 +121,7 @@ fn a_dropped_network_takes_the_mount_away_fails_its_readers_and_the_container_st
         "the read did not fail: {said} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        wait_until(Duration::from_secs(20), || !in_mounts(
-            &mounts_in(&d, "alice"),
-            &dir
-        )),
-        "the mount outlived the network: {}",
-        mounts_in(&d, "alice")
-    );
+    expect_mounted(&d, "alice", &dir, false, Duration::from_secs(20));
     assert!(
         audited(&d, "mount_end", "alice", &dir),
         "no mount_end for {}",
@@ -254,14 +233,7 @@ fn peers_that_stay_silent_or_send_too_much_are_cut_off_and_mount_nothing() {
         assert!(in_mounts(&mounts_in(&d, "alice"), &dir));
         late.raw(&frame).await;
         assert!(late.closed_within(Duration::from_secs(15)).await);
-        assert!(
-            wait_until(Duration::from_secs(15), || !in_mounts(
-                &mounts_in(&d, "alice"),
-                &dir
-            )),
-            "{}",
-            mounts_in(&d, "alice")
-        );
+        expect_mounted(&d, "alice", &dir, false, Duration::from_secs(15));
 
         let took = tokio::time::timeout(Duration::from_secs(60), silent_ended)
             .await

@@ -172,3 +172,31 @@ pub fn stops_by_itself(d: &Daemon, user: &str) {
         d.container_state(user)
     );
 }
+
+/// Waits until `dir` is (`mounted`) or is no longer a mount point in `user`'s container; the
+/// test fails, with the container's mount table, if that takes past `limit`.
+pub fn expect_mounted(d: &Daemon, user: &str, dir: &Path, mounted: bool, limit: Duration) {
+    assert!(
+        wait_until(limit, || in_mounts(&mounts_in(d, user), dir) == mounted),
+        "{} {} after {limit:?}: {}",
+        dir.display(),
+        if mounted {
+            "not mounted"
+        } else {
+            "still mounted"
+        },
+        mounts_in(d, user)
+    );
+}
+
+/// `cat DIR/FILE` in `user`'s container, on a connection of its own, saying
+/// `status N` when it ends.
+pub fn reader(d: &Daemon, user: &str, key: &Path, file: &Path) -> Child {
+    d.ssh(user, key)
+        .arg(format!("cat '{}'; echo \"status $?\"", file.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
