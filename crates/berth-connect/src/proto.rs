@@ -16,7 +16,7 @@ pub use serde_bytes::ByteBuf;
 use tokio_util::codec::LengthDelimitedCodec;
 
 /// Bumped on any incompatible change; both ends refuse another.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// The SSH subsystem the daemon serves mounts on.
 pub const SUBSYSTEM: &str = "berth-connect@berth";
@@ -130,6 +130,16 @@ pub struct Attr {
     pub blksize: u32,
 }
 
+/// The attributes of the directory a change was made in, read (`fstat` of the directory's
+/// descriptor the change used) just after it. The laptop numbers these reads in one sequence
+/// for the mount, each read and its number taken together: of two for the same directory,
+/// the one with the higher `seq` was read later, whatever order the answers come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct DirAfter {
+    pub seq: u64,
+    pub attr: Attr,
+}
+
 /// `statfs(2)` of the served directory's file system.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Statfs {
@@ -174,25 +184,26 @@ pub enum Op {
     },
     /// → [`Answer::Bytes`]
     Readlink { path: RelPath },
-    /// → [`Answer::Attr`]
+    /// → [`Answer::Entry`]
     Mkdir { path: RelPath, mode: u32 },
-    /// → [`Answer::Done`]
+    /// → [`Answer::Removed`]
     Unlink { path: RelPath },
-    /// → [`Answer::Done`]
+    /// → [`Answer::Removed`]
     Rmdir { path: RelPath },
-    /// `path` becomes a symlink to `target` (stored as given). → [`Answer::Attr`]
+    /// `path` becomes a symlink to `target` (stored as given). → [`Answer::Entry`]
     Symlink {
         path: RelPath,
         #[serde(with = "serde_bytes")]
         target: Vec<u8>,
     },
-    /// `renameat2` with its flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`). → [`Answer::Done`]
+    /// `renameat2` with its flags (`RENAME_NOREPLACE`, `RENAME_EXCHANGE`).
+    /// → [`Answer::Renamed`]
     Rename {
         from: RelPath,
         to: RelPath,
         flags: u32,
     },
-    /// A hard link `to` of `from`. → [`Answer::Attr`]
+    /// A hard link `to` of `from`. → [`Answer::Entry`]
     Link { from: RelPath, to: RelPath },
     /// `open` with Linux `O_*` flags (no `O_CREAT`). With `head` > 0, a regular file opened
     /// for reading of at most `head` bytes (and [`MAX_HEAD`]) comes whole with its handle:
@@ -233,11 +244,28 @@ pub enum Op {
     Statfs,
 }
 
-/// A successful answer; which one depends on the [`Op`].
+/// A successful answer; which one depends on the [`Op`]. An answer to a change of a
+/// directory's entries carries that directory's attributes after it ([`DirAfter`]; `None`
+/// when they could not be read; boxed, as most answers carry none).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Answer {
     Done,
     Attr(Attr),
+    /// A new name: what it names, and its directory after.
+    Entry {
+        attr: Attr,
+        dir: Option<Box<DirAfter>>,
+    },
+    /// A name gone (unlink, rmdir): its directory after.
+    Removed {
+        dir: Option<Box<DirAfter>>,
+    },
+    /// A rename: the directories of the old and the new name after (the same directory
+    /// for both when it is one).
+    Renamed {
+        from: Option<Box<DirAfter>>,
+        to: Option<Box<DirAfter>>,
+    },
     Bytes(#[serde(with = "serde_bytes")] Vec<u8>),
     Handle(u64),
     /// `head`: the whole file, when asked for and it is a regular file opened for reading
@@ -249,6 +277,7 @@ pub enum Answer {
     Created {
         fh: u64,
         attr: Attr,
+        dir: Option<Box<DirAfter>>,
     },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written(u32),

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use berth_connect::client::{CallError, Client, Wire};
 use berth_connect::proto::{
-    self, Answer, Attr, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Time, ToLaptop,
+    self, Answer, Attr, DirAfter, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Time,
+    ToLaptop,
 };
 use berth_connect::serve::{self, MAX_HANDLES, ServeError, WORKERS};
 use tokio::task::JoinHandle;
@@ -116,7 +117,7 @@ impl Mount {
             })
             .await
         {
-            Answer::Created { fh, attr } => (fh, attr),
+            Answer::Created { fh, attr, .. } => (fh, attr),
             other => panic!("{other:?}"),
         }
     }
@@ -300,7 +301,7 @@ async fn names_are_made_renamed_linked_and_removed() {
         })
         .await
     {
-        Answer::Attr(a) => a,
+        Answer::Entry { attr, .. } => attr,
         other => panic!("{other:?}"),
     };
     assert_eq!(attr.mode & libc::S_IFMT, libc::S_IFDIR);
@@ -320,7 +321,10 @@ async fn names_are_made_renamed_linked_and_removed() {
         to: p(to),
         flags,
     };
-    assert_eq!(m.ok(rename("d/a", "d/b", 0)).await, Answer::Done);
+    assert!(matches!(
+        m.ok(rename("d/a", "d/b", 0)).await,
+        Answer::Renamed { .. }
+    ));
     assert!(!root.join("d/a").exists());
     assert_eq!(std::fs::read(root.join("d/b")).unwrap(), b"A");
     // renameat2's flags.
@@ -328,10 +332,10 @@ async fn names_are_made_renamed_linked_and_removed() {
         m.errno(rename("c", "d/b", libc::RENAME_NOREPLACE)).await,
         libc::EEXIST
     );
-    assert_eq!(
+    assert!(matches!(
         m.ok(rename("c", "d/b", libc::RENAME_EXCHANGE)).await,
-        Answer::Done
-    );
+        Answer::Renamed { .. }
+    ));
     assert_eq!(std::fs::read(root.join("c")).unwrap(), b"A");
     assert_eq!(std::fs::read(root.join("d/b")).unwrap(), b"C");
     assert_eq!(
@@ -346,7 +350,7 @@ async fn names_are_made_renamed_linked_and_removed() {
             path: p(name),
             target: target.as_bytes().to_vec(),
         };
-        let Answer::Attr(a) = m.ok(op).await else {
+        let Answer::Entry { attr: a, .. } = m.ok(op).await else {
             panic!()
         };
         assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
@@ -364,7 +368,7 @@ async fn names_are_made_renamed_linked_and_removed() {
         from: p("c"),
         to: p("d/hard"),
     };
-    let Answer::Attr(a) = m.ok(link).await else {
+    let Answer::Entry { attr: a, .. } = m.ok(link).await else {
         panic!()
     };
     assert_eq!(a.nlink, 2);
@@ -377,7 +381,7 @@ async fn names_are_made_renamed_linked_and_removed() {
         from: p("s"),
         to: p("s2"),
     };
-    let Answer::Attr(a) = m.ok(link).await else {
+    let Answer::Entry { attr: a, .. } = m.ok(link).await else {
         panic!()
     };
     assert_eq!(a.mode & libc::S_IFMT, libc::S_IFLNK);
@@ -388,11 +392,132 @@ async fn names_are_made_renamed_linked_and_removed() {
     assert_eq!(m.errno(Op::Rmdir { path: p("c") }).await, libc::ENOTDIR);
     assert_eq!(m.errno(Op::Rmdir { path: p("") }).await, libc::EBUSY);
     for f in ["d/b", "d/hard", "s"] {
-        assert_eq!(m.ok(Op::Unlink { path: p(f) }).await, Answer::Done);
+        let gone = m.ok(Op::Unlink { path: p(f) }).await;
+        assert!(matches!(gone, Answer::Removed { .. }), "{gone:?}");
     }
-    assert_eq!(m.ok(Op::Rmdir { path: p("d") }).await, Answer::Done);
+    let gone = m.ok(Op::Rmdir { path: p("d") }).await;
+    assert!(matches!(gone, Answer::Removed { .. }), "{gone:?}");
     assert!(!root.join("d").exists());
     assert_eq!(m.errno(Op::Unlink { path: p("d") }).await, libc::ENOENT);
+    m.close().await.unwrap();
+}
+
+/// `dir`'s attributes after a change, as the answer carried them: those of the directory on
+/// disk now (nothing else changes it), and numbered after `last`. Returns the number.
+fn after_is(root: &Path, dir: &str, after: Option<Box<DirAfter>>, last: u64) -> u64 {
+    let after = after.unwrap_or_else(|| panic!("no attributes of {dir:?}"));
+    let st = std::fs::symlink_metadata(root.join(dir)).unwrap();
+    let a = after.attr;
+    assert_eq!(
+        (a.ino, a.nlink, a.size),
+        (st.ino(), st.nlink() as u32, st.size()),
+        "{dir:?}"
+    );
+    assert_eq!(
+        (a.mtime.secs, a.mtime.nanos, a.ctime.secs, a.ctime.nanos),
+        (
+            st.mtime(),
+            st.mtime_nsec() as u32,
+            st.ctime(),
+            st.ctime_nsec() as u32
+        ),
+        "{dir:?}"
+    );
+    assert!(after.seq > last, "{dir:?}: {} after {last}", after.seq);
+    after.seq
+}
+
+#[tokio::test]
+async fn a_change_of_names_carries_its_directory_after_it() {
+    let m = Mount::new();
+    let root = m.root();
+    std::fs::create_dir_all(root.join("d/e")).unwrap();
+    let mut seq = 0;
+
+    let Answer::Created { fh, dir, .. } = m
+        .ok(Op::Create {
+            path: p("d/f"),
+            flags: libc::O_WRONLY,
+            mode: 0o644,
+        })
+        .await
+    else {
+        panic!()
+    };
+    seq = after_is(&root, "d", dir, seq);
+    m.ok(Op::Release { fh, attr: false }).await;
+    // At the top: the served directory's own.
+    let Answer::Created { fh, dir, .. } = m
+        .ok(Op::Create {
+            path: p("top"),
+            flags: libc::O_WRONLY,
+            mode: 0o644,
+        })
+        .await
+    else {
+        panic!()
+    };
+    seq = after_is(&root, "", dir, seq);
+    m.ok(Op::Release { fh, attr: false }).await;
+
+    // mkdir raises the link count it carries.
+    let mkdir = Op::Mkdir {
+        path: p("d/sub"),
+        mode: 0o755,
+    };
+    let Answer::Entry { dir, .. } = m.ok(mkdir).await else {
+        panic!()
+    };
+    assert_eq!(dir.as_ref().map(|d| d.attr.nlink), Some(4));
+    seq = after_is(&root, "d", dir, seq);
+    let symlink = Op::Symlink {
+        path: p("d/e/s"),
+        target: b"x".to_vec(),
+    };
+    let Answer::Entry { dir, .. } = m.ok(symlink).await else {
+        panic!()
+    };
+    seq = after_is(&root, "d/e", dir, seq);
+    let link = Op::Link {
+        from: p("d/f"),
+        to: p("d/e/h"),
+    };
+    let Answer::Entry { dir, .. } = m.ok(link).await else {
+        panic!()
+    };
+    seq = after_is(&root, "d/e", dir, seq);
+
+    // A rename carries both directories; within one, the same one twice.
+    let rename = Op::Rename {
+        from: p("d/f"),
+        to: p("d/e/g"),
+        flags: 0,
+    };
+    let Answer::Renamed { from, to } = m.ok(rename).await else {
+        panic!()
+    };
+    seq = after_is(&root, "d", from, seq);
+    seq = after_is(&root, "d/e", to, seq);
+    let rename = Op::Rename {
+        from: p("d/e/g"),
+        to: p("d/e/h"),
+        flags: 0,
+    };
+    let Answer::Renamed { from, to } = m.ok(rename).await else {
+        panic!()
+    };
+    assert_eq!(from.map(|d| d.attr), to.as_ref().map(|d| d.attr));
+    seq = after_is(&root, "d/e", to, seq);
+
+    for (op, dir) in [
+        (Op::Unlink { path: p("d/e/h") }, "d/e"),
+        (Op::Rmdir { path: p("d/sub") }, "d"),
+    ] {
+        let Answer::Removed { dir: after } = m.ok(op).await else {
+            panic!()
+        };
+        seq = after_is(&root, dir, after, seq);
+    }
     m.close().await.unwrap();
 }
 

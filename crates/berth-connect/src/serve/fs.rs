@@ -27,7 +27,8 @@ use nix::sys::time::TimeSpec;
 use nix::unistd::{self, UnlinkatFlags};
 
 use crate::proto::{
-    Answer, Attr, DirEntry, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Statfs, Time,
+    Answer, Attr, DirAfter, DirEntry, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime,
+    Statfs, Time,
 };
 
 /// Handles (files and directories) open at once; one more is `EMFILE`.
@@ -149,6 +150,8 @@ pub struct Fs {
     next: AtomicU64,
     /// Readable (hung up) once `serve` ends: FIFO waits give up.
     cancel: OwnedFd,
+    /// The count of directories' attributes read after a change ([`Fs::after`]).
+    dir_reads: Mutex<u64>,
 }
 
 impl Fs {
@@ -163,6 +166,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             cancel,
+            dir_reads: Mutex::new(0),
         })
     }
 
@@ -207,17 +211,21 @@ impl Fs {
             Op::Mkdir { path, mode } => {
                 let (dir, name) = self.parent(&path, Errno::EEXIST)?;
                 stat::mkdirat(&dir, name.as_c_str(), mode_bits(mode, true))?;
-                self.lstat_at(&dir, &name).map(Answer::Attr)
+                self.entry(&dir, &name)
             }
             Op::Unlink { path } => {
                 let (dir, name) = self.parent(&path, Errno::EBUSY)?;
                 unistd::unlinkat(&dir, name.as_c_str(), UnlinkatFlags::NoRemoveDir)?;
-                Ok(Answer::Done)
+                Ok(Answer::Removed {
+                    dir: self.after(&dir),
+                })
             }
             Op::Rmdir { path } => {
                 let (dir, name) = self.parent(&path, Errno::EBUSY)?;
                 unistd::unlinkat(&dir, name.as_c_str(), UnlinkatFlags::RemoveDir)?;
-                Ok(Answer::Done)
+                Ok(Answer::Removed {
+                    dir: self.after(&dir),
+                })
             }
             Op::Symlink { path, target } => {
                 if target.is_empty() || target.len() >= libc::PATH_MAX as usize {
@@ -226,7 +234,7 @@ impl Fs {
                 let target = CString::new(target).map_err(|_| Errno::EINVAL)?;
                 let (dir, name) = self.parent(&path, Errno::EEXIST)?;
                 unistd::symlinkat(target.as_c_str(), &dir, name.as_c_str())?;
-                self.lstat_at(&dir, &name).map(Answer::Attr)
+                self.entry(&dir, &name)
             }
             Op::Rename { from, to, flags } => {
                 let flags = RenameFlags::from_bits(flags)
@@ -244,7 +252,10 @@ impl Fs {
                     to_name.as_c_str(),
                     flags,
                 )?;
-                Ok(Answer::Done)
+                Ok(Answer::Renamed {
+                    from: self.after(&from_dir),
+                    to: self.after(&to_dir),
+                })
             }
             Op::Link { from, to } => {
                 let (from_dir, from_name) = self.parent(&from, Errno::EPERM)?;
@@ -257,11 +268,11 @@ impl Fs {
                     to_name.as_c_str(),
                     AtFlags::empty(),
                 )?;
-                self.lstat_at(&to_dir, &to_name).map(Answer::Attr)
+                self.entry(&to_dir, &to_name)
             }
             Op::Open { path, flags, head } => {
                 let flags = flags & OPEN_FLAGS;
-                let (st, fh) = self.open(&path, flags, None)?;
+                let (st, fh) = self.open(&self.root, &c_path(&path)?, flags, None)?;
                 let regular =
                     SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG;
                 let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
@@ -280,10 +291,13 @@ impl Fs {
             }
             Op::Create { path, flags, mode } => {
                 let flags = (flags & (OPEN_FLAGS | libc::O_EXCL)) | libc::O_CREAT;
-                let (st, fh) = self.open(&path, flags, Some(mode))?;
+                // Opened beneath its directory, the one whose attributes are read after.
+                let (dir, name) = self.parent(&path, Errno::EISDIR)?;
+                let (st, fh) = self.open(&dir, &name, flags, Some(mode))?;
                 Ok(Answer::Created {
                     fh,
                     attr: attr(&st),
+                    dir: self.after(&dir),
                 })
             }
             Op::Read { fh, offset, size } => {
@@ -403,6 +417,26 @@ impl Fs {
         self.lstat_at(&dir, &name)
     }
 
+    /// The answer to a new name `name` in `dir`.
+    fn entry(&self, dir: &OwnedFd, name: &CString) -> Result<Answer, Errno> {
+        Ok(Answer::Entry {
+            attr: self.lstat_at(dir, name)?,
+            dir: self.after(dir),
+        })
+    }
+
+    /// `dir`'s attributes after a change in it, numbered with the read ([`DirAfter`]): the
+    /// count is taken under the same lock as the read, so a higher one is a later read.
+    fn after(&self, dir: &OwnedFd) -> Option<Box<DirAfter>> {
+        let mut reads = lock(&self.dir_reads);
+        let st = stat::fstat(dir).ok()?;
+        *reads += 1;
+        Some(Box::new(DirAfter {
+            seq: *reads,
+            attr: attr(&st),
+        }))
+    }
+
     fn lstat_at(&self, dir: &OwnedFd, name: &CString) -> Result<Attr, Errno> {
         Ok(attr(&stat::fstatat(
             dir,
@@ -411,18 +445,16 @@ impl Fs {
         )?))
     }
 
-    /// Opens (or creates) a file beneath the root and keeps it as a handle. Never follows
-    /// a last component that is a symlink; never blocks on a FIFO; refuses devices (like a
-    /// `nodev` mount).
+    /// Opens (or creates) the file at `path` beneath `base` (the root, or a directory
+    /// resolved beneath it) and keeps it as a handle. Never follows a last component that is
+    /// a symlink; never blocks on a FIFO; refuses devices (like a `nodev` mount).
     fn open(
         &self,
-        path: &RelPath,
+        base: &OwnedFd,
+        path: &CString,
         flags: i32,
         create: Option<u32>,
     ) -> Result<(FileStat, u64), Errno> {
-        if !path.is_valid() {
-            return Err(Errno::EINVAL);
-        }
         self.room()?;
         let nonblock = flags & libc::O_NONBLOCK != 0;
         let flags = OFlag::from_bits_truncate(flags)
@@ -434,7 +466,7 @@ impl Fs {
         if let Some(mode) = create {
             how = how.mode(mode_bits(mode, false));
         }
-        let fd = fcntl::openat2(&self.root, c_path(path)?.as_c_str(), how)?;
+        let fd = fcntl::openat2(base, path.as_c_str(), how)?;
         let st = stat::fstat(&fd)?;
         let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
         let fifo = kind == SFlag::S_IFIFO;

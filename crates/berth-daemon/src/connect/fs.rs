@@ -194,6 +194,17 @@ impl Heads {
 /// and never older than what the kernel was given another way since (a lookup, a listing). The
 /// access time shown is the one at the release: reads do not drop them (a build reads what it
 /// just wrote: `cat *.o > prog`).
+///
+/// Directories too: a change of a directory's names (a create, mkdir, symlink, link, unlink,
+/// rmdir, rename) makes the kernel drop the directory's attributes, and with
+/// `default_permissions` every path walked through it asks for them again: `make -j4` asked
+/// the laptop for `obj`'s after each of its 100 files was made in it (docs/benchmarks.md).
+/// The laptop's answer to such a change carries the directory's attributes after it, numbered
+/// in the order the laptop read them ([`proto::DirAfter`]), so answers that come in another
+/// order still leave the latest. They are kept ([`Settled::dir_after`]) when the directory is
+/// still the one the kernel knows there, no read or change of the directory itself was
+/// answered since the change was sent (a lookup's or getattr's answer cannot be ordered
+/// against them: see `Seen::epoch`), and none later was given.
 #[derive(Default)]
 struct Settled {
     attrs: HashMap<u64, (FileAttr, Instant)>,
@@ -201,11 +212,24 @@ struct Settled {
     asked: HashMap<u64, u64>,
     /// Changes of a file in flight, by inode.
     busy: HashMap<u64, usize>,
-    /// The laptop's inode number (`st_ino`) last given to the kernel for each inode here:
-    /// numbers here are by name, and a name can come to stand for another file (renamed on the
-    /// laptop over it) while a handle of the old one is still open.
-    seen: HashMap<u64, u64>,
+    /// What the laptop last told of each inode here: numbers here are by name, and a name
+    /// can come to stand for another file (renamed on the laptop over it) while a handle of
+    /// the old one is still open.
+    seen: HashMap<u64, Seen>,
     next: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Seen {
+    /// The laptop's inode number (`st_ino`) last given to the kernel.
+    laptop: u64,
+    /// Counts the answers with the inode's attributes that carry no number (a lookup, a
+    /// getattr, a listing, a setattr) and the starts and ends of changes of the inode itself:
+    /// a directory's attributes after a change are kept only if none came between the
+    /// change's sending and its answer ([`Settled::mark`]).
+    epoch: u64,
+    /// The highest [`proto::DirAfter::seq`] answered for it.
+    seq: u64,
 }
 
 /// Files whose attributes are kept (or asked for) at once on one mount.
@@ -233,11 +257,13 @@ impl Settled {
             self.attrs.remove(&ino);
             self.asked.remove(&ino);
             *self.busy.entry(ino).or_default() += 1;
+            self.touch(ino);
         }
     }
 
     fn end(&mut self, scope: Scope) {
         for ino in scope.inos() {
+            self.touch(ino);
             if let Some(n) = self.busy.get_mut(&ino) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
@@ -276,7 +302,7 @@ impl Settled {
         }
         self.asked.remove(&ino);
         if let Some(attr) = attr
-            && self.seen.get(&ino) == Some(&laptop)
+            && self.seen.get(&ino).map(|s| s.laptop) == Some(laptop)
             && attr.nlink == 1
             && attr.kind == FileType::RegularFile
             && !self.busy.contains_key(&ino)
@@ -311,7 +337,61 @@ impl Settled {
         if self.seen.len() >= MAX_NODES && !self.seen.contains_key(&ino) {
             self.seen.clear();
         }
-        self.seen.insert(ino, laptop);
+        let seen = self.seen.entry(ino).or_insert(Seen {
+            laptop,
+            epoch: 0,
+            seq: 0,
+        });
+        seen.laptop = laptop;
+        seen.epoch = seen.epoch.wrapping_add(1);
+    }
+
+    fn touch(&mut self, ino: u64) {
+        if let Some(seen) = self.seen.get_mut(&ino) {
+            seen.epoch = seen.epoch.wrapping_add(1);
+        }
+    }
+
+    /// Taken as a change in directory `dir` is sent, for [`Settled::dir_after`] with its
+    /// answer; `None` for a directory the laptop has told nothing of.
+    fn mark(&self, dir: u64) -> Option<u64> {
+        self.seen.get(&dir).map(|s| s.epoch)
+    }
+
+    /// The answer to a change in `dir` sent with `mark` carried the directory's attributes
+    /// after it, `attr` made of `after`: kept when they are the latest of it and nothing came
+    /// meanwhile that they cannot be ordered against (see [`Settled`]).
+    fn dir_after(
+        &mut self,
+        dir: u64,
+        mark: Option<u64>,
+        after: &proto::DirAfter,
+        attr: FileAttr,
+        now: Instant,
+    ) {
+        let Some(seen) = self.seen.get_mut(&dir) else {
+            return;
+        };
+        if after.seq <= seen.seq {
+            return;
+        }
+        seen.seq = after.seq;
+        // Whatever is kept is older now.
+        self.attrs.remove(&dir);
+        if !(Some(seen.epoch) == mark
+            && seen.laptop == after.attr.ino
+            && attr.kind == FileType::Directory
+            && !self.busy.contains_key(&dir))
+        {
+            return;
+        }
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED {
+            self.attrs
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < TTL);
+        }
+        if self.attrs.len() + self.asked.len() < MAX_SETTLED || self.attrs.contains_key(&dir) {
+            self.attrs.insert(dir, (attr, now));
+        }
     }
 }
 
@@ -569,6 +649,20 @@ impl Shared {
         })
     }
 
+    /// Taken as a change of `dir`'s names is sent: see [`Settled::mark`].
+    fn mark(&self, dir: u64) -> Option<u64> {
+        lock(&self.settled).mark(dir)
+    }
+
+    /// The laptop answered a change of `dir`'s names, sent with `mark`, with `after`.
+    fn dir_after(&self, dir: u64, mark: Option<u64>, after: Option<Box<proto::DirAfter>>) {
+        if let Some(after) = after
+            && let Ok(attr) = self.file_attr(dir, &after.attr)
+        {
+            lock(&self.settled).dir_after(dir, mark, &after, attr, Instant::now());
+        }
+    }
+
     /// A new name in `parent` answered with `attr`: the kernel gets its entry.
     fn entry(&self, parent: u64, name: &[u8], attr: &Attr) -> Result<FileAttr, Errno> {
         let ino = self
@@ -772,10 +866,19 @@ impl ConnectFs {
         let name = name.as_bytes().to_vec();
         let lookup = matches!(op, Op::Lookup { .. });
         let touched = if lookup { Vec::new() } else { vec![parent.0] };
+        let mark = if lookup {
+            None
+        } else {
+            self.shared.mark(parent.0)
+        };
         self.answer_touching(touched, move |s| async move {
             let _changing = changing;
             let attr = match s.call(op).await {
-                Ok(Answer::Attr(a)) => a,
+                Ok(Answer::Attr(a)) if lookup => a,
+                Ok(Answer::Entry { attr, dir }) if !lookup => {
+                    s.dir_after(parent.0, mark, dir);
+                    attr
+                }
                 Ok(_) => return reply.error(Errno::EIO),
                 // A name that is not there is remembered as such for as long as one that
                 // is (`make` asks for GNUmakefile and makefile each time it runs).
@@ -791,8 +894,9 @@ impl ConnectFs {
         });
     }
 
-    /// A request changing `dirs`, and the files of `scope` (their link count or place),
-    /// answered with nothing but success.
+    /// A request changing the names of `dirs` (an unlink's or rmdir's directory, a rename's
+    /// two), and the files of `scope` (their link count or place), answered with the
+    /// directories after it.
     fn done(
         &self,
         dirs: Vec<u64>,
@@ -802,16 +906,22 @@ impl ConnectFs {
         then: impl FnOnce(&Shared) + Send + 'static,
     ) {
         let changing = Changing::begin(&self.shared, scope);
+        let marks: Vec<_> = dirs.iter().map(|d| (*d, self.shared.mark(*d))).collect();
+        let rename = matches!(op, Op::Rename { .. });
         self.answer_touching(dirs, move |s| async move {
             let _changing = changing;
-            match s.call(op).await {
-                Ok(Answer::Done) => {
-                    then(&s);
-                    reply.ok()
-                }
-                Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(e),
+            // The directories after, in the order of `dirs`.
+            let afters = match s.call(op).await {
+                Ok(Answer::Removed { dir }) if !rename => [dir, None],
+                Ok(Answer::Renamed { from, to }) if rename => [from, to],
+                Ok(_) => return reply.error(Errno::EIO),
+                Err(e) => return reply.error(e),
+            };
+            then(&s);
+            for ((dir, mark), after) in marks.into_iter().zip(afters) {
+                s.dir_after(dir, mark, after);
             }
+            reply.ok()
         });
     }
 }
@@ -966,6 +1076,7 @@ impl Filesystem for ConnectFs {
         }
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
+        let mark = self.shared.mark(parent.0);
         self.answer_touching(vec![parent.0], move |s| async move {
             let op = Op::Create {
                 path,
@@ -973,7 +1084,10 @@ impl Filesystem for ConnectFs {
                 mode: mode & 0o7777,
             };
             let (fh, attr) = match s.call(op).await {
-                Ok(Answer::Created { fh, attr }) => (fh, attr),
+                Ok(Answer::Created { fh, attr, dir }) => {
+                    s.dir_after(parent.0, mark, dir);
+                    (fh, attr)
+                }
                 Ok(_) => return reply.error(Errno::EIO),
                 Err(e) => return reply.error(e),
             };
@@ -1017,9 +1131,9 @@ impl Filesystem for ConnectFs {
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
+        // The directory removed: its kept attributes go.
+        let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
-        // A directory's attributes are never kept.
-        let scope = Scope(None, None);
         self.done(vec![parent.0], scope, Op::Rmdir { path }, reply, move |s| {
             s.inodes().unlinked(parent.0, &name)
         });
@@ -1152,10 +1266,14 @@ impl Filesystem for ConnectFs {
             let scope = Scope(existing, None);
             Changing::begin(&self.shared, scope)
         });
+        let mark = self.shared.mark(parent.0);
         self.answer_touching(vec![parent.0], move |s| async move {
             let _truncating = truncating;
             let (fh, attr) = match s.call(op).await {
-                Ok(Answer::Created { fh, attr }) => (fh, attr),
+                Ok(Answer::Created { fh, attr, dir }) => {
+                    s.dir_after(parent.0, mark, dir);
+                    (fh, attr)
+                }
                 Ok(_) => return reply.error(Errno::EIO),
                 Err(e) => return reply.error(e),
             };
@@ -2526,6 +2644,213 @@ mod tests {
             assert!(s.ask(ino, t0).is_some());
         }
         assert_eq!(s.ask(u64::MAX, t0), None);
+    }
+
+    #[test]
+    fn a_directory_keeps_the_latest_attributes_its_changes_brought() {
+        let t0 = Instant::now();
+        let dir = |size| FileAttr {
+            kind: FileType::Directory,
+            ..file(1, size, 2)
+        };
+        let after = |seq, laptop| proto::DirAfter {
+            seq,
+            attr: Attr {
+                ino: laptop,
+                ..Attr::default()
+            },
+        };
+        let size = |s: &mut Settled| s.get(1, t0).map(|(a, _)| a.size);
+        let mut s = Settled::default();
+        // Nothing is kept of a directory the laptop told nothing of.
+        let m = s.mark(1);
+        s.dir_after(1, m, &after(1, 1), dir(10), t0);
+        assert_eq!(size(&mut s), None);
+        s.superseded(1, 1);
+
+        // Two changes in flight, answered in the other order: the later read stays.
+        let (m1, m2) = (s.mark(1), s.mark(1));
+        s.dir_after(1, m2, &after(3, 1), dir(30), t0);
+        s.dir_after(1, m1, &after(2, 1), dir(20), t0);
+        assert_eq!(size(&mut s), Some(30));
+        assert_eq!(s.get(1, t0 + TTL), None, "past the window");
+
+        // A lookup answered between a change's sending and its answer cannot be ordered
+        // against it: what was kept goes, and the change's answer is not kept.
+        let m = s.mark(1);
+        s.dir_after(1, s.mark(1), &after(4, 1), dir(40), t0);
+        assert_eq!(size(&mut s), Some(40));
+        s.superseded(1, 1);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, m, &after(5, 1), dir(50), t0);
+        assert_eq!(size(&mut s), None);
+        // A change sent after it is kept; a later read that cannot be kept drops it (it is
+        // older than what that change's process was told), and an earlier one stays out.
+        let m_new = s.mark(1);
+        s.dir_after(1, m_new, &after(7, 1), dir(70), t0);
+        assert_eq!(size(&mut s), Some(70));
+        s.dir_after(1, m, &after(8, 1), dir(80), t0);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, m_new, &after(6, 1), dir(60), t0);
+        assert_eq!(size(&mut s), None);
+
+        // A change of the directory itself (a rename of it, a chmod) drops what is kept, and
+        // nothing is kept while it is in flight, nor from a change sent before it began.
+        s.dir_after(1, s.mark(1), &after(9, 1), dir(90), t0);
+        assert_eq!(size(&mut s), Some(90));
+        let m = s.mark(1);
+        s.begin(Scope::file(1));
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, s.mark(1), &after(10, 1), dir(100), t0);
+        assert_eq!(size(&mut s), None);
+        s.end(Scope::file(1));
+        s.dir_after(1, m, &after(11, 1), dir(110), t0);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, s.mark(1), &after(12, 1), dir(120), t0);
+        assert_eq!(size(&mut s), Some(120));
+
+        // Another laptop file by that name now, or not a directory: not kept.
+        s.dir_after(1, s.mark(1), &after(13, 99), dir(130), t0);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, s.mark(1), &after(14, 1), file(1, 140, 1), t0);
+        assert_eq!(size(&mut s), None);
+        // Forgotten by the kernel: nothing more.
+        s.dir_after(1, s.mark(1), &after(15, 1), dir(150), t0);
+        s.forget(1);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, s.mark(1), &after(16, 1), dir(160), t0);
+        assert_eq!(size(&mut s), None);
+
+        // Bounded with the files' attributes.
+        let mut s = Settled::default();
+        for ino in 0..=MAX_SETTLED as u64 {
+            s.superseded(ino, ino);
+            let a = FileAttr {
+                kind: FileType::Directory,
+                ..file(ino, 1, 2)
+            };
+            s.dir_after(ino, s.mark(ino), &after(ino + 1, ino), a, t0);
+        }
+        assert_eq!(s.attrs.len(), MAX_SETTLED);
+    }
+
+    #[test]
+    fn a_directory_changed_through_the_mount_is_stated_without_asking_the_laptop() {
+        // The laptop's answers to getattrs and lookups, by path.
+        let asked: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let seen = asked.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            if let Op::Getattr { path, .. } | Op::Lookup { path } = op {
+                seen.lock().unwrap().push(path.0.clone());
+            }
+            result
+        });
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
+            return;
+        };
+        let asked_for = |what: &str| {
+            let asked = asked.lock().unwrap();
+            asked
+                .iter()
+                .filter(|w| w.as_slice() == what.as_bytes())
+                .count()
+        };
+        use std::os::unix::fs::MetadataExt;
+        let same = |md: &std::fs::Metadata, what: &str| {
+            let on_laptop = std::fs::symlink_metadata(m.laptop().join(what)).unwrap();
+            assert_eq!(
+                (md.nlink(), md.size(), md.mtime(), md.mtime_nsec()),
+                (
+                    on_laptop.nlink(),
+                    on_laptop.size(),
+                    on_laptop.mtime(),
+                    on_laptop.mtime_nsec()
+                ),
+                "{what}"
+            );
+            assert_eq!(
+                (md.ctime(), md.ctime_nsec()),
+                (on_laptop.ctime(), on_laptop.ctime_nsec()),
+                "{what}"
+            );
+        };
+        let obj = m.dir().join("obj");
+        std::fs::create_dir(&obj).unwrap();
+        std::fs::create_dir(m.dir().join("other")).unwrap();
+        // Every kind of change of its names, each followed by a stat of the directory and a
+        // path walked through it (the kernel checks the directory's permissions).
+        type Change<'a> = (&'a str, Box<dyn Fn() + 'a>);
+        let changes: Vec<Change> = vec![
+            (
+                "create",
+                Box::new(|| std::fs::write(obj.join("a"), b"a").unwrap()),
+            ),
+            (
+                "mkdir",
+                Box::new(|| std::fs::create_dir(obj.join("sub")).unwrap()),
+            ),
+            (
+                "symlink",
+                Box::new(|| std::os::unix::fs::symlink("a", obj.join("s")).unwrap()),
+            ),
+            (
+                "link",
+                Box::new(|| std::fs::hard_link(obj.join("a"), obj.join("h")).unwrap()),
+            ),
+            (
+                "rename",
+                Box::new(|| std::fs::rename(obj.join("h"), obj.join("h2")).unwrap()),
+            ),
+            (
+                "rename out",
+                Box::new(|| std::fs::rename(obj.join("h2"), m.dir().join("other/h")).unwrap()),
+            ),
+            (
+                "unlink",
+                Box::new(|| std::fs::remove_file(obj.join("s")).unwrap()),
+            ),
+            (
+                "rmdir",
+                Box::new(|| std::fs::remove_dir(obj.join("sub")).unwrap()),
+            ),
+            (
+                "mknod",
+                Box::new(|| {
+                    nix::sys::stat::mknod(
+                        &obj.join("n"),
+                        nix::sys::stat::SFlag::S_IFREG,
+                        nix::sys::stat::Mode::from_bits_truncate(0o644),
+                        0,
+                    )
+                    .unwrap()
+                }),
+            ),
+        ];
+        for (what, change) in &changes {
+            let before = asked_for("obj");
+            change();
+            let md = std::fs::metadata(&obj).unwrap();
+            let _ = std::fs::metadata(obj.join("a")).unwrap();
+            assert_eq!(asked_for("obj"), before, "{what}: the laptop was asked");
+            same(&md, "obj");
+        }
+        // The other directory of the rename out too.
+        let before = asked_for("other");
+        let md = std::fs::metadata(m.dir().join("other")).unwrap();
+        assert_eq!(asked_for("other"), before, "the rename's other directory");
+        same(&md, "other");
+        // And the served directory's own.
+        std::fs::write(m.dir().join("top"), b"").unwrap();
+        let before = asked_for("");
+        let md = std::fs::metadata(m.dir()).unwrap();
+        assert_eq!(asked_for(""), before, "the served directory");
+        same(&md, "");
+
+        // A chmod of the directory is its own answer; what the laptop changes itself shows
+        // once the kernel asks again.
+        std::fs::set_permissions(&obj, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(std::fs::metadata(&obj).unwrap().mode() & 0o777, 0o700);
+        same(&std::fs::metadata(&obj).unwrap(), "obj");
     }
 
     #[test]

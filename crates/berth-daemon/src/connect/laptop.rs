@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use berth_connect::client::Wire;
 use berth_connect::proto::{
-    Answer, Attr, DirEntry, Op, RelPath, SetTime, Statfs, Time, ToDaemon, ToLaptop,
+    Answer, Attr, DirAfter, DirEntry, Op, RelPath, SetTime, Statfs, Time, ToDaemon, ToLaptop,
 };
 use nix::fcntl::{OFlag, RenameFlags};
 use nix::sys::stat::{Mode, UtimensatFlags};
@@ -27,6 +27,8 @@ pub struct Laptop {
     root: PathBuf,
     handles: HashMap<u64, Handle>,
     next: u64,
+    /// The count of directories' attributes read after a change.
+    dir_reads: u64,
     /// While set, requests are read and never answered.
     pub silent: Arc<AtomicBool>,
     /// Changes an answer before it is sent (a hostile laptop).
@@ -87,6 +89,7 @@ impl Laptop {
             root: root.to_path_buf(),
             handles: HashMap::new(),
             next: 1,
+            dir_reads: 0,
             silent: Arc::new(AtomicBool::new(false)),
             tamper: None,
             reorder: false,
@@ -104,6 +107,25 @@ impl Laptop {
         std::fs::symlink_metadata(p)
             .map(|m| Answer::Attr(attr(&m)))
             .map_err(errno)
+    }
+
+    /// The attributes of `p`'s directory after a change of `p`, numbered.
+    fn after(&mut self, p: &Path) -> Option<Box<DirAfter>> {
+        let m = std::fs::symlink_metadata(p.parent()?).ok()?;
+        self.dir_reads += 1;
+        Some(Box::new(DirAfter {
+            seq: self.dir_reads,
+            attr: attr(&m),
+        }))
+    }
+
+    /// The answer to the new name `p`.
+    fn entry(&mut self, p: &Path) -> Result<Answer, i32> {
+        let Answer::Attr(attr) = self.lstat(p)? else {
+            return Err(libc::EIO);
+        };
+        let dir = self.after(p);
+        Ok(Answer::Entry { attr, dir })
     }
 
     fn file(&self, fh: u64) -> Result<&File, i32> {
@@ -184,33 +206,47 @@ impl Laptop {
                     .mode(mode)
                     .create(&p)
                     .map_err(errno)?;
-                self.lstat(&p)
+                self.entry(&p)
             }
-            Op::Unlink { path } => std::fs::remove_file(self.full(&path)?)
-                .map(|()| Answer::Done)
-                .map_err(errno),
-            Op::Rmdir { path } => std::fs::remove_dir(self.full(&path)?)
-                .map(|()| Answer::Done)
-                .map_err(errno),
+            Op::Unlink { path } => {
+                let p = self.full(&path)?;
+                std::fs::remove_file(&p).map_err(errno)?;
+                Ok(Answer::Removed {
+                    dir: self.after(&p),
+                })
+            }
+            Op::Rmdir { path } => {
+                let p = self.full(&path)?;
+                std::fs::remove_dir(&p).map_err(errno)?;
+                Ok(Answer::Removed {
+                    dir: self.after(&p),
+                })
+            }
             Op::Symlink { path, target } => {
                 let p = self.full(&path)?;
                 std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &p)
                     .map_err(errno)?;
-                self.lstat(&p)
+                self.entry(&p)
             }
-            Op::Rename { from, to, flags } => nix::fcntl::renameat2(
-                nix::fcntl::AT_FDCWD,
-                &self.full(&from)?,
-                nix::fcntl::AT_FDCWD,
-                &self.full(&to)?,
-                RenameFlags::from_bits_truncate(flags),
-            )
-            .map(|()| Answer::Done)
-            .map_err(nix_errno),
+            Op::Rename { from, to, flags } => {
+                let (from, to) = (self.full(&from)?, self.full(&to)?);
+                nix::fcntl::renameat2(
+                    nix::fcntl::AT_FDCWD,
+                    &from,
+                    nix::fcntl::AT_FDCWD,
+                    &to,
+                    RenameFlags::from_bits_truncate(flags),
+                )
+                .map_err(nix_errno)?;
+                Ok(Answer::Renamed {
+                    from: self.after(&from),
+                    to: self.after(&to),
+                })
+            }
             Op::Link { from, to } => {
                 let t = self.full(&to)?;
                 std::fs::hard_link(self.full(&from)?, &t).map_err(errno)?;
-                self.lstat(&t)
+                self.entry(&t)
             }
             Op::Open { path, flags, head } => {
                 let f = self.open(&self.full(&path)?, flags & !libc::O_CREAT, 0)?;
@@ -236,10 +272,12 @@ impl Laptop {
                 Ok(Answer::Opened { fh, head })
             }
             Op::Create { path, flags, mode } => {
-                let f = self.open(&self.full(&path)?, flags | libc::O_CREAT, mode)?;
+                let p = self.full(&path)?;
+                let f = self.open(&p, flags | libc::O_CREAT, mode)?;
                 let a = attr(&f.metadata().map_err(errno)?);
                 let fh = self.handle(Handle::File(f));
-                Ok(Answer::Created { fh, attr: a })
+                let dir = self.after(&p);
+                Ok(Answer::Created { fh, attr: a, dir })
             }
             Op::Read { fh, offset, size } => {
                 let f = self.file(fh)?;
