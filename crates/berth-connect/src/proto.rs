@@ -205,9 +205,9 @@ pub enum Op {
     },
     /// A hard link `to` of `from`. → [`Answer::Entry`]
     Link { from: RelPath, to: RelPath },
-    /// `open` with Linux `O_*` flags (no `O_CREAT`). With `head` > 0, a regular file opened
-    /// for reading of at most `head` bytes (and [`MAX_HEAD`]) comes whole with its handle:
-    /// opened and read in one round trip.
+    /// `open` with Linux `O_*` flags (no `O_CREAT`). With `head` > 0, a regular file with
+    /// one name (`st_nlink` 1) opened for reading of at most `head` bytes (and [`MAX_HEAD`])
+    /// comes whole with its handle: opened and read in one round trip.
     /// → [`Answer::Opened`]
     Open {
         path: RelPath,

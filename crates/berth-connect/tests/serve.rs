@@ -1177,6 +1177,11 @@ async fn an_opening_for_reading_carries_a_small_regular_file_whole() {
         .unwrap()
         .unwrap();
     assert!(got == long[..MAX_HEAD as usize]);
+    // A file with a second name: none (the daemon knows changes by name).
+    std::fs::hard_link(m.root().join("short"), m.root().join("again")).unwrap();
+    assert_eq!(head("short", libc::O_RDONLY, 100).await, Ok(None));
+    std::fs::remove_file(m.root().join("again")).unwrap();
+    assert!(head("short", libc::O_RDONLY, 100).await.unwrap().is_some());
     // Not asked, or opened for writing only: none.
     assert_eq!(head("short", libc::O_RDONLY, 0).await, Ok(None));
     assert_eq!(head("short", libc::O_WRONLY, 100).await, Ok(None));

@@ -278,15 +278,21 @@ impl Fs {
                 let readable = flags & libc::O_ACCMODE != libc::O_WRONLY;
                 // Only a whole file, read whole: a longer one would be sent again by the
                 // reads that follow, and a read that fails or finds the file changed size is
-                // left untold (the daemon's read asks again, and gets any error then).
+                // left untold (the daemon's read asks again, and gets any error then). Only a
+                // file with one name: the daemon drops a head when the file changes through
+                // the mount, which it knows by name.
                 let size = u64::try_from(st.st_size).unwrap_or(u64::MAX);
-                let head =
-                    (head > 0 && regular && readable && size <= u64::from(head.min(MAX_HEAD)))
-                        .then(|| self.handle(fh).ok())
-                        .flatten()
-                        .and_then(|h| self.read(&h, 0, head.min(MAX_HEAD)).ok())
-                        .filter(|data| data.len() as u64 == size)
-                        .map(crate::proto::ByteBuf::from);
+                let one_name = st.st_nlink == 1;
+                let head = (head > 0
+                    && regular
+                    && readable
+                    && one_name
+                    && size <= u64::from(head.min(MAX_HEAD)))
+                .then(|| self.handle(fh).ok())
+                .flatten()
+                .and_then(|h| self.read(&h, 0, head.min(MAX_HEAD)).ok())
+                .filter(|data| data.len() as u64 == size)
+                .map(crate::proto::ByteBuf::from);
                 Ok(Answer::Opened { fh, head })
             }
             Op::Create { path, flags, mode } => {

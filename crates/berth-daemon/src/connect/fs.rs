@@ -26,7 +26,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_connect::client::{CallError, Client};
-use berth_connect::proto::{self, Answer, Attr, Op, SetTime, Time};
+use berth_connect::proto::{self, Answer, Attr, ByteBuf, Op, SetTime, Time};
 use berth_runtime::mount::FuseConnection;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -96,53 +96,71 @@ struct Shared {
 
 /// Small files read whole with their opening, by handle, as the laptop gave them
 /// ([`Op::Open`]'s `head`): a small file is opened and read in one round trip, not two (`git
-/// status` reading every file of a tree, `make` reading its sources). A head answers only reads
-/// that come within [`HEAD_FRESH`] of the opening, and goes at the handle's release. Every
-/// change through the mount drops them all (one file may have several names, and so several
-/// inodes here), and none is kept while a change is in flight or if one began or ended while it
-/// was asked for (the laptop's workers run in any order). What the laptop changes itself is
-/// seen from the next opening on (close-to-open, as NFS has it).
+/// status` reading every file of a tree, `make` reading its sources, `cat *.o > prog`). A head
+/// answers only reads that come within [`HEAD_FRESH`] of the opening, and goes at the handle's
+/// release.
+///
+/// A change of a file through the mount (a write, a truncation, a setattr, an unlink, a rename
+/// of it or over it, a link to it) drops its heads, and none is kept while a change of the file
+/// is in flight or if one began or ended while it was asked for (the laptop's workers run in
+/// any order). By inode: the laptop gives a head only of a file with one name, so no other
+/// inode here stands for it but one the laptop renamed it to beside the mount. What the laptop
+/// changes itself is seen from the next opening on (close-to-open, as NFS has it). Changes of
+/// other files do not matter: `cat *.o > prog` writes `prog` while it reads the rest.
 #[derive(Default)]
 struct Heads {
     by_handle: HashMap<u64, Head>,
-    /// Counts the starts and ends of changes through the mount.
-    changes: u64,
-    /// Changes through the mount not yet answered by the laptop.
-    in_flight: usize,
+    /// Changes through the mount in flight, by inode.
+    busy: HashMap<u64, usize>,
+    /// Openings that asked for a head, not yet answered: token → the inode, and whether a
+    /// change of it began or ended since.
+    asking: HashMap<u64, (u64, bool)>,
+    next: u64,
 }
 
 struct Head {
     at: Instant,
+    ino: u64,
     /// The whole file as it was opened.
     data: Vec<u8>,
 }
 
-/// Heads kept at once on one mount (each at most [`proto::MAX_HEAD`]: 4 MiB); an opening
-/// past it asks for none.
+/// Heads kept and asked for at once on one mount (each at most [`proto::MAX_HEAD`]: 64 KiB);
+/// an opening past it asks for none.
 const MAX_HEADS: usize = 64;
 
 /// How long after its opening a head answers reads.
 const HEAD_FRESH: Duration = Duration::from_secs(1);
 
 impl Heads {
-    /// Whether a head may be asked for, with the count of changes to give [`Heads::keep`];
-    /// drops the stale ones first.
-    fn room(&mut self, now: Instant) -> Option<u64> {
+    /// A token to ask for `ino`'s head with its opening, for [`Heads::answered`], when one
+    /// could be kept; drops the stale ones first.
+    fn ask(&mut self, ino: u64, now: Instant) -> Option<u64> {
         self.by_handle
             .retain(|_, h| now.saturating_duration_since(h.at) < HEAD_FRESH);
-        (self.by_handle.len() < MAX_HEADS && self.in_flight == 0).then_some(self.changes)
+        if self.by_handle.len() + self.asking.len() >= MAX_HEADS || self.busy.contains_key(&ino) {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1);
+        self.asking.insert(self.next, (ino, false));
+        Some(self.next)
     }
 
-    /// Keeps `data`, `fh`'s file asked for at `at` (at most `asked` bytes), when no change
-    /// through the mount began or ended since `changes` was counted.
-    fn keep(&mut self, fh: u64, (at, changes): (Instant, u64), data: Vec<u8>, asked: u32) {
-        // More than asked for is not the file.
-        if data.len() <= asked as usize
-            && changes == self.changes
-            && self.in_flight == 0
+    /// The opening asked with `token` was answered (`None`: failed, or came without a head):
+    /// handle `fh` and the head, asked for at `at` with at most `asked` bytes, kept when
+    /// nothing changed the file meanwhile.
+    fn answered(&mut self, token: u64, got: Option<(u64, Vec<u8>)>, at: Instant, asked: u32) {
+        let Some((ino, spoiled)) = self.asking.remove(&token) else {
+            return;
+        };
+        if let Some((fh, data)) = got
+            // More than asked for is not the file.
+            && data.len() <= asked as usize
+            && !spoiled
+            && !self.busy.contains_key(&ino)
             && self.by_handle.len() < MAX_HEADS
         {
-            self.by_handle.insert(fh, Head { at, data });
+            self.by_handle.insert(fh, Head { at, ino, data });
         }
     }
 
@@ -160,17 +178,34 @@ impl Heads {
         head.data.get(from..to).map(<[u8]>::to_vec)
     }
 
-    /// A change through the mount begins: no head is the file any more.
-    fn begin(&mut self) {
-        self.changes = self.changes.wrapping_add(1);
-        self.in_flight += 1;
-        self.by_handle.clear();
+    /// A change of the files of `scope` begins: their heads are not the files any more.
+    fn begin(&mut self, scope: Scope) {
+        for ino in scope.inos() {
+            self.by_handle.retain(|_, h| h.ino != ino);
+            *self.busy.entry(ino).or_default() += 1;
+            self.spoil(ino);
+        }
     }
 
     /// The laptop has answered a change (or it was given up).
-    fn end(&mut self) {
-        self.changes = self.changes.wrapping_add(1);
-        self.in_flight = self.in_flight.saturating_sub(1);
+    fn end(&mut self, scope: Scope) {
+        for ino in scope.inos() {
+            self.spoil(ino);
+            if let Some(n) = self.busy.get_mut(&ino) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.busy.remove(&ino);
+                }
+            }
+        }
+    }
+
+    fn spoil(&mut self, ino: u64) {
+        for (i, spoiled) in self.asking.values_mut() {
+            if *i == ino {
+                *spoiled = true;
+            }
+        }
     }
 
     fn release(&mut self, fh: u64) {
@@ -401,7 +436,7 @@ struct Changing(Arc<Shared>, Scope);
 
 impl Changing {
     fn begin(shared: &Arc<Shared>, scope: Scope) -> Self {
-        lock(&shared.heads).begin();
+        lock(&shared.heads).begin(scope);
         lock(&shared.settled).begin(scope);
         Self(shared.clone(), scope)
     }
@@ -409,7 +444,7 @@ impl Changing {
 
 impl Drop for Changing {
     fn drop(&mut self) {
-        lock(&self.0.heads).end();
+        lock(&self.0.heads).end(self.1);
         lock(&self.0.settled).end(self.1);
     }
 }
@@ -1213,16 +1248,12 @@ impl Filesystem for ConnectFs {
         self.answer(move |s| async move {
             let _truncating = truncating;
             let at = Instant::now();
-            let changes = if reading {
-                lock(&s.heads).room(at)
+            let token = if reading {
+                lock(&s.heads).ask(ino.0, at)
             } else {
                 None
             };
-            let head = if changes.is_some() {
-                proto::MAX_HEAD
-            } else {
-                0
-            };
+            let head = if token.is_some() { proto::MAX_HEAD } else { 0 };
             let answer = s
                 .call(Op::Open {
                     path,
@@ -1230,15 +1261,18 @@ impl Filesystem for ConnectFs {
                     head,
                 })
                 .await;
-            match answer {
-                Ok(Answer::Opened { fh, head: data }) => {
-                    if let (Some(data), Some(changes)) = (data, changes) {
-                        lock(&s.heads).keep(fh, (at, changes), data.into_vec(), head);
-                    }
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-                }
-                Ok(_) => reply.error(Errno::EIO),
-                Err(e) => reply.error(gone(e)),
+            let (fh, data) = match answer {
+                Ok(Answer::Opened { fh, head: data }) => (Ok(fh), data),
+                Ok(_) => (Err(Errno::EIO), None),
+                Err(e) => (Err(gone(e)), None),
+            };
+            if let Some(token) = token {
+                let got = fh.ok().zip(data.map(ByteBuf::into_vec));
+                lock(&s.heads).answered(token, got, at, head);
+            }
+            match fh {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(e),
             }
         });
     }
@@ -2448,6 +2482,38 @@ mod tests {
         assert_eq!(count("open"), 2);
         assert!(count("read") > 0);
 
+        // Writes to another file in flight meanwhile (`cat *.o > prog`) change nothing of it.
+        for i in 0..20 {
+            std::fs::write(m.laptop().join(format!("part{i}")), &small).unwrap();
+        }
+        let writing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let writer = std::thread::spawn({
+            let (out, writing) = (m.dir().join("out"), writing.clone());
+            move || {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(out).unwrap();
+                while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                    f.write_all(&[7; 1 << 20]).unwrap();
+                    f.set_len(0).unwrap();
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let reads = count("read");
+        for i in 0..20 {
+            assert_eq!(
+                std::fs::read(m.dir().join(format!("part{i}"))).unwrap(),
+                small
+            );
+        }
+        assert_eq!(
+            count("read"),
+            reads,
+            "reads asked while another file was written"
+        );
+        writing.store(false, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+
         // A head is not the file once the file is changed through the mount: a reader
         // that opened it before the change reads the change.
         use std::os::unix::fs::FileExt;
@@ -2503,11 +2569,14 @@ mod tests {
     }
 
     #[test]
-    fn heads_answer_only_fresh_and_never_across_a_change() {
+    fn heads_answer_only_fresh_and_never_across_a_change_of_their_file() {
         let t0 = Instant::now();
         let mut h = Heads::default();
-        let c = h.room(t0).unwrap();
-        h.keep(1, (t0, c), b"0123456789".to_vec(), 64);
+        let keep = |h: &mut Heads, ino, fh, data: &[u8]| {
+            let k = h.ask(ino, t0).unwrap();
+            h.answered(k, Some((fh, data.to_vec())), t0, 64);
+        };
+        keep(&mut h, 7, 1, b"0123456789");
         // The file: reads past its end are short.
         assert_eq!(h.read(1, 2, 3, t0).as_deref(), Some(&b"234"[..]));
         assert_eq!(h.read(1, 8, 100, t0).as_deref(), Some(&b"89"[..]));
@@ -2516,34 +2585,53 @@ mod tests {
         assert_eq!(h.read(3, 0, 1, t0), None);
         // Stale after the window.
         assert_eq!(h.read(1, 0, 1, t0 + HEAD_FRESH), None);
-        // A change drops every head; while one is in flight none is asked for or kept, nor
-        // one asked for before it began or while it was in flight.
-        let before = h.room(t0).unwrap();
-        h.keep(2, (t0, before), b"x".to_vec(), 64);
-        h.begin();
+
+        // A change of the file drops its heads and no other; while it is in flight none is
+        // asked for the file or kept, nor one asked for before it began or ended.
+        keep(&mut h, 7, 2, b"x");
+        keep(&mut h, 8, 8, b"other");
+        let (before, during_asked) = (h.ask(7, t0).unwrap(), h.ask(7, t0).unwrap());
+        h.begin(Scope::file(7));
         assert_eq!(h.read(2, 0, 1, t0), None);
-        assert_eq!(h.room(t0), None);
-        h.keep(3, (t0, before), b"old".to_vec(), 64);
-        h.end();
-        h.keep(4, (t0, before), b"old".to_vec(), 64);
+        assert_eq!(h.read(8, 0, 5, t0).as_deref(), Some(&b"other"[..]));
+        assert_eq!(h.ask(7, t0), None);
+        let other = h.ask(9, t0).expect("another file is asked for");
+        h.answered(other, None, t0, 64);
+        h.answered(before, Some((3, b"old".to_vec())), t0, 64);
+        h.end(Scope::file(7));
+        h.answered(during_asked, Some((4, b"old".to_vec())), t0, 64);
         assert_eq!((h.read(3, 0, 3, t0), h.read(4, 0, 3, t0)), (None, None));
-        let after = h.room(t0).unwrap();
-        h.keep(5, (t0, after), b"new".to_vec(), 64);
+        keep(&mut h, 7, 5, b"new");
         assert_eq!(h.read(5, 0, 3, t0).as_deref(), Some(&b"new"[..]));
-        // More than asked for is refused; a release drops it; the count is bounded.
-        let c = h.room(t0).unwrap();
-        h.keep(6, (t0, c), vec![0; 65], 64);
-        assert_eq!(h.read(6, 0, 1, t0), None);
+        // A rename drops both files' (what is renamed, and what it replaces).
+        h.begin(Scope(Some(7), Some(8)));
+        h.end(Scope(Some(7), Some(8)));
+        assert_eq!((h.read(5, 0, 3, t0), h.read(8, 0, 3, t0)), (None, None));
+        // A name without an inode here touches nothing.
+        keep(&mut h, 7, 6, b"kept");
+        h.begin(Scope(None, None));
+        h.end(Scope(None, None));
+        assert!(h.read(6, 0, 1, t0).is_some());
+
+        // More than asked for is refused; a release drops it; heads kept and asked for are
+        // bounded together, and an opening that failed gives its place back.
+        let k = h.ask(10, t0).unwrap();
+        h.answered(k, Some((16, vec![0; 65])), t0, 64);
+        assert_eq!(h.read(16, 0, 1, t0), None);
+        let pending = h.ask(11, t0).unwrap();
         for fh in 0..2 * MAX_HEADS as u64 {
-            if let Some(c) = h.room(t0) {
-                h.keep(100 + fh, (t0, c), vec![1], 64);
+            if let Some(k) = h.ask(100 + fh, t0) {
+                h.answered(k, Some((100 + fh, vec![1])), t0, 64);
             }
         }
-        assert_eq!(h.by_handle.len(), MAX_HEADS);
-        assert_eq!(h.room(t0), None);
+        assert_eq!(h.by_handle.len(), MAX_HEADS - 1);
+        assert_eq!(h.ask(12, t0), None);
+        h.answered(pending, None, t0, 64);
+        let k = h.ask(12, t0).unwrap();
+        h.answered(k, None, t0, 64);
         h.release(100);
-        assert!(h.room(t0).is_some());
-        assert!(h.room(t0 + HEAD_FRESH).is_some());
+        assert!(h.ask(13, t0).is_some());
+        assert!(h.ask(14, t0 + HEAD_FRESH).is_some());
         assert!(h.by_handle.is_empty(), "stale heads dropped");
     }
 

@@ -254,6 +254,7 @@ impl Laptop {
                 let head = (head > 0
                     && flags & libc::O_ACCMODE != libc::O_WRONLY
                     && meta.is_file()
+                    && meta.nlink() == 1
                     && meta.len() <= u64::from(head.min(berth_connect::proto::MAX_HEAD)))
                 .then(|| {
                     let mut buf = vec![0; head.min(berth_connect::proto::MAX_HEAD) as usize];
