@@ -92,6 +92,67 @@ struct Shared {
     heads: Mutex<Heads>,
     /// Attributes of files written, given with their release ([`Settled`]).
     settled: Mutex<Settled>,
+    /// Names the laptop said are not there ([`Absent`]).
+    absent: Mutex<Absent>,
+}
+
+/// Names the laptop said are not there, by directory, for [`TTL`] from its answer, as the
+/// kernel keeps them (a negative entry), until a change through the mount makes or moves a
+/// name there. The kernel asks again for a name it holds as absent when a process creates it
+/// exclusively (`O_EXCL`, mkdir, mknod, symlink, link: `cp` and `make`'s recipes do, once per
+/// file built), for a rename's target, and when it dropped the entry from its cache: those
+/// are answered from here. Sound for each: an exclusive create of a name the laptop has since
+/// made fails with `EEXIST` on the laptop, as it would have after a fresh lookup; a rename
+/// over it replaces it there; and the kernel would have given its own entry, as old, had it
+/// kept it. What the laptop makes itself shows after the window, as with the kernel's own.
+/// Directory numbers are never reused ([`super::inodes`]), so a forgotten directory's names
+/// only wait for the window or the bound.
+#[derive(Default)]
+struct Absent {
+    names: HashMap<u64, HashMap<Box<[u8]>, Instant>>,
+    count: usize,
+}
+
+/// Absent names kept at once on one mount (the kernel holds as many as it likes itself).
+const MAX_ABSENT: usize = 4096;
+
+impl Absent {
+    /// How long `name` in `dir` is still known absent.
+    fn get(&self, dir: u64, name: &[u8], now: Instant) -> Option<Duration> {
+        let at = self.names.get(&dir)?.get(name)?;
+        let left = TTL.saturating_sub(now.saturating_duration_since(*at));
+        (!left.is_zero()).then_some(left)
+    }
+
+    fn keep(&mut self, dir: u64, name: &[u8], now: Instant) {
+        if self.count >= MAX_ABSENT {
+            for names in self.names.values_mut() {
+                names.retain(|_, at| now.saturating_duration_since(*at) < TTL);
+            }
+            self.names.retain(|_, names| !names.is_empty());
+            self.count = self.names.values().map(HashMap::len).sum();
+        }
+        if self.count >= MAX_ABSENT {
+            self.names.clear();
+            self.count = 0;
+        }
+        let names = self.names.entry(dir).or_default();
+        if names.insert(name.into(), now).is_none() {
+            self.count += 1;
+        }
+    }
+
+    /// `name` in `dir` is (or may be) there now.
+    fn forget(&mut self, dir: u64, name: &[u8]) {
+        if let Some(names) = self.names.get_mut(&dir) {
+            if names.remove(name).is_some() {
+                self.count -= 1;
+            }
+            if names.is_empty() {
+                self.names.remove(&dir);
+            }
+        }
+    }
 }
 
 /// Small files read whole with their opening, by handle, as the laptop gave them
@@ -684,6 +745,11 @@ impl Shared {
         })
     }
 
+    /// `name` in `dir` is made or moved through the mount: it may be there now.
+    fn naming(&self, dir: u64, name: &[u8]) {
+        lock(&self.absent).forget(dir, name);
+    }
+
     /// Taken as a change of `dir`'s names is sent: see [`Settled::mark`].
     fn mark(&self, dir: u64) -> Option<u64> {
         lock(&self.settled).mark(dir)
@@ -820,6 +886,7 @@ impl ConnectFs {
                 dirs: Mutex::new(DirCache::new(TTL, MAX_DIR_BYTES, MAX_LOCAL_DIRS)),
                 heads: Mutex::default(),
                 settled: Mutex::default(),
+                absent: Mutex::default(),
             }),
             rt,
             read_ahead: ReadAhead::default(),
@@ -904,11 +971,16 @@ impl ConnectFs {
         let mark = if lookup {
             None
         } else {
+            self.shared.naming(parent.0, &name);
             self.shared.mark(parent.0)
         };
         self.answer_touching(touched, move |s| async move {
             let _changing = changing;
-            let attr = match s.call(op).await {
+            let answer = s.call(op).await;
+            if !lookup || answer.is_ok() {
+                s.naming(parent.0, &name);
+            }
+            let attr = match answer {
                 Ok(Answer::Attr(a)) if lookup => a,
                 Ok(Answer::Entry { attr, dir }) if !lookup => {
                     s.dir_after(parent.0, mark, dir);
@@ -918,6 +990,7 @@ impl ConnectFs {
                 // A name that is not there is remembered as such for as long as one that
                 // is (`make` asks for GNUmakefile and makefile each time it runs).
                 Err(Errno::ENOENT) if lookup => {
+                    lock(&s.absent).keep(parent.0, &name, Instant::now());
                     return reply.entry(&TTL, &dot_attr(0), Generation(0));
                 }
                 Err(e) => return reply.error(e),
@@ -996,6 +1069,10 @@ impl Filesystem for ConnectFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let absent = lock(&self.shared.absent).get(parent.0, name.as_bytes(), Instant::now());
+        if let Some(left) = absent {
+            return reply.entry(&left, &dot_attr(0), Generation(0));
+        }
         let path = resolve!(reply, self.child(parent, name));
         self.new_entry(parent, name, Op::Lookup { path }, None, reply);
     }
@@ -1111,6 +1188,7 @@ impl Filesystem for ConnectFs {
         }
         let path = resolve!(reply, self.child(parent, name));
         let name = name.as_bytes().to_vec();
+        self.shared.naming(parent.0, &name);
         let mark = self.shared.mark(parent.0);
         self.answer_touching(vec![parent.0], move |s| async move {
             let op = Op::Create {
@@ -1118,7 +1196,9 @@ impl Filesystem for ConnectFs {
                 flags: libc::O_WRONLY | libc::O_EXCL,
                 mode: mode & 0o7777,
             };
-            let (fh, attr) = match s.call(op).await {
+            let answer = s.call(op).await;
+            s.naming(parent.0, &name);
+            let (fh, attr) = match answer {
                 Ok(Answer::Created { fh, attr, dir }) => {
                     s.dir_after(parent.0, mark, dir);
                     (fh, attr)
@@ -1155,6 +1235,7 @@ impl Filesystem for ConnectFs {
         let path = resolve!(reply, self.child(parent, name));
         let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
+        self.shared.naming(parent.0, &name);
         self.done(
             vec![parent.0],
             scope,
@@ -1169,6 +1250,7 @@ impl Filesystem for ConnectFs {
         // The directory removed: its kept attributes go.
         let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
+        self.shared.naming(parent.0, &name);
         self.done(vec![parent.0], scope, Op::Rmdir { path }, reply, move |s| {
             s.inodes().unlinked(parent.0, &name)
         });
@@ -1217,7 +1299,11 @@ impl Filesystem for ConnectFs {
             to,
             flags: flags.bits(),
         };
+        self.shared.naming(parent.0, &name);
+        self.shared.naming(newparent.0, &newname);
         self.done(vec![parent.0, newparent.0], scope, op, reply, move |s| {
+            s.naming(parent.0, &name);
+            s.naming(newparent.0, &newname);
             s.inodes()
                 .renamed(parent.0, &name, newparent.0, &newname, exchange)
         });
@@ -1300,10 +1386,13 @@ impl Filesystem for ConnectFs {
             let scope = Scope(existing, None);
             Changing::begin(&self.shared, scope)
         });
+        self.shared.naming(parent.0, &name);
         let mark = self.shared.mark(parent.0);
         self.answer_touching(vec![parent.0], move |s| async move {
             let _truncating = truncating;
-            let (fh, attr) = match s.call(op).await {
+            let answer = s.call(op).await;
+            s.naming(parent.0, &name);
+            let (fh, attr) = match answer {
                 Ok(Answer::Created { fh, attr, dir }) => {
                     s.dir_after(parent.0, mark, dir);
                     (fh, attr)
@@ -2380,6 +2469,79 @@ mod tests {
         assert_eq!(list(), ["a", "missing"]);
         std::fs::remove_file(m.dir().join("d/a")).unwrap();
         assert_eq!(list(), ["missing"]);
+    }
+
+    #[test]
+    fn an_absent_name_is_made_exclusively_without_asking_again() {
+        let lookups: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+        let seen = lookups.clone();
+        let tamper: Tamper = Box::new(move |op, result| {
+            if let Op::Lookup { path } = op {
+                seen.lock().unwrap().push(path.0.clone());
+            }
+            result
+        });
+        let Some(m) = mount_by(Laptop::Tampered(tamper)) else {
+            return;
+        };
+        let asked = |name: &str| {
+            let lookups = lookups.lock().unwrap();
+            lookups
+                .iter()
+                .filter(|p| p.as_slice() == name.as_bytes())
+                .count()
+        };
+        let exclusive = |name: &str| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(m.dir().join(name))
+                .map(drop)
+        };
+        // `make` stats the target, then `cp` creates it exclusively (the kernel asks again
+        // for an absent name then): asked once.
+        for name in ["a.o", "b.o"] {
+            assert!(!m.dir().join(name).exists());
+            assert_eq!(asked(name), 1);
+            exclusive(name).unwrap();
+            assert_eq!(asked(name), 1, "{name}: asked again");
+            assert!(m.laptop().join(name).exists());
+        }
+        assert!(!m.dir().join("d").exists());
+        std::fs::create_dir(m.dir().join("d")).unwrap();
+        assert_eq!(asked("d"), 1, "mkdir asked again");
+        // Made on the laptop beside the mount meanwhile: an exclusive create fails as it must.
+        assert!(!m.dir().join("late").exists());
+        std::fs::write(m.laptop().join("late"), b"laptop's").unwrap();
+        let e = exclusive("late").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(m.laptop().join("late")).unwrap(), b"laptop's");
+    }
+
+    #[test]
+    fn absent_names_are_kept_for_the_window_until_named_and_bounded() {
+        let t0 = Instant::now();
+        let mut a = Absent::default();
+        a.keep(1, b"x", t0);
+        assert_eq!(a.get(1, b"x", t0), Some(TTL));
+        assert_eq!(a.get(1, b"y", t0), None);
+        assert_eq!(a.get(2, b"x", t0), None, "another directory");
+        assert_eq!(a.get(1, b"x", t0 + TTL), None, "past the window");
+        a.forget(1, b"x");
+        assert_eq!(a.get(1, b"x", t0), None);
+        assert!(a.names.is_empty());
+        for i in 0..MAX_ABSENT + 10 {
+            a.keep(i as u64 % 7, format!("n{i}").as_bytes(), t0);
+            assert!(a.count <= MAX_ABSENT);
+        }
+        assert_eq!(a.count, a.names.values().map(HashMap::len).sum::<usize>());
+        // Past the bound, the expired go first.
+        let mut a = Absent::default();
+        for i in 0..MAX_ABSENT {
+            a.keep(1, format!("old{i}").as_bytes(), t0);
+        }
+        a.keep(1, b"new", t0 + TTL);
+        assert_eq!((a.count, a.get(1, b"new", t0 + TTL)), (1, Some(TTL)));
     }
 
     #[test]
