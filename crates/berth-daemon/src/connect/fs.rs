@@ -105,12 +105,19 @@ struct Shared {
 /// made fails with `EEXIST` on the laptop, as it would have after a fresh lookup; a rename
 /// over it replaces it there; and the kernel would have given its own entry, as old, had it
 /// kept it. What the laptop makes itself shows after the window, as with the kernel's own.
+/// An answer is kept only if no change through the mount made or moved the name while the
+/// lookup was asked (the kernel asks again for a name it holds, to check it, without the
+/// directory's lock that keeps a lookup and a change of the directory apart).
 /// Directory numbers are never reused ([`super::inodes`]), so a forgotten directory's names
 /// only wait for the window or the bound.
 #[derive(Default)]
 struct Absent {
     names: HashMap<u64, HashMap<Box<[u8]>, Instant>>,
     count: usize,
+    /// Lookups asked, not yet answered: token → the directory, the name, and whether a
+    /// change made or moved it since.
+    asking: HashMap<u64, (u64, Box<[u8]>, bool)>,
+    next: u64,
 }
 
 /// Absent names kept at once on one mount (the kernel holds as many as it likes itself).
@@ -122,6 +129,28 @@ impl Absent {
         let at = self.names.get(&dir)?.get(name)?;
         let left = TTL.saturating_sub(now.saturating_duration_since(*at));
         (!left.is_zero()).then_some(left)
+    }
+
+    /// A token for a lookup of `name` in `dir`, for [`Absent::answered`]; `None` past the
+    /// bound (as many as the requests in flight, normally).
+    fn ask(&mut self, dir: u64, name: &[u8]) -> Option<u64> {
+        if self.asking.len() >= MAX_ABSENT {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1);
+        self.asking.insert(self.next, (dir, name.into(), false));
+        Some(self.next)
+    }
+
+    /// The lookup asked with `token` was answered; `absent` when the laptop said `ENOENT`,
+    /// kept if nothing made or moved the name meanwhile.
+    fn answered(&mut self, token: u64, absent: bool, now: Instant) {
+        if let Some((dir, name, spoiled)) = self.asking.remove(&token)
+            && absent
+            && !spoiled
+        {
+            self.keep(dir, &name, now);
+        }
     }
 
     fn keep(&mut self, dir: u64, name: &[u8], now: Instant) {
@@ -144,6 +173,11 @@ impl Absent {
 
     /// `name` in `dir` is (or may be) there now.
     fn forget(&mut self, dir: u64, name: &[u8]) {
+        for (d, n, spoiled) in self.asking.values_mut() {
+            if *d == dir && **n == *name {
+                *spoiled = true;
+            }
+        }
         if let Some(names) = self.names.get_mut(&dir) {
             if names.remove(name).is_some() {
                 self.count -= 1;
@@ -164,10 +198,13 @@ impl Absent {
 /// A change of a file through the mount (a write, a truncation, a setattr, an unlink, a rename
 /// of it or over it, a link to it) drops its heads, and none is kept while a change of the file
 /// is in flight or if one began or ended while it was asked for (the laptop's workers run in
-/// any order). By inode: the laptop gives a head only of a file with one name, so no other
-/// inode here stands for it but one the laptop renamed it to beside the mount. What the laptop
-/// changes itself is seen from the next opening on (close-to-open, as NFS has it). Changes of
-/// other files do not matter: `cat *.o > prog` writes `prog` while it reads the rest.
+/// any order). By inode: the laptop gives a head only of a file with one name, so another
+/// inode here stands for it only if the laptop renamed it beside the mount, or if that inode's
+/// name is gone (a handle still open on a name unlinked or renamed over, after a second name
+/// was made): a change through an inode without a name drops every head and stops new ones
+/// while it is in flight, as every change did before. What the laptop changes itself is seen
+/// from the next opening on (close-to-open, as NFS has it). Changes of other files do not
+/// matter: `cat *.o > prog` writes `prog` while it reads the rest.
 #[derive(Default)]
 struct Heads {
     by_handle: HashMap<u64, Head>,
@@ -177,6 +214,8 @@ struct Heads {
     /// change of it began or ended since.
     asking: HashMap<u64, (u64, bool)>,
     next: u64,
+    /// Changes through an inode without a name in flight.
+    nameless: usize,
 }
 
 struct Head {
@@ -199,7 +238,10 @@ impl Heads {
     fn ask(&mut self, ino: u64, now: Instant) -> Option<u64> {
         self.by_handle
             .retain(|_, h| now.saturating_duration_since(h.at) < HEAD_FRESH);
-        if self.by_handle.len() + self.asking.len() >= MAX_HEADS || self.busy.contains_key(&ino) {
+        if self.by_handle.len() + self.asking.len() >= MAX_HEADS
+            || self.busy.contains_key(&ino)
+            || self.nameless > 0
+        {
             return None;
         }
         self.next = self.next.wrapping_add(1);
@@ -219,6 +261,7 @@ impl Heads {
             && data.len() <= asked as usize
             && !spoiled
             && !self.busy.contains_key(&ino)
+            && self.nameless == 0
             && self.by_handle.len() < MAX_HEADS
         {
             self.by_handle.insert(fh, Head { at, ino, data });
@@ -239,8 +282,16 @@ impl Heads {
         head.data.get(from..to).map(<[u8]>::to_vec)
     }
 
-    /// A change of the files of `scope` begins: their heads are not the files any more.
+    /// A change of the files of `scope` begins: their heads are not the files any more (and
+    /// none is, when one of them has no name here).
     fn begin(&mut self, scope: Scope) {
+        if scope.nameless {
+            self.by_handle.clear();
+            self.asking
+                .values_mut()
+                .for_each(|(_, spoiled)| *spoiled = true);
+            self.nameless += 1;
+        }
         for ino in scope.inos() {
             self.by_handle.retain(|_, h| h.ino != ino);
             *self.busy.entry(ino).or_default() += 1;
@@ -250,6 +301,12 @@ impl Heads {
 
     /// The laptop has answered a change (or it was given up).
     fn end(&mut self, scope: Scope) {
+        if scope.nameless {
+            self.asking
+                .values_mut()
+                .for_each(|(_, spoiled)| *spoiled = true);
+            self.nameless = self.nameless.saturating_sub(1);
+        }
         for ino in scope.inos() {
             self.spoil(ino);
             if let Some(n) = self.busy.get_mut(&ino) {
@@ -313,16 +370,23 @@ struct Settled {
     /// the old one is still open.
     seen: HashMap<u64, Seen>,
     next: u64,
+    /// Hands out [`Seen::epoch`]s: never the same twice on a mount, so a mark taken before
+    /// an inode was forgotten and seen again never matches.
+    epochs: u64,
+    /// Changes through an inode without a name here in flight ([`Scope::nameless`]): none is
+    /// asked for meanwhile.
+    nameless: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 struct Seen {
     /// The laptop's inode number (`st_ino`) last given to the kernel.
     laptop: u64,
-    /// Counts the answers with the inode's attributes that carry no number (a lookup, a
-    /// getattr, a listing, a setattr) and the starts and ends of changes of the inode itself:
-    /// a directory's attributes after a change are kept only if none came between the
-    /// change's sending and its answer ([`Settled::mark`]).
+    /// Changed at every answer with the inode's attributes that carry no number (a lookup, a
+    /// getattr, a listing, a setattr), every start and end of a change of the inode itself,
+    /// and every change of its names that brought no attributes after it: a directory's
+    /// attributes after a change are kept only if none came between the change's sending and
+    /// its answer ([`Settled::mark`]).
     epoch: u64,
     /// The highest [`proto::DirAfter::seq`] answered for it.
     seq: u64,
@@ -335,20 +399,40 @@ const MAX_SETTLED: usize = 4096;
 /// renamed, and what it replaces or is exchanged with); `None` for a name the mount has no
 /// inode for (nothing is kept for it).
 #[derive(Clone, Copy)]
-struct Scope(Option<u64>, Option<u64>);
+struct Scope {
+    a: Option<u64>,
+    b: Option<u64>,
+    /// One of them has no name here (unlinked or renamed over, a handle still open): another
+    /// inode may stand for the same file ([`Changing::begin`] finds it out).
+    nameless: bool,
+}
 
 impl Scope {
     fn file(ino: u64) -> Self {
-        Self(Some(ino), None)
+        Self::of(Some(ino), None)
+    }
+
+    fn of(a: Option<u64>, b: Option<u64>) -> Self {
+        Self {
+            a,
+            b,
+            nameless: false,
+        }
     }
 
     fn inos(self) -> impl Iterator<Item = u64> {
-        self.0.into_iter().chain(self.1)
+        self.a.into_iter().chain(self.b)
     }
 }
 
 impl Settled {
     fn begin(&mut self, scope: Scope) {
+        if scope.nameless {
+            // Another inode may stand for the same file.
+            self.attrs.clear();
+            self.asked.clear();
+            self.nameless += 1;
+        }
         for ino in scope.inos() {
             self.attrs.remove(&ino);
             self.asked.remove(&ino);
@@ -358,6 +442,10 @@ impl Settled {
     }
 
     fn end(&mut self, scope: Scope) {
+        if scope.nameless {
+            self.asked.clear();
+            self.nameless = self.nameless.saturating_sub(1);
+        }
         for ino in scope.inos() {
             self.touch(ino);
             if let Some(n) = self.busy.get_mut(&ino) {
@@ -375,7 +463,10 @@ impl Settled {
             self.attrs
                 .retain(|_, (_, at)| now.saturating_duration_since(*at) < TTL);
         }
-        if self.attrs.len() + self.asked.len() >= MAX_SETTLED || self.busy.contains_key(&ino) {
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED
+            || self.busy.contains_key(&ino)
+            || self.nameless > 0
+        {
             return None;
         }
         self.next = self.next.wrapping_add(1);
@@ -433,19 +524,28 @@ impl Settled {
         if self.seen.len() >= MAX_NODES && !self.seen.contains_key(&ino) {
             self.seen.clear();
         }
+        self.epochs += 1;
         let seen = self.seen.entry(ino).or_insert(Seen {
             laptop,
             epoch: 0,
             seq: 0,
         });
         seen.laptop = laptop;
-        seen.epoch = seen.epoch.wrapping_add(1);
+        seen.epoch = self.epochs;
     }
 
     fn touch(&mut self, ino: u64) {
         if let Some(seen) = self.seen.get_mut(&ino) {
-            seen.epoch = seen.epoch.wrapping_add(1);
+            self.epochs += 1;
+            seen.epoch = self.epochs;
         }
+    }
+
+    /// A change of `dir`'s names was made (or may have been) without its attributes after:
+    /// what is kept of it is older now, and so is whatever a change in flight brings.
+    fn unknown(&mut self, dir: u64) {
+        self.attrs.remove(&dir);
+        self.touch(dir);
     }
 
     /// Taken as a change in directory `dir` is sent, for [`Settled::dir_after`] with its
@@ -496,7 +596,11 @@ impl Settled {
 struct Changing(Arc<Shared>, Scope);
 
 impl Changing {
-    fn begin(shared: &Arc<Shared>, scope: Scope) -> Self {
+    fn begin(shared: &Arc<Shared>, mut scope: Scope) -> Self {
+        scope.nameless = {
+            let inodes = shared.inodes();
+            scope.inos().any(|ino| inodes.path(ino).is_err())
+        };
         lock(&shared.heads).begin(scope);
         lock(&shared.settled).begin(scope);
         Self(shared.clone(), scope)
@@ -757,10 +861,37 @@ impl Shared {
 
     /// The laptop answered a change of `dir`'s names, sent with `mark`, with `after`.
     fn dir_after(&self, dir: u64, mark: Option<u64>, after: Option<Box<proto::DirAfter>>) {
-        if let Some(after) = after
-            && let Ok(attr) = self.file_attr(dir, &after.attr)
-        {
-            lock(&self.settled).dir_after(dir, mark, &after, attr, Instant::now());
+        match after.map(|a| (self.file_attr(dir, &a.attr), a)) {
+            Some((Ok(attr), after)) => {
+                lock(&self.settled).dir_after(dir, mark, &after, attr, Instant::now());
+            }
+            _ => self.dir_unknown(dir),
+        }
+    }
+
+    /// A change of `dir`'s names failed, or was given up: the laptop may have made it.
+    fn dir_unknown(&self, dir: u64) {
+        lock(&self.settled).unknown(dir);
+    }
+
+    /// `dirs` and the directories they are in, whose listings carry their attributes.
+    fn with_parents(&self, dirs: &[u64]) -> Vec<u64> {
+        let inodes = self.inodes();
+        let mut all = dirs.to_vec();
+        all.extend(dirs.iter().filter_map(|d| inodes.parent(*d)));
+        all
+    }
+
+    /// The kernel was not given `ino` after all (a listing's entry that did not fit, an entry
+    /// that failed): the lookup taken for it goes back.
+    fn unsent(&self, ino: u64) {
+        let gone = {
+            let mut inodes = self.inodes();
+            inodes.forget(ino, 1);
+            inodes.parent(ino).is_none()
+        };
+        if gone {
+            lock(&self.settled).forget(ino);
         }
     }
 
@@ -771,8 +902,7 @@ impl Shared {
             .remember(parent, name)
             .map_err(Errno::from_i32)?;
         lock(&self.settled).superseded(ino, attr.ino);
-        self.file_attr(ino, attr)
-            .inspect_err(|_| self.inodes().forget(ino, 1))
+        self.file_attr(ino, attr).inspect_err(|_| self.unsent(ino))
     }
 }
 
@@ -967,16 +1097,21 @@ impl ConnectFs {
     ) {
         let name = name.as_bytes().to_vec();
         let lookup = matches!(op, Op::Lookup { .. });
-        let touched = if lookup { Vec::new() } else { vec![parent.0] };
-        let mark = if lookup {
-            None
+        let (touched, mark, token) = if lookup {
+            let token = lock(&self.shared.absent).ask(parent.0, &name);
+            (Vec::new(), None, token)
         } else {
             self.shared.naming(parent.0, &name);
-            self.shared.mark(parent.0)
+            let touched = self.shared.with_parents(&[parent.0]);
+            (touched, self.shared.mark(parent.0), None)
         };
         self.answer_touching(touched, move |s| async move {
             let _changing = changing;
             let answer = s.call(op).await;
+            if let Some(token) = token {
+                let absent = matches!(answer, Err(Errno::ENOENT));
+                lock(&s.absent).answered(token, absent, Instant::now());
+            }
             if !lookup || answer.is_ok() {
                 s.naming(parent.0, &name);
             }
@@ -986,14 +1121,17 @@ impl ConnectFs {
                     s.dir_after(parent.0, mark, dir);
                     attr
                 }
-                Ok(_) => return reply.error(Errno::EIO),
                 // A name that is not there is remembered as such for as long as one that
                 // is (`make` asks for GNUmakefile and makefile each time it runs).
                 Err(Errno::ENOENT) if lookup => {
-                    lock(&s.absent).keep(parent.0, &name, Instant::now());
                     return reply.entry(&TTL, &dot_attr(0), Generation(0));
                 }
-                Err(e) => return reply.error(e),
+                failed => {
+                    if !lookup {
+                        s.dir_unknown(parent.0);
+                    }
+                    return reply.error(failed.err().unwrap_or(Errno::EIO));
+                }
             };
             match s.entry(parent.0, &name, &attr) {
                 Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -1016,14 +1154,18 @@ impl ConnectFs {
         let changing = Changing::begin(&self.shared, scope);
         let marks: Vec<_> = dirs.iter().map(|d| (*d, self.shared.mark(*d))).collect();
         let rename = matches!(op, Op::Rename { .. });
-        self.answer_touching(dirs, move |s| async move {
+        self.answer_touching(self.shared.with_parents(&dirs), move |s| async move {
             let _changing = changing;
             // The directories after, in the order of `dirs`.
             let afters = match s.call(op).await {
                 Ok(Answer::Removed { dir }) if !rename => [dir, None],
                 Ok(Answer::Renamed { from, to }) if rename => [from, to],
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(e) => return reply.error(e),
+                failed => {
+                    for (dir, _) in &marks {
+                        s.dir_unknown(*dir);
+                    }
+                    return reply.error(failed.err().unwrap_or(Errno::EIO));
+                }
             };
             then(&s);
             for ((dir, mark), after) in marks.into_iter().zip(afters) {
@@ -1190,7 +1332,7 @@ impl Filesystem for ConnectFs {
         let name = name.as_bytes().to_vec();
         self.shared.naming(parent.0, &name);
         let mark = self.shared.mark(parent.0);
-        self.answer_touching(vec![parent.0], move |s| async move {
+        self.answer_touching(self.shared.with_parents(&[parent.0]), move |s| async move {
             let op = Op::Create {
                 path,
                 flags: libc::O_WRONLY | libc::O_EXCL,
@@ -1203,8 +1345,10 @@ impl Filesystem for ConnectFs {
                     s.dir_after(parent.0, mark, dir);
                     (fh, attr)
                 }
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(e) => return reply.error(e),
+                failed => {
+                    s.dir_unknown(parent.0);
+                    return reply.error(failed.err().unwrap_or(Errno::EIO));
+                }
             };
             let _ = s.call(Op::Release { fh, attr: false }).await;
             match s.entry(parent.0, &name, &attr) {
@@ -1233,7 +1377,7 @@ impl Filesystem for ConnectFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
-        let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
+        let scope = Scope::of(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
         self.shared.naming(parent.0, &name);
         self.done(
@@ -1248,7 +1392,7 @@ impl Filesystem for ConnectFs {
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let path = resolve!(reply, self.child(parent, name));
         // The directory removed: its kept attributes go.
-        let scope = Scope(self.shared.inodes().find(parent.0, name.as_bytes()), None);
+        let scope = Scope::of(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
         self.shared.naming(parent.0, &name);
         self.done(vec![parent.0], scope, Op::Rmdir { path }, reply, move |s| {
@@ -1289,7 +1433,7 @@ impl Filesystem for ConnectFs {
         // What is renamed, and what it replaces (or is exchanged with).
         let scope = {
             let inodes = self.shared.inodes();
-            Scope(
+            Scope::of(
                 inodes.find(parent.0, &name),
                 inodes.find(newparent.0, &newname),
             )
@@ -1383,12 +1527,12 @@ impl Filesystem for ConnectFs {
         };
         // An existing file (one the kernel took for absent) is emptied.
         let truncating = (flags & libc::O_TRUNC != 0).then(|| {
-            let scope = Scope(existing, None);
+            let scope = Scope::of(existing, None);
             Changing::begin(&self.shared, scope)
         });
         self.shared.naming(parent.0, &name);
         let mark = self.shared.mark(parent.0);
-        self.answer_touching(vec![parent.0], move |s| async move {
+        self.answer_touching(self.shared.with_parents(&[parent.0]), move |s| async move {
             let _truncating = truncating;
             let answer = s.call(op).await;
             s.naming(parent.0, &name);
@@ -1397,8 +1541,10 @@ impl Filesystem for ConnectFs {
                     s.dir_after(parent.0, mark, dir);
                     (fh, attr)
                 }
-                Ok(_) => return reply.error(Errno::EIO),
-                Err(e) => return reply.error(e),
+                failed => {
+                    s.dir_unknown(parent.0);
+                    return reply.error(failed.err().unwrap_or(Errno::EIO));
+                }
             };
             match s.entry(parent.0, &name, &attr) {
                 Ok(a) => {
@@ -1738,7 +1884,7 @@ impl Filesystem for ConnectFs {
                 let name = OsStr::from_bytes(&e.name);
                 if reply.add(a.ino, e.offset, name, &TTL, &a, Generation(0)) {
                     // Not sent: the kernel takes no lookup on it.
-                    s.inodes().forget(a.ino.0, 1);
+                    s.unsent(a.ino.0);
                     if laptop {
                         s.keep(fh.0, next, std::iter::once(e).chain(rest).collect());
                     }
@@ -2530,6 +2676,17 @@ mod tests {
         a.forget(1, b"x");
         assert_eq!(a.get(1, b"x", t0), None);
         assert!(a.names.is_empty());
+        // A lookup's answer is kept unless the name was made or moved while it was asked.
+        let (x, y, z) = (a.ask(1, b"x"), a.ask(1, b"y"), a.ask(1, b"z"));
+        a.forget(1, b"x");
+        a.answered(x.unwrap(), true, t0);
+        a.answered(y.unwrap(), true, t0);
+        a.answered(z.unwrap(), false, t0);
+        assert_eq!(a.get(1, b"x", t0), None, "made while asked");
+        assert_eq!(a.get(1, b"y", t0), Some(TTL));
+        assert_eq!(a.get(1, b"z", t0), None, "there");
+        assert!(a.asking.is_empty());
+        a.forget(1, b"y");
         for i in 0..MAX_ABSENT + 10 {
             a.keep(i as u64 % 7, format!("n{i}").as_bytes(), t0);
             assert!(a.count <= MAX_ABSENT);
@@ -2708,6 +2865,24 @@ mod tests {
             "a head read after a change through another name"
         );
         assert!(count("read") > reads, "not asked again");
+        // ... and through a name unlinked since the second was made: the file has one name
+        // when the second is opened, and the first's handle is still open.
+        std::fs::write(m.laptop().join("first"), &small).unwrap();
+        let writer = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.dir().join("first"))
+            .unwrap();
+        std::fs::hard_link(m.dir().join("first"), m.dir().join("second")).unwrap();
+        std::fs::remove_file(m.dir().join("first")).unwrap();
+        let opens = count("open");
+        let reader = std::fs::File::open(m.dir().join("second")).unwrap();
+        assert_eq!(count("open"), opens + 1);
+        writer.write_all_at(b"CHANGED", 10).unwrap();
+        reader.read_exact_at(&mut got, 0).unwrap();
+        assert!(
+            got == want,
+            "a head read after a change through a name since unlinked"
+        );
         // ... and by a truncation (setattr) or an opening with O_TRUNC.
         for how in ["ftruncate", "O_TRUNC"] {
             std::fs::write(m.laptop().join(how), &small).unwrap();
@@ -2752,7 +2927,7 @@ mod tests {
         // asked for the file or kept, nor one asked for before it began or ended.
         keep(&mut h, 7, 2, b"x");
         keep(&mut h, 8, 8, b"other");
-        let (before, during_asked) = (h.ask(7, t0).unwrap(), h.ask(7, t0).unwrap());
+        let (before, also_before) = (h.ask(7, t0).unwrap(), h.ask(7, t0).unwrap());
         h.begin(Scope::file(7));
         assert_eq!(h.read(2, 0, 1, t0), None);
         assert_eq!(h.read(8, 0, 5, t0).as_deref(), Some(&b"other"[..]));
@@ -2761,19 +2936,35 @@ mod tests {
         h.answered(other, None, t0, 64);
         h.answered(before, Some((3, b"old".to_vec())), t0, 64);
         h.end(Scope::file(7));
-        h.answered(during_asked, Some((4, b"old".to_vec())), t0, 64);
+        h.answered(also_before, Some((4, b"old".to_vec())), t0, 64);
         assert_eq!((h.read(3, 0, 3, t0), h.read(4, 0, 3, t0)), (None, None));
         keep(&mut h, 7, 5, b"new");
         assert_eq!(h.read(5, 0, 3, t0).as_deref(), Some(&b"new"[..]));
         // A rename drops both files' (what is renamed, and what it replaces).
-        h.begin(Scope(Some(7), Some(8)));
-        h.end(Scope(Some(7), Some(8)));
+        h.begin(Scope::of(Some(7), Some(8)));
+        h.end(Scope::of(Some(7), Some(8)));
         assert_eq!((h.read(5, 0, 3, t0), h.read(8, 0, 3, t0)), (None, None));
         // A name without an inode here touches nothing.
         keep(&mut h, 7, 6, b"kept");
-        h.begin(Scope(None, None));
-        h.end(Scope(None, None));
+        h.begin(Scope::of(None, None));
+        h.end(Scope::of(None, None));
         assert!(h.read(6, 0, 1, t0).is_some());
+        // A change through an inode without a name (it may be the same file as another
+        // inode): every head goes, none is asked for while it is in flight, and none asked
+        // before is kept.
+        let nameless = Scope {
+            nameless: true,
+            ..Scope::file(20)
+        };
+        let asked = h.ask(21, t0).unwrap();
+        h.begin(nameless);
+        assert_eq!(h.read(6, 0, 1, t0), None);
+        assert_eq!(h.ask(22, t0), None);
+        h.end(nameless);
+        h.answered(asked, Some((21, b"old".to_vec())), t0, 64);
+        assert_eq!(h.read(21, 0, 1, t0), None);
+        keep(&mut h, 22, 22, b"after");
+        assert!(h.read(22, 0, 1, t0).is_some());
 
         // More than asked for is refused; a release drops it; heads kept and asked for are
         // bounded together, and an opening that failed gives its place back.
@@ -2851,15 +3042,15 @@ mod tests {
         );
         s.answered(4, k4, Some(file(4, 4, 1)), 4, t0);
         s.answered(10, k10, Some(file(10, 10, 1)), 10, t0);
-        s.begin(Scope(Some(4), Some(5)));
+        s.begin(Scope::of(Some(4), Some(5)));
         assert_eq!(s.ask(5, t0), None, "while the rename is in flight");
-        s.end(Scope(Some(4), Some(5)));
+        s.end(Scope::of(Some(4), Some(5)));
         s.answered(5, k5, Some(file(5, 5, 1)), 5, t0);
         assert_eq!((size(&mut s, 4), size(&mut s, 5)), (None, None));
         assert_eq!(size(&mut s, 10), Some(10));
         // A name without an inode here touches nothing.
-        s.begin(Scope(None, None));
-        s.end(Scope(None, None));
+        s.begin(Scope::of(None, None));
+        s.end(Scope::of(None, None));
         assert_eq!(size(&mut s, 10), Some(10));
 
         // A change of the file drops its own only.
@@ -2970,6 +3161,34 @@ mod tests {
         assert_eq!(size(&mut s), None);
         s.dir_after(1, s.mark(1), &after(16, 1), dir(160), t0);
         assert_eq!(size(&mut s), None);
+
+        // A directory forgotten and seen again: a change sent before does not count.
+        s.superseded(1, 1);
+        let m = s.mark(1);
+        s.forget(1);
+        s.superseded(1, 1);
+        s.dir_after(1, m, &after(20, 1), dir(200), t0);
+        assert_eq!(size(&mut s), None);
+        // A change that brought no attributes after it (failed, given up, or the laptop
+        // could not read them): what is kept goes, and a change in flight keeps nothing.
+        s.dir_after(1, s.mark(1), &after(21, 1), dir(210), t0);
+        assert_eq!(size(&mut s), Some(210));
+        let m = s.mark(1);
+        s.unknown(1);
+        assert_eq!(size(&mut s), None);
+        s.dir_after(1, m, &after(22, 1), dir(220), t0);
+        assert_eq!(size(&mut s), None);
+        // A change through an inode without a name drops everything kept.
+        s.dir_after(1, s.mark(1), &after(23, 1), dir(230), t0);
+        let nameless = Scope {
+            nameless: true,
+            ..Scope::file(40)
+        };
+        s.begin(nameless);
+        assert_eq!(size(&mut s), None);
+        assert_eq!(s.ask(41, t0), None, "asked while it is in flight");
+        s.end(nameless);
+        assert!(s.ask(41, t0).is_some());
 
         // Bounded with the files' attributes.
         let mut s = Settled::default();
