@@ -286,10 +286,7 @@ impl Heads {
     /// none is, when one of them has no name here).
     fn begin(&mut self, scope: Scope) {
         if scope.nameless {
-            self.by_handle.clear();
-            self.asking
-                .values_mut()
-                .for_each(|(_, spoiled)| *spoiled = true);
+            self.nothing();
             self.nameless += 1;
         }
         for ino in scope.inos() {
@@ -302,9 +299,7 @@ impl Heads {
     /// The laptop has answered a change (or it was given up).
     fn end(&mut self, scope: Scope) {
         if scope.nameless {
-            self.asking
-                .values_mut()
-                .for_each(|(_, spoiled)| *spoiled = true);
+            self.nothing();
             self.nameless = self.nameless.saturating_sub(1);
         }
         for ino in scope.inos() {
@@ -316,6 +311,15 @@ impl Heads {
                 }
             }
         }
+    }
+
+    /// No head is the file any more, nor one being asked for: a change through an inode
+    /// without a name may be of any file.
+    fn nothing(&mut self) {
+        self.by_handle.clear();
+        self.asking
+            .values_mut()
+            .for_each(|(_, spoiled)| *spoiled = true);
     }
 
     fn spoil(&mut self, ino: u64) {
@@ -428,9 +432,7 @@ impl Scope {
 impl Settled {
     fn begin(&mut self, scope: Scope) {
         if scope.nameless {
-            // Another inode may stand for the same file.
-            self.attrs.clear();
-            self.asked.clear();
+            self.nothing();
             self.nameless += 1;
         }
         for ino in scope.inos() {
@@ -443,7 +445,7 @@ impl Settled {
 
     fn end(&mut self, scope: Scope) {
         if scope.nameless {
-            self.asked.clear();
+            self.nothing();
             self.nameless = self.nameless.saturating_sub(1);
         }
         for ino in scope.inos() {
@@ -455,6 +457,16 @@ impl Settled {
                 }
             }
         }
+    }
+
+    /// No file's kept attributes hold any more, nor those being asked for: a change through
+    /// an inode without a name may be of any file (another inode may stand for it). A
+    /// directory's stay: a change of a file's contents or size does not touch them, and a
+    /// directory has one inode here.
+    fn nothing(&mut self) {
+        self.attrs
+            .retain(|_, (attr, _)| attr.kind == FileType::Directory);
+        self.asked.clear();
     }
 
     /// A token to ask for `ino`'s attributes with its release, when they could be kept.
@@ -609,8 +621,22 @@ impl Changing {
 
 impl Drop for Changing {
     fn drop(&mut self) {
-        lock(&self.0.heads).end(self.1);
-        lock(&self.0.settled).end(self.1);
+        // A name lost while the change was in flight: as if it had none from the start.
+        let lost = !self.1.nameless && {
+            let inodes = self.0.inodes();
+            self.1.inos().any(|ino| inodes.path(ino).is_err())
+        };
+        let mut heads = lock(&self.0.heads);
+        heads.end(self.1);
+        if lost {
+            heads.nothing();
+        }
+        drop(heads);
+        let mut settled = lock(&self.0.settled);
+        settled.end(self.1);
+        if lost {
+            settled.nothing();
+        }
     }
 }
 
@@ -1142,13 +1168,15 @@ impl ConnectFs {
 
     /// A request changing the names of `dirs` (an unlink's or rmdir's directory, a rename's
     /// two), and the files of `scope` (their link count or place), answered with the
-    /// directories after it.
+    /// directories after it. The names it `made` (a rename's) may be there once it is
+    /// answered, whatever the answer: it may have been made after the call was given up.
     fn done(
         &self,
         dirs: Vec<u64>,
         scope: Scope,
         op: Op,
         reply: ReplyEmpty,
+        made: Vec<(u64, Vec<u8>)>,
         then: impl FnOnce(&Shared) + Send + 'static,
     ) {
         let changing = Changing::begin(&self.shared, scope);
@@ -1157,7 +1185,11 @@ impl ConnectFs {
         self.answer_touching(self.shared.with_parents(&dirs), move |s| async move {
             let _changing = changing;
             // The directories after, in the order of `dirs`.
-            let afters = match s.call(op).await {
+            let answer = s.call(op).await;
+            for (dir, name) in &made {
+                s.naming(*dir, name);
+            }
+            let afters = match answer {
                 Ok(Answer::Removed { dir }) if !rename => [dir, None],
                 Ok(Answer::Renamed { from, to }) if rename => [from, to],
                 failed => {
@@ -1385,6 +1417,7 @@ impl Filesystem for ConnectFs {
             scope,
             Op::Unlink { path },
             reply,
+            Vec::new(),
             move |s| s.inodes().unlinked(parent.0, &name),
         );
     }
@@ -1395,9 +1428,14 @@ impl Filesystem for ConnectFs {
         let scope = Scope::of(self.shared.inodes().find(parent.0, name.as_bytes()), None);
         let name = name.as_bytes().to_vec();
         self.shared.naming(parent.0, &name);
-        self.done(vec![parent.0], scope, Op::Rmdir { path }, reply, move |s| {
-            s.inodes().unlinked(parent.0, &name)
-        });
+        self.done(
+            vec![parent.0],
+            scope,
+            Op::Rmdir { path },
+            reply,
+            Vec::new(),
+            move |s| s.inodes().unlinked(parent.0, &name),
+        );
     }
 
     fn symlink(
@@ -1445,12 +1483,18 @@ impl Filesystem for ConnectFs {
         };
         self.shared.naming(parent.0, &name);
         self.shared.naming(newparent.0, &newname);
-        self.done(vec![parent.0, newparent.0], scope, op, reply, move |s| {
-            s.naming(parent.0, &name);
-            s.naming(newparent.0, &newname);
-            s.inodes()
-                .renamed(parent.0, &name, newparent.0, &newname, exchange)
-        });
+        let made = vec![(parent.0, name.clone()), (newparent.0, newname.clone())];
+        self.done(
+            vec![parent.0, newparent.0],
+            scope,
+            op,
+            reply,
+            made,
+            move |s| {
+                s.inodes()
+                    .renamed(parent.0, &name, newparent.0, &newname, exchange)
+            },
+        );
     }
 
     fn link(
@@ -3178,14 +3222,20 @@ mod tests {
         assert_eq!(size(&mut s), None);
         s.dir_after(1, m, &after(22, 1), dir(220), t0);
         assert_eq!(size(&mut s), None);
-        // A change through an inode without a name drops everything kept.
+        // A change through an inode without a name drops every file's kept attributes (it
+        // may be any file), not a directory's.
         s.dir_after(1, s.mark(1), &after(23, 1), dir(230), t0);
+        s.superseded(42, 42);
+        let k = s.ask(42, t0).unwrap();
+        s.answered(42, k, Some(file(42, 42, 1)), 42, t0);
+        assert!(s.get(42, t0).is_some());
         let nameless = Scope {
             nameless: true,
             ..Scope::file(40)
         };
         s.begin(nameless);
-        assert_eq!(size(&mut s), None);
+        assert_eq!(s.get(42, t0), None);
+        assert_eq!(size(&mut s), Some(230));
         assert_eq!(s.ask(41, t0), None, "asked while it is in flight");
         s.end(nameless);
         assert!(s.ask(41, t0).is_some());
