@@ -1007,8 +1007,10 @@ struct ReadAhead {
 
 impl ReadAhead {
     fn raise(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
         if let Some(setting) = &self.setting
-            && !self.done.swap(true, std::sync::atomic::Ordering::Relaxed)
+            && !self.done.load(Relaxed)
+            && !self.done.swap(true, Relaxed)
             && let Err(e) = setting.set(MAX_READAHEAD)
         {
             tracing::debug!(error = %e, "connect: the kernel's readahead stays");
@@ -1119,6 +1121,7 @@ impl ConnectFs {
         name: &OsStr,
         op: Op,
         changing: Option<Changing>,
+        also: Vec<u64>,
         reply: ReplyEntry,
     ) {
         let name = name.as_bytes().to_vec();
@@ -1128,7 +1131,8 @@ impl ConnectFs {
             (Vec::new(), None, token)
         } else {
             self.shared.naming(parent.0, &name);
-            let touched = self.shared.with_parents(&[parent.0]);
+            let mut touched = self.shared.with_parents(&[parent.0]);
+            touched.extend(also);
             (touched, self.shared.mark(parent.0), None)
         };
         self.answer_touching(touched, move |s| async move {
@@ -1248,7 +1252,7 @@ impl Filesystem for ConnectFs {
             return reply.entry(&left, &dot_attr(0), Generation(0));
         }
         let path = resolve!(reply, self.child(parent, name));
-        self.new_entry(parent, name, Op::Lookup { path }, None, reply);
+        self.new_entry(parent, name, Op::Lookup { path }, None, Vec::new(), reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -1404,7 +1408,7 @@ impl Filesystem for ConnectFs {
             path,
             mode: mode & 0o7777,
         };
-        self.new_entry(parent, name, op, None, reply);
+        self.new_entry(parent, name, op, None, Vec::new(), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -1448,7 +1452,8 @@ impl Filesystem for ConnectFs {
     ) {
         let path = resolve!(reply, self.child(parent, link_name));
         let target = target.as_os_str().as_bytes().to_vec();
-        self.new_entry(parent, link_name, Op::Symlink { path, target }, None, reply);
+        let op = Op::Symlink { path, target };
+        self.new_entry(parent, link_name, op, None, Vec::new(), reply);
     }
 
     fn rename(
@@ -1510,7 +1515,9 @@ impl Filesystem for ConnectFs {
         // The file gets a second name (another inode here).
         let changing = Changing::begin(&self.shared, Scope::file(ino.0));
         let op = Op::Link { from, to };
-        self.new_entry(newparent, newname, op, Some(changing), reply);
+        // The file's directory lists its link count too.
+        let source = self.shared.parent_of(ino.0);
+        self.new_entry(newparent, newname, op, Some(changing), source, reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -2743,6 +2750,20 @@ mod tests {
         }
         a.keep(1, b"new", t0 + TTL);
         assert_eq!((a.count, a.get(1, b"new", t0 + TTL)), (1, Some(TTL)));
+    }
+
+    #[test]
+    fn a_link_made_through_the_mount_shows_in_its_files_kept_listing() {
+        let Some(m) = mount() else { return };
+        std::fs::create_dir(m.laptop().join("a")).unwrap();
+        std::fs::create_dir(m.laptop().join("b")).unwrap();
+        std::fs::write(m.laptop().join("a/f"), b"f").unwrap();
+        // The link count `ls -l` shows (from the listing), then `stat`'s.
+        let links = || m.sh("ls -l a | awk 'NR > 1 { print $2 }'; stat -c %h a/f");
+        // Listed once (kept), then linked from another directory.
+        assert_eq!(links(), "1\n1\n");
+        std::fs::hard_link(m.dir().join("a/f"), m.dir().join("b/g")).unwrap();
+        assert_eq!(links(), "2\n2\n");
     }
 
     #[test]
