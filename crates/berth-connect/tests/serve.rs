@@ -434,31 +434,19 @@ async fn a_change_of_names_carries_its_directory_after_it() {
     std::fs::create_dir_all(root.join("d/e")).unwrap();
     let mut seq = 0;
 
-    let Answer::Created { fh, dir, .. } = m
-        .ok(Op::Create {
-            path: p("d/f"),
+    // A create in a directory, and at the top (the served directory's own).
+    for (path, dir) in [("d/f", "d"), ("top", "")] {
+        let create = Op::Create {
+            path: p(path),
             flags: libc::O_WRONLY,
             mode: 0o644,
-        })
-        .await
-    else {
-        panic!()
-    };
-    seq = after_is(&root, "d", dir, seq);
-    m.ok(Op::Release { fh, attr: false }).await;
-    // At the top: the served directory's own.
-    let Answer::Created { fh, dir, .. } = m
-        .ok(Op::Create {
-            path: p("top"),
-            flags: libc::O_WRONLY,
-            mode: 0o644,
-        })
-        .await
-    else {
-        panic!()
-    };
-    seq = after_is(&root, "", dir, seq);
-    m.ok(Op::Release { fh, attr: false }).await;
+        };
+        let Answer::Created { fh, dir: after, .. } = m.ok(create).await else {
+            panic!()
+        };
+        seq = after_is(&root, dir, after, seq);
+        m.ok(Op::Release { fh, attr: false }).await;
+    }
 
     // mkdir raises the link count it carries.
     let mkdir = Op::Mkdir {

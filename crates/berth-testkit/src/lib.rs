@@ -174,6 +174,21 @@ pub fn keygen_at(path: &Path, comment: &str) -> PathBuf {
     path.to_owned()
 }
 
+/// The SHA256 fingerprint of the public key beside `key` (`SHA256:...`, as sshd logs it).
+pub fn fingerprint(key: &Path) -> String {
+    let out = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ssh-keygen -lf {}", key.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned()
+}
+
 /// A loopback port nobody listens on, for a listener the test starts next (a daemon, an
 /// `ssh -L`). Taken below the kernel's ephemeral range (32768 and up here), where outgoing
 /// connections, which the suite makes by the thousand, take their ports: a port the kernel

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_testkit::{BUSYBOX, wait_until};
+use berth_testkit::{BUSYBOX, fingerprint, wait_until};
 
 mod common;
 use common::*;
@@ -712,16 +712,7 @@ fn the_users_own_ssh_applies_config_agent_and_jump_host_with_the_original_flags(
         "jumped\n"
     );
     // The jump host let the agent's key in: the one alice's own.
-    let fingerprint = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    let fingerprint = String::from_utf8_lossy(&fingerprint.stdout)
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let fingerprint = fingerprint(&key);
     let log = std::fs::read_to_string(&jump.log).unwrap();
     assert!(
         log.lines()

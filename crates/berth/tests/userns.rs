@@ -122,16 +122,7 @@ fn agent_with_a_key(d: &Daemon) -> (KillOnDrop, std::path::PathBuf, String) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let fp = Command::new("ssh-keygen")
-        .arg("-lf")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    let fp = String::from_utf8_lossy(&fp.stdout)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_owned();
+    let fp = berth_testkit::fingerprint(&key);
     (agent, sock, fp)
 }
 

@@ -208,14 +208,11 @@ impl Absent {
 #[derive(Default)]
 struct Heads {
     by_handle: HashMap<u64, Head>,
-    /// Changes through the mount in flight, by inode.
-    busy: HashMap<u64, usize>,
+    busy: InFlight,
     /// Openings that asked for a head, not yet answered: token → the inode, and whether a
     /// change of it began or ended since.
     asking: HashMap<u64, (u64, bool)>,
     next: u64,
-    /// Changes through an inode without a name in flight.
-    nameless: usize,
 }
 
 struct Head {
@@ -238,10 +235,7 @@ impl Heads {
     fn ask(&mut self, ino: u64, now: Instant) -> Option<u64> {
         self.by_handle
             .retain(|_, h| now.saturating_duration_since(h.at) < HEAD_FRESH);
-        if self.by_handle.len() + self.asking.len() >= MAX_HEADS
-            || self.busy.contains_key(&ino)
-            || self.nameless > 0
-        {
+        if self.by_handle.len() + self.asking.len() >= MAX_HEADS || self.busy.may_touch(ino) {
             return None;
         }
         self.next = self.next.wrapping_add(1);
@@ -260,8 +254,7 @@ impl Heads {
             // More than asked for is not the file.
             && data.len() <= asked as usize
             && !spoiled
-            && !self.busy.contains_key(&ino)
-            && self.nameless == 0
+            && !self.busy.may_touch(ino)
             && self.by_handle.len() < MAX_HEADS
         {
             self.by_handle.insert(fh, Head { at, ino, data });
@@ -285,31 +278,24 @@ impl Heads {
     /// A change of the files of `scope` begins: their heads are not the files any more (and
     /// none is, when one of them has no name here).
     fn begin(&mut self, scope: Scope) {
+        self.busy.begin(scope);
         if scope.nameless {
             self.nothing();
-            self.nameless += 1;
         }
         for ino in scope.inos() {
             self.by_handle.retain(|_, h| h.ino != ino);
-            *self.busy.entry(ino).or_default() += 1;
             self.spoil(ino);
         }
     }
 
     /// The laptop has answered a change (or it was given up).
     fn end(&mut self, scope: Scope) {
+        self.busy.end(scope);
         if scope.nameless {
             self.nothing();
-            self.nameless = self.nameless.saturating_sub(1);
         }
         for ino in scope.inos() {
             self.spoil(ino);
-            if let Some(n) = self.busy.get_mut(&ino) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.busy.remove(&ino);
-                }
-            }
         }
     }
 
@@ -367,8 +353,7 @@ struct Settled {
     attrs: HashMap<u64, (FileAttr, Instant)>,
     /// Releases that asked for the attributes, not yet answered: inode → token.
     asked: HashMap<u64, u64>,
-    /// Changes of a file in flight, by inode.
-    busy: HashMap<u64, usize>,
+    busy: InFlight,
     /// What the laptop last told of each inode here: numbers here are by name, and a name
     /// can come to stand for another file (renamed on the laptop over it) while a handle of
     /// the old one is still open.
@@ -377,9 +362,6 @@ struct Settled {
     /// Hands out [`Seen::epoch`]s: never the same twice on a mount, so a mark taken before
     /// an inode was forgotten and seen again never matches.
     epochs: u64,
-    /// Changes through an inode without a name here in flight ([`Scope::nameless`]): none is
-    /// asked for meanwhile.
-    nameless: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -429,33 +411,69 @@ impl Scope {
     }
 }
 
-impl Settled {
+/// Changes through the mount in flight, for [`Heads`] and [`Settled`]: by inode, and how many
+/// are through an inode without a name ([`Scope::nameless`]), which may be of any file.
+#[derive(Default)]
+struct InFlight {
+    by_ino: HashMap<u64, usize>,
+    nameless: usize,
+}
+
+impl InFlight {
     fn begin(&mut self, scope: Scope) {
         if scope.nameless {
-            self.nothing();
             self.nameless += 1;
         }
         for ino in scope.inos() {
-            self.attrs.remove(&ino);
-            self.asked.remove(&ino);
-            *self.busy.entry(ino).or_default() += 1;
-            self.touch(ino);
+            *self.by_ino.entry(ino).or_default() += 1;
         }
     }
 
     fn end(&mut self, scope: Scope) {
         if scope.nameless {
-            self.nothing();
             self.nameless = self.nameless.saturating_sub(1);
         }
         for ino in scope.inos() {
-            self.touch(ino);
-            if let Some(n) = self.busy.get_mut(&ino) {
+            if let Some(n) = self.by_ino.get_mut(&ino) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
-                    self.busy.remove(&ino);
+                    self.by_ino.remove(&ino);
                 }
             }
+        }
+    }
+
+    /// A change of `ino` itself is in flight.
+    fn changing(&self, ino: u64) -> bool {
+        self.by_ino.contains_key(&ino)
+    }
+
+    /// A change in flight may touch file `ino`: one of it, or one through a nameless inode.
+    fn may_touch(&self, ino: u64) -> bool {
+        self.nameless > 0 || self.changing(ino)
+    }
+}
+
+impl Settled {
+    fn begin(&mut self, scope: Scope) {
+        self.busy.begin(scope);
+        if scope.nameless {
+            self.nothing();
+        }
+        for ino in scope.inos() {
+            self.attrs.remove(&ino);
+            self.asked.remove(&ino);
+            self.touch(ino);
+        }
+    }
+
+    fn end(&mut self, scope: Scope) {
+        self.busy.end(scope);
+        if scope.nameless {
+            self.nothing();
+        }
+        for ino in scope.inos() {
+            self.touch(ino);
         }
     }
 
@@ -475,10 +493,7 @@ impl Settled {
             self.attrs
                 .retain(|_, (_, at)| now.saturating_duration_since(*at) < TTL);
         }
-        if self.attrs.len() + self.asked.len() >= MAX_SETTLED
-            || self.busy.contains_key(&ino)
-            || self.nameless > 0
-        {
+        if self.attrs.len() + self.asked.len() >= MAX_SETTLED || self.busy.may_touch(ino) {
             return None;
         }
         self.next = self.next.wrapping_add(1);
@@ -504,7 +519,7 @@ impl Settled {
             && self.seen.get(&ino).map(|s| s.laptop) == Some(laptop)
             && attr.nlink == 1
             && attr.kind == FileType::RegularFile
-            && !self.busy.contains_key(&ino)
+            && !self.busy.may_touch(ino)
         {
             self.attrs.insert(ino, (attr, now));
         }
@@ -589,7 +604,7 @@ impl Settled {
         if !(Some(seen.epoch) == mark
             && seen.laptop == after.attr.ino
             && attr.kind == FileType::Directory
-            && !self.busy.contains_key(&dir))
+            && !self.busy.changing(dir))
         {
             return;
         }
