@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::audit::Event;
 
@@ -1148,7 +1148,31 @@ impl<R: Runtime> OwnerTask<R> {
             container: self.name.clone(),
         });
         self.remove_dropped_commit().await;
+        self.remove_orphaned_commits().await;
         Ok(true)
+    }
+
+    /// Her earlier commits that no tag names any more: a commit replaces her image, and the
+    /// one it replaced is removed then unless her container was made from it; once that
+    /// container is gone, nothing else would remove it (hundreds of MB each for a Debian
+    /// user). Found by the labels a commit inherits from her container; the engine refuses
+    /// (and it is kept) while a container uses one or a later image is built on it, and
+    /// removing the last of those takes its untagged parents with it.
+    async fn remove_orphaned_commits(&self) {
+        let Ok(images) = self.lc.runtime.list_images().await else {
+            return;
+        };
+        let label = |i: &berth_runtime::ImageSummary, k: &str| i.labels.get(k).cloned();
+        for image in images.iter().filter(|i| {
+            i.tags.is_empty()
+                && label(i, LABEL_INSTANCE).as_deref() == Some(self.lc.instance())
+                && label(i, LABEL_USER).as_deref() == Some(self.user.as_str())
+        }) {
+            match self.lc.runtime.remove_image(&image.id).await {
+                Ok(()) => info!(image = %image.id, "an earlier commit no tag names: removed"),
+                Err(e) => debug!(image = %image.id, error = %e, "an earlier commit kept"),
+            }
+        }
     }
 
     /// Her commit's image once she no longer has it (`--drop-commit` while her container,

@@ -1687,6 +1687,7 @@ impl Runtime for DockerRuntime {
         Ok(list
             .into_iter()
             .map(|i| ImageSummary {
+                labels: i.labels,
                 id: i.id,
                 tags: i
                     .repo_tags

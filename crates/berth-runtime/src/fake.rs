@@ -698,6 +698,7 @@ impl Runtime for FakeRuntime {
                 tags: vec![name],
                 size: 0,
                 created: 0,
+                labels: std::collections::HashMap::new(),
             })
             .collect())
     }

@@ -300,7 +300,10 @@ pub(crate) async fn spawn(
         Ends::Tty(master) => {
             let master = Arc::new(register(master)?);
             (
-                Box::pin(Pty(master.clone())),
+                Box::pin(PtyWriter {
+                    master: master.clone(),
+                    waiting: None,
+                }),
                 raw_output(Pty(master.clone())),
                 Some(master),
             )
@@ -565,14 +568,76 @@ fn pipe_output(
     )
 }
 
-/// Registers our (non-blocking, private) pty master with the reactor.
+/// Registers our (non-blocking, private) pty master with the reactor, for reading only.
+///
+/// Registered for writing too, the master would wake the reactor every time the terminal's
+/// reader took input (the kernel signals room to write on each read of the slave side): for
+/// every keystroke, one to three wakes of the daemon with nothing to do, while the shell
+/// is about to echo. [`PtyWriter`] asks for writability only while the terminal is full.
 fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, RuntimeError> {
     // SAFETY: an OwnedFd is valid and open for as long as it is owned, and the AsyncFd owns it.
     #[allow(unsafe_code)]
-    unsafe { AsyncFd::register(fd) }.map_err(|e| io_err(std::io::Error::from(e)))
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| io_err(std::io::Error::from(e)))
 }
 
-/// A terminal master, read and written through the reactor. The end of the terminal (every
+/// The input side of a terminal master: writes go straight to the master, and only a write
+/// the terminal refuses (its input queue is full: a paste into a program that does not
+/// read) registers a duplicate of it for writability, dropped once a write goes through.
+struct PtyWriter {
+    master: Arc<AsyncFd<OwnedFd>>,
+    /// A duplicate of the master registered for writability, while a write waits for room.
+    waiting: Option<AsyncFd<OwnedFd>>,
+}
+
+impl AsyncWrite for PtyWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let write = |fd: &OwnedFd| -> std::io::Result<usize> {
+            nix::unistd::write(fd.as_fd(), data).map_err(Into::into)
+        };
+        loop {
+            let Some(waiting) = &self.waiting else {
+                match write(self.master.get_ref()) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    done => return Poll::Ready(done),
+                }
+                // Registered after the refusal: the registration reports room that came
+                // meanwhile, so no wake-up is lost.
+                let dup = self.master.get_ref().try_clone()?;
+                // SAFETY: the duplicate is owned by the AsyncFd, open for as long as it is.
+                #[allow(unsafe_code)]
+                let waiting =
+                    unsafe { AsyncFd::register_with_interest(dup, tokio::io::Interest::WRITABLE) }
+                        .map_err(std::io::Error::from)?;
+                self.waiting = Some(waiting);
+                continue;
+            };
+            let mut ready = ready!(waiting.poll_write_ready(cx))?;
+            match ready.try_io(|fd| write(fd.get_ref())) {
+                Ok(done) => {
+                    // Deregistered before the duplicate is closed (AsyncFd's drop).
+                    self.waiting = None;
+                    return Poll::Ready(done);
+                }
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A terminal master's output, read through the reactor. The end of the terminal (every
 /// process closed its side) reads as EIO, taken here as the end of output.
 struct Pty(Arc<AsyncFd<OwnedFd>>);
 
@@ -627,32 +692,6 @@ impl AsyncRead for Pty {
                 Err(_would_block) => {}
             }
         }
-    }
-}
-
-impl AsyncWrite for Pty {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        loop {
-            let mut ready = ready!(self.0.poll_write_ready(cx))?;
-            match ready
-                .try_io(|fd| nix::unistd::write(fd.get_ref().as_fd(), data).map_err(Into::into))
-            {
-                Ok(r) => return Poll::Ready(r),
-                Err(_would_block) => {}
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -432,6 +432,10 @@ pub struct ImageSummary {
     pub size: u64,
     /// Seconds since the epoch.
     pub created: i64,
+    /// Its labels: the images Berth commits from its users' containers inherit the
+    /// container's, its instance among them, so an installation finds its own images once
+    /// no tag names them.
+    pub labels: std::collections::HashMap<String, String>,
 }
 
 /// A stream of bytes handed to the engine (an image's root file system tar).

@@ -14,7 +14,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use berth_testkit::{
-    BUSYBOX, Daemon, DaemonOptions, EngineOptions, QuotaFs, SecondEngine, docker, wait_until,
+    BUSYBOX, Daemon, DaemonOptions, EngineOptions, QuotaFs, SecondEngine, docker, docker_output,
+    wait_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_berth");
@@ -324,6 +325,22 @@ fn a_hundred_and_thirty_commits_still_log_in() {
             .all(|c| c["size_bytes"].as_u64().unwrap() > 0 && c["layers"].as_u64().unwrap() >= 1)
     );
     assert!(commits.iter().any(|c| c["flattened"] == true));
+    // No earlier commit is left behind untagged: a flattened commit does not build on the
+    // image her container was made from, which then goes with that container.
+    let instance = std::fs::read_to_string(d.state_dir().join("instance")).unwrap();
+    let left = docker_output(&[
+        "images",
+        "-q",
+        "--filter",
+        "dangling=true",
+        "--filter",
+        &format!("label=berth.instance={}", instance.trim()),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&left.stdout).trim(),
+        "",
+        "earlier commits left untagged"
+    );
 }
 
 /// A tmpfs of `mib` MiB mounted on `dir` for the guard's life.

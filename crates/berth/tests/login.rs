@@ -152,6 +152,37 @@ fn stdin_is_streamed_with_eof_and_bytes_survive() {
     );
 }
 
+/// Input typed or pasted faster than the terminal's program reads fills the terminal's
+/// input queue (64 KiB): the daemon then waits for room and loses nothing. (It asks the
+/// reactor about room only while the queue is full: a write that finds it full is how that
+/// path starts, and a wait that is never woken would hang here.)
+#[test]
+fn terminal_input_past_a_full_queue_arrives_whole() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
+    // 256 KiB in whole lines of 16 bytes (a canonical terminal keeps whole lines while its
+    // program does not read), while the program sleeps; then it reads all of it.
+    let script = format!(
+        "yes aaaaaaaaaaaaaaa | head -c 262144 | timeout 60 {ssh} -tt alice@127.0.0.1 \
+         'stty -echo; sleep 3; head -c 262144 | wc -c'"
+    );
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Lines typed before `stty -echo` ran are echoed; the only digits are wc's count.
+    let digits: String = out.chars().filter(char::is_ascii_digit).collect();
+    assert_eq!(digits, "262144", "{out}");
+}
+
 #[test]
 fn tty_size_term_and_resize_reach_the_program() {
     let d = start();

@@ -78,7 +78,7 @@ pub fn run(args: Args, state_dir: Option<PathBuf>) -> Result<(), Failure> {
         remove_volumes(&engine, &state).await?;
         remove_networks(&engine, &state, &config.network).await?;
         remove_firewall(&config).await;
-        remove_images(&engine, &config.commit_repository).await
+        remove_images(&engine, &state, &config.commit_repository).await
     })?;
     remove_state(&state);
     Ok(())
@@ -207,19 +207,31 @@ async fn remove_firewall(config: &Config) {
     }
 }
 
-async fn remove_images(engine: &DockerRuntime, repo: &str) -> Result<(), Failure> {
+async fn remove_images(engine: &DockerRuntime, state: &Path, repo: &str) -> Result<(), Failure> {
     let images = engine
         .list_images()
         .await
         .map_err(|e| Failure::new(format!("cannot list images: {e}")))?;
+    let instance = std::fs::read_to_string(state.join("instance")).unwrap_or_default();
+    let instance = instance.trim();
     let mut n = 0;
-    for name in images.into_iter().flat_map(|i| i.tags) {
-        if name.rsplit_once(':').is_none_or(|(r, _)| r != repo) {
-            continue;
-        }
-        match engine.remove_image(&name).await {
-            Ok(()) => n += 1,
-            Err(e) => eprintln!("warning: cannot remove image {name}: {e}"),
+    for image in images {
+        // Its users' saved images, and the earlier saves no tag names any more (a save while
+        // the container ran from the one before), found by the label they inherit.
+        let ours = |name: &String| name.rsplit_once(':').is_some_and(|(r, _)| r == repo);
+        let untagged_ours = image.tags.is_empty()
+            && !instance.is_empty()
+            && image.labels.get(LABEL_INSTANCE).map(String::as_str) == Some(instance);
+        let names: Vec<&String> = if untagged_ours {
+            vec![&image.id]
+        } else {
+            image.tags.iter().filter(|t| ours(t)).collect()
+        };
+        for name in names {
+            match engine.remove_image(name).await {
+                Ok(()) => n += 1,
+                Err(e) => eprintln!("warning: cannot remove image {name}: {e}"),
+            }
         }
     }
     println!("images: removed {n} of {repo}");
