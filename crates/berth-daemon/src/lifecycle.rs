@@ -1153,24 +1153,48 @@ impl<R: Runtime> OwnerTask<R> {
     }
 
     /// Her earlier commits that no tag names any more: a commit replaces her image, and the
-    /// one it replaced is removed then unless her container was made from it; once that
+    /// one it replaces is removed then unless her container was made from it; once that
     /// container is gone, nothing else would remove it (hundreds of MB each for a Debian
-    /// user). Found by the labels a commit inherits from her container; the engine refuses
-    /// (and it is kept) while a container uses one or a later image is built on it, and
-    /// removing the last of those takes its untagged parents with it.
+    /// user). Found by the labels a commit inherits from her container (set by the daemon,
+    /// not by her); the engine refuses (and it is kept) while a container uses one or a
+    /// later image is built on it, and removing the last of those takes its untagged
+    /// parents with it. An image some user is set to by its id (`--image sha256:...`, an
+    /// admin going back to an earlier commit) is kept.
     async fn remove_orphaned_commits(&self) {
-        let Ok(images) = self.lc.runtime.list_images().await else {
+        let labels = [
+            (LABEL_INSTANCE, self.lc.instance()),
+            (LABEL_USER, self.user.as_str()),
+        ];
+        let orphans = match self.lc.runtime.dangling_images(&labels).await {
+            Ok(ids) if ids.is_empty() => return,
+            Ok(ids) => ids,
+            Err(e) => {
+                debug!(error = %e, "earlier commits not looked for");
+                return;
+            }
+        };
+        let Ok(users) = self.lc.store.users().await else {
             return;
         };
-        let label = |i: &berth_runtime::ImageSummary, k: &str| i.labels.get(k).cloned();
-        for image in images.iter().filter(|i| {
-            i.tags.is_empty()
-                && label(i, LABEL_INSTANCE).as_deref() == Some(self.lc.instance())
-                && label(i, LABEL_USER).as_deref() == Some(self.user.as_str())
-        }) {
-            match self.lc.runtime.remove_image(&image.id).await {
-                Ok(()) => info!(image = %image.id, "an earlier commit no tag names: removed"),
-                Err(e) => debug!(image = %image.id, error = %e, "an earlier commit kept"),
+        let named: Vec<String> = users
+            .iter()
+            .flat_map(|u| [Some(&u.image), u.committed_image.as_ref()])
+            .flatten()
+            .filter_map(|i| id_prefix(i.as_str()))
+            .collect();
+        for id in orphans {
+            let hex = id.strip_prefix("sha256:").unwrap_or(&id);
+            if named.iter().any(|n| hex.starts_with(n.as_str())) {
+                info!(image = %id, "an earlier commit a user is set to by its id: kept");
+                continue;
+            }
+            match self.lc.runtime.remove_image(&id).await {
+                Ok(()) => self.lc.settings.audit.record(Event::ImageRemove {
+                    user: Some(self.user.to_string()),
+                    image: id.clone(),
+                    id: Some(id),
+                }),
+                Err(e) => debug!(image = %id, error = %e, "an earlier commit kept"),
             }
         }
     }
@@ -1470,6 +1494,14 @@ async fn commit<R: Runtime>(
     })
 }
 
+/// The hex digits of an image named by its id (`sha256:HEX` or bare `HEX`, at least 12 of
+/// them, as the engine accepts a prefix), lower-cased; `None` for a name.
+fn id_prefix(name: &str) -> Option<String> {
+    let hex = name.strip_prefix("sha256:").unwrap_or(name);
+    (hex.len() >= 12 && hex.chars().all(|c| c.is_ascii_hexdigit()))
+        .then(|| hex.to_ascii_lowercase())
+}
+
 /// Where a home volume goes, given root's home in the image's `/etc/passwd`: there when
 /// it is a directory that may be mounted over (see [`crate::mounts::check_target`]; `/root`
 /// itself may), else [`DEFAULT_HOME`].
@@ -1553,6 +1585,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("sessions never reached {n}");
+    }
+
+    #[test]
+    fn an_image_named_by_its_id_is_known_by_its_digits() {
+        let full = "sha256:53a8808dfb33c0ffee00112233445566778899aabbccddeeff0011223344556";
+        assert_eq!(id_prefix(full).as_deref(), full.strip_prefix("sha256:"));
+        assert_eq!(id_prefix("53A8808DFB33").as_deref(), Some("53a8808dfb33"));
+        // Names, short ids (the engine wants 12 digits at least) and tags are not ids.
+        for name in [
+            "debian:12",
+            "berth/users:alice",
+            "53a8808",
+            "53a8808dfb33:latest",
+            "cafe",
+        ] {
+            assert_eq!(id_prefix(name), None, "{name}");
+        }
     }
 
     #[test]

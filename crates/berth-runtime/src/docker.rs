@@ -1687,7 +1687,6 @@ impl Runtime for DockerRuntime {
         Ok(list
             .into_iter()
             .map(|i| ImageSummary {
-                labels: i.labels,
                 id: i.id,
                 tags: i
                     .repo_tags
@@ -1697,6 +1696,32 @@ impl Runtime for DockerRuntime {
                 size: u64::try_from(i.size).unwrap_or(0),
                 created: i.created,
             })
+            .collect())
+    }
+
+    async fn dangling_images(&self, labels: &[(&str, &str)]) -> Result<Vec<String>, RuntimeError> {
+        let filters = HashMap::from([
+            ("dangling".to_owned(), vec!["true".to_owned()]),
+            (
+                "label".to_owned(),
+                labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            ),
+        ]);
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let list = self.docker.list_images(Some(opts)).await.map_err(map_err)?;
+        // The engine's filter, checked again: an image any tag or digest names is never one.
+        Ok(list
+            .into_iter()
+            .filter(|i| {
+                i.repo_tags.iter().all(|t| t == "<none>:<none>")
+                    && i.repo_digests.iter().all(|d| d == "<none>@<none>")
+                    && labels
+                        .iter()
+                        .all(|(k, v)| i.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|i| i.id)
             .collect())
     }
 

@@ -698,9 +698,13 @@ impl Runtime for FakeRuntime {
                 tags: vec![name],
                 size: 0,
                 created: 0,
-                labels: std::collections::HashMap::new(),
             })
             .collect())
+    }
+
+    async fn dangling_images(&self, _labels: &[(&str, &str)]) -> Result<Vec<String>, RuntimeError> {
+        // Every fake image is named.
+        Ok(Vec::new())
     }
 
     async fn import_image(

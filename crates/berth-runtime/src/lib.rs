@@ -432,10 +432,6 @@ pub struct ImageSummary {
     pub size: u64,
     /// Seconds since the epoch.
     pub created: i64,
-    /// Its labels: the images Berth commits from its users' containers inherit the
-    /// container's, its instance among them, so an installation finds its own images once
-    /// no tag names them.
-    pub labels: std::collections::HashMap<String, String>,
 }
 
 /// A stream of bytes handed to the engine (an image's root file system tar).
@@ -632,6 +628,13 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
     /// Every local image.
     fn list_images(&self) -> impl Future<Output = Result<Vec<ImageSummary>, RuntimeError>> + Send;
+    /// The ids of the images that carry every one of `labels` (`key`, `value`) and that no tag
+    /// or digest names and nothing is built on (the engine's "dangling" ones). The images
+    /// Berth commits inherit the labels of the user's container (her name, the instance).
+    fn dangling_images(
+        &self,
+        labels: &[(&str, &str)],
+    ) -> impl Future<Output = Result<Vec<String>, RuntimeError>> + Send;
     /// Imports a root file system tar (`docker import`) as image `name` (`repo:tag`);
     /// returns the new image's id.
     fn import_image(

@@ -212,25 +212,29 @@ async fn remove_images(engine: &DockerRuntime, state: &Path, repo: &str) -> Resu
         .list_images()
         .await
         .map_err(|e| Failure::new(format!("cannot list images: {e}")))?;
+    let mut n = 0;
+    for name in images.into_iter().flat_map(|i| i.tags) {
+        if name.rsplit_once(':').is_none_or(|(r, _)| r != repo) {
+            continue;
+        }
+        match engine.remove_image(&name).await {
+            Ok(()) => n += 1,
+            Err(e) => eprintln!("warning: cannot remove image {name}: {e}"),
+        }
+    }
+    // Earlier saves no tag names any more (replaced while a container still used them),
+    // found by the instance's label, which they inherit from the users' containers.
     let instance = std::fs::read_to_string(state.join("instance")).unwrap_or_default();
     let instance = instance.trim();
-    let mut n = 0;
-    for image in images {
-        // Its users' saved images, and the earlier saves no tag names any more (a save while
-        // the container ran from the one before), found by the label they inherit.
-        let ours = |name: &String| name.rsplit_once(':').is_some_and(|(r, _)| r == repo);
-        let untagged_ours = image.tags.is_empty()
-            && !instance.is_empty()
-            && image.labels.get(LABEL_INSTANCE).map(String::as_str) == Some(instance);
-        let names: Vec<&String> = if untagged_ours {
-            vec![&image.id]
-        } else {
-            image.tags.iter().filter(|t| ours(t)).collect()
-        };
-        for name in names {
-            match engine.remove_image(name).await {
+    if !instance.is_empty() {
+        let untagged = engine
+            .dangling_images(&[(LABEL_INSTANCE, instance)])
+            .await
+            .map_err(|e| Failure::new(format!("cannot list images: {e}")))?;
+        for id in untagged {
+            match engine.remove_image(&id).await {
                 Ok(()) => n += 1,
-                Err(e) => eprintln!("warning: cannot remove image {name}: {e}"),
+                Err(e) => eprintln!("warning: cannot remove image {id}: {e}"),
             }
         }
     }
