@@ -13,7 +13,7 @@ use russh::server::{
 };
 use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, debug_span, info};
 
 use crate::quota::{Held, Quotas, Slot, Tenant};
 use crate::session::{self, env_allowed};
@@ -153,7 +153,7 @@ impl<G: Gateway> Connection<G> {
         // A user past her connections gets nothing of this one (no user, no channels, no
         // hold on her container); the server closes it.
         let Some(slot) = tenant.take(Held::Connection) else {
-            info!("connection refused: too many connections for this user");
+            info!(user, peer = ?self.peer, "connection refused: too many connections for this user");
             self.authenticated.refuse();
             return;
         };
@@ -219,7 +219,7 @@ impl<G: Gateway> Connection<G> {
             .as_ref()
             .map(Tenant::reserve_input)
             .unwrap_or_default();
-        let span = info_span!("forward", user = %user, to = ?target);
+        let span = debug_span!("forward", user = %user, to = ?target);
         self.tasks.spawn(
             async move {
                 let _counted = counted;
@@ -466,7 +466,7 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(());
         };
         self.channels.insert(channel.id(), false);
-        let span = info_span!("session", user = %user, ch = %channel.id());
+        let span = debug_span!("session", user = %user, ch = %channel.id());
         let ctx = session::Context {
             gateway: self.gateway.clone(),
             user,

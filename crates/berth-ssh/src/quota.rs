@@ -62,7 +62,35 @@ struct UserQuota {
 /// One thing held by a user; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot {
+    // Given back before `_held` looks at what she still holds (fields drop in order).
     _permit: OwnedSemaphorePermit,
+    _held: Holding,
+}
+
+/// Forgets its user's entry when what it guards was the last thing she held: an entry made
+/// during a load (her semaphores, her name) would otherwise stay until another user's next
+/// `take`, long-lived blocks amid the load's freed memory that keep its pages resident.
+struct Holding {
+    quotas: Arc<Quotas>,
+    user: String,
+}
+
+impl std::fmt::Debug for Holding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Holding").field("user", &self.user).finish()
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        let mut users = self.quotas.lock();
+        if users
+            .get(self.user.as_str())
+            .is_some_and(|q| self.quotas.holds_nothing(q))
+        {
+            users.remove(self.user.as_str());
+        }
+    }
 }
 
 /// Input buffer set aside for one channel (from its user's budget and the daemon's), beyond
@@ -70,6 +98,7 @@ pub(crate) struct Slot {
 #[derive(Debug, Default)]
 pub(crate) struct Reserved {
     permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _held: Option<Holding>,
 }
 
 impl Reserved {
@@ -103,19 +132,27 @@ impl Quotas {
         }
     }
 
-    fn user(&self, name: &str) -> Arc<UserQuota> {
-        let mut users = self
-            .users
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<UserQuota>>> {
+        self.users
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Users holding nothing are forgotten (their semaphores are not shared by anyone).
-        users.retain(|_, q| {
-            Arc::strong_count(q) > 1
-                || q.connections.available_permits() < self.limits.connections
-                || q.sessions.available_permits() < self.limits.sessions
-                || q.forwards.available_permits() < self.limits.forwards
-                || q.input.available_permits() < kib(self.limits.input_buffer_bytes)
-        });
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the user of `q` holds nothing (and no one is about to take from it).
+    fn holds_nothing(&self, q: &Arc<UserQuota>) -> bool {
+        Arc::strong_count(q) == 1
+            && q.connections.available_permits() == self.limits.connections
+            && q.sessions.available_permits() == self.limits.sessions
+            && q.forwards.available_permits() == self.limits.forwards
+            && q.input.available_permits() == kib(self.limits.input_buffer_bytes)
+    }
+
+    fn user(&self, name: &str) -> Arc<UserQuota> {
+        let mut users = self.lock();
+        // Users holding nothing are forgotten (their semaphores are not shared by anyone);
+        // what is given back forgets its user itself ([`Holding`]), this catches the rest
+        // (a reservation refused half-way).
+        users.retain(|_, q| !self.holds_nothing(q));
         let l = &self.limits;
         users
             .entry(name.to_owned())
@@ -133,33 +170,48 @@ impl Quotas {
     }
 
     /// One more `what` for `user`, or `None` when she holds all she may.
-    pub(crate) fn take(&self, user: &str, what: Held) -> Option<Slot> {
+    pub(crate) fn take(self: &Arc<Self>, user: &str, what: Held) -> Option<Slot> {
         let q = self.user(user);
         let sem = match what {
             Held::Connection => &q.connections,
             Held::Session => &q.sessions,
             Held::Forward => &q.forwards,
         };
-        sem.clone()
-            .try_acquire_owned()
-            .ok()
-            .map(|p| Slot { _permit: p })
+        let permit = sem.clone().try_acquire_owned().ok()?;
+        drop(q);
+        Some(Slot {
+            _permit: permit,
+            _held: self.holding(user),
+        })
+    }
+
+    fn holding(self: &Arc<Self>, user: &str) -> Holding {
+        Holding {
+            quotas: self.clone(),
+            user: user.to_owned(),
+        }
     }
 
     /// Sets `bytes` of input buffer aside for one of `user`'s channels, from her budget and
     /// the daemon's; nothing (the channel keeps its small initial window) when either is
     /// spent.
-    pub(crate) fn reserve_input(&self, user: &str, bytes: usize) -> Reserved {
+    pub(crate) fn reserve_input(self: &Arc<Self>, user: &str, bytes: usize) -> Reserved {
         let n = u32::try_from(kib(bytes)).unwrap_or(u32::MAX);
         let q = self.user(user);
         let Ok(mine) = q.input.clone().try_acquire_many_owned(n) else {
             return Reserved::default();
         };
+        drop(q);
+        // Her permits go back before the entry is looked at, whichever way this ends.
+        let held = self.holding(user);
         let Ok(all) = self.global_input.clone().try_acquire_many_owned(n) else {
+            drop(mine);
+            drop(held);
             return Reserved::default();
         };
         Reserved {
             permits: Some((mine, all)),
+            _held: Some(held),
         }
     }
 }
@@ -196,8 +248,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn quotas(global: usize) -> Quotas {
-        Quotas::new(
+    fn quotas(global: usize) -> Arc<Quotas> {
+        Arc::new(Quotas::new(
             UserLimits {
                 connections: 2,
                 sessions: 1,
@@ -205,7 +257,7 @@ mod tests {
                 input_buffer_bytes: 4 << 20,
             },
             global,
-        )
+        ))
     }
 
     #[test]
@@ -245,7 +297,29 @@ mod tests {
         for i in 0..100 {
             drop(q.take(&format!("u{i}"), Held::Session));
         }
-        let _ = q.take("last", Held::Session);
-        assert!(q.users.lock().unwrap().len() <= 2);
+        assert_eq!(q.users.lock().unwrap().len(), 0);
+        let last = q.take("last", Held::Session);
+        assert_eq!(q.users.lock().unwrap().len(), 1);
+        drop(last);
+        assert_eq!(q.users.lock().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_user_is_forgotten_only_when_her_last_hold_is_given_back() {
+        let q = quotas(64 << 20);
+        let session = q.take("alice", Held::Session).unwrap();
+        let input = q.reserve_input("alice", 1 << 20);
+        assert_eq!(input.bytes(), 1 << 20);
+        drop(session);
+        // Her reservation still counts against her budget.
+        assert_eq!(q.users.lock().unwrap().len(), 1);
+        assert_eq!(q.reserve_input("alice", 4 << 20).bytes(), 0);
+        drop(input);
+        assert_eq!(q.users.lock().unwrap().len(), 0);
+        // A reservation the daemon-wide budget refuses leaves nothing behind either.
+        let q = quotas(1 << 20);
+        let _bob = q.reserve_input("bob", 1 << 20);
+        assert_eq!(q.reserve_input("alice", 1 << 20).bytes(), 0);
+        assert_eq!(q.users.lock().unwrap().len(), 1);
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::Gateway;
 use crate::algorithms::Algorithms;
@@ -200,7 +200,7 @@ pub async fn serve<G: Gateway>(
                     startup,
                     permits: permits.clone(),
                 };
-                conns.spawn(conn.run(stream, handler).instrument(info_span!("conn", %peer)));
+                conns.spawn(conn.run(stream, handler).instrument(debug_span!("conn", %peer)));
             }
         }
     }

@@ -271,7 +271,7 @@ impl<R: Runtime> Job<R> {
                 source: format!("berth-connect:{}", self.user),
             })
             .map_err(|e| {
-                warn!(error = %e, "connect: no FUSE mount");
+                warn!(user = %self.user, error = %e, "connect: no FUSE mount");
                 "this server cannot make FUSE mounts (see the daemon's log)".to_owned()
             })?;
         let serving = self.mounts.serving(detached.connection());

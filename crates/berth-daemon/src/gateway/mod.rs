@@ -70,7 +70,7 @@ async fn key_authorized(
     match store.key_authorized(user, &fingerprint(key)).await {
         Ok(ok) => ok,
         Err(e) => {
-            tracing::error!(error = %e, "key lookup failed");
+            tracing::error!(user, error = %e, "key lookup failed");
             false
         }
     }

@@ -278,7 +278,7 @@ impl<R: Runtime> ProcessControl for SessionControl<R> {
     fn resize(&self, size: WindowSize) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Err(e) = self.runtime.resize_session(&self.handle, tty(size)).await {
-                warn!(error = %e, "resize failed");
+                warn!(container = self._lease.container(), error = %e, "resize failed");
             }
         })
     }
@@ -295,7 +295,7 @@ impl<R: Runtime> ProcessControl for SessionControl<R> {
                     code
                 }
                 Err(e) => {
-                    warn!(error = %e, "no exit code");
+                    warn!(container = self._lease.container(), error = %e, "no exit code");
                     255
                 }
             }
