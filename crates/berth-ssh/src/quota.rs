@@ -140,11 +140,21 @@ impl Quotas {
 
     /// Whether the user of `q` holds nothing (and no one is about to take from it).
     fn holds_nothing(&self, q: &Arc<UserQuota>) -> bool {
-        Arc::strong_count(q) == 1
-            && q.connections.available_permits() == self.limits.connections
+        if Arc::strong_count(q) != 1 {
+            return false;
+        }
+        // `strong_count` reads without ordering: a permit taken before another thread let
+        // go of its clone must be seen below.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+        q.connections.available_permits() == self.limits.connections
             && q.sessions.available_permits() == self.limits.sessions
             && q.forwards.available_permits() == self.limits.forwards
-            && q.input.available_permits() == kib(self.limits.input_buffer_bytes)
+            && q.input.available_permits() == self.user_input_kib()
+    }
+
+    /// A user's input budget in KiB, as her semaphore holds it.
+    fn user_input_kib(&self) -> usize {
+        kib(self.limits.input_buffer_bytes).min(Semaphore::MAX_PERMITS)
     }
 
     fn user(&self, name: &str) -> Arc<UserQuota> {
@@ -161,9 +171,7 @@ impl Quotas {
                     connections: Arc::new(Semaphore::new(l.connections)),
                     sessions: Arc::new(Semaphore::new(l.sessions)),
                     forwards: Arc::new(Semaphore::new(l.forwards)),
-                    input: Arc::new(Semaphore::new(
-                        kib(l.input_buffer_bytes).min(Semaphore::MAX_PERMITS),
-                    )),
+                    input: Arc::new(Semaphore::new(self.user_input_kib())),
                 })
             })
             .clone()

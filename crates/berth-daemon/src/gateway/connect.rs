@@ -211,7 +211,7 @@ impl<R: Runtime> Job<R> {
             .await
             .is_err()
         {
-            mounted.detach().await;
+            detach(mounted.attached, &self.user).await;
             return 1;
         }
         let shown = at.display().to_string();
@@ -237,14 +237,14 @@ impl<R: Runtime> Job<R> {
             Ok(s) => s,
             Err(e) => {
                 warn!(user = %self.user, error = %e, "the mount's file system did not start");
-                detach(mounted.attached).await;
+                detach(mounted.attached, &self.user).await;
                 return 1;
             }
         };
         // Until the laptop goes (or the session is killed, which drops this future: then
         // `serving` aborts the connection and `Attached` takes the mount out as they drop).
         driver.await;
-        detach(mounted.attached).await;
+        detach(mounted.attached, &self.user).await;
         drop(serving);
         0
     }
@@ -295,22 +295,16 @@ struct Mounted {
     _serving: Serving,
 }
 
-impl Mounted {
-    async fn detach(self) {
-        detach(self.attached).await;
-    }
-}
-
 /// Aborts the FUSE connection (whatever waits on it gets `ENOTCONN`), then takes the mount
 /// out of the container.
-async fn detach(attached: berth_runtime::mount::Attached) {
+async fn detach(attached: berth_runtime::mount::Attached, user: &impl std::fmt::Display) {
     if let Err(e) = attached.connection().abort() {
         debug!(error = %e, "connect: the FUSE connection was already gone");
     }
     match tokio::time::timeout(DETACH_WAIT, attached.detach()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!(error = %e, "connect: the mount was not taken out"),
-        Err(_) => warn!("connect: taking the mount out did not finish in time"),
+        Ok(Err(e)) => warn!(user = %user, error = %e, "connect: the mount was not taken out"),
+        Err(_) => warn!(user = %user, "connect: taking the mount out did not finish in time"),
     }
 }
 
