@@ -14,9 +14,15 @@ use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::task::AbortOnDropHandle;
 
-/// Counts bytes moved between a client and its container, either way.
+/// Counts bytes moved between a client and its container, either way. Called for every
+/// keystroke and every chunk of output, so the counter is looked up once (`counter!` asks
+/// the recorder's registry, a hash and a lock, at every call); the daemon installs its
+/// recorder before it serves SSH.
 pub(crate) fn relayed(n: usize) {
-    metrics::counter!("berth_relayed_bytes_total").increment(n as u64);
+    static RELAYED: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    RELAYED
+        .get_or_init(|| metrics::counter!("berth_relayed_bytes_total"))
+        .increment(n as u64);
 }
 
 /// How long the client has to answer a channel we open towards it (`-R`, agent, X11).
