@@ -1219,6 +1219,7 @@ impl Runtime for DockerRuntime {
             handle: SessionHandle::Engine(created.id.clone()),
             id: created.id,
             stdin: Box::pin(writer),
+            stdin_now: None,
             output,
             guard,
         })

@@ -466,6 +466,7 @@ impl Runtime for FakeRuntime {
             handle: SessionHandle::Engine(id.clone()),
             id,
             stdin: Box::pin(stdin),
+            stdin_now: None,
             output: Box::pin(output),
             guard,
         })

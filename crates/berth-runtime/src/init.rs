@@ -309,9 +309,17 @@ pub(crate) async fn spawn(
             )
         }
     };
+    // A keystroke goes straight to the terminal when nothing written before it is pending.
+    // The closure holds the master open: its descriptor cannot be reused under it.
+    let stdin_now = master.clone().map(|m| -> crate::WriteNow {
+        Arc::new(move |data: &[u8]| {
+            nix::unistd::write(m.get_ref().as_fd(), data).map_err(Into::into)
+        })
+    });
     Ok(Some(Session {
         id,
         stdin,
+        stdin_now,
         output,
         guard,
         handle: SessionHandle::Init(Arc::new(InitSession {

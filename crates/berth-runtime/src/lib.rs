@@ -401,12 +401,20 @@ pub enum Output {
 
 pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, RuntimeError>> + Send>>;
 
+/// Writes to a session's input without waiting: the bytes the input took at once, or
+/// `WouldBlock`. For a caller that writes from a loop that must never wait (the SSH
+/// connection's own, as a keystroke arrives).
+pub type WriteNow = std::sync::Arc<dyn Fn(&[u8]) -> std::io::Result<usize> + Send + Sync>;
+
 /// A started exec. Dropping it kills whatever of the exec's process tree still runs, unless
 /// [`ProcessGuard::finished`] was called after the exit code was read.
 pub struct Session {
     /// For logs.
     pub id: String,
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    /// The same input as `stdin`, written without waiting, where the input allows it (a
+    /// terminal). Its writes must never overtake a write to `stdin` not yet finished.
+    pub stdin_now: Option<WriteNow>,
     pub output: OutputStream,
     pub guard: ProcessGuard,
     /// Resizes it and waits for its end ([`Runtime::resize_session`], [`Runtime::session_exit_code`]).

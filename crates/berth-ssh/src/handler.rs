@@ -15,6 +15,7 @@ use russh::{Channel, ChannelId, ChannelOpenFailure};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, debug_span, info};
 
+use crate::inbox::{InboxRx, InboxTx};
 use crate::quota::{Held, Quotas, Slot, Tenant};
 use crate::session::{self, env_allowed};
 use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
@@ -72,6 +73,16 @@ impl Authenticated {
     }
 }
 
+/// A session channel's input, as the connection's loop sees it.
+enum SessionInput {
+    /// No shell, command or subsystem asked for yet (input is the task's to drop): the
+    /// task gets its inbox through this once one is.
+    Waiting(tokio::sync::oneshot::Sender<(InboxTx, InboxRx)>),
+    /// Started: its input is pushed here as it is decrypted ([`Handler::take_data`]), in
+    /// order, and written to the process at once when nothing is pending.
+    Started(InboxTx),
+}
+
 pub(crate) struct Connection<G> {
     gateway: Arc<G>,
     peer: Option<SocketAddr>,
@@ -79,8 +90,8 @@ pub(crate) struct Connection<G> {
     user: Option<(String, PublicKey)>,
     authenticated: Arc<Authenticated>,
     max_sessions: usize,
-    /// Session channels of this connection, and whether each has started its process.
-    channels: HashMap<ChannelId, bool>,
+    /// Session channels of this connection, and where their input goes.
+    channels: HashMap<ChannelId, SessionInput>,
     /// What the gateway keeps for this connection while it is open.
     _connected: Option<Box<dyn std::any::Any + Send>>,
     /// Open `ssh -L` tunnels of this connection.
@@ -270,14 +281,31 @@ impl<G: Gateway> Connection<G> {
     }
 
     /// A process request (shell, exec) is granted once per channel.
-    fn start(&mut self, ch: ChannelId) -> bool {
-        match self.channels.get_mut(&ch) {
-            Some(started) if !*started => {
-                *started = true;
-                true
-            }
-            _ => false,
+    /// Whether `ch` is a session channel that has not started its process.
+    fn unstarted(&self, ch: ChannelId) -> bool {
+        matches!(self.channels.get(&ch), Some(SessionInput::Waiting(_)))
+    }
+
+    /// Marks session channel `ch` started (its first shell, command or subsystem request)
+    /// and gives its task the inbox that its input goes to from now on.
+    fn start(&mut self, ch: ChannelId, session: &Session) -> bool {
+        let Some(tenant) = &self.tenant else {
+            return false;
+        };
+        let Some(entry) = self.channels.get_mut(&ch) else {
+            return false;
+        };
+        if !matches!(entry, SessionInput::Waiting(_)) {
+            return false;
         }
+        let (input, stdin) = crate::inbox::inbox(session.handle(), ch, tenant.reserve_input());
+        let task = (input.companion(), stdin);
+        if let SessionInput::Waiting(give) = std::mem::replace(entry, SessionInput::Started(input))
+        {
+            // A task already gone drops it, and the reservation with it.
+            let _ = give.send(task);
+        }
+        true
     }
 }
 
@@ -465,7 +493,9 @@ impl<G: Gateway> Handler for Connection<G> {
             reply.reject(ChannelOpenFailure::ResourceShortage).await;
             return Ok(());
         };
-        self.channels.insert(channel.id(), false);
+        let (give, input) = tokio::sync::oneshot::channel();
+        self.channels
+            .insert(channel.id(), SessionInput::Waiting(give));
         let span = debug_span!("session", user = %user, ch = %channel.id());
         let ctx = session::Context {
             gateway: self.gateway.clone(),
@@ -477,6 +507,7 @@ impl<G: Gateway> Handler for Connection<G> {
             handle: session.handle(),
             accept_env: self.accept_env.clone(),
             tenant,
+            input,
             _slot: slot,
         };
         // The task owns the channel from its first message, so nothing queues up unread.
@@ -723,7 +754,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.channels.get(&ch) == Some(&false);
+        let ok = self.unstarted(ch);
         self.reply(ch, ok, session)
     }
 
@@ -734,7 +765,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.channels.get(&ch) == Some(&false) && env_allowed(&self.accept_env, name);
+        let ok = self.unstarted(ch) && env_allowed(&self.accept_env, name);
         self.reply(ch, ok, session)
     }
 
@@ -743,7 +774,7 @@ impl<G: Gateway> Handler for Connection<G> {
         ch: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.start(ch);
+        let ok = self.start(ch, session);
         self.reply(ch, ok, session)
     }
 
@@ -753,7 +784,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.start(ch);
+        let ok = self.start(ch, session);
         self.reply(ch, ok, session)
     }
 
@@ -765,7 +796,7 @@ impl<G: Gateway> Handler for Connection<G> {
     ) -> Result<(), Self::Error> {
         // Only sftp and berth connect are served; for anything else the task sees the
         // request and ends the channel.
-        let ok = self.start(ch) && (name == "sftp" || name == crate::CONNECT_SUBSYSTEM);
+        let ok = self.start(ch, session) && (name == "sftp" || name == crate::CONNECT_SUBSYSTEM);
         self.reply(ch, ok, session)
     }
 
@@ -779,7 +810,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let Some((user, _)) = &self.user else {
             return Ok(false);
         };
-        Ok(self.channels.get(&ch) == Some(&false)
+        Ok(self.unstarted(ch)
             && self
                 .gateway
                 .permits(user, Permission::AgentForwarding)
@@ -798,12 +829,19 @@ impl<G: Gateway> Handler for Connection<G> {
         // The task sees the request too and sets the display up with the process.
         let ok = match &self.user {
             Some((user, _)) => {
-                self.channels.get(&ch) == Some(&false)
-                    && self.gateway.permits(user, Permission::X11Forwarding).await
+                self.unstarted(ch) && self.gateway.permits(user, Permission::X11Forwarding).await
             }
             None => false,
         };
         self.reply(ch, ok, session)
+    }
+
+    fn take_data(&mut self, ch: ChannelId, data: &bytes::Bytes) -> bool {
+        // Past its window, the data goes the channel's way, where the task ends the session.
+        match self.channels.get(&ch) {
+            Some(SessionInput::Started(input)) => input.push(data.clone()).is_ok(),
+            _ => false,
+        }
     }
 
     async fn channel_close(

@@ -7,10 +7,16 @@
 //! own sender once the window is spent, and nothing else: the connection's loop keeps
 //! running (other channels, keepalives, a close), and the daemon holds at most one window
 //! per channel. A client that sends past its window is cut off ([`Overrun`]).
+//!
+//! A session's input is pushed by the connection's own loop as it is decrypted
+//! ([`crate::handler`]). When the consumer's sink can be written without waiting (a
+//! terminal, [`InboxTx::write_now`]) and nothing is queued or being written, the push
+//! writes it there at once: a keystroke reaches the terminal before the loop does anything
+//! else, with no hand-off to another task.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::Poll;
 
 use bytes::{Buf, Bytes};
@@ -18,6 +24,7 @@ use futures_util::task::AtomicWaker;
 use russh::ChannelId;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use crate::WriteNow;
 use crate::quota::Reserved;
 
 /// The most a consumer takes before it grants the client the window back.
@@ -51,6 +58,38 @@ struct State {
     closed: bool,
     /// The consumer is gone: input is discarded (and its window given back at once).
     dropped: bool,
+    /// The consumer took input it has not all written yet: nothing may be written past it.
+    busy: bool,
+    /// The client sent past its window: every later push is refused.
+    overrun: bool,
+    /// Written to the sink (by the consumer, or by a push at once) and not yet granted back.
+    ungranted: usize,
+    /// The input buffer set aside for this channel, given back once the consumer is gone
+    /// (a consumer still writing what it took keeps it).
+    reserved: Option<Reserved>,
+}
+
+impl State {
+    /// Counts `len` bytes more from the client against its window.
+    fn admit(&mut self, len: usize, limit: usize) -> Result<(), Overrun> {
+        if self.overrun || self.outstanding.saturating_add(len) > limit {
+            self.overrun = true;
+            return Err(Overrun);
+        }
+        self.outstanding += len;
+        Ok(())
+    }
+
+    /// What to grant the client after `n` more bytes were written: all that is ungranted
+    /// once it reaches `step`.
+    fn written(&mut self, n: usize, step: usize) -> usize {
+        self.ungranted += n;
+        if self.ungranted >= step {
+            std::mem::take(&mut self.ungranted)
+        } else {
+            0
+        }
+    }
 }
 
 struct Shared {
@@ -59,19 +98,19 @@ struct Shared {
     waker: AtomicWaker,
     handle: russh::server::Handle,
     id: ChannelId,
-    /// The input buffer set aside for this channel, given back when both ends are gone (a
-    /// consumer still writing what it took keeps it).
-    _reserved: Reserved,
+    /// The consumer's sink, written without waiting ([`InboxTx::write_now`]).
+    now: OnceLock<WriteNow>,
 }
 
 impl Shared {
     fn grant(&self, n: usize) {
-        self.with(|s| s.outstanding = s.outstanding.saturating_sub(n));
-        if n > 0 {
-            let _ = self
-                .handle
-                .window_adjust(self.id, u32::try_from(n).unwrap_or(u32::MAX));
+        if n == 0 {
+            return;
         }
+        self.with(|s| s.outstanding = s.outstanding.saturating_sub(n));
+        let _ = self
+            .handle
+            .window_adjust(self.id, u32::try_from(n).unwrap_or(u32::MAX));
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
@@ -88,13 +127,13 @@ impl Shared {
 pub(crate) struct InboxTx {
     shared: Arc<Shared>,
     limit: usize,
+    /// Dropping this end closes the inbox (not so for a [`companion`](Self::companion)).
+    closes: bool,
 }
 
 /// The consumer's end.
 pub(crate) struct InboxRx {
     shared: Arc<Shared>,
-    /// Written out and not yet granted back (less than [`GRANT_STEP`] while writing).
-    ungranted: usize,
 }
 
 /// How [`InboxRx::write_to`] ended.
@@ -118,31 +157,90 @@ pub(crate) fn inbox(
     let extra = reserved.bytes();
     let limit = crate::server::INITIAL_WINDOW as usize + extra + crate::server::MAX_PACKET as usize;
     let shared = Arc::new(Shared {
-        state: Mutex::new(State::default()),
+        state: Mutex::new(State {
+            reserved: Some(reserved),
+            ..State::default()
+        }),
         waker: AtomicWaker::new(),
         handle,
         id,
-        _reserved: reserved,
+        now: OnceLock::new(),
     });
     shared.grant(extra);
     (
         InboxTx {
             shared: shared.clone(),
             limit,
+            closes: true,
         },
-        InboxRx {
-            shared,
-            ungranted: 0,
-        },
+        InboxRx { shared },
     )
 }
 
 impl InboxTx {
-    /// Holds `data` for the consumer. With no consumer left it is dropped and its window
+    /// A second sending end, for the task that owns the consumer (EOF, discarded input):
+    /// dropping it does not close the inbox.
+    pub(crate) fn companion(&self) -> InboxTx {
+        InboxTx {
+            shared: self.shared.clone(),
+            limit: self.limit,
+            closes: false,
+        }
+    }
+
+    /// From now on, [`push`](Self::push) writes input straight to the consumer's sink with
+    /// `now` whenever nothing is queued or being written (so nothing is overtaken). `now`
+    /// must write to the very sink the consumer writes to; what it does not take is queued.
+    pub(crate) fn write_now(&self, now: WriteNow) {
+        let _ = self.shared.now.set(now);
+    }
+
+    /// Holds `data` for the consumer, or writes it to the sink at once (see
+    /// [`write_now`](Self::write_now)). With no consumer left it is dropped and its window
     /// given back at once (as sshd does for a process that closed its stdin).
     pub(crate) fn push(&self, data: Bytes) -> Result<(), Overrun> {
-        self.hold(data)?;
-        self.shared.waker.wake();
+        let len = data.len();
+        let (queued, grant) = self.shared.with(|s| {
+            s.admit(len, self.limit)?;
+            if s.dropped || s.eof {
+                return Ok((false, len));
+            }
+            let mut data = data;
+            if let Some(now) = self.shared.now.get()
+                && s.queue.is_empty()
+                && !s.busy
+            {
+                // Written under the lock, so the consumer cannot start a write meanwhile.
+                // A refusal (the terminal full, or gone) leaves it to the consumer, whose
+                // own write waits for room or reports the end.
+                if let Ok(n) = now(&data)
+                    && n > 0
+                {
+                    crate::tunnel::relayed(n);
+                    data.advance(n);
+                    let grant = s.written(
+                        n,
+                        if data.is_empty() {
+                            IDLE_GRANT
+                        } else {
+                            usize::MAX
+                        },
+                    );
+                    if data.is_empty() {
+                        return Ok((false, grant));
+                    }
+                }
+            }
+            s.held += data.len();
+            s.queue.push_back(data);
+            Ok((true, 0))
+        })?;
+        if grant > 0 {
+            self.shared.grant(grant);
+        }
+        if queued {
+            self.shared.waker.wake();
+        }
         Ok(())
     }
 
@@ -158,10 +256,7 @@ impl InboxTx {
     fn hold(&self, data: Bytes) -> Result<(), Overrun> {
         let len = data.len();
         let discarded = self.shared.with(|s| {
-            if s.outstanding.saturating_add(len) > self.limit {
-                return Err(Overrun);
-            }
-            s.outstanding += len;
+            s.admit(len, self.limit)?;
             if s.dropped || s.eof {
                 return Ok(true);
             }
@@ -197,8 +292,10 @@ impl InboxTx {
 
 impl Drop for InboxTx {
     fn drop(&mut self) {
-        self.shared.with(|s| s.closed = true);
-        self.shared.waker.wake();
+        if self.closes {
+            self.shared.with(|s| s.closed = true);
+            self.shared.waker.wake();
+        }
     }
 }
 
@@ -207,9 +304,12 @@ impl InboxRx {
     /// once the client sent EOF or the channel closed and all was taken.
     async fn take(&mut self, into: &mut VecDeque<Bytes>) -> bool {
         let mut look = |s: &mut State| {
+            // Called with nothing left of what was taken before: it is all written.
+            s.busy = false;
             if !s.queue.is_empty() {
                 s.held = 0;
                 std::mem::swap(into, &mut s.queue);
+                s.busy = true;
                 Some(true)
             } else if s.eof || s.closed {
                 Some(false)
@@ -224,9 +324,8 @@ impl InboxRx {
                 return Poll::Ready(got);
             }
             // Nothing to write: much that was written may be sent again before we sleep.
-            if self.ungranted >= IDLE_GRANT {
-                self.shared.grant(std::mem::take(&mut self.ungranted));
-            }
+            let grant = self.shared.with(|s| s.written(0, IDLE_GRANT));
+            self.shared.grant(grant);
             self.shared.waker.register(cx.waker());
             // Input pushed between the look and the registration woke nobody.
             match self.shared.with(&mut look) {
@@ -235,11 +334,6 @@ impl InboxRx {
             }
         })
         .await
-    }
-
-    fn flush_grant(&mut self) {
-        let n = std::mem::take(&mut self.ungranted);
-        self.shared.grant(n);
     }
 
     /// Writes the client's input to `sink` as it comes, granting the client as many bytes
@@ -263,16 +357,14 @@ impl InboxRx {
                         // What the sink did not take will never be written: its window,
                         // and what was written, go back to the client.
                         let rest: usize = batch.iter().map(Bytes::len).sum();
-                        self.ungranted += rest;
+                        self.shared.with(|s| s.ungranted += rest);
                         return Drained::SinkGone;
                     }
                 };
                 written(n);
                 advance(&mut batch, n);
-                self.ungranted += n;
-                if self.ungranted >= GRANT_STEP {
-                    self.flush_grant();
-                }
+                let grant = self.shared.with(|s| s.written(n, GRANT_STEP));
+                self.shared.grant(grant);
             }
         }
         Drained::End
@@ -297,13 +389,15 @@ fn advance(queue: &mut VecDeque<Bytes>, mut n: usize) {
 impl Drop for InboxRx {
     fn drop(&mut self) {
         // What is held will never be taken: give its window back, and drop what comes.
-        let held = self.shared.with(|s| {
+        let (n, reserved) = self.shared.with(|s| {
             s.dropped = true;
             s.queue.clear();
-            std::mem::take(&mut s.held)
+            let n = std::mem::take(&mut s.held) + std::mem::take(&mut s.ungranted);
+            (n, s.reserved.take())
         });
-        let n = std::mem::take(&mut self.ungranted) + held;
         self.shared.grant(n);
+        // Outside the lock: giving the reservation back takes the quotas' own.
+        drop(reserved);
     }
 }
 

@@ -109,9 +109,17 @@ pub enum Output {
     Stderr(Bytes),
 }
 
+/// Writes to a process's input without waiting: the bytes it took at once, or
+/// `WouldBlock`.
+pub type WriteNow = std::sync::Arc<dyn Fn(&[u8]) -> io::Result<usize> + Send + Sync>;
+
 /// A running process, as the gateway hands it to the session task.
 pub struct Process {
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
+    /// The same input as `stdin`, where it can be written without waiting (a terminal):
+    /// the connection's loop writes a keystroke with it as it is decrypted, when nothing
+    /// written through `stdin` is pending, instead of handing it to the session's task.
+    pub stdin_now: Option<WriteNow>,
     pub output: Pin<Box<dyn Stream<Item = io::Result<Output>> + Send>>,
     pub control: Box<dyn ProcessControl>,
     /// For `ssh -X`: the display port listening in the container; each connection to it

@@ -30,6 +30,8 @@ pub(crate) struct Context<G> {
     pub handle: russh::server::Handle,
     /// The user's quotas (input buffer, forwarded connections).
     pub tenant: Tenant,
+    /// The session's inbox, from the connection's loop once it starts.
+    pub input: tokio::sync::oneshot::Receiver<(InboxTx, InboxRx)>,
     /// This session's place among its user's sessions.
     pub _slot: Slot,
 }
@@ -206,9 +208,11 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     };
     // Opening can take seconds (container create/start). Keep reading the channel meanwhile
     // (russh stops the whole connection while one channel's queue is full): input waits in
-    // the inbox, bounded by the client's window.
-    let (input, stdin) =
-        crate::inbox::inbox(ctx.handle.clone(), tx.id(), ctx.tenant.reserve_input());
+    // the inbox, bounded by the client's window. The connection's loop made the inbox when
+    // it saw the request, and pushes the input to it.
+    let Ok((input, stdin)) = ctx.input.await else {
+        return;
+    };
     if early_eof && !tty {
         input.eof();
     }
@@ -251,6 +255,9 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
             .record(ctx.connected_at.elapsed().as_secs_f64());
     }
     let mut process = process;
+    if let Some(now) = process.stdin_now.take() {
+        input.write_now(now);
+    }
     let _x11_task = process.x11.take().map(|l| {
         ctx.gateway.event(Event::Forward {
             user: &ctx.user,
@@ -340,6 +347,7 @@ async fn pump(
 ) -> Option<u32> {
     let Process {
         x11: _,
+        stdin_now: _,
         stdin,
         output,
         mut control,

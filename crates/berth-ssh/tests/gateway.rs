@@ -139,6 +139,7 @@ impl Fake {
         let err = ReaderStream::new(child.stderr.take().unwrap()).map(|r| r.map(Output::Stderr));
         Ok(Process {
             stdin: Box::pin(child.stdin.take().unwrap()),
+            stdin_now: None,
             output: Box::pin(stream::select(out, err)),
             x11: None,
             control: Box::new(FakeControl {

@@ -183,6 +183,39 @@ fn terminal_input_past_a_full_queue_arrives_whole() {
     assert_eq!(digits, "262144", "{out}");
 }
 
+/// Input reaches a terminal in the order typed while the terminal fills and drains in turn:
+/// keystrokes written at once by the connection's loop never overtake input queued for the
+/// session's writer.
+#[test]
+fn terminal_input_keeps_its_order_as_the_terminal_fills_and_drains() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let ssh = format!("ssh {}", d.ssh_args(&key).join(" "));
+    // The program stops reading twice (its terminal and the client's window fill up), and
+    // reads in between, line by line (a canonical terminal hands out one line per read).
+    let script = format!(
+        "seq 1 40000 | md5sum; seq 1 40000 | timeout 90 {ssh} -tt alice@127.0.0.1 \
+         'stty -echo; sleep 2; (head -n 15000; sleep 1; head -n 25000) | md5sum'"
+    );
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let sums: Vec<&str> = out
+        .split_whitespace()
+        .filter(|w| w.len() == 32 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .collect();
+    assert_eq!(sums.len(), 2, "{out}");
+    assert_eq!(sums[0], sums[1], "the input came out of order: {out}");
+}
+
 #[test]
 fn tty_size_term_and_resize_reach_the_program() {
     let d = start();

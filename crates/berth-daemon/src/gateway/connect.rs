@@ -152,6 +152,7 @@ impl<R: Runtime> BerthGateway<R> {
         Ok(Process {
             x11: None,
             stdin: Box::pin(their_write),
+            stdin_now: None,
             output: Box::pin(output),
             control: Box::new(ConnectControl {
                 task: Some(task),

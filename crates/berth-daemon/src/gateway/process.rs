@@ -173,6 +173,7 @@ fn text_process(out: WordOutput, tty: bool) -> Process {
     Process {
         x11: None,
         stdin: Box::pin(tokio::io::sink()),
+        stdin_now: None,
         output: Box::pin(futures_util::stream::iter(chunks)),
         control: Box::new(Exited(out.code)),
     }
@@ -201,6 +202,7 @@ fn into_process<R: Runtime>(
     let Session {
         handle,
         stdin,
+        stdin_now,
         output,
         ..
     } = session;
@@ -214,6 +216,7 @@ fn into_process<R: Runtime>(
     Process {
         x11: None,
         stdin,
+        stdin_now,
         output: Box::pin(output),
         control: Box::new(SessionControl {
             runtime,

@@ -1519,6 +1519,10 @@ impl Session {
                     }
                     handler.extended_data(channel_num, ext, &data, self).await
                 } else {
+                    // (Berth patch) The handler may take the data itself.
+                    if handler.take_data(channel_num, &data) {
+                        return Ok(());
+                    }
                     if let Some(chan) = self.channels.get(&channel_num) {
                         chan.send(ChannelMsg::Data { data: data.clone() })
                             .await

@@ -503,6 +503,16 @@ pub trait Handler: Sized {
         async { Ok(()) }
     }
 
+    /// (Berth patch) Offered every data packet (not extended data) of a channel first,
+    /// inside the connection's loop and before anything else is done with it. Returning
+    /// `true` means the handler took the data: it is neither sent to the channel's
+    /// [`Channel`] nor passed to [`data`](Self::data). A handler that takes some packets
+    /// of a channel must keep their order with those it leaves to the channel.
+    #[allow(unused_variables)]
+    fn take_data(&mut self, channel: ChannelId, data: &Bytes) -> bool {
+        false
+    }
+
     /// Called when a data packet is received. A response can be
     /// written to the `response` argument.
     #[allow(unused_variables)]

@@ -678,6 +678,18 @@ impl Session {
         pin!(reading);
         let mut is_reading = None;
 
+        // (Berth patch) The timers are not touched for every packet: the keepalive's
+        // deadline moves as data arrives but its timer is only re-armed when it fires early,
+        // and the rekey timer is armed once per deadline, not made anew at every turn.
+        let mut keepalive_due = self
+            .common
+            .config
+            .keepalive_interval
+            .map(|d| tokio::time::Instant::now() + d);
+        let rekey_timer = tokio::time::sleep(Duration::from_secs(86400));
+        pin!(rekey_timer);
+        let mut rekey_at: Option<tokio::time::Instant> = None;
+
         #[allow(clippy::panic)] // false positive in macro
         while !self.common.disconnected {
             self.common.received_data = false;
@@ -728,10 +740,27 @@ impl Session {
                 }
             }
 
-            let rekey_timer = future_or_pending(self.rekey_time_remaining(), tokio::time::sleep);
-            pin!(rekey_timer);
+            match self.rekey_time_remaining() {
+                Some(left) => {
+                    let wanted = tokio::time::Instant::now() + left;
+                    // The same deadline, read again a moment later, is left alone.
+                    let same = rekey_at.is_some_and(|at| {
+                        wanted + Duration::from_millis(10) >= at && wanted <= at + Duration::from_secs(1)
+                    });
+                    if !same {
+                        rekey_timer.as_mut().reset(wanted);
+                        rekey_at = Some(wanted);
+                    }
+                }
+                None => rekey_at = None,
+            }
 
             tokio::select! {
+                // (Berth patch) The client's next packet is looked at first, not after
+                // whichever timers and queues a random draw picks: a keystroke is read as
+                // soon as the loop runs. Queued messages are also drained at every turn's
+                // start, and a client that never stops sending runs out of window.
+                biased;
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
@@ -780,11 +809,20 @@ impl Session {
                     }
                     reading.set(start_reading(stream_read, buffer, opening_cipher));
                 }
-                () = &mut rekey_timer => {
+                () = &mut rekey_timer, if rekey_at.is_some() => {
                     // The flush after the select sees the elapsed limit.
                     debug!("rekey time limit reached");
+                    rekey_at = None;
                 }
                 () = &mut keepalive_timer => {
+                    // Data came since it was armed: not due yet.
+                    if let (Some(due), futures::future::Either::Right(sleep)) =
+                        (keepalive_due, keepalive_timer.as_mut().as_pin_mut())
+                        && tokio::time::Instant::now() < due
+                    {
+                        sleep.reset(due);
+                        continue;
+                    }
                     self.common.alive_timeouts = self.common.alive_timeouts.saturating_add(1);
                     if self.common.config.keepalive_max != 0 && self.common.alive_timeouts > self.common.config.keepalive_max {
                         debug!("Timeout, client not responding to keepalives");
@@ -840,13 +878,16 @@ impl Session {
                 // data from it.
                 self.common.alive_timeouts = 0;
             }
-            if (self.common.received_data || sent_keepalive)
-                && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
-                    keepalive_timer.as_mut().as_pin_mut(),
-                    self.common.config.keepalive_interval,
-                )
-            {
-                sleep.as_mut().reset(tokio::time::Instant::now() + d);
+            if let Some(d) = self.common.config.keepalive_interval {
+                if self.common.received_data || sent_keepalive {
+                    keepalive_due = Some(tokio::time::Instant::now() + d);
+                }
+                if sent_keepalive
+                    && let futures::future::Either::Right(ref mut sleep) =
+                        keepalive_timer.as_mut().as_pin_mut()
+                {
+                    sleep.as_mut().reset(tokio::time::Instant::now() + d);
+                }
             }
             if !sent_keepalive
                 && let (futures::future::Either::Right(ref mut sleep), Some(d)) = (
