@@ -1220,6 +1220,7 @@ impl Runtime for DockerRuntime {
             id: created.id,
             stdin: Box::pin(writer),
             stdin_now: None,
+            output_now: None,
             output,
             guard,
         })

@@ -467,6 +467,7 @@ impl Runtime for FakeRuntime {
             id,
             stdin: Box::pin(stdin),
             stdin_now: None,
+            output_now: None,
             output: Box::pin(output),
             guard,
         })

@@ -316,10 +316,14 @@ pub(crate) async fn spawn(
             nix::unistd::write(m.get_ref().as_fd(), data).map_err(Into::into)
         })
     });
+    let output_now = master.clone().map(|m| -> crate::ReadNow {
+        Arc::new(move |cx: &mut Context<'_>, buf: &mut ReadBuf<'_>| read_master(&m, cx, buf))
+    });
     Ok(Some(Session {
         id,
         stdin,
         stdin_now,
+        output_now,
         output,
         guard,
         handle: SessionHandle::Init(Arc::new(InitSession {
@@ -655,50 +659,60 @@ impl AsyncRead for Pty {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        loop {
-            let mut ready = ready!(self.0.poll_read_ready(cx))?;
-            // Read into the buffer's spare room as it is: zeroing 32 KiB first, for every
-            // keystroke echoed, is work for nothing.
-            // SAFETY: nothing here de-initialises what the buffer holds; read(2) only writes.
+        read_master(&self.0, cx, buf)
+    }
+}
+
+/// Reads a terminal's output from its master; the end (`EIO`: the terminal's other side is
+/// closed) reads as nothing.
+fn read_master(
+    master: &AsyncFd<OwnedFd>,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<std::io::Result<()>> {
+    loop {
+        let mut ready = ready!(master.poll_read_ready(cx))?;
+        // Read into the buffer's spare room as it is: zeroing 32 KiB first, for every
+        // keystroke echoed, is work for nothing.
+        // SAFETY: nothing here de-initialises what the buffer holds; read(2) only writes.
+        #[allow(unsafe_code)]
+        let spare = unsafe { buf.unfilled_mut() };
+        let read = ready.try_io(|fd| {
+            // SAFETY: `spare` is writable memory of `spare.len()` bytes that lives for
+            // this call; read(2) writes at most that many bytes into it.
             #[allow(unsafe_code)]
-            let spare = unsafe { buf.unfilled_mut() };
-            let read = ready.try_io(|fd| {
-                // SAFETY: `spare` is writable memory of `spare.len()` bytes that lives for
-                // this call; read(2) writes at most that many bytes into it.
-                #[allow(unsafe_code)]
-                let n = unsafe {
-                    libc::read(
-                        fd.get_ref().as_raw_fd(),
-                        spare.as_mut_ptr().cast::<libc::c_void>(),
-                        spare.len(),
-                    )
-                };
-                usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
-            });
-            match read {
-                Ok(Ok(n)) => {
-                    // A read that did not fill the room took all there was: the next one
-                    // waits for the reactor, as tokio's own streams do, instead of asking
-                    // the terminal again. That read would only say "nothing", after
-                    // waiting for the kernel's worker to finish moving the terminal's
-                    // input (a sleep in the kernel, for every echoed keystroke). What
-                    // comes later is a new edge, which this clear never loses (it clears
-                    // only the readiness this read saw).
-                    if n > 0 && n < spare.len() {
-                        ready.clear_ready();
-                    }
-                    // SAFETY: read(2) initialised the first `n` bytes of the spare room.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        buf.assume_init(n);
-                    }
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
+            let n = unsafe {
+                libc::read(
+                    fd.get_ref().as_raw_fd(),
+                    spare.as_mut_ptr().cast::<libc::c_void>(),
+                    spare.len(),
+                )
+            };
+            usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+        });
+        match read {
+            Ok(Ok(n)) => {
+                // A read that did not fill the room took all there was: the next one
+                // waits for the reactor, as tokio's own streams do, instead of asking
+                // the terminal again. That read would only say "nothing", after
+                // waiting for the kernel's worker to finish moving the terminal's
+                // input (a sleep in the kernel, for every echoed keystroke). What
+                // comes later is a new edge, which this clear never loses (it clears
+                // only the readiness this read saw).
+                if n > 0 && n < spare.len() {
+                    ready.clear_ready();
                 }
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => {}
+                // SAFETY: read(2) initialised the first `n` bytes of the spare room.
+                #[allow(unsafe_code)]
+                unsafe {
+                    buf.assume_init(n);
+                }
+                buf.advance(n);
+                return Poll::Ready(Ok(()));
             }
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => return Poll::Ready(Ok(())),
+            Ok(Err(e)) => return Poll::Ready(Err(e)),
+            Err(_would_block) => {}
         }
     }
 }

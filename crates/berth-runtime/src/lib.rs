@@ -406,6 +406,17 @@ pub type OutputStream = Pin<Box<dyn Stream<Item = Result<Output, RuntimeError>> 
 /// connection's own, as a keystroke arrives).
 pub type WriteNow = std::sync::Arc<dyn Fn(&[u8]) -> std::io::Result<usize> + Send + Sync>;
 
+/// Reads a session's output as an `AsyncRead` would (nothing read means its end), for a
+/// caller that polls it from its own loop.
+pub type ReadNow = std::sync::Arc<
+    dyn Fn(
+            &mut std::task::Context<'_>,
+            &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>>
+        + Send
+        + Sync,
+>;
+
 /// A started exec. Dropping it kills whatever of the exec's process tree still runs, unless
 /// [`ProcessGuard::finished`] was called after the exit code was read.
 pub struct Session {
@@ -415,6 +426,9 @@ pub struct Session {
     /// The same input as `stdin`, written without waiting, where the input allows it (a
     /// terminal). Its writes must never overtake a write to `stdin` not yet finished.
     pub stdin_now: Option<WriteNow>,
+    /// The same output as `output` (all of it on stdout), where it can be polled outside a
+    /// stream (a terminal). Whoever polls it must not poll `output`.
+    pub output_now: Option<ReadNow>,
     pub output: OutputStream,
     pub guard: ProcessGuard,
     /// Resizes it and waits for its end ([`Runtime::resize_session`], [`Runtime::session_exit_code`]).

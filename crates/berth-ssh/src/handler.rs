@@ -92,6 +92,8 @@ pub(crate) struct Connection<G> {
     max_sessions: usize,
     /// Session channels of this connection, and where their input goes.
     channels: HashMap<ChannelId, SessionInput>,
+    /// Which channel's output [`Handler::poll_output`] looks at first.
+    output_turn: usize,
     /// What the gateway keeps for this connection while it is open.
     _connected: Option<Box<dyn std::any::Any + Send>>,
     /// Open `ssh -L` tunnels of this connection.
@@ -128,6 +130,7 @@ impl<G: Gateway> Connection<G> {
             authenticated,
             max_sessions,
             channels: HashMap::new(),
+            output_turn: 0,
             forwards: HashMap::new(),
             tunnels: Arc::new(()),
             _connected: None,
@@ -834,6 +837,25 @@ impl<G: Gateway> Handler for Connection<G> {
             None => false,
         };
         self.reply(ch, ok, session)
+    }
+
+    fn poll_output(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        room: &dyn Fn(ChannelId) -> usize,
+    ) -> std::task::Poll<(ChannelId, bytes::Bytes)> {
+        // Each turn starts one channel further, so a busy terminal cannot starve the rest.
+        let n = self.channels.len();
+        self.output_turn = self.output_turn.wrapping_add(1);
+        let start = if n == 0 { 0 } else { self.output_turn % n };
+        for (ch, entry) in self.channels.iter().cycle().skip(start).take(n) {
+            if let SessionInput::Started(input) = entry
+                && let std::task::Poll::Ready(data) = input.poll_output(cx, room(*ch))
+            {
+                return std::task::Poll::Ready((*ch, data));
+            }
+        }
+        std::task::Poll::Pending
     }
 
     fn take_data(&mut self, ch: ChannelId, data: &bytes::Bytes) -> bool {

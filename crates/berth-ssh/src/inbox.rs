@@ -16,15 +16,16 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
 use russh::ChannelId;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::WriteNow;
+use crate::{ReadNow, WriteNow};
 use crate::quota::Reserved;
 
 /// The most a consumer takes before it grants the client the window back.
@@ -36,6 +37,9 @@ const GRANT_STEP: usize = 64 * 1024;
 /// this, a keystroke is not answered by a window adjustment of its own (one packet more, and
 /// one more wake of the connection, per byte typed).
 const IDLE_GRANT: usize = crate::server::INITIAL_WINDOW as usize / 2;
+
+/// The most output one read by the connection's loop takes ([`InboxTx::poll_output`]).
+const OUTPUT_READ: usize = 16 * 1024;
 
 /// The most pieces one write hands the kernel (`writev`).
 const WRITE_SLICES: usize = 64;
@@ -100,6 +104,12 @@ struct Shared {
     id: ChannelId,
     /// The consumer's sink, written without waiting ([`InboxTx::write_now`]).
     now: OnceLock<WriteNow>,
+    /// The process's output, read by the connection's loop ([`InboxTx::poll_output`]).
+    output: OnceLock<ReadNow>,
+    /// The output has ended (or is no longer wanted).
+    output_ended: AtomicBool,
+    /// The session's task, waiting for the output's end.
+    output_waker: AtomicWaker,
 }
 
 impl Shared {
@@ -165,6 +175,9 @@ pub(crate) fn inbox(
         handle,
         id,
         now: OnceLock::new(),
+        output: OnceLock::new(),
+        output_ended: AtomicBool::new(false),
+        output_waker: AtomicWaker::new(),
     });
     shared.grant(extra);
     (
@@ -193,6 +206,66 @@ impl InboxTx {
     /// must write to the very sink the consumer writes to; what it does not take is queued.
     pub(crate) fn write_now(&self, now: WriteNow) {
         let _ = self.shared.now.set(now);
+    }
+
+    /// From now on the process's output is read with `read` by the connection's loop
+    /// ([`poll_output`](Self::poll_output)); [`output_end`](Self::output_end) says when
+    /// it has ended.
+    pub(crate) fn read_now(&self, read: ReadNow) {
+        let _ = self.shared.output.set(read);
+    }
+
+    /// The process's next output, at most `room` bytes: for the connection's loop, which
+    /// sends it as the channel's data. Pending while there is none, no room, or after the
+    /// end.
+    pub(crate) fn poll_output(&self, cx: &mut Context<'_>, room: usize) -> Poll<Bytes> {
+        let Some(read) = self.shared.output.get() else {
+            return Poll::Pending;
+        };
+        if room == 0 || self.shared.output_ended.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); OUTPUT_READ];
+        let mut buf = tokio::io::ReadBuf::uninit(&mut space[..room.min(OUTPUT_READ)]);
+        match read(cx, &mut buf) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                crate::tunnel::relayed(buf.filled().len());
+                Poll::Ready(Bytes::copy_from_slice(buf.filled()))
+            }
+            // The end (or a failed read, which ends it as well).
+            Poll::Ready(_) => {
+                self.stop_output();
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Whether the connection's loop reads the process's output ([`read_now`](Self::read_now)).
+    pub(crate) fn reads_output(&self) -> bool {
+        self.shared.output.get().is_some()
+    }
+
+    /// No more output is read (its end, or the session's).
+    pub(crate) fn stop_output(&self) {
+        self.shared.output_ended.store(true, Ordering::Release);
+        self.shared.output_waker.wake();
+    }
+
+    /// Returns once the output read by the connection's loop has ended.
+    pub(crate) async fn output_end(&self) {
+        std::future::poll_fn(|cx| {
+            if self.shared.output_ended.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            self.shared.output_waker.register(cx.waker());
+            if self.shared.output_ended.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Holds `data` for the consumer, or writes it to the sink at once (see

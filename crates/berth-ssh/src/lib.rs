@@ -113,6 +113,13 @@ pub enum Output {
 /// `WouldBlock`.
 pub type WriteNow = std::sync::Arc<dyn Fn(&[u8]) -> io::Result<usize> + Send + Sync>;
 
+/// Reads a process's output as an `AsyncRead` would (nothing read means its end).
+pub type ReadNow = std::sync::Arc<
+    dyn Fn(&mut std::task::Context<'_>, &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>>
+        + Send
+        + Sync,
+>;
+
 /// A running process, as the gateway hands it to the session task.
 pub struct Process {
     pub stdin: Pin<Box<dyn AsyncWrite + Send>>,
@@ -120,6 +127,10 @@ pub struct Process {
     /// the connection's loop writes a keystroke with it as it is decrypted, when nothing
     /// written through `stdin` is pending, instead of handing it to the session's task.
     pub stdin_now: Option<WriteNow>,
+    /// The same output as `output` (all of it stdout), where it can be polled outside a
+    /// stream (a terminal): the connection's loop reads it and sends it as it comes, instead
+    /// of the session's task. `output` is then not polled.
+    pub output_now: Option<ReadNow>,
     pub output: Pin<Box<dyn Stream<Item = io::Result<Output>> + Send>>,
     pub control: Box<dyn ProcessControl>,
     /// For `ssh -X`: the display port listening in the container; each connection to it

@@ -258,6 +258,11 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     if let Some(now) = process.stdin_now.take() {
         input.write_now(now);
     }
+    // A terminal's output is read and sent by the connection's loop, as its input is
+    // written there: a keystroke's echo never waits for this task.
+    if let Some(read) = process.output_now.take() {
+        input.read_now(read);
+    }
     let _x11_task = process.x11.take().map(|l| {
         ctx.gateway.event(Event::Forward {
             user: &ctx.user,
@@ -348,17 +353,29 @@ async fn pump(
     let Process {
         x11: _,
         stdin_now: _,
+        output_now: _,
         stdin,
         output,
         mut control,
     } = process;
+    // However this ends, the connection's loop reads no more output for it.
+    let _stop = StopOutput(&input);
     let writer = write_stdin(stdin, stdin_rx);
     tokio::pin!(writer);
     let mut writing = true;
     if let Some(size) = resized {
         control.resize(size).await;
     }
-    let out = copy_output(output, tx.make_writer(), tx.make_writer_ext(Some(1)));
+    let out = if input.reads_output() {
+        drop(output);
+        futures_util::future::Either::Left(input.output_end())
+    } else {
+        futures_util::future::Either::Right(copy_output(
+            output,
+            tx.make_writer(),
+            tx.make_writer_ext(Some(1)),
+        ))
+    };
     tokio::pin!(out);
     loop {
         tokio::select! {
@@ -394,6 +411,15 @@ async fn pump(
     let _ = tx.eof().await;
     let _ = tx.close().await;
     Some(code)
+}
+
+/// Stops the connection's loop reading a session's output when dropped.
+struct StopOutput<'a>(&'a InboxTx);
+
+impl Drop for StopOutput<'_> {
+    fn drop(&mut self) {
+        self.0.stop_output();
+    }
 }
 
 /// Feeds the process's stdin, granting the client more window as the process takes it in;

@@ -140,6 +140,7 @@ impl Fake {
         Ok(Process {
             stdin: Box::pin(child.stdin.take().unwrap()),
             stdin_now: None,
+            output_now: None,
             output: Box::pin(stream::select(out, err)),
             x11: None,
             control: Box::new(FakeControl {

@@ -153,6 +153,7 @@ impl<R: Runtime> BerthGateway<R> {
             x11: None,
             stdin: Box::pin(their_write),
             stdin_now: None,
+            output_now: None,
             output: Box::pin(output),
             control: Box::new(ConnectControl {
                 task: Some(task),

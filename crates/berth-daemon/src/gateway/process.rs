@@ -174,6 +174,7 @@ fn text_process(out: WordOutput, tty: bool) -> Process {
         x11: None,
         stdin: Box::pin(tokio::io::sink()),
         stdin_now: None,
+        output_now: None,
         output: Box::pin(futures_util::stream::iter(chunks)),
         control: Box::new(Exited(out.code)),
     }
@@ -203,6 +204,7 @@ fn into_process<R: Runtime>(
         handle,
         stdin,
         stdin_now,
+        output_now,
         output,
         ..
     } = session;
@@ -217,6 +219,7 @@ fn into_process<R: Runtime>(
         x11: None,
         stdin,
         stdin_now,
+        output_now,
         output: Box::pin(output),
         control: Box::new(SessionControl {
             runtime,

@@ -513,6 +513,21 @@ pub trait Handler: Sized {
         false
     }
 
+    /// (Berth patch) Output the handler reads itself, polled by the connection's loop at
+    /// every turn beside the socket (outside a key exchange); what it returns is sent as
+    /// that channel's data. `room(channel)` is how much the channel may send now: nothing
+    /// while its window is spent or data of it is still queued. A handler must not return
+    /// more than that, and need not register a wake-up for a channel without room (the
+    /// loop turns again when the window opens).
+    #[allow(unused_variables)]
+    fn poll_output(
+        &mut self,
+        cx: &mut Context<'_>,
+        room: &dyn Fn(ChannelId) -> usize,
+    ) -> Poll<(ChannelId, Bytes)> {
+        Poll::Pending
+    }
+
     /// Called when a data packet is received. A response can be
     /// written to the `response` argument.
     #[allow(unused_variables)]

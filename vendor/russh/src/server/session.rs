@@ -860,6 +860,19 @@ impl Session {
                         }
                     }
                 }
+                (channel, data) = std::future::poll_fn(|cx| {
+                    let enc = self.common.encrypted.as_ref();
+                    let room = |channel: ChannelId| {
+                        enc.and_then(|enc| enc.channels.get(&channel))
+                            .filter(|c| c.pending_data.is_empty())
+                            .map_or(0, |c| {
+                                c.sender_window_size.min(c.sender_maximum_packet_size) as usize
+                            })
+                    };
+                    handler.poll_output(cx, &room)
+                }), if !self.kex.active() => {
+                    self.data(channel, data)?;
+                }
             }
             self.flush()?;
 
