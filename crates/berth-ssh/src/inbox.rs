@@ -12,7 +12,8 @@
 //! ([`crate::handler`]). When the consumer's sink can be written without waiting (a
 //! terminal, [`InboxTx::write_now`]) and nothing is queued or being written, the push
 //! writes it there at once: a keystroke reaches the terminal before the loop does anything
-//! else, with no hand-off to another task.
+//! else, with no hand-off to another task. The same loop reads a terminal's output
+//! ([`InboxTx::poll_output`]), so its echo goes back without one either.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -25,8 +26,8 @@ use futures_util::task::AtomicWaker;
 use russh::ChannelId;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use crate::{ReadNow, WriteNow};
 use crate::quota::Reserved;
+use crate::{ReadNow, WriteNow};
 
 /// The most a consumer takes before it grants the client the window back.
 const GRANT_STEP: usize = 64 * 1024;

@@ -115,7 +115,10 @@ pub type WriteNow = std::sync::Arc<dyn Fn(&[u8]) -> io::Result<usize> + Send + S
 
 /// Reads a process's output as an `AsyncRead` would (nothing read means its end).
 pub type ReadNow = std::sync::Arc<
-    dyn Fn(&mut std::task::Context<'_>, &mut tokio::io::ReadBuf<'_>) -> std::task::Poll<io::Result<()>>
+    dyn Fn(
+            &mut std::task::Context<'_>,
+            &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>>
         + Send
         + Sync,
 >;

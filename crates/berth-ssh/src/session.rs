@@ -302,7 +302,9 @@ enum Taken {
 /// `ssh -tt host cmd </dev/null`), window changes to the caller.
 fn take_input(msg: Option<ChannelMsg>, input: &InboxTx, tty: bool) -> Taken {
     match msg {
-        // The stdin writer is polled by this same task (`pump`), right after this.
+        // Only data the connection's loop did not take comes this way: before the inbox
+        // was made, or past the window (refused here too, which ends the session). The
+        // stdin writer is polled by this same task (`pump`), right after this.
         Some(ChannelMsg::Data { data }) => match input.push_here(data) {
             Ok(()) => Taken::Nothing,
             Err(Overrun) => {

@@ -725,6 +725,19 @@ impl Session {
                         break;
                     }
                 }
+                // (Berth patch) One piece of the handler's own output per turn, however
+                // busy the socket: the `select!` below reads the client first. Polled
+                // without a wake-up: the `select!` polls it again with one before the loop
+                // sleeps.
+                if !self.common.has_any_pending_data() {
+                    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                    let enc = self.common.encrypted.as_ref();
+                    let room = |channel: ChannelId| output_room(enc, channel);
+                    if let std::task::Poll::Ready((channel, data)) = handler.poll_output(&mut cx, &room) {
+                        self.data(channel, data)?;
+                        drained += 1;
+                    }
+                }
                 if drained > 0 {
                     self.flush()?;
                     crate::flush_or_timeout(
@@ -758,8 +771,9 @@ impl Session {
             tokio::select! {
                 // (Berth patch) The client's next packet is looked at first, not after
                 // whichever timers and queues a random draw picks: a keystroke is read as
-                // soon as the loop runs. Queued messages are also drained at every turn's
-                // start, and a client that never stops sending runs out of window.
+                // soon as the loop runs. Queued messages and the handler's output are also
+                // taken at every turn's start, so a client that keeps sending does not
+                // starve them (and runs out of window).
                 biased;
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
@@ -862,13 +876,7 @@ impl Session {
                 }
                 (channel, data) = std::future::poll_fn(|cx| {
                     let enc = self.common.encrypted.as_ref();
-                    let room = |channel: ChannelId| {
-                        enc.and_then(|enc| enc.channels.get(&channel))
-                            .filter(|c| c.pending_data.is_empty())
-                            .map_or(0, |c| {
-                                c.sender_window_size.min(c.sender_maximum_packet_size) as usize
-                            })
-                    };
+                    let room = |channel: ChannelId| output_room(enc, channel);
                     handler.poll_output(cx, &room)
                 }), if !self.kex.active() => {
                     self.data(channel, data)?;
@@ -1645,6 +1653,16 @@ impl Session {
         self.kex = SessionKexState::InProgress(kex);
         Ok(())
     }
+}
+
+/// (Berth patch) What `channel` may send now for [`Handler::poll_output`]: its window
+/// and packet size, nothing while data of it is still pending.
+fn output_room(enc: Option<&crate::session::Encrypted>, channel: ChannelId) -> usize {
+    enc.and_then(|enc| enc.channels.get(&channel))
+        .filter(|c| c.pending_data.is_empty())
+        .map_or(0, |c| {
+            c.sender_window_size.min(c.sender_maximum_packet_size) as usize
+        })
 }
 
 #[cfg(all(test, feature = "flate2"))]
