@@ -52,6 +52,8 @@ impl Held {
 }
 
 struct UserQuota {
+    /// Her name, shared by what she holds ([`Holding`]).
+    name: Arc<str>,
     connections: Arc<Semaphore>,
     sessions: Arc<Semaphore>,
     forwards: Arc<Semaphore>,
@@ -72,7 +74,7 @@ pub(crate) struct Slot {
 /// `take`, long-lived blocks amid the load's freed memory that keep its pages resident.
 struct Holding {
     quotas: Arc<Quotas>,
-    user: String,
+    user: Arc<str>,
 }
 
 impl std::fmt::Debug for Holding {
@@ -83,13 +85,7 @@ impl std::fmt::Debug for Holding {
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        let mut users = self.quotas.lock();
-        if users
-            .get(self.user.as_str())
-            .is_some_and(|q| self.quotas.holds_nothing(q))
-        {
-            users.remove(self.user.as_str());
-        }
+        self.quotas.forget_if_idle(&self.user);
     }
 }
 
@@ -157,17 +153,26 @@ impl Quotas {
         kib(self.limits.input_buffer_bytes).min(Semaphore::MAX_PERMITS)
     }
 
+    /// Forgets `user`'s entry if she holds nothing. What is given back does this itself
+    /// ([`Holding`]); a refused take does it for an entry it may have made.
+    fn forget_if_idle(&self, user: &str) {
+        let mut users = self.lock();
+        if users.get(user).is_some_and(|q| self.holds_nothing(q)) {
+            users.remove(user);
+        }
+    }
+
     fn user(&self, name: &str) -> Arc<UserQuota> {
         let mut users = self.lock();
-        // Users holding nothing are forgotten (their semaphores are not shared by anyone);
-        // what is given back forgets its user itself ([`Holding`]), this catches the rest
-        // (a reservation refused half-way).
-        users.retain(|_, q| !self.holds_nothing(q));
+        if let Some(q) = users.get(name) {
+            return q.clone();
+        }
         let l = &self.limits;
         users
             .entry(name.to_owned())
             .or_insert_with(|| {
                 Arc::new(UserQuota {
+                    name: Arc::from(name),
                     connections: Arc::new(Semaphore::new(l.connections)),
                     sessions: Arc::new(Semaphore::new(l.sessions)),
                     forwards: Arc::new(Semaphore::new(l.forwards)),
@@ -185,18 +190,23 @@ impl Quotas {
             Held::Session => &q.sessions,
             Held::Forward => &q.forwards,
         };
-        let permit = sem.clone().try_acquire_owned().ok()?;
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            drop(q);
+            self.forget_if_idle(user);
+            return None;
+        };
+        let held = self.holding(&q);
         drop(q);
         Some(Slot {
             _permit: permit,
-            _held: self.holding(user),
+            _held: held,
         })
     }
 
-    fn holding(self: &Arc<Self>, user: &str) -> Holding {
+    fn holding(self: &Arc<Self>, q: &UserQuota) -> Holding {
         Holding {
             quotas: self.clone(),
-            user: user.to_owned(),
+            user: q.name.clone(),
         }
     }
 
@@ -207,11 +217,13 @@ impl Quotas {
         let n = u32::try_from(kib(bytes)).unwrap_or(u32::MAX);
         let q = self.user(user);
         let Ok(mine) = q.input.clone().try_acquire_many_owned(n) else {
+            drop(q);
+            self.forget_if_idle(user);
             return Reserved::default();
         };
-        drop(q);
         // Her permits go back before the entry is looked at, whichever way this ends.
-        let held = self.holding(user);
+        let held = self.holding(&q);
+        drop(q);
         let Ok(all) = self.global_input.clone().try_acquire_many_owned(n) else {
             drop(mine);
             drop(held);
@@ -329,5 +341,29 @@ mod tests {
         let _bob = q.reserve_input("bob", 1 << 20);
         assert_eq!(q.reserve_input("alice", 1 << 20).bytes(), 0);
         assert_eq!(q.users.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_refused_take_forgets_only_a_user_holding_nothing() {
+        let q = Arc::new(Quotas::new(
+            UserLimits {
+                connections: 1,
+                sessions: 1,
+                forwards: 0,
+                input_buffer_bytes: 4 << 20,
+            },
+            64 << 20,
+        ));
+        // Refused outright (a cap of 0, a reservation past her whole budget): her entry,
+        // made for the look, is forgotten at once.
+        assert!(q.take("carol", Held::Forward).is_none());
+        assert_eq!(q.reserve_input("dave", 8 << 20).bytes(), 0);
+        assert_eq!(q.users.lock().unwrap().len(), 0);
+        // Refused at her cap: she still holds her connection, so her entry stays.
+        let held = q.take("alice", Held::Connection).unwrap();
+        assert!(q.take("alice", Held::Connection).is_none());
+        assert_eq!(q.users.lock().unwrap().len(), 1);
+        drop(held);
+        assert_eq!(q.users.lock().unwrap().len(), 0);
     }
 }
