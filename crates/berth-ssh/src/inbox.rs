@@ -227,7 +227,8 @@ impl InboxTx {
             return Poll::Pending;
         }
         let mut space = [std::mem::MaybeUninit::<u8>::uninit(); OUTPUT_READ];
-        let mut buf = tokio::io::ReadBuf::uninit(&mut space[..room.min(OUTPUT_READ)]);
+        let (space, _) = space.split_at_mut(room.min(OUTPUT_READ));
+        let mut buf = tokio::io::ReadBuf::uninit(space);
         match read(cx, &mut buf) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
