@@ -485,6 +485,12 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(()); // dropping `reply` rejects the open
         };
         while self.tasks.try_join_next().is_some() {}
+        // Sessions whose task has ended are forgotten here: the client's close of a channel
+        // the server closed first never reaches `channel_close`.
+        self.channels.retain(|_, e| match e {
+            SessionInput::Waiting(give) => !give.is_closed(),
+            SessionInput::Started(input) => !input.finished(),
+        });
         if self.channels.len() >= self.max_sessions {
             info!(user = %user, "session refused: {} sessions open on this connection", self.channels.len());
             return Ok(());
@@ -799,7 +805,7 @@ impl<G: Gateway> Handler for Connection<G> {
     ) -> Result<(), Self::Error> {
         // Only sftp and berth connect are served; for anything else the task sees the
         // request and ends the channel.
-        let ok = self.start(ch, session) && (name == "sftp" || name == crate::CONNECT_SUBSYSTEM);
+        let ok = (name == "sftp" || name == crate::CONNECT_SUBSYSTEM) && self.start(ch, session);
         self.reply(ch, ok, session)
     }
 

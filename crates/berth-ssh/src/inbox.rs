@@ -17,8 +17,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -72,6 +71,26 @@ struct State {
     /// The input buffer set aside for this channel, given back once the consumer is gone
     /// (a consumer still writing what it took keeps it).
     reserved: Option<Reserved>,
+    /// The consumer's sink, written without waiting ([`InboxTx::write_now`]).
+    now: Option<WriteNow>,
+    /// Where the process's output is read ([`InboxTx::read_now`]).
+    output: OutputSource,
+    /// The session's task has ended ([`InboxTx::finish`]).
+    finished: bool,
+}
+
+/// Where a session's output is read.
+#[derive(Default)]
+enum OutputSource {
+    /// Not known yet (the process is being opened).
+    #[default]
+    Undecided,
+    /// By the session's task.
+    Elsewhere,
+    /// By the connection's loop ([`InboxTx::poll_output`]).
+    Here(ReadNow),
+    /// Nowhere any more: it ended, or the session did.
+    Ended,
 }
 
 impl State {
@@ -103,14 +122,10 @@ struct Shared {
     waker: AtomicWaker,
     handle: russh::server::Handle,
     id: ChannelId,
-    /// The consumer's sink, written without waiting ([`InboxTx::write_now`]).
-    now: OnceLock<WriteNow>,
-    /// The process's output, read by the connection's loop ([`InboxTx::poll_output`]).
-    output: OnceLock<ReadNow>,
-    /// The output has ended (or is no longer wanted).
-    output_ended: AtomicBool,
     /// The session's task, waiting for the output's end.
     output_waker: AtomicWaker,
+    /// The connection's loop, while it waits to learn where the output is read.
+    loop_waker: AtomicWaker,
 }
 
 impl Shared {
@@ -175,10 +190,8 @@ pub(crate) fn inbox(
         waker: AtomicWaker::new(),
         handle,
         id,
-        now: OnceLock::new(),
-        output: OnceLock::new(),
-        output_ended: AtomicBool::new(false),
         output_waker: AtomicWaker::new(),
+        loop_waker: AtomicWaker::new(),
     });
     shared.grant(extra);
     (
@@ -206,62 +219,99 @@ impl InboxTx {
     /// `now` whenever nothing is queued or being written (so nothing is overtaken). `now`
     /// must write to the very sink the consumer writes to; what it does not take is queued.
     pub(crate) fn write_now(&self, now: WriteNow) {
-        let _ = self.shared.now.set(now);
+        self.shared.with(|s| s.now = Some(now));
     }
 
-    /// From now on the process's output is read with `read` by the connection's loop
-    /// ([`poll_output`](Self::poll_output)); [`output_end`](Self::output_end) says when
-    /// it has ended.
-    pub(crate) fn read_now(&self, read: ReadNow) {
-        let _ = self.shared.output.set(read);
+    /// Where the process's output is read from now on: by the connection's loop with
+    /// `read` ([`poll_output`](Self::poll_output); [`output_end`](Self::output_end) says
+    /// when it has ended), or, with `None`, by the session's task. The loop, which waits to
+    /// know, is woken.
+    pub(crate) fn read_now(&self, read: Option<ReadNow>) {
+        self.shared.with(|s| {
+            if matches!(s.output, OutputSource::Undecided) {
+                s.output = read.map_or(OutputSource::Elsewhere, OutputSource::Here);
+            }
+        });
+        self.shared.loop_waker.wake();
     }
 
     /// The process's next output, at most `room` bytes: for the connection's loop, which
     /// sends it as the channel's data. Pending while there is none, no room, or after the
     /// end.
     pub(crate) fn poll_output(&self, cx: &mut Context<'_>, room: usize) -> Poll<Bytes> {
-        let Some(read) = self.shared.output.get() else {
-            return Poll::Pending;
-        };
-        if room == 0 || self.shared.output_ended.load(Ordering::Acquire) {
-            return Poll::Pending;
-        }
         let mut space = [std::mem::MaybeUninit::<u8>::uninit(); OUTPUT_READ];
-        let (space, _) = space.split_at_mut(room.min(OUTPUT_READ));
-        let mut buf = tokio::io::ReadBuf::uninit(space);
-        match read(cx, &mut buf) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
-                crate::tunnel::relayed(buf.filled().len());
-                Poll::Ready(Bytes::copy_from_slice(buf.filled()))
+        let got = self.shared.with(|s| match &s.output {
+            // Registered under the lock that `read_now` decides under: no wake is lost.
+            OutputSource::Undecided => {
+                self.shared.loop_waker.register(cx.waker());
+                None
             }
-            // The end (or a failed read, which ends it as well).
-            Poll::Ready(_) => {
-                self.stop_output();
+            OutputSource::Here(read) if room > 0 => {
+                let (space, _) = space.split_at_mut(room.min(OUTPUT_READ));
+                let mut buf = tokio::io::ReadBuf::uninit(space);
+                match read(cx, &mut buf) {
+                    Poll::Pending => None,
+                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => {
+                        Some(Some(Bytes::copy_from_slice(buf.filled())))
+                    }
+                    // The end (or a failed read, which ends it as well).
+                    Poll::Ready(_) => {
+                        s.output = OutputSource::Ended;
+                        Some(None)
+                    }
+                }
+            }
+            _ => None,
+        });
+        match got {
+            Some(Some(data)) => {
+                crate::tunnel::relayed(data.len());
+                Poll::Ready(data)
+            }
+            Some(None) => {
+                self.shared.output_waker.wake();
                 Poll::Pending
             }
+            None => Poll::Pending,
         }
     }
 
     /// Whether the connection's loop reads the process's output ([`read_now`](Self::read_now)).
     pub(crate) fn reads_output(&self) -> bool {
-        self.shared.output.get().is_some()
+        self.shared
+            .with(|s| matches!(s.output, OutputSource::Here(_)))
     }
 
-    /// No more output is read (its end, or the session's).
-    pub(crate) fn stop_output(&self) {
-        self.shared.output_ended.store(true, Ordering::Release);
+    /// The session's task has ended: nothing more is written or read for it (the terminal
+    /// is let go), and the connection forgets the channel at its next look
+    /// ([`finished`](Self::finished)).
+    pub(crate) fn finish(&self) {
+        let (now, output) = self.shared.with(|s| {
+            s.finished = true;
+            (
+                s.now.take(),
+                std::mem::replace(&mut s.output, OutputSource::Ended),
+            )
+        });
         self.shared.output_waker.wake();
+        // Outside the lock: the last hold on the terminal may close it.
+        drop((now, output));
+    }
+
+    /// Whether the session's task has ended.
+    pub(crate) fn finished(&self) -> bool {
+        self.shared.with(|s| s.finished)
     }
 
     /// Returns once the output read by the connection's loop has ended.
     pub(crate) async fn output_end(&self) {
+        let ended = |s: &mut State| matches!(s.output, OutputSource::Ended);
         std::future::poll_fn(|cx| {
-            if self.shared.output_ended.load(Ordering::Acquire) {
+            if self.shared.with(ended) {
                 return Poll::Ready(());
             }
             self.shared.output_waker.register(cx.waker());
-            if self.shared.output_ended.load(Ordering::Acquire) {
+            if self.shared.with(ended) {
                 Poll::Ready(())
             } else {
                 Poll::Pending
@@ -275,35 +325,34 @@ impl InboxTx {
     /// given back at once (as sshd does for a process that closed its stdin).
     pub(crate) fn push(&self, data: Bytes) -> Result<(), Overrun> {
         let len = data.len();
+        if len == 0 {
+            // Nothing to hold (an empty piece in the queue would read as a refused write).
+            return Ok(());
+        }
         let (queued, grant) = self.shared.with(|s| {
             s.admit(len, self.limit)?;
             if s.dropped || s.eof {
                 return Ok((false, len));
             }
             let mut data = data;
-            if let Some(now) = self.shared.now.get()
-                && s.queue.is_empty()
-                && !s.busy
-            {
-                // Written under the lock, so the consumer cannot start a write meanwhile.
-                // A refusal (the terminal full, or gone) leaves it to the consumer, whose
-                // own write waits for room or reports the end.
-                if let Ok(n) = now(&data)
-                    && n > 0
-                {
-                    crate::tunnel::relayed(n);
-                    data.advance(n);
-                    let grant = s.written(
-                        n,
-                        if data.is_empty() {
-                            IDLE_GRANT
-                        } else {
-                            usize::MAX
-                        },
-                    );
-                    if data.is_empty() {
-                        return Ok((false, grant));
-                    }
+            // Written under the lock, so the consumer cannot start a write meanwhile. A
+            // refusal (the terminal full, or gone) leaves it to the consumer, whose own
+            // write waits for room or reports the end.
+            let wrote = match &s.now {
+                Some(now) if s.queue.is_empty() && !s.busy => now(&data).ok(),
+                _ => None,
+            };
+            if let Some(n) = wrote.filter(|&n| n > 0) {
+                crate::tunnel::relayed(n);
+                data.advance(n.min(data.len()));
+                let step = if data.is_empty() {
+                    IDLE_GRANT
+                } else {
+                    usize::MAX
+                };
+                let grant = s.written(n, step);
+                if data.is_empty() {
+                    return Ok((false, grant));
                 }
             }
             s.held += data.len();
@@ -330,6 +379,9 @@ impl InboxTx {
 
     fn hold(&self, data: Bytes) -> Result<(), Overrun> {
         let len = data.len();
+        if len == 0 {
+            return Ok(());
+        }
         let discarded = self.shared.with(|s| {
             s.admit(len, self.limit)?;
             if s.dropped || s.eof {

@@ -213,6 +213,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let Ok((input, stdin)) = ctx.input.await else {
         return;
     };
+    let _finish = Finish(input.companion());
     if early_eof && !tty {
         input.eof();
     }
@@ -259,10 +260,8 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
         input.write_now(now);
     }
     // A terminal's output is read and sent by the connection's loop, as its input is
-    // written there: a keystroke's echo never waits for this task.
-    if let Some(read) = process.output_now.take() {
-        input.read_now(read);
-    }
+    // written there: a keystroke's echo never waits for this task. The loop waits to know.
+    input.read_now(process.output_now.take());
     let _x11_task = process.x11.take().map(|l| {
         ctx.gateway.event(Event::Forward {
             user: &ctx.user,
@@ -360,8 +359,7 @@ async fn pump(
         output,
         mut control,
     } = process;
-    // However this ends, the connection's loop reads no more output for it.
-    let _stop = StopOutput(&input);
+
     let writer = write_stdin(stdin, stdin_rx);
     tokio::pin!(writer);
     let mut writing = true;
@@ -415,12 +413,13 @@ async fn pump(
     Some(code)
 }
 
-/// Stops the connection's loop reading a session's output when dropped.
-struct StopOutput<'a>(&'a InboxTx);
+/// Tells the connection's loop that the session's task has ended, when dropped: it lets
+/// the terminal go and forgets the channel ([`InboxTx::finish`]).
+struct Finish(InboxTx);
 
-impl Drop for StopOutput<'_> {
+impl Drop for Finish {
     fn drop(&mut self) {
-        self.0.stop_output();
+        self.0.finish();
     }
 }
 

@@ -183,6 +183,41 @@ fn terminal_input_past_a_full_queue_arrives_whole() {
     assert_eq!(digits, "262144", "{out}");
 }
 
+/// A terminal's output reaches the client with nothing typed and the client's input left
+/// open: the connection's loop, which reads the terminal, learns of it when the process
+/// opens. Keepalives are far off here, so no other packet would turn the loop.
+#[test]
+fn a_terminal_s_output_comes_with_no_input_at_all() {
+    let d = Daemon::start(
+        Path::new(BIN),
+        DaemonOptions {
+            config: "keepalive_interval_seconds = 300\n".into(),
+            ..DaemonOptions::default()
+        },
+    );
+    let key = d.add_user("alice", BUSYBOX);
+    let mut child = std::process::Command::new("timeout")
+        .arg("30")
+        .arg("ssh")
+        .args(d.ssh_args(&key))
+        .args(["-tt", "alice@127.0.0.1", "echo hello-from-the-terminal"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Held open and silent until the end: no keystroke, no EOF.
+    let _silent = child.stdin.take();
+    let o = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("hello-from-the-terminal"),
+        "{:?} {out} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Input reaches a terminal in the order typed while the terminal fills and drains in turn:
 /// keystrokes written at once by the connection's loop never overtake input queued for the
 /// session's writer.

@@ -707,6 +707,28 @@ impl Session {
             // Leave application messages in the bounded receiver once a peer's
             // channel window is exhausted. Network reads remain active so a
             // window adjustment can release the queued data.
+            // (Berth patch) Window adjustments and open replies go out whatever is queued
+            // for a client's window: the `select!` below reads the client first, and a
+            // client that keeps sending would hold them back.
+            if !self.kex.active() {
+                let mut sent = 0;
+                while sent < MAX_MESSAGES_PER_BATCH {
+                    let Ok(msg) = self.priority_receiver.try_recv() else {
+                        break;
+                    };
+                    self.dispatch_msg(msg)?;
+                    sent += 1;
+                }
+                if sent > 0 {
+                    self.flush()?;
+                    crate::flush_or_timeout(
+                        &mut self.common.packet_writer,
+                        &mut stream_write,
+                        inactivity_timer.as_mut(),
+                    )
+                    .await?;
+                }
+            }
             if !self.kex.active() && !self.common.has_any_pending_data() {
                 let mut drained = 0;
                 while drained < MAX_MESSAGES_PER_BATCH {
@@ -1659,7 +1681,7 @@ impl Session {
 /// and packet size, nothing while data of it is still pending.
 fn output_room(enc: Option<&crate::session::Encrypted>, channel: ChannelId) -> usize {
     enc.and_then(|enc| enc.channels.get(&channel))
-        .filter(|c| c.pending_data.is_empty())
+        .filter(|c| c.confirmed && c.pending_data.is_empty())
         .map_or(0, |c| {
             c.sender_window_size.min(c.sender_maximum_packet_size) as usize
         })
