@@ -276,10 +276,11 @@ impl InboxTx {
         }
     }
 
-    /// Whether the connection's loop reads the process's output ([`read_now`](Self::read_now)).
+    /// Whether the connection's loop reads the process's output ([`read_now`](Self::read_now)),
+    /// or did until its end.
     pub(crate) fn reads_output(&self) -> bool {
         self.shared
-            .with(|s| matches!(s.output, OutputSource::Here(_)))
+            .with(|s| matches!(s.output, OutputSource::Here(_) | OutputSource::Ended))
     }
 
     /// The session's task has ended: nothing more is written or read for it (the terminal
@@ -298,9 +299,9 @@ impl InboxTx {
         drop((now, output));
     }
 
-    /// Whether the session's task has ended.
+    /// Whether the session's task has ended (or let go of the inbox without starting).
     pub(crate) fn finished(&self) -> bool {
-        self.shared.with(|s| s.finished)
+        Arc::strong_count(&self.shared) == 1 || self.shared.with(|s| s.finished)
     }
 
     /// Returns once the output read by the connection's loop has ended.
@@ -342,9 +343,9 @@ impl InboxTx {
                 Some(now) if s.queue.is_empty() && !s.busy => now(&data).ok(),
                 _ => None,
             };
-            if let Some(n) = wrote.filter(|&n| n > 0) {
+            if let Some(n) = wrote.map(|n| n.min(data.len())).filter(|&n| n > 0) {
                 crate::tunnel::relayed(n);
-                data.advance(n.min(data.len()));
+                data.advance(n);
                 let step = if data.is_empty() {
                     IDLE_GRANT
                 } else {

@@ -1445,6 +1445,13 @@ impl Session {
                 let channel_num = map_err!(ChannelId::decode(r))?;
                 map_err!(ensure_end(r))?;
                 if !self.common.is_established_channel(channel_num) {
+                    // (Berth patch) The close answering one of ours: the channel's queue
+                    // goes, and the handler hears of it (stock russh kept both for the
+                    // connection's life).
+                    if self.channels.remove(&channel_num).is_some() {
+                        debug!("handler.channel_close {channel_num:?} (closed by us first)");
+                        return handler.channel_close(channel_num, self).await;
+                    }
                     return Ok(());
                 }
                 if let Some(ref mut enc) = self.common.encrypted {

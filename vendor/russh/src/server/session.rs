@@ -1677,13 +1677,13 @@ impl Session {
     }
 }
 
-/// (Berth patch) What `channel` may send now for [`Handler::poll_output`]: its window
-/// and packet size, nothing while data of it is still pending.
+/// (Berth patch) What `channel` may send now for [`Handler::poll_output`]: the peer's
+/// window for it and the peer's packet size, nothing while data of it is still pending.
 fn output_room(enc: Option<&crate::session::Encrypted>, channel: ChannelId) -> usize {
     enc.and_then(|enc| enc.channels.get(&channel))
         .filter(|c| c.confirmed && c.pending_data.is_empty())
         .map_or(0, |c| {
-            c.sender_window_size.min(c.sender_maximum_packet_size) as usize
+            c.recipient_window_size.min(c.recipient_maximum_packet_size) as usize
         })
 }
 
