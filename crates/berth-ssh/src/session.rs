@@ -359,7 +359,6 @@ async fn pump(
         output,
         mut control,
     } = process;
-
     let writer = write_stdin(stdin, stdin_rx);
     tokio::pin!(writer);
     let mut writing = true;
