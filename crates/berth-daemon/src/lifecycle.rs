@@ -317,6 +317,9 @@ pub struct Lifecycle<R> {
     settings: Settings,
     owners: Mutex<HashMap<UserName, Owner>>,
     tracker: TaskTracker,
+    /// The daemon's runtime, where every owner runs, whichever thread asked first (the
+    /// admin socket has a runtime of its own).
+    spawner: tokio::runtime::Handle,
     cancel: CancellationToken,
     disk: Arc<crate::disk::Disk>,
 }
@@ -347,6 +350,7 @@ impl<R: Runtime> Lifecycle<R> {
         &self.settings.audit
     }
 
+    /// Called on the daemon's runtime: its owners run there (panics outside a runtime).
     pub fn new(runtime: Arc<R>, store: Store, settings: Settings) -> Arc<Self> {
         Arc::new(Self {
             runtime,
@@ -354,6 +358,7 @@ impl<R: Runtime> Lifecycle<R> {
             settings,
             owners: Mutex::new(HashMap::new()),
             tracker: TaskTracker::new(),
+            spawner: tokio::runtime::Handle::current(),
             cancel: CancellationToken::new(),
             disk: Default::default(),
         })
@@ -664,8 +669,10 @@ impl<R: Runtime> Lifecycle<R> {
             committing: None,
             running: None,
         };
-        self.tracker
-            .spawn(task.run(rx).instrument(info_span!("owner", user = %user)));
+        self.tracker.spawn_on(
+            task.run(rx).instrument(info_span!("owner", user = %user)),
+            &self.spawner,
+        );
         Owner { tx, sessions }
     }
 }
@@ -1585,6 +1592,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("sessions never reached {n}");
+    }
+
+    /// The admin socket has a runtime of its own. An owner that one of its requests starts
+    /// must still run on the daemon's runtime, or her logins would wait on a thread that is
+    /// serving something else (or nothing, as here).
+    #[test]
+    fn an_owner_started_from_another_runtime_runs_on_the_daemon_s() {
+        let daemon = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (lc, rt, _store) = daemon
+            .block_on(async { setup(60_000, FakeRuntime::with_images(&["img"]), &["alice"]) });
+        let admin = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Her owner starts at the admin runtime's request; nothing drives that runtime after.
+        let hold = admin.block_on(async { lc.hold(&alice()).unwrap() });
+        let lease = daemon
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), lc.acquire(&alice())).await
+            })
+            .expect("her owner never answered: it runs on a runtime nobody drives")
+            .unwrap();
+        assert_eq!(running(&rt, "t-alice"), Some(true));
+        daemon.block_on(async move {
+            drop(lease);
+            drop(hold);
+            settle(&lc, &alice(), 0).await;
+        });
     }
 
     #[test]
