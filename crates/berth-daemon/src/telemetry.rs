@@ -20,6 +20,9 @@ use crate::admin::AdminState;
 /// Login latency buckets, seconds: from a warm login (~0.1 s) to a slow first login.
 const LOGIN_BUCKETS: &[f64] = &[0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0];
 
+/// How often histogram samples nobody scraped are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct MetricsListener {
     listener: tokio::net::TcpListener,
     handle: PrometheusHandle,
@@ -112,6 +115,17 @@ pub async fn serve<R: Runtime>(
     state: Arc<AdminState<R>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    // The login histogram's samples wait in the recorder until they are drained: by a
+    // scrape, or here when nobody scrapes (one sample kept per login otherwise, for good).
+    let handle = l.handle.clone();
+    let _upkeep = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(UPKEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            handle.run_upkeep();
+        }
+    }));
     let app = Router::new()
         .route("/metrics", get(render::<R>))
         .with_state((state, l.handle));
