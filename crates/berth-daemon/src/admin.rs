@@ -315,9 +315,8 @@ async fn status<R: Runtime>(State(st): AppState<R>) -> Result<Json<StatusInfo>> 
         users,
         containers,
         sessions: st.sessions.list(),
-        tasks: tokio::runtime::Handle::current()
-            .metrics()
-            .num_alive_tasks(),
+        // The daemon's runtime's, not this admin thread's own.
+        tasks: st.lifecycle.spawner().metrics().num_alive_tasks(),
         descriptors: std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count),
         disk_quota: Some(st.lifecycle.disk().quota().describe()),
         isolation: match &st.firewall {

@@ -88,6 +88,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Some(addr) => Some(telemetry::bind(addr).await?),
         None => None,
     };
+    let metrics_upkeep = metrics.as_ref().map(telemetry::MetricsListener::handle);
     let certs = Arc::new(
         certs::Certs::load(
             config.trusted_user_ca_keys.as_deref(),
@@ -297,6 +298,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         );
     }
     let _trim = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(return_free_memory()));
+    let _upkeep = metrics_upkeep
+        .map(|h| tokio_util::task::AbortOnDropHandle::new(tokio::spawn(telemetry::upkeep(h))));
     info!(version = berth_proto::VERSION_LONG, listen = %config.listen, state_dir = %state.display(), descriptors = nofile, "berth daemon ready");
     let ssh = berth_ssh::serve(listener, ssh_config, host_key, gateway, shutdown.clone()).await;
     shutdown.cancel();

@@ -364,6 +364,11 @@ impl<R: Runtime> Lifecycle<R> {
         })
     }
 
+    /// The daemon's runtime (where the SSH connections, sessions and owners run).
+    pub fn spawner(&self) -> &tokio::runtime::Handle {
+        &self.spawner
+    }
+
     pub fn container_name(&self, user: &UserName) -> String {
         format!("{}{}", self.settings.prefix, user)
     }
@@ -670,7 +675,9 @@ impl<R: Runtime> Lifecycle<R> {
             running: None,
         };
         self.tracker.spawn_on(
-            task.run(rx).instrument(info_span!("owner", user = %user)),
+            // Her owner outlives whatever first needed it: its span has no parent.
+            task.run(rx)
+                .instrument(info_span!(parent: None, "owner", user = %user)),
             &self.spawner,
         );
         Owner { tx, sessions }

@@ -110,22 +110,30 @@ fn describe() {
     );
 }
 
+/// Folds the login histogram's samples into their buckets every [`UPKEEP_EVERY`]: they wait
+/// in the recorder until drained, by a scrape or by this (one sample kept per login
+/// otherwise, for good, should nobody scrape or the metrics server not start). Runs from
+/// the recorder's installation for as long as the daemon does.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+impl MetricsListener {
+    pub fn handle(&self) -> PrometheusHandle {
+        self.handle.clone()
+    }
+}
+
 pub async fn serve<R: Runtime>(
     l: MetricsListener,
     state: Arc<AdminState<R>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    // The login histogram's samples wait in the recorder until they are drained: by a
-    // scrape, or here when nobody scrapes (one sample kept per login otherwise, for good).
-    let handle = l.handle.clone();
-    let _upkeep = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(UPKEEP_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            handle.run_upkeep();
-        }
-    }));
     let app = Router::new()
         .route("/metrics", get(render::<R>))
         .with_state((state, l.handle));
