@@ -41,6 +41,27 @@ use crate::{
 
 /// How long the whole handshake with the guest may take: connect, request, reply.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An init started less than this long ago that refuses a session is asked again: it may
+/// not have bound its socket yet. An older one that refuses does not take sessions.
+const YOUNG_INIT: Duration = Duration::from_secs(10);
+/// How long to wait before asking a young init again.
+const LISTEN_RETRY: Duration = Duration::from_millis(20);
+
+/// How long ago process `p` started (its start in clock ticks since boot, against
+/// `/proc/uptime`).
+fn age(p: Identity) -> Option<Duration> {
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    #[allow(clippy::cast_precision_loss)]
+    let started = p.start as f64 / hz as f64;
+    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
+}
 /// The largest reply read (replies are a few dozen bytes).
 const MAX_REPLY: usize = 4096;
 
@@ -233,17 +254,30 @@ pub(crate) async fn spawn(
         nix::sys::socket::AddressFamily::Unix,
         nix::sys::socket::SockType::Stream,
     );
-    let sock = sockets_in_netns(&ns, container, &[unix])
-        .await
-        .and_then(|s| {
-            s.into_iter()
-                .next()
-                .ok_or_else(|| std::io::ErrorKind::Other.into())
-        })
-        .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    // A container started a moment ago may not listen yet (the first login's first
+    // session): while its init is young, a refusal is asked again, within the deadline.
+    let conn = loop {
+        let sock = sockets_in_netns(&ns, container, &[unix])
+            .await
+            .and_then(|s| {
+                s.into_iter()
+                    .next()
+                    .ok_or_else(|| std::io::ErrorKind::Other.into())
+            })
+            .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
+        match connect(sock).map_err(|e| RuntimeError::Session(format!("container init: {e}")))? {
+            Some(c) => break Some(c),
+            None if Instant::now() + LISTEN_RETRY < deadline
+                && age(init).is_some_and(|a| a < YOUNG_INIT) =>
+            {
+                tokio::time::sleep(LISTEN_RETRY).await;
+            }
+            None => break None,
+        }
+    };
     let handshake = async move {
-        let Some(conn) = connect(sock)? else {
+        let Some(conn) = conn else {
             return Ok(None);
         };
         let conn = Closing(Some(tokio::net::UnixStream::from_std(conn)?));
@@ -729,6 +763,17 @@ fn leftover(mut c: &UnixStream) -> usize {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A process's age comes out of its start and the clock since boot: this test's own
+    /// process is younger than the machine's first, and both are plausible.
+    #[test]
+    fn a_process_s_age_is_read_from_proc() {
+        let me = crate::process::Identity::of(i32::try_from(std::process::id()).unwrap()).unwrap();
+        let first = crate::process::Identity::of(1).unwrap();
+        let (mine, its) = (age(me).unwrap(), age(first).unwrap());
+        assert!(mine < Duration::from_secs(3600), "{mine:?}");
+        assert!(its >= mine, "{its:?} < {mine:?}");
+    }
 
     fn soon() -> Instant {
         Instant::now() + Duration::from_secs(2)
