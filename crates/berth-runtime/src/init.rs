@@ -257,6 +257,7 @@ pub(crate) async fn spawn(
     let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
     // A container started a moment ago may not listen yet (the first login's first
     // session): while its init is young, a refusal is asked again, within the deadline.
+    let failed = |e: std::io::Error| RuntimeError::Session(format!("container init: {e}"));
     let conn = loop {
         let sock = sockets_in_netns(&ns, container, &[unix])
             .await
@@ -265,8 +266,8 @@ pub(crate) async fn spawn(
                     .next()
                     .ok_or_else(|| std::io::ErrorKind::Other.into())
             })
-            .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
-        match connect(sock).map_err(|e| RuntimeError::Session(format!("container init: {e}")))? {
+            .map_err(failed)?;
+        match connect(sock).map_err(failed)? {
             Some(c) => break Some(c),
             None if Instant::now() + LISTEN_RETRY < deadline
                 && age(init).is_some_and(|a| a < YOUNG_INIT) =>
@@ -294,7 +295,7 @@ pub(crate) async fn spawn(
         Ok::<_, std::io::Error>(Some((conn.take(), reply, rest)))
     }
     .await
-    .map_err(|e| RuntimeError::Session(format!("container init: {e}")))?;
+    .map_err(failed)?;
     let Some((conn, reply, rest)) = handshake else {
         return Ok(None);
     };
