@@ -515,12 +515,27 @@ fn a_flood_into_the_containers_console_keeps_a_bounded_log() {
     let container = d.container_name("alice");
     let log = berth_testkit::docker(&["inspect", "-f", "{{.LogPath}}", &container]);
     let dir = Path::new(&log).parent().unwrap().to_owned();
-    let total: u64 = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("-json.log"))
-        .map(|e| e.metadata().unwrap().len())
-        .sum();
+    // The engine writes the log after the command has returned and rotates it as it goes: a
+    // file listed may be renamed or removed before it is measured. Read until two readings
+    // half a second apart agree.
+    let on_disk = || -> u64 {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("-json.log"))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    let mut total = on_disk();
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = on_disk();
+        if now == total {
+            break;
+        }
+        total = now;
+    }
     eprintln!("console log on disk: {total} bytes");
     assert!(
         total > 100_000,
