@@ -86,6 +86,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Wire<R, W> {
 }
 
 struct Inner {
+    /// Whole frames ([`proto::encode_frame`]).
     out: mpsc::Sender<Bytes>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Answer, i32>>>>,
     next: AtomicU64,
@@ -129,6 +130,41 @@ impl Client {
         W: AsyncWrite + Unpin + Send,
     {
         let (out, mut queued) = mpsc::channel::<Bytes>(MAX_IN_FLIGHT);
+        let Wire { rx, mut tx } = wire;
+        let (client, reading) = Self::start_queued(rx, out, deadline);
+        let writer = async move {
+            while let Some(frame) = queued.recv().await {
+                // The codec writes the length itself.
+                if tx.send(frame.slice(4..)).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let driver = {
+            let inner = client.inner.clone();
+            async move {
+                tokio::select! {
+                    () = reading => {}
+                    () = writer => {}
+                }
+                inner.end();
+            }
+        };
+        (client, driver)
+    }
+
+    /// As [`Client::start`], but the requests are not written: each goes to `out` as one
+    /// whole frame (length and payload, [`proto::encode_frame`]), for the caller to put on
+    /// the byte stream as it is, with no copy on the way. Calls fail as [`CallError::Gone`]
+    /// once `out`'s receiver is dropped or `rx` ends.
+    pub fn start_queued<R>(
+        mut rx: FramedRead<R, LengthDelimitedCodec>,
+        out: mpsc::Sender<Bytes>,
+        deadline: Duration,
+    ) -> (Self, impl std::future::Future<Output = ()> + Send)
+    where
+        R: AsyncRead + Unpin + Send,
+    {
         let inner = Arc::new(Inner {
             out,
             pending: Mutex::new(HashMap::new()),
@@ -137,7 +173,6 @@ impl Client {
             gone: AtomicBool::new(false),
             deadline,
         });
-        let Wire { mut rx, mut tx } = wire;
         let reader = {
             let inner = inner.clone();
             async move {
@@ -159,19 +194,14 @@ impl Client {
                 }
             }
         };
-        let writer = async move {
-            while let Some(frame) = queued.recv().await {
-                if tx.send(frame).await.is_err() {
-                    return;
-                }
-            }
-        };
         let driver = {
             let inner = inner.clone();
             async move {
+                let taker = inner.out.clone();
                 tokio::select! {
                     () = reader => {}
-                    () = writer => {}
+                    // Nobody takes the requests any more.
+                    () = taker.closed() => {}
                 }
                 inner.end();
             }
@@ -198,12 +228,13 @@ impl Client {
             return Err(CallError::Gone);
         }
         let id = inner.next.fetch_add(1, Ordering::Relaxed);
-        let frame = proto::encode(&ToLaptop::Request { id, op }).map_err(|_| CallError::Gone)?;
+        let frame =
+            proto::encode_frame(&ToLaptop::Request { id, op }).map_err(|_| CallError::Gone)?;
         let (answer, answered) = oneshot::channel();
         inner.pending().insert(id, answer);
         // Removes the waiter however this call ends (a timeout, or the caller dropped).
         let _forget = Forget { inner, id };
-        match tokio::time::timeout_at(deadline, inner.out.send(Bytes::from(frame))).await {
+        match tokio::time::timeout_at(deadline, inner.out.send(frame)).await {
             Err(_) => return Err(CallError::Timeout),
             Ok(Err(_)) => return Err(CallError::Gone),
             Ok(Ok(())) => {}
@@ -303,6 +334,50 @@ mod tests {
         assert_eq!(call.await.unwrap(), Err(CallError::Gone));
         assert_eq!(c.call(lookup("y")).await, Err(CallError::Gone));
         assert_eq!(CallError::Gone.errno(), libc::ENOTCONN);
+    }
+
+    /// Queued frames are whole (the laptop's codec reads them from the stream as they are),
+    /// and calls end once nobody takes the queue.
+    #[tokio::test]
+    async fn queued_requests_are_whole_frames_and_end_with_their_taker() {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (r, _w) = tokio::io::split(ours);
+        let (out, mut queued) = mpsc::channel(4);
+        let (c, driver) = Client::start_queued(
+            FramedRead::new(r, proto::codec()),
+            out,
+            Duration::from_secs(5),
+        );
+        let driver = tokio::spawn(driver);
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(lookup("x")).await }
+        });
+        let frame = queued.recv().await.unwrap();
+        let (tr, mut tw) = tokio::io::split(theirs);
+        drop(tr);
+        let mut laptop = FramedRead::new(&frame[..], proto::codec());
+        let Some(Ok(payload)) = laptop.next().await else {
+            panic!("not a frame")
+        };
+        let ToLaptop::Request { id, op } = proto::decode(&payload).unwrap() else {
+            panic!("not a request")
+        };
+        assert_eq!(op, lookup("x"));
+        let reply = proto::encode_frame(&ToDaemon::Reply {
+            id,
+            result: Ok(Answer::Bytes(b"x".to_vec())),
+        })
+        .unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut tw, &reply)
+            .await
+            .unwrap();
+        assert_eq!(call.await.unwrap(), Ok(Answer::Bytes(b"x".to_vec())));
+
+        drop(queued);
+        driver.await.unwrap();
+        assert!(c.is_gone());
+        assert_eq!(c.call(lookup("y")).await, Err(CallError::Gone));
     }
 
     #[tokio::test]

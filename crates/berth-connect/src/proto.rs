@@ -47,6 +47,24 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, postcard::Error> {
     postcard::to_stdvec(msg)
 }
 
+/// Encodes a message as one whole frame: its 4-byte big-endian length, then the payload (what
+/// [`codec`] sends for [`encode`]'s payload), in one buffer, so it can go on the byte stream
+/// as it is. A payload longer than [`MAX_FRAME`] is refused, as [`codec`] refuses it.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<bytes::Bytes, postcard::Error> {
+    let len = postcard::experimental::serialized_size(msg)?;
+    let prefix = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_FRAME)
+        .ok_or(postcard::Error::SerializeBufferFull)?;
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&prefix.to_be_bytes());
+    let frame = postcard::to_extend(msg, frame)?;
+    if frame.len() != 4 + len {
+        return Err(postcard::Error::SerializeBufferFull);
+    }
+    Ok(bytes::Bytes::from(frame))
+}
+
 /// Decodes one frame's payload; trailing bytes are an error.
 pub fn decode<'a, T: Deserialize<'a>>(frame: &'a [u8]) -> Result<T, postcard::Error> {
     let (msg, rest) = postcard::take_from_bytes(frame)?;
@@ -321,6 +339,37 @@ pub enum ToDaemon {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A whole frame is what the codec makes of the payload: the same bytes on the stream,
+    /// and the same refusal of a payload past [`MAX_FRAME`].
+    #[test]
+    fn a_whole_frame_is_the_codec_s_frame() {
+        use tokio_util::codec::Encoder;
+        let write = |len: usize| ToLaptop::Request {
+            id: 9,
+            op: Op::Write {
+                fh: 1,
+                offset: 2,
+                data: vec![7u8; len],
+            },
+        };
+        let coded = |msg: &ToLaptop| {
+            let mut out = bytes::BytesMut::new();
+            codec()
+                .encode(bytes::Bytes::from(encode(msg).unwrap()), &mut out)
+                .map(|()| out.freeze())
+        };
+        for len in [0usize, 1, 300, MAX_IO as usize] {
+            let msg = write(len);
+            assert_eq!(
+                encode_frame(&msg).unwrap(),
+                coded(&msg).unwrap(),
+                "{len} bytes"
+            );
+        }
+        assert!(encode_frame(&write(MAX_FRAME)).is_err());
+        assert!(coded(&write(MAX_FRAME)).is_err());
+    }
 
     #[test]
     fn messages_round_trip_and_trailing_bytes_are_refused() {

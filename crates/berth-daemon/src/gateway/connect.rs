@@ -19,9 +19,11 @@ use berth_connect::proto::{self, ToDaemon, ToLaptop};
 use berth_proto::UserName;
 use berth_runtime::Runtime;
 use berth_ssh::{OpenError, OpenRequest, Output, Process, ProcessControl, WindowSize};
-use futures_util::StreamExt;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::DuplexStream;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::{debug, info, warn};
@@ -38,12 +40,66 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(30);
 const DETACH_WAIT: Duration = Duration::from_secs(10);
 /// Mounts one user may hold at once (each is a FUSE connection and a thread).
 pub const MOUNTS_PER_USER: usize = 8;
-/// Bytes buffered between the channel and the mount's wire, each way.
+/// Bytes buffered between the channel and the mount's wire on the way in (on the way out
+/// the pipe carries only the handshake's answer; requests are queued whole: [`Coalesce`]).
 const PIPE: usize = 256 * 1024;
-/// The most of the mount's output one read of the pipe takes: 32 KiB, one packet of OpenSSH's
-/// size. Reads of 4 KiB made eight packets where one would do; larger reads would only let
-/// each message queued for a client that stops reading hold more.
+/// The most of the mount's small frames joined into one message for the channel (and of
+/// the handshake one read of the pipe takes): 32 KiB, one packet of OpenSSH's size. Small
+/// frames sent one by one made a packet each where one would do.
 const OUTPUT_READ: usize = 32 * 1024;
+
+/// The mount's queued frames as the channel takes them: a large frame (a write's) as it is,
+/// small ones ready together joined up to [`OUTPUT_READ`], one message and so one packet
+/// where each alone would make its own (as the pipe's reads joined them).
+struct Coalesce {
+    queued: mpsc::Receiver<Bytes>,
+    /// A frame taken that did not fit with the ones before it.
+    held: Option<Bytes>,
+}
+
+impl Coalesce {
+    fn new(queued: mpsc::Receiver<Bytes>) -> Self {
+        Self { queued, held: None }
+    }
+}
+
+impl futures_util::Stream for Coalesce {
+    type Item = Bytes;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        let this = &mut *self;
+        let first = match this.held.take() {
+            Some(b) => b,
+            None => match std::task::ready!(this.queued.poll_recv(cx)) {
+                Some(b) => b,
+                None => return std::task::Poll::Ready(None),
+            },
+        };
+        if first.len() >= OUTPUT_READ {
+            return std::task::Poll::Ready(Some(first));
+        }
+        let mut joined: Option<BytesMut> = None;
+        let mut len = first.len();
+        while let Ok(next) = this.queued.try_recv() {
+            if len + next.len() > OUTPUT_READ {
+                this.held = Some(next);
+                break;
+            }
+            len += next.len();
+            joined
+                .get_or_insert_with(|| {
+                    let mut j = BytesMut::with_capacity(OUTPUT_READ);
+                    j.extend_from_slice(&first);
+                    j
+                })
+                .extend_from_slice(&next);
+        }
+        std::task::Poll::Ready(Some(joined.map_or(first, BytesMut::freeze)))
+    }
+}
 
 /// The mounts open now, per user, and their FUSE connections.
 #[derive(Default)]
@@ -127,6 +183,9 @@ impl<R: Runtime> BerthGateway<R> {
         let lease = self.lease(user).await?;
         let (ours, theirs) = tokio::io::duplex(PIPE);
         let (their_read, their_write) = tokio::io::split(theirs);
+        // The mount's requests, each one whole frame, go to the channel as they were
+        // encoded (no copy through the pipe); as many wait as the client has in flight.
+        let (frames, queued) = mpsc::channel(berth_connect::client::MAX_IN_FLIGHT);
         let cancel = CancellationToken::new();
         let registration = self.sessions.register_cancellable(
             user.as_str(),
@@ -143,11 +202,14 @@ impl<R: Runtime> BerthGateway<R> {
         };
         let task = AbortOnDropHandle::new(tokio::spawn(async move {
             tokio::select! {
-                code = job.run(ours, lease) => code,
+                code = job.run(ours, frames, lease) => code,
                 () = cancel.cancelled() => 1,
             }
         }));
+        // The handshake's answer comes through the pipe, which the job closes after it; the
+        // requests follow from the queue.
         let output = tokio_util::io::ReaderStream::with_capacity(their_read, OUTPUT_READ)
+            .chain(Coalesce::new(queued).map(Ok))
             .map(|r| r.map(Output::Stdout));
         Ok(Process {
             x11: None,
@@ -175,7 +237,7 @@ struct Job<R: Runtime> {
 
 impl<R: Runtime> Job<R> {
     /// Serves one mount until the laptop goes; returns the subsystem's exit code.
-    async fn run(self, pipe: DuplexStream, lease: Lease) -> u32 {
+    async fn run(self, pipe: DuplexStream, frames: mpsc::Sender<Bytes>, lease: Lease) -> u32 {
         let (r, w) = tokio::io::split(pipe);
         let mut wire = Wire::new(r, w);
         let path = match tokio::time::timeout(HELLO_WAIT, wire.recv::<ToDaemon>()).await {
@@ -228,7 +290,13 @@ impl<R: Runtime> Job<R> {
             user: self.user.clone(),
             path: shown,
         };
-        let (client, driver) = Client::start(wire, REQUEST_DEADLINE);
+        // The pipe's way out ends with the handshake (its reader then takes the queue).
+        let Wire { rx, mut tx } = wire;
+        if SinkExt::<Bytes>::close(&mut tx).await.is_err() {
+            detach(mounted.attached, &self.user).await;
+            return 1;
+        }
+        let (client, driver) = Client::start_queued(rx, frames, REQUEST_DEADLINE);
         let fs = crate::connect::ConnectFs::new(
             client,
             tokio::runtime::Handle::current(),
@@ -360,6 +428,55 @@ impl ProcessControl for ConnectControl {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn queued_frames_go_whole_and_small_ones_together() {
+        let (tx, rx) = mpsc::channel(16);
+        let big = Bytes::from(vec![1u8; OUTPUT_READ + 1]);
+        let small = |b: u8, n: usize| Bytes::from(vec![b; n]);
+        tx.send(small(2, 10)).await.unwrap();
+        tx.send(small(3, 20)).await.unwrap();
+        tx.send(big.clone()).await.unwrap();
+        tx.send(small(4, OUTPUT_READ - 5)).await.unwrap();
+        tx.send(small(5, 5)).await.unwrap();
+        tx.send(small(6, 1)).await.unwrap();
+        drop(tx);
+        let got: Vec<Bytes> = Coalesce::new(rx).collect().await;
+        let mut first = vec![2u8; 10];
+        first.extend_from_slice(&[3u8; 20]);
+        let mut fourth = vec![4u8; OUTPUT_READ - 5];
+        fourth.extend_from_slice(&[5u8; 5]);
+        // The small ones before the large frame are joined; the large one goes alone (it
+        // would not fit); the last that does not fit comes next, whole and in order.
+        assert_eq!(
+            got,
+            vec![
+                Bytes::from(first),
+                Bytes::from(vec![1u8; OUTPUT_READ + 1]),
+                Bytes::from(fourth),
+                small(6, 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_queue_with_nothing_ready_waits_and_ends_with_its_sender() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut out = Coalesce::new(rx);
+        let next = tokio::spawn(async move {
+            let first = out.next().await;
+            (first, out.next().await)
+        });
+        tokio::task::yield_now().await;
+        tx.send(Bytes::from_static(b"abc")).await.unwrap();
+        drop(tx);
+        let (first, end) = next.await.unwrap();
+        assert_eq!(first, Some(Bytes::from_static(b"abc")));
+        assert_eq!(end, None);
+    }
+
     #[test]
     fn the_subsystem_name_is_the_one_the_laptop_asks_for() {
         assert_eq!(
