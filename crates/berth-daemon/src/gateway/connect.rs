@@ -48,6 +48,21 @@ const PIPE: usize = 256 * 1024;
 /// frames sent one by one made a packet each where one would do.
 const OUTPUT_READ: usize = 32 * 1024;
 
+/// What the channel sends of a mount: the handshake's answer from the pipe (which the job
+/// closes after it), then the requests from the queue, until the job ends (`done`): a copy
+/// of its client that some thread still holds then keeps no channel open.
+fn mount_output(
+    pipe: impl tokio::io::AsyncRead + Send + 'static,
+    queued: mpsc::Receiver<Bytes>,
+    done: CancellationToken,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    tokio_util::io::ReaderStream::with_capacity(pipe, OUTPUT_READ).chain(
+        Coalesce::new(queued)
+            .take_until(done.cancelled_owned())
+            .map(Ok),
+    )
+}
+
 /// The mount's queued frames as the channel takes them: a large frame (a write's) as it is,
 /// small ones ready together joined up to [`OUTPUT_READ`], one message and so one packet
 /// where each alone would make its own (as the pipe's reads joined them).
@@ -200,17 +215,17 @@ impl<R: Runtime> BerthGateway<R> {
             user: user.as_str().to_owned(),
             describer: registration.describer(),
         };
+        // Cancelled as the job's task ends, however it ends (returned, killed, aborted).
+        let done = CancellationToken::new();
+        let ended = done.clone().drop_guard();
         let task = AbortOnDropHandle::new(tokio::spawn(async move {
+            let _ended = ended;
             tokio::select! {
                 code = job.run(ours, frames, lease) => code,
                 () = cancel.cancelled() => 1,
             }
         }));
-        // The handshake's answer comes through the pipe, which the job closes after it; the
-        // requests follow from the queue.
-        let output = tokio_util::io::ReaderStream::with_capacity(their_read, OUTPUT_READ)
-            .chain(Coalesce::new(queued).map(Ok))
-            .map(|r| r.map(Output::Stdout));
+        let output = mount_output(their_read, queued, done).map(|r| r.map(Output::Stdout));
         Ok(Process {
             x11: None,
             stdin: Box::pin(their_write),
@@ -475,6 +490,26 @@ mod tests {
         let (first, end) = next.await.unwrap();
         assert_eq!(first, Some(Bytes::from_static(b"abc")));
         assert_eq!(end, None);
+    }
+
+    #[tokio::test]
+    async fn the_output_is_the_handshake_then_the_queue_until_the_job_ends() {
+        let (mut ours, theirs) = tokio::io::duplex(1024);
+        let (frames, queued) = mpsc::channel(4);
+        let done = CancellationToken::new();
+        let mut out = Box::pin(mount_output(theirs, queued, done.clone()));
+        // A request queued before the handshake's answer is over waits for it.
+        frames.send(Bytes::from_static(b"request")).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut ours, b"welcome")
+            .await
+            .unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut ours).await.unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap(), &b"welcome"[..]);
+        assert_eq!(out.next().await.unwrap().unwrap(), &b"request"[..]);
+        // The job ends while a copy of its client (the queue's sender) lives on.
+        done.cancel();
+        assert!(out.next().await.is_none());
+        drop(frames);
     }
 
     #[test]

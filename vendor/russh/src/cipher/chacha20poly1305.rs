@@ -70,7 +70,7 @@ impl BulkKeys {
         let mut poly_key = poly1305::Key::default();
         poly_key.copy_from_slice(&block[..32]);
         let mac = poly1305::Poly1305::new(&poly_key);
-        poly_key.iter_mut().for_each(|b| *b = 0);
+        zeroize::Zeroize::zeroize(poly_key.as_mut_slice());
         (stream, mac)
     }
 
