@@ -52,17 +52,13 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, postcard::Error> {
 /// as it is. A payload longer than [`MAX_FRAME`] is refused, as [`codec`] refuses it.
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<bytes::Bytes, postcard::Error> {
     let len = postcard::experimental::serialized_size(msg)?;
-    let prefix = u32::try_from(len)
-        .ok()
-        .filter(|_| len <= MAX_FRAME)
-        .ok_or(postcard::Error::SerializeBufferFull)?;
-    let mut frame = Vec::with_capacity(4 + len);
-    frame.extend_from_slice(&prefix.to_be_bytes());
-    let frame = postcard::to_extend(msg, frame)?;
-    if frame.len() != 4 + len {
+    if len > MAX_FRAME {
         return Err(postcard::Error::SerializeBufferFull);
     }
-    Ok(bytes::Bytes::from(frame))
+    // MAX_FRAME fits in the 4 bytes; the buffer is sized once, so the payload is copied once.
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_be_bytes());
+    Ok(bytes::Bytes::from(postcard::to_extend(msg, frame)?))
 }
 
 /// Decodes one frame's payload; trailing bytes are an error.
