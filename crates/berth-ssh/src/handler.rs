@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, debug_span, info};
 
 use crate::inbox::{InboxRx, InboxTx};
 use crate::quota::{Held, Quotas, Slot, Tenant};
-use crate::session::{self, env_allowed};
+use crate::session::{self, EnvBudget};
 use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 
 /// Whether a connection has authenticated, and a wake-up for the task that waits for it.
@@ -77,7 +77,11 @@ impl Authenticated {
 enum SessionInput {
     /// No shell, command or subsystem asked for yet (input is the task's to drop): the
     /// task gets its inbox through this once one is.
-    Waiting(tokio::sync::oneshot::Sender<(InboxTx, InboxRx)>),
+    Waiting {
+        give: tokio::sync::oneshot::Sender<(InboxTx, InboxRx)>,
+        /// The environment granted so far (the task keeps the same count).
+        env: EnvBudget,
+    },
     /// Started: its input is pushed here as it is decrypted ([`Handler::take_data`]), in
     /// order, and written to the process at once when nothing is pending.
     Started(InboxTx),
@@ -286,7 +290,7 @@ impl<G: Gateway> Connection<G> {
     /// A process request (shell, exec) is granted once per channel.
     /// Whether `ch` is a session channel that has not started its process.
     fn unstarted(&self, ch: ChannelId) -> bool {
-        matches!(self.channels.get(&ch), Some(SessionInput::Waiting(_)))
+        matches!(self.channels.get(&ch), Some(SessionInput::Waiting { .. }))
     }
 
     /// Marks session channel `ch` started (its first shell, command or subsystem request)
@@ -298,12 +302,13 @@ impl<G: Gateway> Connection<G> {
         let Some(entry) = self.channels.get_mut(&ch) else {
             return false;
         };
-        if !matches!(entry, SessionInput::Waiting(_)) {
+        if !matches!(entry, SessionInput::Waiting { .. }) {
             return false;
         }
         let (input, stdin) = crate::inbox::inbox(session.handle(), ch, tenant.reserve_input());
         let task = (input.companion(), stdin);
-        if let SessionInput::Waiting(give) = std::mem::replace(entry, SessionInput::Started(input))
+        if let SessionInput::Waiting { give, .. } =
+            std::mem::replace(entry, SessionInput::Started(input))
         {
             // A task already gone drops it, and the reservation with it.
             let _ = give.send(task);
@@ -488,7 +493,7 @@ impl<G: Gateway> Handler for Connection<G> {
         // Sessions whose task has ended are forgotten here: the client's close of a channel
         // the server closed first never reaches `channel_close`.
         self.channels.retain(|_, e| match e {
-            SessionInput::Waiting(give) => !give.is_closed(),
+            SessionInput::Waiting { give, .. } => !give.is_closed(),
             SessionInput::Started(input) => !input.finished(),
         });
         if self.channels.len() >= self.max_sessions {
@@ -503,8 +508,13 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(());
         };
         let (give, input) = tokio::sync::oneshot::channel();
-        self.channels
-            .insert(channel.id(), SessionInput::Waiting(give));
+        self.channels.insert(
+            channel.id(),
+            SessionInput::Waiting {
+                give,
+                env: EnvBudget::default(),
+            },
+        );
         let span = debug_span!("session", user = %user, ch = %channel.id());
         let ctx = session::Context {
             gateway: self.gateway.clone(),
@@ -755,7 +765,7 @@ impl<G: Gateway> Handler for Connection<G> {
     async fn pty_request(
         &mut self,
         ch: ChannelId,
-        _term: &str,
+        term: &str,
         _cols: u32,
         _rows: u32,
         _pw: u32,
@@ -763,7 +773,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.unstarted(ch);
+        let ok = self.unstarted(ch) && term.len() <= session::MAX_TERM_BYTES;
         self.reply(ch, ok, session)
     }
 
@@ -771,10 +781,13 @@ impl<G: Gateway> Handler for Connection<G> {
         &mut self,
         ch: ChannelId,
         name: &str,
-        _value: &str,
+        value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.unstarted(ch) && env_allowed(&self.accept_env, name);
+        let ok = match self.channels.get_mut(&ch) {
+            Some(SessionInput::Waiting { env, .. }) => env.admit(&self.accept_env, name, value),
+            _ => false,
+        };
         self.reply(ch, ok, session)
     }
 
@@ -830,15 +843,17 @@ impl<G: Gateway> Handler for Connection<G> {
         &mut self,
         ch: ChannelId,
         _single: bool,
-        _proto: &str,
-        _cookie: &str,
+        proto: &str,
+        cookie: &str,
         _screen: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         // The task sees the request too and sets the display up with the process.
         let ok = match &self.user {
             Some((user, _)) => {
-                self.unstarted(ch) && self.gateway.permits(user, Permission::X11Forwarding).await
+                self.unstarted(ch)
+                    && session::x11_kept(proto, cookie)
+                    && self.gateway.permits(user, Permission::X11Forwarding).await
             }
             None => false,
         };

@@ -36,6 +36,50 @@ pub(crate) struct Context<G> {
     pub _slot: Slot,
 }
 
+/// A session channel's setup requests are kept until its shell or command starts, which a
+/// client may put off for as long as its connection lives, on each of its user's session
+/// channels: so what is kept is bounded. A variable of more than [`MAX_ENV_VAR_BYTES`]
+/// (name and value), one past [`MAX_ENV_VARS`] or past [`MAX_ENV_BYTES`] in all is refused,
+/// as is a terminal type longer than [`MAX_TERM_BYTES`] and an X11 request whose protocol or
+/// cookie is longer than the display would take.
+pub(crate) const MAX_ENV_VARS: usize = 64;
+pub(crate) const MAX_ENV_VAR_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_ENV_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_TERM_BYTES: usize = 256;
+/// The longest X11 authentication protocol name and cookie a display is made for.
+pub(crate) const MAX_X11_PROTOCOL: usize = 64;
+pub(crate) const MAX_X11_COOKIE: usize = 256;
+
+/// The environment a session channel has been given so far. The connection's loop (which
+/// answers each request) and the session's task (which keeps what is granted) each hold one
+/// and see the same requests in the same order, so they agree on every one.
+#[derive(Debug, Default)]
+pub(crate) struct EnvBudget {
+    vars: usize,
+    bytes: usize,
+}
+
+impl EnvBudget {
+    /// Whether `name=value` is granted; a granted one is counted.
+    pub(crate) fn admit(&mut self, accept: &[String], name: &str, value: &str) -> bool {
+        let size = name.len() + value.len();
+        let ok = env_allowed(accept, name)
+            && size <= MAX_ENV_VAR_BYTES
+            && self.vars < MAX_ENV_VARS
+            && self.bytes + size <= MAX_ENV_BYTES;
+        if ok {
+            self.vars += 1;
+            self.bytes += size;
+        }
+        ok
+    }
+}
+
+/// Whether an X11 request's protocol and cookie are within what is kept.
+pub(crate) fn x11_kept(protocol: &str, cookie: &str) -> bool {
+    protocol.len() <= MAX_X11_PROTOCOL && cookie.len() <= MAX_X11_COOKIE
+}
+
 /// Whether a client environment variable passes the allow-list (`NAME` or `PREFIX*`).
 pub(crate) fn env_allowed(accept: &[String], name: &str) -> bool {
     accept.iter().any(|pat| match pat.strip_suffix('*') {
@@ -52,6 +96,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     let (mut rx, tx) = channel.split();
     let mut pty = None;
     let mut env = Vec::new();
+    let mut env_budget = EnvBudget::default();
     let mut agent = false;
     let mut x11 = None;
     let mut early_eof = false;
@@ -63,7 +108,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 col_width,
                 row_height,
                 ..
-            }) => {
+            }) if term.len() <= MAX_TERM_BYTES => {
                 pty = Some(Pty {
                     term,
                     size: WindowSize {
@@ -89,7 +134,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 variable_value,
                 ..
             }) => {
-                if env_allowed(&ctx.accept_env, &variable_name) && env.len() < 64 {
+                if env_budget.admit(&ctx.accept_env, &variable_name, &variable_value) {
                     env.push((variable_name, variable_value));
                 }
             }
@@ -100,7 +145,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 x11_authentication_cookie,
                 x11_screen_number,
                 ..
-            }) => {
+            }) if x11_kept(&x11_authentication_protocol, &x11_authentication_cookie) => {
                 x11 = Some(X11Request {
                     single_connection,
                     auth_protocol: x11_authentication_protocol,

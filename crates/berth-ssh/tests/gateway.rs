@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 struct Fake {
     alice: PublicKey,
     opened: AtomicUsize,
+    /// The environment of the last process opened.
+    env: std::sync::Mutex<Vec<(String, String)>>,
     abandoned: Arc<AtomicUsize>,
 }
 
@@ -110,6 +112,7 @@ impl Gateway for Fake {
 
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
         self.opened.fetch_add(1, Ordering::SeqCst);
+        *self.env.lock().unwrap() = req.env.clone();
         let Command::Exec(cmd) = req.command else {
             return Err(OpenError("no shells here".into()));
         };
@@ -181,6 +184,7 @@ async fn server_with(config: SshConfig) -> Server {
     let gateway = Arc::new(Fake {
         alice: alice.public_key().clone(),
         opened: AtomicUsize::new(0),
+        env: std::sync::Mutex::new(Vec::new()),
         abandoned: Arc::new(AtomicUsize::new(0)),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -536,5 +540,81 @@ async fn a_vanished_client_abandons_its_process() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(gone, "the process control was not dropped");
+    s.shutdown.cancel();
+}
+
+/// The answer to the last request of `ch` that wanted one: `true` for success.
+async fn answer(ch: &mut russh::Channel<russh::client::Msg>) -> bool {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), ch.wait()).await {
+            Ok(Some(ChannelMsg::Success)) => return true,
+            Ok(Some(ChannelMsg::Failure)) => return false,
+            Ok(Some(_)) => {}
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+}
+
+/// A client can put a session's start off for good, on every session channel its user may
+/// open: what a channel is asked to keep until then is refused past its bounds, and the
+/// refusal is what the process sees.
+#[tokio::test]
+async fn a_session_s_setup_is_kept_within_bounds() {
+    let s = server().await;
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    let mut ch = h.channel_open_session().await.unwrap();
+    let sized = |n: usize| "v".repeat(n);
+    // One variable past 16 KiB.
+    ch.set_env(true, "LANG", sized(16 * 1024)).await.unwrap();
+    assert!(!answer(&mut ch).await, "an oversized variable was granted");
+    // Not on the allow-list.
+    ch.set_env(true, "PATH", "/tmp").await.unwrap();
+    assert!(
+        !answer(&mut ch).await,
+        "a variable off the list was granted"
+    );
+    // 64 KiB in all: four of 15 KiB fit, the fifth does not; small ones still do.
+    for i in 0..5 {
+        ch.set_env(true, format!("LC_{i}"), sized(15 * 1024))
+            .await
+            .unwrap();
+        assert_eq!(answer(&mut ch).await, i < 4, "variable {i}");
+    }
+    ch.set_env(true, "LANG", "C.UTF-8").await.unwrap();
+    assert!(answer(&mut ch).await);
+    // At most 64 variables.
+    for i in 0..70 {
+        ch.set_env(true, format!("LC_N{i}"), "x").await.unwrap();
+        assert_eq!(answer(&mut ch).await, i < 59, "small variable {i}");
+    }
+    // A terminal type past 256 bytes, and an X11 cookie past 256.
+    ch.request_pty(true, &"x".repeat(257), 80, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    assert!(
+        !answer(&mut ch).await,
+        "an oversized terminal type was granted"
+    );
+    ch.request_x11(true, false, "MIT-MAGIC-COOKIE-1", "a".repeat(257), 0)
+        .await
+        .unwrap();
+    assert!(
+        !answer(&mut ch).await,
+        "an oversized X11 cookie was granted"
+    );
+    ch.exec(true, "true").await.unwrap();
+    let mut status = None;
+    while let Some(msg) = ch.wait().await {
+        if let ChannelMsg::ExitStatus { exit_status } = msg {
+            status = Some(exit_status);
+        }
+    }
+    assert_eq!(status, Some(0));
+    let env = s.gateway.env.lock().unwrap().clone();
+    let names: Vec<&str> = env.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.len(), 64, "{names:?}");
+    assert_eq!(&names[..5], ["LC_0", "LC_1", "LC_2", "LC_3", "LANG"]);
+    assert_eq!(env[4].1, "C.UTF-8");
+    assert_eq!(names[63], "LC_N58");
     s.shutdown.cancel();
 }
