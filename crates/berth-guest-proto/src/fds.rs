@@ -66,6 +66,97 @@ pub fn close_later(fd: OwnedFd) {
     }
 }
 
+/// Descriptors of one served file system waiting to be closed, at most ([`serve`]).
+pub const MAX_PARKED: usize = 64;
+
+/// File systems this process serves itself, by superblock number ([`serve`]).
+static SERVED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<u32, ServedFs>>> =
+    std::sync::LazyLock::new(Default::default);
+
+struct ServedFs {
+    /// Which [`Served`] registered it (a number may be taken by a new file system before
+    /// the old one's registration is dropped).
+    id: u64,
+    /// The queue of that file system's own closer thread, once a descriptor needed it.
+    tx: Option<std::sync::mpsc::SyncSender<OwnedFd>>,
+    /// Ends the file system: whatever waits on it fails at once.
+    end: std::sync::Arc<dyn Fn() + Send + Sync>,
+}
+
+/// A file system registered by [`serve`]; dropping it forgets it.
+#[must_use = "the file system is forgotten when this is dropped"]
+#[derive(Debug)]
+pub struct Served {
+    fs: u32,
+    id: u64,
+}
+
+/// While the returned value lives, descriptors of files on `fs` (the superblock number of a
+/// FUSE connection this process serves, as `(major << 20) | minor`) that arrive unasked are
+/// closed on a thread of that file system's own, not on the closer thread that every other
+/// user's go through. A close of such a file waits on this very process: first for the
+/// file's lock, which a process writing to it holds while its write waits on the server
+/// (for `berth connect`, on a laptop that may take up to the request's deadline), then for
+/// the answer to the kernel's FLUSH. Past [`MAX_PARKED`] waiting, `end` is called (it should
+/// abort the connection, after which every such close returns at once) and the descriptor is
+/// closed where it is.
+pub fn serve(fs: u32, end: impl Fn() + Send + Sync + 'static) -> Served {
+    static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut served) = SERVED.lock() {
+        served.insert(
+            fs,
+            ServedFs {
+                id,
+                tx: None,
+                end: std::sync::Arc::new(end),
+            },
+        );
+    }
+    Served { fs, id }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // The queue's sender goes with it: its thread closes what is left and ends.
+        if let Ok(mut served) = SERVED.lock()
+            && served.get(&self.fs).is_some_and(|e| e.id == self.id)
+        {
+            served.remove(&self.fs);
+        }
+    }
+}
+
+/// Hands `fd` to the closer of its file system if this process serves that one (`None`);
+/// gives it back otherwise, and also when that closer is full, after ending the file system.
+fn park(fd: OwnedFd, fs: u32) -> Option<OwnedFd> {
+    use std::sync::mpsc::TrySendError;
+    let (fd, end) = {
+        let Ok(mut served) = SERVED.lock() else {
+            return Some(fd);
+        };
+        let Some(entry) = served.get_mut(&fs) else {
+            return Some(fd);
+        };
+        if entry.tx.is_none() {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<OwnedFd>(MAX_PARKED);
+            let spawned = std::thread::Builder::new()
+                .name("berth-closer-fs".into())
+                .spawn(move || rx.into_iter().for_each(drop));
+            entry.tx = spawned.is_ok().then_some(tx);
+        }
+        let Some(tx) = &entry.tx else {
+            return Some(fd);
+        };
+        match tx.try_send(fd) {
+            Ok(()) => return None,
+            Err(TrySendError::Full(fd) | TrySendError::Disconnected(fd)) => (fd, entry.end.clone()),
+        }
+    };
+    end();
+    Some(fd)
+}
+
 /// Descriptors that arrived unasked: closed off the caller's thread.
 pub fn dispose(fds: Vec<OwnedFd>) {
     for fd in fds {
@@ -81,8 +172,23 @@ pub fn drain(fd: OwnedFd) {
     let mut taken = 0usize;
     let mut done = Vec::new();
     while let Some(fd) = work.pop() {
-        defuse(fd.as_fd());
-        if taken < MAX_NESTED && is_unix_socket(fd.as_fd()) {
+        let st = quiet_stat(fd.as_fd());
+        // A file of a file system this process serves goes to that one's own closer.
+        let fd = match &st {
+            Some(st) => match park(fd, (st.stx_dev_major << 20) | st.stx_dev_minor) {
+                Some(fd) => fd,
+                None => continue,
+            },
+            None => fd,
+        };
+        let socket = st.is_some_and(|st| is_socket_mode(st.stx_mode));
+        if socket {
+            defuse(fd.as_fd());
+        }
+        if taken < MAX_NESTED
+            && socket
+            && sockopt_int(fd.as_fd(), libc::SO_DOMAIN) == Some(libc::AF_UNIX)
+        {
             if is_listening(fd.as_fd()) {
                 while taken < MAX_NESTED {
                     match accept_now(fd.as_fd()) {
@@ -114,11 +220,8 @@ pub fn drain(fd: OwnedFd) {
     }
 }
 
-/// Makes closing `fd` quick if it is a socket: reset, no lingering.
+/// Makes closing socket `fd` quick: reset, no lingering.
 fn defuse(fd: BorrowedFd<'_>) {
-    if !is_socket(fd) {
-        return;
-    }
     let linger = libc::linger {
         l_onoff: 1,
         l_linger: 0,
@@ -136,17 +239,28 @@ fn defuse(fd: BorrowedFd<'_>) {
     }
 }
 
-fn file_type(fd: BorrowedFd<'_>) -> Option<libc::mode_t> {
-    // SAFETY: fstat writes one stat struct to the pointer, valid for the call.
+/// The type and device of the file `fd` is, without asking its file system anything: a
+/// FUSE file's attributes would be asked of its server (`AT_STATX_DONT_SYNC`: what the
+/// kernel holds is enough for both, which never change).
+fn quiet_stat(fd: BorrowedFd<'_>) -> Option<libc::statx> {
+    // SAFETY: statx writes one statx struct to the pointer, valid for the call; the path is
+    // an empty C string, as AT_EMPTY_PATH asks.
     #[allow(unsafe_code)]
     unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        (libc::fstat(fd.as_raw_fd(), &mut st) == 0).then_some(st.st_mode & libc::S_IFMT)
+        let mut st: libc::statx = std::mem::zeroed();
+        (libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE,
+            &mut st,
+        ) == 0)
+            .then_some(st)
     }
 }
 
-fn is_socket(fd: BorrowedFd<'_>) -> bool {
-    file_type(fd) == Some(libc::S_IFSOCK)
+fn is_socket_mode(mode: u16) -> bool {
+    u32::from(mode) & libc::S_IFMT == libc::S_IFSOCK
 }
 
 fn sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> Option<libc::c_int> {
@@ -164,10 +278,6 @@ fn sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int) -> Option<libc::c_int> {
         )
     };
     (r == 0).then_some(v)
-}
-
-fn is_unix_socket(fd: BorrowedFd<'_>) -> bool {
-    is_socket(fd) && sockopt_int(fd, libc::SO_DOMAIN) == Some(libc::AF_UNIX)
 }
 
 fn is_listening(fd: BorrowedFd<'_>) -> bool {
@@ -464,5 +574,66 @@ mod tests {
             "the pending connection's socket lingered"
         );
         assert!(start.elapsed() < Duration::from_secs(10));
+    }
+
+    fn a_file() -> OwnedFd {
+        std::fs::File::open("/proc/self/stat").unwrap().into()
+    }
+
+    #[test]
+    fn descriptors_of_a_served_file_system_go_to_its_own_closer_while_it_is_served() {
+        // A number no real superblock has here (major 4095): only this test uses it.
+        const FS: u32 = 0xFFF0_0001;
+        assert!(park(a_file(), FS).is_some(), "taken before it was served");
+        let ended = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let e = ended.clone();
+        let served = serve(FS, move || {
+            e.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        for _ in 0..3 {
+            assert!(park(a_file(), FS).is_none(), "not taken while served");
+        }
+        assert_eq!(ended.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(served);
+        assert!(park(a_file(), FS).is_some(), "taken after it was forgotten");
+    }
+
+    #[test]
+    fn a_registration_dropped_late_leaves_a_newer_one_of_the_same_number() {
+        const FS: u32 = 0xFFF0_0002;
+        let old = serve(FS, || {});
+        let new = serve(FS, || {});
+        drop(old);
+        assert!(
+            park(a_file(), FS).is_none(),
+            "the newer registration was forgotten"
+        );
+        drop(new);
+        assert!(park(a_file(), FS).is_some());
+    }
+
+    #[test]
+    fn the_quiet_stat_sees_the_device_and_type_fstat_does() {
+        let f = a_file();
+        let st = quiet_stat(f.as_fd()).unwrap();
+        assert_eq!(
+            libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+            unsafe_stat(&f).st_dev,
+            "statx and fstat name different devices"
+        );
+        assert!(!is_socket_mode(st.stx_mode));
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let st = quiet_stat(a.as_fd()).unwrap();
+        assert!(is_socket_mode(st.stx_mode));
+    }
+
+    fn unsafe_stat(f: &OwnedFd) -> libc::stat {
+        // SAFETY: fstat writes one stat struct to the pointer, valid for the call.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(f.as_raw_fd(), &mut st), 0);
+            st
+        }
     }
 }

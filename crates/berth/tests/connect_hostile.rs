@@ -195,6 +195,43 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The real laptop's end (`berth_connect::serve`) of `dir` for `user`, except that the
+/// requests `hold` picks are never answered: their ids go to `held`. Returns the `ssh` child.
+async fn laptop_holding(
+    d: &Daemon,
+    user: &str,
+    key: &Path,
+    dir: &Path,
+    held: &Arc<Mutex<Vec<u64>>>,
+    hold: fn(&Op) -> bool,
+) -> tokio::process::Child {
+    let mut peer = Peer::open(d, user, key);
+    assert!(matches!(peer.hello(dir).await, ToLaptop::Welcome { .. }));
+    let Peer { child, wire } = peer;
+    let Wire { mut rx, tx } = wire;
+    let (to_serve, from_filter) = tokio::io::duplex(1 << 20);
+    let mut forward = tokio_util::codec::FramedWrite::new(to_serve, proto::codec());
+    let root = berth_connect::serve::open_root(dir).unwrap();
+    tokio::spawn(berth_connect::serve::serve(
+        root,
+        Wire::new(from_filter, tx.into_inner()),
+    ));
+    let held = held.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = rx.next().await {
+            match proto::decode::<ToLaptop>(&frame) {
+                Ok(ToLaptop::Request { id, op }) if hold(&op) => held.lock().unwrap().push(id),
+                _ => {
+                    if forward.send(frame.freeze()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    child
+}
+
 #[test]
 fn peers_that_stay_silent_or_send_too_much_are_cut_off_and_mount_nothing() {
     let d = start();
@@ -309,36 +346,9 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
     // The real laptop's end (`berth_connect::serve`), but every lookup of a name is held
     // back here and never answered. (Lookups, not reads: the kernel itself keeps reads ahead
     // to 64 in flight, so only requests it does not bound test the daemon's bounds.)
-    let mut laptop = rt.block_on(async {
-        let mut peer = Peer::open(&d, "alice", &key);
-        assert!(matches!(peer.hello(&dir).await, ToLaptop::Welcome { .. }));
-        let Peer { child, wire } = peer;
-        let Wire { mut rx, tx } = wire;
-        let (to_serve, from_filter) = tokio::io::duplex(1 << 20);
-        let mut forward = tokio_util::codec::FramedWrite::new(to_serve, proto::codec());
-        let root = berth_connect::serve::open_root(&dir).unwrap();
-        tokio::spawn(berth_connect::serve::serve(
-            root,
-            Wire::new(from_filter, tx.into_inner()),
-        ));
-        let held = held.clone();
-        tokio::spawn(async move {
-            while let Some(Ok(frame)) = rx.next().await {
-                match proto::decode::<ToLaptop>(&frame) {
-                    Ok(ToLaptop::Request {
-                        id,
-                        op: Op::Lookup { .. },
-                    }) => held.lock().unwrap().push(id),
-                    _ => {
-                        if forward.send(frame.freeze()).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        child
-    });
+    let mut laptop = rt.block_on(laptop_holding(&d, "alice", &key, &dir, &held, |op| {
+        matches!(op, Op::Lookup { .. })
+    }));
 
     // A hundred processes at once, each asking for a name of its own and saying how it
     // ended, as it ends.
@@ -400,4 +410,158 @@ fn a_laptop_that_never_answers_gets_at_most_64_requests_and_each_fails_in_time()
     }
     let _ = readers.wait();
     eprintln!("all lookups ended {:?} after the start", started.elapsed());
+}
+
+/// A process in the container as the test plays it from the host (through the container's
+/// root): a writer to the file whose write waits on the laptop (holding the file's lock),
+/// then three messages of 200 copies of the file's descriptor to the words socket.
+const MOUNT_FDS: &str = r#"
+import array, os, socket, sys, threading, time
+path, sock = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_WRONLY)
+def writer():
+    while True:
+        try:
+            os.write(fd, b'x' * 4096)
+        except OSError as e:
+            print('write failed', e.errno, flush=True)
+            if e.errno == 107:
+                return
+threading.Thread(target=writer, daemon=True).start()
+time.sleep(1)
+for _ in range(3):
+    s = socket.socket(socket.AF_UNIX); s.connect(sock)
+    s.sendmsg([b'daemon\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd] * 200))])
+    s.recv(100); s.close()
+print('sent', flush=True)
+time.sleep(120)
+"#;
+
+/// One descriptor (a pipe's end) to a words socket: says `closed` once the daemon has closed
+/// it (a write finds no reader), within 10 s, or `open`.
+const ONE_FD: &str = r#"
+import array, os, socket, sys, time
+r, w = os.pipe()
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendmsg([b'daemon\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [r]))])
+os.close(r)
+t0 = time.time()
+while time.time() < t0 + 10:
+    try:
+        os.write(w, b'x')
+    except BrokenPipeError:
+        print('closed', flush=True); sys.exit(0)
+    time.sleep(0.01)
+print('open', flush=True)
+"#;
+
+/// On a kernel without `SO_PASSRIGHTS` (before Linux 6.16: Debian 12's), a container can send
+/// the daemon descriptors of files on her own mount, and the close of each waits on her
+/// laptop while a write to the file does. They are closed on a thread of her mount's own, not
+/// on the one every user's descriptors go through; past 64 waiting, her mount is ended. Bob's
+/// descriptors are closed at once meanwhile, and nothing is left open.
+#[test]
+fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
+    let mut d = start();
+    d.restart_with_env("BERTH_TEST_NO_PASSRIGHTS", "1");
+    let key = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    d.ssh_ok("bob", &kb, "true");
+    let (_top, dir) = laptop_dir("held");
+    std::fs::write(dir.join("f"), "").unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let rt = runtime();
+    // The real laptop's end, but no write is ever answered.
+    let _laptop = rt.block_on(laptop_holding(&d, "alice", &key, &dir, &held, |op| {
+        matches!(op, Op::Write { .. })
+    }));
+    expect_mounted(&d, "alice", &dir, true, Duration::from_secs(30));
+    let pid = berth_testkit::docker(&[
+        "inspect",
+        "-f",
+        "{{.State.Pid}}",
+        &d.container_name("alice"),
+    ]);
+    let baseline = d.descriptors();
+    let python = |script: &str, args: &[&str]| {
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let words = |user: &str| d.state_dir().join(format!("run/{user}/guest.sock"));
+    let mut attacker = KillOnDrop(python(
+        MOUNT_FDS,
+        &[
+            &format!("/proc/{pid}/root{}", dir.join("f").display()),
+            words("alice").to_str().unwrap(),
+        ],
+    ));
+    let lines = lines_of(attacker.0.stdout.take().unwrap());
+    let next = |what: &str| {
+        lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {what} from the attacker"))
+    };
+    // The writer's reports may come first: what it saw once the mount was ended.
+    let mut said = Vec::new();
+    while !said.iter().any(|l| l == "sent") {
+        said.push(next("report"));
+    }
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "no write reached the laptop"
+    );
+
+    // Bob's descriptor is closed at once, alice's 600 notwithstanding.
+    let out = python(ONE_FD, &[words("bob").to_str().unwrap()])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "closed");
+    d.ssh_ok("bob", &kb, "true");
+
+    // Past 64 of hers waiting, her mount was ended: the write waiting fails (ECONNABORTED)
+    // and the next ones find no connection (ENOTCONN), not the laptop's EIO 30 s later.
+    while !said.iter().any(|l| l == "write failed 107") {
+        said.push(next(&format!("end of the mount (so far: {said:?})")));
+    }
+    assert!(
+        said.iter()
+            .all(|l| ["sent", "write failed 103", "write failed 107"].contains(&l.as_str())),
+        "{said:?}"
+    );
+    drop(attacker);
+    assert!(
+        wait_until(Duration::from_secs(30), || d.descriptors() <= baseline),
+        "descriptors: {baseline} before the attack, {} after",
+        d.descriptors()
+    );
+}
+
+/// Kills and reaps the child when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Lines of `out`, read on a thread of their own.
+fn lines_of(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }

@@ -2098,6 +2098,9 @@ fn dot_attr(ino: u64) -> FileAttr {
 pub struct FuseSession {
     conn: FuseConnection,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// Descriptors of this mount's files that a container sends the daemon are closed apart
+    /// from everyone else's (each close waits on this mount, and through it on the laptop).
+    _served: berth_guest_proto::fds::Served,
 }
 
 /// Runs `fs` on `dev` (an open `/dev/fuse` whose connection `conn` is mounted, its mount
@@ -2118,9 +2121,19 @@ pub fn run(mut fs: ConnectFs, dev: OwnedFd, conn: FuseConnection) -> io::Result<
             let session = fuser::Session::from_fd(fs, dev, SessionACL::All, config)?;
             session.run()
         })?;
+    let served = berth_guest_proto::fds::serve(conn.0, move || {
+        tracing::warn!(
+            conn = conn.0,
+            "connect: descriptors of a mount's files were sent to the daemon faster than they close; the mount is ended"
+        );
+        if let Err(e) = conn.abort() {
+            tracing::warn!(error = %e, conn = conn.0, "connect: cannot abort a FUSE connection");
+        }
+    });
     Ok(FuseSession {
         conn,
         thread: Some(thread),
+        _served: served,
     })
 }
 
