@@ -618,3 +618,110 @@ async fn a_session_s_setup_is_kept_within_bounds() {
     assert_eq!(names[63], "LC_N58");
     s.shutdown.cancel();
 }
+
+/// A client's TCP stream that stops reading when told (the bytes sent to it then pile up in
+/// the kernel's buffers, and the server's writes stall), and goes on writing.
+struct Deaf {
+    tcp: tokio::net::TcpStream,
+    deaf: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for Deaf {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.deaf.load(Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Deaf {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+/// A client that opens a wide window and then stops reading its socket (its TCP window
+/// shut, its connection otherwise there) is closed once it has taken nothing for its
+/// keepalives' time, and its process is let go: the loop that would send the keepalives
+/// waits in the write.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_after_its_keepalives_time() {
+    let s = server_with(SshConfig {
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_max: 2,
+        ..SshConfig::default()
+    })
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket
+        .connect(([127, 0, 0, 1], s.port).into())
+        .await
+        .unwrap();
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = Deaf {
+        tcp,
+        deaf: deaf.clone(),
+    };
+    let config = Arc::new(russh::client::Config {
+        window_size: 1 << 30,
+        ..Default::default()
+    });
+    let mut h = russh::client::connect_stream(config, stream, Client)
+        .await
+        .unwrap();
+    let ok = h
+        .authenticate_publickey(
+            "alice",
+            PrivateKeyWithHashAlg::new(Arc::new(s.alice.clone()), None),
+        )
+        .await
+        .unwrap();
+    assert!(ok.success());
+    let mut ch = h.channel_open_session().await.unwrap();
+    ch.exec(true, "cat /dev/zero").await.unwrap();
+    // Some output arrives; then the client stops reading.
+    let mut got = 0;
+    while got < (1 << 20) {
+        match ch.wait().await {
+            Some(ChannelMsg::Data { data }) => got += data.len(),
+            Some(_) => {}
+            None => panic!("the channel ended"),
+        }
+    }
+    deaf.store(true, Ordering::SeqCst);
+    let mut gone = false;
+    for _ in 0..150 {
+        if s.gateway.abandoned.load(Ordering::SeqCst) == 1 {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        gone,
+        "a client that reads nothing kept its connection and process"
+    );
+    s.shutdown.cancel();
+}

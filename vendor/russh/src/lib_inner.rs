@@ -534,9 +534,10 @@ pub(crate) async fn flush_or_timeout<W: AsyncWrite + Unpin>(
     writer: &mut sshbuffer::PacketWriter,
     stream: &mut W,
     inactivity_timer: Pin<&mut impl Future<Output = ()>>,
+    stall: Option<std::time::Duration>,
 ) -> Result<(), Error> {
     tokio::select! {
-        r = writer.flush_into(stream) => Ok(r?),
+        r = writer.flush_into_within(stream, stall) => Ok(r?),
         _ = inactivity_timer => {
             debug!("timeout while writing");
             Err(Error::InactivityTimeout)

@@ -607,6 +607,36 @@ impl PacketWriter {
         self.write_buffer.seqn = Wrapping(0);
     }
 
+    /// (Berth patch) [`Self::flush_into`], failing with `TimedOut` once the stream has taken
+    /// no byte for `stall` (a peer that stopped reading); `None` waits as long as it takes.
+    pub async fn flush_into_within<W: AsyncWrite + Unpin>(
+        &mut self,
+        w: &mut W,
+        stall: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
+        let Some(stall) = stall else {
+            return self.flush_into(w).await;
+        };
+        let buf = &self.write_buffer.buffer;
+        let mut sent = 0;
+        while sent < buf.len() {
+            let n = tokio::time::timeout(stall, w.write(&buf[sent..]))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer takes nothing")
+                })??;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            sent += n;
+        }
+        tokio::time::timeout(stall, w.flush())
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer takes nothing"))??;
+        self.write_buffer.buffer.clear();
+        Ok(())
+    }
+
     pub async fn flush_into<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
         if !self.write_buffer.buffer.is_empty() {
             w.write_all(&self.write_buffer.buffer).await?;

@@ -1544,6 +1544,7 @@ impl Session {
                 &mut self.common.packet_writer,
                 stream_write,
                 inactivity_timer.as_mut(),
+                None,
             )
             .await?;
 

@@ -104,6 +104,11 @@ pub struct Config {
     /// [`Handle::window_adjust`] as it consumes the data. A channel whose consumer is slow
     /// then stops its own sender (flow control) instead of the whole connection.
     pub manual_window_adjust: bool,
+    /// (Berth patch) When set, a connection whose client takes no byte of what is written
+    /// to it for this long is closed. The loop that sends keepalives waits in that write, so
+    /// without it a client that stops reading (its TCP window shut) holds its connection for
+    /// ever whatever `inactivity_timeout` and `keepalive_max` say when they are off.
+    pub write_stall_timeout: Option<std::time::Duration>,
 }
 
 impl Default for Config {
@@ -124,6 +129,7 @@ impl Default for Config {
             maximum_packet_size: 32768,
             channel_buffer_size: 100,
             manual_window_adjust: false,
+            write_stall_timeout: None,
             event_buffer_size: 10,
             limits: Limits::default(),
             preferred: Default::default(),

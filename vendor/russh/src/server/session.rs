@@ -725,6 +725,7 @@ impl Session {
                         &mut self.common.packet_writer,
                         &mut stream_write,
                         inactivity_timer.as_mut(),
+                        self.common.config.write_stall_timeout,
                     )
                     .await?;
                 }
@@ -766,6 +767,7 @@ impl Session {
                         &mut self.common.packet_writer,
                         &mut stream_write,
                         inactivity_timer.as_mut(),
+                        self.common.config.write_stall_timeout,
                     )
                     .await?;
                 }
@@ -910,6 +912,7 @@ impl Session {
                 &mut self.common.packet_writer,
                 &mut stream_write,
                 inactivity_timer.as_mut(),
+                self.common.config.write_stall_timeout,
             )
             .await?;
 
