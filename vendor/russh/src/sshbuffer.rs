@@ -617,22 +617,27 @@ impl PacketWriter {
         let Some(stall) = stall else {
             return self.flush_into(w).await;
         };
+        use futures::FutureExt;
+        let stalled = |_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer takes nothing");
         let buf = &self.write_buffer.buffer;
         let mut sent = 0;
         while sent < buf.len() {
-            let n = tokio::time::timeout(stall, w.write(&buf[sent..]))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer takes nothing")
-                })??;
+            // A write the socket takes at once arms no timer (a keystroke's).
+            let n = match w.write(&buf[sent..]).now_or_never() {
+                Some(r) => r?,
+                None => tokio::time::timeout(stall, w.write(&buf[sent..]))
+                    .await
+                    .map_err(stalled)??,
+            };
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             sent += n;
         }
-        tokio::time::timeout(stall, w.flush())
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer takes nothing"))??;
+        match w.flush().now_or_never() {
+            Some(r) => r?,
+            None => tokio::time::timeout(stall, w.flush()).await.map_err(stalled)??,
+        }
         self.write_buffer.buffer.clear();
         Ok(())
     }
