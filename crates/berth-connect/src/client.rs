@@ -227,6 +227,14 @@ impl Client {
         if self.is_gone() {
             return Err(CallError::Gone);
         }
+        // A place in the queue first, then the frame: frames of calls that gave up may still
+        // fill the queue (a laptop that takes nothing), and a call waiting behind them holds
+        // no frame of its own meanwhile.
+        let slot = match tokio::time::timeout_at(deadline, inner.out.reserve()).await {
+            Err(_) => return Err(CallError::Timeout),
+            Ok(Err(_)) => return Err(CallError::Gone),
+            Ok(Ok(slot)) => slot,
+        };
         let id = inner.next.fetch_add(1, Ordering::Relaxed);
         let frame =
             proto::encode_frame(&ToLaptop::Request { id, op }).map_err(|_| CallError::Gone)?;
@@ -234,11 +242,7 @@ impl Client {
         inner.pending().insert(id, answer);
         // Removes the waiter however this call ends (a timeout, or the caller dropped).
         let _forget = Forget { inner, id };
-        match tokio::time::timeout_at(deadline, inner.out.send(frame)).await {
-            Err(_) => return Err(CallError::Timeout),
-            Ok(Err(_)) => return Err(CallError::Gone),
-            Ok(Ok(())) => {}
-        }
+        slot.send(frame);
         match tokio::time::timeout_at(deadline, answered).await {
             Err(_) => Err(CallError::Timeout),
             Ok(Err(_)) => Err(CallError::Gone),

@@ -295,8 +295,43 @@ pub enum Answer {
     },
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     Written(u32),
-    Entries(Vec<DirEntry>),
+    Entries(#[serde(deserialize_with = "bounded_entries")] Vec<DirEntry>),
     Statfs(Statfs),
+}
+
+/// The most entries one [`Answer::Entries`] may carry: a laptop gives about
+/// [`READDIR_BYTES`] of them, 200 bytes an entry besides its name, so a few hundred. An
+/// entry costs about 150 bytes decoded however few it took on the wire (3 with an empty
+/// name and no attributes), so the count, not the frame's length, bounds what an answer
+/// costs: refused past this before anything of it is made.
+pub const MAX_ENTRIES: usize = 1024;
+
+fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<DirEntry>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<DirEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_ENTRIES} directory entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let announced = seq.size_hint().unwrap_or(0);
+            if announced > MAX_ENTRIES {
+                return Err(serde::de::Error::invalid_length(announced, &self));
+            }
+            let mut out = Vec::with_capacity(announced);
+            while let Some(e) = seq.next_element()? {
+                if out.len() == MAX_ENTRIES {
+                    return Err(serde::de::Error::invalid_length(out.len() + 1, &self));
+                }
+                out.push(e);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 /// Daemon → laptop.
@@ -383,6 +418,31 @@ mod tests {
         longer.push(0);
         assert!(decode::<ToLaptop>(&longer).is_err());
         assert!(decode::<ToLaptop>(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    /// A listing of tiny entries costs little on the wire and much decoded: past
+    /// [`MAX_ENTRIES`] it is refused, whether the count announced says so or not.
+    #[test]
+    fn listings_past_the_entry_bound_are_refused() {
+        let reply = |n: usize| ToDaemon::Reply {
+            id: 1,
+            result: Ok(Answer::Entries(vec![
+                DirEntry {
+                    name: Vec::new(),
+                    offset: 0,
+                    attr: None,
+                };
+                n
+            ])),
+        };
+        let fits = encode(&reply(MAX_ENTRIES)).unwrap();
+        assert_eq!(decode::<ToDaemon>(&fits).unwrap(), reply(MAX_ENTRIES));
+        let past = encode(&reply(MAX_ENTRIES + 1)).unwrap();
+        assert!(decode::<ToDaemon>(&past).is_err());
+        // A frame of the wire's largest size, all 3-byte entries: refused at its count.
+        let flood = encode(&reply(MAX_FRAME / 3)).unwrap();
+        assert!(flood.len() <= MAX_FRAME + 16, "{}", flood.len());
+        assert!(decode::<ToDaemon>(&flood).is_err());
     }
 
     #[test]
