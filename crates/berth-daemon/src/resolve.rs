@@ -32,13 +32,16 @@ const MAX_SERVERS: usize = 3;
 /// Resolves `host` as the container with network namespace `ns` and root directory `root`
 /// would, for user `owner`, giving up at `deadline` (the container's user controls its files
 /// and name servers, and they may never answer). At most [`MAX_ADDRESSES`] addresses are
-/// returned.
-pub async fn resolve_in_container(
+/// returned. `hold` is kept by the thread that reads the container's files until that
+/// thread ends, also when the lookup gave up on it before (a user's slot, so that reads she
+/// keeps waiting still count against her).
+pub async fn resolve_in_container<H: Send + 'static>(
     ns: &std::fs::File,
     root: &std::fs::File,
     owner: &str,
     host: &str,
     deadline: Instant,
+    hold: H,
 ) -> std::io::Result<Vec<IpAddr>> {
     let not_found = || {
         std::io::Error::new(
@@ -58,6 +61,7 @@ pub async fn resolve_in_container(
     // The files are read off the runtime (the container's tree decides how long that takes).
     let root = root.try_clone()?;
     let files = tokio::task::spawn_blocking(move || {
+        let _hold = hold;
         (
             read_in_root(&root, "etc/hosts"),
             read_in_root(&root, "etc/resolv.conf"),

@@ -493,13 +493,17 @@ async fn connect_in(
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
     use tokio::time::{Instant, timeout_at};
     let start = Instant::now();
-    let _slot = timeout_at(
-        start + CONNECT_TIMEOUT,
-        connect_slots(user)?.acquire_owned(),
-    )
-    .await
-    .map_err(|_| std::io::Error::other("too many of your connections are being opened"))?
-    .map_err(std::io::Error::other)?;
+    // Shared with the thread that reads her container's name files, which keeps it until it
+    // ends: a read given up on still counts.
+    let slot = std::sync::Arc::new(
+        timeout_at(
+            start + CONNECT_TIMEOUT,
+            connect_slots(user)?.acquire_owned(),
+        )
+        .await
+        .map_err(|_| std::io::Error::other("too many of your connections are being opened"))?
+        .map_err(std::io::Error::other)?,
+    );
     let addrs: Vec<SocketAddr> = if host == "localhost" {
         vec![
             SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
@@ -513,11 +517,18 @@ async fn connect_in(
         vec![SocketAddr::new(ip, port)]
     } else {
         let deadline = Instant::now() + RESOLVE_TIMEOUT;
-        crate::resolve::resolve_in_container(&init.ns, &init.root, user.as_str(), host, deadline)
-            .await?
-            .into_iter()
-            .map(|ip| SocketAddr::new(ip, port))
-            .collect()
+        crate::resolve::resolve_in_container(
+            &init.ns,
+            &init.root,
+            user.as_str(),
+            host,
+            deadline,
+            slot.clone(),
+        )
+        .await?
+        .into_iter()
+        .map(|ip| SocketAddr::new(ip, port))
+        .collect()
     };
     let kinds: Vec<_> = addrs
         .iter()
