@@ -242,6 +242,11 @@ impl Client {
         inner.pending().insert(id, answer);
         // Removes the waiter however this call ends (a timeout, or the caller dropped).
         let _forget = Forget { inner, id };
+        // The wire may have ended since the check above, its waiters already let go: this
+        // one would wait out the deadline.
+        if self.is_gone() {
+            return Err(CallError::Gone);
+        }
         slot.send(frame);
         match tokio::time::timeout_at(deadline, answered).await {
             Err(_) => Err(CallError::Timeout),

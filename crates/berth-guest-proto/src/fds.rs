@@ -81,6 +81,8 @@ struct ServedFs {
     tx: Option<std::sync::mpsc::SyncSender<OwnedFd>>,
     /// Ends the file system: whatever waits on it fails at once.
     end: std::sync::Arc<dyn Fn() + Send + Sync>,
+    /// `end` was called (it is called once).
+    ended: bool,
 }
 
 /// A file system registered by [`serve`]; dropping it forgets it.
@@ -110,6 +112,7 @@ pub fn serve(fs: u32, end: impl Fn() + Send + Sync + 'static) -> Served {
                 id,
                 tx: None,
                 end: std::sync::Arc::new(end),
+                ended: false,
             },
         );
     }
@@ -128,7 +131,9 @@ impl Drop for Served {
 }
 
 /// Hands `fd` to the closer of its file system if this process serves that one (`None`);
-/// gives it back otherwise, and also when that closer is full, after ending the file system.
+/// gives it back otherwise. When that closer is full, or its thread cannot be started, the
+/// file system is ended first (once), so that the close of the descriptor given back
+/// returns at once.
 fn park(fd: OwnedFd, fs: u32) -> Option<OwnedFd> {
     use std::sync::mpsc::TrySendError;
     let (fd, end) = {
@@ -138,20 +143,24 @@ fn park(fd: OwnedFd, fs: u32) -> Option<OwnedFd> {
         let Some(entry) = served.get_mut(&fs) else {
             return Some(fd);
         };
-        if entry.tx.is_none() {
+        if entry.tx.is_none() && !entry.ended {
             let (tx, rx) = std::sync::mpsc::sync_channel::<OwnedFd>(MAX_PARKED);
             let spawned = std::thread::Builder::new()
                 .name("berth-closer-fs".into())
                 .spawn(move || rx.into_iter().for_each(drop));
             entry.tx = spawned.is_ok().then_some(tx);
         }
-        let Some(tx) = &entry.tx else {
-            return Some(fd);
+        let fd = match &entry.tx {
+            Some(tx) => match tx.try_send(fd) {
+                Ok(()) => return None,
+                Err(TrySendError::Full(fd) | TrySendError::Disconnected(fd)) => fd,
+            },
+            None => fd,
         };
-        match tx.try_send(fd) {
-            Ok(()) => return None,
-            Err(TrySendError::Full(fd) | TrySendError::Disconnected(fd)) => (fd, entry.end.clone()),
+        if std::mem::replace(&mut entry.ended, true) {
+            return Some(fd);
         }
+        (fd, entry.end.clone())
     };
     end();
     Some(fd)

@@ -637,7 +637,9 @@ fn connection_of(fd: &impl AsFd) -> io::Result<FuseConnection> {
         StatxFlags::BASIC_STATS,
     )
     .map_err(|e| err("cannot stat a mount in the container", e))?;
-    Ok(FuseConnection(st.stx_dev_minor))
+    // The kernel's own device number, as /sys/fs/fuse/connections names it (and as
+    // `berth_guest_proto::fds::serve` takes it): FUSE's are anonymous, major 0.
+    Ok(FuseConnection((st.stx_dev_major << 20) | st.stx_dev_minor))
 }
 
 /// The id of the mount `fd` is on, without asking its file system anything.

@@ -121,12 +121,14 @@ pub async fn serve<G: Gateway>(
         keepalive_interval: Some(config.keepalive_interval),
         keepalive_max: config.keepalive_max,
         // A client that takes none of what is written to it is as gone as one that misses
-        // its keepalives (the loop that would send them waits in the write).
+        // its keepalives (the loop that would send them waits in the write). No deadline when
+        // either is zero (a zero deadline would fail every write that waits at all).
         write_stall_timeout: Some(
             config
                 .keepalive_interval
                 .saturating_mul(u32::try_from(config.keepalive_max).unwrap_or(u32::MAX)),
-        ),
+        )
+        .filter(|d| !d.is_zero()),
         nodelay: true,
         max_auth_attempts: 6,
         event_buffer_size: 100,

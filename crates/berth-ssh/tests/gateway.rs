@@ -29,7 +29,11 @@ struct Fake {
     opened: AtomicUsize,
     /// The environment of the last process opened.
     env: std::sync::Mutex<Vec<(String, String)>>,
+    /// Whether the last process opened had a terminal, and X11.
+    pty_x11: std::sync::Mutex<(bool, bool)>,
     abandoned: Arc<AtomicUsize>,
+    /// Cancelled: every connection's access is revoked.
+    revoke: CancellationToken,
 }
 
 struct FakeControl {
@@ -67,7 +71,7 @@ impl Gateway for Fake {
     fn connected(&self, _user: &str, _key: &PublicKey) -> berth_ssh::Connected {
         berth_ssh::Connected {
             hold: Box::new(()),
-            revoked: tokio_util::sync::CancellationToken::new(),
+            revoked: self.revoke.clone(),
         }
     }
 
@@ -113,6 +117,7 @@ impl Gateway for Fake {
     async fn open(&self, req: OpenRequest) -> Result<Process, OpenError> {
         self.opened.fetch_add(1, Ordering::SeqCst);
         *self.env.lock().unwrap() = req.env.clone();
+        *self.pty_x11.lock().unwrap() = (req.pty.is_some(), req.x11.is_some());
         let Command::Exec(cmd) = req.command else {
             return Err(OpenError("no shells here".into()));
         };
@@ -185,7 +190,9 @@ async fn server_with(config: SshConfig) -> Server {
         alice: alice.public_key().clone(),
         opened: AtomicUsize::new(0),
         env: std::sync::Mutex::new(Vec::new()),
+        pty_x11: std::sync::Mutex::new((true, true)),
         abandoned: Arc::new(AtomicUsize::new(0)),
+        revoke: CancellationToken::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -531,15 +538,10 @@ async fn a_vanished_client_abandons_its_process() {
     assert_eq!(s.gateway.opened.load(Ordering::SeqCst), 1);
     drop(ch);
     drop(h); // the TCP connection goes away without an exit status
-    let mut gone = false;
-    for _ in 0..50 {
-        if s.gateway.abandoned.load(Ordering::SeqCst) == 1 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "the process control was not dropped");
+    assert!(
+        abandoned_within(&s, Duration::from_secs(5)).await,
+        "the process control was not dropped"
+    );
     s.shutdown.cancel();
 }
 
@@ -616,6 +618,11 @@ async fn a_session_s_setup_is_kept_within_bounds() {
     assert_eq!(&names[..5], ["LC_0", "LC_1", "LC_2", "LC_3", "LANG"]);
     assert_eq!(env[4].1, "C.UTF-8");
     assert_eq!(names[63], "LC_N58");
+    assert_eq!(
+        *s.gateway.pty_x11.lock().unwrap(),
+        (false, false),
+        "a refused terminal or X11 request reached the process"
+    );
     s.shutdown.cancel();
 }
 
@@ -661,6 +668,46 @@ impl tokio::io::AsyncWrite for Deaf {
     }
 }
 
+/// Alice logged in over `tcp`, which stops reading when the flag returned is set.
+async fn deaf_login(
+    s: &Server,
+    tcp: tokio::net::TcpStream,
+    config: russh::client::Config,
+) -> (
+    russh::client::Handle<Client>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stream = Deaf {
+        tcp,
+        deaf: deaf.clone(),
+    };
+    let mut h = russh::client::connect_stream(Arc::new(config), stream, Client)
+        .await
+        .unwrap();
+    let ok = h
+        .authenticate_publickey(
+            "alice",
+            PrivateKeyWithHashAlg::new(Arc::new(s.alice.clone()), None),
+        )
+        .await
+        .unwrap();
+    assert!(ok.success());
+    (h, deaf)
+}
+
+/// Whether the server let go of a process unwaited (its client gone) within `limit`.
+async fn abandoned_within(s: &Server, limit: Duration) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if s.gateway.abandoned.load(Ordering::SeqCst) == 1 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// A client that opens a wide window and then stops reading its socket (its TCP window
 /// shut, its connection otherwise there) is closed once it has taken nothing for its
 /// keepalives' time, and its process is let go: the loop that would send the keepalives
@@ -679,26 +726,11 @@ async fn a_client_that_stops_reading_is_closed_after_its_keepalives_time() {
         .connect(([127, 0, 0, 1], s.port).into())
         .await
         .unwrap();
-    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stream = Deaf {
-        tcp,
-        deaf: deaf.clone(),
-    };
-    let config = Arc::new(russh::client::Config {
+    let config = russh::client::Config {
         window_size: 1 << 30,
         ..Default::default()
-    });
-    let mut h = russh::client::connect_stream(config, stream, Client)
-        .await
-        .unwrap();
-    let ok = h
-        .authenticate_publickey(
-            "alice",
-            PrivateKeyWithHashAlg::new(Arc::new(s.alice.clone()), None),
-        )
-        .await
-        .unwrap();
-    assert!(ok.success());
+    };
+    let (h, deaf) = deaf_login(&s, tcp, config).await;
     let mut ch = h.channel_open_session().await.unwrap();
     ch.exec(true, "cat /dev/zero").await.unwrap();
     // Some output arrives; then the client stops reading.
@@ -711,17 +743,34 @@ async fn a_client_that_stops_reading_is_closed_after_its_keepalives_time() {
         }
     }
     deaf.store(true, Ordering::SeqCst);
-    let mut gone = false;
-    for _ in 0..150 {
-        if s.gateway.abandoned.load(Ordering::SeqCst) == 1 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert!(
-        gone,
+        abandoned_within(&s, Duration::from_secs(15)).await,
         "a client that reads nothing kept its connection and process"
     );
+    s.shutdown.cancel();
+}
+
+/// A client that neither reads the DISCONNECT the server sends it nor closes its socket is
+/// let go all the same: its connection's task, and with it its process, end a few seconds
+/// after the server disconnected it (here: its access was revoked).
+#[tokio::test]
+async fn a_client_that_ignores_its_disconnect_is_let_go() {
+    let s = server().await;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", s.port))
+        .await
+        .unwrap();
+    let (h, deaf) = deaf_login(&s, tcp, russh::client::Config::default()).await;
+    let ch = h.channel_open_session().await.unwrap();
+    ch.exec(true, "sleep 60").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s.gateway.opened.load(Ordering::SeqCst), 1);
+    // The client reads no more (it never sees the DISCONNECT) and keeps its socket open.
+    deaf.store(true, Ordering::SeqCst);
+    s.gateway.revoke.cancel();
+    assert!(
+        abandoned_within(&s, Duration::from_secs(15)).await,
+        "a disconnected client that never closed kept its connection and process"
+    );
+    drop((ch, h));
     s.shutdown.cancel();
 }

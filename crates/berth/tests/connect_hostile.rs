@@ -428,7 +428,7 @@ def writer():
             if e.errno == 107:
                 return
 threading.Thread(target=writer, daemon=True).start()
-time.sleep(1)
+sys.stdin.readline()  # the test's word: a write is held
 for _ in range(3):
     s = socket.socket(socket.AF_UNIX); s.connect(sock)
     s.sendmsg([b'daemon\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd] * 200))])
@@ -488,7 +488,7 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
             .arg("-c")
             .arg(script)
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -503,6 +503,12 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
         ],
     ));
     let lines = lines_of(attacker.0.stdout.take().unwrap());
+    // Its descriptors are sent once a write of its waits on the laptop.
+    assert!(
+        wait_until(Duration::from_secs(30), || !held.lock().unwrap().is_empty()),
+        "no write reached the laptop"
+    );
+    writeln!(attacker.0.stdin.take().unwrap(), "go").unwrap();
     let next = |what: &str| {
         lines
             .recv_timeout(Duration::from_secs(60))
@@ -519,9 +525,9 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
     );
 
     // Bob's descriptor is closed at once, alice's 600 notwithstanding.
-    let out = python(ONE_FD, &[words("bob").to_str().unwrap()])
-        .wait_with_output()
-        .unwrap();
+    let mut bob = python(ONE_FD, &[words("bob").to_str().unwrap()]);
+    drop(bob.stdin.take());
+    let out = bob.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "closed");
     d.ssh_ok("bob", &kb, "true");
 

@@ -16,6 +16,9 @@ use crate::helpers::NameList;
 use crate::kex::{EXTENSION_SUPPORT_AS_CLIENT, KexCause, SessionKexState};
 use crate::{ChannelOpenFailure, map_err, msg};
 
+/// (Berth patch) How long a disconnected client is given to close its side.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// A connected server session. This type is unique to a client.
 #[derive(Debug)]
 pub struct Session {
@@ -657,7 +660,12 @@ impl Session {
     {
         self.flush()?;
 
-        map_err!(self.common.packet_writer.flush_into(&mut stream).await)?;
+        map_err!(
+            self.common
+                .packet_writer
+                .flush_into_within(&mut stream, self.common.config.write_stall_timeout)
+                .await
+        )?;
 
         let (stream_read, mut stream_write) = stream.split();
         let buffer = SSHBuffer::new();
@@ -945,8 +953,18 @@ impl Session {
             }
         }
         debug!("disconnected");
-        // Shutdown
-        map_err!(stream_write.shutdown().await)?;
+        // (Berth patch) The client is given `CLOSE_WAIT` to read the DISCONNECT and close
+        // its side; one that neither closes nor stops sending no longer keeps the task, its
+        // handler and its socket for ever.
+        let close_wait = tokio::time::sleep(CLOSE_WAIT);
+        pin!(close_wait);
+        tokio::select! {
+            r = stream_write.shutdown() => map_err!(r)?,
+            () = &mut close_wait => {
+                debug!("timeout shutting down the stream");
+                return Ok(());
+            }
+        }
         loop {
             if let Some((stream_read, buffer, opening_cipher)) = is_reading.take() {
                 reading.set(start_reading(stream_read, buffer, opening_cipher));
@@ -965,6 +983,10 @@ impl Session {
                 // dropping the stream closes it for them.
                 () = &mut inactivity_timer => {
                     debug!("timeout waiting for the client to close");
+                    break;
+                }
+                () = &mut close_wait => {
+                    debug!("the client did not close in time");
                     break;
                 }
             }
