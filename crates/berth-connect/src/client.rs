@@ -195,18 +195,19 @@ impl Client {
             }
         };
         let driver = {
-            let inner = inner.clone();
+            // The calls end with the driver however it ends: dropped (never polled, or mid-way)
+            // as well as run to its end; they would otherwise wait out their deadline.
+            let end = EndOnDrop(inner.clone());
             async move {
-                let taker = inner.out.clone();
+                let taker = end.0.out.clone();
                 tokio::select! {
                     () = reader => {}
                     // Nobody takes the requests any more.
                     () = taker.closed() => {}
                 }
-                inner.end();
+                drop(end);
             }
         };
-        // A client dropped before its driver ran still ends calls.
         (Self { inner }, driver)
     }
 
@@ -253,6 +254,15 @@ impl Client {
             Ok(Err(_)) => Err(CallError::Gone),
             Ok(Ok(result)) => result.map_err(CallError::Errno),
         }
+    }
+}
+
+/// Ends the wire's calls when dropped.
+struct EndOnDrop(Arc<Inner>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -387,6 +397,32 @@ mod tests {
         driver.await.unwrap();
         assert!(c.is_gone());
         assert_eq!(c.call(lookup("y")).await, Err(CallError::Gone));
+    }
+
+    /// A driver dropped (its session killed) ends the calls in flight at once, as a driver
+    /// that ran to its end does; a call does not wait out its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_driver_ends_the_calls_in_flight() {
+        let (ours, _theirs) = tokio::io::duplex(1 << 20);
+        let (r, _w) = tokio::io::split(ours);
+        let (out, mut queued) = mpsc::channel(4);
+        let (c, driver) = Client::start_queued(
+            FramedRead::new(r, proto::codec()),
+            out,
+            Duration::from_secs(30),
+        );
+        let driver = tokio::spawn(driver);
+        let call = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(lookup("x")).await }
+        });
+        // The request was queued: the call waits for its answer.
+        assert!(queued.recv().await.is_some());
+        let start = tokio::time::Instant::now();
+        driver.abort();
+        assert_eq!(call.await.unwrap(), Err(CallError::Gone));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(c.is_gone());
     }
 
     #[tokio::test]

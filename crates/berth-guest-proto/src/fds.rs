@@ -79,9 +79,9 @@ struct ServedFs {
     id: u64,
     /// The queue of that file system's own closer thread, once a descriptor needed it.
     tx: Option<std::sync::mpsc::SyncSender<OwnedFd>>,
-    /// Ends the file system: whatever waits on it fails at once.
-    end: std::sync::Arc<dyn Fn() + Send + Sync>,
-    /// `end` was called (it is called once).
+    /// Ends the file system (whatever waits on it then fails at once); whether it did.
+    end: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
+    /// `end` did its work (it is not called again; until then it is tried at every overflow).
     ended: bool,
 }
 
@@ -100,9 +100,9 @@ pub struct Served {
 /// file's lock, which a process writing to it holds while its write waits on the server
 /// (for `berth connect`, on a laptop that may take up to the request's deadline), then for
 /// the answer to the kernel's FLUSH. Past [`MAX_PARKED`] waiting, `end` is called (it should
-/// abort the connection, after which every such close returns at once) and the descriptor is
-/// closed where it is.
-pub fn serve(fs: u32, end: impl Fn() + Send + Sync + 'static) -> Served {
+/// abort the connection, after which every such close returns at once, and say whether it
+/// did) and the descriptor is closed where it is.
+pub fn serve(fs: u32, end: impl Fn() -> bool + Send + Sync + 'static) -> Served {
     static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let id = IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Ok(mut served) = SERVED.lock() {
@@ -157,12 +157,18 @@ fn park(fd: OwnedFd, fs: u32) -> Option<OwnedFd> {
             },
             None => fd,
         };
-        if std::mem::replace(&mut entry.ended, true) {
+        if entry.ended {
             return Some(fd);
         }
         (fd, entry.end.clone())
     };
-    end();
+    // Outside the lock: an abort writes to the kernel.
+    if end()
+        && let Ok(mut served) = SERVED.lock()
+        && let Some(entry) = served.get_mut(&fs)
+    {
+        entry.ended = true;
+    }
     Some(fd)
 }
 
@@ -598,6 +604,7 @@ mod tests {
         let e = ended.clone();
         let served = serve(FS, move || {
             e.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
         });
         for _ in 0..3 {
             assert!(park(a_file(), FS).is_none(), "not taken while served");
@@ -610,8 +617,8 @@ mod tests {
     #[test]
     fn a_registration_dropped_late_leaves_a_newer_one_of_the_same_number() {
         const FS: u32 = 0xFFF0_0002;
-        let old = serve(FS, || {});
-        let new = serve(FS, || {});
+        let old = serve(FS, || true);
+        let new = serve(FS, || true);
         drop(old);
         assert!(
             park(a_file(), FS).is_none(),

@@ -283,6 +283,9 @@ impl Conn {
             }
         };
         let handle = session.handle();
+        // Every way out of this function drops `session`, which aborts the connection's task
+        // (our russh patch): a client that ignores a DISCONNECT (or cannot be sent one, in a
+        // key exchange it never finishes) keeps nothing once the 3 s given it are over.
         tokio::pin!(session);
         let login_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(login_timer);

@@ -325,7 +325,7 @@ async fn idle_from(from: &str, port: u16) -> tokio::net::TcpStream {
 
 /// Whether the server closes `conn` within `within` (reads EOF or a reset; the server's
 /// identification line, if it sent one, is skipped).
-async fn closed(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+async fn closed(conn: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> bool {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 256];
     tokio::time::timeout(within, async {
@@ -772,5 +772,33 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
         "a disconnected client that never closed kept its connection and process"
     );
     drop((ch, h));
+    s.shutdown.cancel();
+}
+
+/// A client that starts the key exchange and never finishes it, sending an SSH_MSG_IGNORE
+/// now and then (which a key exchange accepts, and which counts as a sign of life), ignores
+/// the DISCONNECT of its login grace time: the connection's task could not even read it.
+/// It is closed all the same, a few seconds after its grace time.
+#[tokio::test]
+async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
+    use tokio::io::AsyncWriteExt;
+    let s = server_with(SshConfig {
+        login_grace: Duration::from_secs(1),
+        ..SshConfig::default()
+    })
+    .await;
+    let c = idle_from("127.0.0.5", s.port).await;
+    let (mut read, mut write) = c.into_split();
+    write.write_all(b"SSH-2.0-Hostile\r\n").await.unwrap();
+    // A packet in the clear: length 12, padding 6, IGNORE with an empty string.
+    let ignore: [u8; 16] = [0, 0, 0, 12, 6, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let chatter = tokio::spawn(async move {
+        while write.write_all(&ignore).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let ended = closed(&mut read, Duration::from_secs(20)).await;
+    chatter.abort();
+    assert!(ended, "a key exchange left unfinished kept its connection");
     s.shutdown.cancel();
 }

@@ -330,7 +330,30 @@ impl Daemon {
         self.dir.path().join("state")
     }
 
+    /// Starts the daemon; when its port was taken meanwhile (the suite's binaries run at once,
+    /// and a port free when it was chosen may be bound by another's listener before the
+    /// daemon binds it), on another port.
     fn spawn(&mut self) {
+        for _ in 0..5 {
+            let seen = self.log().len();
+            match self.try_spawn() {
+                Ok(()) => return,
+                Err(st) => {
+                    let log = self.log();
+                    let new = log.get(seen..).unwrap_or_default();
+                    if !(new.contains("cannot listen on") && new.contains("Address already in use"))
+                    {
+                        panic!("daemon exited early ({st}): {log}");
+                    }
+                    self.port = free_port();
+                }
+            }
+        }
+        panic!("no port the daemon could listen on: {}", self.log());
+    }
+
+    /// Starts the daemon and waits until it answers; its exit status if it exits first.
+    fn try_spawn(&mut self) -> Result<(), std::process::ExitStatus> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -364,13 +387,20 @@ impl Daemon {
             .spawn()
             .unwrap();
         self.child = Some(child);
+        let mut exited = None;
         let ready = wait_until(Duration::from_secs(120), || {
             if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
-                panic!("daemon exited early ({st}): {}", self.log());
+                exited = Some(st);
+                return true;
             }
             self.berth(&["user", "list", "--json"]).status.success()
         });
+        if let Some(st) = exited {
+            self.child = None;
+            return Err(st);
+        }
         assert!(ready, "daemon did not become ready: {}", self.log());
+        Ok(())
     }
 
     /// Stops the daemon with SIGTERM and returns its exit status.

@@ -428,11 +428,16 @@ def writer():
             if e.errno == 107:
                 return
 threading.Thread(target=writer, daemon=True).start()
-sys.stdin.readline()  # the test's word: a write is held
-for _ in range(3):
+def send(n):
     s = socket.socket(socket.AF_UNIX); s.connect(sock)
-    s.sendmsg([b'daemon\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd] * 200))])
+    s.sendmsg([b'daemon\n'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [fd] * n))])
     s.recv(100); s.close()
+sys.stdin.readline()  # the test's word: a write is held
+send(60)
+print('sent 60', flush=True)
+sys.stdin.readline()  # the test's word: go on
+for _ in range(3):
+    send(200)
 print('sent', flush=True)
 time.sleep(120)
 "#;
@@ -459,7 +464,8 @@ print('open', flush=True)
 /// the daemon descriptors of files on her own mount, and the close of each waits on her
 /// laptop while a write to the file does. They are closed on a thread of her mount's own, not
 /// on the one every user's descriptors go through; past 64 waiting, her mount is ended. Bob's
-/// descriptors are closed at once meanwhile, and nothing is left open.
+/// descriptors are closed at once meanwhile (with 60 of hers waiting, and with 660 sent), and
+/// nothing is left open.
 #[test]
 fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
     let mut d = start();
@@ -508,27 +514,32 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
         wait_until(Duration::from_secs(30), || !held.lock().unwrap().is_empty()),
         "no write reached the laptop"
     );
-    writeln!(attacker.0.stdin.take().unwrap(), "go").unwrap();
+    let mut word = attacker.0.stdin.take().unwrap();
+    writeln!(word, "go").unwrap();
     let next = |what: &str| {
         lines
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("no {what} from the attacker"))
     };
+    // Bob's descriptor is closed at once.
+    let bob_closes = || {
+        let mut bob = python(ONE_FD, &[words("bob").to_str().unwrap()]);
+        drop(bob.stdin.take());
+        let out = bob.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim() == "closed"
+    };
+    // 60 of hers waiting, below the bound: her mount is still there, and none of them is on
+    // the closer bob's go through (the first would hold it up).
+    assert_eq!(next("the first 60"), "sent 60");
+    assert!(bob_closes(), "bob's descriptor waited behind alice's");
+    writeln!(word, "more").unwrap();
     // The writer's reports may come first: what it saw once the mount was ended.
     let mut said = Vec::new();
     while !said.iter().any(|l| l == "sent") {
         said.push(next("report"));
     }
-    assert!(
-        !held.lock().unwrap().is_empty(),
-        "no write reached the laptop"
-    );
-
-    // Bob's descriptor is closed at once, alice's 600 notwithstanding.
-    let mut bob = python(ONE_FD, &[words("bob").to_str().unwrap()]);
-    drop(bob.stdin.take());
-    let out = bob.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "closed");
+    // And alice's 660 notwithstanding.
+    assert!(bob_closes(), "bob's descriptor waited behind alice's");
     d.ssh_ok("bob", &kb, "true");
 
     // Past 64 of hers waiting, her mount was ended: the write waiting fails (ECONNABORTED)

@@ -2126,8 +2126,12 @@ pub fn run(mut fs: ConnectFs, dev: OwnedFd, conn: FuseConnection) -> io::Result<
             conn = conn.0,
             "connect: descriptors of a mount's files were sent to the daemon faster than they close; the mount is ended"
         );
-        if let Err(e) = conn.abort() {
-            tracing::warn!(error = %e, conn = conn.0, "connect: cannot abort a FUSE connection");
+        match conn.abort() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, conn = conn.0, "connect: cannot abort a FUSE connection");
+                false
+            }
         }
     });
     Ok(FuseSession {

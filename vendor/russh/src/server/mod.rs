@@ -40,7 +40,6 @@ use client::GexParams;
 use futures::future::Future;
 use log::{debug, error, info, warn};
 use msg::{is_kex_msg, validate_client_msg_strict_kex};
-use russh_util::runtime::JoinHandle;
 use russh_util::time::Instant;
 use ssh_key::{Certificate, PrivateKey};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -1018,7 +1017,7 @@ pub trait Server {
                                         }
                                     }
 
-                                    let session = match run_stream(config, socket, handler).await {
+                                    let mut session = match run_stream(config, socket, handler).await {
                                         Ok(s) => s,
                                         Err(e) => {
                                             debug!("Connection setup failed");
@@ -1038,8 +1037,11 @@ pub trait Server {
                                             ).await.is_err() {
                                                 debug!("Failed to send disconnect message");
                                             }
+                                            // (Berth patch) Dropping the session ends it: let
+                                            // it send the DISCONNECT (it ends by itself soon).
+                                            let _ = (&mut session).await;
                                         },
-                                        result = session => {
+                                        result = &mut session => {
                                             if let Err(e) = result {
                                                 debug!("Connection closed with error");
                                                 let _ = error_tx.send(e);
@@ -1102,7 +1104,7 @@ async fn start_reading<R: AsyncRead + Unpin>(
 /// Implements [Future] and can be awaited to wait for the session to finish.
 pub struct RunningSession<H: Handler> {
     handle: Handle,
-    join: JoinHandle<Result<(), H::Error>>,
+    join: tokio::task::JoinHandle<Result<(), H::Error>>,
 }
 
 impl<H: Handler> RunningSession<H> {
@@ -1112,13 +1114,22 @@ impl<H: Handler> RunningSession<H> {
     }
 }
 
+/// (Berth patch) Dropping the session ends its task: a connection its application has let go
+/// of (after disconnecting it) no longer runs on, detached, for as long as the client keeps
+/// it (a key exchange it never finishes, a DISCONNECT it never reads).
+impl<H: Handler> Drop for RunningSession<H> {
+    fn drop(&mut self) {
+        self.join.abort();
+    }
+}
+
 impl<H: Handler> Future for RunningSession<H> {
     type Output = Result<(), H::Error>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context) -> Poll<Self::Output> {
         match Future::poll(Pin::new(&mut self.join), cx) {
             Poll::Ready(r) => Poll::Ready(match r {
                 Ok(Ok(x)) => Ok(x),
-                Err(e) => Err(crate::Error::from(e).into()),
+                Err(_) => Err(crate::Error::from(russh_util::runtime::JoinError).into()),
                 Ok(Err(e)) => Err(e),
             }),
             Poll::Pending => Poll::Pending,
@@ -1167,7 +1178,8 @@ where
 
     session.begin_rekey()?;
 
-    let join = russh_util::runtime::spawn(session.run(stream, handler));
+    // (Berth patch) tokio's own handle, which can abort the task ([`RunningSession`]'s drop).
+    let join = tokio::spawn(session.run(stream, handler));
 
     Ok(RunningSession { handle, join })
 }
