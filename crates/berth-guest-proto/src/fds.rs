@@ -81,8 +81,11 @@ struct ServedFs {
     tx: Option<std::sync::mpsc::SyncSender<OwnedFd>>,
     /// Ends the file system (whatever waits on it then fails at once); whether it did.
     end: std::sync::Arc<dyn Fn() -> bool + Send + Sync>,
-    /// `end` did its work (it is not called again; until then it is tried at every overflow).
+    /// `end` did its work (it is not called again; until then it is tried again at an
+    /// overflow, at most once a second).
     ended: bool,
+    /// When `end` was last tried.
+    tried: Option<std::time::Instant>,
 }
 
 /// A file system registered by [`serve`]; dropping it forgets it.
@@ -113,6 +116,7 @@ pub fn serve(fs: u32, end: impl Fn() -> bool + Send + Sync + 'static) -> Served 
                 tx: None,
                 end: std::sync::Arc::new(end),
                 ended: false,
+                tried: None,
             },
         );
     }
@@ -157,15 +161,23 @@ fn park(fd: OwnedFd, fs: u32) -> Option<OwnedFd> {
             },
             None => fd,
         };
-        if entry.ended {
+        let now = std::time::Instant::now();
+        if entry.ended
+            || entry
+                .tried
+                .is_some_and(|t| now < t + std::time::Duration::from_secs(1))
+        {
             return Some(fd);
         }
-        (fd, entry.end.clone())
+        entry.tried = Some(now);
+        (fd, (entry.end.clone(), entry.id))
     };
+    let (end, id) = end;
     // Outside the lock: an abort writes to the kernel.
     if end()
         && let Ok(mut served) = SERVED.lock()
         && let Some(entry) = served.get_mut(&fs)
+        && entry.id == id
     {
         entry.ended = true;
     }

@@ -283,9 +283,10 @@ impl Conn {
             }
         };
         let handle = session.handle();
-        // Every way out of this function drops `session`, which aborts the connection's task
-        // (our russh patch): a client that ignores a DISCONNECT (or cannot be sent one, in a
-        // key exchange it never finishes) keeps nothing once the 3 s given it are over.
+        // Every way out of this function ends the connection's task: a client that ignores a
+        // DISCONNECT (or cannot be sent one, in a key exchange it never finishes) keeps
+        // nothing once the 3 s given it are over. (Dropping `session` alone would detach it.)
+        let _abort = AbortOnDrop(session.abort_handle());
         tokio::pin!(session);
         let login_timer = tokio::time::sleep_until(deadline);
         tokio::pin!(login_timer);
@@ -362,6 +363,15 @@ impl Conn {
         }
         drop((startup, permit));
         debug!(%peer, "connection closed");
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

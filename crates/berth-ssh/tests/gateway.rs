@@ -775,10 +775,11 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
     s.shutdown.cancel();
 }
 
-/// A client that starts the key exchange and never finishes it, sending an SSH_MSG_IGNORE
-/// now and then (which a key exchange accepts, and which counts as a sign of life), ignores
-/// the DISCONNECT of its login grace time: the connection's task could not even read it.
-/// It is closed all the same, a few seconds after its grace time.
+/// A client that never sends its part of the key exchange the server started, sending an
+/// SSH_MSG_IGNORE now and then instead (which a key exchange accepts, and which counts as a
+/// sign of life), ignores the DISCONNECT of its login grace time: the connection's task
+/// could not even read it. It is closed all the same, a few seconds after its grace time
+/// (and not before it: its packets were taken).
 #[tokio::test]
 async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     use tokio::io::AsyncWriteExt;
@@ -788,6 +789,7 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     })
     .await;
     let c = idle_from("127.0.0.5", s.port).await;
+    let start = std::time::Instant::now();
     let (mut read, mut write) = c.into_split();
     write.write_all(b"SSH-2.0-Hostile\r\n").await.unwrap();
     // A packet in the clear: length 12, padding 6, IGNORE with an empty string.
@@ -800,5 +802,9 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     let ended = closed(&mut read, Duration::from_secs(20)).await;
     chatter.abort();
     assert!(ended, "a key exchange left unfinished kept its connection");
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "closed before its grace time: its packets were refused"
+    );
     s.shutdown.cancel();
 }

@@ -424,7 +424,6 @@ impl Daemon {
         }
     }
 
-    /// Starts the daemon again on the same state directory and port.
     /// Kills the daemon with SIGKILL (no cleanup at all) and reaps it.
     pub fn kill9(&mut self) {
         let mut child = self.child.take().expect("daemon not running");
@@ -436,6 +435,8 @@ impl Daemon {
         let _ = child.wait();
     }
 
+    /// Starts the daemon again on the same state directory and port (another port only when
+    /// that one was taken meanwhile: read `port` afresh after a restart).
     pub fn restart(&mut self) {
         if self.child.is_some() {
             let st = self.stop();

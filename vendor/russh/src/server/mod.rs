@@ -1017,7 +1017,7 @@ pub trait Server {
                                         }
                                     }
 
-                                    let mut session = match run_stream(config, socket, handler).await {
+                                    let session = match run_stream(config, socket, handler).await {
                                         Ok(s) => s,
                                         Err(e) => {
                                             debug!("Connection setup failed");
@@ -1037,11 +1037,8 @@ pub trait Server {
                                             ).await.is_err() {
                                                 debug!("Failed to send disconnect message");
                                             }
-                                            // (Berth patch) Dropping the session ends it: let
-                                            // it send the DISCONNECT (it ends by itself soon).
-                                            let _ = (&mut session).await;
                                         },
-                                        result = &mut session => {
+                                        result = session => {
                                             if let Err(e) = result {
                                                 debug!("Connection closed with error");
                                                 let _ = error_tx.send(e);
@@ -1112,14 +1109,12 @@ impl<H: Handler> RunningSession<H> {
     pub fn handle(&self) -> Handle {
         self.handle.clone()
     }
-}
 
-/// (Berth patch) Dropping the session ends its task: a connection its application has let go
-/// of (after disconnecting it) no longer runs on, detached, for as long as the client keeps
-/// it (a key exchange it never finishes, a DISCONNECT it never reads).
-impl<H: Handler> Drop for RunningSession<H> {
-    fn drop(&mut self) {
-        self.join.abort();
+    /// (Berth patch) Ends the session's task from outside: dropping a `RunningSession` leaves
+    /// it running, detached, for as long as its client keeps it (a key exchange it never
+    /// finishes, in which a disconnect is not even read).
+    pub fn abort_handle(&self) -> tokio::task::AbortHandle {
+        self.join.abort_handle()
     }
 }
 
