@@ -6,7 +6,7 @@
 //! reason, every call waiting and every later one fails with [`CallError::Gone`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::sync::CancellationToken;
 
 use crate::proto::{self, Answer, Op, ToDaemon, ToLaptop};
 
@@ -91,7 +92,9 @@ struct Inner {
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Answer, i32>>>>,
     next: AtomicU64,
     permits: Semaphore,
-    gone: AtomicBool,
+    /// Cancelled when the wire ends: wakes the calls waiting for a place in `out`, whose
+    /// taker may still be there and never take another frame.
+    gone: CancellationToken,
     deadline: Duration,
 }
 
@@ -105,7 +108,7 @@ impl Inner {
     }
 
     fn end(&self) {
-        self.gone.store(true, Ordering::SeqCst);
+        self.gone.cancel();
         self.permits.close();
         self.pending().clear();
     }
@@ -170,7 +173,7 @@ impl Client {
             pending: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             permits: Semaphore::new(MAX_IN_FLIGHT),
-            gone: AtomicBool::new(false),
+            gone: CancellationToken::new(),
             deadline,
         });
         let reader = {
@@ -213,7 +216,7 @@ impl Client {
 
     /// Whether the wire has ended.
     pub fn is_gone(&self) -> bool {
-        self.inner.gone.load(Ordering::SeqCst)
+        self.inner.gone.is_cancelled()
     }
 
     /// Asks the laptop and waits for its answer (within the deadline).
@@ -230,11 +233,16 @@ impl Client {
         }
         // A place in the queue first, then the frame: frames of calls that gave up may still
         // fill the queue (a laptop that takes nothing), and a call waiting behind them holds
-        // no frame of its own meanwhile.
-        let slot = match tokio::time::timeout_at(deadline, inner.out.reserve()).await {
-            Err(_) => return Err(CallError::Timeout),
-            Ok(Err(_)) => return Err(CallError::Gone),
-            Ok(Ok(slot)) => slot,
+        // no frame of its own meanwhile. The queue's taker may outlive the wire (the laptop
+        // closed its side while our requests still queue for the channel): the end of the
+        // wire wakes this wait too.
+        let slot = tokio::select! {
+            () = inner.gone.cancelled() => return Err(CallError::Gone),
+            r = tokio::time::timeout_at(deadline, inner.out.reserve()) => match r {
+                Err(_) => return Err(CallError::Timeout),
+                Ok(Err(_)) => return Err(CallError::Gone),
+                Ok(Ok(slot)) => slot,
+            },
         };
         let id = inner.next.fetch_add(1, Ordering::Relaxed);
         let frame =
@@ -423,6 +431,46 @@ mod tests {
         assert_eq!(call.await.unwrap(), Err(CallError::Gone));
         assert!(start.elapsed() < Duration::from_secs(1));
         assert!(c.is_gone());
+    }
+
+    /// The laptop closes its side while calls wait for a place in a queue nobody takes from
+    /// (its frames still there): they fail at once, not at their deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_waiting_for_a_place_in_the_queue_ends_with_the_wire() {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let (r, _w) = tokio::io::split(ours);
+        let (out, mut queued) = mpsc::channel(1);
+        let (c, driver) = Client::start_queued(
+            FramedRead::new(r, proto::codec()),
+            out,
+            Duration::from_secs(30),
+        );
+        let driver = tokio::spawn(driver);
+        let first = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(lookup("x")).await }
+        });
+        // Its frame fills the queue, and is never taken.
+        while queued.capacity() > 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = tokio::spawn({
+            let c = c.clone();
+            async move { c.call(lookup("y")).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!second.is_finished(), "the second call had a place");
+        let start = tokio::time::Instant::now();
+        drop(theirs);
+        driver.await.unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(1), second)
+            .await
+            .expect("the call waited on after the wire ended");
+        assert_eq!(ended.unwrap(), Err(CallError::Gone));
+        assert_eq!(first.await.unwrap(), Err(CallError::Gone));
+        assert!(start.elapsed() < Duration::from_secs(1));
+        // The queue's taker is still there, holding the first frame.
+        assert!(queued.try_recv().is_ok());
     }
 
     #[tokio::test]
