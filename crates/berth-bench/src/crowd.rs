@@ -105,6 +105,11 @@ pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize, cold_rounds: usize) 
     if let Err(e) = in_parallel(&users, 4, |u| u.run("true").map(drop)) {
         return vec![warm.failed(&e), cold.failed(&e)];
     }
+    // Without the idle sessions before (`--only crowd`), the load starts here.
+    if rig.berth_before_load.is_none() {
+        std::thread::sleep(SETTLE);
+        rig.berth_before_load = rig.berth_pid().and_then(procfs::memory).ok();
+    }
     let root: Vec<Endpoint> = (0..n).map(|_| rig.root.clone()).collect();
 
     let (mut b, mut o, mut failed) = (Vec::new(), Vec::new(), Vec::new());
@@ -201,24 +206,39 @@ fn start_at_once(rig: &Rig, names: &[String]) -> Result<Vec<f64>> {
 const SETTLE: Duration = Duration::from_secs(15);
 
 /// The daemon's memory once the idle sessions and the crowds have ended and it has been quiet
-/// for [`SETTLE`], against the same at rest after start: its RSS, and its own memory alone
-/// (anonymous: heap and stacks, without the pages of code it maps).
+/// for [`SETTLE`], against the same daemon at rest before them, each user logged in once
+/// (the target: what the load took, given back) and against the daemon at rest after start, with no user (what
+/// the 100 users themselves cost comes on top: their state, and the code their logins ran).
+/// RSS, and its own memory alone (anonymous: heap and stacks, without the pages of code).
 fn memory_after_load(rig: &Rig) -> Vec<Figure> {
     let rss = Figure::new(
         "daemon_memory_after_load",
-        "daemon memory after 500 idle sessions and the crowds ended (RSS) vs at rest after start",
+        "daemon memory after 500 idle sessions and the crowds ended (RSS) vs at rest before them",
         "MiB",
-        "at rest",
+        "before",
     )
     .note(format!(
-        "read {} s after the last session ended; the same daemon served the idle sessions and every crowd",
+        "read {} s after the last session ended; before: the same daemon at rest with the same users, each logged in once since it started (containers running, no session), before the idle sessions",
         SETTLE.as_secs()
     ));
     let anon = Figure::new(
         "daemon_heap_after_load",
         "the same, its own memory only (anonymous: heap and stacks, no code)",
         "MiB",
-        "at rest",
+        "before",
+    );
+    let rss_start = Figure::new(
+        "daemon_memory_after_load_vs_start",
+        "the same RSS vs at rest after start (no user, no session)",
+        "MiB",
+        "at start",
+    )
+    .note("the difference is mostly what the 100 users cost while they exist (their owners' state, the code their logins ran), not the load's");
+    let anon_start = Figure::new(
+        "daemon_heap_after_load_vs_start",
+        "the same, anonymous, vs at rest after start",
+        "MiB",
+        "at start",
     );
     let end = Instant::now() + Duration::from_secs(60);
     while rig.berth.sessions().unwrap_or(0) > 0 && Instant::now() < end {
@@ -227,12 +247,23 @@ fn memory_after_load(rig: &Rig) -> Vec<Figure> {
     std::thread::sleep(SETTLE);
     let mib = |kib: u64| kib as f64 / 1024.0;
     let at_start = rig.berth_at_start;
-    match rig.berth_pid().and_then(procfs::memory) {
-        Ok(m) => vec![
-            rss.with(vec![mib(m.rss_kib)], vec![mib(at_start.rss_kib)], Ok(())),
-            anon.with(vec![mib(m.anon_kib)], vec![mib(at_start.anon_kib)], Ok(())),
+    let now = rig.berth_pid().and_then(procfs::memory);
+    let before = rig
+        .berth_before_load
+        .ok_or_else(|| anyhow::anyhow!("no reading of the daemon at rest before the load"));
+    match (now, before) {
+        (Ok(m), Ok(b)) => vec![
+            rss.with(vec![mib(m.rss_kib)], vec![mib(b.rss_kib)], Ok(())),
+            anon.with(vec![mib(m.anon_kib)], vec![mib(b.anon_kib)], Ok(())),
+            rss_start.with(vec![mib(m.rss_kib)], vec![mib(at_start.rss_kib)], Ok(())),
+            anon_start.with(vec![mib(m.anon_kib)], vec![mib(at_start.anon_kib)], Ok(())),
         ],
-        Err(e) => vec![rss.failed(&e), anon.failed(&e)],
+        (Err(e), _) | (_, Err(e)) => vec![
+            rss.failed(&e),
+            anon.failed(&e),
+            rss_start.failed(&e),
+            anon_start.failed(&e),
+        ],
     }
 }
 
@@ -395,6 +426,14 @@ pub fn idle(rig: &mut Rig, users: usize, n: usize, window: Duration) -> Vec<Figu
     // reads its rate well enough, and keeps the full run short.
     let before = (window / 3).max(Duration::from_secs(10)).min(window);
     let b0 = at_rest(berth_pids, before);
+    // The daemon before the load (the idle sessions and the crowds): each of its users has
+    // logged in once since it started, so what a user costs while she exists (her owner, the
+    // code of a login) is there already, and the load's own memory is what is to come back.
+    if let Err(e) = in_parallel(&eps, 4, |u| u.run("true").map(drop)) {
+        return fail(e);
+    }
+    std::thread::sleep(SETTLE);
+    rig.berth_before_load = Some(procfs::memory_of(&berth_pids()));
     let e0 = procfs::memory_of(&engine_pids());
     let berth = (|| -> Result<(Rest, Memory)> {
         let _idle = Idle::open(&eps, "sleep 3600", || rig.berth.sessions(), n)?;

@@ -184,7 +184,7 @@ pub fn targets(figures: &[Figure]) -> Vec<Target> {
     );
     at_most(
         "daemon_memory_after_load",
-        "RSS after the load at most 1.5× the RSS at rest",
+        "RSS after the load at most 1.5× the same daemon's RSS at rest before it",
         1.5,
         &mut out,
     );

@@ -41,6 +41,10 @@ pub struct Rig {
     /// Both daemons' memory just after start, before any user or session.
     pub berth_at_start: Memory,
     pub sshd_at_start: Memory,
+    /// The daemon's memory at rest before the idle sessions and the crowds (their users made
+    /// and each logged in once, containers running, no session): what their load is to give
+    /// back.
+    pub berth_before_load: Option<Memory>,
     pub busybox: String,
     /// OpenSSH's server binary (for a second, stock-configured baseline).
     pub sshd_path: PathBuf,
@@ -92,6 +96,7 @@ impl Rig {
             openssh,
             berth_at_start,
             sshd_at_start,
+            berth_before_load: None,
             busybox: opts.busybox.clone(),
             sshd_path: opts.sshd.clone(),
             keep_logs: opts.keep_logs.clone(),

@@ -69,6 +69,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // One daemon per state directory: a second one would adopt (and hang up) the first one's
     // sessions and replace its admin socket before failing on the SSH port.
     let _lock = lock_state_dir(state)?;
+    // The SSH port is taken before anything touches the engine, the host's firewall or the
+    // containers: a port in use stops the daemon here, having changed nothing. Clients that
+    // connect meanwhile wait in the backlog until the gateway serves them.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let store = Store::open(&state.join("berth.db"))
         .with_context(|| format!("cannot open the store in {}", state.display()))?;
     let instance = store.instance_id()?;
@@ -199,9 +205,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let sessions = Sessions::new(audit.clone());
     lifecycle.reconcile().await?;
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let port = listener.local_addr()?.port();
     let forwarding = berth_proto::ForwardingInfo {
         tcp: config.allow_tcp_forwarding,

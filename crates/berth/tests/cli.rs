@@ -456,6 +456,39 @@ fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
     assert_eq!(d.ssh_ok("alice", &key, "echo still"), "still\n");
 }
 
+/// A port in use stops the daemon before it reaches the engine, the host's firewall or any
+/// container (only its own state directory is made first, to lock it): the error names the
+/// port (here the engine's socket does not even exist; a daemon that got that far would name
+/// the engine instead).
+#[test]
+fn a_port_in_use_stops_the_daemon_before_it_touches_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "docker_socket = \"{}\"\n",
+            dir.path().join("no-engine.sock").display()
+        ),
+    )
+    .unwrap();
+    let o = std::process::Command::new(BIN)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["daemon", "--listen", &addr.to_string(), "--config"])
+        .arg(&config)
+        .arg("--guest-binary")
+        .arg(guest_binary())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains(&format!("cannot listen on {addr}")), "{e}");
+    assert!(!e.contains("Docker"), "{e}");
+}
+
 /// Regression: `berth status | head -1` and `berth user list | head -0` panicked ("failed
 /// printing to stdout: Broken pipe", exit 101, a backtrace hint). A command whose reader has
 /// gone ends as `ls | head` does: killed by SIGPIPE, nothing on stderr. The daemon still
