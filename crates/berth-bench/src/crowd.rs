@@ -108,7 +108,11 @@ pub fn simultaneous(rig: &mut Rig, n: usize, rounds: usize, cold_rounds: usize) 
     // Without the idle sessions before (`--only crowd`), the load starts here.
     if rig.berth_before_load.is_none() {
         std::thread::sleep(SETTLE);
-        rig.berth_before_load = rig.berth_pid().and_then(procfs::memory).ok();
+        rig.berth_before_load = Some(
+            rig.berth_pid()
+                .and_then(procfs::memory)
+                .map_err(|e| format!("{e:#}")),
+        );
     }
     let root: Vec<Endpoint> = (0..n).map(|_| rig.root.clone()).collect();
 
@@ -247,24 +251,40 @@ fn memory_after_load(rig: &Rig) -> Vec<Figure> {
     std::thread::sleep(SETTLE);
     let mib = |kib: u64| kib as f64 / 1024.0;
     let at_start = rig.berth_at_start;
-    let now = rig.berth_pid().and_then(procfs::memory);
-    let before = rig
-        .berth_before_load
-        .ok_or_else(|| anyhow::anyhow!("no reading of the daemon at rest before the load"));
-    match (now, before) {
-        (Ok(m), Ok(b)) => vec![
-            rss.with(vec![mib(m.rss_kib)], vec![mib(b.rss_kib)], Ok(())),
-            anon.with(vec![mib(m.anon_kib)], vec![mib(b.anon_kib)], Ok(())),
-            rss_start.with(vec![mib(m.rss_kib)], vec![mib(at_start.rss_kib)], Ok(())),
-            anon_start.with(vec![mib(m.anon_kib)], vec![mib(at_start.anon_kib)], Ok(())),
+    let now = match rig.berth_pid().and_then(procfs::memory) {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![
+                rss.failed(&e),
+                anon.failed(&e),
+                rss_start.failed(&e),
+                anon_start.failed(&e),
+            ];
+        }
+    };
+    let against_start = [
+        rss_start.with(vec![mib(now.rss_kib)], vec![mib(at_start.rss_kib)], Ok(())),
+        anon_start.with(
+            vec![mib(now.anon_kib)],
+            vec![mib(at_start.anon_kib)],
+            Ok(()),
+        ),
+    ];
+    let against_before = match &rig.berth_before_load {
+        Some(Ok(b)) => [
+            rss.with(vec![mib(now.rss_kib)], vec![mib(b.rss_kib)], Ok(())),
+            anon.with(vec![mib(now.anon_kib)], vec![mib(b.anon_kib)], Ok(())),
         ],
-        (Err(e), _) | (_, Err(e)) => vec![
-            rss.failed(&e),
-            anon.failed(&e),
-            rss_start.failed(&e),
-            anon_start.failed(&e),
-        ],
-    }
+        other => {
+            let why = match other {
+                Some(Err(e)) => format!("no reading of the daemon at rest before the load: {e}"),
+                _ => "no reading of the daemon at rest before the load".to_owned(),
+            };
+            let e = anyhow::anyhow!(why);
+            [rss.failed(&e), anon.failed(&e)]
+        }
+    };
+    against_before.into_iter().chain(against_start).collect()
 }
 
 fn check_failures(failed: &[String]) -> Result<()> {
@@ -426,15 +446,19 @@ pub fn idle(rig: &mut Rig, users: usize, n: usize, window: Duration) -> Vec<Figu
     // reads its rate well enough, and keeps the full run short.
     let before = (window / 3).max(Duration::from_secs(10)).min(window);
     let b0 = at_rest(berth_pids, before);
+    let e0 = procfs::memory_of(&engine_pids());
     // The daemon before the load (the idle sessions and the crowds): each of its users has
     // logged in once since it started, so what a user costs while she exists (her owner, the
     // code of a login) is there already, and the load's own memory is what is to come back.
+    // (The figures per idle session keep b0, read before these logins, as their "before".)
     if let Err(e) = in_parallel(&eps, 4, |u| u.run("true").map(drop)) {
         return fail(e);
     }
     std::thread::sleep(SETTLE);
-    rig.berth_before_load = Some(procfs::memory_of(&berth_pids()));
-    let e0 = procfs::memory_of(&engine_pids());
+    match procfs::memory(berth_pid) {
+        Ok(m) => rig.berth_before_load = Some(Ok(m)),
+        Err(e) => return fail(e),
+    }
     let berth = (|| -> Result<(Rest, Memory)> {
         let _idle = Idle::open(&eps, "sleep 3600", || rig.berth.sessions(), n)?;
         std::thread::sleep(Duration::from_secs(5));

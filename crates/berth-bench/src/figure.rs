@@ -21,6 +21,8 @@ pub struct Figure {
     pub baseline: Option<Summary>,
     /// Berth's median over the baseline's.
     pub ratio: Option<f64>,
+    /// Both sides are differences (after − before), near zero: no ratio is made of them.
+    pub difference: bool,
     pub note: String,
     pub error: Option<String>,
 }
@@ -42,6 +44,7 @@ impl Figure {
             baseline_name,
             baseline: None,
             ratio: None,
+            difference: false,
             note: String::new(),
             error: None,
         }
@@ -49,6 +52,11 @@ impl Figure {
 
     pub fn higher_is_better(mut self) -> Self {
         self.higher_is_better = true;
+        self
+    }
+
+    pub fn difference(mut self) -> Self {
+        self.difference = true;
         self
     }
 
@@ -73,7 +81,7 @@ impl Figure {
         self.berth = Summary::of(berth);
         self.baseline = Summary::of(baseline);
         self.ratio = match (&self.berth, &self.baseline) {
-            (Some(b), Some(o)) if o.median != 0.0 => Some(b.median / o.median),
+            (Some(b), Some(o)) if o.median != 0.0 && !self.difference => Some(b.median / o.median),
             _ => None,
         };
         if let Err(e) = outcome {

@@ -44,7 +44,7 @@ pub struct Rig {
     /// The daemon's memory at rest before the idle sessions and the crowds (their users made
     /// and each logged in once, containers running, no session): what their load is to give
     /// back.
-    pub berth_before_load: Option<Memory>,
+    pub berth_before_load: Option<std::result::Result<Memory, String>>,
     pub busybox: String,
     /// OpenSSH's server binary (for a second, stock-configured baseline).
     pub sshd_path: PathBuf,

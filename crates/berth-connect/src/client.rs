@@ -451,16 +451,19 @@ mod tests {
             async move { c.call(lookup("x")).await }
         });
         // Its frame fills the queue, and is never taken.
-        while queued.capacity() > 0 {
+        for _ in 0..10_000 {
+            if queued.capacity() == 0 {
+                break;
+            }
             tokio::task::yield_now().await;
         }
+        assert_eq!(queued.capacity(), 0, "the first call queued no frame");
         let second = tokio::spawn({
             let c = c.clone();
             async move { c.call(lookup("y")).await }
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!second.is_finished(), "the second call had a place");
-        let start = tokio::time::Instant::now();
         drop(theirs);
         driver.await.unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(1), second)
@@ -468,7 +471,6 @@ mod tests {
             .expect("the call waited on after the wire ended");
         assert_eq!(ended.unwrap(), Err(CallError::Gone));
         assert_eq!(first.await.unwrap(), Err(CallError::Gone));
-        assert!(start.elapsed() < Duration::from_secs(1));
         // The queue's taker is still there, holding the first frame.
         assert!(queued.try_recv().is_ok());
     }

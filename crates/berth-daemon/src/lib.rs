@@ -67,13 +67,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     })?;
     create_private_dir(state)?;
     // One daemon per state directory: a second one would adopt (and hang up) the first one's
-    // sessions and replace its admin socket before failing on the SSH port.
+    // sessions and replace its admin socket.
     let _lock = lock_state_dir(state)?;
     // The SSH port is taken before anything touches the engine, the host's firewall or the
-    // containers: a port in use stops the daemon here, having changed nothing. Clients that
-    // connect meanwhile wait in the backlog until the gateway serves them.
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    // containers: a port in use stops the daemon here, having changed nothing. It listens
+    // only once the gateway is about to serve, so that a client meanwhile is refused at
+    // once (as before) rather than left waiting for a banner through a long start-up.
+    let port_taken = bind_ssh_port(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let store = Store::open(&state.join("berth.db"))
         .with_context(|| format!("cannot open the store in {}", state.display()))?;
@@ -205,6 +205,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let sessions = Sessions::new(audit.clone());
     lifecycle.reconcile().await?;
 
+    let listener = port_taken
+        .listen(SSH_BACKLOG)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let port = listener.local_addr()?.port();
     let forwarding = berth_proto::ForwardingInfo {
         tcp: config.allow_tcp_forwarding,
@@ -510,6 +513,24 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 2 << 20);
     }
+}
+
+/// Connections the kernel queues for the gateway before it accepts them (as tokio's own
+/// `TcpListener::bind`).
+const SSH_BACKLOG: u32 = 1024;
+
+/// Binds the SSH port without listening on it yet: a port in use fails here, and until
+/// [`tokio::net::TcpSocket::listen`] a client is refused. `SO_REUSEADDR` as a listener of
+/// the standard library has it (a restart is not refused for connections in `TIME_WAIT`).
+fn bind_ssh_port(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 /// How often memory the allocator holds free goes back to the kernel.

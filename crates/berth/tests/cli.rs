@@ -489,6 +489,55 @@ fn a_port_in_use_stops_the_daemon_before_it_touches_anything() {
     assert!(!e.contains("Docker"), "{e}");
 }
 
+/// While the daemon starts (here it waits on an engine that never answers), its SSH port is
+/// held but not listened on: a client is refused at once, not left waiting for a banner.
+#[test]
+fn a_client_during_start_up_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // An "engine" whose socket accepts (the kernel's backlog) and never answers.
+    let engine = dir.path().join("silent-engine.sock");
+    let _silent = std::os::unix::net::UnixListener::bind(&engine).unwrap();
+    let config = dir.path().join("berth.toml");
+    std::fs::write(
+        &config,
+        format!("docker_socket = \"{}\"\n", engine.display()),
+    )
+    .unwrap();
+    let port = berth_testkit::free_port();
+    let state = dir.path().join("state");
+    let mut daemon = std::process::Command::new(BIN)
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "daemon",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--guest-binary")
+        .arg(guest_binary())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The instance file is written after the port is bound, before the engine is asked.
+    let bound = berth_testkit::wait_until(std::time::Duration::from_secs(30), || {
+        state.join("instance").exists()
+    });
+    let refused = std::net::TcpStream::connect(("127.0.0.1", port));
+    let still_starting = daemon.try_wait().unwrap().is_none();
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+    assert!(bound, "the daemon never got as far as its instance file");
+    assert!(
+        still_starting,
+        "the daemon did not wait on the silent engine"
+    );
+    let e = refused.expect_err("a connection was taken during start-up");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+}
+
 /// Regression: `berth status | head -1` and `berth user list | head -0` panicked ("failed
 /// printing to stdout: Broken pipe", exit 101, a backtrace hint). A command whose reader has
 /// gone ends as `ls | head` does: killed by SIGPIPE, nothing on stderr. The daemon still
