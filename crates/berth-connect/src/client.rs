@@ -407,23 +407,38 @@ mod tests {
         assert_eq!(c.call(lookup("y")).await, Err(CallError::Gone));
     }
 
-    /// A driver dropped (its session killed) ends the calls in flight at once, as a driver
-    /// that ran to its end does; a call does not wait out its deadline.
-    #[tokio::test(start_paused = true)]
-    async fn a_dropped_driver_ends_the_calls_in_flight() {
-        let (ours, _theirs) = tokio::io::duplex(1 << 20);
+    /// A client of [`Client::start_queued`] whose queue holds `capacity` frames (30 s
+    /// deadline), its driver spawned, the queue's taker, and the laptop's end of the wire.
+    fn queued_client(
+        capacity: usize,
+    ) -> (
+        Client,
+        tokio::task::JoinHandle<()>,
+        mpsc::Receiver<Bytes>,
+        tokio::io::DuplexStream,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
         let (r, _w) = tokio::io::split(ours);
-        let (out, mut queued) = mpsc::channel(4);
+        let (out, queued) = mpsc::channel(capacity);
         let (c, driver) = Client::start_queued(
             FramedRead::new(r, proto::codec()),
             out,
             Duration::from_secs(30),
         );
-        let driver = tokio::spawn(driver);
-        let call = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(lookup("x")).await }
-        });
+        (c, tokio::spawn(driver), queued, theirs)
+    }
+
+    fn spawn_call(c: &Client, name: &str) -> tokio::task::JoinHandle<Result<Answer, CallError>> {
+        let (c, op) = (c.clone(), lookup(name));
+        tokio::spawn(async move { c.call(op).await })
+    }
+
+    /// A driver dropped (its session killed) ends the calls in flight at once, as a driver
+    /// that ran to its end does; a call does not wait out its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_driver_ends_the_calls_in_flight() {
+        let (c, driver, mut queued, _theirs) = queued_client(4);
+        let call = spawn_call(&c, "x");
         // The request was queued: the call waits for its answer.
         assert!(queued.recv().await.is_some());
         let start = tokio::time::Instant::now();
@@ -437,19 +452,8 @@ mod tests {
     /// (its frames still there): they fail at once, not at their deadline.
     #[tokio::test(start_paused = true)]
     async fn a_call_waiting_for_a_place_in_the_queue_ends_with_the_wire() {
-        let (ours, theirs) = tokio::io::duplex(1 << 20);
-        let (r, _w) = tokio::io::split(ours);
-        let (out, mut queued) = mpsc::channel(1);
-        let (c, driver) = Client::start_queued(
-            FramedRead::new(r, proto::codec()),
-            out,
-            Duration::from_secs(30),
-        );
-        let driver = tokio::spawn(driver);
-        let first = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(lookup("x")).await }
-        });
+        let (c, driver, mut queued, theirs) = queued_client(1);
+        let first = spawn_call(&c, "x");
         // Its frame fills the queue, and is never taken.
         for _ in 0..10_000 {
             if queued.capacity() == 0 {
@@ -458,10 +462,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(queued.capacity(), 0, "the first call queued no frame");
-        let second = tokio::spawn({
-            let c = c.clone();
-            async move { c.call(lookup("y")).await }
-        });
+        let second = spawn_call(&c, "y");
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!second.is_finished(), "the second call had a place");
         drop(theirs);
