@@ -260,6 +260,8 @@ impl Conn {
         let stream = QuickAck {
             inner: stream,
             done: authenticated.clone(),
+            ahead: Vec::new(),
+            at: 0,
         };
         // run_stream waits for the client's identification line: that has its own, shorter
         // deadline (OpenSSH waits 10 s for it too).
@@ -375,7 +377,17 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// The accepted stream, acknowledging at once what it reads until the client has logged in.
+/// The accepted stream, reading ahead, and acknowledging at once what it reads until the
+/// client has logged in.
+///
+/// russh reads a packet as its length (4 bytes) and then the rest, each exactly, so each
+/// packet cost three `recvfrom` calls: the length, the rest, and one that found nothing
+/// (tokio forgets that the socket is readable only after a read short of its buffer). A
+/// small read is made here into [`READ_AHEAD`] bytes on the stack instead, and what the
+/// caller did not ask for is kept for its next read: a keystroke's packet is one call. What
+/// is kept is at most [`READ_AHEAD`] bytes, and its buffer is let go when it empties, unless
+/// it is small ([`KEEP_AHEAD`]). Reads of [`READ_AHEAD`] or more (a bulk packet's rest) go
+/// to the socket directly once what was kept is taken.
 ///
 /// The OpenSSH client sends its KEXINIT and ECDH_INIT as two small writes with Nagle on.
 /// When the server's KEXINIT went out first, the kernel delays its ACK of the client's
@@ -385,17 +397,58 @@ impl Drop for AbortOnDrop {
 struct QuickAck {
     inner: tokio::net::TcpStream,
     done: Arc<Authenticated>,
+    /// Read from the socket, not yet asked for; the part before `at` is taken.
+    ahead: Vec<u8>,
+    at: usize,
 }
+
+/// What one small read takes from the socket (a keystroke's packet is about 50 bytes).
+const READ_AHEAD: usize = 2048;
+/// A buffer of bytes read ahead this small is kept when it empties (one allocation per
+/// connection, not per packet).
+const KEEP_AHEAD: usize = 256;
 
 impl tokio::io::AsyncRead for QuickAck {
     fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        if r.is_ready() && !self.done.get() {
-            let _ = socket2::SockRef::from(&self.inner).set_tcp_quickack(true);
+        use std::task::Poll;
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let kept = this.ahead.get(this.at..).unwrap_or_default();
+        if !kept.is_empty() {
+            let n = kept.len().min(buf.remaining());
+            buf.put_slice(kept.get(..n).unwrap_or_default());
+            this.at += n;
+            if this.at == this.ahead.len() {
+                this.at = 0;
+                this.ahead.clear();
+                if this.ahead.capacity() > KEEP_AHEAD {
+                    this.ahead = Vec::new();
+                }
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let r = if buf.remaining() >= READ_AHEAD {
+            std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            let mut room = [std::mem::MaybeUninit::<u8>::uninit(); READ_AHEAD];
+            let mut read = tokio::io::ReadBuf::uninit(&mut room);
+            let r = std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut read);
+            if let Poll::Ready(Ok(())) = r {
+                let got = read.filled();
+                let (now, later) = got.split_at(got.len().min(buf.remaining()));
+                buf.put_slice(now);
+                this.ahead.extend_from_slice(later);
+            }
+            r
+        };
+        if r.is_ready() && !this.done.get() {
+            let _ = socket2::SockRef::from(&this.inner).set_tcp_quickack(true);
         }
         r
     }
@@ -448,4 +501,100 @@ fn is_transient(e: &std::io::Error) -> bool {
 /// EMFILE (the process's descriptors) or ENFILE (the system's).
 fn is_out_of_descriptors(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(24 | 23))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A loopback connection: the accepted side wrapped as the gateway wraps it, and the
+    /// client's side.
+    async fn wrapped() -> (QuickAck, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let stream = QuickAck {
+            inner: accepted.unwrap().0,
+            done: Arc::new(Authenticated::default()),
+            ahead: Vec::new(),
+            at: 0,
+        };
+        (stream, client.unwrap())
+    }
+
+    /// Several packets sent at once, read the way russh reads them (a length, then the
+    /// rest, exactly), and in pieces of every other size: the bytes come through in order,
+    /// nothing read ahead is lost, and what is kept never passes its bound.
+    #[tokio::test]
+    async fn bytes_read_ahead_come_through_whole_and_in_order() {
+        let (mut server, mut client) = wrapped().await;
+        let sent: Vec<u8> = (0..200_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        let writer = {
+            let sent = sent.clone();
+            tokio::spawn(async move {
+                // Small writes and large ones, so that reads find one packet, several, or part.
+                for piece in sent.chunks(1500).enumerate().flat_map(|(i, c)| {
+                    let cut = (i * 37) % c.len();
+                    [&c[..cut], &c[cut..]]
+                }) {
+                    client.write_all(piece).await.unwrap();
+                }
+                client.shutdown().await.unwrap();
+                client
+            })
+        };
+        let mut got = Vec::new();
+        let sizes = [4usize, 48, 1, 4, 2047, 2048, 4, 32_768, 3, 100_000];
+        let mut buf = vec![0u8; 100_000];
+        'reading: for size in sizes.iter().cycle() {
+            let n = server.read(&mut buf[..*size]).await.unwrap();
+            if n == 0 {
+                break 'reading;
+            }
+            got.extend_from_slice(&buf[..n]);
+            assert!(server.ahead.len() - server.at <= READ_AHEAD);
+            assert!(server.ahead.len() <= READ_AHEAD);
+        }
+        assert_eq!(got.len(), sent.len());
+        assert!(got == sent, "the bytes came through out of order");
+        // Empty again, and no more than a small buffer kept.
+        assert_eq!(server.ahead.len(), 0);
+        assert!(server.ahead.capacity() <= KEEP_AHEAD);
+        drop(writer.await.unwrap());
+    }
+
+    /// A keystroke's packet is taken from the socket by one read: its length is asked for
+    /// and the rest is then served from what was read ahead, with nothing left in the
+    /// socket.
+    #[tokio::test]
+    async fn a_small_packet_is_one_read_of_the_socket() {
+        let (mut server, mut client) = wrapped().await;
+        let packet: Vec<u8> = (0..52u8).collect();
+        client.write_all(&packet).await.unwrap();
+        let mut len = [0u8; 4];
+        server.read_exact(&mut len).await.unwrap();
+        assert_eq!(len, [0, 1, 2, 3]);
+        assert_eq!(
+            server.ahead.len() - server.at,
+            48,
+            "the rest was not read ahead"
+        );
+        // The socket itself is empty now: its bytes are all in the read-ahead.
+        let mut probe = [0u8; 1];
+        assert!(matches!(
+            server.inner.try_read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        ));
+        let mut rest = [0u8; 48];
+        server.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest[..], &packet[4..]);
+        // A zero-length read is not an end of stream in disguise, nor a read of the socket.
+        client.write_all(b"more").await.unwrap();
+        let mut none = [0u8; 0];
+        assert_eq!(server.read(&mut none).await.unwrap(), 0);
+        let mut more = [0u8; 4];
+        server.read_exact(&mut more).await.unwrap();
+        assert_eq!(&more, b"more");
+    }
 }

@@ -298,9 +298,15 @@ pub(crate) async fn read<R: AsyncRead + Unpin>(
     cipher: &mut (dyn OpeningKey + Send),
 ) -> Result<usize, Error> {
     if buffer.len == 0 {
-        let mut len = vec![0; cipher.packet_length_to_read_for_block_length()];
+        // (Berth patch) The probe is on the stack: no allocation per packet. A block is at
+        // most 16 bytes (block.rs); the default probe is 4.
+        let mut probe = [0u8; 16];
+        let probe_len = cipher.packet_length_to_read_for_block_length();
+        let len = probe
+            .get_mut(..probe_len)
+            .ok_or(Error::PacketSize(probe_len))?;
 
-        stream.read_exact(&mut len).await?;
+        stream.read_exact(len).await?;
         trace!("reading, len = {len:?}");
         {
             let seqn = buffer.seqn.0;
