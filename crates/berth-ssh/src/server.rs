@@ -404,8 +404,9 @@ struct QuickAck {
 
 /// What one small read takes from the socket (a keystroke's packet is about 50 bytes).
 const READ_AHEAD: usize = 2048;
-/// A buffer of bytes read ahead this small is kept when it empties (one allocation per
-/// connection, not per packet).
+/// A buffer of bytes read ahead this small is kept when it empties: small packets cost one
+/// allocation per connection, not one per packet. (A bulk packet's read-ahead, up to
+/// [`READ_AHEAD`], is let go once taken, so an idle connection keeps no more than this.)
 const KEEP_AHEAD: usize = 256;
 
 impl tokio::io::AsyncRead for QuickAck {
@@ -421,6 +422,11 @@ impl tokio::io::AsyncRead for QuickAck {
         }
         let kept = this.ahead.get(this.at..).unwrap_or_default();
         if !kept.is_empty() {
+            // What is kept is served without the socket, so it spends the task's budget as
+            // the socket's reads do: a client that packs many small packets into each read
+            // still makes the connection's task yield to the others every 128 reads.
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            coop.made_progress();
             let n = kept.len().min(buf.remaining());
             buf.put_slice(kept.get(..n).unwrap_or_default());
             this.at += n;
@@ -596,5 +602,44 @@ mod tests {
         let mut more = [0u8; 4];
         server.read_exact(&mut more).await.unwrap();
         assert_eq!(&more, b"more");
+    }
+
+    /// Bytes served from what was read ahead spend the task's budget like reads of the
+    /// socket: a client packing a thousand one-byte reads into one segment does not keep
+    /// the connection's task from yielding to the others.
+    #[tokio::test]
+    async fn reads_of_what_was_kept_make_the_task_yield() {
+        let (mut server, mut client) = wrapped().await;
+        client.write_all(&[7u8; 2000]).await.unwrap();
+        let mut one = [0u8; 1];
+        server.read_exact(&mut one).await.unwrap();
+        assert_eq!(
+            server.ahead.len() - server.at,
+            1999,
+            "the rest was not read ahead"
+        );
+        // Within one poll of the task, one-byte reads until one is refused.
+        let served = std::future::poll_fn(|cx| {
+            let mut served = 0;
+            loop {
+                let mut byte = [0u8; 1];
+                let mut buf = tokio::io::ReadBuf::new(&mut byte);
+                match tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut server), cx, &mut buf)
+                {
+                    std::task::Poll::Ready(r) => {
+                        r.unwrap();
+                        served += 1;
+                        assert!(served < 1999, "every kept byte was served in one poll");
+                    }
+                    std::task::Poll::Pending => return std::task::Poll::Ready(served),
+                }
+            }
+        })
+        .await;
+        assert!(served <= 128, "{served} reads in one poll of the task");
+        // The refusal woke the task: the rest comes on the next polls.
+        let mut rest = vec![0u8; 1999 - served];
+        server.read_exact(&mut rest).await.unwrap();
+        assert!(rest.iter().all(|b| *b == 7));
     }
 }
