@@ -387,7 +387,9 @@ impl Drop for AbortOnDrop {
 /// caller did not ask for is kept for its next read: a keystroke's packet is one call. What
 /// is kept is at most [`READ_AHEAD`] bytes, and its buffer is let go when it empties, unless
 /// it is small ([`KEEP_AHEAD`]). Reads of [`READ_AHEAD`] or more (a bulk packet's rest) go
-/// to the socket directly once what was kept is taken.
+/// to the socket directly once what was kept is taken. (tokio's `BufReader` does the same
+/// read-ahead but holds its whole buffer for the connection's life: 2 KiB per idle session,
+/// against at most [`KEEP_AHEAD`] here; and its buffered reads spend no task budget.)
 ///
 /// The OpenSSH client sends its KEXINIT and ECDH_INIT as two small writes with Nagle on.
 /// When the server's KEXINIT went out first, the kernel delays its ACK of the client's
