@@ -1021,6 +1021,44 @@ async fn a_file_past_4_gib_is_written_and_read_at_high_offsets() {
     m.close().await.unwrap();
 }
 
+/// The daemon's writes behind arrive many at once for one file (up to [`WORKERS`] served
+/// together); the laptop writes each in pieces, one write of a file at a time. Every byte
+/// lands where it was sent: whole writes at offsets that no piece boundary lines up with,
+/// more of them than there are workers, and one write over the seams of two others.
+#[tokio::test]
+async fn many_large_writes_to_one_file_at_once_land_whole() {
+    let m = Mount::new();
+    let (fh, _) = m.create("big", libc::O_RDWR, 0o644).await;
+    let len = MAX_IO as usize;
+    let count = 2 * WORKERS + 3;
+    let chunk = |k: usize| -> Vec<u8> {
+        (0..len)
+            .map(|i| u8::try_from((i * 31 + k * 7 + i / 4096) % 251).unwrap())
+            .collect()
+    };
+    let writes = (0..count).map(|k| {
+        let m = &m;
+        async move {
+            let n = m.write(fh, (k * len) as u64 + 5, &chunk(k)).await;
+            assert_eq!(n as usize, len);
+        }
+    });
+    futures_util::future::join_all(writes).await;
+    let mut want = vec![0u8; 5];
+    for k in 0..count {
+        want.extend(chunk(k));
+    }
+    // One more over the seam of the first two, starting inside a piece.
+    let over: Vec<u8> = (0..len - 3).map(|i| (i % 7) as u8 + 200).collect();
+    let at = len / 2 + 1;
+    assert_eq!(m.write(fh, at as u64, &over).await as usize, over.len());
+    want.splice(at..at + over.len(), over.iter().copied());
+    let got = std::fs::read(m.root().join("big")).unwrap();
+    assert_eq!(got.len(), want.len());
+    assert!(got == want, "the file differs from what was written");
+    m.close().await.unwrap();
+}
+
 /// Runs a test whose failure may leave a read waiting on a FIFO: a plain test's runtime
 /// would wait for that blocking thread forever instead of failing.
 fn run_bounded(test: impl std::future::Future<Output = ()> + Send + 'static) {

@@ -34,6 +34,15 @@ use crate::proto::{
 /// Handles (files and directories) open at once; one more is `EMFILE`.
 pub const MAX_HANDLES: usize = 1024;
 
+/// The most one `pwrite` to a regular file writes. A recent kernel (this bench machine's
+/// 6.18, on ext4) gives a buffered write page-cache folios as large as the write. Folios of 128 KiB and more
+/// come out of the high-order free blocks that a virtual machine's free page reporting
+/// (virtio-balloon) hands back to its host, and every page of them is then faulted in by the
+/// host while the kernel copies: 512 MiB written in 256 KiB `pwrite`s took 0.28–1.09 s of
+/// system time on this bench's machine, in 32 KiB ones 0.13–0.25 s (docs/benchmarks.md).
+/// OpenSSH's `sftp-server` writes what sshfs sends, 32 KiB at a time.
+const WRITE_PIECE: usize = 32 * 1024;
+
 /// What an entry costs in a readdir answer besides its name (an [`Attr`] is at most about
 /// 170 bytes of varints, the offset 10, framing a few).
 const ENTRY_OVERHEAD: usize = 200;
@@ -59,6 +68,14 @@ enum Handle {
         fifo: bool,
         /// The daemon asked for `O_NONBLOCK`: a FIFO that is not ready says `EAGAIN`.
         nonblock: bool,
+        /// Opened with `O_APPEND`: each write is one `write`, never pieces, so that a writer
+        /// beside us on the laptop cannot land between them.
+        append: bool,
+        /// Held by a write to a regular file for its `pwrite`s. The kernel serialises writes
+        /// to one file on the inode's lock anyway, and its waiters spin on a CPU while the
+        /// holder copies (`rwsem_spin_on_owner`): with the daemon's writes behind, up to
+        /// [`super::WORKERS`] of one file's writes arrive at once. Waiting here sleeps.
+        writing: Mutex<()>,
     },
     Dir {
         /// Opened from the path; entries are `lstat`'ed against it, listings re-opened
@@ -463,6 +480,7 @@ impl Fs {
     ) -> Result<(FileStat, u64), Errno> {
         self.room()?;
         let nonblock = flags & libc::O_NONBLOCK != 0;
+        let append = flags & libc::O_APPEND != 0;
         let flags = OFlag::from_bits_truncate(flags)
             | OFlag::O_NOFOLLOW
             | OFlag::O_CLOEXEC
@@ -482,7 +500,13 @@ impl Fs {
         if !fifo && !nonblock {
             fcntl::fcntl(&fd, fcntl::FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK))?;
         }
-        let fh = self.insert(Handle::File { fd, fifo, nonblock })?;
+        let fh = self.insert(Handle::File {
+            fd,
+            fifo,
+            nonblock,
+            append,
+            writing: Mutex::new(()),
+        })?;
         Ok((st, fh))
     }
 
@@ -574,7 +598,10 @@ impl Fs {
     }
 
     fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let Handle::File { fd, fifo, nonblock } = h else {
+        let Handle::File {
+            fd, fifo, nonblock, ..
+        } = h
+        else {
             return Err(Errno::EISDIR);
         };
         let mut buf = vec![0u8; size as usize];
@@ -615,9 +642,17 @@ impl Fs {
     }
 
     fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<usize, Errno> {
-        let Handle::File { fd, fifo, nonblock } = h else {
+        let Handle::File {
+            fd,
+            fifo,
+            nonblock,
+            append,
+            writing,
+        } = h
+        else {
             return Err(Errno::EISDIR);
         };
+        let _one_at_a_time = (!*fifo).then(|| lock(writing));
         let mut done = 0;
         while let Some(rest) = data.get(done..).filter(|r| !r.is_empty()) {
             let r = if *fifo {
@@ -628,7 +663,11 @@ impl Fs {
                     .checked_add(done as u64)
                     .and_then(|o| i64::try_from(o).ok())
                     .ok_or(Errno::EFBIG)?;
-                nix::sys::uio::pwrite(fd, rest, at)
+                let piece = match append {
+                    false => rest.get(..WRITE_PIECE).unwrap_or(rest),
+                    true => rest,
+                };
+                nix::sys::uio::pwrite(fd, piece, at)
             };
             match r {
                 Ok(n) => done += n,
