@@ -68,13 +68,15 @@ enum Handle {
         fifo: bool,
         /// The daemon asked for `O_NONBLOCK`: a FIFO that is not ready says `EAGAIN`.
         nonblock: bool,
-        /// Opened with `O_APPEND`: each write is one `write`, never pieces, so that a writer
-        /// beside us on the laptop cannot land between them.
-        append: bool,
-        /// Held by a write to a regular file for its `pwrite`s. The kernel serialises writes
-        /// to one file on the inode's lock anyway, and its waiters spin on a CPU while the
-        /// holder copies (`rwsem_spin_on_owner`): with the daemon's writes behind, up to
-        /// [`super::WORKERS`] of one file's writes arrive at once. Waiting here sleeps.
+        /// Opened with `O_APPEND`, `O_SYNC` or `O_DSYNC`: each write is one `pwrite`, never
+        /// pieces (an append stays whole against other writers on the laptop; a synchronous
+        /// write is one commit to the disk, not eight).
+        whole: bool,
+        /// Held by a write through this handle for its `pwrite`s. The kernel serialises
+        /// writes to one file on the inode's lock anyway, and its waiters spin on a CPU while
+        /// the holder copies (`rwsem_spin_on_owner`): with the daemon's writes behind, up to
+        /// [`super::WORKERS`] of one handle's writes arrive at once. Waiting here sleeps.
+        /// (Writes through other handles of the same file still meet in the kernel.)
         writing: Mutex<()>,
     },
     Dir {
@@ -480,7 +482,7 @@ impl Fs {
     ) -> Result<(FileStat, u64), Errno> {
         self.room()?;
         let nonblock = flags & libc::O_NONBLOCK != 0;
-        let append = flags & libc::O_APPEND != 0;
+        let whole = flags & (libc::O_APPEND | libc::O_SYNC | libc::O_DSYNC) != 0;
         let flags = OFlag::from_bits_truncate(flags)
             | OFlag::O_NOFOLLOW
             | OFlag::O_CLOEXEC
@@ -504,7 +506,7 @@ impl Fs {
             fd,
             fifo,
             nonblock,
-            append,
+            whole,
             writing: Mutex::new(()),
         })?;
         Ok((st, fh))
@@ -646,7 +648,7 @@ impl Fs {
             fd,
             fifo,
             nonblock,
-            append,
+            whole,
             writing,
         } = h
         else {
@@ -663,13 +665,11 @@ impl Fs {
                     .checked_add(done as u64)
                     .and_then(|o| i64::try_from(o).ok())
                     .ok_or(Errno::EFBIG)?;
-                let piece = match append {
-                    false => rest.get(..WRITE_PIECE).unwrap_or(rest),
-                    true => rest,
-                };
-                nix::sys::uio::pwrite(fd, piece, at)
+                nix::sys::uio::pwrite(fd, piece(rest, *whole), at)
             };
             match r {
+                // Nothing written of something: a file system that takes no more.
+                Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) if *fifo && !nonblock && done == 0 => {
@@ -710,6 +710,15 @@ impl Handle {
         match self {
             Handle::File { fd, .. } | Handle::Dir { fd, .. } => fd.as_fd(),
         }
+    }
+}
+
+/// What the next `pwrite` of a regular file's write takes of `rest`: at most
+/// [`WRITE_PIECE`], or all of it on a handle whose writes stay `whole`.
+fn piece(rest: &[u8], whole: bool) -> &[u8] {
+    match whole {
+        true => rest,
+        false => rest.get(..WRITE_PIECE).unwrap_or(rest),
     }
 }
 
@@ -796,5 +805,20 @@ fn attr(st: &FileStat) -> Attr {
         gid: st.st_gid,
         rdev: st.st_rdev,
         blksize: u32::try_from(st.st_blksize).unwrap_or(u32::MAX),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_goes_in_pieces_unless_it_must_stay_whole() {
+        let data = vec![0u8; 3 * WRITE_PIECE + 5];
+        assert_eq!(piece(&data, false).len(), WRITE_PIECE);
+        assert_eq!(piece(&data[..5], false).len(), 5);
+        assert_eq!(piece(&data[..WRITE_PIECE], false).len(), WRITE_PIECE);
+        assert_eq!(piece(&data, true).len(), data.len());
     }
 }
