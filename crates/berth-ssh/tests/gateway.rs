@@ -775,11 +775,61 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
     s.shutdown.cancel();
 }
 
+/// Everything `conn` sends until it closes (`None` if it is still open after `within`).
+async fn read_to_close(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    tokio::time::timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .map(|()| all)
+}
+
+/// The payloads of the packets in the clear that follow the identification line in `wire`
+/// (before any keys: length, padding length, payload, padding).
+fn clear_packets(wire: &[u8]) -> Vec<Vec<u8>> {
+    let start = wire
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .expect("an identification line")
+        + 2;
+    let mut rest = &wire[start..];
+    let mut packets = Vec::new();
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        let pad = rest[4] as usize;
+        assert!(
+            len > pad && rest.len() >= 4 + len,
+            "a malformed packet: {len} bytes, padding {pad}, {} left",
+            rest.len()
+        );
+        packets.push(rest[5..4 + len - pad].to_vec());
+        rest = &rest[4 + len..];
+    }
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the last packet",
+        rest.len()
+    );
+    packets
+}
+
 /// A client that never sends its part of the key exchange the server started, sending an
 /// SSH_MSG_IGNORE now and then instead (which a key exchange accepts, and which counts as a
-/// sign of life), ignores the DISCONNECT of its login grace time: the connection's task
-/// could not even read it. It is closed all the same, a few seconds after its grace time
-/// (and not before it: its packets were taken).
+/// sign of life), is sent the DISCONNECT of its login grace time, in the middle of the key
+/// exchange (RFC 4253 allows it there), as a well-formed packet; and closed, after its grace
+/// time (not before it: its packets were taken).
 #[tokio::test]
 async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     use tokio::io::AsyncWriteExt;
@@ -799,12 +849,26 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     });
-    let ended = closed(&mut read, Duration::from_secs(20)).await;
+    let wire = read_to_close(&mut read, Duration::from_secs(20)).await;
     chatter.abort();
-    assert!(ended, "a key exchange left unfinished kept its connection");
+    let wire = wire.expect("a key exchange left unfinished kept its connection");
     assert!(
         start.elapsed() >= Duration::from_secs(1),
         "closed before its grace time: its packets were refused"
     );
+    let packets = clear_packets(&wire);
+    assert_eq!(
+        packets.first().map(|p| p[0]),
+        Some(20),
+        "the server's KEXINIT first"
+    );
+    let disconnect = packets.iter().find(|p| p[0] == 1).unwrap_or_else(|| {
+        panic!(
+            "no DISCONNECT among the packets {:?}",
+            packets.iter().map(|p| p[0]).collect::<Vec<_>>()
+        )
+    });
+    let text = String::from_utf8_lossy(&disconnect[9..]);
+    assert!(text.contains("login grace time exceeded"), "{disconnect:?}");
     s.shutdown.cancel();
 }

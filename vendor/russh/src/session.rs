@@ -216,10 +216,11 @@ impl<C> CommonSession<C> {
         description: &str,
         language_tag: &str,
     ) -> Result<(), crate::Error> {
+        let code = reason as u32;
         let disconnect = |buf: &mut Vec<u8>| {
             push_packet!(buf, {
                 msg::DISCONNECT.encode(buf)?;
-                (reason as u32).encode(buf)?;
+                code.encode(buf)?;
                 description.encode(buf)?;
                 language_tag.encode(buf)?;
             });
@@ -227,10 +228,19 @@ impl<C> CommonSession<C> {
         };
         if !self.disconnected {
             self.disconnected = true;
+            // (Berth patch) Before the first keys, a packet framed by the writer (length,
+            // padding): the bare length and payload `push_packet!` makes for `enc.write`
+            // went to the wire as they were.
             return if let Some(ref mut enc) = self.encrypted {
                 disconnect(&mut enc.write)
             } else {
-                disconnect(&mut self.packet_writer.buffer().buffer)
+                self.packet_writer.write_packet(|buf| {
+                    msg::DISCONNECT.encode(buf)?;
+                    code.encode(buf)?;
+                    description.encode(buf)?;
+                    language_tag.encode(buf)?;
+                    Ok(())
+                })
             };
         }
         Ok(())

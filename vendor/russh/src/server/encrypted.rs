@@ -833,6 +833,7 @@ mod tests {
             priority_sender,
             sender,
             channel_buffer_size: config.channel_buffer_size,
+            disconnect: Arc::default(),
         };
 
         Session {

@@ -1155,6 +1155,7 @@ where
         priority_sender,
         sender,
         channel_buffer_size: config.channel_buffer_size,
+        disconnect: Arc::default(),
     };
 
     let common = read_ssh_id(config, &mut stream).await?;

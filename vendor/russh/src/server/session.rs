@@ -118,6 +118,36 @@ pub struct Handle {
     pub(crate) priority_sender: UnboundedSender<Msg>,
     pub(crate) sender: Sender<Msg>,
     pub(crate) channel_buffer_size: usize,
+    pub(crate) disconnect: Arc<DisconnectAsked>,
+}
+
+/// (Berth patch) A disconnect the application asked for ([`Handle::disconnect`]). The loop
+/// takes it whatever it is doing: in a key exchange (DISCONNECT is one of the messages RFC
+/// 4253, 7.1, allows there) and while output waits for the client's window, where the
+/// message queues are not read. Only the first one asked for is sent.
+#[derive(Debug, Default)]
+pub(crate) struct DisconnectAsked {
+    once: std::sync::atomic::AtomicBool,
+    asked: std::sync::Mutex<Option<(Disconnect, String, String)>>,
+    wake: tokio::sync::Notify,
+}
+
+impl DisconnectAsked {
+    fn ask(&self, reason: Disconnect, description: String, language_tag: String) {
+        if self.once.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        *self.asked.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((reason, description, language_tag));
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> Option<(Disconnect, String, String)> {
+        self.asked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 impl Handle {
@@ -469,20 +499,20 @@ impl Handle {
     }
 
     /// Allows a server to disconnect a client session
+    ///
+    /// (Berth patch) Never waits: the session's loop sends the DISCONNECT at its next turn,
+    /// even in a key exchange or behind output the client's window holds back.
     pub async fn disconnect(
         &self,
         reason: Disconnect,
         description: String,
         language_tag: String,
     ) -> Result<(), Error> {
-        self.sender
-            .send(Msg::Disconnect {
-                reason,
-                description,
-                language_tag,
-            })
-            .await
-            .map_err(|_| Error::SendError)
+        if self.sender.is_closed() {
+            return Err(Error::SendError);
+        }
+        self.disconnect.ask(reason, description, language_tag);
+        Ok(())
     }
 }
 
@@ -696,6 +726,11 @@ impl Session {
             .map(|d| tokio::time::Instant::now() + d);
         let rekey_timer = tokio::time::sleep(Duration::from_secs(86400));
         pin!(rekey_timer);
+        // (Berth patch) A disconnect asked for through a handle, taken whatever the loop is
+        // waiting for.
+        let disconnect = self.sender.disconnect.clone();
+        let disconnect_asked = disconnect.wake.notified();
+        pin!(disconnect_asked);
         let mut rekey_at: Option<tokio::time::Instant> = None;
 
         #[allow(clippy::panic)] // false positive in macro
@@ -807,6 +842,11 @@ impl Session {
                 // taken at every turn's start, so a client that keeps sending does not
                 // starve them (and runs out of window).
                 biased;
+                () = &mut disconnect_asked => {
+                    if let Some((reason, description, language_tag)) = disconnect.take() {
+                        self.common.disconnect(reason, &description, &language_tag)?;
+                    }
+                }
                 r = &mut reading => {
                     let (stream_read, mut buffer, mut opening_cipher) = match r {
                         Ok((_, stream_read, buffer, opening_cipher)) => (stream_read, buffer, opening_cipher),
@@ -1761,6 +1801,7 @@ mod tests {
             priority_sender,
             sender,
             channel_buffer_size: config.channel_buffer_size,
+            disconnect: Arc::default(),
         };
 
         Session {
