@@ -810,7 +810,7 @@ fn clear_packets(wire: &[u8]) -> Vec<Vec<u8>> {
         let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
         let pad = rest[4] as usize;
         assert!(
-            len > pad && rest.len() >= 4 + len,
+            len >= pad + 2 && rest.len() >= 4 + len,
             "a malformed packet: {len} bytes, padding {pad}, {} left",
             rest.len()
         );
@@ -868,6 +868,7 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
             packets.iter().map(|p| p[0]).collect::<Vec<_>>()
         )
     });
+    assert!(disconnect.len() >= 9, "a short DISCONNECT: {disconnect:?}");
     let text = String::from_utf8_lossy(&disconnect[9..]);
     assert!(text.contains("login grace time exceeded"), "{disconnect:?}");
     s.shutdown.cancel();

@@ -227,23 +227,38 @@ impl<C> CommonSession<C> {
             Ok(())
         };
         if !self.disconnected {
-            self.disconnected = true;
             // (Berth patch) Before the first keys, a packet framed by the writer (length,
             // padding): the bare length and payload `push_packet!` makes for `enc.write`
             // went to the wire as they were.
             return if let Some(ref mut enc) = self.encrypted {
+                self.disconnected = true;
                 disconnect(&mut enc.write)
             } else {
-                self.packet_writer.write_packet(|buf| {
-                    msg::DISCONNECT.encode(buf)?;
-                    code.encode(buf)?;
-                    description.encode(buf)?;
-                    language_tag.encode(buf)?;
-                    Ok(())
-                })
+                self.disconnect_at_once(code, description, language_tag)
             };
         }
         Ok(())
+    }
+
+    /// (Berth patch) A DISCONNECT written straight to the wire with the keys the writer holds,
+    /// ahead of the messages waiting in `enc.write` (which the caller drops or keeps back).
+    pub(crate) fn disconnect_at_once(
+        &mut self,
+        code: u32,
+        description: &str,
+        language_tag: &str,
+    ) -> Result<(), crate::Error> {
+        if self.disconnected {
+            return Ok(());
+        }
+        self.disconnected = true;
+        self.packet_writer.write_packet(|buf| {
+            msg::DISCONNECT.encode(buf)?;
+            code.encode(buf)?;
+            description.encode(buf)?;
+            language_tag.encode(buf)?;
+            Ok(())
+        })
     }
 
     /// Send a debug message.

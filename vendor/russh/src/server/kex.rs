@@ -83,6 +83,12 @@ impl ServerKex {
         }
     }
 
+    /// (Berth patch) Our NEWKEYS is out and the peer's has not arrived: the writer still
+    /// holds the old keys, but nothing may go out under them any more.
+    pub fn newkeys_sent(&self) -> bool {
+        matches!(self.state, ServerKexState::WaitingForNewKeys { .. })
+    }
+
     /// `Created` is "our KEXINIT is out, the peer's has not arrived".
     pub fn peer_kexinit_received(&self) -> bool {
         !matches!(self.state, ServerKexState::Created)

@@ -842,9 +842,9 @@ impl Session {
                 // taken at every turn's start, so a client that keeps sending does not
                 // starve them (and runs out of window).
                 biased;
-                () = &mut disconnect_asked => {
+                () = &mut disconnect_asked, if !self.common.disconnected => {
                     if let Some((reason, description, language_tag)) = disconnect.take() {
-                        self.common.disconnect(reason, &description, &language_tag)?;
+                        self.disconnect_asked(reason, &description, &language_tag)?;
                     }
                 }
                 r = &mut reading => {
@@ -1720,6 +1720,38 @@ impl Session {
         Ok(())
     }
 
+    /// (Berth patch) Sends the DISCONNECT asked for through a [`Handle`], in whatever state
+    /// the transport is. Outside a key exchange it goes after what is queued. In one, before
+    /// our NEWKEYS, it goes alone with the keys in use, and the messages held for after the
+    /// exchange are dropped (RFC 4253, 7.1, lets only transport messages through there). Once
+    /// our NEWKEYS is out and the client's is not in, nothing can go (the writer still holds
+    /// the old keys, and the sequence numbers may have started again): the connection just
+    /// ends.
+    pub(crate) fn disconnect_asked(
+        &mut self,
+        reason: crate::Disconnect,
+        description: &str,
+        language_tag: &str,
+    ) -> Result<(), Error> {
+        if self.kex == SessionKexState::Idle {
+            return self.common.disconnect(reason, description, language_tag);
+        }
+        // Held for after the exchange; `flush` would send them once disconnected.
+        if let Some(enc) = self.common.encrypted.as_mut() {
+            enc.write.clear();
+            enc.write_cursor = 0;
+        }
+        match &self.kex {
+            SessionKexState::InProgress(kex) if !kex.newkeys_sent() => self
+                .common
+                .disconnect_at_once(reason as u32, description, language_tag),
+            _ => {
+                self.common.disconnected = true;
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn begin_rekey(&mut self) -> Result<(), Error> {
         debug!("beginning re-key");
         self.pending_len = 0;
@@ -1850,6 +1882,56 @@ mod tests {
             open_global_requests: VecDeque::new(),
             kex: SessionKexState::Idle,
         }
+    }
+
+    /// (Berth patch) The payloads of the packets a clear `PacketWriter` wrote.
+    fn written_payloads(session: &mut Session) -> Vec<Vec<u8>> {
+        let wire = session.common.packet_writer.buffer().buffer.to_vec();
+        let mut rest = &wire[..];
+        let mut payloads = Vec::new();
+        while !rest.is_empty() {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let pad = rest[4] as usize;
+            payloads.push(rest[5..4 + len - pad].to_vec());
+            rest = &rest[4 + len..];
+        }
+        payloads
+    }
+
+    /// A message held in `enc.write` for after a key exchange: a channel's data, say.
+    fn hold(session: &mut Session) {
+        let enc = session.common.encrypted.as_mut().unwrap();
+        enc.write.extend_from_slice(&[0, 0, 0, 2, crate::msg::CHANNEL_DATA, 7]);
+    }
+
+    #[test]
+    fn a_disconnect_asked_in_a_rekey_goes_alone_and_drops_what_was_held() {
+        let mut session = authenticated_session();
+        session.begin_rekey().unwrap();
+        hold(&mut session);
+        session.common.packet_writer.buffer().buffer.clear();
+        session
+            .disconnect_asked(crate::Disconnect::ByApplication, "bye", "")
+            .unwrap();
+        session.flush().unwrap();
+        let sent = written_payloads(&mut session);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0][0], crate::msg::DISCONNECT);
+        assert!(session.common.disconnected);
+        assert!(session.common.encrypted.as_ref().unwrap().write.is_empty());
+    }
+
+    #[test]
+    fn a_disconnect_asked_outside_a_key_exchange_goes_after_what_was_queued() {
+        let mut session = authenticated_session();
+        hold(&mut session);
+        session
+            .disconnect_asked(crate::Disconnect::ByApplication, "bye", "")
+            .unwrap();
+        session.flush().unwrap();
+        let sent = written_payloads(&mut session);
+        let kinds: Vec<u8> = sent.iter().map(|p| p[0]).collect();
+        assert_eq!(kinds, [crate::msg::CHANNEL_DATA, crate::msg::DISCONNECT]);
     }
 
     fn compressed_debug_payload(payload_len: usize) -> Vec<u8> {
