@@ -122,9 +122,10 @@ pub struct Handle {
 }
 
 /// (Berth patch) A disconnect the application asked for ([`Handle::disconnect`]). The loop
-/// takes it whatever it is doing: in a key exchange (DISCONNECT is one of the messages RFC
-/// 4253, 7.1, allows there) and while output waits for the client's window, where the
-/// message queues are not read. Only the first one asked for is sent.
+/// takes it at its next turn, also in a key exchange and while output waits for the client's
+/// window, where the message queues are not read; what it sends then is
+/// [`Session::disconnect_asked`]'s (nothing once our NEWKEYS is out). Only the first one
+/// asked for counts.
 #[derive(Debug, Default)]
 pub(crate) struct DisconnectAsked {
     once: std::sync::atomic::AtomicBool,
@@ -500,8 +501,10 @@ impl Handle {
 
     /// Allows a server to disconnect a client session
     ///
-    /// (Berth patch) Never waits: the session's loop sends the DISCONNECT at its next turn,
-    /// even in a key exchange or behind output the client's window holds back.
+    /// (Berth patch) Never waits: the session's loop takes the disconnect at its next turn,
+    /// also in a key exchange or behind output the client's window holds back (not while
+    /// it waits in a write to the client or in a handler's call), and ends the connection;
+    /// the DISCONNECT itself is sent unless our NEWKEYS is out and the client's is not in.
     pub async fn disconnect(
         &self,
         reason: Disconnect,
