@@ -1083,6 +1083,8 @@ impl Session {
                 &mut self.common.packet_writer,
                 is_rekeying,
             )? && self.kex == SessionKexState::Idle
+                // (Berth patch) No KEXINIT after our DISCONNECT.
+                && !self.common.disconnected
                 && Self::automatic_rekey_eligible(&enc.state)
             {
                 debug!("starting rekeying");
@@ -1935,6 +1937,22 @@ mod tests {
         let sent = written_payloads(&mut session);
         let kinds: Vec<u8> = sent.iter().map(|p| p[0]).collect();
         assert_eq!(kinds, [crate::msg::CHANNEL_DATA, crate::msg::DISCONNECT]);
+    }
+
+    #[test]
+    fn no_rekey_starts_after_a_disconnect() {
+        let mut session = authenticated_session();
+        let enc = session.common.encrypted.as_mut().unwrap();
+        // A key exchange that rekeys (the harness's "none" never does).
+        enc.kex = KEXES.get(&crate::kex::CURVE25519).unwrap().make();
+        enc.rekey_wanted = true;
+        session
+            .disconnect_asked(crate::Disconnect::ByApplication, "bye", "")
+            .unwrap();
+        session.flush().unwrap();
+        let kinds: Vec<u8> = written_payloads(&mut session).iter().map(|p| p[0]).collect();
+        assert_eq!(kinds, [crate::msg::DISCONNECT]);
+        assert!(session.kex == SessionKexState::Idle);
     }
 
     fn compressed_debug_payload(payload_len: usize) -> Vec<u8> {
