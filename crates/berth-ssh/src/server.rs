@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::keys::PrivateKey;
-use russh::server::{Config, run_stream};
+use russh::server::{Config, Handle, run_stream};
 use russh::{Disconnect, MethodKind, MethodSet};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -304,16 +304,7 @@ impl Conn {
                     // Out of the startups, into the pool of authenticated connections.
                     startup = None;
                     if authenticated.over_cap() {
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(3),
-                            handle.disconnect(
-                                Disconnect::TooManyConnections,
-                                "berth: too many connections for this user".into(),
-                                String::new(),
-                            ),
-                        )
-                        .await;
-                        let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                        part(&handle, &mut session, Disconnect::TooManyConnections, "berth: too many connections for this user").await;
                         break;
                     }
                     match permits.clone().try_acquire_owned() {
@@ -321,40 +312,24 @@ impl Conn {
                         Err(_) => {
                             door.refuse(Refusal::Full);
                             warn!(%peer, "authenticated connection refused: max_connections reached");
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(3),
-                                handle.disconnect(Disconnect::TooManyConnections, "too many connections".into(), String::new()),
-                            ).await;
-                            let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                            part(&handle, &mut session, Disconnect::TooManyConnections, "too many connections").await;
                             break;
                         }
                     }
                 }
                 () = authenticated.revoked(), if startup.is_none() => {
                     info!(%peer, "access revoked; closing the connection");
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        handle.disconnect(Disconnect::ByApplication, "access revoked".into(), String::new()),
-                    ).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    part(&handle, &mut session, Disconnect::ByApplication, "access revoked").await;
                     break;
                 }
                 () = &mut login_timer, if startup.is_some() => {
                     info!(target: "audit", event = "login_timeout", %peer, "not authenticated within the login grace time");
                     door.failed(peer.ip());
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        handle.disconnect(Disconnect::ByApplication, "login grace time exceeded".into(), String::new()),
-                    ).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    part(&handle, &mut session, Disconnect::ByApplication, "login grace time exceeded").await;
                     return;
                 }
                 () = shutdown.cancelled() => {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(3),
-                        handle.disconnect(Disconnect::ByApplication, "berth is shutting down".into(), String::new()),
-                    ).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(3), &mut session).await;
+                    part(&handle, &mut session, Disconnect::ByApplication, "berth is shutting down").await;
                     break;
                 }
             }
@@ -366,6 +341,17 @@ impl Conn {
         drop((startup, permit));
         debug!(%peer, "connection closed");
     }
+}
+
+/// How long a connection told to go is given to end before its task is aborted.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
+
+/// Tells the client why it is being disconnected, then gives the connection `CLOSE_GRACE` to
+/// end. The disconnect never waits: russh sends it ahead of whatever the connection was about
+/// to say, even in a key exchange.
+async fn part<F: Future + Unpin>(handle: &Handle, session: &mut F, reason: Disconnect, why: &str) {
+    let _ = handle.disconnect(reason, why.into(), String::new()).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, session).await;
 }
 
 /// Aborts a task when dropped.

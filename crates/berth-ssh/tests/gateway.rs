@@ -326,18 +326,28 @@ async fn idle_from(from: &str, port: u16) -> tokio::net::TcpStream {
 /// Whether the server closes `conn` within `within` (reads EOF or a reset; the server's
 /// identification line, if it sent one, is skipped).
 async fn closed(conn: &mut (impl tokio::io::AsyncRead + Unpin), within: Duration) -> bool {
+    read_to_close(conn, within).await.is_some()
+}
+
+/// Everything `conn` sends until it closes (`None` if it is still open after `within`).
+async fn read_to_close(
+    conn: &mut (impl tokio::io::AsyncRead + Unpin),
+    within: Duration,
+) -> Option<Vec<u8>> {
     use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; 256];
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
     tokio::time::timeout(within, async {
         loop {
             match conn.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(n) => all.extend_from_slice(&buf[..n]),
             }
         }
     })
     .await
-    .is_ok()
+    .ok()
+    .map(|()| all)
 }
 
 #[tokio::test]
@@ -773,27 +783,6 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
     );
     drop((ch, h));
     s.shutdown.cancel();
-}
-
-/// Everything `conn` sends until it closes (`None` if it is still open after `within`).
-async fn read_to_close(
-    conn: &mut (impl tokio::io::AsyncRead + Unpin),
-    within: Duration,
-) -> Option<Vec<u8>> {
-    use tokio::io::AsyncReadExt;
-    let mut all = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(within, async {
-        loop {
-            match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => all.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .ok()
-    .map(|()| all)
 }
 
 /// The payloads of the packets in the clear that follow the identification line in `wire`

@@ -128,6 +128,21 @@ impl ChannelFlushResult {
     }
 }
 
+/// (Berth patch) A DISCONNECT message's payload, one encoding for the packet queued in
+/// `enc.write` and the one written straight to the wire.
+fn disconnect_payload(
+    buf: &mut Vec<u8>,
+    code: u32,
+    description: &str,
+    language_tag: &str,
+) -> Result<(), crate::Error> {
+    msg::DISCONNECT.encode(buf)?;
+    code.encode(buf)?;
+    description.encode(buf)?;
+    language_tag.encode(buf)?;
+    Ok(())
+}
+
 impl<C> CommonSession<C> {
     pub(crate) fn has_any_pending_data(&self) -> bool {
         self.encrypted
@@ -218,13 +233,7 @@ impl<C> CommonSession<C> {
     ) -> Result<(), crate::Error> {
         let code = reason as u32;
         let disconnect = |buf: &mut Vec<u8>| {
-            push_packet!(buf, {
-                msg::DISCONNECT.encode(buf)?;
-                code.encode(buf)?;
-                description.encode(buf)?;
-                language_tag.encode(buf)?;
-            });
-            Ok(())
+            push_packet!(buf, disconnect_payload(buf, code, description, language_tag))
         };
         if !self.disconnected {
             // (Berth patch) Before the first keys, a packet framed by the writer (length,
@@ -252,13 +261,8 @@ impl<C> CommonSession<C> {
             return Ok(());
         }
         self.disconnected = true;
-        self.packet_writer.write_packet(|buf| {
-            msg::DISCONNECT.encode(buf)?;
-            code.encode(buf)?;
-            description.encode(buf)?;
-            language_tag.encode(buf)?;
-            Ok(())
-        })
+        self.packet_writer
+            .write_packet(|buf| disconnect_payload(buf, code, description, language_tag))
     }
 
     /// Send a debug message.
