@@ -139,6 +139,20 @@ fn remove_stale_networks() {
     }
 }
 
+/// Runs a Python 3 `script` (an attacker or a client written in a few lines) with `args`:
+/// its stdout piped for the test to read, its stderr the test's own.
+pub fn python3(script: &str, args: &[&str], stdin: Stdio) -> Child {
+    Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("cannot run python3")
+}
+
 /// Runs `docker ARGS` and returns stdout, trimmed; panics on failure.
 pub fn docker(args: &[&str]) -> String {
     let out = Command::new("docker").args(args).output().unwrap();

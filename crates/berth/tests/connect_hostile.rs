@@ -489,24 +489,14 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
         &d.container_name("alice"),
     ]);
     let baseline = d.descriptors();
-    let python = |script: &str, args: &[&str]| {
-        std::process::Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap()
-    };
     let words = |user: &str| d.state_dir().join(format!("run/{user}/guest.sock"));
-    let mut attacker = KillOnDrop(python(
+    let mut attacker = KillOnDrop(berth_testkit::python3(
         MOUNT_FDS,
         &[
             &format!("/proc/{pid}/root{}", dir.join("f").display()),
             words("alice").to_str().unwrap(),
         ],
+        Stdio::piped(),
     ));
     let lines = lines_of(attacker.0.stdout.take().unwrap());
     // Its descriptors are sent once a write of its waits on the laptop.
@@ -523,7 +513,8 @@ fn descriptors_of_a_mount_s_files_sent_to_the_daemon_hold_up_nobody_else() {
     };
     // Bob's descriptor is closed at once.
     let bob_closes = || {
-        let mut bob = python(ONE_FD, &[words("bob").to_str().unwrap()]);
+        let mut bob =
+            berth_testkit::python3(ONE_FD, &[words("bob").to_str().unwrap()], Stdio::piped());
         drop(bob.stdin.take());
         let out = bob.wait_with_output().unwrap();
         String::from_utf8_lossy(&out.stdout).trim() == "closed"

@@ -285,15 +285,7 @@ time.sleep(float(sys.argv[-1]))
 "#;
 
 fn attacker(args: &[&str]) -> Child {
-    std::process::Command::new("python3")
-        .arg("-c")
-        .arg(ATTACKER)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+    berth_testkit::python3(ATTACKER, args, Stdio::null())
 }
 
 /// The attacker's next line of output (within 30 s: a daemon frozen by the attack must fail
