@@ -368,6 +368,22 @@ impl Rules {
         Ok(removed)
     }
 
+    /// A fingerprint of both families' filter tables as `iptables -S` prints them (two runs,
+    /// however many rules Berth's chains hold); `None` when IPv4's cannot be listed. The
+    /// periodic check compares it with the one taken before the last check that found the
+    /// rules whole ([`Watch`]).
+    pub async fn fingerprint(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let v4 = iptables(Family::V4, &words("-S")).await.ok()?;
+        // No IPv6 tables is a state like another (its rules are best effort).
+        let v6 = iptables(Family::V6, &words("-S"))
+            .await
+            .unwrap_or_else(|e| e.0);
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (v4, v6).hash(&mut h);
+        Some(h.finish())
+    }
+
     /// One line for `berth status` and `--check`: whether the isolation is in force.
     pub async fn state(&self) -> String {
         if !self.enabled {
@@ -398,9 +414,54 @@ impl Rules {
     }
 }
 
+/// What the periodic check remembers: the tables' fingerprint taken just before the last
+/// check that found every rule in place. While the tables list the same, nothing (Berth's
+/// rules included) has changed since, and the rule-by-rule check (a dozen `iptables` runs,
+/// each reading the whole ruleset) is skipped.
+#[derive(Debug, Default)]
+pub struct Watch {
+    whole: Option<u64>,
+}
+
+impl Watch {
+    /// Whether the rules must be checked one by one, the tables fingerprinted as `now`.
+    pub fn must_check(&self, now: Option<u64>) -> bool {
+        now.is_none() || now != self.whole
+    }
+
+    /// What the check of the tables fingerprinted as `before` (taken before it began) found:
+    /// `whole` when no rule had to be put back. A fingerprint taken before the check, not
+    /// after: a change made during the check then differs from it, and is checked next time.
+    pub fn checked(&mut self, before: Option<u64>, whole: bool) {
+        self.whole = if whole { before } else { None };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rules_are_checked_again_only_once_the_tables_changed() {
+        let mut w = Watch::default();
+        assert!(w.must_check(Some(1)), "never checked yet");
+        w.checked(Some(1), true);
+        assert!(
+            !w.must_check(Some(1)),
+            "nothing changed since a check found them whole"
+        );
+        assert!(w.must_check(Some(2)), "the tables changed");
+        assert!(w.must_check(None), "the tables could not be listed");
+        // A check that had to put rules back: the tables are checked again next time, even
+        // if they list as before it.
+        w.checked(Some(2), false);
+        assert!(w.must_check(Some(2)));
+        assert!(w.must_check(Some(3)));
+        // A check of tables that could not be listed remembers nothing.
+        w.checked(None, true);
+        assert!(w.must_check(None));
+        assert!(w.must_check(Some(3)));
+    }
 
     #[test]
     fn allow_entries_parse_and_print_back() {

@@ -262,23 +262,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         firewall: Some(firewall.clone()),
     });
     // Someone flushing the host's firewall (a firewall service reloading) would open the
-    // host to the containers: the rules are put back within a minute.
+    // host to the containers: the rules are put back within a minute. While the tables list
+    // as they did before the last check that found the rules whole, they are not checked
+    // rule by rule again (two `iptables` runs a minute instead of a dozen).
     tokio::spawn({
         let shutdown = shutdown.clone();
+        let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .map_or(Duration::from_secs(60), Duration::from_secs);
         async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            let mut tick = tokio::time::interval(every);
             tick.tick().await;
+            let mut watch = firewall::Watch::default();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {}
                 }
+                let before = firewall.fingerprint().await;
+                if !watch.must_check(before) {
+                    continue;
+                }
                 match firewall.ensure().await {
-                    Ok(true) => {
-                        warn!("the host firewall's rules for the containers had changed; put back")
+                    Ok(changed) => {
+                        if changed {
+                            warn!(
+                                "the host firewall's rules for the containers had changed; put back"
+                            );
+                        }
+                        watch.checked(before, !changed);
                     }
-                    Ok(false) => {}
                     Err(e) => {
+                        watch.checked(before, false);
                         tracing::error!(error = %e, "cannot put back the host firewall's rules")
                     }
                 }

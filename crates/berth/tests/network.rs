@@ -408,3 +408,40 @@ fn a_container_on_the_old_shared_network_moves_to_its_users_own_with_its_files()
         "alice's network outlived her"
     );
 }
+
+/// A rule of Berth's taken away by someone else (a firewall service reloading its own) is
+/// put back at the next check, and the container is shut out of the host again; checks
+/// while nothing changed put nothing back.
+#[test]
+fn a_rule_taken_from_the_firewall_is_put_back() {
+    let open = host_listener();
+    let mut d = daemon("");
+    d.restart_with_env("BERTH_TEST_FIREWALL_CHECK_SECONDS", "2");
+    let alice = d.add_user("alice", BUSYBOX);
+    d.ssh_ok("alice", &alice, "true");
+    let status = d.berth_ok(&["status"]);
+    let bridges = status
+        .split("in force on bridges ")
+        .nth(1)
+        .and_then(|r| r.split('+').next())
+        .unwrap_or_else(|| panic!("no isolation line in {status}"))
+        .to_owned();
+    let chain = format!("BERTH-IN-{}", bridges.trim_end_matches('-'));
+    // Several checks with nothing to put back.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!d.log().contains("put back"), "{}", d.log());
+
+    assert!(run("iptables", &["-D", &chain, "-j", "REJECT"]));
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("had changed; put back")),
+        "the rule taken away was not put back\n{}",
+        d.log()
+    );
+    assert!(run("iptables", &["-C", &chain, "-j", "REJECT"]));
+    let gw = gateway(&d, "alice");
+    let out = reach_from(&d, "alice", &alice, &[(gw, open)]);
+    assert!(!out[0].contains(HOST), "{out:?}");
+    assert!(d.berth_ok(&["status"]).contains("in force on bridges"));
+}
