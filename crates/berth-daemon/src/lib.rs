@@ -264,7 +264,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     // Someone flushing the host's firewall (a firewall service reloading) would open the
     // host to the containers: the rules are put back within a minute. While the tables list
     // as they did before the last check that found the rules whole, they are not checked
-    // rule by rule again (two `iptables` runs a minute instead of a dozen).
+    // rule by rule again (two `iptables` runs a minute instead of 13 with the default settings).
     tokio::spawn({
         let shutdown = shutdown.clone();
         let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
