@@ -270,6 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
             .ok()
             .and_then(|s| s.parse().ok())
+            .filter(|&s: &u64| s > 0)
             .map_or(Duration::from_secs(60), Duration::from_secs);
         async move {
             let mut tick = tokio::time::interval(every);
