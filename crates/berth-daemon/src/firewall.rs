@@ -287,25 +287,29 @@ impl Rules {
         Ok(())
     }
 
-    /// Makes the chains what the config says. `Ok(true)`: something had to change.
-    /// IPv6 is best effort (Berth's networks have no IPv6; see `docs/design.md`).
-    pub async fn ensure(&self) -> Result<bool, FirewallError> {
+    /// Makes the chains what the config says. IPv6 is best effort (Berth's networks have no
+    /// IPv6; see `docs/design.md`): its failure is warned about and reported, not an error.
+    pub async fn ensure(&self) -> Result<Ensured, FirewallError> {
+        let mut done = Ensured {
+            changed: false,
+            complete: true,
+        };
         if !self.enabled {
-            self.remove().await?;
-            return Ok(false);
+            done.changed = self.remove().await? > 0;
+            return Ok(done);
         }
-        let mut changed = false;
         for chain in self.chains().await {
             let r = self.ensure_chain(&chain).await;
             match (r, chain.family) {
-                (Ok(c), _) => changed |= c,
+                (Ok(c), _) => done.changed |= c,
                 (Err(e), Family::V6) => {
                     tracing::warn!(error = %e, "IPv6 firewall rules not installed");
+                    done.complete = false;
                 }
                 (Err(e), Family::V4) => return Err(e),
             }
         }
-        Ok(changed)
+        Ok(done)
     }
 
     async fn ensure_chain(&self, chain: &Chain) -> Result<bool, FirewallError> {
@@ -414,6 +418,22 @@ impl Rules {
     }
 }
 
+/// What [`Rules::ensure`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ensured {
+    /// Something had to be put back (or, with the firewall off, removed).
+    pub changed: bool,
+    /// Every chain holds its rules (false: IPv6's could not be installed).
+    pub complete: bool,
+}
+
+impl Ensured {
+    /// Every rule was found in place, none had to be put back.
+    pub fn whole(self) -> bool {
+        self.complete && !self.changed
+    }
+}
+
 /// What the periodic check remembers: the tables' fingerprint taken just before the last
 /// check that found every rule in place. While the tables list the same, nothing (Berth's
 /// rules included) has changed since, and the rule-by-rule check (a dozen `iptables` runs,
@@ -429,11 +449,16 @@ impl Watch {
         now.is_none() || now != self.whole
     }
 
-    /// What the check of the tables fingerprinted as `before` (taken before it began) found:
-    /// `whole` when no rule had to be put back. A fingerprint taken before the check, not
-    /// after: a change made during the check then differs from it, and is checked next time.
-    pub fn checked(&mut self, before: Option<u64>, whole: bool) {
-        self.whole = if whole { before } else { None };
+    /// What a check found (`whole`: every rule in place, none put back), the tables
+    /// fingerprinted just `before` it began and just `after` it ended. Remembered only when
+    /// both agree: a change made during the check, even one that put Berth's rules back
+    /// before the check looked, then makes the next check go rule by rule again.
+    pub fn checked(&mut self, before: Option<u64>, after: Option<u64>, whole: bool) {
+        self.whole = if whole && before == after {
+            before
+        } else {
+            None
+        };
     }
 }
 
@@ -445,20 +470,25 @@ mod tests {
     fn the_rules_are_checked_again_only_once_the_tables_changed() {
         let mut w = Watch::default();
         assert!(w.must_check(Some(1)), "never checked yet");
-        w.checked(Some(1), true);
+        w.checked(Some(1), Some(1), true);
         assert!(
             !w.must_check(Some(1)),
             "nothing changed since a check found them whole"
         );
         assert!(w.must_check(Some(2)), "the tables changed");
         assert!(w.must_check(None), "the tables could not be listed");
-        // A check that had to put rules back: the tables are checked again next time, even
-        // if they list as before it.
-        w.checked(Some(2), false);
+        // A check that had to put rules back (or could not put IPv6's): the tables are
+        // checked again next time, even if they list as before it.
+        w.checked(Some(2), Some(2), false);
         assert!(w.must_check(Some(2)));
         assert!(w.must_check(Some(3)));
+        // The tables changed while the check ran (someone put the rules back just before
+        // it looked): what they listed before it is not known to be whole.
+        w.checked(Some(4), Some(5), true);
+        assert!(w.must_check(Some(4)));
+        assert!(w.must_check(Some(5)));
         // A check of tables that could not be listed remembers nothing.
-        w.checked(None, true);
+        w.checked(None, None, true);
         assert!(w.must_check(None));
         assert!(w.must_check(Some(3)));
     }

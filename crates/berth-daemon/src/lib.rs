@@ -270,7 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
             .ok()
             .and_then(|s| s.parse().ok())
-            .filter(|&s: &u64| s > 0)
+            .filter(|s: &u64| (1..=3600).contains(s))
             .map_or(Duration::from_secs(60), Duration::from_secs);
         async move {
             let mut tick = tokio::time::interval(every);
@@ -286,16 +286,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
                     continue;
                 }
                 match firewall.ensure().await {
-                    Ok(changed) => {
-                        if changed {
+                    Ok(done) => {
+                        if done.changed {
                             warn!(
                                 "the host firewall's rules for the containers had changed; put back"
                             );
                         }
-                        watch.checked(before, !changed);
+                        let after = if done.whole() {
+                            firewall.fingerprint().await
+                        } else {
+                            None
+                        };
+                        watch.checked(before, after, done.whole());
                     }
                     Err(e) => {
-                        watch.checked(before, false);
+                        watch.checked(before, None, false);
                         tracing::error!(error = %e, "cannot put back the host firewall's rules")
                     }
                 }

@@ -431,7 +431,7 @@ fn a_rule_taken_from_the_firewall_is_put_back() {
     std::thread::sleep(Duration::from_secs(5));
     assert!(!d.log().contains("put back"), "{}", d.log());
 
-    assert!(run("iptables", &["-D", &chain, "-j", "REJECT"]));
+    assert!(run("iptables", &["-w", "10", "-D", &chain, "-j", "REJECT"]));
     assert!(
         wait_until(Duration::from_secs(20), || d
             .log()
@@ -439,7 +439,7 @@ fn a_rule_taken_from_the_firewall_is_put_back() {
         "the rule taken away was not put back\n{}",
         d.log()
     );
-    assert!(run("iptables", &["-C", &chain, "-j", "REJECT"]));
+    assert!(run("iptables", &["-w", "10", "-C", &chain, "-j", "REJECT"]));
     let gw = gateway(&d, "alice");
     let out = reach_from(&d, "alice", &alice, &[(gw, open)]);
     assert!(!out[0].contains(HOST), "{out:?}");
