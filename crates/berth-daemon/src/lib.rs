@@ -262,51 +262,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         firewall: Some(firewall.clone()),
     });
     // Someone flushing the host's firewall (a firewall service reloading) would open the
-    // host to the containers: the rules are put back within a minute. While the tables list
-    // as they did before the last check that found the rules whole, they are not checked
-    // rule by rule again (two `iptables` runs a minute instead of 13 with the default settings).
-    tokio::spawn({
-        let shutdown = shutdown.clone();
-        let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .filter(|s: &u64| (1..=3600).contains(s))
-            .map_or(Duration::from_secs(60), Duration::from_secs);
-        async move {
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            let mut watch = firewall::Watch::default();
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tick.tick() => {}
-                }
-                let before = firewall.fingerprint().await;
-                if !watch.must_check(before) {
-                    continue;
-                }
-                match firewall.ensure().await {
-                    Ok(done) => {
-                        if done.changed {
-                            warn!(
-                                "the host firewall's rules for the containers had changed; put back"
-                            );
-                        }
-                        let after = if done.whole() {
-                            firewall.fingerprint().await
-                        } else {
-                            None
-                        };
-                        watch.checked(before, after, done.whole());
-                    }
-                    Err(e) => {
-                        watch.checked(before, None, false);
-                        tracing::error!(error = %e, "cannot put back the host firewall's rules")
-                    }
-                }
-            }
-        }
-    });
+    // host to the containers: the rules are put back within a minute.
+    let every = std::env::var("BERTH_TEST_FIREWALL_CHECK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|s: &u64| (1..=3600).contains(s))
+        .map_or(Duration::from_secs(60), Duration::from_secs);
+    tokio::spawn(firewall.clone().keep(every, shutdown.clone()));
     let admin_listener = admin::bind(&config.admin_socket()).with_context(|| {
         format!(
             "cannot create the admin socket {}",
