@@ -787,6 +787,43 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
 
 /// The payloads of the packets in the clear that follow the identification line in `wire`
 /// (before any keys: length, padding length, payload, padding).
+/// `payload` framed as a packet in the clear (RFC 4253, 6: at least 4 bytes of padding, the
+/// whole a multiple of 8).
+fn clear_packet(payload: &[u8]) -> Vec<u8> {
+    let mut pad = 8 - (5 + payload.len()) % 8;
+    if pad < 4 {
+        pad += 8;
+    }
+    let mut p = ((1 + payload.len() + pad) as u32).to_be_bytes().to_vec();
+    p.push(pad as u8);
+    p.extend_from_slice(payload);
+    p.extend(std::iter::repeat_n(0, pad));
+    p
+}
+
+/// A client's KEXINIT offering what a stock OpenSSH client does for the test server.
+fn client_kexinit() -> Vec<u8> {
+    let mut p = vec![20];
+    p.extend_from_slice(&[7; 16]);
+    for list in [
+        "curve25519-sha256,curve25519-sha256@libssh.org",
+        "ssh-ed25519",
+        "chacha20-poly1305@openssh.com",
+        "chacha20-poly1305@openssh.com",
+        "hmac-sha2-256-etm@openssh.com,hmac-sha2-256",
+        "hmac-sha2-256-etm@openssh.com,hmac-sha2-256",
+        "none",
+        "none",
+        "",
+        "",
+    ] {
+        p.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        p.extend_from_slice(list.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 0, 0, 0]);
+    p
+}
+
 fn clear_packets(wire: &[u8]) -> Vec<Vec<u8>> {
     let start = wire
         .windows(2)
@@ -860,5 +897,43 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     assert!(disconnect.len() >= 9, "a short DISCONNECT: {disconnect:?}");
     let text = String::from_utf8_lossy(&disconnect[9..]);
     assert!(text.contains("login grace time exceeded"), "{disconnect:?}");
+    s.shutdown.cancel();
+}
+
+/// A client that never sends its NEWKEYS holds the server in the one state where nothing may
+/// go out: our NEWKEYS is sent, so a DISCONNECT under the old keys would be out of order, and
+/// the new ones are not in use until the client's arrives. At the login grace time the
+/// connection just ends, with nothing after the NEWKEYS.
+#[tokio::test]
+async fn a_client_that_never_sends_its_newkeys_is_cut_at_the_grace_time_without_a_word() {
+    use tokio::io::AsyncWriteExt;
+    let s = server_with(SshConfig {
+        login_grace: Duration::from_secs(1),
+        ..SshConfig::default()
+    })
+    .await;
+    let c = idle_from("127.0.0.5", s.port).await;
+    let start = std::time::Instant::now();
+    let (mut read, mut write) = c.into_split();
+    write.write_all(b"SSH-2.0-Hostile\r\n").await.unwrap();
+    write
+        .write_all(&clear_packet(&client_kexinit()))
+        .await
+        .unwrap();
+    // KEX_ECDH_INIT: any 32 bytes but a low-order point are an X25519 public key.
+    let mut init = vec![30, 0, 0, 0, 32];
+    init.extend_from_slice(&[9; 32]);
+    write.write_all(&clear_packet(&init)).await.unwrap();
+    let wire = read_to_close(&mut read, Duration::from_secs(20))
+        .await
+        .expect("a client that never sent its NEWKEYS kept its connection");
+    drop(write);
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "closed before its grace time"
+    );
+    let kinds: Vec<u8> = clear_packets(&wire).iter().map(|p| p[0]).collect();
+    // KEXINIT, KEX_ECDH_REPLY, NEWKEYS, and nothing after.
+    assert_eq!(kinds, [20, 31, 21]);
     s.shutdown.cancel();
 }
