@@ -80,10 +80,18 @@ impl Algorithms {
             kex: Cow::Owned(kex),
             cipher: Cow::Owned(self.cipher.clone()),
             mac: Cow::Owned(self.mac.clone()),
+            compression: Cow::Borrowed(COMPRESSION),
             ..Preferred::DEFAULT
         }
     }
 }
+
+/// Compression: none, or `zlib@openssh.com`, which starts only once the client is
+/// authenticated (as OpenSSH's server offers it). RFC 4253's `zlib` starts at the first
+/// NEWKEYS, so every packet of a client nobody knows yet would be inflated, up to 256 KiB
+/// from a few hundred bytes, before its type is even looked at.
+const COMPRESSION: &[russh::compression::Name] =
+    &[russh::compression::NONE, russh::compression::ZLIB_LEGACY];
 
 fn kex_names() -> Vec<String> {
     [

@@ -213,7 +213,16 @@ async fn server_with(config: SshConfig) -> Server {
 }
 
 async fn connect(port: u16, user: &str, key: &PrivateKey) -> Option<russh::client::Handle<Client>> {
-    let config = Arc::new(russh::client::Config::default());
+    connect_with(russh::client::Config::default(), port, user, key).await
+}
+
+async fn connect_with(
+    config: russh::client::Config,
+    port: u16,
+    user: &str,
+    key: &PrivateKey,
+) -> Option<russh::client::Handle<Client>> {
+    let config = Arc::new(config);
     // A refused address sees its connection closed: that is a failed connect here.
     let mut h = russh::client::connect(config, ("127.0.0.1", port), Client)
         .await
@@ -935,5 +944,35 @@ async fn a_client_that_never_sends_its_newkeys_is_cut_at_the_grace_time_without_
     let kinds: Vec<u8> = clear_packets(&wire).iter().map(|p| p[0]).collect();
     // KEXINIT, KEX_ECDH_REPLY, NEWKEYS, and nothing after.
     assert_eq!(kinds, [20, 31, 21]);
+    s.shutdown.cancel();
+}
+
+/// Compression is `zlib@openssh.com` only, which starts once the client is authenticated:
+/// RFC 4253's `zlib` would have the server inflate every packet of a client nobody knows yet
+/// (256 KiB from a few hundred bytes each) before looking at its type.
+#[tokio::test]
+async fn compression_starts_only_after_authentication() {
+    let s = server().await;
+    let only = |c: &'static [russh::compression::Name]| {
+        let mut config = russh::client::Config::default();
+        config.preferred.compression = std::borrow::Cow::Borrowed(c);
+        config
+    };
+    assert!(
+        connect_with(only(&[russh::compression::ZLIB]), s.port, "alice", &s.alice)
+            .await
+            .is_none(),
+        "a client was let in with compression from its first packet"
+    );
+    let h = connect_with(
+        only(&[russh::compression::ZLIB_LEGACY]),
+        s.port,
+        "alice",
+        &s.alice,
+    )
+    .await
+    .expect("zlib@openssh.com refused");
+    let r = exec(&h, "echo compressed", b"").await;
+    assert_eq!(r.stdout, b"compressed\n", "{r:?}");
     s.shutdown.cancel();
 }
