@@ -205,13 +205,37 @@ impl<G: Gateway> Connection<G> {
     }
 
     /// Whether one more remote forward fits on this connection; a refusal is reported.
-    fn remote_slot(&self, user: &str, kind: ForwardKind, target: &str) -> bool {
-        if self.forwards.len() < MAX_REMOTE_FORWARDS {
+    /// Whether the connection may add the remote forward `key` (`None`: a port the bind will
+    /// choose). One it already holds is refused, as its listener still serves: the client
+    /// cancels it first. Otherwise a user who removed her forwarded socket's file (she is
+    /// root in her container) could bind the path again and again, each listener replacing
+    /// the last one's entry here while its task went on, outside every count and past the
+    /// connection's end.
+    fn remote_slot(
+        &self,
+        user: &str,
+        kind: ForwardKind,
+        target: &str,
+        key: Option<&(String, u32)>,
+    ) -> bool {
+        let why = if key.is_some_and(|k| self.forwards.contains_key(k)) {
+            "already forwarded on this connection"
+        } else if self.forwards.len() >= MAX_REMOTE_FORWARDS {
+            "too many remote forwards on this connection"
+        } else {
             return true;
-        }
-        let why = "too many remote forwards on this connection";
+        };
         self.forward_event(user, kind, target, Some(why));
         false
+    }
+
+    /// Keeps the task serving the remote forward `key`. A task already kept under it (the
+    /// slot refuses that, so only a port the kernel gave twice could) is ended, never
+    /// forgotten while it runs.
+    fn keep_forward(&mut self, key: (String, u32), task: tokio::task::AbortHandle) {
+        if let Some(old) = self.forwards.insert(key, task) {
+            old.abort();
+        }
     }
 
     /// Opens a `-L` tunnel in a task (the handler must not wait): `open` connects in the
@@ -650,7 +674,7 @@ impl<G: Gateway> Handler for Connection<G> {
             Permission::SocketForwarding,
         )
         .await
-            || !self.remote_slot(&user, kind, socket_path)
+            || !self.remote_slot(&user, kind, socket_path, Some(&(socket_path.to_owned(), 0)))
         {
             return Ok(false);
         }
@@ -672,8 +696,7 @@ impl<G: Gateway> Handler for Connection<G> {
             tenant,
             socket_path.to_owned(),
         ));
-        self.forwards
-            .insert((socket_path.to_owned(), 0), task.abort_handle());
+        self.keep_forward((socket_path.to_owned(), 0), task.abort_handle());
         Ok(true)
     }
 
@@ -713,7 +736,12 @@ impl<G: Gateway> Handler for Connection<G> {
             Permission::TcpForwarding,
         )
         .await
-            || !self.remote_slot(&user, kind, &target)
+            || !self.remote_slot(
+                &user,
+                kind,
+                &target,
+                Some(&(address.to_owned(), u32::from(wanted))).filter(|_| wanted != 0),
+            )
         {
             return Ok(false);
         }
@@ -742,8 +770,7 @@ impl<G: Gateway> Handler for Connection<G> {
             address.to_owned(),
             bound,
         ));
-        self.forwards
-            .insert((address.to_owned(), bound), task.abort_handle());
+        self.keep_forward((address.to_owned(), bound), task.abort_handle());
         Ok(true)
     }
 

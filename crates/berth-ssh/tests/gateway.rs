@@ -34,6 +34,17 @@ struct Fake {
     abandoned: Arc<AtomicUsize>,
     /// Cancelled: every connection's access is revoked.
     revoke: CancellationToken,
+    /// Remote socket forwards whose listener is still held.
+    socket_listeners: Arc<AtomicUsize>,
+}
+
+/// Counts a listener held until it is dropped.
+struct Held(Arc<AtomicUsize>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct FakeControl {
@@ -91,6 +102,20 @@ impl Gateway for Fake {
         Ok(berth_ssh::RemoteListener {
             listener,
             hold: Box::new(()),
+        })
+    }
+
+    async fn listen_socket(
+        &self,
+        _user: &str,
+        _key: &PublicKey,
+        path: &str,
+    ) -> Result<berth_ssh::SocketListener, OpenError> {
+        let l = tokio::net::UnixListener::bind(path).map_err(|e| OpenError(e.to_string()))?;
+        self.socket_listeners.fetch_add(1, Ordering::SeqCst);
+        Ok(berth_ssh::SocketListener {
+            listener: berth_ssh::GuardedUnixListener::new(l),
+            hold: Box::new(Held(self.socket_listeners.clone())),
         })
     }
 
@@ -192,6 +217,7 @@ async fn server_with(config: SshConfig) -> Server {
         env: std::sync::Mutex::new(Vec::new()),
         pty_x11: std::sync::Mutex::new((true, true)),
         abandoned: Arc::new(AtomicUsize::new(0)),
+        socket_listeners: Arc::new(AtomicUsize::new(0)),
         revoke: CancellationToken::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -974,5 +1000,53 @@ async fn compression_starts_only_after_authentication() {
     .expect("zlib@openssh.com refused");
     let r = exec(&h, "echo compressed", b"").await;
     assert_eq!(r.stdout, b"compressed\n", "{r:?}");
+    s.shutdown.cancel();
+}
+
+/// A remote socket forward the connection holds is refused when asked for again, even once
+/// the user (root in her container) has removed its socket's file so that the path binds
+/// again: the client cancels it first. Asked for again and again, each new listener used to
+/// replace the last one's entry while its task went on serving, past the cap of 16 and past
+/// the connection's end. Cancelled, it binds again; no listener outlives the connection.
+#[tokio::test]
+async fn a_socket_forward_is_held_once_and_none_outlives_its_connection() {
+    let s = server().await;
+    let live = || s.gateway.socket_listeners.load(Ordering::SeqCst);
+    let settles_at = |n: usize| async move {
+        for _ in 0..100 {
+            if live() == n {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    };
+    let dir = std::env::temp_dir().join(format!("berth-ssh-forward-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s");
+    let p = path.to_str().unwrap().to_owned();
+    let h = connect(s.port, "alice", &s.alice).await.unwrap();
+    h.streamlocal_forward(p.clone()).await.unwrap();
+    std::fs::remove_file(&path).unwrap();
+    for _ in 0..20 {
+        assert!(
+            h.streamlocal_forward(p.clone()).await.is_err(),
+            "a forward the connection holds was bound again"
+        );
+    }
+    assert_eq!(live(), 1);
+    h.cancel_streamlocal_forward(p.clone()).await.unwrap();
+    assert!(settles_at(0).await, "a cancelled forward's listener is held");
+    h.streamlocal_forward(p.clone()).await.unwrap();
+    assert_eq!(live(), 1);
+    h.disconnect(russh::Disconnect::ByApplication, "", "")
+        .await
+        .unwrap();
+    assert!(
+        settles_at(0).await,
+        "{} listener(s) outlived the connection",
+        live()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
     s.shutdown.cancel();
 }
