@@ -20,7 +20,7 @@ use std::io::IoSlice;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use russh::ChannelId;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -44,15 +44,23 @@ const OUTPUT_READ: usize = 16 * 1024;
 /// The most pieces one write hands the kernel (`writev`).
 const WRITE_SLICES: usize = 64;
 
+/// Pieces smaller than this are copied into one buffer rather than held as they came: a
+/// packet held as its own allocation costs about 90 bytes however little it carries, so a
+/// window's worth of one-byte packets would take 90 times the window.
+const SMALL_PIECE: usize = 4 * 1024;
+
 /// The client sent more than the window it was granted (a hostile or broken client).
 #[derive(Debug)]
 pub(crate) struct Overrun;
 
 #[derive(Default)]
 struct State {
-    /// The client's packets as they came (no copy: each is at most one packet).
+    /// The client's packets as they came (no copy: each is at most one packet), oldest
+    /// first, then `tail`.
     queue: VecDeque<Bytes>,
-    /// Bytes in `queue`.
+    /// Small packets after those in `queue`, copied end to end ([`SMALL_PIECE`]).
+    tail: BytesMut,
+    /// Bytes in `queue` and `tail`.
     held: usize,
     /// Bytes received and not yet granted back: held here, or taken by the consumer and not
     /// yet written. Never more than the window (plus slack).
@@ -94,6 +102,31 @@ enum OutputSource {
 }
 
 impl State {
+    /// Holds `data` after what is held already.
+    fn enqueue(&mut self, data: Bytes) {
+        self.held += data.len();
+        if data.len() < SMALL_PIECE {
+            self.tail.extend_from_slice(&data);
+        } else {
+            self.seal();
+            self.queue.push_back(data);
+        }
+    }
+
+    /// Moves the small packets copied so far to the end of `queue` (with their buffer, which
+    /// is freed once they are written: the next small packet starts a new one).
+    fn seal(&mut self) {
+        if !self.tail.is_empty() {
+            self.queue
+                .push_back(std::mem::take(&mut self.tail).freeze());
+        }
+    }
+
+    /// Whether anything is held.
+    fn holds(&self) -> bool {
+        !self.queue.is_empty() || !self.tail.is_empty()
+    }
+
     /// Counts `len` bytes more from the client against its window.
     fn admit(&mut self, len: usize, limit: usize) -> Result<(), Overrun> {
         if self.overrun || self.outstanding.saturating_add(len) > limit {
@@ -340,7 +373,7 @@ impl InboxTx {
             // refusal (the terminal full, or gone) leaves it to the consumer, whose own
             // write waits for room or reports the end.
             let wrote = match &s.now {
-                Some(now) if s.queue.is_empty() && !s.busy => now(&data).ok(),
+                Some(now) if !s.holds() && !s.busy => now(&data).ok(),
                 _ => None,
             };
             if let Some(n) = wrote.map(|n| n.min(data.len())).filter(|&n| n > 0) {
@@ -356,8 +389,7 @@ impl InboxTx {
                     return Ok((false, grant));
                 }
             }
-            s.held += data.len();
-            s.queue.push_back(data);
+            s.enqueue(data);
             Ok((true, 0))
         })?;
         if grant > 0 {
@@ -388,8 +420,7 @@ impl InboxTx {
             if s.dropped || s.eof {
                 return Ok(true);
             }
-            s.held += len;
-            s.queue.push_back(data);
+            s.enqueue(data);
             Ok(false)
         })?;
         if discarded {
@@ -434,7 +465,8 @@ impl InboxRx {
         let mut look = |s: &mut State| {
             // Called with nothing left of what was taken before: it is all written.
             s.busy = false;
-            if !s.queue.is_empty() {
+            if s.holds() {
+                s.seal();
                 s.held = 0;
                 std::mem::swap(into, &mut s.queue);
                 s.busy = true;
@@ -520,6 +552,7 @@ impl Drop for InboxRx {
         let (n, reserved) = self.shared.with(|s| {
             s.dropped = true;
             s.queue.clear();
+            s.tail = BytesMut::new();
             let n = std::mem::take(&mut s.held) + std::mem::take(&mut s.ungranted);
             (n, s.reserved.take())
         });
@@ -532,6 +565,47 @@ impl Drop for InboxRx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Everything `s` holds, in order, as `take` hands it over.
+    fn taken(s: &mut State) -> Vec<u8> {
+        s.seal();
+        s.held = 0;
+        std::mem::take(&mut s.queue)
+            .into_iter()
+            .flat_map(|b| b.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn small_packets_are_held_end_to_end_not_one_allocation_each() {
+        let mut s = State::default();
+        for _ in 0..100_000 {
+            s.enqueue(Bytes::from_static(b"x"));
+        }
+        assert_eq!(s.held, 100_000);
+        assert!(s.queue.is_empty(), "{} pieces held", s.queue.len());
+        assert!(s.tail.capacity() <= 2 * 100_000, "{}", s.tail.capacity());
+        assert_eq!(taken(&mut s), vec![b'x'; 100_000]);
+        assert!(!s.holds());
+    }
+
+    #[test]
+    fn small_and_large_packets_keep_their_order() {
+        let mut s = State::default();
+        let large = Bytes::from(vec![b'L'; SMALL_PIECE]);
+        s.enqueue(Bytes::from_static(b"ab"));
+        s.enqueue(large.clone());
+        s.enqueue(Bytes::from_static(b"c"));
+        s.enqueue(Bytes::from_static(b"d"));
+        assert!(s.holds());
+        assert_eq!(s.held, SMALL_PIECE + 4);
+        let mut want = b"ab".to_vec();
+        want.extend_from_slice(&large);
+        want.extend_from_slice(b"cd");
+        assert_eq!(taken(&mut s), want);
+        // Sealed with its buffer: nothing is kept for the next packets.
+        assert_eq!(s.tail.capacity(), 0);
+    }
 
     #[test]
     fn advance_drops_whole_and_partial_pieces() {
