@@ -111,6 +111,8 @@ pub(crate) struct Quotas {
     /// KiB of input buffer, daemon-wide.
     global_input: Arc<Semaphore>,
     users: Mutex<HashMap<String, Arc<UserQuota>>>,
+    /// [`crate::SshConfig::open_answer`].
+    pub(crate) open_answer: std::time::Duration,
 }
 
 fn kib(bytes: usize) -> usize {
@@ -118,8 +120,13 @@ fn kib(bytes: usize) -> usize {
 }
 
 impl Quotas {
-    pub(crate) fn new(limits: UserLimits, global_input_bytes: usize) -> Self {
+    pub(crate) fn new(
+        limits: UserLimits,
+        global_input_bytes: usize,
+        open_answer: std::time::Duration,
+    ) -> Self {
         Self {
+            open_answer,
             global_input: Arc::new(Semaphore::new(
                 kib(global_input_bytes).min(Semaphore::MAX_PERMITS),
             )),
@@ -277,6 +284,7 @@ mod tests {
                 input_buffer_bytes: 4 << 20,
             },
             global,
+            std::time::Duration::from_secs(30),
         ))
     }
 
@@ -353,6 +361,7 @@ mod tests {
                 input_buffer_bytes: 4 << 20,
             },
             64 << 20,
+            std::time::Duration::from_secs(30),
         ));
         // Refused outright (a cap of 0, a reservation past her whole budget): her entry,
         // made for the look, is forgotten at once.

@@ -64,6 +64,10 @@ pub struct SshConfig {
     pub algorithms: Algorithms,
     /// Where refusals are summarised in the log.
     pub refusal_summary_every: Duration,
+    /// Time the client has to answer a channel the server opens towards it (a connection
+    /// to a forwarded port or socket, the agent, X11). Past it the container's end is
+    /// closed; past ten times it with no answer at all, the client is cut.
+    pub open_answer: Duration,
 }
 
 impl Default for SshConfig {
@@ -83,6 +87,7 @@ impl Default for SshConfig {
             accept_env: vec!["LANG".into(), "LC_*".into()],
             algorithms: Algorithms::default(),
             refusal_summary_every: Duration::from_secs(60),
+            open_answer: Duration::from_secs(30),
         }
     }
 }
@@ -143,6 +148,7 @@ pub async fn serve<G: Gateway>(
     let quotas = Arc::new(Quotas::new(
         config.user_limits.clone(),
         config.input_buffer_bytes,
+        config.open_answer,
     ));
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let door = Door::new(config.door.clone());

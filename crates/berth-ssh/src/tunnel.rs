@@ -25,10 +25,9 @@ pub(crate) fn relayed(n: usize) {
         .increment(n as u64);
 }
 
-/// How long the client has to answer a channel we open towards it (`-R`, agent, X11).
-const OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// How long an answer that came too late is still waited for, to close what it opened.
-const LATE_ANSWER: std::time::Duration = std::time::Duration::from_secs(300);
+/// How many times the time it has to answer ([`crate::SshConfig::open_answer`]) a late
+/// answer to a channel we opened is still waited for, to close what it opened.
+const LATE_ANSWER: u32 = 10;
 /// The pause after a connection refused for the user's cap.
 const REFUSAL_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -93,10 +92,11 @@ pub(crate) async fn serve_listener<L, F, Fut>(
         let reserved = tenant.reserve_input();
         let opening = open(peer);
         let handle = handle.clone();
+        let answer = tenant.quotas.open_answer;
         conns.spawn(async move {
             let _slot = slot;
             let mut opening = std::pin::pin!(opening);
-            match tokio::time::timeout(OPEN_TIMEOUT, &mut opening).await {
+            match tokio::time::timeout(answer, &mut opening).await {
                 Ok(Ok(channel)) => bridge(channel, stream, handle, reserved).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "{what}: the client refused the channel"),
                 Err(_) => {
@@ -105,8 +105,28 @@ pub(crate) async fn serve_listener<L, F, Fut>(
                     // further deadline, the slot held meanwhile), and a channel confirmed
                     // late is closed at once rather than left open with nobody reading it.
                     drop(stream);
-                    if let Ok(Ok(channel)) = tokio::time::timeout(LATE_ANSWER, opening).await {
-                        let _ = tokio::time::timeout(OPEN_TIMEOUT, channel.close()).await;
+                    match tokio::time::timeout(answer.saturating_mul(LATE_ANSWER), opening).await {
+                        Ok(Ok(channel)) => {
+                            let _ = tokio::time::timeout(answer, channel.close()).await;
+                        }
+                        Ok(Err(_)) => {}
+                        // russh keeps a channel it opened until its answer, for the
+                        // connection's life: a client that never answers would grow its
+                        // tables with every connection the container makes. No client that
+                        // works does that (OpenSSH answers once its own connect ends), so
+                        // its connection ends.
+                        Err(_) => {
+                            tracing::warn!(
+                                "{what}: the client never answered a channel open; disconnecting it"
+                            );
+                            let _ = handle
+                                .disconnect(
+                                    russh::Disconnect::ByApplication,
+                                    "a channel open was never answered".into(),
+                                    String::new(),
+                                )
+                                .await;
+                        }
                     }
                 }
             }

@@ -1092,3 +1092,78 @@ async fn input_sent_a_byte_a_packet_costs_its_bytes_not_a_packet_each() {
     );
     s.shutdown.cancel();
 }
+
+/// A client that never answers the channels the server opens towards it.
+struct Silent;
+impl russh::client::Handler for Silent {
+    type Error = russh::Error;
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+    async fn server_channel_open_forwarded_streamlocal(
+        &mut self,
+        _channel: russh::Channel<russh::client::Msg>,
+        _socket_path: &str,
+        reply: russh::client::ChannelOpenHandle,
+        _session: &mut russh::client::Session,
+    ) -> Result<(), Self::Error> {
+        // Dropped, it would refuse the channel.
+        std::mem::forget(reply);
+        Ok(())
+    }
+}
+
+/// russh keeps a channel the server opened until the client answers, for the connection's
+/// life: a client that never answered grew the server's tables with every connection the
+/// container made to a forwarded socket. The container's end is closed once the client's
+/// time to answer is over, and the client is cut at ten times that.
+#[tokio::test]
+async fn a_client_that_never_answers_a_channel_open_is_cut() {
+    let answer = Duration::from_millis(300);
+    let s = server_with(SshConfig {
+        open_answer: answer,
+        ..SshConfig::default()
+    })
+    .await;
+    let mut h = russh::client::connect(
+        Arc::new(russh::client::Config::default()),
+        ("127.0.0.1", s.port),
+        Silent,
+    )
+    .await
+    .unwrap();
+    let auth = h
+        .authenticate_publickey(
+            "alice",
+            PrivateKeyWithHashAlg::new(Arc::new(s.alice.clone()), None),
+        )
+        .await
+        .unwrap();
+    assert!(auth.success());
+    let dir = std::env::temp_dir().join(format!("berth-ssh-silent-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("s");
+    h.streamlocal_forward(path.to_str().unwrap()).await.unwrap();
+    let start = std::time::Instant::now();
+    let mut container = tokio::net::UnixStream::connect(&path).await.unwrap();
+    assert!(
+        closed(&mut container, Duration::from_secs(5)).await,
+        "the container's end was kept with no answer"
+    );
+    assert!(start.elapsed() >= answer);
+    assert!(!h.is_closed(), "cut before its late answer could come");
+    let cut = std::time::Instant::now() + Duration::from_secs(20);
+    while !h.is_closed() && std::time::Instant::now() < cut {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        h.is_closed(),
+        "a client that never answered kept its connection"
+    );
+    assert!(start.elapsed() >= answer * 10);
+    let _ = std::fs::remove_dir_all(&dir);
+    s.shutdown.cancel();
+}
