@@ -86,8 +86,12 @@ impl ContainerInit {
         self.init.alive(&self.container).then_some(ns)
     }
 
-    /// Local TCP ports of every socket in the container's network namespace (its
+    /// Local TCP ports of the sockets in the container's network namespace (its
     /// `/proc/net/tcp` and `tcp6`, read from the host, checked to still be this init's).
+    /// The container decides how long those tables are (a process of it may open a hundred
+    /// thousand sockets: 28 MB, and 1.5 s of the kernel's time to list), so each is read
+    /// only up to [`TCP_TABLE_BYTES`]; a port past that is not seen. Blocking: call it off
+    /// the async workers.
     pub fn tcp_ports_in_use(&self) -> std::collections::HashSet<u16> {
         let open = |f: &str| std::fs::File::open(format!("/proc/{}/net/{f}", self.init.pid)).ok();
         let files = [open("tcp"), open("tcp6")];
@@ -97,7 +101,7 @@ impl ContainerInit {
         files
             .into_iter()
             .flatten()
-            .flat_map(|f| ports_in_use(std::io::read_to_string(f).unwrap_or_default().as_str()))
+            .flat_map(|f| ports_in_table(f, TCP_TABLE_BYTES))
             .collect()
     }
 }
@@ -166,6 +170,19 @@ impl std::fmt::Display for UserNamespaces {
 }
 
 /// Local ports of every socket in text of the `/proc/net/tcp` format.
+/// The most of a container's `/proc/net/tcp` (or `tcp6`) read: about 7,000 sockets.
+pub const TCP_TABLE_BYTES: u64 = 1 << 20;
+
+/// The local ports in the whole lines of the first `cap` bytes of `table`.
+fn ports_in_table(table: impl std::io::Read, cap: u64) -> std::collections::HashSet<u16> {
+    let mut bytes = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::Read::take(table, cap), &mut bytes);
+    // A line cut by the cap would give a wrong port.
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    bytes.truncate(whole);
+    ports_in_use(&String::from_utf8_lossy(&bytes))
+}
+
 fn ports_in_use(text: &str) -> std::collections::HashSet<u16> {
     text.lines()
         .skip(1)
@@ -811,6 +828,24 @@ mod tests {
             [8080, 50000].into_iter().collect()
         );
         assert!(super::ports_in_use("").is_empty());
+    }
+
+    #[test]
+    fn a_tcp_table_is_read_only_to_its_cap_and_in_whole_lines() {
+        let head = "  sl  local_address rem_address   st\n";
+        let line = |i: u16| format!("{i:4}: 0100007F:{:04X} 00000000:0000 0A\n", 1000 + i);
+        let mut table = head.to_owned();
+        for i in 0..10_000 {
+            table.push_str(&line(i));
+        }
+        let cap = (head.len() + 100 * line(0).len() + 20) as u64;
+        let ports = super::ports_in_table(std::io::Cursor::new(table.clone()), cap);
+        // The hundred whole lines within the cap, and nothing of the line it cuts.
+        assert_eq!(ports, (1000..1100).collect());
+        assert_eq!(
+            super::ports_in_table(std::io::Cursor::new(table), u64::MAX).len(),
+            10_000
+        );
     }
 
     #[test]

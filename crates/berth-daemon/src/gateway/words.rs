@@ -170,7 +170,10 @@ impl<R: Runtime> BerthGateway<R> {
         let name = self.lifecycle.container_name(user);
         let used = match self.runtime.inspect(&name).await? {
             Some(c) if c.running => match self.runtime.open_init(&c.id).await? {
-                Some(init) => init.tcp_ports_in_use(),
+                // Reading her tables takes as long as she made them: off the workers.
+                Some(init) => tokio::task::spawn_blocking(move || init.tcp_ports_in_use())
+                    .await
+                    .unwrap_or_default(),
                 None => Default::default(),
             },
             _ => Default::default(),
