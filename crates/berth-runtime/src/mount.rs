@@ -258,26 +258,30 @@ struct Inner {
     made: Option<Made>,
 }
 
-/// Directories `attach` made on the way to a mount: `components[from..]` beneath `root`
-/// (the container's root).
+/// Directories `attach` made on the way to a mount: `names`, each in the one before, the
+/// first in `base`.
 #[derive(Debug)]
 struct Made {
-    root: File,
-    components: Vec<CString>,
-    from: usize,
+    /// The directory the first was made in (opened then: a directory of no FUSE mount).
+    base: OwnedFd,
+    names: Vec<CString>,
 }
 
 impl Made {
     /// Removes the made directories that are empty, deepest first, resolving each parent
-    /// again beneath the container's root without following a symlink; stops at the first
-    /// that cannot go (not empty, in use, replaced).
+    /// again from `base` without following a symlink or crossing a mount; stops at the
+    /// first that cannot go (not empty, in use, replaced, moved).
+    ///
+    /// Never by path from the container's root, and never into another mount: she may
+    /// have moved things (renaming a parent of a mountpoint is allowed), and a name looked
+    /// up inside a `berth connect` mount waits on her laptop, which answers when it likes.
     fn remove(&self) {
-        let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-        for depth in (self.from..self.components.len()).rev() {
-            let Some((name, above)) = self
-                .components
-                .get(..=depth)
-                .and_then(<[CString]>::split_last)
+        let how = ResolveFlags::BENEATH
+            | ResolveFlags::NO_SYMLINKS
+            | ResolveFlags::NO_MAGICLINKS
+            | ResolveFlags::NO_XDEV;
+        for depth in (0..self.names.len()).rev() {
+            let Some((name, above)) = self.names.get(..=depth).and_then(<[CString]>::split_last)
             else {
                 return;
             };
@@ -286,7 +290,7 @@ impl Made {
                 parent.push(std::ffi::OsStr::from_bytes(c.as_bytes()));
             }
             let Ok(dir) = rustix::fs::openat2(
-                &self.root,
+                &self.base,
                 &parent,
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
                 Mode::empty(),
@@ -447,10 +451,9 @@ pub async fn attach(
                 ns: ns_kept,
                 proc,
                 mount: mount.fd,
-                made: made.map(|from| Made {
-                    root,
-                    components,
-                    from,
+                made: made.map(|(base, from)| Made {
+                    base,
+                    names: components.get(from..).unwrap_or_default().to_vec(),
                 }),
             }),
             at: at_buf,
@@ -499,7 +502,8 @@ fn components(at: &Path) -> io::Result<Vec<CString>> {
 }
 
 /// In the container's mount namespace: opens (`O_PATH`) the directory at `components`
-/// beneath `root`, making what is missing, and checks that a mount may go there.
+/// beneath `root`, making what is missing, and checks that a mount may go there. With the
+/// directory, when it made any: the one it made the first in, and that first's depth.
 fn make_target(
     root: &File,
     proc: &OwnedFd,
@@ -507,7 +511,7 @@ fn make_target(
     owner: RootOwner,
     deadline: Instant,
     live: &Live,
-) -> io::Result<(OwnedFd, Option<usize>)> {
+) -> io::Result<(OwnedFd, Option<(OwnedFd, usize)>)> {
     let mounts = Mountinfo::read(proc)?;
     let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
     let open_dir = |dir: &OwnedFd, name: &CString| {
@@ -570,7 +574,9 @@ fn make_target(
                         .map_err(|e| {
                             err(&format!("cannot give {shown} to the container's root"), e)
                         })?;
-                        made.get_or_insert(depth);
+                        if made.is_none() {
+                            made = Some((dir.try_clone()?, depth));
+                        }
                         Ok(dir_made)
                     }
                     Err(rustix::io::Errno::EXIST) => open_dir(&dir, name),
@@ -715,6 +721,72 @@ fn err(what: &str, e: rustix::io::Errno) -> io::Error {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// `Made::remove`, on directories made as `attach` makes them, in a mount namespace of
+    /// the test's own thread (run as root).
+    fn made_and_removed(after_making: impl FnOnce(&Path) + Send + 'static) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().to_owned();
+        std::thread::spawn(move || {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .unwrap();
+            rustix::mount::mount_change(
+                "/",
+                rustix::mount::MountPropagationFlags::PRIVATE
+                    | rustix::mount::MountPropagationFlags::REC,
+            )
+            .unwrap();
+            std::fs::create_dir_all(t.join("s/x/a")).unwrap();
+            let base =
+                rustix::fs::open(&t, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+            let made = Made {
+                base,
+                names: [c"s", c"x", c"a"].map(CString::from).to_vec(),
+            };
+            after_making(&t);
+            made.remove();
+            // What is left, seen from inside the namespace (its mounts go with the thread).
+            let left = std::process::Command::new("find").arg(&t).output().unwrap();
+            String::from_utf8(left.stdout).unwrap()
+        })
+        .join()
+        .unwrap()
+    }
+
+    #[test]
+    fn made_directories_are_removed_deepest_first() {
+        let left = made_and_removed(|_| {});
+        assert_eq!(left.lines().count(), 1, "{left}");
+    }
+
+    /// She may move things: `mv /s /old; mv /p /s` puts another mount (a `berth connect`
+    /// one, whose laptop answers lookups when it likes) where a made directory was. The
+    /// removal never looks up a name inside it.
+    #[test]
+    fn removing_made_directories_never_enters_another_mount() {
+        let left = made_and_removed(|t| {
+            std::fs::create_dir_all(t.join("p/x")).unwrap();
+            rustix::mount::mount(
+                "none",
+                t.join("p/x"),
+                "tmpfs",
+                rustix::mount::MountFlags::empty(),
+                None,
+            )
+            .unwrap();
+            std::fs::create_dir(t.join("p/x/a")).unwrap();
+            std::fs::rename(t.join("s"), t.join("old")).unwrap();
+            std::fs::rename(t.join("p"), t.join("s")).unwrap();
+        });
+        assert!(
+            left.contains("/s/x/a\n"),
+            "removed inside the other mount:\n{left}"
+        );
+        // Hers, moved away, are left as they are.
+        assert!(left.contains("/old/x/a\n"), "{left}");
+    }
 
     #[test]
     fn mountinfo_lines_give_type_and_propagation() {
