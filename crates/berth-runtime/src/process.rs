@@ -82,25 +82,30 @@ impl ProcessGuard {
     }
 }
 
-/// SIGHUP to `root`'s tree now, SIGKILL to what of it is left after `grace` (off the async
-/// runtime, on a thread of its own).
+/// SIGHUP to `root`'s tree, SIGKILL to what of it is left after `grace`: off the async
+/// runtime, on a thread of its own, which also walks the tree (the container decides its
+/// size, up to her pids limit: a thousand processes are 60 ms of `/proc` reads). Only a
+/// root still alive starts one.
 fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
-    let procs = tree(root, &scope);
-    tracing::debug!(
-        pid = root.0,
-        count = procs.len(),
-        "ending what is left of an exec"
-    );
-    if procs.is_empty() {
+    if start_time(root.0) != Some(root.1) {
         return;
     }
-    for &(pid, _) in &procs {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
-    }
-    // A shell given SIGHUP passes it on and exits; whatever ignores it is killed.
-    let killer = std::thread::Builder::new()
+    let reaper = std::thread::Builder::new()
         .name("berth-reaper".into())
         .spawn(move || {
+            let procs = tree(root, &scope);
+            tracing::debug!(
+                pid = root.0,
+                count = procs.len(),
+                "ending what is left of an exec"
+            );
+            if procs.is_empty() {
+                return;
+            }
+            for &(pid, _) in &procs {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+            }
+            // A shell given SIGHUP passes it on and exits; whatever ignores it is killed.
             std::thread::sleep(grace);
             for (pid, started) in procs {
                 if start_time(pid) == Some(started) && in_scope(pid, &scope) {
@@ -108,8 +113,8 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
                 }
             }
         });
-    if let Err(e) = killer {
-        tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
+    if let Err(e) = reaper {
+        tracing::warn!(error = %e, "cannot start the reaper thread; the exec's processes are left");
     }
 }
 
