@@ -886,13 +886,14 @@ fn clear_packets(wire: &[u8]) -> Vec<Vec<u8>> {
     packets
 }
 
-/// A client that never sends its part of the key exchange the server started, sending an
-/// SSH_MSG_IGNORE now and then instead (which a key exchange accepts, and which counts as a
-/// sign of life), is sent the DISCONNECT of its login grace time, in the middle of the key
-/// exchange (RFC 4253 allows it there), as a well-formed packet; and closed, after its grace
-/// time (not before it: its packets were taken).
-#[tokio::test]
-async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
+/// A server whose login grace time is 1 s, a connection to it from 127.0.0.5 that has sent
+/// its identification line, and when it was made.
+async fn hostile_in_grace() -> (
+    Server,
+    tokio::net::tcp::OwnedReadHalf,
+    tokio::net::tcp::OwnedWriteHalf,
+    std::time::Instant,
+) {
     use tokio::io::AsyncWriteExt;
     let s = server_with(SshConfig {
         login_grace: Duration::from_secs(1),
@@ -901,8 +902,20 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
     .await;
     let c = idle_from("127.0.0.5", s.port).await;
     let start = std::time::Instant::now();
-    let (mut read, mut write) = c.into_split();
+    let (read, mut write) = c.into_split();
     write.write_all(b"SSH-2.0-Hostile\r\n").await.unwrap();
+    (s, read, write, start)
+}
+
+/// A client that never sends its part of the key exchange the server started, sending an
+/// SSH_MSG_IGNORE now and then instead (which a key exchange accepts, and which counts as a
+/// sign of life), is sent the DISCONNECT of its login grace time, in the middle of the key
+/// exchange (RFC 4253 allows it there), as a well-formed packet; and closed, after its grace
+/// time (not before it: its packets were taken).
+#[tokio::test]
+async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
+    use tokio::io::AsyncWriteExt;
+    let (s, mut read, mut write, start) = hostile_in_grace().await;
     // A packet in the clear: length 12, padding 6, IGNORE with an empty string.
     let ignore: [u8; 16] = [0, 0, 0, 12, 6, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let chatter = tokio::spawn(async move {
@@ -942,15 +955,7 @@ async fn a_key_exchange_never_finished_ends_with_the_login_grace_time() {
 #[tokio::test]
 async fn a_client_that_never_sends_its_newkeys_is_cut_at_the_grace_time_without_a_word() {
     use tokio::io::AsyncWriteExt;
-    let s = server_with(SshConfig {
-        login_grace: Duration::from_secs(1),
-        ..SshConfig::default()
-    })
-    .await;
-    let c = idle_from("127.0.0.5", s.port).await;
-    let start = std::time::Instant::now();
-    let (mut read, mut write) = c.into_split();
-    write.write_all(b"SSH-2.0-Hostile\r\n").await.unwrap();
+    let (s, mut read, mut write, start) = hostile_in_grace().await;
     write
         .write_all(&clear_packet(&client_kexinit()))
         .await
