@@ -248,9 +248,20 @@ async fn connect_with(
     user: &str,
     key: &PrivateKey,
 ) -> Option<russh::client::Handle<Client>> {
+    connect_as(Client, config, port, user, key).await
+}
+
+/// As [`connect`], with `client` handling what the server sends.
+async fn connect_as<H: russh::client::Handler + Send + 'static>(
+    client: H,
+    config: russh::client::Config,
+    port: u16,
+    user: &str,
+    key: &PrivateKey,
+) -> Option<russh::client::Handle<H>> {
     let config = Arc::new(config);
     // A refused address sees its connection closed: that is a failed connect here.
-    let mut h = russh::client::connect(config, ("127.0.0.1", port), Client)
+    let mut h = russh::client::connect(config, ("127.0.0.1", port), client)
         .await
         .ok()?;
     let r = h
@@ -1133,21 +1144,15 @@ async fn a_client_that_never_answers_a_channel_open_is_cut() {
         ..SshConfig::default()
     })
     .await;
-    let mut h = russh::client::connect(
-        Arc::new(russh::client::Config::default()),
-        ("127.0.0.1", s.port),
+    let h = connect_as(
         Silent,
+        russh::client::Config::default(),
+        s.port,
+        "alice",
+        &s.alice,
     )
     .await
     .unwrap();
-    let auth = h
-        .authenticate_publickey(
-            "alice",
-            PrivateKeyWithHashAlg::new(Arc::new(s.alice.clone()), None),
-        )
-        .await
-        .unwrap();
-    assert!(auth.success());
     let dir = std::env::temp_dir().join(format!("berth-ssh-silent-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("s");
