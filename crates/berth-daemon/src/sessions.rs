@@ -112,8 +112,9 @@ impl Sessions {
             .unwrap_or_default()
     }
 
-    /// Ends session `id`: SIGHUP to its processes as they are now, SIGKILL two seconds
-    /// later to those still there (even if the session's own process is gone by then).
+    /// Ends session `id`: SIGHUP to its processes (as they are when the reaper thread walks
+    /// them, at once), SIGKILL two seconds later to those still there (even if the
+    /// session's own process is gone by then).
     pub fn kill(&self, id: u64) -> Result<SessionInfo, KillError> {
         let (info, signalled) = {
             let open = self.open.lock().map_err(|_| KillError::NoSuchSession)?;

@@ -169,7 +169,6 @@ impl std::fmt::Display for UserNamespaces {
     }
 }
 
-/// Local ports of every socket in text of the `/proc/net/tcp` format.
 /// The most of a container's `/proc/net/tcp` (or `tcp6`) read: about 7,000 sockets.
 pub const TCP_TABLE_BYTES: u64 = 1 << 20;
 
@@ -183,6 +182,7 @@ fn ports_in_table(table: impl std::io::Read, cap: u64) -> std::collections::Hash
     ports_in_use(&String::from_utf8_lossy(&bytes))
 }
 
+/// Local ports of every socket in text of the `/proc/net/tcp` format.
 fn ports_in_use(text: &str) -> std::collections::HashSet<u16> {
     text.lines()
         .skip(1)

@@ -90,6 +90,7 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
     if start_time(root.0) != Some(root.1) {
         return;
     }
+    let fallback = scope.clone();
     let reaper = std::thread::Builder::new()
         .name("berth-reaper".into())
         .spawn(move || {
@@ -114,7 +115,11 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
             }
         });
     if let Err(e) = reaper {
-        tracing::warn!(error = %e, "cannot start the reaper thread; the exec's processes are left");
+        // Better late than never: the walk here, and SIGHUP only.
+        tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
+        for (pid, _) in tree(root, &fallback) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        }
     }
 }
 

@@ -204,20 +204,21 @@ impl<G: Gateway> Connection<G> {
         });
     }
 
-    /// Whether one more remote forward fits on this connection; a refusal is reported.
     /// Whether the connection may add the remote forward `key` (`None`: a port the bind will
-    /// choose). One it already holds is refused, as its listener still serves: the client
-    /// cancels it first. Otherwise a user who removed her forwarded socket's file (she is
-    /// root in her container) could bind the path again and again, each listener replacing
-    /// the last one's entry here while its task went on, outside every count and past the
-    /// connection's end.
+    /// choose); a refusal is reported. One whose listener still serves is refused: the
+    /// client cancels it first. Otherwise a user who removed her forwarded socket's file
+    /// (she is root in her container) could bind the path again and again, each listener
+    /// replacing the last one's entry here while its task went on, outside every count and
+    /// past the connection's end. Forwards whose listener has ended (its accept failed) are
+    /// forgotten first: they hold nothing, and may be asked for again.
     fn remote_slot(
-        &self,
+        &mut self,
         user: &str,
         kind: ForwardKind,
         target: &str,
         key: Option<&(String, u32)>,
     ) -> bool {
+        self.forwards.retain(|_, task| !task.is_finished());
         let why = if key.is_some_and(|k| self.forwards.contains_key(k)) {
             "already forwarded on this connection"
         } else if self.forwards.len() >= MAX_REMOTE_FORWARDS {

@@ -66,7 +66,7 @@ pub struct SshConfig {
     pub refusal_summary_every: Duration,
     /// Time the client has to answer a channel the server opens towards it (a connection
     /// to a forwarded port or socket, the agent, X11). Past it the container's end is
-    /// closed; past ten times it with no answer at all, the client is cut.
+    /// closed; with no answer ten times that later, the client is cut.
     pub open_answer: Duration,
 }
 

@@ -57,7 +57,7 @@ impl Accept for GuardedUnixListener {
 
 /// Turns each connection `listener` accepts into a channel opened by `open` (given the
 /// connection's peer) and pipes the two. Runs until accepting fails; aborting it ends its
-/// pipes too.
+/// pipes too, but not the wait for an answer to a channel it opened (see [`late_answer`]).
 pub(crate) async fn serve_listener<L, F, Fut>(
     listener: L,
     what: &'static str,
@@ -69,17 +69,16 @@ pub(crate) async fn serve_listener<L, F, Fut>(
     F: Fn(Option<SocketAddr>) -> Fut,
     Fut: Future<Output = Result<Channel<Msg>, russh::Error>> + Send + 'static,
 {
-    let mut conns = tokio::task::JoinSet::new();
+    // Cancelled when this ends, however it ends (an abort included).
+    let ended = tokio_util::sync::CancellationToken::new();
+    let _ended = ended.clone().drop_guard();
     loop {
-        let (stream, peer) = tokio::select! {
-            a = listener.accept_one() => match a {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "{what}: accept failed");
-                    return;
-                }
-            },
-            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+        let (stream, peer) = match listener.accept_one().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "{what}: accept failed");
+                return;
+            }
         };
         // Each connection is one of the user's forwarded connections; past her cap it is
         // closed at once (and reported).
@@ -90,47 +89,64 @@ pub(crate) async fn serve_listener<L, F, Fut>(
             continue;
         };
         let reserved = tenant.reserve_input();
-        let opening = open(peer);
+        let opening = Box::pin(open(peer));
         let handle = handle.clone();
         let answer = tenant.quotas.open_answer;
-        conns.spawn(async move {
+        let ended = ended.clone();
+        // Not a task of this one's: the wait for the client's answer outlives it (with the
+        // slot, so her cap bounds how many wait).
+        tokio::spawn(async move {
             let _slot = slot;
-            let mut opening = std::pin::pin!(opening);
-            match tokio::time::timeout(answer, &mut opening).await {
-                Ok(Ok(channel)) => bridge(channel, stream, handle, reserved).await,
-                Ok(Err(e)) => tracing::debug!(error = %e, "{what}: the client refused the channel"),
-                Err(_) => {
-                    tracing::debug!("{what}: the client did not answer the channel open");
-                    // The container's end goes now; a late answer is still taken (within a
-                    // further deadline, the slot held meanwhile), and a channel confirmed
-                    // late is closed at once rather than left open with nobody reading it.
+            let mut opening = opening;
+            let answered = tokio::select! {
+                r = tokio::time::timeout(answer, &mut opening) => r.ok(),
+                () = ended.cancelled() => None,
+            };
+            match answered {
+                Some(Ok(channel)) => tokio::select! {
+                    () = bridge(channel, stream, handle, reserved) => {}
+                    () = ended.cancelled() => {}
+                },
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "{what}: the client refused the channel");
+                }
+                None => {
+                    tracing::debug!("{what}: the client did not answer the channel open (yet)");
                     drop(stream);
-                    match tokio::time::timeout(answer.saturating_mul(LATE_ANSWER), opening).await {
-                        Ok(Ok(channel)) => {
-                            let _ = tokio::time::timeout(answer, channel.close()).await;
-                        }
-                        Ok(Err(_)) => {}
-                        // russh keeps a channel it opened until its answer, for the
-                        // connection's life: a client that never answers would grow its
-                        // tables with every connection the container makes. No client that
-                        // works does that (OpenSSH answers once its own connect ends), so
-                        // its connection ends.
-                        Err(_) => {
-                            tracing::warn!(
-                                "{what}: the client never answered a channel open; disconnecting it"
-                            );
-                            let _ = handle
-                                .disconnect(
-                                    russh::Disconnect::ByApplication,
-                                    "a channel open was never answered".into(),
-                                    String::new(),
-                                )
-                                .await;
-                        }
-                    }
+                    late_answer(opening, handle, answer, what).await;
                 }
             }
         });
+    }
+}
+
+/// Waits, up to [`LATE_ANSWER`] times `answer`, for the client's answer to a channel open
+/// whose time is over (or whose listener is gone), to close what it opens rather than leave
+/// it open with nobody reading it. A client that never answers is disconnected: russh keeps
+/// a channel it opened until its answer, for the connection's life, so such a client would
+/// grow its tables with every connection the container makes. No client that works does
+/// that (OpenSSH answers once its own connect ends).
+async fn late_answer(
+    opening: impl Future<Output = Result<Channel<Msg>, russh::Error>>,
+    handle: russh::server::Handle,
+    answer: std::time::Duration,
+    what: &'static str,
+) {
+    match tokio::time::timeout(answer.saturating_mul(LATE_ANSWER), opening).await {
+        Ok(Ok(channel)) => {
+            let _ = tokio::time::timeout(answer, channel.close()).await;
+        }
+        Ok(Err(_)) => {}
+        Err(_) => {
+            tracing::warn!("{what}: the client never answered a channel open; disconnecting it");
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "a channel open was never answered".into(),
+                    String::new(),
+                )
+                .await;
+        }
     }
 }
 

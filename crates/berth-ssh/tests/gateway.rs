@@ -831,8 +831,6 @@ async fn a_client_that_ignores_its_disconnect_is_let_go() {
     s.shutdown.cancel();
 }
 
-/// The payloads of the packets in the clear that follow the identification line in `wire`
-/// (before any keys: length, padding length, payload, padding).
 /// `payload` framed as a packet in the clear (RFC 4253, 6: at least 4 bytes of padding, the
 /// whole a multiple of 8).
 fn clear_packet(payload: &[u8]) -> Vec<u8> {
@@ -870,6 +868,8 @@ fn client_kexinit() -> Vec<u8> {
     p
 }
 
+/// The payloads of the packets in the clear that follow the identification line in `wire`
+/// (before any keys: length, padding length, payload, padding).
 fn clear_packets(wire: &[u8]) -> Vec<Vec<u8>> {
     let start = wire
         .windows(2)
@@ -1037,9 +1037,8 @@ async fn a_socket_forward_is_held_once_and_none_outlives_its_connection() {
         }
         false
     };
-    let dir = std::env::temp_dir().join(format!("berth-ssh-forward-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("s");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
     let p = path.to_str().unwrap().to_owned();
     let h = connect(s.port, "alice", &s.alice).await.unwrap();
     h.streamlocal_forward(p.clone()).await.unwrap();
@@ -1066,7 +1065,6 @@ async fn a_socket_forward_is_held_once_and_none_outlives_its_connection() {
         "{} listener(s) outlived the connection",
         live()
     );
-    let _ = std::fs::remove_dir_all(&dir);
     s.shutdown.cancel();
 }
 
@@ -1083,9 +1081,35 @@ fn rss_kib() -> usize {
 /// Input a process does not read is held up to its channel's window, and costs the server
 /// about its bytes however it was cut: a window's worth of one-byte packets, each once held
 /// as an allocation of its own, took 90 times the window (the per-user input budget of
-/// 64 MiB was then more than 5 GiB).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn input_sent_a_byte_a_packet_costs_its_bytes_not_a_packet_each() {
+/// 64 MiB was then more than 5 GiB). Measured in a process of its own (this test binary run
+/// again for this test alone): the other tests of the binary move its memory too.
+#[test]
+fn input_sent_a_byte_a_packet_costs_its_bytes_not_a_packet_each() {
+    const ALONE: &str = "BERTH_SSH_TEST_ALONE";
+    const NAME: &str = "input_sent_a_byte_a_packet_costs_its_bytes_not_a_packet_each";
+    if std::env::var_os(ALONE).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--test-threads=1", "--nocapture"])
+            .env(ALONE, "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && said.contains("1 passed"),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(one_byte_packets());
+}
+
+async fn one_byte_packets() {
     const PACKETS: usize = 300_000;
     let s = server().await;
     let h = connect(s.port, "alice", &s.alice).await.unwrap();
@@ -1101,9 +1125,10 @@ async fn input_sent_a_byte_a_packet_costs_its_bytes_not_a_packet_each() {
     // Each packet goes out before the next is queued; the last ones reach the server now.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let grown = rss_kib().saturating_sub(before);
-    // Held one allocation each: about 26 MiB. Held end to end: well under one.
+    eprintln!("{PACKETS} one-byte packets grew the server by {grown} KiB");
+    // Held one allocation each: about 20 MiB. Held end to end: well under one.
     assert!(
-        grown < 8 * 1024,
+        grown < 4 * 1024,
         "{PACKETS} one-byte packets grew the server by {grown} KiB"
     );
     s.shutdown.cancel();
@@ -1135,7 +1160,8 @@ impl russh::client::Handler for Silent {
 /// russh keeps a channel the server opened until the client answers, for the connection's
 /// life: a client that never answered grew the server's tables with every connection the
 /// container made to a forwarded socket. The container's end is closed once the client's
-/// time to answer is over, and the client is cut at ten times that.
+/// time to answer is over, and the client is cut ten times that later, even when the
+/// forward was cancelled meanwhile.
 #[tokio::test]
 async fn a_client_that_never_answers_a_channel_open_is_cut() {
     let answer = Duration::from_millis(300);
@@ -1153,9 +1179,8 @@ async fn a_client_that_never_answers_a_channel_open_is_cut() {
     )
     .await
     .unwrap();
-    let dir = std::env::temp_dir().join(format!("berth-ssh-silent-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("s");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
     h.streamlocal_forward(path.to_str().unwrap()).await.unwrap();
     let start = std::time::Instant::now();
     let mut container = tokio::net::UnixStream::connect(&path).await.unwrap();
@@ -1165,6 +1190,10 @@ async fn a_client_that_never_answers_a_channel_open_is_cut() {
     );
     assert!(start.elapsed() >= answer);
     assert!(!h.is_closed(), "cut before its late answer could come");
+    // Cancelling the forward (its listener goes) does not end the wait for the answer.
+    h.cancel_streamlocal_forward(path.to_str().unwrap())
+        .await
+        .unwrap();
     let cut = std::time::Instant::now() + Duration::from_secs(20);
     while !h.is_closed() && std::time::Instant::now() < cut {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1174,6 +1203,5 @@ async fn a_client_that_never_answers_a_channel_open_is_cut() {
         "a client that never answered kept its connection"
     );
     assert!(start.elapsed() >= answer * 10);
-    let _ = std::fs::remove_dir_all(&dir);
     s.shutdown.cancel();
 }
