@@ -112,7 +112,8 @@ pub(crate) async fn serve_listener<L, F, Fut>(
                 }
                 None => {
                     tracing::debug!("{what}: the client did not answer the channel open (yet)");
-                    drop(stream);
+                    // The container's end and the input budget go now; the slot stays.
+                    drop((stream, reserved));
                     late_answer(opening, handle, answer, what).await;
                 }
             }

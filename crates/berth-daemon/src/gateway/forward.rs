@@ -403,6 +403,13 @@ fn bind_in_root(
         nix::sys::stat::Mode::empty(),
     )?;
     let st = nix::sys::stat::fstat(&file)?;
+    // Swapped meanwhile (she may rename in that directory) for what is not a socket: never
+    // given to her.
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(std::io::Error::other(
+            "the socket's file was replaced while it was made",
+        ));
+    }
     let made = MadeSocket {
         dir,
         name: name.to_owned(),
