@@ -94,17 +94,9 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
     let reaper = std::thread::Builder::new()
         .name("berth-reaper".into())
         .spawn(move || {
-            let procs = tree(root, &scope);
-            tracing::debug!(
-                pid = root.0,
-                count = procs.len(),
-                "ending what is left of an exec"
-            );
+            let procs = hang_up_tree(root, &scope);
             if procs.is_empty() {
                 return;
-            }
-            for &(pid, _) in &procs {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
             }
             // A shell given SIGHUP passes it on and exits; whatever ignores it is killed.
             std::thread::sleep(grace);
@@ -117,10 +109,22 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
     if let Err(e) = reaper {
         // Better late than never: the walk here, and SIGHUP only.
         tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
-        for (pid, _) in tree(root, &fallback) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
-        }
+        hang_up_tree(root, &fallback);
     }
+}
+
+/// SIGHUP to `root`'s tree as it is now; returns its members.
+fn hang_up_tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
+    let procs = tree(root, scope);
+    tracing::debug!(
+        pid = root.0,
+        count = procs.len(),
+        "ending what is left of an exec"
+    );
+    for &(pid, _) in &procs {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    }
+    procs
 }
 
 /// `(pid, start time)` of `root` and every live descendant, `root` first. Empty when

@@ -122,6 +122,13 @@ impl State {
         }
     }
 
+    /// Hands everything held over to `into` (which must be empty), oldest first.
+    fn hand_over(&mut self, into: &mut VecDeque<Bytes>) {
+        self.seal();
+        self.held = 0;
+        std::mem::swap(into, &mut self.queue);
+    }
+
     /// Whether anything is held.
     fn holds(&self) -> bool {
         !self.queue.is_empty() || !self.tail.is_empty()
@@ -466,9 +473,7 @@ impl InboxRx {
             // Called with nothing left of what was taken before: it is all written.
             s.busy = false;
             if s.holds() {
-                s.seal();
-                s.held = 0;
-                std::mem::swap(into, &mut s.queue);
+                s.hand_over(into);
                 s.busy = true;
                 Some(true)
             } else if s.eof || s.closed {
@@ -568,12 +573,9 @@ mod tests {
 
     /// Everything `s` holds, in order, as `take` hands it over.
     fn taken(s: &mut State) -> Vec<u8> {
-        s.seal();
-        s.held = 0;
-        std::mem::take(&mut s.queue)
-            .into_iter()
-            .flat_map(|b| b.to_vec())
-            .collect()
+        let mut into = VecDeque::new();
+        s.hand_over(&mut into);
+        into.into_iter().flat_map(|b| b.to_vec()).collect()
     }
 
     #[test]
