@@ -310,7 +310,13 @@ pub(crate) async fn spawn(
         }
         Reply::Exit { .. } => return Err(RuntimeError::Session("unexpected reply".into())),
     };
-    let guard = match init.child_with_ns_pid(pid) {
+    // Off the async workers: the init's children are hers to multiply (orphans are
+    // reparented to it, up to her pids limit), and each one looked at is a `/proc` read.
+    let found = tokio::task::spawn_blocking(move || init.child_with_ns_pid(pid))
+        .await
+        .ok()
+        .flatten();
+    let guard = match found {
         Some(host) => ProcessGuard::new(host, container),
         None => ProcessGuard::default(),
     };
