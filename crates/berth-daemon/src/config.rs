@@ -484,6 +484,9 @@ leaves the host open to the containers (`berth status` says so). `berth purge` r
     ),
 ];
 
+/// The longest time a `*_seconds` key may give: a year.
+const MAX_SECONDS: u64 = 365 * 24 * 60 * 60;
+
 impl Config {
     /// Reads `path`; a missing default path means "all defaults", a missing explicit path
     /// is an error.
@@ -573,6 +576,23 @@ impl Config {
             return Err(
                 "max_connections, max_sessions and login_grace_seconds must be at least 1".into(),
             );
+        }
+        // Times are added to the clock's now: a "never" such as i64::MAX seconds would
+        // overflow it (and panic the task that adds it). A year is as long as any needs.
+        for (key, value) in [
+            ("idle_stop_seconds", self.idle_stop_seconds),
+            ("stop_timeout_seconds", u64::from(self.stop_timeout_seconds)),
+            (
+                "keepalive_interval_seconds",
+                self.keepalive_interval_seconds,
+            ),
+            ("login_grace_seconds", self.login_grace_seconds),
+        ] {
+            if value > MAX_SECONDS {
+                return Err(format!(
+                    "{key} = {value} is out of range (at most {MAX_SECONDS}, a year)"
+                ));
+            }
         }
         if self.audit_max_mb == 0 {
             return Err("audit_max_mb must be at least 1".into());
@@ -914,6 +934,16 @@ mod tests {
             err.contains("kex_algorithms: \"diffie-hellman-group99\""),
             "{err}"
         );
+        // A "never" that would overflow the clock when added to it.
+        for key in [
+            "idle_stop_seconds",
+            "login_grace_seconds",
+            "keepalive_interval_seconds",
+        ] {
+            let err = Config::parse(&format!("{key} = 9223372036854775807\n")).unwrap_err();
+            assert!(err.contains(key) && err.contains("out of range"), "{err}");
+        }
+        Config::parse("idle_stop_seconds = 31536000\n").unwrap();
         let c = Config::parse("idle_stop_seconds = 3\n[limits]\ncpus = 0.5\n").unwrap();
         assert_eq!(c.idle_stop_seconds, 3);
         assert_eq!(c.limits.cpus, 0.5);

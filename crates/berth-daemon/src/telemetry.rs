@@ -335,7 +335,9 @@ mod tests {
         };
         let (addr, stop) = start(bounds).await;
         let mut s = TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n").await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n")
+            .await
+            .unwrap();
         let line = format!("x-big: {}\r\n", "a".repeat(1000));
         for _ in 0..64 {
             if s.write_all(line.as_bytes()).await.is_err() {
