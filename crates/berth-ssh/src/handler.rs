@@ -18,7 +18,7 @@ use tracing::{Instrument, debug, debug_span, info};
 use crate::inbox::{InboxRx, InboxTx};
 use crate::quota::{Held, Quotas, Slot, Tenant};
 use crate::session::{self, EnvBudget};
-use crate::{Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
+use crate::{Allowed, Certificate, Event, ForwardKind, Gateway, Permission, PublicKey};
 
 /// Whether a connection has authenticated, and a wake-up for the task that waits for it.
 #[derive(Default)]
@@ -92,6 +92,8 @@ pub(crate) struct Connection<G> {
     peer: Option<SocketAddr>,
     accept_env: Arc<Vec<String>>,
     user: Option<(String, PublicKey)>,
+    /// What the credential it logged in with allows (a certificate's extensions).
+    allowed: Allowed,
     authenticated: Arc<Authenticated>,
     max_sessions: usize,
     /// Session channels of this connection, and where their input goes.
@@ -131,6 +133,7 @@ impl<G: Gateway> Connection<G> {
             peer,
             accept_env,
             user: None,
+            allowed: Allowed::ALL,
             authenticated,
             max_sessions,
             channels: HashMap::new(),
@@ -149,6 +152,7 @@ impl<G: Gateway> Connection<G> {
 
     fn accepted(&mut self, user: &str, key: PublicKey, certificate: Option<&Certificate>) {
         metrics::counter!("berth_logins_total").increment(1);
+        self.allowed = Allowed::of(certificate);
         self.connected_at = std::time::Instant::now();
         self.gateway.event(crate::Event::LoginAccepted {
             user,
@@ -359,11 +363,24 @@ const MAX_TUNNELS: usize = 64;
 /// function: the handler itself is not `Sync`, so it is not held across the await.)
 async fn permitted<G: Gateway>(
     gateway: &G,
+    allowed: Allowed,
     user: &str,
     kind: ForwardKind,
     target: &str,
     what: Permission,
 ) -> bool {
+    if !allowed.permits(what) {
+        report(
+            gateway,
+            user,
+            kind,
+            target,
+            Some(&crate::OpenError(
+                "port forwarding is not permitted by the certificate".into(),
+            )),
+        );
+        return false;
+    }
     if gateway.permits(user, what).await {
         return true;
     }
@@ -545,6 +562,7 @@ impl<G: Gateway> Handler for Connection<G> {
             gateway: self.gateway.clone(),
             user,
             key,
+            allowed: self.allowed,
             peer: self.peer,
             connected_at: self.connected_at,
             login_measured: self.login_measured.clone(),
@@ -577,6 +595,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let (kind, target) = (ForwardKind::Local, format!("{host}:{port}"));
         if !permitted(
             &*self.gateway,
+            self.allowed,
             &user,
             kind,
             &target,
@@ -626,6 +645,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let kind = ForwardKind::LocalSocket;
         if !permitted(
             &*self.gateway,
+            self.allowed,
             &user,
             kind,
             socket_path,
@@ -669,6 +689,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let kind = ForwardKind::RemoteSocket;
         if !permitted(
             &*self.gateway,
+            self.allowed,
             &user,
             kind,
             socket_path,
@@ -731,6 +752,7 @@ impl<G: Gateway> Handler for Connection<G> {
         let target = format!("{address}:{wanted}");
         if !permitted(
             &*self.gateway,
+            self.allowed,
             &user,
             kind,
             &target,
@@ -801,7 +823,7 @@ impl<G: Gateway> Handler for Connection<G> {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ok = self.unstarted(ch) && term.len() <= session::MAX_TERM_BYTES;
+        let ok = self.allowed.pty && self.unstarted(ch) && term.len() <= session::MAX_TERM_BYTES;
         self.reply(ch, ok, session)
     }
 
@@ -861,6 +883,7 @@ impl<G: Gateway> Handler for Connection<G> {
             return Ok(false);
         };
         Ok(self.unstarted(ch)
+            && self.allowed.agent_forwarding
             && self
                 .gateway
                 .permits(user, Permission::AgentForwarding)
@@ -881,6 +904,7 @@ impl<G: Gateway> Handler for Connection<G> {
             Some((user, _)) => {
                 self.unstarted(ch)
                     && session::x11_kept(proto, cookie)
+                    && self.allowed.x11_forwarding
                     && self.gateway.permits(user, Permission::X11Forwarding).await
             }
             None => false,

@@ -208,6 +208,53 @@ pub struct Connected {
     pub revoked: tokio_util::sync::CancellationToken,
 }
 
+/// What the credential a connection logged in with allows beyond a session, read as OpenSSH
+/// reads a user certificate's extensions: a certificate allows only what it names
+/// (`permit-pty`, `permit-port-forwarding`, `permit-agent-forwarding`,
+/// `permit-X11-forwarding`; `ssh-keygen -O clear` names none, `-O no-pty` all but one); a
+/// plain key allows everything. The gateway's switches ([`Gateway::permits`]) apply too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowed {
+    pub pty: bool,
+    /// TCP ports and Unix sockets alike, both ways (`-L`, `-R`, `-D`).
+    pub port_forwarding: bool,
+    pub agent_forwarding: bool,
+    pub x11_forwarding: bool,
+}
+
+impl Allowed {
+    pub const ALL: Self = Self {
+        pty: true,
+        port_forwarding: true,
+        agent_forwarding: true,
+        x11_forwarding: true,
+    };
+
+    /// What logging in with `certificate` (or with a plain key, for `None`) allows.
+    #[must_use]
+    pub fn of(certificate: Option<&Certificate>) -> Self {
+        let Some(c) = certificate else {
+            return Self::ALL;
+        };
+        let named = |extension: &str| c.extensions().contains_key(extension);
+        Self {
+            pty: named("permit-pty"),
+            port_forwarding: named("permit-port-forwarding"),
+            agent_forwarding: named("permit-agent-forwarding"),
+            x11_forwarding: named("permit-X11-forwarding"),
+        }
+    }
+
+    #[must_use]
+    pub fn permits(self, what: Permission) -> bool {
+        match what {
+            Permission::TcpForwarding | Permission::SocketForwarding => self.port_forwarding,
+            Permission::AgentForwarding => self.agent_forwarding,
+            Permission::X11Forwarding => self.x11_forwarding,
+        }
+    }
+}
+
 /// Things a user may be allowed or refused beyond sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Permission {

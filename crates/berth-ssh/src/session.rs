@@ -23,6 +23,8 @@ pub(crate) struct Context<G> {
     pub gateway: Arc<G>,
     pub user: String,
     pub key: PublicKey,
+    /// What the credential the connection logged in with allows.
+    pub allowed: crate::Allowed,
     pub peer: Option<SocketAddr>,
     pub connected_at: std::time::Instant,
     pub login_measured: Arc<std::sync::atomic::AtomicBool>,
@@ -108,7 +110,7 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 col_width,
                 row_height,
                 ..
-            }) if term.len() <= MAX_TERM_BYTES => {
+            }) if ctx.allowed.pty && term.len() <= MAX_TERM_BYTES => {
                 pty = Some(Pty {
                     term,
                     size: WindowSize {
@@ -200,7 +202,9 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 refused,
             });
         };
-        if !ctx
+        if !ctx.allowed.agent_forwarding {
+            report(Some("agent forwarding is not permitted by the certificate"));
+        } else if !ctx
             .gateway
             .permits(&ctx.user, Permission::AgentForwarding)
             .await
@@ -223,10 +227,11 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
     }
     let x11 = match x11 {
         Some(x)
-            if ctx
-                .gateway
-                .permits(&ctx.user, Permission::X11Forwarding)
-                .await =>
+            if ctx.allowed.x11_forwarding
+                && ctx
+                    .gateway
+                    .permits(&ctx.user, Permission::X11Forwarding)
+                    .await =>
         {
             Some(x)
         }
@@ -235,7 +240,11 @@ pub(crate) async fn run<G: Gateway>(ctx: Context<G>, channel: Channel<Msg>) {
                 user: &ctx.user,
                 kind: ForwardKind::X11,
                 target: "",
-                refused: Some("X11 forwarding is off for this user"),
+                refused: Some(if ctx.allowed.x11_forwarding {
+                    "X11 forwarding is off for this user"
+                } else {
+                    "X11 forwarding is not permitted by the certificate"
+                }),
             });
             None
         }

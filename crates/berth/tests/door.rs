@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use berth_testkit::{BUSYBOX, Daemon, DaemonOptions};
 
@@ -191,7 +192,7 @@ fn idle_from(from: &str, port: u16) -> Option<std::net::TcpStream> {
 /// descriptors and memory come back to where they were.
 #[test]
 fn a_flood_from_other_addresses_does_not_keep_a_user_out() {
-    use std::time::{Duration, Instant};
+    use std::time::Instant;
     let d = start("");
     let key = d.add_user("alice", BUSYBOX);
     assert_eq!(d.ssh_ok("alice", &key, "echo warm"), "warm\n");
@@ -575,4 +576,124 @@ fn user_certificates_log_in_and_everything_else_is_refused() {
         Some(255),
         "the CA was revoked"
     );
+}
+
+/// A certificate allows what its extensions name, as sshd reads them: one signed with
+/// `ssh-keygen -O clear` logs in but gets no terminal, no agent and no forwarding; one with
+/// the default extensions gets all three (the user's own switches allow them).
+#[test]
+fn a_certificate_allows_only_what_its_extensions_name() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let ca = keygen(k, "ca");
+    let d = start(&format!(
+        "trusted_user_ca_keys = \"{}\"\n",
+        ca.with_extension("pub").display()
+    ));
+    d.add_user("alice", BUSYBOX);
+    // A client-side agent, so that `-A` asks for agent forwarding.
+    let sock = k.join("agent.sock");
+    let _agent = berth_testkit::KillOnDrop(
+        Command::new("ssh-agent")
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(berth_testkit::wait_until(Duration::from_secs(10), || sock.exists()));
+    // With `-tt`, a terminal refused ends the client (as with sshd): so the terminal and
+    // the agent are asked for apart.
+    let session = |key: &Path, cert: &Path, terminal: bool| {
+        let o = Command::new("ssh")
+            .args(d.ssh_args(key))
+            .arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()))
+            .env("SSH_AUTH_SOCK", &sock)
+            .args(if terminal {
+                ["-tt", "-a"]
+            } else {
+                ["-T", "-A"]
+            })
+            .arg("alice@127.0.0.1")
+            .arg("tty; echo agent=${SSH_AUTH_SOCK:-none}")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    };
+    let tunnel = |key: &Path, cert: &Path| {
+        Command::new("ssh")
+            .args(d.ssh_args(key))
+            .arg("-o")
+            .arg(format!("CertificateFile={}", cert.display()))
+            .args(["-W", "127.0.0.1:9", "alice@127.0.0.1"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+    };
+    let refused_by_cert = || {
+        std::fs::read_to_string(d.state_dir().join("audit.log"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("forward_refused") && l.contains("by the certificate"))
+            .map(ToOwned::to_owned)
+            .collect::<Vec<_>>()
+    };
+
+    let full_key = keygen(k, "full");
+    let full = sign(&ca, &full_key, "full", 1, &["-n", "alice"]);
+    let (code, out) = session(&full_key, &full, true);
+    assert!(
+        code == Some(0) && out.contains("/dev/pts/"),
+        "{code:?} {out}"
+    );
+    let (_, out) = session(&full_key, &full, false);
+    assert!(out.contains("agent=/"), "{out}");
+    tunnel(&full_key, &full);
+    assert_eq!(refused_by_cert(), Vec::<String>::new());
+
+    let bare_key = keygen(k, "bare");
+    let bare = sign(&ca, &bare_key, "bare", 2, &["-n", "alice", "-O", "clear"]);
+    let (code, out) = session(&bare_key, &bare, true);
+    assert!(
+        code != Some(0) && !out.contains("/dev/pts/"),
+        "{code:?} {out}"
+    );
+    let (code, out) = session(&bare_key, &bare, false);
+    assert!(
+        code == Some(0) && out.contains("agent=none"),
+        "{code:?} {out}"
+    );
+    tunnel(&bare_key, &bare);
+    let refused = refused_by_cert();
+    assert!(
+        refused.iter().any(|l| l.contains("\"agent\"")),
+        "{refused:?}"
+    );
+    assert!(
+        refused.iter().any(|l| l.contains("\"local\"")),
+        "{refused:?}"
+    );
+
+    // One extension given back: the terminal, and nothing else.
+    let pty_key = keygen(k, "pty");
+    let pty = sign(
+        &ca,
+        &pty_key,
+        "pty",
+        3,
+        &["-n", "alice", "-O", "clear", "-O", "permit-pty"],
+    );
+    let (code, out) = session(&pty_key, &pty, true);
+    assert!(
+        code == Some(0) && out.contains("/dev/pts/"),
+        "{code:?} {out}"
+    );
+    let (_, out) = session(&pty_key, &pty, false);
+    assert!(out.contains("agent=none"), "{out}");
 }
