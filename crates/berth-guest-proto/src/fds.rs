@@ -16,10 +16,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 /// `SO_PASSRIGHTS` (Linux 6.16, `asm-generic/socket.h`; not in libc yet).
 const SO_PASSRIGHTS: libc::c_int = 83;
 
-/// Descriptors one disposal takes out of nested sockets at most; the rest are closed as
-/// they are (still on the closer thread, never a caller's).
-const MAX_NESTED: usize = 65_536;
-
 /// Asks the kernel to refuse descriptors sent to `sock` (a sender's `sendmsg` with any then
 /// fails with EPERM); sockets accepted from a listener inherit it. Returns whether the kernel
 /// took it (older kernels do not know the option: there the readers take care). With
@@ -47,23 +43,41 @@ pub fn refuse_descriptors(sock: BorrowedFd<'_>) -> bool {
 
 /// Closes `fd` on the closer thread, after [`drain`] made the close quick.
 pub fn close_later(fd: OwnedFd) {
-    static CLOSER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<OwnedFd>>> =
-        std::sync::OnceLock::new();
-    let tx = CLOSER.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
-        let _ = std::thread::Builder::new()
-            .name("berth-closer".into())
-            .spawn(move || {
-                for fd in rx {
-                    drain(fd);
-                }
-            });
-        std::sync::Mutex::new(tx)
-    });
-    if let Ok(tx) = tx.lock() {
-        // If the closer is gone, the descriptor is closed here after all.
-        let _ = tx.send(fd);
-    }
+    static CLOSER: std::sync::Mutex<Option<std::sync::mpsc::Sender<OwnedFd>>> =
+        std::sync::Mutex::new(None);
+    let mut closer = CLOSER
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let fd = match closer.as_ref() {
+        Some(tx) => match tx.send(fd) {
+            Ok(()) => return,
+            Err(std::sync::mpsc::SendError(fd)) => fd,
+        },
+        None => fd,
+    };
+    // No closer yet, or its thread is gone: a new one (tried again at the next close if it
+    // cannot start; meanwhile this one is drained here, which leaves nothing to linger).
+    let (tx, rx) = std::sync::mpsc::channel::<OwnedFd>();
+    let started = std::thread::Builder::new()
+        .name("berth-closer".into())
+        .spawn(move || {
+            for fd in rx {
+                drain(fd);
+            }
+        });
+    let fd = match started {
+        Ok(_) => match tx.send(fd) {
+            Ok(()) => {
+                *closer = Some(tx);
+                return;
+            }
+            Err(std::sync::mpsc::SendError(fd)) => fd,
+        },
+        Err(_) => fd,
+    };
+    *closer = None;
+    drop(closer);
+    drain(fd);
 }
 
 /// Descriptors of one served file system waiting to be closed, at most ([`serve`]).
@@ -194,57 +208,134 @@ pub fn dispose(fds: Vec<OwnedFd>) {
 /// Takes apart what `fd` holds and closes it all: the descriptors queued in a unix socket
 /// (and in those, to any depth), the connections pending on a listening one; every socket
 /// among them is set to reset on close rather than linger.
+///
+/// Nothing is left for the kernel to close unseen, however much is queued, since that close
+/// could be a lingering socket's and block this thread (every user's closer). Each unix
+/// socket is shut for reading first, so that what is queued in it is all there will be (a
+/// peer's send, or a connect to a listener, then fails); then it is emptied message by
+/// message, depth first, each socket closed once empty. What is open at once stays small:
+/// the kernel nests unix sockets in flight at most a few deep (`MAX_RECURSION_LEVEL`), each
+/// message holding at most 253 descriptors.
 pub fn drain(fd: OwnedFd) {
-    let mut work = vec![fd];
-    let mut taken = 0usize;
-    let mut done = Vec::new();
-    while let Some(fd) = work.pop() {
-        let st = quiet_stat(fd.as_fd());
-        // A file of a file system this process serves goes to that one's own closer.
-        let fd = match &st {
-            Some(st) => match park(fd, (st.stx_dev_major << 20) | st.stx_dev_minor) {
-                Some(fd) => fd,
-                None => continue,
-            },
-            None => fd,
-        };
-        let socket = st.is_some_and(|st| is_socket_mode(st.stx_mode));
-        if socket {
-            defuse(fd.as_fd());
-        }
-        if taken < MAX_NESTED
-            && socket
-            && sockopt_int(fd.as_fd(), libc::SO_DOMAIN) == Some(libc::AF_UNIX)
-        {
-            if is_listening(fd.as_fd()) {
-                while taken < MAX_NESTED {
-                    match accept_now(fd.as_fd()) {
-                        Some(c) => {
-                            taken += 1;
-                            work.push(c);
+    let mut open: Vec<Opened> = Vec::new();
+    open.extend(opened(fd));
+    let mut buf = [0u8; 4096];
+    let mut rounds = 0usize;
+    while let Some(top) = open.last_mut() {
+        rounds += 1;
+        let out = if rounds > MAX_ROUNDS {
+            // Beyond anything the kernel lets be queued: closed as it is.
+            None
+        } else {
+            match top.kind {
+                Kind::Other => None,
+                Kind::Listener => accept_now(top.fd.as_fd()).map(|c| vec![c]),
+                Kind::Stream | Kind::Datagrams | Kind::Packets { .. } => {
+                    match crate::recv_with_fds(top.fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                        Ok(got) if got.bytes == 0 && got.fds.is_empty() => match &mut top.kind {
+                            // A stream's end: a stream has no empty messages.
+                            Kind::Stream => None,
+                            // An empty packet, or the end of a packet socket (shut, and
+                            // empty: read as an empty packet too); more than can be queued
+                            // in a row is the end.
+                            Kind::Packets { empty } => {
+                                *empty += 1;
+                                (*empty <= MAX_EMPTY_PACKETS).then(Vec::new)
+                            }
+                            // An empty datagram (the end reads as EAGAIN).
+                            _ => Some(Vec::new()),
+                        },
+                        Ok(got) => {
+                            if let Kind::Packets { empty } = &mut top.kind {
+                                *empty = 0;
+                            }
+                            Some(got.fds)
                         }
-                        None => break,
-                    }
-                }
-            } else {
-                let mut buf = [0u8; 4096];
-                for _ in 0..4096 {
-                    match crate::recv_with_fds(fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-                        Ok(got) if got.bytes > 0 || !got.fds.is_empty() => {
-                            taken += got.fds.len();
-                            work.extend(got.fds);
-                        }
-                        _ => break,
+                        // Empty (EAGAIN), or nothing more can be read.
+                        Err(_) => None,
                     }
                 }
             }
+        };
+        match out {
+            Some(fds) => {
+                for fd in fds {
+                    open.extend(opened(fd));
+                }
+            }
+            // Emptied: closed now (innermost first, as the stack has it).
+            None => drop(open.pop()),
         }
-        done.push(fd);
     }
-    // Innermost last taken, first closed.
-    while let Some(fd) = done.pop() {
-        drop(fd);
+}
+
+/// Steps of one [`drain`] at most: every message and pending connection it takes is one.
+/// Far past what can be queued (in flight, a user's descriptors are capped at her
+/// `RLIMIT_NOFILE`, and each message carries at least one); a last bound, never reached.
+const MAX_ROUNDS: usize = 1 << 24;
+
+/// Empty packets in a row after which a shut packet socket is taken to be empty: its end
+/// reads as one more. More than its peer could have queued (each takes some 700 bytes of
+/// the sender's buffer, at most `net.core.wmem_max`, 208 KiB by default).
+const MAX_EMPTY_PACKETS: usize = 1024;
+
+/// What a descriptor is, for [`drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Not a unix socket: closed at once (a socket among them defused first).
+    Other,
+    /// A listening unix socket: its pending connections are taken.
+    Listener,
+    /// A unix stream socket: read until its end.
+    Stream,
+    /// A unix datagram socket: read until nothing is left (empty datagrams included).
+    Datagrams,
+    /// A unix sequenced-packet socket, and the empty packets read in a row.
+    Packets { empty: usize },
+}
+
+struct Opened {
+    fd: OwnedFd,
+    kind: Kind,
+}
+
+/// `fd` made ready for [`drain`]: parked instead when it is a file of a file system this
+/// process serves (`None`); a socket defused; a unix socket shut for reading.
+fn opened(fd: OwnedFd) -> Option<Opened> {
+    let st = quiet_stat(fd.as_fd());
+    // A file of a file system this process serves goes to that one's own closer.
+    let fd = match &st {
+        Some(st) => park(fd, (st.stx_dev_major << 20) | st.stx_dev_minor)?,
+        None => fd,
+    };
+    if !st.is_some_and(|st| is_socket_mode(st.stx_mode)) {
+        return Some(Opened {
+            fd,
+            kind: Kind::Other,
+        });
     }
+    defuse(fd.as_fd());
+    if sockopt_int(fd.as_fd(), libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
+        return Some(Opened {
+            fd,
+            kind: Kind::Other,
+        });
+    }
+    // SAFETY: shutdown takes a descriptor and a constant; it changes no memory of ours.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD);
+    }
+    let kind = if is_listening(fd.as_fd()) {
+        Kind::Listener
+    } else {
+        match sockopt_int(fd.as_fd(), libc::SO_TYPE) {
+            Some(libc::SOCK_STREAM) => Kind::Stream,
+            Some(libc::SOCK_SEQPACKET) => Kind::Packets { empty: 0 },
+            _ => Kind::Datagrams,
+        }
+    };
+    Some(Opened { fd, kind })
 }
 
 /// Makes closing socket `fd` quick: reset, no lingering.
@@ -470,7 +561,7 @@ mod guarded {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use std::io::{Read, Write};
-    use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
     use std::time::{Duration, Instant};
 
     use tokio::io::AsyncReadExt;
@@ -566,6 +657,149 @@ mod tests {
             ends_within(&mut peer, Duration::from_secs(10)),
             "the lingering socket was not reset"
         );
+    }
+
+    /// Sends one byte with `fds` (up to 253: more than `send_with_fds` takes).
+    fn send_many(sock: BorrowedFd<'_>, fds: &[libc::c_int]) {
+        let mut space = [0u64; 132];
+        let mut byte = *b"n";
+        let mut iov = libc::iovec {
+            iov_base: byte.as_mut_ptr().cast(),
+            iov_len: 1,
+        };
+        // SAFETY: the header points at live buffers; CMSG_FIRSTHDR/DATA stay within
+        // `space`, which holds CMSG_SPACE of 253 descriptors.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = space.as_mut_ptr().cast();
+            let bytes = std::mem::size_of_val(fds) as u32;
+            msg.msg_controllen = libc::CMSG_SPACE(bytes) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+            assert_eq!(libc::sendmsg(sock.as_raw_fd(), &msg, 0), 1);
+        }
+    }
+
+    /// Runs `drain(fd)` on a thread of its own; whether it returned within `limit`.
+    fn drained_within(fd: OwnedFd, limit: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drain(fd);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(limit).is_ok()
+    }
+
+    #[test]
+    fn an_empty_datagram_does_not_hide_what_follows_it() {
+        let (tcp, mut peer) = lingering_tcp();
+        let (theirs, ours) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        theirs.send(b"").unwrap();
+        crate::send_with_fds(theirs.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
+        drop((tcp, theirs));
+        assert!(
+            drained_within(OwnedFd::from(ours), Duration::from_secs(10)),
+            "the closer was held by a lingering socket behind an empty datagram"
+        );
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the lingering socket was not reset"
+        );
+    }
+
+    #[test]
+    fn empty_packets_do_not_hide_what_follows_them() {
+        let (tcp, mut peer) = lingering_tcp();
+        let (theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop((theirs, ours));
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array, which then are ours.
+        #[allow(unsafe_code)]
+        let (theirs, ours) = unsafe {
+            assert_eq!(
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()),
+                0
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        for _ in 0..100 {
+            crate::send_with_fds(theirs.as_fd(), b"", &[], 0).unwrap();
+        }
+        crate::send_with_fds(theirs.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
+        drop((tcp, theirs));
+        assert!(
+            drained_within(ours, Duration::from_secs(10)),
+            "the closer was held by a lingering socket behind empty packets"
+        );
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the lingering socket was not reset"
+        );
+    }
+
+    #[test]
+    fn however_many_descriptors_are_queued_all_are_taken_out() {
+        let (tcp, mut peer) = lingering_tcp();
+        let (theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        // Room for all of it in the socket (as root, past `wmem_max`).
+        let size: libc::c_int = 64 << 20;
+        // SAFETY: setsockopt reads one c_int from the pointer.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::setsockopt(
+                theirs.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                std::ptr::from_ref(&size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+        theirs.set_nonblocking(true).unwrap();
+        // 70,000 descriptors (past the 65,536 the closer used to take before closing the
+        // rest as they were), then the lingering socket.
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let many = [null.as_raw_fd(); 250];
+        for _ in 0..280 {
+            send_many(theirs.as_fd(), &many);
+        }
+        crate::send_with_fds(theirs.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
+        drop((tcp, theirs, null));
+        assert!(
+            drained_within(OwnedFd::from(ours), Duration::from_secs(30)),
+            "the closer was held by a lingering socket behind many descriptors"
+        );
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the lingering socket was not reset"
+        );
+    }
+
+    #[test]
+    fn a_peer_cannot_add_to_what_is_being_drained() {
+        let (theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        (&theirs).write_all(b"queued").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let keeps_sending = std::thread::spawn(move || {
+            let _ = rx.recv();
+            // Once the drain began, every send fails.
+            (&theirs).write(b"more")
+        });
+        let ours = OwnedFd::from(ours);
+        // SAFETY: dup returns a new descriptor that nothing else owns.
+        #[allow(unsafe_code)]
+        let kept = unsafe { OwnedFd::from_raw_fd(libc::dup(ours.as_raw_fd())) };
+        drain(ours);
+        tx.send(()).unwrap();
+        let sent = keeps_sending.join().unwrap();
+        assert!(sent.is_err(), "a send after the drain went in: {sent:?}");
+        drop(kept);
     }
 
     #[test]
