@@ -351,16 +351,38 @@ struct MadeSocket {
 
 impl Drop for MadeSocket {
     fn drop(&mut self) {
-        use nix::fcntl::AtFlags;
         use nix::unistd::UnlinkatFlags;
-        let same =
-            nix::sys::stat::fstatat(&self.dir, self.name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
-                .is_ok_and(|st| (st.st_dev, st.st_ino) == self.id);
+        let same = quiet_stat_at(&self.dir, &self.name).is_some_and(|id| id == self.id);
         if same {
             let _ =
                 nix::unistd::unlinkat(&self.dir, self.name.as_str(), UnlinkatFlags::NoRemoveDir);
         }
     }
+}
+
+/// The device and inode of `name` in `dir`, not followed if a symlink, without asking any
+/// file system for fresh attributes: this runs on a runtime worker (a forward's drop), and
+/// she may have put a `berth connect` mount where the socket was, whose server (the daemon,
+/// asking her laptop) would need a worker to answer (`AT_STATX_DONT_SYNC`: what the kernel
+/// holds, enough for a device and an inode, which never change).
+fn quiet_stat_at(dir: &OwnedFd, name: &str) -> Option<(u64, u64)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    // SAFETY: statx writes one statx struct to the pointer, valid for the call; `name` is a
+    // NUL-terminated string that outlives it.
+    #[allow(unsafe_code)]
+    let st = unsafe {
+        let mut st: libc::statx = std::mem::zeroed();
+        (libc::statx(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
+            libc::STATX_INO,
+            &mut st,
+        ) == 0)
+            .then_some(st)?
+    };
+    let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
+    Some((dev, st.stx_ino))
 }
 
 /// Makes a listening Unix socket at `path` beneath `root` (its directory resolved as in
