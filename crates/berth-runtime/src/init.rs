@@ -187,7 +187,16 @@ pub(crate) fn open(init: Identity, container: &str) -> Result<ContainerInit, Run
     use std::os::unix::fs::MetadataExt;
     let not_running = || RuntimeError::ContainerNotFound(container.to_owned());
     let ns = File::open(format!("/proc/{}/ns/net", init.pid)).map_err(|_| not_running())?;
-    let root = File::open(format!("/proc/{}/root", init.pid)).map_err(|_| not_running())?;
+    // O_PATH: the directory is not opened (her init may have chrooted into a mount of hers
+    // whose server, a `berth connect` laptop, would be asked), only held as a base for
+    // lookups, which run off the async workers.
+    let root = nix::fcntl::open(
+        format!("/proc/{}/root", init.pid).as_str(),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map(File::from)
+    .map_err(|_| not_running())?;
     if !init.alive(container) {
         return Err(not_running());
     }
@@ -236,7 +245,12 @@ pub(crate) async fn spawn(
     // Our ends, and the ends the guest gets.
     let (ours, theirs): (Ends, Vec<OwnedFd>) = match spec.tty {
         Some(size) => {
-            let (master, terminal) = open_pty(&root, size, owner)?;
+            // Off the async workers: the lookup walks her root, which she may have made a
+            // mount of hers whose server (a laptop) takes its time.
+            let (master, terminal) =
+                tokio::task::spawn_blocking(move || open_pty(&root, size, owner))
+                    .await
+                    .map_err(|_| RuntimeError::Session("terminal: the open failed".into()))??;
             (Ends::Tty(master), vec![terminal])
         }
         None => {
