@@ -422,8 +422,49 @@ fn lock_state_dir(state: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::Fil
 
 fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    check_secure_dir(dir, nix::unistd::geteuid().as_raw()).map_err(|message| StartupError {
+        message,
+        hint: Some(
+            "the state directory holds the host key, the database and the audit log: it must be \
+             the daemon's own, in directories only root can change"
+                .into(),
+        ),
+    })?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions on {}", dir.display()))?;
+    Ok(())
+}
+
+/// Whether `dir` (once its symlinks are resolved) is a directory of user `owner`'s and every
+/// directory above it belongs to root or `owner` and is writable by nobody else, unless it
+/// is sticky (like `/tmp`): as sshd's `StrictModes` checks a user's files. Otherwise whoever
+/// owns one of them could put a symlink where the daemon writes (its audit log, as root, say
+/// to `/etc/ld.so.preload`), or a host key or database of theirs where it reads.
+fn check_secure_dir(dir: &Path, owner: u32) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let real = std::fs::canonicalize(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let meta = |p: &Path| std::fs::symlink_metadata(p).map_err(|e| format!("{}: {e}", p.display()));
+    let top = meta(&real)?;
+    if !top.is_dir() || top.uid() != owner {
+        return Err(format!(
+            "state directory {} is owned by uid {}, not by the daemon's (uid {owner})",
+            real.display(),
+            top.uid()
+        ));
+    }
+    for above in real.ancestors().skip(1) {
+        let m = meta(above)?;
+        let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        if (m.uid() != 0 && m.uid() != owner) || shared {
+            return Err(format!(
+                "{} (above state directory {}) can be changed by others: owner uid {}, mode {:o}",
+                above.display(),
+                real.display(),
+                m.uid(),
+                m.mode() & 0o7777
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -535,5 +576,53 @@ async fn return_free_memory() {
         unsafe {
             libc::malloc_trim(0);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path, mode: u32) {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn the_state_directory_must_be_the_daemons_in_directories_only_root_changes() {
+        // Run as root by the test command; as another user only the owner is checked.
+        let me = nix::unistd::geteuid().as_raw();
+        let top = tempfile::tempdir().unwrap();
+        mode(top.path(), 0o755);
+        let ok = top.path().join("ok");
+        std::fs::create_dir(&ok).unwrap();
+        check_secure_dir(&ok, me).unwrap();
+        // A parent others may write to (not sticky): refused, naming it.
+        let shared = top.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        mode(&shared, 0o777);
+        std::fs::create_dir(shared.join("state")).unwrap();
+        let err = check_secure_dir(&shared.join("state"), me).unwrap_err();
+        assert!(err.contains("shared") && err.contains("777"), "{err}");
+        // Sticky, like /tmp: kept.
+        mode(&shared, 0o1777);
+        check_secure_dir(&shared.join("state"), me).unwrap();
+        // Through a symlink: what it leads to is checked.
+        std::os::unix::fs::symlink(shared.join("state"), top.path().join("link")).unwrap();
+        check_secure_dir(&top.path().join("link"), me).unwrap();
+        if me != 0 {
+            return;
+        }
+        // The directory itself, or one above it, someone else's.
+        let theirs = top.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        let err = check_secure_dir(&theirs, me).unwrap_err();
+        assert!(err.contains("uid 65534"), "{err}");
+        std::fs::create_dir(theirs.join("state")).unwrap();
+        let err = check_secure_dir(&theirs.join("state"), me).unwrap_err();
+        assert!(err.contains("theirs") && err.contains("65534"), "{err}");
     }
 }
