@@ -647,16 +647,16 @@ async fn add_user<R: Runtime>(
 ) -> Result<(StatusCode, Json<UserInfo>)> {
     let req = body(req)?;
     let keys = revalidate(&req.keys)?;
-    if st.lifecycle.is_commit_image(&req.image) {
+    let _images = st.images.lock().await;
+    if !st.runtime.image_exists(req.image.as_str()).await? {
+        return Err(AdminError::ImageMissing(req.image.to_string()));
+    }
+    if saved_image(&st, &req.name, &req.image).await? {
         return Err(AdminError::BadRequest(format!(
             "image {} is a user's own saved image (her next commit replaces it); give {} an image \
              of their own (berth image ls lists them)",
             req.image, req.name
         )));
-    }
-    let _images = st.images.lock().await;
-    if !st.runtime.image_exists(req.image.as_str()).await? {
-        return Err(AdminError::ImageMissing(req.image.to_string()));
     }
     let record = st.store.add_user(&req.name, &req.image, keys).await?;
     st.lifecycle.audit().record(Event::UserAdd {
@@ -867,16 +867,43 @@ async fn check_image<R: Runtime>(
     image: &str,
 ) -> Result<ImageName> {
     let image = ImageName::parse(image).map_err(|e| AdminError::BadRequest(e.to_string()))?;
-    if st.lifecycle.is_commit_image(&image) {
+    if !st.runtime.image_exists(image.as_str()).await? {
+        return Err(AdminError::ImageMissing(image.to_string()));
+    }
+    if saved_image(st, user, &image).await? {
         return Err(AdminError::BadRequest(format!(
             "image {image} is a user's own saved image (her next commit replaces it); give {user} \
              an image of their own (berth image ls lists them)"
         )));
     }
-    if !st.runtime.image_exists(image.as_str()).await? {
-        return Err(AdminError::ImageMissing(image.to_string()));
-    }
     Ok(image)
+}
+
+/// Whether `image`, as `user`'s base image, would be a saved image of another user's (or of
+/// anyone's, by the name the next commit moves): named as one (`REPOSITORY:USER`), or, by its
+/// ID or another tag, a commit of this instance's that another user who still exists made
+/// (each commit keeps her container's labels: her name and the instance). A removed user's
+/// image the admin kept (`user rm --keep-image`), or the user's own older commit, may be
+/// given.
+async fn saved_image<R: Runtime>(
+    st: &AdminState<R>,
+    user: &UserName,
+    image: &ImageName,
+) -> Result<bool> {
+    use crate::lifecycle::{LABEL_INSTANCE, LABEL_USER};
+    if st.lifecycle.is_commit_image(image) {
+        return Ok(true);
+    }
+    let Some(labels) = st.runtime.image_labels(image.as_str()).await? else {
+        return Ok(false);
+    };
+    if labels.get(LABEL_INSTANCE).map(String::as_str) != Some(st.lifecycle.instance()) {
+        return Ok(false);
+    }
+    let Some(maker) = labels.get(LABEL_USER).and_then(|u| UserName::parse(u).ok()) else {
+        return Ok(false);
+    };
+    Ok(maker != *user && st.store.user(&maker).await.is_ok())
 }
 
 async fn list_keys<R: Runtime>(

@@ -1680,6 +1680,17 @@ impl Runtime for DockerRuntime {
         }
     }
 
+    async fn image_labels(
+        &self,
+        image: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => Ok(Some(i.config.and_then(|c| c.labels).unwrap_or_default())),
+            Err(e) if is_404(&e) => Ok(None),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+
     async fn list_images(&self) -> Result<Vec<ImageSummary>, RuntimeError> {
         let list = self
             .docker

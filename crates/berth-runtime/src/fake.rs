@@ -691,6 +691,13 @@ impl Runtime for FakeRuntime {
             .then(|| format!("sha256:{image}")))
     }
 
+    async fn image_labels(
+        &self,
+        image: &str,
+    ) -> Result<Option<HashMap<String, String>>, RuntimeError> {
+        Ok(self.image_exists(image).await?.then(HashMap::new))
+    }
+
     async fn list_images(&self) -> Result<Vec<crate::ImageSummary>, RuntimeError> {
         let images = self.images.lock().map(|i| i.clone()).unwrap_or_default();
         Ok(images

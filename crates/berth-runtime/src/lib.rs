@@ -665,6 +665,11 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         image: &str,
     ) -> impl Future<Output = Result<Option<String>, RuntimeError>> + Send;
+    /// The labels of image `image`, if present.
+    fn image_labels(
+        &self,
+        image: &str,
+    ) -> impl Future<Output = Result<Option<HashMap<String, String>>, RuntimeError>> + Send;
     /// Every local image.
     fn list_images(&self) -> impl Future<Output = Result<Vec<ImageSummary>, RuntimeError>> + Send;
     /// The ids of the images that carry every one of `labels` (`key`, `value`) and that no tag

@@ -112,6 +112,30 @@ fn the_home_survives_remove_a_restart_and_a_new_image_and_commit_leaves_it_out()
     let (ok, err) = berth(&d, &["user", "set", "alice", "--image", &saved]);
     assert!(!ok);
     assert!(err.contains("is a user's own saved image"), "{err}");
+    // Given to another user by its ID, full or short, or by a tag of another name: refused
+    // too, for an existing user and a new one.
+    d.add_user("bob", BUSYBOX);
+    let id = docker(&["image", "inspect", "-f", "{{.Id}}", &saved]);
+    let id = id.trim();
+    docker(&["tag", &saved, "berth-test/copy:1"]);
+    for other in [id, &id["sha256:".len()..][..12], "berth-test/copy:1"] {
+        let (ok, err) = berth(&d, &["user", "set", "bob", "--image", other]);
+        assert!(!ok, "{other} was taken");
+        assert!(
+            err.contains("is a user's own saved image"),
+            "{other}: {err}"
+        );
+    }
+    let carol_key = d.keygen("carol");
+    let carol_pub = format!("{}.pub", carol_key.display());
+    let (ok, err) = berth(
+        &d,
+        &["user", "add", "carol", "--image", id, "--key", &carol_pub],
+    );
+    assert!(!ok && err.contains("is a user's own saved image"), "{err}");
+    assert!(!d.users().iter().any(|u| u["name"] == "carol"));
+    docker(&["rmi", "berth-test/copy:1"]);
+    assert_eq!(show(&d, "bob")["image"], BUSYBOX);
     let v = show(&d, "alice");
     assert_eq!(v["image"], BUSYBOX);
     assert_eq!(v["committed_image"], saved.as_str());
