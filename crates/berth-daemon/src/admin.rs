@@ -252,6 +252,15 @@ fn body<T>(b: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
 
 /// Keys arriving from a client are parsed again here: the fingerprint the store keeps is
 /// always computed by the daemon.
+/// The longest key comment kept, in characters.
+const MAX_KEY_COMMENT: usize = 256;
+
+/// `text` without control characters (a terminal's escape sequences start with one), at
+/// most `max` characters.
+fn printable(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
 fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
     if keys.is_empty() {
         return Err(AdminError::BadRequest(
@@ -262,7 +271,9 @@ fn revalidate(keys: &[AuthorizedKey]) -> Result<Vec<AuthorizedKey>> {
         .map(|k| {
             let mut parsed = AuthorizedKey::parse_line(&k.openssh)
                 .map_err(|e| AdminError::BadRequest(format!("not a public key: {e}")))?;
-            parsed.comment.clone_from(&k.comment);
+            // Printed to the admin's terminal by `user key list`: no escape sequences (a
+            // user hands the admin her .pub file), and a line's worth.
+            parsed.comment = printable(&k.comment, MAX_KEY_COMMENT);
             Ok(parsed)
         })
         .collect()
@@ -350,7 +361,9 @@ async fn kill_session<R: Runtime>(
         crate::sessions::KillError::NothingToSignal(s) => AdminError::Conflict(format!(
             "session {n} of {} ({}) has no process berth can signal (it may be ending); \
              nothing was signalled (berth user kick {} ends all of the user's connections)",
-            s.user, s.command, s.user
+            s.user,
+            printable(&s.command, 200),
+            s.user
         )),
     })?;
     st.lifecycle.audit().record(Event::SessionKill {

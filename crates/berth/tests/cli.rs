@@ -747,3 +747,44 @@ fn completions_and_man_pages_print_and_refuse_what_they_do_not_know() {
         assert_eq!(date.len(), 10, "{v}");
     }
 }
+
+/// A key's comment is the user's words, printed on the admin's terminal by `user key list`:
+/// its control characters (a terminal's escape sequences: a clipboard write, hidden text)
+/// are never kept or printed.
+#[test]
+fn a_key_comment_cannot_send_escape_sequences_to_the_admins_terminal() {
+    let d = Daemon::start(Path::new(BIN), DaemonOptions::default());
+    let key = d.keygen("k");
+    let line = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut fields = line.split_whitespace();
+    let (kind, blob) = (fields.next().unwrap(), fields.next().unwrap());
+    let evil = d.dir.path().join("evil.pub");
+    std::fs::write(
+        &evil,
+        format!("{kind} {blob} laptop\u{1b}]52;c;aGk=\u{7}\u{1b}[8mhidden\u{1b}[0m\n"),
+    )
+    .unwrap();
+    d.berth_ok(&[
+        "user",
+        "add",
+        "alice",
+        "--image",
+        BUSYBOX,
+        "--key",
+        evil.to_str().unwrap(),
+    ]);
+    let o = d.berth(&["user", "key", "list", "alice"]);
+    assert!(o.status.success());
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(shown.contains("laptop]52;c;aGk="), "{shown}");
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+    let o = d.berth(&["user", "key", "list", "alice", "--json"]);
+    let json = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !json.contains("\\u001b") && !json.contains("\\u0007"),
+        "{json}"
+    );
+}

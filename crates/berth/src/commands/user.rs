@@ -505,7 +505,9 @@ fn run_key(cmd: KeyCommand, c: &berth_proto::AdminClient) -> Result<(), Failure>
             t.load_style(NOTHING)
                 .set_header(["FINGERPRINT", "TYPE", "COMMENT"]);
             for k in keys {
-                t.add_row([k.fingerprint, k.algorithm, k.comment]);
+                // Kept printable by the daemon; a comment stored before it was is made so here.
+                let comment: String = k.comment.chars().filter(|c| !c.is_control()).collect();
+                t.add_row([k.fingerprint, k.algorithm, comment]);
             }
             println!("{}", t.trim_fmt());
             Ok(())
