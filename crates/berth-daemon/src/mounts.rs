@@ -21,15 +21,32 @@ pub const MAX_SERVER_MOUNTS: usize = 64;
 /// Shared folders of one user's own, at most.
 pub const MAX_USER_MOUNTS: usize = 32;
 
-/// Host trees a source may be neither in nor equal to: the system and the kernel's views.
-/// `/lib*` is every top-level directory whose name starts with `lib`.
+/// Host trees a source may be neither in nor equal to: the system, the kernel's views, and
+/// what the host's root runs or installs from (software in `/opt`, the system's state in
+/// `/var/lib`, cron's and the mail's spools, apt's package cache): a container's root who
+/// could write there would have the host. `/lib*` is every top-level directory whose name
+/// starts with `lib`.
 const SYSTEM: &[&str] = &[
-    "/etc", "/usr", "/bin", "/sbin", "/boot", "/root", "/proc", "/sys", "/dev", "/run",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/boot",
+    "/root",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/opt",
+    "/var/lib",
+    "/var/spool",
+    "/var/cache",
 ];
 
 /// Directories that hold many people's files: a directory beneath one may be shared, the
-/// whole may not (every user's home; every user's sockets and agent connections).
-const WHOLE: &[&str] = &["/home", "/tmp", "/var/tmp"];
+/// whole may not (every user's home; every user's sockets and agent connections; every
+/// share and disk mounted there).
+const WHOLE: &[&str] = &["/home", "/tmp", "/var/tmp", "/mnt", "/media", "/srv"];
 
 /// How an `[[mounts]]` entry is named in an error: `[[mounts]] entry 2 (source "/etc",
 /// target "/x")`, counted from 1 as people count.
@@ -188,6 +205,12 @@ mod tests {
             ("/home", "whole of /home"),
             ("/tmp", "whole of /tmp"),
             ("/var/run/docker.sock", "system tree /run"),
+            ("/opt", "system tree /opt"),
+            ("/var/spool", "system tree /var/spool"),
+            ("/var/cache", "system tree /var/cache"),
+            ("/var/lib", "system tree /var/lib"),
+            ("/srv", "whole of /srv"),
+            ("/mnt", "whole of /mnt"),
         ] {
             let e = r.check(Path::new(path)).unwrap_err();
             assert!(e.contains(rule), "{path}: {e}");
