@@ -246,6 +246,16 @@ struct FileState {
 /// The config's `audit_user_budget`.
 pub const USER_BUDGET: u64 = 600;
 
+/// A user's own records in an hour, at most, as a multiple of her minute's budget: a loop
+/// that keeps to the minute's budget for hours still does not fill the file (at the
+/// default, about 2 MB an hour, so some six days to push a record of hers out of the
+/// five files kept, where the minute's budget alone took ten hours).
+const HOUR_BUDGETS: u64 = 10;
+
+/// Rotated files kept (`audit.log.1` the newest): with `audit.log`, five times
+/// `audit_max_mb`.
+pub const ROTATED_KEPT: usize = 4;
+
 /// Users tracked at once; past it, entries of minutes gone by are dropped.
 const MAX_TRACKED: usize = 10_000;
 
@@ -268,6 +278,9 @@ struct Budget {
     minute: u64,
     written: u64,
     suppressed: u64,
+    /// The hour of `minute`, and the records written in it.
+    hour: u64,
+    hour_written: u64,
 }
 
 impl Budgets {
@@ -285,13 +298,20 @@ impl Budgets {
             if b.suppressed > 0 {
                 over = Some((b.suppressed, b.minute));
             }
+            let hour = minute / 60;
+            let hour_written = if b.hour == hour { b.hour_written } else { 0 };
             *b = Budget {
                 minute,
+                hour,
+                hour_written,
                 ..Budget::default()
             };
         }
-        if b.written < self.per_minute {
+        if b.written < self.per_minute
+            && b.hour_written < self.per_minute.saturating_mul(HOUR_BUDGETS)
+        {
             b.written += 1;
+            b.hour_written += 1;
             (true, over)
         } else {
             b.suppressed += 1;
@@ -441,12 +461,22 @@ impl Audit {
         match file {
             Some((_, len)) if *len + n <= self.max_bytes => {}
             Some(_) => {
-                // Full: it becomes `.1`; a failed re-open leaves no handle, and the next
-                // record tries again.
+                // Full: it becomes `.1`, `.1` becomes `.2`... (the oldest goes); a failed
+                // re-open leaves no handle, and the next record tries again.
                 *file = None;
-                let mut old = path.as_os_str().to_owned();
-                old.push(".1");
-                std::fs::rename(path, old)?;
+                let nth = |n: usize| {
+                    let mut p = path.as_os_str().to_owned();
+                    if n > 0 {
+                        p.push(format!(".{n}"));
+                    }
+                    PathBuf::from(p)
+                };
+                for n in (1..=ROTATED_KEPT).rev() {
+                    match std::fs::rename(nth(n - 1), nth(n)) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound && n > 1 => {}
+                        r => r?,
+                    }
+                }
                 *file = Some((open(path)?, 0));
             }
             None => {
@@ -598,6 +628,57 @@ mod tests {
         // The next minute: the count is due, once.
         assert_eq!(b.take("alice", 8), (true, Some((50, 7))));
         assert_eq!(b.take("alice", 8), (true, None));
+    }
+
+    #[test]
+    fn a_user_keeping_to_her_minutes_budget_is_held_to_ten_of_them_an_hour() {
+        let mut b = Budgets::default();
+        let mut written = 0u64;
+        // An hour of minutes 120..180, each filled to the budget and past it.
+        for minute in 120..180 {
+            written += (0..USER_BUDGET + 10)
+                .filter(|_| b.take("alice", minute).0)
+                .count() as u64;
+        }
+        assert_eq!(written, USER_BUDGET * HOUR_BUDGETS);
+        // The next hour starts afresh; the minute past the cap owes its count.
+        let (ok, over) = b.take("alice", 180);
+        assert!(ok);
+        assert_eq!(over, Some((USER_BUDGET + 10, 179)));
+    }
+
+    #[test]
+    fn rotation_keeps_four_older_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let audit = Audit::to_file(&path, 300).unwrap();
+        for n in 0..40 {
+            audit.record(Event::UserRemove {
+                user: format!("u{n}"),
+            });
+        }
+        let name = |n: usize| dir.path().join(format!("audit.log.{n}"));
+        for n in 1..=ROTATED_KEPT {
+            assert!(name(n).exists(), "no audit.log.{n}");
+        }
+        assert!(!name(ROTATED_KEPT + 1).exists());
+        // Newest first: the current file, then .1, .2...
+        let first = |p: &Path| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .lines()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let n = |l: String| -> u32 {
+            let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+            v["user"].as_str().unwrap()[1..].parse().unwrap()
+        };
+        assert!(n(first(&path)) > n(first(&name(1))));
+        for k in 1..ROTATED_KEPT {
+            assert!(n(first(&name(k))) > n(first(&name(k + 1))));
+        }
     }
 
     #[test]
