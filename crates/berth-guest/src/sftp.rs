@@ -400,25 +400,30 @@ fn file_times(a: &FileAttributes) -> Option<std::fs::FileTimes> {
     )
 }
 
-/// SETSTAT: size, mode, times, then owner, in OpenSSH's order (following symlinks).
+/// SETSTAT: size, mode, times, then owner, in OpenSSH's order (following symlinks). By path,
+/// as OpenSSH's `truncate` and `utimes`: the file is never opened (a FIFO's open would wait
+/// for a writer, and this server answers one request at a time; a device's would run its
+/// driver).
 async fn apply(path: &Path, a: &FileAttributes) -> Result<(), StatusReply> {
     if let Some(size) = a.size {
-        let f = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .await
-            .map_err(|e| io(&e))?;
-        f.set_len(size).await.map_err(|e| io(&e))?;
+        let size = i64::try_from(size).map_err(|_| status(StatusCode::BadMessage))?;
+        nix::unistd::truncate(path, size).map_err(nix_io)?;
     }
     if let Some(mode) = a.permissions {
         tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7777))
             .await
             .map_err(|e| io(&e))?;
     }
-    if let Some(times) = file_times(a) {
-        std::fs::File::open(path)
-            .and_then(|f| f.set_times(times))
-            .map_err(|e| io(&e))?;
+    if let (Some(at), Some(mt)) = (a.atime, a.mtime) {
+        let ts = |s: u32| nix::sys::time::TimeSpec::new(i64::from(s), 0);
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            &ts(at),
+            &ts(mt),
+            nix::sys::stat::UtimensatFlags::FollowSymlink,
+        )
+        .map_err(nix_io)?;
     }
     if a.uid.is_some() || a.gid.is_some() {
         std::os::unix::fs::chown(path, a.uid, a.gid).map_err(|e| io(&e))?;
@@ -709,7 +714,9 @@ impl Handler for Sftp {
         len: u32,
     ) -> Result<Data, Self::Error> {
         let f = self.file(&handle)?;
-        let want = usize::try_from(len.min(256 * 1024)).unwrap_or(0);
+        // As OpenSSH's server: a reply (the data and 13 bytes about it) stays within the
+        // packet size both ends take.
+        let want = usize::try_from(u64::from(len).min(MAX_MSG - 1024)).unwrap_or(0);
         let mut data = vec![0u8; want];
         let mut got = 0;
         while got < want {
@@ -945,10 +952,7 @@ pub fn run() -> std::process::ExitCode {
     };
     rt.block_on(async {
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-        let stream = Ended {
-            io: tokio::io::join(stdin(), stdout()),
-            _done: done_tx,
-        };
+        let stream = Ended::new(tokio::io::join(stdin(), stdout()), done_tx);
         russh_sftp::server::run(stream, Sftp::new()).await;
         // The server task drops the stream when the client is gone.
         let _ = done_rx.await;
@@ -988,10 +992,70 @@ fn stdout() -> std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>> {
         )
 }
 
-/// A stream that reports, by being dropped, that the SFTP server is done with it.
+/// A stream that reports, by being dropped, that the SFTP server is done with it; and that
+/// ends, as OpenSSH's server does, at a packet longer than [`MAX_MSG`]. (russh-sftp refuses
+/// such a packet's length but goes on reading where its body starts, so the body's bytes,
+/// a file's being written, would be read as requests.)
 struct Ended<S> {
     io: S,
     _done: tokio::sync::oneshot::Sender<()>,
+    frames: Frames,
+}
+
+impl<S> Ended<S> {
+    fn new(io: S, done: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self {
+            io,
+            _done: done,
+            frames: Frames::default(),
+        }
+    }
+}
+
+/// Where the client's stream is among its packets (`uint32` length, then that many bytes).
+#[derive(Debug, Default)]
+struct Frames {
+    /// The length's bytes read so far, and how many.
+    length: [u8; 4],
+    have: usize,
+    /// Body bytes still to come.
+    body: u64,
+    /// A packet too long was seen: the stream ends there.
+    ended: bool,
+}
+
+impl Frames {
+    /// Follows `bytes`, read next; the count of them to pass on (all, or those before the
+    /// length of a packet too long, after which the stream has ended).
+    fn follow(&mut self, bytes: &[u8]) -> usize {
+        let mut i = 0;
+        while i < bytes.len() {
+            if self.body > 0 {
+                let take = usize::try_from(self.body)
+                    .unwrap_or(usize::MAX)
+                    .min(bytes.len() - i);
+                self.body -= take as u64;
+                i += take;
+                continue;
+            }
+            if let (Some(slot), Some(&b)) = (self.length.get_mut(self.have), bytes.get(i)) {
+                *slot = b;
+            }
+            self.have += 1;
+            i += 1;
+            if self.have == 4 {
+                self.have = 0;
+                let len = u64::from(u32::from_be_bytes(self.length));
+                if len > MAX_MSG {
+                    self.ended = true;
+                    // This length's bytes in `bytes`, and all after, are not passed on.
+                    return i.saturating_sub(4);
+                }
+                self.body = len;
+            }
+        }
+        bytes.len()
+    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Ended<S> {
@@ -1000,7 +1064,16 @@ impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Ended<S> {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.frames.ended {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        std::task::ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, buf))?;
+        let pass = self
+            .frames
+            .follow(buf.filled().get(before..).unwrap_or_default());
+        buf.set_filled(before + pass);
+        std::task::Poll::Ready(Ok(()))
     }
 }
 
@@ -1030,6 +1103,114 @@ impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Ended<S> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn the_stream_ends_at_a_packet_too_long_whatever_the_reads() {
+        let mut stream = Vec::new();
+        for body in [&b"\x01abc"[..], &vec![7u8; 40_000]] {
+            stream.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+            stream.extend_from_slice(body);
+        }
+        let good = stream.len();
+        stream.extend_from_slice(&(300u32 * 1024).to_be_bytes());
+        stream.extend_from_slice(&[9u8; 64]);
+        // In reads of every size from 1 to 7 bytes, and whole.
+        for chunk in (1..8).chain([stream.len()]) {
+            let mut f = Frames::default();
+            let mut passed = 0;
+            for piece in stream.chunks(chunk) {
+                if f.ended {
+                    break;
+                }
+                passed += f.follow(piece);
+            }
+            assert!(f.ended, "chunk {chunk}");
+            // The good packets and nothing of the long one's length but what came before
+            // its read: at most 3 of its 4 bytes.
+            assert!(
+                passed >= good && passed < good + 4,
+                "chunk {chunk}: {passed}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_server_ends_at_a_packet_too_long() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        russh_sftp::server::run(Ended::new(server, done_tx), Sftp::new()).await;
+        // A WRITE-sized packet past the limit, whose "body" is a run of valid requests
+        // (here: INIT), as a file's bytes could be.
+        let mut init = Vec::new();
+        init.extend_from_slice(&5u32.to_be_bytes());
+        init.push(1);
+        init.extend_from_slice(&3u32.to_be_bytes());
+        let mut packet = (300u32 * 1024).to_be_bytes().to_vec();
+        for _ in 0..(300 * 1024 / init.len()) {
+            packet.extend_from_slice(&init);
+        }
+        client.write_all(&packet).await.unwrap();
+        // The server ends without a word (it read none of those INITs).
+        tokio::time::timeout(std::time::Duration::from_secs(10), done_rx)
+            .await
+            .expect("the server went on")
+            .ok();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            client.read_to_end(&mut out),
+        )
+        .await;
+        assert!(out.is_empty(), "answered {} bytes", out.len());
+    }
+
+    /// SETSTAT of a FIFO nobody writes to: answered at once (its open would wait for a
+    /// writer, holding the whole server).
+    #[tokio::test]
+    async fn setstat_never_opens_the_file() {
+        let dir = std::env::temp_dir().join(format!("berth-sftp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("p");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let within = |f| tokio::time::timeout(std::time::Duration::from_secs(5), f);
+        let times = FileAttributes {
+            atime: Some(1_000_000),
+            mtime: Some(2_000_000),
+            ..FileAttributes::empty()
+        };
+        within(apply(&fifo, &times))
+            .await
+            .expect("the times waited on the FIFO")
+            .unwrap();
+        let meta = std::fs::metadata(&fifo).unwrap();
+        assert_eq!(meta.mtime(), 2_000_000);
+        let size = FileAttributes {
+            size: Some(0),
+            ..FileAttributes::empty()
+        };
+        // A FIFO has no size to set: refused, at once.
+        assert!(
+            within(apply(&fifo, &size))
+                .await
+                .expect("the size waited on the FIFO")
+                .is_err()
+        );
+        // A file's size and times, as before.
+        let file = dir.join("f");
+        std::fs::write(&file, b"0123456789").unwrap();
+        let both = FileAttributes {
+            size: Some(4),
+            atime: Some(1_000_000),
+            mtime: Some(2_000_000),
+            ..FileAttributes::empty()
+        };
+        apply(&file, &both).await.unwrap();
+        assert_eq!(std::fs::read(&file).unwrap(), b"0123");
+        assert_eq!(std::fs::metadata(&file).unwrap().mtime(), 2_000_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn strmode_is_bsd_strmode() {
