@@ -445,8 +445,13 @@ pub async fn attach(
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| err("cannot attach the mount in the container", e))?;
+        // The mount went onto the directory `target` holds, wherever that is now: she may
+        // have renamed it, or one above it, since it was looked up (`renameat2` with
+        // `RENAME_EXCHANGE`, in a loop), and then the mount would not be where the path the
+        // caller checked leads. It is looked up again: anywhere else, it is taken out.
+        let landed = lands_at(&root, &proc, &components, &mount.fd).unwrap_or(false);
         // From here on, dropping it (the caller gave up waiting) unmounts it again.
-        Ok(Attached {
+        let attached = Attached {
             inner: Some(Inner {
                 ns: ns_kept,
                 proc,
@@ -459,7 +464,15 @@ pub async fn attach(
             at: at_buf,
             connection,
             owner: owner_name,
-        })
+        };
+        if !landed {
+            let shown = attached.at.display().to_string();
+            drop(attached);
+            return Err(io::Error::other(format!(
+                "{shown} was moved in the container while it was mounted; nothing is mounted"
+            )));
+        }
+        Ok(attached)
     });
     tokio::time::timeout_at(deadline.into(), work)
         .await
@@ -628,6 +641,41 @@ fn make_target(
     }
 }
 
+/// Whether `components`, looked up again from `root` as [`make_target`] looks them up (no
+/// symlink, never inside a FUSE mount), now lead to the root of `mount`.
+fn lands_at(
+    root: &File,
+    proc: &OwnedFd,
+    components: &[CString],
+    mount: &OwnedFd,
+) -> io::Result<bool> {
+    let mounts = Mountinfo::read(proc)?;
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let open = |dir: &dyn AsFd, name: &std::ffi::CStr| {
+        rustix::fs::openat2(
+            dir,
+            name,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        )
+    };
+    let mut dir = open(root, c".")?;
+    for name in components {
+        if mounts
+            .fs_type(mount_id(&dir)?)
+            .is_none_or(|t| t.starts_with("fuse"))
+        {
+            return Ok(false);
+        }
+        dir = match open(&dir, name.as_c_str()) {
+            Ok(d) => d,
+            Err(_) => return Ok(false),
+        };
+    }
+    Ok(mount_id(&dir)? == mount_id(mount)?)
+}
+
 /// Whether a FUSE connection is one the caller serves.
 pub type Live = std::sync::Arc<dyn Fn(FuseConnection) -> bool + Send + Sync>;
 
@@ -786,6 +834,77 @@ mod tests {
         );
         // Hers, moved away, are left as they are.
         assert!(left.contains("/old/x/a\n"), "{left}");
+    }
+
+    /// A mount attached through a directory's handle lands wherever that directory has been
+    /// moved to meanwhile: `lands_at` tells, by the path the handle was looked up by.
+    #[test]
+    fn a_mount_is_found_only_where_its_path_leads() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().to_owned();
+        let found = std::thread::spawn(move || {
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .unwrap();
+            rustix::mount::mount_change(
+                "/",
+                rustix::mount::MountPropagationFlags::PRIVATE
+                    | rustix::mount::MountPropagationFlags::REC,
+            )
+            .unwrap();
+            let root = File::open(&t).unwrap();
+            let proc = host_proc().unwrap();
+            let names = [c"home", c"x"].map(CString::from).to_vec();
+            let attach = |moved: bool| {
+                std::fs::create_dir_all(t.join("home/x")).unwrap();
+                let target = rustix::fs::open(
+                    t.join("home/x"),
+                    OFlags::PATH | OFlags::DIRECTORY,
+                    Mode::empty(),
+                )
+                .unwrap();
+                if moved {
+                    // Her exchange, between the lookup and the attach.
+                    std::fs::create_dir_all(t.join("other")).unwrap();
+                    rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        t.join("home/x"),
+                        rustix::fs::CWD,
+                        t.join("other"),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    )
+                    .unwrap();
+                }
+                let fs = rustix::mount::fsopen("tmpfs", rustix::mount::FsOpenFlags::FSOPEN_CLOEXEC)
+                    .unwrap();
+                rustix::mount::fsconfig_create(&fs).unwrap();
+                let mount = rustix::mount::fsmount(
+                    &fs,
+                    rustix::mount::FsMountFlags::FSMOUNT_CLOEXEC,
+                    rustix::mount::MountAttrFlags::empty(),
+                )
+                .unwrap();
+                rustix::mount::move_mount(
+                    &mount,
+                    "",
+                    &target,
+                    "",
+                    MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH
+                        | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+                )
+                .unwrap();
+                let landed = lands_at(&root, &proc, &names, &mount).unwrap();
+                unmount(&proc, &mount).unwrap();
+                std::fs::remove_dir_all(t.join("home")).unwrap();
+                let _ = std::fs::remove_dir_all(t.join("other"));
+                landed
+            };
+            (attach(false), attach(true))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(found, (true, false));
     }
 
     #[test]
