@@ -219,6 +219,11 @@ impl Client {
         self.inner.gone.is_cancelled()
     }
 
+    /// How long a call waits at most.
+    pub fn deadline(&self) -> Duration {
+        self.inner.deadline
+    }
+
     /// Asks the laptop and waits for its answer (within the deadline).
     pub async fn call(&self, op: Op) -> Result<Answer, CallError> {
         let inner = &self.inner;

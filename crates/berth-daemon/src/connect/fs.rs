@@ -802,14 +802,26 @@ impl Shared {
     /// Every call but a write behind first waits for the writes in flight (answered to the
     /// kernel already), so that it sees them on the laptop.
     async fn call(&self, op: Op) -> Result<Answer, Errno> {
-        drop(self.order.write().await);
+        self.writes_settled(tokio::time::Instant::now() + self.client.deadline())
+            .await?;
         self.client.call(op).await.map_err(|e| errno(&e))
+    }
+
+    /// Waits until the writes in flight are answered, until `deadline` at most (a request's
+    /// own): the lock is fair, so behind a silent laptop's writes the waits would add up,
+    /// each request queued after the last. Past it, the caller's process gets EIO.
+    async fn writes_settled(&self, deadline: tokio::time::Instant) -> Result<(), Errno> {
+        tokio::time::timeout_at(deadline, self.order.write())
+            .await
+            .map(drop)
+            .map_err(|_| Errno::EIO)
     }
 
     /// A place for a write behind to `ino` over `range`, held until the laptop answers it;
     /// one over a range in flight waits for that first (the laptop's workers may write in
-    /// any order).
-    async fn behind(self: &Arc<Self>, ino: u64, range: Range<u64>) -> Behind {
+    /// any order). Within a request's deadline; EIO past it.
+    async fn behind(self: &Arc<Self>, ino: u64, range: Range<u64>) -> Result<Behind, Errno> {
+        let deadline = tokio::time::Instant::now() + self.client.deadline();
         loop {
             {
                 let mut flying = lock(&self.flying);
@@ -821,13 +833,24 @@ impl Shared {
                     break;
                 }
             }
-            drop(self.order.write().await);
+            self.writes_settled(deadline).await?;
         }
-        Behind {
-            _order: self.order.clone().read_owned().await,
+        let order = tokio::time::timeout_at(deadline, self.order.clone().read_owned()).await;
+        let behind = |order| Behind {
+            _order: order,
             shared: self.clone(),
             ino,
-            range,
+            range: range.clone(),
+        };
+        match order {
+            Ok(order) => Ok(behind(order)),
+            Err(_) => {
+                let mut flying = lock(&self.flying);
+                if let Some(i) = flying.iter().position(|(i, r)| *i == ino && *r == range) {
+                    flying.swap_remove(i);
+                }
+                Err(Errno::EIO)
+            }
         }
     }
 
@@ -1730,7 +1753,10 @@ impl Filesystem for ConnectFs {
             }
             // Answered now, as sshfs does: the next write goes out while this one is on
             // its way, and a failure is told at the next flush (close) or fsync.
-            let flying = s.behind(ino.0, offset..end).await;
+            let flying = match s.behind(ino.0, offset..end).await {
+                Ok(flying) => flying,
+                Err(e) => return reply.error(e),
+            };
             reply.written(len as u32);
             let failed = match s.client.call(op).await {
                 Ok(Answer::Written(n)) if n as usize == len => None,
@@ -1759,7 +1785,10 @@ impl Filesystem for ConnectFs {
     ) {
         // close(2): the writes behind are on the laptop, or their failure is told.
         self.answer(move |s| async move {
-            drop(s.order.write().await);
+            let deadline = tokio::time::Instant::now() + s.client.deadline();
+            if let Err(e) = s.writes_settled(deadline).await {
+                return reply.error(e);
+            }
             match s.failure_seen(fh.0) {
                 Some(e) => reply.error(e),
                 None => reply.ok(),
@@ -2559,6 +2588,40 @@ mod tests {
         let path = m.dir().join("file");
         let r = within_a_minute(move || std::fs::read(path));
         assert_eq!(errno_of(r), Some(libc::EIO));
+    }
+
+    /// A request waits for the writes in flight (so that it sees them on the laptop), but
+    /// not past its own deadline: behind a silent laptop's writes, queued requests each
+    /// waited for the one before (the lock is fair), up to minutes for a `stat`.
+    #[test]
+    fn a_request_behind_writes_that_never_end_fails_at_its_deadline() {
+        let Some(m) = mount_with(OWNER, Duration::from_secs(1), MAX_NODES, None) else {
+            return;
+        };
+        m.silent.store(true, Ordering::SeqCst);
+        let s = m.shared.clone();
+        // A write behind whose answer never comes, held for longer than any deadline.
+        let held = m._rt.block_on(s.behind(7, 0..10)).unwrap();
+        let stat = Op::Getattr {
+            path: berth_connect::proto::RelPath::root(),
+            fh: None,
+        };
+        let answered = m
+            ._rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), s.call(stat)).await });
+        assert!(
+            matches!(answered, Ok(Err(Errno::EIO))),
+            "{:?}",
+            answered.map(|r| r.map(|_| ()))
+        );
+        // And a write behind over the same range, which waits for the first: EIO as well,
+        // and no place left taken.
+        let again = m._rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), s.behind(7, 5..15)).await
+        });
+        assert!(matches!(again, Ok(Err(Errno::EIO))));
+        drop(held);
+        assert!(lock(&s.flying).is_empty());
     }
 
     #[test]
