@@ -107,9 +107,28 @@ where
                 Some(Ok(ToLaptop::Welcome { .. })) => break Err(ServeError::Unexpected("Welcome")),
                 Some(Ok(ToLaptop::Refused { .. })) => break Err(ServeError::Unexpected("Refused")),
             };
-            let places = if fs.may_wait(&op) { &waiters } else { &workers };
-            let Ok(place) = places.clone().acquire_owned().await else {
-                break Ok(());
+            let place = if fs.may_wait(&op) {
+                // A FIFO's wait takes a place only if one is free: the reader never waits
+                // for one, or FIFOs nobody feeds would hold every other request back.
+                match waiters.clone().try_acquire_owned() {
+                    Ok(place) => place,
+                    Err(_) => {
+                        let busy = proto::encode(&ToDaemon::Reply {
+                            id,
+                            result: Err(libc::EAGAIN),
+                        })
+                        .unwrap_or_default();
+                        if replies.send(Bytes::from(busy)).await.is_err() {
+                            break Ok(());
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                let Ok(place) = workers.clone().acquire_owned().await else {
+                    break Ok(());
+                };
+                place
             };
             let fs = fs.clone();
             let replies = replies.clone();

@@ -18,7 +18,7 @@ use berth_connect::proto::{
     self, Answer, Attr, DirAfter, MAX_HEAD, MAX_IO, Op, READDIR_BYTES, RelPath, SetTime, Time,
     ToLaptop,
 };
-use berth_connect::serve::{self, MAX_HANDLES, ServeError, WORKERS};
+use berth_connect::serve::{self, MAX_HANDLES, ServeError, WAITERS, WORKERS};
 use tokio::task::JoinHandle;
 
 /// An upper bound on anything the tests wait for (never a timing).
@@ -41,6 +41,11 @@ struct Mount {
 impl Mount {
     /// `top/served` served, `top/outside/secret` beside it.
     fn new() -> Self {
+        Self::with_deadline(BOUND)
+    }
+
+    /// As [`Mount::new`], the daemon's end giving up on each request after `deadline`.
+    fn with_deadline(deadline: Duration) -> Self {
         let top = tempfile::tempdir().unwrap();
         std::fs::create_dir(top.path().join("served")).unwrap();
         std::fs::create_dir_all(top.path().join("outside/dir")).unwrap();
@@ -54,7 +59,7 @@ impl Mount {
         let (requests, mut relay_in) = tokio::io::duplex(1 << 20);
         let (mut relay_out, laptop_in) = tokio::io::duplex(1 << 20);
         let (laptop_out, replies) = tokio::io::duplex(1 << 20);
-        let (client, driver) = Client::start(Wire::new(replies, requests), BOUND);
+        let (client, driver) = Client::start(Wire::new(replies, requests), deadline);
         let driver = tokio::spawn(driver);
         let relay = tokio::spawn(async move {
             let _ = tokio::io::copy(&mut relay_in, &mut relay_out).await;
@@ -1130,6 +1135,39 @@ async fn fifos_nobody_writes() {
         head: 0,
     };
     assert_eq!(m.errno(wr).await, libc::ENXIO);
+    m.close().await.unwrap();
+}
+
+/// The daemon gives up on a FIFO's read at its deadline, and may ask again: with every
+/// waiter's place taken, a further FIFO read is told EAGAIN at once, and the requests behind
+/// it are served (the reader used to wait for a place, holding every request back).
+#[test]
+fn past_the_fifo_waiters_a_fifo_read_is_told_to_try_again() {
+    run_bounded(past_the_fifo_waiters());
+}
+
+async fn past_the_fifo_waiters() {
+    let m = Mount::with_deadline(Duration::from_millis(500));
+    nix::unistd::mkfifo(&m.root().join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    std::fs::write(m.root().join("f"), "fast").unwrap();
+    let fh = m.open("fifo", libc::O_RDONLY).await;
+    let read = move || Op::Read {
+        fh,
+        offset: 0,
+        size: 1,
+    };
+    // Every waiter's place taken; the daemon's end gives each up at its deadline.
+    let mut given_up = Vec::new();
+    for _ in 0..WAITERS {
+        let c = m.client.clone();
+        given_up.push(tokio::spawn(async move { c.call(read()).await }));
+    }
+    for r in given_up {
+        assert!(r.await.unwrap().is_err());
+    }
+    // Their waits go on at the laptop's end; one more is refused, not queued.
+    assert_eq!(m.errno(read()).await, libc::EAGAIN);
+    assert_eq!(m.attr("f").await.unwrap().size, 4);
     m.close().await.unwrap();
 }
 

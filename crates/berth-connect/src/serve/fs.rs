@@ -682,16 +682,21 @@ impl Fs {
         Ok(done)
     }
 
-    /// Waits until `fd` is ready for `events`, or serving ends (`EINTR`).
+    /// Waits until `fd` is ready for `events`, or serving ends (`EINTR`), or for as long as
+    /// the daemon waits for an answer ([`FIFO_WAIT`]; `EAGAIN` then: it has given up).
     fn wait(&self, fd: BorrowedFd<'_>, events: PollFlags) -> Result<(), Errno> {
+        let end = std::time::Instant::now() + FIFO_WAIT;
         loop {
             let mut fds = [
                 PollFd::new(fd, events),
                 PollFd::new(self.cancel.as_fd(), PollFlags::POLLIN),
             ];
-            match nix::poll::poll(&mut fds, PollTimeout::NONE) {
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            let timeout = PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX);
+            match nix::poll::poll(&mut fds, timeout) {
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(e),
+                Ok(0) => return Err(Errno::EAGAIN),
                 Ok(_) => {}
             }
             let [ready, cancelled] = fds.map(|f| f.any().unwrap_or(false));
@@ -704,6 +709,10 @@ impl Fs {
         }
     }
 }
+
+/// The longest a read or write of a FIFO waits for the other side: the daemon's deadline for
+/// an answer, after which nobody waits for this one.
+const FIFO_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Handle {
     fn fd(&self) -> BorrowedFd<'_> {
