@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -129,8 +129,10 @@ impl Sftp {
         }
     }
 
+    /// `p` from the working directory, as the kernel will resolve it (`link/..` is where
+    /// the link's target's parent is, as for OpenSSH's server: not taken apart as text).
     fn path(&self, p: &str) -> PathBuf {
-        normalize(&self.cwd.join(if p.is_empty() { "." } else { p }))
+        self.cwd.join(if p.is_empty() { "." } else { p })
     }
 
     fn insert(&mut self, open: Open) -> String {
@@ -676,23 +678,33 @@ impl Handler for Sftp {
         pflags: OpenFlags,
         a: FileAttributes,
     ) -> Result<Handle, Self::Error> {
+        use nix::fcntl::OFlag;
         let path = self.path(&filename);
         let append = pflags.contains(OpenFlags::APPEND);
-        let mut o = std::fs::OpenOptions::new();
-        o.read(pflags.contains(OpenFlags::READ))
-            .write(pflags.contains(OpenFlags::WRITE) || append)
-            .append(append)
-            .truncate(pflags.contains(OpenFlags::TRUNCATE))
-            // As open(2) with the client's mode or 0666; the umask applies, as for OpenSSH.
-            .mode(a.permissions.map_or(0o666, |m| m & 0o7777));
-        if pflags.contains(OpenFlags::CREATE) {
-            if pflags.contains(OpenFlags::EXCLUDE) {
-                o.create_new(true);
-            } else {
-                o.create(true);
+        // The flags as OpenSSH's server maps them, straight to open(2): any mix the kernel
+        // takes is taken (std's OpenOptions refuses some, such as append with truncate).
+        let mut flags = match (
+            pflags.contains(OpenFlags::READ),
+            pflags.contains(OpenFlags::WRITE),
+        ) {
+            (true, true) => OFlag::O_RDWR,
+            (false, true) => OFlag::O_WRONLY,
+            _ => OFlag::O_RDONLY,
+        } | OFlag::O_CLOEXEC;
+        for (theirs, ours) in [
+            (OpenFlags::APPEND, OFlag::O_APPEND),
+            (OpenFlags::CREATE, OFlag::O_CREAT),
+            (OpenFlags::TRUNCATE, OFlag::O_TRUNC),
+            (OpenFlags::EXCLUDE, OFlag::O_EXCL),
+        ] {
+            if pflags.contains(theirs) {
+                flags |= ours;
             }
         }
-        let file = o.open(&path).map_err(|e| io(&e))?;
+        // The client's mode or 0666; the umask applies, as for OpenSSH.
+        let mode =
+            nix::sys::stat::Mode::from_bits_truncate(a.permissions.map_or(0o666, |m| m & 0o7777));
+        let file = std::fs::File::from(nix::fcntl::open(&path, flags, mode).map_err(nix_io)?);
         Ok(Handle {
             id,
             handle: self.insert(Open::File { file, path, append }),
@@ -888,7 +900,11 @@ impl Handler for Sftp {
 
     async fn realpath(&mut self, id: u32, path: String) -> Result<Name, Self::Error> {
         let p = self.path(&path);
-        let real = tokio::fs::canonicalize(&p).await.unwrap_or(p);
+        let real = match tokio::fs::canonicalize(&p).await {
+            Ok(real) => real,
+            // Not there (yet): as a name, taken apart as text.
+            Err(_) => normalize(&p),
+        };
         Ok(Name {
             id,
             files: vec![File::dummy(real.to_string_lossy())],
@@ -1209,6 +1225,58 @@ mod tests {
         apply(&file, &both).await.unwrap();
         assert_eq!(std::fs::read(&file).unwrap(), b"0123");
         assert_eq!(std::fs::metadata(&file).unwrap().mtime(), 2_000_000);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Open flags go to open(2) as OpenSSH's server gives them, and paths are the kernel's
+    /// to resolve (`..` after a symlink is the target's parent).
+    #[tokio::test]
+    async fn opens_take_what_open_takes_and_paths_are_resolved_by_the_kernel() {
+        use russh_sftp::server::Handler;
+        let dir = std::env::temp_dir().join(format!("berth-sftp-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        std::fs::create_dir_all(dir.join("home")).unwrap();
+        std::fs::write(dir.join("a/f"), b"in a").unwrap();
+        std::fs::write(dir.join("home/f"), b"in home").unwrap();
+        std::os::unix::fs::symlink(dir.join("a/b"), dir.join("home/link")).unwrap();
+        let mut s = Sftp::new();
+        s.cwd = dir.join("home");
+        let none = FileAttributes::empty();
+        // Append with truncate, and create without write: both taken by open(2).
+        std::fs::write(dir.join("home/g"), b"old").unwrap();
+        let h = s
+            .open(
+                1,
+                "g".into(),
+                OpenFlags::WRITE | OpenFlags::APPEND | OpenFlags::TRUNCATE,
+                none.clone(),
+            )
+            .await
+            .unwrap();
+        s.close(2, h.handle).await.unwrap();
+        assert_eq!(std::fs::read(dir.join("home/g")).unwrap(), b"");
+        let h = s
+            .open(
+                3,
+                "new".into(),
+                OpenFlags::READ | OpenFlags::CREATE,
+                none.clone(),
+            )
+            .await
+            .unwrap();
+        s.close(4, h.handle).await.unwrap();
+        assert!(dir.join("home/new").exists());
+        // `link/../f` is a/f, as the kernel (and OpenSSH's server) has it; not home/f.
+        let h = s
+            .open(5, "link/../f".into(), OpenFlags::READ, none)
+            .await
+            .unwrap();
+        let data = s.read(6, h.handle.clone(), 0, 100).await.unwrap();
+        assert_eq!(data.data, b"in a");
+        s.close(7, h.handle).await.unwrap();
+        let real = s.realpath(8, "link/../f".into()).await.unwrap();
+        assert_eq!(real.files[0].filename, dir.join("a/f").to_string_lossy());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
