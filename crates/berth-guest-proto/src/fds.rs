@@ -215,44 +215,61 @@ pub fn dispose(fds: Vec<OwnedFd>) {
 /// peer's send, or a connect to a listener, then fails); then it is emptied message by
 /// message, depth first, each socket closed once empty. What is open at once stays small:
 /// the kernel nests unix sockets in flight at most a few deep (`MAX_RECURSION_LEVEL`), each
-/// message holding at most 253 descriptors.
+/// message holding at most 253 descriptors. Past [`MAX_ROUNDS`] steps, what is left is
+/// emptied on a thread of its own, not this one.
 pub fn drain(fd: OwnedFd) {
+    drain_within(fd, MAX_ROUNDS);
+}
+
+fn drain_within(fd: OwnedFd, rounds: usize) {
     let mut open: Vec<Opened> = Vec::new();
     open.extend(opened(fd));
+    if let Some(rest) = empty_out(open, rounds) {
+        // If the thread cannot start, the closure is dropped with what it holds: closed
+        // here as it is (the one case left).
+        let _ = std::thread::Builder::new()
+            .name("berth-closer-long".into())
+            .spawn(move || {
+                let _ = empty_out(rest, usize::MAX);
+            });
+    }
+}
+
+/// Empties the sockets of `open` (innermost last) and closes each once empty, for at most
+/// `rounds` steps (each message or connection taken is one); what is left, if any.
+fn empty_out(mut open: Vec<Opened>, rounds: usize) -> Option<Vec<Opened>> {
     let mut buf = [0u8; 4096];
-    let mut rounds = 0usize;
+    let mut taken = 0usize;
     while let Some(top) = open.last_mut() {
-        rounds += 1;
-        let out = if rounds > MAX_ROUNDS {
-            // Beyond anything the kernel lets be queued: closed as it is.
-            None
-        } else {
-            match top.kind {
-                Kind::Other => None,
-                Kind::Listener => accept_now(top.fd.as_fd()).map(|c| vec![c]),
-                Kind::Stream | Kind::Datagrams | Kind::Packets { .. } => {
-                    match crate::recv_with_fds(top.fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
-                        Ok(got) if got.bytes == 0 && got.fds.is_empty() => match &mut top.kind {
-                            // A stream's end: a stream has no empty messages.
-                            Kind::Stream => None,
-                            // An empty packet, or the end of a packet socket (shut, and
-                            // empty: read as an empty packet too); more than can be queued
-                            // in a row is the end.
-                            Kind::Packets { empty } => {
-                                *empty += 1;
-                                (*empty <= MAX_EMPTY_PACKETS).then(Vec::new)
-                            }
-                            // An empty datagram (the end reads as EAGAIN).
-                            _ => Some(Vec::new()),
-                        },
-                        Ok(got) => {
-                            if let Kind::Packets { empty } = &mut top.kind {
-                                *empty = 0;
-                            }
-                            Some(got.fds)
-                        }
-                        // Empty (EAGAIN), or nothing more can be read.
-                        Err(_) => None,
+        if taken >= rounds {
+            return Some(open);
+        }
+        taken += 1;
+        let out = match top.kind {
+            Kind::Other => None,
+            Kind::Listener => accept_now(top.fd.as_fd()).map(|c| vec![c]),
+            Kind::Stream | Kind::Datagrams | Kind::Packets => {
+                match crate::recv_with_fds(top.fd.as_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                    Ok(got) if got.bytes == 0 && got.fds.is_empty() => match top.kind {
+                        // A stream's end: a stream has no empty messages.
+                        Kind::Stream => None,
+                        // An empty packet comes with credentials (`SO_PASSCRED` is on);
+                        // the end of a packet socket, which reads the same, with none.
+                        Kind::Packets => got.credentials.then(Vec::new),
+                        // An empty datagram (the end reads as EAGAIN).
+                        _ => Some(Vec::new()),
+                    },
+                    Ok(got) => {
+                        top.errors = 0;
+                        Some(got.fds)
+                    }
+                    // Empty.
+                    Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => None,
+                    // A pending error, reported once and cleared (a peer that closed with
+                    // bytes unread sets one): read again; many in a row is the end.
+                    Err(_) => {
+                        top.errors += 1;
+                        (top.errors <= MAX_ERRORS).then(Vec::new)
                     }
                 }
             }
@@ -267,17 +284,16 @@ pub fn drain(fd: OwnedFd) {
             None => drop(open.pop()),
         }
     }
+    None
 }
 
-/// Steps of one [`drain`] at most: every message and pending connection it takes is one.
-/// Far past what can be queued (in flight, a user's descriptors are capped at her
-/// `RLIMIT_NOFILE`, and each message carries at least one); a last bound, never reached.
-const MAX_ROUNDS: usize = 1 << 24;
+/// Steps a drain takes on the closer thread: about a second's work. Past them, a thread of
+/// its own goes on (a container can queue more than that: many sockets, each holding as
+/// many messages as its peer's buffer takes).
+const MAX_ROUNDS: usize = 1 << 20;
 
-/// Empty packets in a row after which a shut packet socket is taken to be empty: its end
-/// reads as one more. More than its peer could have queued (each takes some 700 bytes of
-/// the sender's buffer, at most `net.core.wmem_max`, 208 KiB by default).
-const MAX_EMPTY_PACKETS: usize = 1024;
+/// Errors in a row after which a socket is taken to be empty.
+const MAX_ERRORS: usize = 16;
 
 /// What a descriptor is, for [`drain`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,13 +306,15 @@ enum Kind {
     Stream,
     /// A unix datagram socket: read until nothing is left (empty datagrams included).
     Datagrams,
-    /// A unix sequenced-packet socket, and the empty packets read in a row.
-    Packets { empty: usize },
+    /// A unix sequenced-packet socket.
+    Packets,
 }
 
 struct Opened {
     fd: OwnedFd,
     kind: Kind,
+    /// Reads that failed in a row.
+    errors: usize,
 }
 
 /// `fd` made ready for [`drain`]: parked instead when it is a file of a file system this
@@ -308,19 +326,25 @@ fn opened(fd: OwnedFd) -> Option<Opened> {
         Some(st) => park(fd, (st.stx_dev_major << 20) | st.stx_dev_minor)?,
         None => fd,
     };
-    if !st.is_some_and(|st| is_socket_mode(st.stx_mode)) {
-        return Some(Opened {
+    let other = |fd| {
+        Some(Opened {
             fd,
             kind: Kind::Other,
-        });
+            errors: 0,
+        })
+    };
+    if !st.is_some_and(|st| is_socket_mode(st.stx_mode)) {
+        return other(fd);
     }
     defuse(fd.as_fd());
     if sockopt_int(fd.as_fd(), libc::SO_DOMAIN) != Some(libc::AF_UNIX) {
-        return Some(Opened {
-            fd,
-            kind: Kind::Other,
-        });
+        return other(fd);
     }
+    // Credentials with every message read (an empty packet is then told from the end), and
+    // nothing else before the descriptors (the sender may have set these on the socket).
+    set_sockopt_int(fd.as_fd(), libc::SO_PASSCRED, 1);
+    set_sockopt_int(fd.as_fd(), libc::SO_PASSSEC, 0);
+    set_sockopt_int(fd.as_fd(), libc::SO_PASSPIDFD, 0);
     // SAFETY: shutdown takes a descriptor and a constant; it changes no memory of ours.
     #[allow(unsafe_code)]
     unsafe {
@@ -331,11 +355,29 @@ fn opened(fd: OwnedFd) -> Option<Opened> {
     } else {
         match sockopt_int(fd.as_fd(), libc::SO_TYPE) {
             Some(libc::SOCK_STREAM) => Kind::Stream,
-            Some(libc::SOCK_SEQPACKET) => Kind::Packets { empty: 0 },
+            Some(libc::SOCK_SEQPACKET) => Kind::Packets,
             _ => Kind::Datagrams,
         }
     };
-    Some(Opened { fd, kind })
+    Some(Opened {
+        fd,
+        kind,
+        errors: 0,
+    })
+}
+
+fn set_sockopt_int(fd: BorrowedFd<'_>, opt: libc::c_int, value: libc::c_int) {
+    // SAFETY: setsockopt reads one c_int from the pointer, valid for the call.
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            std::ptr::from_ref(&value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 /// Makes closing socket `fd` quick: reset, no lingering.
@@ -768,8 +810,10 @@ mod tests {
         for _ in 0..280 {
             send_many(theirs.as_fd(), &many);
         }
-        crate::send_with_fds(theirs.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
-        drop((tcp, theirs, null));
+        // Inside a unix socket of its own: one the old closer would have closed unseen.
+        let inner = nest(tcp, 1);
+        crate::send_with_fds(theirs.as_fd(), b"n", &[inner.as_raw_fd()], 0).unwrap();
+        drop((inner, theirs, null));
         assert!(
             drained_within(OwnedFd::from(ours), Duration::from_secs(30)),
             "the closer was held by a lingering socket behind many descriptors"
@@ -777,6 +821,63 @@ mod tests {
         assert!(
             ends_within(&mut peer, Duration::from_secs(10)),
             "the lingering socket was not reset"
+        );
+    }
+
+    /// A seqpacket socket whose peer closed with bytes unread has an error pending, which
+    /// the first read reports (and clears) before the queue: not the end of it.
+    #[test]
+    fn a_pending_error_does_not_hide_what_is_queued() {
+        let (tcp, mut peer) = lingering_tcp();
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array, which then are ours.
+        #[allow(unsafe_code)]
+        let (a, b) = unsafe {
+            assert_eq!(
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()),
+                0
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        };
+        // Bytes b never reads; then the lingering socket queued for a.
+        crate::send_with_fds(a.as_fd(), b"unread", &[], 0).unwrap();
+        crate::send_with_fds(b.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();
+        drop((tcp, b));
+        assert_eq!(
+            sockopt_int(a.as_fd(), libc::SO_ERROR),
+            Some(libc::ECONNRESET)
+        );
+        assert!(
+            drained_within(a, Duration::from_secs(10)),
+            "the closer was held by a lingering socket behind a pending error"
+        );
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the lingering socket was not reset"
+        );
+    }
+
+    /// Past its share of steps, the closer leaves the rest to a thread of its own: it
+    /// returns, and the rest is still taken apart.
+    #[test]
+    fn past_its_steps_the_closer_hands_the_rest_on() {
+        let (tcp, mut peer) = lingering_tcp();
+        let (theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
+        for _ in 0..50 {
+            crate::send_with_fds(theirs.as_fd(), b"n", &[], 0).unwrap();
+        }
+        let inner = nest(tcp, 2);
+        crate::send_with_fds(theirs.as_fd(), b"n", &[inner.as_raw_fd()], 0).unwrap();
+        drop((inner, theirs));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drain_within(OwnedFd::from(ours), 10);
+            let _ = tx.send(());
+        });
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert!(
+            ends_within(&mut peer, Duration::from_secs(10)),
+            "the rest was not taken apart"
         );
     }
 

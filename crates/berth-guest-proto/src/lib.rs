@@ -293,6 +293,9 @@ pub struct Received {
     pub fds: Vec<std::os::fd::OwnedFd>,
     /// More descriptors came than a message can carry (the kernel closed the rest).
     pub truncated: bool,
+    /// Credentials came with it (`SCM_CREDENTIALS`, on a socket with `SO_PASSCRED`): a
+    /// message was read, even an empty one (the end of a packet socket brings none).
+    pub credentials: bool,
 }
 
 /// Receives into `buf` and takes ownership of every descriptor that came with the bytes,
@@ -303,10 +306,12 @@ pub fn recv_with_fds(
     flags: i32,
 ) -> std::io::Result<Received> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    // Room for SCM_MAX_FD (253) descriptors: a list the kernel truncates is closed by the
-    // kernel on this thread, and the close of a hostile descriptor (a lingering socket) can
-    // block; every descriptor that arrives is handed to the caller instead.
-    let mut space = [0u64; 132];
+    // Room for SCM_MAX_FD (253) descriptors and whatever else the socket's options bring
+    // before them (credentials, a pidfd, a security label: the sender may have set them on
+    // a socket it then sent): a list the kernel truncates is closed by the kernel on this
+    // thread, and the close of a hostile descriptor (a lingering socket) can block; every
+    // descriptor that arrives is handed to the caller instead.
+    let mut space = [0u64; 512];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -323,6 +328,7 @@ pub fn recv_with_fds(
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC | flags) };
     let bytes = usize::try_from(n).map_err(|_| std::io::Error::last_os_error())?;
     let mut fds = Vec::new();
+    let mut credentials = false;
     // SAFETY: the kernel filled the control buffer; CMSG_FIRSTHDR/NXTHDR walk it within
     // msg_controllen, and each SCM_RIGHTS payload holds cmsg_len - CMSG_LEN(0) bytes of
     // descriptors the kernel installed for us (also when it truncated the list).
@@ -330,6 +336,8 @@ pub fn recv_with_fds(
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
+            credentials |=
+                (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_CREDENTIALS;
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let len = ((*c).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 let data = libc::CMSG_DATA(c).cast::<i32>();
@@ -344,6 +352,7 @@ pub fn recv_with_fds(
         bytes,
         fds,
         truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+        credentials,
     })
 }
 
