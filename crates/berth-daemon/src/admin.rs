@@ -253,11 +253,11 @@ fn body<T>(b: std::result::Result<Json<T>, JsonRejection>) -> Result<T> {
 /// Keys arriving from a client are parsed again here: the fingerprint the store keeps is
 /// always computed by the daemon.
 /// The longest key comment kept, in characters.
-const MAX_KEY_COMMENT: usize = 256;
+pub(crate) const MAX_KEY_COMMENT: usize = 256;
 
 /// `text` without control characters (a terminal's escape sequences start with one), at
 /// most `max` characters.
-fn printable(text: &str, max: usize) -> String {
+pub(crate) fn printable(text: &str, max: usize) -> String {
     text.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
@@ -916,7 +916,14 @@ async fn saved_image<R: Runtime>(
     let Some(maker) = labels.get(LABEL_USER).and_then(|u| UserName::parse(u).ok()) else {
         return Ok(false);
     };
-    Ok(maker != *user && st.store.user(&maker).await.is_ok())
+    if maker == *user {
+        return Ok(false);
+    }
+    match st.store.user(&maker).await {
+        Ok(_) => Ok(true),
+        Err(berth_store::StoreError::UserNotFound(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn list_keys<R: Runtime>(

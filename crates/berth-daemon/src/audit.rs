@@ -1,6 +1,7 @@
 //! The audit log: one JSON object per line for every login, session, container change and
 //! admin change, appended to `STATE/audit.log` (size-bounded: past the bound the file becomes
-//! `audit.log.1`, replacing the previous one) and sent to the `audit` log target.
+//! `audit.log.1`, the older ones move up to `audit.log.4` and the oldest goes) and sent to the
+//! `audit` log target.
 //!
 //! ```json
 //! {"ts":"2026-11-28T21:40:00.123Z","event":"login_accepted","user":"alice","key":"SHA256:…","peer":"10.0.0.7:50122"}

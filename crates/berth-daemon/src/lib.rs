@@ -452,12 +452,15 @@ fn check_secure_dir(dir: &Path, owner: u32) -> Result<(), String> {
             top.uid()
         ));
     }
-    for above in real.ancestors().skip(1) {
+    // Above what it resolves to, and every step of the path as given: a symlink on the way
+    // is followed at every open, so it must be as safe from others as a directory is.
+    let given = std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for above in real.ancestors().skip(1).chain(given.ancestors()) {
         let m = meta(above)?;
-        let shared = m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
+        let shared = m.is_dir() && m.mode() & 0o022 != 0 && m.mode() & 0o1000 == 0;
         if (m.uid() != 0 && m.uid() != owner) || shared {
             return Err(format!(
-                "{} (above state directory {}) can be changed by others: owner uid {}, mode {:o}",
+                "{} (on the way to state directory {}) can be changed by others: owner uid {}, mode {:o}",
                 above.display(),
                 real.display(),
                 m.uid(),
@@ -624,5 +627,11 @@ mod tests {
         std::fs::create_dir(theirs.join("state")).unwrap();
         let err = check_secure_dir(&theirs.join("state"), me).unwrap_err();
         assert!(err.contains("theirs") && err.contains("65534"), "{err}");
+        // A symlink of someone else's to a good one: they could point it elsewhere later.
+        let link = top.path().join("their-link");
+        std::os::unix::fs::symlink(&ok, &link).unwrap();
+        std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).unwrap();
+        let err = check_secure_dir(&link, me).unwrap_err();
+        assert!(err.contains("their-link") && err.contains("65534"), "{err}");
     }
 }

@@ -594,11 +594,15 @@ pub fn check(m: &Manifest, server: &crate::user_settings::Server) -> Result<Chec
         .iter()
         .map(|line| {
             let mut k = AuthorizedKey::parse_line(line).map_err(|e| bad(format!("key: {e}")))?;
-            k.comment = line
-                .split_whitespace()
-                .skip(2)
-                .collect::<Vec<_>>()
-                .join(" ");
+            // As `user add` keeps it: no control characters, a line's worth.
+            k.comment = crate::admin::printable(
+                &line
+                    .split_whitespace()
+                    .skip(2)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                crate::admin::MAX_KEY_COMMENT,
+            );
             Ok(k)
         })
         .collect::<Result<Vec<_>, MoveError>>()?;
@@ -1119,6 +1123,18 @@ mod tests {
         let mut m = manifest();
         m.gpus = Some("$(x)".into());
         assert!(check(&m, &s).is_err());
+        // A key's comment is kept as `user add` keeps it: no escape sequences, bounded.
+        let mut m = manifest();
+        let key = m.keys[0].rsplit_once(' ').unwrap().0.to_owned();
+        m.keys = vec![format!(
+            "{key} laptop\u{1b}]52;c;aGk=\u{7} {}",
+            "x".repeat(5000)
+        )];
+        let c = check(&m, &s).unwrap();
+        let comment = &c.keys[0].comment;
+        assert!(comment.starts_with("laptop]52;c;aGk="), "{comment:?}");
+        assert!(!comment.chars().any(char::is_control), "{comment:?}");
+        assert_eq!(comment.chars().count(), crate::admin::MAX_KEY_COMMENT);
     }
 
     #[test]

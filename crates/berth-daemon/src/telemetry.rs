@@ -149,7 +149,8 @@ pub async fn serve<R: Runtime>(
 pub(crate) struct HttpBounds {
     /// Connections served at once; the next wait in the kernel's backlog until one ends.
     pub connections: usize,
-    /// From a request's first byte to its header's end.
+    /// From when a request is awaited (the connection's start, or the answer before) to its
+    /// header's end: a keep-alive connection idle that long is closed.
     pub header_read: std::time::Duration,
     /// A connection's whole life, however busy (keep-alive included).
     pub lifetime: std::time::Duration,
