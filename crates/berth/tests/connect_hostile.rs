@@ -573,3 +573,73 @@ fn lines_of(out: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String>
     });
     rx
 }
+
+/// Hold the laptop's answers from now on (for [`a_mount_put_where_a_forwarded_socket_was_is_never_asked`]).
+static HOLDING: AtomicBool = AtomicBool::new(false);
+
+/// She puts a mount of hers where her `-R` socket was (`rm` it, `mkdir`, `berth connect`
+/// there) and lets its laptop go silent. When the forward ends, the daemon looks before it
+/// removes the socket; that look asks the mount nothing (it used to ask it for the root's
+/// attributes, on a runtime worker: waiting on her laptop, and with two such drops no
+/// session of anyone's moved).
+#[test]
+fn a_mount_put_where_a_forwarded_socket_was_is_never_asked() {
+    let d = start();
+    let key = d.add_user("alice", BUSYBOX);
+    let kb = d.add_user("bob", BUSYBOX);
+    d.ssh_ok("bob", &kb, "true");
+    let (_top, dir) = laptop_dir("sock");
+    let sock = dir.display().to_string();
+    let parent = dir.parent().unwrap().display().to_string();
+    d.ssh_ok("alice", &key, &format!("mkdir -p '{parent}'"));
+    let mut forward = KillOnDrop(
+        std::process::Command::new("ssh")
+            .args(d.ssh_args(&key))
+            .args(["-N", "-R", &format!("{sock}:127.0.0.1:9")])
+            .arg("alice@127.0.0.1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .ssh_run("alice", &key, &format!("test -S '{sock}'"), b"")
+            .status
+            .success()),
+        "the forwarded socket never came"
+    );
+    d.ssh_ok("alice", &key, &format!("rm '{sock}' && mkdir '{sock}'"));
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let rt = runtime();
+    let _laptop = rt.block_on(laptop_holding(&d, "alice", &key, &dir, &held, |op| {
+        HOLDING.load(Ordering::SeqCst) && matches!(op, Op::Getattr { .. } | Op::Lookup { .. })
+    }));
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .ssh_run(
+                "alice",
+                &key,
+                &format!("grep -q ' {sock} fuse' /proc/mounts"),
+                b""
+            )
+            .status
+            .success()),
+        "the mount never came"
+    );
+    // Past the time attributes are kept (20 s), the mount's root's would be asked again.
+    std::thread::sleep(Duration::from_secs(22));
+    HOLDING.store(true, Ordering::SeqCst);
+    let _ = forward.0.kill();
+    let _ = forward.0.wait();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        held.lock().unwrap().len(),
+        0,
+        "the socket's removal asked her laptop"
+    );
+    let t = Instant::now();
+    d.ssh_ok("bob", &kb, "true");
+    eprintln!("bob logged in in {:?}", t.elapsed());
+}
