@@ -728,6 +728,20 @@ mod tests {
         }
     }
 
+    /// A connected pair of unix sequenced-packet sockets.
+    fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: socketpair writes two descriptors into the array, which then are ours.
+        #[allow(unsafe_code)]
+        unsafe {
+            assert_eq!(
+                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()),
+                0
+            );
+            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+        }
+    }
+
     /// Runs `drain(fd)` on a thread of its own; whether it returned within `limit`.
     fn drained_within(fd: OwnedFd, limit: Duration) -> bool {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -758,18 +772,7 @@ mod tests {
     #[test]
     fn empty_packets_do_not_hide_what_follows_them() {
         let (tcp, mut peer) = lingering_tcp();
-        let (theirs, ours) = std::os::unix::net::UnixStream::pair().unwrap();
-        drop((theirs, ours));
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two descriptors into the array, which then are ours.
-        #[allow(unsafe_code)]
-        let (theirs, ours) = unsafe {
-            assert_eq!(
-                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()),
-                0
-            );
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
-        };
+        let (theirs, ours) = seqpacket_pair();
         for _ in 0..100 {
             crate::send_with_fds(theirs.as_fd(), b"", &[], 0).unwrap();
         }
@@ -829,16 +832,7 @@ mod tests {
     #[test]
     fn a_pending_error_does_not_hide_what_is_queued() {
         let (tcp, mut peer) = lingering_tcp();
-        let mut fds = [0; 2];
-        // SAFETY: socketpair writes two descriptors into the array, which then are ours.
-        #[allow(unsafe_code)]
-        let (a, b) = unsafe {
-            assert_eq!(
-                libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()),
-                0
-            );
-            (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
-        };
+        let (a, b) = seqpacket_pair();
         // Bytes b never reads; then the lingering socket queued for a.
         crate::send_with_fds(a.as_fd(), b"unread", &[], 0).unwrap();
         crate::send_with_fds(b.as_fd(), b"n", &[tcp.as_raw_fd()], 0).unwrap();

@@ -770,22 +770,26 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Puts the calling thread in a mount namespace of its own whose mounts propagate
+    /// nowhere (run as root).
+    fn private_mount_namespace() {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS)
+            .unwrap();
+        rustix::mount::mount_change(
+            "/",
+            rustix::mount::MountPropagationFlags::PRIVATE
+                | rustix::mount::MountPropagationFlags::REC,
+        )
+        .unwrap();
+    }
+
     /// `Made::remove`, on directories made as `attach` makes them, in a mount namespace of
     /// the test's own thread (run as root).
     fn made_and_removed(after_making: impl FnOnce(&Path) + Send + 'static) -> String {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path().to_owned();
         std::thread::spawn(move || {
-            nix::sched::unshare(
-                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
-            )
-            .unwrap();
-            rustix::mount::mount_change(
-                "/",
-                rustix::mount::MountPropagationFlags::PRIVATE
-                    | rustix::mount::MountPropagationFlags::REC,
-            )
-            .unwrap();
+            private_mount_namespace();
             std::fs::create_dir_all(t.join("s/x/a")).unwrap();
             let base =
                 rustix::fs::open(&t, OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
@@ -843,16 +847,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = dir.path().to_owned();
         let found = std::thread::spawn(move || {
-            nix::sched::unshare(
-                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
-            )
-            .unwrap();
-            rustix::mount::mount_change(
-                "/",
-                rustix::mount::MountPropagationFlags::PRIVATE
-                    | rustix::mount::MountPropagationFlags::REC,
-            )
-            .unwrap();
+            private_mount_namespace();
             let root = File::open(&t).unwrap();
             let proc = host_proc().unwrap();
             let names = [c"home", c"x"].map(CString::from).to_vec();
