@@ -86,6 +86,7 @@ impl LifecycleError {
             Self::Runtime(RuntimeError::ImageNotFound(_)) => {
                 "your container's image is missing on this server; ask the administrator".into()
             }
+            Self::Runtime(RuntimeError::Refused(why)) => why.clone(),
             Self::ShuttingDown => "the server is shutting down; try again later".into(),
             Self::NoContainer(_) | Self::NoFreePort | Self::BadSetting(_) => self.to_string(),
             Self::NoGpuRuntime => "your account is set to use GPUs, but this server has no NVIDIA \
@@ -794,6 +795,10 @@ impl<R: Runtime> OwnerTask<R> {
                 }
                 let _ = reply.send(r);
             }
+            // Asked for by a session that has ended since (she opens a channel, asks for a
+            // commit, closes it, and again): not made. Each would copy her whole container,
+            // one after the other, long after she stopped asking.
+            Request::Commit { reply } if reply.is_closed() => {}
             Request::Commit { reply } => self.start_commit(reply).await,
             Request::SetDaemonMode { on, reply } => {
                 let r = self.set_daemon_mode(on).await;
@@ -1307,6 +1312,8 @@ impl<R: Runtime> OwnerTask<R> {
             self.set_limits_and_folders(&change).await?;
         }
         if change.image.is_some() || change.drop_commit {
+            // A commit still running would set her committed image again when it ends.
+            self.finish_commit().await;
             self.set_image(change.image.as_ref(), change.drop_commit)
                 .await?;
         }
@@ -1685,6 +1692,21 @@ mod tests {
         assert!(fake <= 1024, "an owner's task holds {fake} bytes");
         let request = std::mem::size_of::<Request>();
         assert!(request <= 32, "a request is {request} bytes");
+    }
+
+    /// A commit asked for by a session that is gone by the time its turn comes is not made
+    /// (she could queue them by the thousand, each a copy of her whole container).
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_nobody_waits_for_any_more_is_not_made() {
+        let (lc, rt, _) = setup(1000, FakeRuntime::with_images(&["img"]), &["alice"]);
+        let lease = lc.acquire(&alice()).await.unwrap();
+        for _ in 0..50 {
+            // Asked (queued at the first poll), then given up at once.
+            let _ = tokio::time::timeout(Duration::ZERO, lc.commit(&alice())).await;
+        }
+        lc.commit(&alice()).await.unwrap();
+        assert_eq!(FakeRuntime::count(&rt.commits), 1);
+        drop(lease);
     }
 
     #[tokio::test(start_paused = true)]

@@ -181,6 +181,65 @@ pub struct DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Refuses a commit whose copy would not fit: what the engine copies is every file's full
+    /// length (a sparse file of hers, `truncate -s 20T`, takes no room in her layer but all
+    /// of it in the image's), more than her disk quota allows her layer, or more than the
+    /// engine's data root has free (less a reserve: a twentieth of it, at least 1 GiB). The
+    /// image's layer is under no quota: the disk every user's containers are on would fill.
+    async fn room_for_commit(
+        &self,
+        c: &bollard::models::ContainerInspectResponse,
+        flatten: bool,
+    ) -> Result<(), RuntimeError> {
+        const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+        let bytes = |v: Option<i64>| v.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+        let copied = if flatten {
+            bytes(c.size_root_fs)
+        } else {
+            bytes(c.size_rw)
+        };
+        #[allow(clippy::cast_precision_loss, reason = "shown in GiB")]
+        let gib = |b: u64| format!("{:.1} GiB", b as f64 / GIB);
+        let quota = c
+            .host_config
+            .as_ref()
+            .and_then(|h| h.storage_opt.as_ref())
+            .and_then(|o| o.get("size"))
+            .and_then(|s| s.parse::<u64>().ok());
+        if let Some(quota) = quota
+            && bytes(c.size_rw) > quota
+        {
+            return Err(RuntimeError::Refused(format!(
+                "your container's changes come to {} counted in full (a sparse file counts \
+                 whole, as a commit copies it), more than your disk limit of {}; nothing was \
+                 saved",
+                gib(bytes(c.size_rw)),
+                gib(quota)
+            )));
+        }
+        let info = self.docker.info().await.map_err(map_err)?;
+        let root = info
+            .docker_root_dir
+            .unwrap_or_else(|| "/var/lib/docker".into());
+        if let Ok(st) = rustix::fs::statvfs(root.as_str()) {
+            let total = st.f_blocks.saturating_mul(st.f_frsize);
+            let free = st.f_bavail.saturating_mul(st.f_frsize);
+            let reserve = (total / 20).max(1 << 30);
+            if copied > free.saturating_sub(reserve) {
+                return Err(RuntimeError::Refused(format!(
+                    "your container's changes come to {} counted in full (a sparse file counts \
+                     whole, as a commit copies it), more than the server's disk has room for \
+                     ({} free); nothing was saved",
+                    gib(copied),
+                    gib(free)
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl DockerRuntime {
     /// Connects to the engine on `socket` and negotiates the API version down to what the
     /// engine speaks. Refuses engines below API 1.41 (Docker 20.10).
     pub async fn connect(socket: PathBuf) -> Result<Self, RuntimeError> {
@@ -1251,9 +1310,15 @@ impl Runtime for DockerRuntime {
         repo: &str,
         tag: &str,
     ) -> Result<CommitInfo, RuntimeError> {
+        // With sizes: what the commit will copy, counted as the engine will copy it.
+        let sized = bollard::query_parameters::InspectContainerOptionsBuilder::default()
+            .size(true)
+            .build();
         let c = self
             .docker
-            .inspect_container(container, None)
+            .clone()
+            .with_timeout(Duration::from_secs(600))
+            .inspect_container(container, Some(sized))
             .await
             .map_err(map_err)?;
         let parent = match c.image.as_deref() {
@@ -1270,6 +1335,7 @@ impl Runtime for DockerRuntime {
             i.size.and_then(|s| u64::try_from(s).ok()).unwrap_or(0)
         };
         let flatten = parent.as_ref().is_some_and(|p| layers_of(p) >= MAX_LAYERS);
+        self.room_for_commit(&c, flatten).await?;
         // A big container takes a while to copy: allow well past the default timeout.
         let docker = self.docker.clone().with_timeout(Duration::from_secs(3600));
         let id = if flatten {

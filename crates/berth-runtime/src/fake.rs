@@ -48,6 +48,7 @@ pub struct FakeRuntime {
     gpus: AtomicBool,
     pub updates: AtomicUsize,
     pub inspects: AtomicUsize,
+    pub commits: AtomicUsize,
     /// Volumes by name, with their labels and what they hold ([`FakeRuntime::set_volume_bytes`]).
     volumes: Mutex<HashMap<String, FakeVolume>>,
     /// Root's home in each image, by image name ([`FakeRuntime::set_root_home`]); `/root`
@@ -480,6 +481,7 @@ impl Runtime for FakeRuntime {
         tag: &str,
     ) -> Result<crate::CommitInfo, RuntimeError> {
         self.by_id(container, |_| ())?;
+        self.commits.fetch_add(1, Ordering::SeqCst);
         let image = format!("{repo}:{tag}");
         if let Ok(mut i) = self.images.lock() {
             i.insert(image);

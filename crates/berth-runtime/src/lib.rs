@@ -54,6 +54,9 @@ pub enum RuntimeError {
     Session(String),
     #[error("docker: {0}")]
     Docker(String),
+    /// Refused before anything was done, for the reason given (said to the user as is).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A running container's init, opened ([`Runtime::open_init`]): its network namespace and its

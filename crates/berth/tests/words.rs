@@ -369,3 +369,35 @@ fn the_guest_socket_takes_no_orders_it_does_not_know() {
     let o = d.ssh_run("alice", &key, "daemon bob", b"");
     assert_eq!(o.status.code(), Some(2));
 }
+
+/// A sparse file takes no room in her container, but a commit copies it in full, into an
+/// image under no quota, on the disk every user's containers are on: a commit that would
+/// not fit is refused, saying why, and saves nothing.
+#[test]
+fn a_commit_that_would_not_fit_is_refused_and_saves_nothing() {
+    let d = start(30);
+    let key = d.add_user("alice", BUSYBOX);
+    d.ssh_ok(
+        "alice",
+        &key,
+        "truncate -s 10995116277760 /big && ls -l /big",
+    );
+    let o = d.ssh_run("alice", &key, "commit", b"");
+    assert_eq!(o.status.code(), Some(1), "{}", err(&o));
+    let said = err(&o);
+    assert!(
+        said.starts_with("berth: commit failed: your container's changes come to ")
+            && said.contains("counted in full")
+            && said.contains("nothing was saved"),
+        "{said}"
+    );
+    assert_eq!(
+        docker(&["images", "-q", &d.commit_image("alice")]).trim(),
+        "",
+        "an image was made"
+    );
+    // Without it, the commit goes through.
+    d.ssh_ok("alice", &key, "rm /big");
+    let o = d.ssh_run("alice", &key, "commit", b"");
+    assert!(o.status.success(), "{}", err(&o));
+}
