@@ -107,9 +107,12 @@ fn end_tree(root: (i32, u64), scope: String, grace: Duration) {
             }
         });
     if let Err(e) = reaper {
-        // Better late than never: the walk here, and SIGHUP only.
-        tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP only");
-        hang_up_tree(root, &fallback);
+        // Better late than never: SIGHUP to the session's own process, here (not the walk:
+        // this may be an async worker, or a caller holding a lock); a shell passes it on.
+        tracing::warn!(error = %e, "cannot start the reaper thread; SIGHUP to the root only");
+        if start_time(root.0) == Some(root.1) && in_scope(root.0, &fallback) {
+            let _ = kill(Pid::from_raw(root.0), Signal::SIGHUP);
+        }
     }
 }
 
@@ -121,8 +124,12 @@ fn hang_up_tree(root: (i32, u64), scope: &str) -> Vec<(i32, u64)> {
         count = procs.len(),
         "ending what is left of an exec"
     );
-    for &(pid, _) in &procs {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+    for &(pid, started) in &procs {
+        // Looked at again: the walk's length is hers (up to her pids limit), and one found
+        // early may have ended and its PID been taken by a process that is not hers.
+        if start_time(pid) == Some(started) && in_scope(pid, scope) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGHUP);
+        }
     }
     procs
 }
