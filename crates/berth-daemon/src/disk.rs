@@ -10,7 +10,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// The runtime's clock (the same as std's, but one tests can move).
+use tokio::time::Instant;
 
 use berth_runtime::{DiskQuota, Runtime};
 use tokio::sync::watch;
@@ -135,6 +138,22 @@ pub fn total(usage: &HashMap<String, UserDisk>) -> u64 {
 struct Usage {
     by_user: HashMap<String, UserDisk>,
     at: Option<Instant>,
+    /// No measurement starts before this ([`next_after`]).
+    next: Option<Instant>,
+    /// Measurements in a row that failed or were given up.
+    failures: u32,
+}
+
+/// When the next measurement may start, after one that took `took` and `failures` in a row
+/// before it now failed too (or none, when it worked): the engine spends at most about a
+/// quarter of its time walking the containers' files, and half as often again after each
+/// failure, up to an hour between tries. (Her files decide how long a walk takes: without
+/// this, twenty million empty files kept it walking without a pause, given up and asked
+/// again at every scrape.)
+fn next_after(now: Instant, took: Duration, failures: u32) -> Instant {
+    let calm = FRESH.max(took.saturating_mul(3));
+    let backoff = calm.saturating_mul(1u32 << failures.min(7));
+    now + backoff.min(Duration::from_secs(3600))
 }
 
 /// What [`Disk::usage`] measures: this instance's containers and volumes, and the images
@@ -189,10 +208,9 @@ impl Disk {
         runtime: &std::sync::Arc<R>,
         scope: Scope,
     ) -> HashMap<String, UserDisk> {
-        let stale = self
-            .usage
-            .lock()
-            .map_or(true, |u| u.at.is_none_or(|t| t.elapsed() >= FRESH));
+        let stale = self.usage.lock().map_or(true, |u| {
+            u.at.is_none_or(|t| t.elapsed() >= FRESH) && u.next.is_none_or(|n| Instant::now() >= n)
+        });
         if stale {
             let mut rx = self.measured.subscribe();
             if let Ok(guard) = self.measuring.clone().try_lock_owned() {
@@ -213,11 +231,19 @@ impl Disk {
 
     async fn measure<R: Runtime>(&self, runtime: &R, scope: Scope) {
         let (key, value) = &scope.label;
+        let started = Instant::now();
         let found = tokio::time::timeout(MEASURE_DEADLINE, runtime.disk_usage(key, value)).await;
+        let failed = |u: &mut Usage| {
+            u.failures = u.failures.saturating_add(1);
+            u.next = Some(next_after(Instant::now(), started.elapsed(), u.failures));
+        };
         let found = match found {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot measure the containers' disk use");
+                if let Ok(mut u) = self.usage.lock() {
+                    failed(&mut u);
+                }
                 return;
             }
             Err(_) => {
@@ -225,14 +251,20 @@ impl Disk {
                     "measuring the containers' disk use took over {}s; given up",
                     MEASURE_DEADLINE.as_secs()
                 );
+                if let Ok(mut u) = self.usage.lock() {
+                    failed(&mut u);
+                }
                 return;
             }
         };
         let by_user = by_user(&found, &scope.commit_repository);
         if let Ok(mut u) = self.usage.lock() {
+            let now = Instant::now();
             *u = Usage {
                 by_user,
-                at: Some(Instant::now()),
+                at: Some(now),
+                next: Some(next_after(now, started.elapsed(), 0)),
+                failures: 0,
             };
         }
         self.measured.send_modify(|n| *n += 1);
@@ -273,6 +305,50 @@ fn by_user(found: &berth_runtime::DiskUsage, commit_repository: &str) -> HashMap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A measurement that fails (or is given up) is not asked for again at the next read:
+    /// after FRESH, then twice as long, and so on; one that works, not before three times
+    /// what it took (nor FRESH).
+    #[tokio::test(start_paused = true)]
+    async fn measurements_that_fail_are_tried_again_less_and_less_often() {
+        use berth_runtime::FakeRuntime;
+        let rt = std::sync::Arc::new(FakeRuntime::with_images(&[]));
+        rt.disk_fails
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let disk = std::sync::Arc::new(Disk::default());
+        let scope = Scope {
+            label: ("berth.instance", "i".into()),
+            commit_repository: "b/users".into(),
+        };
+        let asked = || FakeRuntime::count(&rt.disk_measures);
+        // A reader every 5 s or so (a scrape), for a minute and a half.
+        let start = Instant::now();
+        let mut at = Vec::new();
+        while start.elapsed() < Duration::from_secs(90) {
+            let before = asked();
+            let t = start.elapsed().as_secs();
+            disk.usage(&rt, scope.clone()).await;
+            tokio::task::yield_now().await;
+            if asked() > before {
+                at.push(t);
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        // At the start, then once 60 s after the first failure (FRESH doubled) had passed,
+        // not at every read.
+        assert!(
+            at.len() == 2 && at[0] == 0 && (60..70).contains(&at[1]),
+            "{at:?}"
+        );
+        assert_eq!(
+            next_after(Instant::now(), Duration::from_secs(100), 0) - Instant::now(),
+            Duration::from_secs(300)
+        );
+        assert_eq!(
+            next_after(Instant::now(), Duration::from_secs(100), 20) - Instant::now(),
+            Duration::from_secs(3600)
+        );
+    }
 
     #[test]
     fn each_user_is_given_her_layer_home_and_commit() {

@@ -49,6 +49,9 @@ pub struct FakeRuntime {
     pub updates: AtomicUsize,
     pub inspects: AtomicUsize,
     pub commits: AtomicUsize,
+    /// Disk measurements asked for; and whether they fail.
+    pub disk_measures: AtomicUsize,
+    pub disk_fails: std::sync::atomic::AtomicBool,
     /// Volumes by name, with their labels and what they hold ([`FakeRuntime::set_volume_bytes`]).
     volumes: Mutex<HashMap<String, FakeVolume>>,
     /// Root's home in each image, by image name ([`FakeRuntime::set_root_home`]); `/root`
@@ -503,6 +506,10 @@ impl Runtime for FakeRuntime {
     }
 
     async fn disk_usage(&self, key: &str, value: &str) -> Result<crate::DiskUsage, RuntimeError> {
+        self.disk_measures.fetch_add(1, Ordering::SeqCst);
+        if self.disk_fails.load(Ordering::SeqCst) {
+            return Err(RuntimeError::Docker("system df: already running".into()));
+        }
         let layers = self
             .layer_bytes
             .lock()
