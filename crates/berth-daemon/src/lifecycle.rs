@@ -1270,6 +1270,10 @@ impl<R: Runtime> OwnerTask<R> {
     /// the first. Stop and remove wait for a running commit to finish.
     async fn start_commit(&mut self, reply: oneshot::Sender<Result<Committed, LifecycleError>>) {
         self.finish_commit().await;
+        // Its asker may have gone while the commit before it ran.
+        if reply.is_closed() {
+            return;
+        }
         let info = match self.lc.runtime.inspect(&self.name).await {
             Ok(Some(info)) => info,
             Ok(None) => {

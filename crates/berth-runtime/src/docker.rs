@@ -192,11 +192,22 @@ impl DockerRuntime {
         flatten: bool,
     ) -> Result<(), RuntimeError> {
         const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-        let bytes = |v: Option<i64>| v.and_then(|s| u64::try_from(s).ok()).unwrap_or(0);
+        // The engine says -1 (or nothing) when it could not measure: then nobody knows what
+        // the copy would take, and it is not made.
+        let bytes = |v: Option<i64>| {
+            v.and_then(|s| u64::try_from(s).ok()).ok_or_else(|| {
+                RuntimeError::Refused(
+                    "the server cannot tell how much your container's changes come to, so \
+                     they were not saved; ask the administrator (details are in the berth log)"
+                        .into(),
+                )
+            })
+        };
+        let changes = bytes(c.size_rw)?;
         let copied = if flatten {
-            bytes(c.size_root_fs)
+            bytes(c.size_root_fs)?
         } else {
-            bytes(c.size_rw)
+            changes
         };
         #[allow(clippy::cast_precision_loss, reason = "shown in GiB")]
         let gib = |b: u64| format!("{:.1} GiB", b as f64 / GIB);
@@ -207,13 +218,13 @@ impl DockerRuntime {
             .and_then(|o| o.get("size"))
             .and_then(|s| s.parse::<u64>().ok());
         if let Some(quota) = quota
-            && bytes(c.size_rw) > quota
+            && changes > quota
         {
             return Err(RuntimeError::Refused(format!(
                 "your container's changes come to {} counted in full (a sparse file counts \
                  whole, as a commit copies it), more than your disk limit of {}; nothing was \
                  saved",
-                gib(bytes(c.size_rw)),
+                gib(changes),
                 gib(quota)
             )));
         }
@@ -221,19 +232,32 @@ impl DockerRuntime {
         let root = info
             .docker_root_dir
             .unwrap_or_else(|| "/var/lib/docker".into());
-        if let Ok(st) = rustix::fs::statvfs(root.as_str()) {
-            let total = st.f_blocks.saturating_mul(st.f_frsize);
-            let free = st.f_bavail.saturating_mul(st.f_frsize);
-            let reserve = (total / 20).max(1 << 30);
-            if copied > free.saturating_sub(reserve) {
-                return Err(RuntimeError::Refused(format!(
-                    "your container's changes come to {} counted in full (a sparse file counts \
-                     whole, as a commit copies it), more than the server's disk has room for \
-                     ({} free); nothing was saved",
-                    gib(copied),
-                    gib(free)
-                )));
+        let asked = root.clone();
+        let st = tokio::task::spawn_blocking(move || rustix::fs::statvfs(asked.as_str()))
+            .await
+            .map_err(|e| RuntimeError::Docker(e.to_string()))?;
+        match st {
+            Ok(st) => {
+                let total = st.f_blocks.saturating_mul(st.f_frsize);
+                let free = st.f_bavail.saturating_mul(st.f_frsize);
+                let room = free.saturating_sub((total / 20).max(1 << 30));
+                if copied > room {
+                    return Err(RuntimeError::Refused(format!(
+                        "your container's changes come to {} counted in full (a sparse file \
+                         counts whole, as a commit copies it), more than the server's disk has \
+                         room for ({}); nothing was saved",
+                        gib(copied),
+                        gib(room)
+                    )));
+                }
             }
+            // The engine's data root is not where this daemon can see it (another mount
+            // namespace, a remote engine): only the quota was checked.
+            Err(e) => tracing::warn!(
+                root = %root,
+                error = %e,
+                "cannot see the engine's free disk; a commit is checked against the disk limit only"
+            ),
         }
         Ok(())
     }
@@ -1317,7 +1341,7 @@ impl Runtime for DockerRuntime {
         let c = self
             .docker
             .clone()
-            .with_timeout(Duration::from_secs(600))
+            .with_timeout(Duration::from_secs(3600))
             .inspect_container(container, Some(sized))
             .await
             .map_err(map_err)?;
